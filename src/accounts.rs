@@ -1,0 +1,257 @@
+//! Local users: which `[[account]]` a login belongs to, and whether the
+//! password is right.
+//!
+//! Exact logins win over `*@domain` patterns; matching is
+//! case-insensitive. Argon2id verification runs on the blocking pool,
+//! at most [`MAX_CONCURRENT_VERIFIES`] at once, and an unknown login is
+//! checked against a dummy hash so that it costs the same as a wrong
+//! password.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
+use argon2::Argon2;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Semaphore;
+
+use crate::config::{AccountConfig, Grant};
+use crate::error::AuthError;
+
+/// Argon2 checks running at once; more wait, so logins cannot exhaust the CPU.
+pub const MAX_CONCURRENT_VERIFIES: usize = 4;
+
+struct Account {
+    login: String,
+    grant: Grant,
+    password_hash: Option<SecretString>,
+    mailbox: Option<String>,
+}
+
+/// Who a device turned out to be, once its credentials were accepted
+/// locally (or, for the `password` grant, are to be tried upstream).
+pub struct Identity {
+    /// The account's `login` from the config (a pattern for `*@domain`).
+    pub account: String,
+    /// The login the device sent, lower-cased.
+    pub login: String,
+    /// XOAUTH2 `user=`.
+    pub mailbox: String,
+    pub grant: Grant,
+    /// The device's password, kept only for the `password` grant.
+    pub password: Option<SecretString>,
+}
+
+pub struct Accounts {
+    accounts: Vec<Account>,
+    exact: HashMap<String, usize>,
+    domains: HashMap<String, usize>,
+    dummy_hash: String,
+    verifies: Arc<Semaphore>,
+}
+
+/// Make an Argon2id PHC string (`oxbridge hash-password`).
+pub fn hash_password(password: &SecretString) -> Result<String, String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.expose_secret().as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+impl Accounts {
+    pub fn new(configs: &[AccountConfig]) -> Accounts {
+        let mut accounts = Vec::new();
+        let mut exact = HashMap::new();
+        let mut domains = HashMap::new();
+        for (i, c) in configs.iter().enumerate() {
+            let login = c.login.to_lowercase();
+            match login.strip_prefix("*@") {
+                Some(domain) => domains.insert(domain.to_string(), i),
+                None => exact.insert(login.clone(), i),
+            };
+            accounts.push(Account {
+                login,
+                grant: c.grant,
+                password_hash: c.password_hash.clone(),
+                mailbox: c.mailbox.clone(),
+            });
+        }
+        let dummy = SecretString::from("oxbridge-dummy-password".to_string());
+        Accounts {
+            accounts,
+            exact,
+            domains,
+            dummy_hash: hash_password(&dummy).expect("argon2 with default parameters"),
+            verifies: Arc::new(Semaphore::new(MAX_CONCURRENT_VERIFIES)),
+        }
+    }
+
+    fn find(&self, login: &str) -> Option<&Account> {
+        if let Some(i) = self.exact.get(login) {
+            return Some(&self.accounts[*i]);
+        }
+        let domain = login.rsplit_once('@')?.1;
+        self.domains.get(domain).map(|i| &self.accounts[*i])
+    }
+
+    /// Check a device's login and password. For the `password` grant the
+    /// password is not checked here but carried to the token endpoint.
+    pub async fn authenticate(
+        &self,
+        login: &str,
+        password: SecretString,
+    ) -> Result<Identity, AuthError> {
+        let login = login.trim().to_lowercase();
+        let account = self.find(&login);
+        let hash = match account {
+            Some(a) if a.grant == Grant::Password => {
+                return Ok(Identity {
+                    account: a.login.clone(),
+                    mailbox: login.clone(),
+                    login,
+                    grant: a.grant,
+                    password: Some(password),
+                });
+            }
+            Some(a) => a
+                .password_hash
+                .as_ref()
+                .map(|h| h.expose_secret().to_string())
+                .unwrap_or_else(|| self.dummy_hash.clone()),
+            None => self.dummy_hash.clone(),
+        };
+        let ok = self.verify(hash, password).await && account.is_some();
+        match account {
+            Some(a) if ok => Ok(Identity {
+                account: a.login.clone(),
+                mailbox: a.mailbox.clone().unwrap_or_else(|| login.clone()),
+                login,
+                grant: a.grant,
+                password: None,
+            }),
+            Some(_) => Err(AuthError::BadCredentials("wrong password")),
+            None => Err(AuthError::BadCredentials("unknown user")),
+        }
+    }
+
+    async fn verify(&self, hash: String, password: SecretString) -> bool {
+        let Ok(_permit) = self.verifies.clone().acquire_owned().await else {
+            return false;
+        };
+        tokio::task::spawn_blocking(move || {
+            let Ok(parsed) = PasswordHash::new(&hash) else {
+                return false;
+            };
+            Argon2::default()
+                .verify_password(password.expose_secret().as_bytes(), &parsed)
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(
+        login: &str,
+        grant: Grant,
+        password: Option<&str>,
+        mailbox: Option<&str>,
+    ) -> AccountConfig {
+        AccountConfig {
+            login: login.into(),
+            grant,
+            password_hash: password.map(|p| {
+                SecretString::from(hash_password(&SecretString::from(p.to_string())).unwrap())
+            }),
+            mailbox: mailbox.map(String::from),
+        }
+    }
+
+    fn pw(s: &str) -> SecretString {
+        SecretString::from(s.to_string())
+    }
+
+    #[tokio::test]
+    async fn exact_pattern_and_failures() {
+        let accounts = Accounts::new(&[
+            account(
+                "Scanner@Example.test",
+                Grant::ClientCredentials,
+                Some("right"),
+                Some("scans@example.test"),
+            ),
+            account("*@example.test", Grant::Password, None, None),
+            account(
+                "*@other.test",
+                Grant::ClientCredentials,
+                Some("domainpw"),
+                None,
+            ),
+        ]);
+        let id = accounts
+            .authenticate("scanner@example.TEST", pw("right"))
+            .await
+            .unwrap();
+        assert_eq!(id.mailbox, "scans@example.test");
+        assert_eq!(id.grant, Grant::ClientCredentials);
+        assert!(id.password.is_none());
+
+        let err = accounts
+            .authenticate("scanner@example.test", pw("wrong"))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, AuthError::BadCredentials("wrong password")));
+
+        let id = accounts
+            .authenticate("Anyone@example.test", pw("whatever"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (id.mailbox.as_str(), id.grant),
+            ("anyone@example.test", Grant::Password)
+        );
+        assert_eq!(id.password.unwrap().expose_secret(), "whatever");
+
+        let id = accounts
+            .authenticate("x@other.test", pw("domainpw"))
+            .await
+            .unwrap();
+        assert_eq!(id.mailbox, "x@other.test");
+
+        let err = accounts
+            .authenticate("nobody@nowhere.test", pw("right"))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, AuthError::BadCredentials("unknown user")));
+    }
+
+    #[tokio::test]
+    async fn unknown_user_costs_a_hash_too() {
+        let accounts = Accounts::new(&[account(
+            "a@x.test",
+            Grant::ClientCredentials,
+            Some("p"),
+            None,
+        )]);
+        let t = std::time::Instant::now();
+        let _ = accounts.authenticate("a@x.test", pw("bad")).await;
+        let known = t.elapsed();
+        let t = std::time::Instant::now();
+        let _ = accounts.authenticate("zz@x.test", pw("bad")).await;
+        let unknown = t.elapsed();
+        // Both run one Argon2 verification; neither is near-instant.
+        assert!(
+            unknown * 4 > known,
+            "unknown {unknown:?} vs known {known:?}"
+        );
+    }
+}

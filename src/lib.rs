@@ -1,0 +1,125 @@
+//! oxbridge: a proxy that lets password-only mail clients use OAuth-only
+//! mail servers.
+//!
+//! # Layout
+//!
+//! * `config`: the TOML file, defaults and validation (errors name the key).
+//! * `server`: listeners, the accept loop, one task per session, drain.
+//! * `line`: where bytes enter: plain/TLS streams and a bounded line reader.
+//! * `tls`: local TLS from PEM files; the one verified upstream client config.
+//! * `sasl`: PLAIN/LOGIN decoding, XOAUTH2 encoding.
+//! * `accounts`: local login -> account; Argon2id verification.
+//! * `oauth`: where a token comes from: grants and the single-flight cache.
+//! * `upstream`: dialling the real server.
+//! * `proto::smtp`: the device side until login, and the upstream login.
+//! * `relay`: after login, bytes both ways until the session ends.
+//! * `error`: why a login failed, and the reply each failure earns.
+//!
+//! A session starts in `server::session`, is handled by a protocol's
+//! `preauth` until the upstream login succeeds, then ends in `relay::relay`.
+
+pub mod accounts;
+pub mod config;
+pub mod error;
+pub mod line;
+pub mod oauth;
+pub mod proto;
+pub mod relay;
+pub mod sasl;
+pub mod server;
+pub mod tls;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{Config, Protocol, TlsMode};
+
+/// What every session shares, built once at start-up.
+pub struct App {
+    pub config: Config,
+    pub accounts: accounts::Accounts,
+    pub tokens: oauth::Tokens,
+    pub upstream_tls: TlsConnector,
+    pub smtp_caps: proto::smtp::CapsCache,
+    /// The name oxbridge gives itself in greetings.
+    pub hostname: String,
+}
+
+/// A start-up failure: the message names what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
+impl App {
+    pub fn new(config: Config) -> Result<App, StartError> {
+        let protocols: Vec<Protocol> = config.listeners.iter().map(|l| l.protocol).collect();
+        let tokens = oauth::Tokens::new(&config.oauth, &protocols).map_err(StartError)?;
+        let upstream_tls = tls::upstream_connector(config.upstream.ca_file.as_deref())
+            .map_err(|e| StartError(format!("upstream.ca_file: {e}")))?;
+        Ok(App {
+            accounts: accounts::Accounts::new(&config.accounts),
+            tokens,
+            upstream_tls,
+            smtp_caps: Default::default(),
+            hostname: hostname(),
+            config,
+        })
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        })
+        .unwrap_or_else(|| "oxbridge".into())
+}
+
+/// Bind every listener (so that a port in use fails start-up), then serve
+/// until `shutdown` is cancelled and the sessions have drained.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
+    let app = Arc::new(App::new(config)?);
+    let mut bound = Vec::new();
+    for (i, l) in app.config.listeners.iter().enumerate() {
+        let listener =
+            server::Listener::new(l).map_err(|e| StartError(format!("listener[{i}]: {e}")))?;
+        let socket = TcpListener::bind(l.listen).await.map_err(|e| {
+            StartError(format!(
+                "listener[{i}].listen: cannot bind {}: {e}",
+                l.listen
+            ))
+        })?;
+        let local = socket.local_addr().map_err(|e| StartError(e.to_string()))?;
+        if l.tls == TlsMode::None && l.allow_plaintext_auth && !local.ip().is_loopback() {
+            warn!(listener = i, address = %local, "passwords are accepted without TLS on a non-loopback address");
+        }
+        info!(listener = i, protocol = %l.protocol, address = %local, tls = ?l.tls, "listening");
+        bound.push((socket, listener));
+    }
+    if app.config.admin.is_some() {
+        warn!("[admin] is configured but this version does not serve it yet");
+    }
+    if app
+        .config
+        .listeners
+        .iter()
+        .any(|l| l.protocol == Protocol::Smtp)
+    {
+        let probe_app = app.clone();
+        tokio::spawn(async move {
+            // Learn the upstream's EHLO ahead of the first device.
+            let _ = probe_app.smtp_caps.get(&probe_app).await;
+        });
+    }
+    server::serve(app, bound, shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! The `oxbridge` command: argument parsing, logging, signals. Everything
+//! else lives in the library.
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use oxbridge::config::{self, Config, LogFormat};
+
+/// Keeps password-only mail clients working against OAuth-only mail servers.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve every listener in the config until SIGINT/SIGTERM, then drain.
+    Run {
+        /// Config file [default: $OXBRIDGE_CONFIG, ./oxbridge.toml, /etc/oxbridge/oxbridge.toml]
+        #[arg(long, env = "OXBRIDGE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Read a password from stdin and print its Argon2id hash for `password_hash`.
+    HashPassword,
+}
+
+/// Exit status for a runtime failure.
+const EXIT_RUNTIME: u8 = 1;
+/// Exit status for a usage or configuration error.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(config::resolve_path(config)),
+        Command::HashPassword => hash_password(),
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(config.log.level.to_ascii_lowercase())
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("oxbridge: config error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("oxbridge: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("signal received");
+            signals.cancel();
+        });
+        info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), "oxbridge starting");
+        match oxbridge::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("oxbridge: {e}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn hash_password() -> ExitCode {
+    let password = if std::io::stdin().is_terminal() {
+        match rpassword::prompt_password("Password: ") {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("oxbridge: cannot read the password: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        }
+    } else {
+        let mut s = String::new();
+        if let Err(e) = std::io::stdin().take(64 * 1024).read_to_string(&mut s) {
+            eprintln!("oxbridge: cannot read the password: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+        s.strip_suffix('\n')
+            .map(|p| p.strip_suffix('\r').unwrap_or(p))
+            .unwrap_or(&s)
+            .to_string()
+    };
+    if password.is_empty() {
+        eprintln!("oxbridge: empty password");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match oxbridge::accounts::hash_password(&SecretString::from(password)) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("oxbridge: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}

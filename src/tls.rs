@@ -1,0 +1,92 @@
+//! TLS configuration, built once and shared: a server config per listener
+//! from PEM files, and one client config for every upstream connection.
+//!
+//! Upstream certificates are always verified, against the system roots plus
+//! `[upstream].ca_file`. Nothing here can turn verification off.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::line::Stream;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: bad PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The acceptor for a listener with `tls = "starttls"` or `"implicit"`.
+pub fn server_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, String> {
+    let certs = read_certs(cert_file)?;
+    let pem = std::fs::read(key_file).map_err(|e| format!("{}: {e}", key_file.display()))?;
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| format!("{}: bad PEM: {e}", key_file.display()))?
+        .ok_or_else(|| format!("{}: no private key found", key_file.display()))?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The one client config for upstream: system roots plus `ca_file`.
+pub fn upstream_connector(ca_file: Option<&Path>) -> Result<TlsConnector, String> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // A system store can hold certificates rustls cannot use; skip them.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        for cert in read_certs(path)? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(
+            "no trusted root certificates: install ca-certificates or set upstream.ca_file".into(),
+        );
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Open TLS to `host` over an established TCP connection.
+pub async fn connect(
+    connector: &TlsConnector,
+    host: &str,
+    tcp: TcpStream,
+) -> std::io::Result<Stream> {
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let tls = connector.connect(name, tcp).await?;
+    Ok(Stream::Client(Box::new(tls)))
+}
+
+/// Accept TLS from a device.
+pub async fn accept(acceptor: &TlsAcceptor, tcp: TcpStream) -> std::io::Result<Stream> {
+    let tls = acceptor.accept(tcp).await?;
+    Ok(Stream::Server(Box::new(tls)))
+}
