@@ -400,7 +400,7 @@ impl Config {
                 ));
             }
             for (j, other) in self.listeners.iter().enumerate().take(i) {
-                if other.listen == l.listen {
+                if other.listen == l.listen && l.listen.port() != 0 {
                     return Err(format!(
                         "{key}.listen: {} is already used by listener[{j}]",
                         l.listen

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Send one message with Python's smtplib, as a device would.
+
+Prints one JSON object: {"ok": true} or {"ok": false, "code": N, "error": "..."}.
+Exit status 0 when the message was accepted, 1 otherwise.
+"""
+import argparse
+import json
+import smtplib
+import ssl
+import sys
+
+p = argparse.ArgumentParser()
+p.add_argument("--host", default="127.0.0.1")
+p.add_argument("--port", type=int, required=True)
+p.add_argument("--starttls", action="store_true")
+p.add_argument("--cafile")
+p.add_argument("--tls-name", default="localhost")
+p.add_argument("--user", required=True)
+p.add_argument("--password", required=True)
+p.add_argument("--mech", choices=["PLAIN", "LOGIN"], required=True)
+p.add_argument("--no-initial-response", action="store_true")
+p.add_argument("--sender", required=True)
+p.add_argument("--rcpt", required=True)
+p.add_argument("--message", required=True, help="file with the message, CRLF line endings")
+p.add_argument("--timeout", type=float, default=120)
+a = p.parse_args()
+
+
+def result(ok, code=None, error=None):
+    print(json.dumps({"ok": ok, "code": code, "error": error}))
+    sys.exit(0 if ok else 1)
+
+
+try:
+    s = smtplib.SMTP(timeout=a.timeout)
+    s.connect(a.host, a.port)
+    s._host = a.tls_name  # the name STARTTLS verifies
+    s.ehlo("device.test")
+    if a.starttls:
+        ctx = ssl.create_default_context(cafile=a.cafile)
+        s.starttls(context=ctx)
+        s.ehlo("device.test")
+    s.user, s.password = a.user, a.password
+    auth = {"PLAIN": s.auth_plain, "LOGIN": s.auth_login}[a.mech]
+    s.auth(a.mech, auth, initial_response_ok=not a.no_initial_response)
+    data = open(a.message, "rb").read()
+    if s.has_extn("8bitmime"):
+        opts = ["BODY=8BITMIME"]
+    s.sendmail(a.sender, [a.rcpt], data, mail_options=opts)
+    s.quit()
+except smtplib.SMTPResponseException as e:
+    result(False, e.smtp_code, e.smtp_error.decode("utf-8", "replace"))
+except smtplib.SMTPRecipientsRefused as e:
+    code, msg = list(e.recipients.values())[0]
+    result(False, code, msg.decode("utf-8", "replace"))
+except (smtplib.SMTPException, OSError) as e:
+    result(False, None, "%s: %s" % (type(e).__name__, e))
+result(True)

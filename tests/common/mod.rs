@@ -1,0 +1,454 @@
+//! Shared by the end-to-end tests: the real upstream (started by the
+//! project's own harness, `tests/upstream/start`), an oxbridge process with
+//! a generated config, real clients (swaks, Python's smtplib/imaplib), and
+//! small fault injectors.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub const SCANNER_PASSWORD: &str = "scanner-local-pass";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The real upstream's settings (`upstream.json` written by the harness).
+pub struct Upstream {
+    pub env: HashMap<String, String>,
+}
+
+impl Upstream {
+    pub fn get(&self, key: &str) -> &str {
+        self.env.get(key).unwrap_or_else(|| panic!("upstream.json has no {key}"))
+    }
+    pub fn submission(&self) -> String {
+        format!("localhost:{}", self.get("SUBMISSION_PORT"))
+    }
+    pub fn imaps_port(&self) -> &str {
+        self.get("IMAPS_PORT")
+    }
+    pub fn token_url(&self) -> &str {
+        self.get("TOKEN_URL")
+    }
+    pub fn ca(&self) -> &str {
+        self.get("UPSTREAM_CA")
+    }
+    /// A password for a test mailbox, e.g. alice@example.test.
+    pub fn password(&self, user: &str) -> String {
+        self.get("UPSTREAM_USERS")
+            .split_whitespace()
+            .find_map(|s| s.strip_prefix(&format!("{user}:")).map(String::from))
+            .unwrap_or_else(|| panic!("no upstream user {user}"))
+    }
+    pub fn idp_get(&self, path: &str) -> serde_json::Value {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", &format!("{}{}", self.get("IDP_URL"), path)])
+            .output()
+            .expect("curl");
+        serde_json::from_slice(&out.stdout).expect("IDP answers JSON")
+    }
+}
+
+/// Start (or find running) the real upstream, once per test binary.
+pub fn upstream() -> &'static Upstream {
+    static UPSTREAM: OnceLock<Upstream> = OnceLock::new();
+    UPSTREAM.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(repo().join("tests/upstream/start"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tests/upstream/start");
+        assert!(
+            out.status.success(),
+            "tests/upstream/start failed (needs root on Debian; see tests/upstream/README.md):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let dir = stdout
+            .lines()
+            .last()
+            .and_then(|l| l.strip_prefix("upstream ready: "))
+            .expect("start prints 'upstream ready: DIR' last")
+            .trim()
+            .to_string();
+        let json = std::fs::read(Path::new(&dir).join("upstream.json")).expect("upstream.json");
+        let map: HashMap<String, serde_json::Value> = serde_json::from_slice(&json).unwrap();
+        let env = map
+            .into_iter()
+            .map(|(k, v)| (k, v.as_str().map(String::from).unwrap_or_else(|| v.to_string())))
+            .collect();
+        Upstream { env }
+    })
+}
+
+pub fn argon2_hash(password: &str) -> String {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &SaltString::generate(&mut OsRng))
+        .unwrap()
+        .to_string()
+}
+
+/// A config for the test upstream with the usual accounts:
+/// `scanner@example.test` (client_credentials, mailbox alice) and
+/// `*@example.test` (password grant). `listeners` and `extra` are TOML.
+pub fn config(up: &Upstream, upstream_section: &str, listeners: &str, extra: &str) -> String {
+    format!(
+        r#"
+state_dir = "/tmp/oxbridge-test-state"
+
+[log]
+level = "debug"
+format = "json"
+
+[upstream]
+smtp = "{smtp}"
+ca_file = "{ca}"
+{upstream_section}
+
+[oauth]
+client_id = "{client_id}"
+client_secret = "{client_secret}"
+token_url = "{token_url}"
+
+{listeners}
+
+[[account]]
+login = "scanner@example.test"
+password_hash = "{hash}"
+grant = "client_credentials"
+mailbox = "alice@example.test"
+
+[[account]]
+login = "*@example.test"
+grant = "password"
+
+{extra}
+"#,
+        smtp = up.submission(),
+        ca = up.ca(),
+        client_id = up.get("APP_CLIENT_ID"),
+        client_secret = up.get("APP_CLIENT_SECRET"),
+        token_url = up.token_url(),
+        hash = argon2_hash(SCANNER_PASSWORD),
+    )
+}
+
+/// A `[[listener]]` on a free loopback port.
+pub fn listener(protocol: &str, tls: &str, allow_plaintext: bool) -> String {
+    let up = upstream();
+    let dir = up.get("OXB_UPSTREAM_DIR");
+    let certs = if tls == "none" {
+        String::new()
+    } else {
+        format!("cert_file = \"{dir}/tls/server.crt\"\nkey_file = \"{dir}/tls/server.key\"\n")
+    };
+    format!(
+        "[[listener]]\nprotocol = \"{protocol}\"\nlisten = \"127.0.0.1:0\"\ntls = \"{tls}\"\n{certs}allow_plaintext_auth = {allow_plaintext}\n"
+    )
+}
+
+/// A running oxbridge process; its log lines (JSON) are collected.
+pub struct Proxy {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+    pub addrs: Vec<SocketAddr>,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    pub fn start(config: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("oxbridge.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_oxbridge"))
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn oxbridge");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let want = config.matches("[[listener]]").count();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addrs = loop {
+            let found: Vec<SocketAddr> = logs
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["message"] == "listening")
+                .filter_map(|v| v["address"].as_str().and_then(|a| a.parse().ok()))
+                .collect();
+            if found.len() == want {
+                break found;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("oxbridge exited with {status}:\n{}", logs.lock().unwrap().join("\n"));
+            }
+            assert!(Instant::now() < deadline, "oxbridge did not listen:\n{}", logs.lock().unwrap().join("\n"));
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Proxy {
+            child,
+            logs,
+            addrs,
+            _dir: dir,
+        }
+    }
+
+    pub fn port(&self, i: usize) -> u16 {
+        self.addrs[i].port()
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Wait until a log line contains every one of `needles`.
+    pub fn wait_log(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(l) = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return l.clone();
+            }
+            assert!(Instant::now() < deadline, "no log line with {needles:?}:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe_kill(self.child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "oxbridge ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run a command with a time limit; returns its output.
+pub fn run(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{cmd:?} took longer than {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+pub fn python(script: &str) -> Command {
+    let mut c = Command::new("python3");
+    c.arg(repo().join("tests/clients").join(script));
+    c
+}
+
+/// A message with everything that must survive byte for byte: an 8-bit
+/// UTF-8 body, lines that start with dots, and optionally a large
+/// base64 attachment. CRLF line endings.
+pub fn message(from: &str, to: &str, tag: &str, attachment_bytes: usize) -> Vec<u8> {
+    let mut m = format!(
+        "From: {from}\r\nTo: {to}\r\nSubject: oxbridge test {tag}\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{tag}@oxbridge.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b-{tag}\"\r\n\r\n--b-{tag}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nGrüße aus dem Scanner – naïve café, 日本語.\r\n.a line that starts with a dot\r\n..two dots\r\n.\r\n. dot space\r\nend of text\r\n"
+    )
+    .into_bytes();
+    if attachment_bytes > 0 {
+        m.extend_from_slice(
+            format!("--b-{tag}\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"scan.bin\"\r\n\r\n").as_bytes(),
+        );
+        // Deterministic pseudo-random bytes (xorshift), base64 in 76-column lines.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ tag.len() as u64;
+        let raw: Vec<u8> = (0..attachment_bytes)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
+        for chunk in b64.as_bytes().chunks(76) {
+            m.extend_from_slice(chunk);
+            m.extend_from_slice(b"\r\n");
+        }
+    }
+    m.extend_from_slice(format!("--b-{tag}--\r\n").as_bytes());
+    m
+}
+
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+}
+
+/// Read a message back straight from Dovecot over IMAPS (as `user`, with a
+/// token from the IDP), found by its Message-ID; waits for delivery.
+pub fn fetch_from_dovecot(user: &str, message_id: &str) -> Vec<u8> {
+    let up = upstream();
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("fetched.eml");
+    let out = run(
+        python("imap_fetch.py")
+            .args(["--port", up.imaps_port(), "--cafile", up.ca(), "--token-url", up.token_url()])
+            .args(["--client-id", up.get("PUBLIC_CLIENT_ID"), "--user", user])
+            .args(["--password", &up.password(user), "--message-id", message_id])
+            .arg("--out")
+            .arg(&out_path),
+        Duration::from_secs(90),
+    );
+    assert!(
+        out.status.success(),
+        "imap_fetch failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(out_path).unwrap()
+}
+
+/// Assert that the delivered message ends with exactly the bytes sent (the
+/// servers only prepend trace headers).
+pub fn assert_delivered_intact(delivered: &[u8], sent: &[u8]) {
+    assert!(
+        delivered.len() >= sent.len() && &delivered[delivered.len() - sent.len()..] == sent,
+        "delivered message differs from what was sent ({} vs {} bytes); delivered head:\n{}",
+        delivered.len(),
+        sent.len(),
+        String::from_utf8_lossy(&delivered[..delivered.len().min(1500)])
+    );
+}
+
+/// A minimal SMTP conversation by hand, for replies the real clients hide.
+pub struct Raw {
+    pub reader: BufReader<TcpStream>,
+    pub writer: TcpStream,
+}
+
+impl Raw {
+    pub fn connect(port: u16) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        Raw {
+            writer: s.try_clone().unwrap(),
+            reader: BufReader::new(s),
+        }
+    }
+    pub fn send(&mut self, line: &str) {
+        self.writer.write_all(line.as_bytes()).unwrap();
+        self.writer.write_all(b"\r\n").unwrap();
+    }
+    /// Read one whole SMTP reply; returns all its lines joined with \n.
+    pub fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).unwrap_or(0);
+            if n == 0 {
+                return all + "<closed>";
+            }
+            all.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] == b' ' {
+                return all;
+            }
+        }
+    }
+}
+
+/// A TCP server that answers every HTTP request with `response` (a fault
+/// injector for the token endpoint). Returns its URL.
+pub fn http_responder(response: &'static str) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                let mut buf = [0u8; 8192];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(response.as_bytes());
+            });
+        }
+    });
+    format!("http://{addr}/tenant/oauth2/v2.0/token")
+}
+
+/// A port with nothing listening on it.
+pub fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}

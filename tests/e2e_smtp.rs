@@ -1,0 +1,338 @@
+//! SMTP end to end: real clients (swaks, Python's smtplib) -> oxbridge ->
+//! real Postfix (STARTTLS, XOAUTH2 only) -> Dovecot, read back over IMAPS.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const SEND_LIMIT: Duration = Duration::from_secs(180);
+
+/// swaks ends DATA with CRLF "." itself, so it is given the message without
+/// its last CRLF (the bytes on the wire are then exactly `file`'s).
+fn swaks(port: u16, starttls: bool, mech: &str, user: &str, password: &str, from: &str, to: &str, file: &std::path::Path) -> std::process::Output {
+    let data = std::fs::read(file).unwrap();
+    let trimmed = file.with_extension("swaks");
+    std::fs::write(&trimmed, data.strip_suffix(b"\r\n").unwrap_or(&data)).unwrap();
+    let file = trimmed.as_path();
+    let mut cmd = std::process::Command::new("swaks");
+    cmd.args(["--server", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--ehlo", "printer.test", "--auth", mech, "--auth-user", user, "--auth-password", password])
+        .args(["--from", from, "--to", to, "--timeout", "120"])
+        .arg("--data")
+        .arg(format!("@{}", file.display()));
+    if starttls {
+        cmd.arg("--tls");
+    }
+    run(&mut cmd, SEND_LIMIT)
+}
+
+fn smtplib(port: u16, starttls: bool, mech: &str, initial_response: bool, user: &str, password: &str, from: &str, to: &str, file: &std::path::Path) -> std::process::Output {
+    let up = upstream();
+    let mut cmd = python("smtp_send.py");
+    cmd.args(["--port", &port.to_string(), "--mech", mech, "--user", user, "--password", password])
+        .args(["--sender", from, "--rcpt", to])
+        .arg("--message")
+        .arg(file);
+    if starttls {
+        cmd.args(["--starttls", "--cafile", up.ca()]);
+    }
+    if !initial_response {
+        cmd.arg("--no-initial-response");
+    }
+    run(&mut cmd, SEND_LIMIT)
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Both clients, both mechanisms, with and without an initial response, on
+/// a plaintext listener and a STARTTLS one: every message arrives intact.
+#[test]
+fn clients_deliver_byte_identical_messages() {
+    let up = upstream();
+    let listeners = format!("{}\n{}", listener("smtp", "none", true), listener("smtp", "starttls", false));
+    let proxy = Proxy::start(&config(up, "", &listeners, ""));
+    let alice = "alice@example.test";
+    let alice_pw = up.password(alice);
+    let dir = tempfile::tempdir().unwrap();
+
+    // (client, starttls, mechanism, initial response, login, password)
+    let cases: Vec<(&str, bool, &str, bool, &str, &str)> = vec![
+        ("swaks", false, "PLAIN", true, "scanner@example.test", SCANNER_PASSWORD),
+        ("swaks", false, "LOGIN", false, alice, &alice_pw),
+        ("swaks", true, "PLAIN", true, alice, &alice_pw),
+        ("swaks", true, "LOGIN", false, "scanner@example.test", SCANNER_PASSWORD),
+        ("smtplib", false, "PLAIN", true, alice, &alice_pw),
+        ("smtplib", false, "PLAIN", false, "scanner@example.test", SCANNER_PASSWORD),
+        ("smtplib", false, "LOGIN", true, "scanner@example.test", SCANNER_PASSWORD),
+        ("smtplib", true, "LOGIN", false, alice, &alice_pw),
+        ("smtplib", true, "PLAIN", false, alice, &alice_pw),
+        ("smtplib", true, "LOGIN", true, "scanner@example.test", SCANNER_PASSWORD),
+    ];
+    for (client, starttls, mech, ir, login, password) in cases {
+        let tag = unique(&format!("{client}-{mech}-{}", if starttls { "tls" } else { "plain" }));
+        let msg = message(alice, alice, &tag, 0);
+        let file = dir.path().join(format!("{tag}.eml"));
+        std::fs::write(&file, &msg).unwrap();
+        let port = proxy.port(if starttls { 1 } else { 0 });
+        let out = match client {
+            "swaks" => swaks(port, starttls, mech, login, password, alice, alice, &file),
+            _ => smtplib(port, starttls, mech, ir, login, password, alice, alice, &file),
+        };
+        assert!(out.status.success(), "{tag} failed:\n{}\n--- proxy log ---\n{}", text(&out), proxy.logs());
+        if client == "swaks" {
+            let t = text(&out);
+            // swaks shows the exchange: the initial-response form for PLAIN, challenges for LOGIN.
+            if mech == "LOGIN" {
+                assert!(t.contains("334 VXNlcm5hbWU6"), "{t}");
+            } else {
+                assert!(t.contains("AUTH PLAIN "), "{t}");
+            }
+            assert!(t.contains("235 2.7.0"), "{t}");
+            assert_eq!(t.contains("=== TLS started"), starttls, "{t}");
+        }
+        let delivered = fetch_from_dovecot(alice, &format!("<{tag}@oxbridge.test>"));
+        assert_delivered_intact(&delivered, &msg);
+    }
+    let ended = proxy.wait_log(&["session ended", "relayed"]);
+    assert!(ended.contains("bytes_to_upstream"), "{ended}");
+    assert!(!proxy.logs().contains(&alice_pw), "a password reached the log");
+    assert!(!proxy.logs().contains(SCANNER_PASSWORD), "a password reached the log");
+}
+
+/// A 20 MB attachment through STARTTLS arrives byte for byte.
+#[test]
+fn large_attachment_is_delivered_intact() {
+    let up = upstream();
+    let proxy = Proxy::start(&config(up, "", &listener("smtp", "starttls", false), ""));
+    let alice = "alice@example.test";
+    let tag = unique("large");
+    let msg = message(alice, alice, &tag, 20 * 1024 * 1024);
+    assert!(msg.len() > 20_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("large.eml");
+    std::fs::write(&file, &msg).unwrap();
+    let out = smtplib(proxy.port(0), true, "PLAIN", true, "scanner@example.test", SCANNER_PASSWORD, alice, alice, &file);
+    assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
+    let delivered = fetch_from_dovecot(alice, &format!("<{tag}@oxbridge.test>"));
+    assert_delivered_intact(&delivered, &msg);
+    let line = proxy.wait_log(&["session ended", "relayed"]);
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert!(v["bytes_to_upstream"].as_u64().unwrap() > 20_000_000, "{line}");
+}
+
+/// Wrong password, unknown user, a token endpoint that refuses, an upstream
+/// that refuses the token: each gets its reply and a log line, and the
+/// proxy goes on serving.
+#[test]
+fn refusals_end_to_end() {
+    let up = upstream();
+    let extra = format!(
+        "[[account]]\nlogin = \"elsewhere@other.test\"\npassword_hash = \"{}\"\ngrant = \"client_credentials\"\nmailbox = \"scans@elsewhere.test\"\n",
+        argon2_hash("elsewhere-pass")
+    );
+    let proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), &extra));
+    let port = proxy.port(0);
+    let alice = "alice@example.test";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("m.eml");
+    std::fs::write(&file, message(alice, alice, &unique("refused"), 0)).unwrap();
+
+    let cases = [
+        ("scanner@example.test", "not-the-password", "535 5.7.8", "bad_credentials"),
+        ("nobody@nowhere.test", "whatever", "535 5.7.8", "bad_credentials"),
+        (alice, "wrong-alice-password", "535 5.7.8", "invalid_grant"),
+        ("elsewhere@other.test", "elsewhere-pass", "535 5.7.8", "upstream_refused"),
+    ];
+    for (login, password, reply, log) in cases {
+        let out = swaks(port, false, "PLAIN", login, password, alice, alice, &file);
+        let t = text(&out);
+        assert!(!out.status.success(), "{login} was accepted:\n{t}");
+        assert!(t.contains(reply), "{login}: expected {reply}:\n{t}");
+        proxy.wait_log(&["login failed", &format!("\"login\":\"{login}\""), log]);
+        assert!(!proxy.logs().contains(password), "a password reached the log");
+    }
+    // The same proxy still serves a correct login.
+    let tag = unique("after-refusals");
+    let msg = message(alice, alice, &tag, 0);
+    std::fs::write(&file, &msg).unwrap();
+    let out = swaks(port, false, "PLAIN", "scanner@example.test", SCANNER_PASSWORD, alice, alice, &file);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_delivered_intact(&fetch_from_dovecot(alice, &format!("<{tag}@oxbridge.test>")), &msg);
+}
+
+fn auth_reply(port: u16, login: &str, password: &str) -> String {
+    use base64::Engine;
+    let mut c = Raw::connect(port);
+    assert!(c.reply().starts_with("220 "));
+    c.send("EHLO printer.test");
+    c.reply();
+    let ir = base64::engine::general_purpose::STANDARD.encode(format!("\0{login}\0{password}"));
+    c.send(&format!("AUTH PLAIN {ir}"));
+    c.reply()
+}
+
+/// A token endpoint that fails for now (503, 429, garbage) gives 454, not 535.
+#[test]
+fn token_endpoint_failures_are_temporary() {
+    let up = upstream();
+    for response in [
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot json!",
+    ] {
+        let url = http_responder(response);
+        let cfg = config(up, "", &listener("smtp", "none", true), "").replace(up.token_url(), &url);
+        let proxy = Proxy::start(&cfg);
+        let r = auth_reply(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD);
+        assert!(r.starts_with("454 4.7.0"), "{response:?} -> {r}\n{}", proxy.logs());
+        proxy.wait_log(&["login failed", "token_unavailable"]);
+    }
+    // A token endpoint that cannot be reached at all.
+    let url = format!("http://127.0.0.1:{}/token", closed_port());
+    let cfg = config(up, "", &listener("smtp", "none", true), "").replace(up.token_url(), &url);
+    let proxy = Proxy::start(&cfg);
+    let r = auth_reply(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD);
+    assert!(r.starts_with("454 4.7.0"), "{r}");
+}
+
+/// An upstream that is down: 454 to the device, and the proxy stays up.
+#[test]
+fn upstream_down_is_temporary() {
+    let up = upstream();
+    let cfg = config(up, "", &listener("smtp", "none", true), "")
+        .replace(&up.submission(), &format!("127.0.0.1:{}", closed_port()));
+    let mut proxy = Proxy::start(&cfg);
+    for _ in 0..2 {
+        let r = auth_reply(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD);
+        assert!(r.starts_with("454 4.7.0"), "{r}");
+    }
+    proxy.wait_log(&["login failed", "upstream_unavailable", "Connection refused"]);
+    assert!(proxy.is_running());
+}
+
+/// An upstream whose certificate is not trusted is refused, never used.
+#[test]
+fn untrusted_upstream_certificate_is_refused() {
+    let up = upstream();
+    let cfg = config(up, "", &listener("smtp", "none", true), "").replace(&format!("ca_file = \"{}\"", up.ca()), "");
+    let proxy = Proxy::start(&cfg);
+    let r = auth_reply(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD);
+    assert!(r.starts_with("454 4.7.0"), "{r}");
+    let line = proxy.wait_log(&["login failed", "upstream_unavailable", "TLS"]);
+    assert!(line.to_lowercase().contains("certificate"), "{line}");
+}
+
+/// Without TLS and without `allow_plaintext_auth`, passwords are refused.
+#[test]
+fn plaintext_auth_needs_opt_in() {
+    let up = upstream();
+    let proxy = Proxy::start(&config(up, "", &listener("smtp", "none", false), ""));
+    let mut c = Raw::connect(proxy.port(0));
+    c.reply();
+    c.send("EHLO printer.test");
+    let ehlo = c.reply();
+    assert!(!ehlo.contains("AUTH"), "{ehlo}");
+    assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+    c.send("AUTH PLAIN AHNjYW5uZXJAZXhhbXBsZS50ZXN0AHg=");
+    assert!(c.reply().starts_with("538 5.7.11"));
+    c.send("STARTTLS");
+    assert!(c.reply().starts_with("502 "));
+    c.send("MAIL FROM:<alice@example.test>");
+    assert!(c.reply().starts_with("530 5.7.0"));
+    c.send("QUIT");
+    assert!(c.reply().starts_with("221 "));
+}
+
+/// Commands before login, and what EHLO promises.
+#[test]
+fn commands_before_login() {
+    let up = upstream();
+    let proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), ""));
+    let mut c = Raw::connect(proxy.port(0));
+    assert!(c.reply().starts_with("220 "));
+    c.send("AUTH LOGIN");
+    assert!(c.reply().starts_with("503 5.5.1"), "AUTH before EHLO");
+    c.send("EHLO printer.test");
+    let ehlo = c.reply();
+    // What the test Postfix offers after STARTTLS is passed on; its own AUTH is not.
+    for k in ["SIZE 157286400", "8BITMIME", "SMTPUTF8", "PIPELINING", "CHUNKING", "ENHANCEDSTATUSCODES", "AUTH PLAIN LOGIN"] {
+        assert!(ehlo.contains(k), "EHLO lacks {k}:\n{ehlo}");
+    }
+    assert!(!ehlo.contains("XOAUTH2") && !ehlo.contains("STARTTLS") && !ehlo.contains("ETRN"), "{ehlo}");
+    for (cmd, want) in [
+        ("NOOP", "250 "),
+        ("RSET", "250 "),
+        ("HELP", "214 "),
+        ("VRFY alice", "252 "),
+        ("MAIL FROM:<alice@example.test>", "530 5.7.0"),
+        ("RCPT TO:<alice@example.test>", "530 5.7.0"),
+        ("DATA", "530 5.7.0"),
+        ("AUTH CRAM-MD5", "504 5.5.4"),
+        ("XYZZY", "500 5.5.2"),
+    ] {
+        c.send(cmd);
+        let r = c.reply();
+        assert!(r.starts_with(want), "{cmd} -> {r}");
+    }
+    c.send(&"X".repeat(10_000));
+    assert!(c.reply().starts_with("500 5.5.6"));
+    c.send("AUTH LOGIN");
+    assert!(c.reply().starts_with("334 VXNlcm5hbWU6"));
+    c.send("*");
+    assert!(c.reply().starts_with("501 5.7.0"));
+    c.send("AUTH PLAIN");
+    assert!(c.reply().starts_with("334"));
+    c.send("!!not-base64!!");
+    assert!(c.reply().starts_with("501 5.5.2"));
+    // A pre-auth BDAT chunk is consumed, not read as commands.
+    c.writer.write_all(b"BDAT 12\r\nQUIT\r\nQUIT\r\nNOOP\r\n").unwrap();
+    assert!(c.reply().starts_with("530 5.7.0"));
+    assert!(c.reply().starts_with("250 "));
+    c.send("QUIT");
+    assert!(c.reply().starts_with("221 "));
+}
+
+/// Pipelined commands after AUTH reach the upstream (residual replay), and
+/// the upstream's replies come back in order.
+#[test]
+fn pipelined_commands_after_auth_are_relayed() {
+    use base64::Engine;
+    let up = upstream();
+    let proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), ""));
+    let mut c = Raw::connect(proxy.port(0));
+    c.reply();
+    c.send("EHLO printer.test");
+    c.reply();
+    let tag = unique("pipelined");
+    let ir = base64::engine::general_purpose::STANDARD.encode(format!("\0scanner@example.test\0{SCANNER_PASSWORD}"));
+    let body = format!("From: alice@example.test\r\nTo: alice@example.test\r\nSubject: {tag}\r\nMessage-ID: <{tag}@oxbridge.test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\npipelined\r\n");
+    let all = format!("AUTH PLAIN {ir}\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n");
+    c.writer.write_all(all.as_bytes()).unwrap();
+    assert!(c.reply().starts_with("235 "));
+    assert!(c.reply().starts_with("250 "));
+    assert!(c.reply().starts_with("250 "));
+    assert!(c.reply().starts_with("354 "));
+    c.writer.write_all(format!("{body}.\r\nQUIT\r\n").as_bytes()).unwrap();
+    assert!(c.reply().starts_with("250 "));
+    assert!(c.reply().starts_with("221 "));
+    let delivered = fetch_from_dovecot("alice@example.test", &format!("<{tag}@oxbridge.test>"));
+    assert_delivered_intact(&delivered, body.as_bytes());
+}
+
+/// SIGTERM: sessions that have not logged in are told 421; exit status 0.
+#[test]
+fn shutdown_says_goodbye() {
+    let up = upstream();
+    let mut proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), ""));
+    let mut c = Raw::connect(proxy.port(0));
+    c.reply();
+    let status = proxy.terminate();
+    assert!(status.success(), "{status}");
+    assert!(c.reply().starts_with("421 4.3.2"));
+}
+
+use std::io::Write;
