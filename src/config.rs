@@ -478,9 +478,9 @@ impl Config {
                     r.account
                 ));
             }
-            return Err(format!(
-                "{key}: [[relay]] is not supported by this version yet"
-            ));
+        }
+        if !self.relays.is_empty() {
+            return Err("relay[0]: [[relay]] is not supported by this version yet".into());
         }
         if self.store.backend == StoreBackend::Redis {
             return Err(
@@ -658,8 +658,8 @@ grant = "client_credentials"
 
     #[test]
     fn duplicate_login_and_bad_pattern_are_named() {
-        let dup = format!("[[account]]\nlogin = \"SCANNER@example.test\"\ngrant = \"password\"\n");
-        let err = Config::parse(&base(&dup)).unwrap_err();
+        let dup = "[[account]]\nlogin = \"SCANNER@example.test\"\ngrant = \"password\"\n";
+        let err = Config::parse(&base(dup)).unwrap_err();
         assert!(err.starts_with("account[1].login:"), "{err}");
         let pat = "[[account]]\nlogin = \"a*@example.test\"\ngrant = \"password\"\n";
         let err = Config::parse(&base(pat)).unwrap_err();

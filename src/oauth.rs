@@ -326,11 +326,8 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Http {
     }
 }
 
-fn send(
-    http: &oauth2::reqwest::Client,
-    req: HttpRequest,
-) -> impl Future<Output = Result<HttpResponse, HttpError>> + Send + Sync + '_ {
-    async move {
+async fn send(http: &oauth2::reqwest::Client, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+    {
         let (parts, body) = req.into_parts();
         let response = http
             .request(parts.method, parts.uri.to_string())

@@ -9,43 +9,77 @@ use common::*;
 
 const SEND_LIMIT: Duration = Duration::from_secs(180);
 
-/// swaks ends DATA with CRLF "." itself, so it is given the message without
-/// its last CRLF (the bytes on the wire are then exactly `file`'s).
-fn swaks(port: u16, starttls: bool, mech: &str, user: &str, password: &str, from: &str, to: &str, file: &std::path::Path) -> std::process::Output {
-    let data = std::fs::read(file).unwrap();
-    let trimmed = file.with_extension("swaks");
-    std::fs::write(&trimmed, data.strip_suffix(b"\r\n").unwrap_or(&data)).unwrap();
-    let file = trimmed.as_path();
-    let mut cmd = std::process::Command::new("swaks");
-    cmd.args(["--server", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--ehlo", "printer.test", "--auth", mech, "--auth-user", user, "--auth-password", password])
-        .args(["--from", from, "--to", to, "--timeout", "120"])
-        .arg("--data")
-        .arg(format!("@{}", file.display()));
-    if starttls {
-        cmd.arg("--tls");
-    }
-    run(&mut cmd, SEND_LIMIT)
+/// One message submission by a real client through the proxy.
+struct Submit<'a> {
+    port: u16,
+    starttls: bool,
+    mech: &'a str,
+    /// SASL initial response on the AUTH line (smtplib only; swaks sends
+    /// one for PLAIN and none for LOGIN).
+    initial_response: bool,
+    login: &'a str,
+    password: &'a str,
+    from: &'a str,
+    to: &'a str,
+    file: &'a std::path::Path,
 }
 
-fn smtplib(port: u16, starttls: bool, mech: &str, initial_response: bool, user: &str, password: &str, from: &str, to: &str, file: &std::path::Path) -> std::process::Output {
-    let up = upstream();
-    let mut cmd = python("smtp_send.py");
-    cmd.args(["--port", &port.to_string(), "--mech", mech, "--user", user, "--password", password])
-        .args(["--sender", from, "--rcpt", to])
-        .arg("--message")
-        .arg(file);
-    if starttls {
-        cmd.args(["--starttls", "--cafile", up.ca()]);
+impl Submit<'_> {
+    /// swaks ends DATA with CRLF "." itself, so it is given the message
+    /// without its last CRLF (the bytes on the wire are then exactly the file's).
+    fn swaks(&self) -> std::process::Output {
+        let data = std::fs::read(self.file).unwrap();
+        let trimmed = self.file.with_extension("swaks");
+        std::fs::write(&trimmed, data.strip_suffix(b"\r\n").unwrap_or(&data)).unwrap();
+        let mut cmd = std::process::Command::new("swaks");
+        cmd.args([
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &self.port.to_string(),
+            "--ehlo",
+            "printer.test",
+        ])
+        .args([
+            "--auth",
+            self.mech,
+            "--auth-user",
+            self.login,
+            "--auth-password",
+            self.password,
+        ])
+        .args(["--from", self.from, "--to", self.to, "--timeout", "120"])
+        .arg("--data")
+        .arg(format!("@{}", trimmed.display()));
+        if self.starttls {
+            cmd.arg("--tls");
+        }
+        run(&mut cmd, SEND_LIMIT)
     }
-    if !initial_response {
-        cmd.arg("--no-initial-response");
+
+    fn smtplib(&self) -> std::process::Output {
+        let mut cmd = python("smtp_send.py");
+        cmd.args(["--port", &self.port.to_string(), "--mech", self.mech])
+            .args(["--user", self.login, "--password", self.password])
+            .args(["--sender", self.from, "--rcpt", self.to])
+            .arg("--message")
+            .arg(self.file);
+        if self.starttls {
+            cmd.args(["--starttls", "--cafile", upstream().ca()]);
+        }
+        if !self.initial_response {
+            cmd.arg("--no-initial-response");
+        }
+        run(&mut cmd, SEND_LIMIT)
     }
-    run(&mut cmd, SEND_LIMIT)
 }
 
 fn text(o: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Both clients, both mechanisms, with and without an initial response, on
@@ -53,7 +87,11 @@ fn text(o: &std::process::Output) -> String {
 #[test]
 fn clients_deliver_byte_identical_messages() {
     let up = upstream();
-    let listeners = format!("{}\n{}", listener("smtp", "none", true), listener("smtp", "starttls", false));
+    let listeners = format!(
+        "{}\n{}",
+        listener("smtp", "none", true),
+        listener("smtp", "starttls", false)
+    );
     let proxy = Proxy::start(&config(up, "", &listeners, ""));
     let alice = "alice@example.test";
     let alice_pw = up.password(alice);
@@ -61,28 +99,83 @@ fn clients_deliver_byte_identical_messages() {
 
     // (client, starttls, mechanism, initial response, login, password)
     let cases: Vec<(&str, bool, &str, bool, &str, &str)> = vec![
-        ("swaks", false, "PLAIN", true, "scanner@example.test", SCANNER_PASSWORD),
+        (
+            "swaks",
+            false,
+            "PLAIN",
+            true,
+            "scanner@example.test",
+            SCANNER_PASSWORD,
+        ),
         ("swaks", false, "LOGIN", false, alice, &alice_pw),
         ("swaks", true, "PLAIN", true, alice, &alice_pw),
-        ("swaks", true, "LOGIN", false, "scanner@example.test", SCANNER_PASSWORD),
+        (
+            "swaks",
+            true,
+            "LOGIN",
+            false,
+            "scanner@example.test",
+            SCANNER_PASSWORD,
+        ),
         ("smtplib", false, "PLAIN", true, alice, &alice_pw),
-        ("smtplib", false, "PLAIN", false, "scanner@example.test", SCANNER_PASSWORD),
-        ("smtplib", false, "LOGIN", true, "scanner@example.test", SCANNER_PASSWORD),
+        (
+            "smtplib",
+            false,
+            "PLAIN",
+            false,
+            "scanner@example.test",
+            SCANNER_PASSWORD,
+        ),
+        (
+            "smtplib",
+            false,
+            "LOGIN",
+            true,
+            "scanner@example.test",
+            SCANNER_PASSWORD,
+        ),
         ("smtplib", true, "LOGIN", false, alice, &alice_pw),
         ("smtplib", true, "PLAIN", false, alice, &alice_pw),
-        ("smtplib", true, "LOGIN", true, "scanner@example.test", SCANNER_PASSWORD),
+        (
+            "smtplib",
+            true,
+            "LOGIN",
+            true,
+            "scanner@example.test",
+            SCANNER_PASSWORD,
+        ),
     ];
     for (client, starttls, mech, ir, login, password) in cases {
-        let tag = unique(&format!("{client}-{mech}-{}", if starttls { "tls" } else { "plain" }));
+        let tag = unique(&format!(
+            "{client}-{mech}-{}",
+            if starttls { "tls" } else { "plain" }
+        ));
         let msg = message(alice, alice, &tag, 0);
         let file = dir.path().join(format!("{tag}.eml"));
         std::fs::write(&file, &msg).unwrap();
         let port = proxy.port(if starttls { 1 } else { 0 });
-        let out = match client {
-            "swaks" => swaks(port, starttls, mech, login, password, alice, alice, &file),
-            _ => smtplib(port, starttls, mech, ir, login, password, alice, alice, &file),
+        let submit = Submit {
+            port,
+            starttls,
+            mech,
+            initial_response: ir,
+            login,
+            password,
+            from: alice,
+            to: alice,
+            file: &file,
         };
-        assert!(out.status.success(), "{tag} failed:\n{}\n--- proxy log ---\n{}", text(&out), proxy.logs());
+        let out = if client == "swaks" {
+            submit.swaks()
+        } else {
+            submit.smtplib()
+        };
+        assert!(
+            out.status.success(),
+            "{tag} failed:\n{}\n--- proxy log ---\n{}",
+            text(&out),
+            proxy.logs()
+        );
         if client == "swaks" {
             let t = text(&out);
             // swaks shows the exchange: the initial-response form for PLAIN, challenges for LOGIN.
@@ -99,8 +192,14 @@ fn clients_deliver_byte_identical_messages() {
     }
     let ended = proxy.wait_log(&["session ended", "relayed"]);
     assert!(ended.contains("bytes_to_upstream"), "{ended}");
-    assert!(!proxy.logs().contains(&alice_pw), "a password reached the log");
-    assert!(!proxy.logs().contains(SCANNER_PASSWORD), "a password reached the log");
+    assert!(
+        !proxy.logs().contains(&alice_pw),
+        "a password reached the log"
+    );
+    assert!(
+        !proxy.logs().contains(SCANNER_PASSWORD),
+        "a password reached the log"
+    );
 }
 
 /// A 20 MB attachment through STARTTLS arrives byte for byte.
@@ -115,13 +214,27 @@ fn large_attachment_is_delivered_intact() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("large.eml");
     std::fs::write(&file, &msg).unwrap();
-    let out = smtplib(proxy.port(0), true, "PLAIN", true, "scanner@example.test", SCANNER_PASSWORD, alice, alice, &file);
+    let out = Submit {
+        port: proxy.port(0),
+        starttls: true,
+        mech: "PLAIN",
+        initial_response: true,
+        login: "scanner@example.test",
+        password: SCANNER_PASSWORD,
+        from: alice,
+        to: alice,
+        file: &file,
+    }
+    .smtplib();
     assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
     let delivered = fetch_from_dovecot(alice, &format!("<{tag}@oxbridge.test>"));
     assert_delivered_intact(&delivered, &msg);
     let line = proxy.wait_log(&["session ended", "relayed"]);
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    assert!(v["bytes_to_upstream"].as_u64().unwrap() > 20_000_000, "{line}");
+    assert!(
+        v["bytes_to_upstream"].as_u64().unwrap() > 20_000_000,
+        "{line}"
+    );
 }
 
 /// Wrong password, unknown user, a token endpoint that refuses, an upstream
@@ -142,26 +255,69 @@ fn refusals_end_to_end() {
     std::fs::write(&file, message(alice, alice, &unique("refused"), 0)).unwrap();
 
     let cases = [
-        ("scanner@example.test", "not-the-password", "535 5.7.8", "bad_credentials"),
-        ("nobody@nowhere.test", "whatever", "535 5.7.8", "bad_credentials"),
+        (
+            "scanner@example.test",
+            "not-the-password",
+            "535 5.7.8",
+            "bad_credentials",
+        ),
+        (
+            "nobody@nowhere.test",
+            "whatever",
+            "535 5.7.8",
+            "bad_credentials",
+        ),
         (alice, "wrong-alice-password", "535 5.7.8", "invalid_grant"),
-        ("elsewhere@other.test", "elsewhere-pass", "535 5.7.8", "upstream_refused"),
+        (
+            "elsewhere@other.test",
+            "elsewhere-pass",
+            "535 5.7.8",
+            "upstream_refused",
+        ),
     ];
     for (login, password, reply, log) in cases {
-        let out = swaks(port, false, "PLAIN", login, password, alice, alice, &file);
+        let out = Submit {
+            port,
+            starttls: false,
+            mech: "PLAIN",
+            initial_response: true,
+            login,
+            password,
+            from: alice,
+            to: alice,
+            file: &file,
+        }
+        .swaks();
         let t = text(&out);
         assert!(!out.status.success(), "{login} was accepted:\n{t}");
         assert!(t.contains(reply), "{login}: expected {reply}:\n{t}");
         proxy.wait_log(&["login failed", &format!("\"login\":\"{login}\""), log]);
-        assert!(!proxy.logs().contains(password), "a password reached the log");
+        assert!(
+            !proxy.logs().contains(password),
+            "a password reached the log"
+        );
     }
     // The same proxy still serves a correct login.
     let tag = unique("after-refusals");
     let msg = message(alice, alice, &tag, 0);
     std::fs::write(&file, &msg).unwrap();
-    let out = swaks(port, false, "PLAIN", "scanner@example.test", SCANNER_PASSWORD, alice, alice, &file);
+    let out = Submit {
+        port,
+        starttls: false,
+        mech: "PLAIN",
+        initial_response: true,
+        login: "scanner@example.test",
+        password: SCANNER_PASSWORD,
+        from: alice,
+        to: alice,
+        file: &file,
+    }
+    .swaks();
     assert!(out.status.success(), "{}", text(&out));
-    assert_delivered_intact(&fetch_from_dovecot(alice, &format!("<{tag}@oxbridge.test>")), &msg);
+    assert_delivered_intact(
+        &fetch_from_dovecot(alice, &format!("<{tag}@oxbridge.test>")),
+        &msg,
+    );
 }
 
 fn auth_reply(port: u16, login: &str, password: &str) -> String {
@@ -218,7 +374,8 @@ fn upstream_down_is_temporary() {
 #[test]
 fn untrusted_upstream_certificate_is_refused() {
     let up = upstream();
-    let cfg = config(up, "", &listener("smtp", "none", true), "").replace(&format!("ca_file = \"{}\"", up.ca()), "");
+    let cfg = config(up, "", &listener("smtp", "none", true), "")
+        .replace(&format!("ca_file = \"{}\"", up.ca()), "");
     let proxy = Proxy::start(&cfg);
     let r = auth_reply(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD);
     assert!(r.starts_with("454 4.7.0"), "{r}");
@@ -259,10 +416,21 @@ fn commands_before_login() {
     c.send("EHLO printer.test");
     let ehlo = c.reply();
     // What the test Postfix offers after STARTTLS is passed on; its own AUTH is not.
-    for k in ["SIZE 157286400", "8BITMIME", "SMTPUTF8", "PIPELINING", "CHUNKING", "ENHANCEDSTATUSCODES", "AUTH PLAIN LOGIN"] {
+    for k in [
+        "SIZE 157286400",
+        "8BITMIME",
+        "SMTPUTF8",
+        "PIPELINING",
+        "CHUNKING",
+        "ENHANCEDSTATUSCODES",
+        "AUTH PLAIN LOGIN",
+    ] {
         assert!(ehlo.contains(k), "EHLO lacks {k}:\n{ehlo}");
     }
-    assert!(!ehlo.contains("XOAUTH2") && !ehlo.contains("STARTTLS") && !ehlo.contains("ETRN"), "{ehlo}");
+    assert!(
+        !ehlo.contains("XOAUTH2") && !ehlo.contains("STARTTLS") && !ehlo.contains("ETRN"),
+        "{ehlo}"
+    );
     for (cmd, want) in [
         ("NOOP", "250 "),
         ("RSET", "250 "),
@@ -289,7 +457,9 @@ fn commands_before_login() {
     c.send("!!not-base64!!");
     assert!(c.reply().starts_with("501 5.5.2"));
     // A pre-auth BDAT chunk is consumed, not read as commands.
-    c.writer.write_all(b"BDAT 12\r\nQUIT\r\nQUIT\r\nNOOP\r\n").unwrap();
+    c.writer
+        .write_all(b"BDAT 12\r\nQUIT\r\nQUIT\r\nNOOP\r\n")
+        .unwrap();
     assert!(c.reply().starts_with("530 5.7.0"));
     assert!(c.reply().starts_with("250 "));
     c.send("QUIT");
@@ -308,7 +478,8 @@ fn pipelined_commands_after_auth_are_relayed() {
     c.send("EHLO printer.test");
     c.reply();
     let tag = unique("pipelined");
-    let ir = base64::engine::general_purpose::STANDARD.encode(format!("\0scanner@example.test\0{SCANNER_PASSWORD}"));
+    let ir = base64::engine::general_purpose::STANDARD
+        .encode(format!("\0scanner@example.test\0{SCANNER_PASSWORD}"));
     let body = format!("From: alice@example.test\r\nTo: alice@example.test\r\nSubject: {tag}\r\nMessage-ID: <{tag}@oxbridge.test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\npipelined\r\n");
     let all = format!("AUTH PLAIN {ir}\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n");
     c.writer.write_all(all.as_bytes()).unwrap();
@@ -316,7 +487,9 @@ fn pipelined_commands_after_auth_are_relayed() {
     assert!(c.reply().starts_with("250 "));
     assert!(c.reply().starts_with("250 "));
     assert!(c.reply().starts_with("354 "));
-    c.writer.write_all(format!("{body}.\r\nQUIT\r\n").as_bytes()).unwrap();
+    c.writer
+        .write_all(format!("{body}.\r\nQUIT\r\n").as_bytes())
+        .unwrap();
     assert!(c.reply().starts_with("250 "));
     assert!(c.reply().starts_with("221 "));
     let delivered = fetch_from_dovecot("alice@example.test", &format!("<{tag}@oxbridge.test>"));

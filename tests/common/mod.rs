@@ -25,7 +25,9 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn get(&self, key: &str) -> &str {
-        self.env.get(key).unwrap_or_else(|| panic!("upstream.json has no {key}"))
+        self.env
+            .get(key)
+            .unwrap_or_else(|| panic!("upstream.json has no {key}"))
     }
     pub fn submission(&self) -> String {
         format!("localhost:{}", self.get("SUBMISSION_PORT"))
@@ -48,7 +50,12 @@ impl Upstream {
     }
     pub fn idp_get(&self, path: &str) -> serde_json::Value {
         let out = Command::new("curl")
-            .args(["-sS", "--max-time", "10", &format!("{}{}", self.get("IDP_URL"), path)])
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                &format!("{}{}", self.get("IDP_URL"), path),
+            ])
             .output()
             .expect("curl");
         serde_json::from_slice(&out.stdout).expect("IDP answers JSON")
@@ -201,9 +208,16 @@ impl Proxy {
                 break found;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("oxbridge exited with {status}:\n{}", logs.lock().unwrap().join("\n"));
+                panic!(
+                    "oxbridge exited with {status}:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
             }
-            assert!(Instant::now() < deadline, "oxbridge did not listen:\n{}", logs.lock().unwrap().join("\n"));
+            assert!(
+                Instant::now() < deadline,
+                "oxbridge did not listen:\n{}",
+                logs.lock().unwrap().join("\n")
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
         Proxy {
@@ -235,7 +249,11 @@ impl Proxy {
             {
                 return l.clone();
             }
-            assert!(Instant::now() < deadline, "no log line with {needles:?}:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needles:?}:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -259,7 +277,10 @@ impl Proxy {
 }
 
 fn unsafe_kill(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 impl Drop for Proxy {
@@ -353,7 +374,11 @@ pub fn unique(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    format!("{prefix}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// Read a message back straight from Dovecot over IMAPS (as `user`, with a
@@ -364,7 +389,14 @@ pub fn fetch_from_dovecot(user: &str, message_id: &str) -> Vec<u8> {
     let out_path = dir.path().join("fetched.eml");
     let out = run(
         python("imap_fetch.py")
-            .args(["--port", up.imaps_port(), "--cafile", up.ca(), "--token-url", up.token_url()])
+            .args([
+                "--port",
+                up.imaps_port(),
+                "--cafile",
+                up.ca(),
+                "--token-url",
+                up.token_url(),
+            ])
             .args(["--client-id", up.get("PUBLIC_CLIENT_ID"), "--user", user])
             .args(["--password", &up.password(user), "--message-id", message_id])
             .arg("--out")
