@@ -383,3 +383,211 @@ fn describe(e: &oauth2::reqwest::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A fake token endpoint: answers each request after `delay` with the
+    /// next of `replies` (the last one repeats), counting requests.
+    async fn endpoint(replies: Vec<(u16, String)>, delay: Duration) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/tenant/oauth2/v2.0/token",
+            listener.local_addr().unwrap()
+        );
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                let (status, body) = replies[n.min(replies.len() - 1)].clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16384];
+                    let mut got = Vec::new();
+                    // Read the headers and the body (Content-Length).
+                    loop {
+                        let k = s.read(&mut buf).await.unwrap_or(0);
+                        if k == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&buf[..k]);
+                        let text = String::from_utf8_lossy(&got).to_lowercase();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let len = text
+                                .lines()
+                                .find_map(|l| {
+                                    l.strip_prefix("content-length:")
+                                        .map(|v| v.trim().parse().unwrap_or(0))
+                                })
+                                .unwrap_or(0);
+                            if got.len() >= end + 4 + len {
+                                break;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(delay).await;
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        (url, count)
+    }
+
+    fn ok(token: &str, expires_in: u64) -> (u16, String) {
+        (
+            200,
+            format!(
+                r#"{{"token_type":"Bearer","expires_in":{expires_in},"access_token":"{token}"}}"#
+            ),
+        )
+    }
+
+    fn tokens(url: &str) -> Tokens {
+        let config: OAuthConfig = toml::from_str(&format!(
+            "client_id = \"app\"\nclient_secret = \"app-secret\"\ntoken_url = \"{url}\""
+        ))
+        .unwrap();
+        Tokens::new(&config, &[Protocol::Smtp]).unwrap()
+    }
+
+    fn identity(grant: Grant, login: &str, password: Option<&str>) -> Identity {
+        Identity {
+            account: login.into(),
+            login: login.into(),
+            mailbox: login.into(),
+            grant,
+            password: password.map(|p| SecretString::from(p.to_string())),
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_logins_make_one_request_then_hit_the_cache() {
+        let (url, count) = endpoint(vec![ok("tok-1", 3600)], Duration::from_millis(200)).await;
+        let tokens = Arc::new(tokens(&url));
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let tokens = tokens.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = identity(Grant::ClientCredentials, &format!("dev{i}@x.test"), None);
+                tokens
+                    .get(&id)
+                    .await
+                    .map(|t| t.secret.expose_secret().to_string())
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), "tok-1");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        let again = tokens
+            .get(&identity(Grant::ClientCredentials, "a@x.test", None))
+            .await
+            .unwrap();
+        assert!(!again.fresh);
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn password_grant_cache_is_bound_to_the_password() {
+        let (url, count) =
+            endpoint(vec![ok("tok-a", 3600), ok("tok-b", 3600)], Duration::ZERO).await;
+        let tokens = tokens(&url);
+        let right = identity(Grant::Password, "u@x.test", Some("right"));
+        assert!(tokens.get(&right).await.unwrap().fresh);
+        assert!(!tokens.get(&right).await.unwrap().fresh);
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        // Another password never gets the cached token: it goes to the endpoint.
+        let other = identity(Grant::Password, "u@x.test", Some("other"));
+        let t = tokens.get(&other).await.unwrap();
+        assert!(t.fresh);
+        assert_eq!(t.secret.expose_secret(), "tok-b");
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn refused_cached_token_is_replaced() {
+        let (url, count) =
+            endpoint(vec![ok("tok-1", 3600), ok("tok-2", 3600)], Duration::ZERO).await;
+        let tokens = tokens(&url);
+        let id = identity(Grant::ClientCredentials, "a@x.test", None);
+        let first = tokens.get(&id).await.unwrap();
+        tokens.invalidate(&id, &first.secret).await;
+        let second = tokens.get(&id).await.unwrap();
+        assert_eq!(second.secret.expose_secret(), "tok-2");
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn tokens_are_renewed_before_expiry() {
+        let (url, count) = endpoint(vec![ok("short", 1), ok("next", 3600)], Duration::ZERO).await;
+        let tokens = tokens(&url);
+        let id = identity(Grant::ClientCredentials, "a@x.test", None);
+        assert_eq!(
+            tokens.get(&id).await.unwrap().secret.expose_secret(),
+            "short"
+        );
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(
+            tokens.get(&id).await.unwrap().secret.expose_secret(),
+            "next"
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn failures_are_classified() {
+        let refused = (
+            400,
+            r#"{"error":"invalid_grant","error_description":"AADSTS50126: Error validating credentials.\r\nTrace ID: x","error_codes":[50126]}"#.to_string(),
+        );
+        let (url, _) = endpoint(vec![refused], Duration::ZERO).await;
+        let err = tokens(&url)
+            .get(&identity(Grant::Password, "u@x.test", Some("pw-marker")))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, AuthError::TokenRefused(d) if d == "invalid_grant: AADSTS50126: Error validating credentials."),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("pw-marker"));
+
+        for reply in [
+            (503, "".to_string()),
+            (429, "{}".to_string()),
+            (200, "garbage".to_string()),
+            (400, r#"{"error":"temporarily_unavailable"}"#.to_string()),
+        ] {
+            let (url, _) = endpoint(vec![reply.clone()], Duration::ZERO).await;
+            let err = tokens(&url)
+                .get(&identity(Grant::ClientCredentials, "a@x.test", None))
+                .await
+                .err()
+                .unwrap();
+            assert!(err.is_temporary(), "{reply:?} -> {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_temporary_failure_keeps_a_still_valid_token() {
+        // 4 s lifetime: renewed after 3 s, expires after 4 s.
+        let (url, count) =
+            endpoint(vec![ok("tok-1", 4), (503, String::new())], Duration::ZERO).await;
+        let tokens = tokens(&url);
+        let id = identity(Grant::ClientCredentials, "a@x.test", None);
+        tokens.get(&id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3100)).await;
+        let t = tokens.get(&id).await.unwrap();
+        assert_eq!(t.secret.expose_secret(), "tok-1");
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+}

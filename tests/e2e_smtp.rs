@@ -12,7 +12,8 @@ const SEND_LIMIT: Duration = Duration::from_secs(180);
 /// One message submission by a real client through the proxy.
 struct Submit<'a> {
     port: u16,
-    starttls: bool,
+    /// "none", "starttls" or "implicit".
+    tls: &'a str,
     mech: &'a str,
     /// SASL initial response on the AUTH line (smtplib only; swaks sends
     /// one for PLAIN and none for LOGIN).
@@ -51,8 +52,14 @@ impl Submit<'_> {
         .args(["--from", self.from, "--to", self.to, "--timeout", "120"])
         .arg("--data")
         .arg(format!("@{}", trimmed.display()));
-        if self.starttls {
-            cmd.arg("--tls");
+        match self.tls {
+            "starttls" => {
+                cmd.arg("--tls");
+            }
+            "implicit" => {
+                cmd.arg("--tls-on-connect");
+            }
+            _ => {}
         }
         run(&mut cmd, SEND_LIMIT)
     }
@@ -64,8 +71,15 @@ impl Submit<'_> {
             .args(["--sender", self.from, "--rcpt", self.to])
             .arg("--message")
             .arg(self.file);
-        if self.starttls {
-            cmd.args(["--starttls", "--cafile", upstream().ca()]);
+        cmd.args(["--cafile", upstream().ca()]);
+        match self.tls {
+            "starttls" => {
+                cmd.arg("--starttls");
+            }
+            "implicit" => {
+                cmd.arg("--implicit-tls");
+            }
+            _ => {}
         }
         if !self.initial_response {
             cmd.arg("--no-initial-response");
@@ -83,80 +97,51 @@ fn text(o: &std::process::Output) -> String {
 }
 
 /// Both clients, both mechanisms, with and without an initial response, on
-/// a plaintext listener and a STARTTLS one: every message arrives intact.
+/// a plaintext, a STARTTLS and an implicit-TLS listener: every message
+/// arrives intact.
 #[test]
 fn clients_deliver_byte_identical_messages() {
     let up = upstream();
-    let listeners = format!(
-        "{}\n{}",
-        listener("smtp", "none", true),
-        listener("smtp", "starttls", false)
-    );
-    let proxy = Proxy::start(&config(up, "", &listeners, ""));
+    let listeners: Vec<String> = ["none", "starttls", "implicit"]
+        .iter()
+        .map(|tls| listener("smtp", tls, *tls == "none"))
+        .collect();
+    let proxy = Proxy::start(&config(up, "", &listeners.join("\n"), ""));
     let alice = "alice@example.test";
     let alice_pw = up.password(alice);
+    let scanner = ("scanner@example.test", SCANNER_PASSWORD);
+    let user = (alice, alice_pw.as_str());
     let dir = tempfile::tempdir().unwrap();
 
-    // (client, starttls, mechanism, initial response, login, password)
-    let cases: Vec<(&str, bool, &str, bool, &str, &str)> = vec![
-        (
-            "swaks",
-            false,
-            "PLAIN",
-            true,
-            "scanner@example.test",
-            SCANNER_PASSWORD,
-        ),
-        ("swaks", false, "LOGIN", false, alice, &alice_pw),
-        ("swaks", true, "PLAIN", true, alice, &alice_pw),
-        (
-            "swaks",
-            true,
-            "LOGIN",
-            false,
-            "scanner@example.test",
-            SCANNER_PASSWORD,
-        ),
-        ("smtplib", false, "PLAIN", true, alice, &alice_pw),
-        (
-            "smtplib",
-            false,
-            "PLAIN",
-            false,
-            "scanner@example.test",
-            SCANNER_PASSWORD,
-        ),
-        (
-            "smtplib",
-            false,
-            "LOGIN",
-            true,
-            "scanner@example.test",
-            SCANNER_PASSWORD,
-        ),
-        ("smtplib", true, "LOGIN", false, alice, &alice_pw),
-        ("smtplib", true, "PLAIN", false, alice, &alice_pw),
-        (
-            "smtplib",
-            true,
-            "LOGIN",
-            true,
-            "scanner@example.test",
-            SCANNER_PASSWORD,
-        ),
+    // (client, listener, mechanism, initial response, (login, password))
+    let cases = [
+        ("swaks", "none", "PLAIN", true, scanner),
+        ("swaks", "none", "LOGIN", false, user),
+        ("swaks", "starttls", "PLAIN", true, user),
+        ("swaks", "starttls", "LOGIN", false, scanner),
+        ("swaks", "implicit", "PLAIN", true, scanner),
+        ("smtplib", "none", "PLAIN", true, user),
+        ("smtplib", "none", "PLAIN", false, scanner),
+        ("smtplib", "none", "LOGIN", true, scanner),
+        ("smtplib", "starttls", "LOGIN", false, user),
+        ("smtplib", "starttls", "PLAIN", false, user),
+        ("smtplib", "starttls", "LOGIN", true, scanner),
+        ("smtplib", "implicit", "LOGIN", false, user),
     ];
-    for (client, starttls, mech, ir, login, password) in cases {
-        let tag = unique(&format!(
-            "{client}-{mech}-{}",
-            if starttls { "tls" } else { "plain" }
-        ));
+    for (client, tls, mech, ir, (login, password)) in cases {
+        let tag = unique(&format!("{client}-{mech}-{tls}"));
         let msg = message(alice, alice, &tag, 0);
         let file = dir.path().join(format!("{tag}.eml"));
         std::fs::write(&file, &msg).unwrap();
-        let port = proxy.port(if starttls { 1 } else { 0 });
+        let port = proxy.port(
+            ["none", "starttls", "implicit"]
+                .iter()
+                .position(|t| *t == tls)
+                .unwrap(),
+        );
         let submit = Submit {
             port,
-            starttls,
+            tls,
             mech,
             initial_response: ir,
             login,
@@ -185,7 +170,7 @@ fn clients_deliver_byte_identical_messages() {
                 assert!(t.contains("AUTH PLAIN "), "{t}");
             }
             assert!(t.contains("235 2.7.0"), "{t}");
-            assert_eq!(t.contains("=== TLS started"), starttls, "{t}");
+            assert_eq!(t.contains("=== TLS started"), tls != "none", "{t}");
         }
         let delivered = fetch_from_dovecot(alice, &format!("<{tag}@oxbridge.test>"));
         assert_delivered_intact(&delivered, &msg);
@@ -216,7 +201,7 @@ fn large_attachment_is_delivered_intact() {
     std::fs::write(&file, &msg).unwrap();
     let out = Submit {
         port: proxy.port(0),
-        starttls: true,
+        tls: "starttls",
         mech: "PLAIN",
         initial_response: true,
         login: "scanner@example.test",
@@ -278,7 +263,7 @@ fn refusals_end_to_end() {
     for (login, password, reply, log) in cases {
         let out = Submit {
             port,
-            starttls: false,
+            tls: "none",
             mech: "PLAIN",
             initial_response: true,
             login,
@@ -303,7 +288,7 @@ fn refusals_end_to_end() {
     std::fs::write(&file, &msg).unwrap();
     let out = Submit {
         port,
-        starttls: false,
+        tls: "none",
         mech: "PLAIN",
         initial_response: true,
         login: "scanner@example.test",
@@ -509,3 +494,64 @@ fn shutdown_says_goodbye() {
 }
 
 use std::io::Write;
+
+/// Ten devices logging in at once for one account cause one token request,
+/// and all ten messages arrive.
+#[test]
+fn concurrent_logins_share_one_token_request() {
+    use std::sync::atomic::Ordering;
+    let up = upstream();
+    let idp = up.get("IDP_URL").trim_start_matches("http://").to_string();
+    let (forwarder, requests) = counting_forwarder(&idp, Duration::from_millis(300));
+    let token_url = up.token_url().replace(&idp, &forwarder.to_string());
+    let cfg =
+        config(up, "", &listener("smtp", "none", true), "").replace(up.token_url(), &token_url);
+    let proxy = Proxy::start(&cfg);
+    let alice = "alice@example.test";
+    let alice_pw = up.password(alice);
+    let dir = tempfile::tempdir().unwrap();
+    for (login, password) in [
+        ("scanner@example.test", SCANNER_PASSWORD),
+        (alice, alice_pw.as_str()),
+    ] {
+        let before = requests.load(Ordering::SeqCst);
+        let tags: Vec<String> = (0..10).map(|i| unique(&format!("concurrent{i}"))).collect();
+        let outputs: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = tags
+                .iter()
+                .map(|tag| {
+                    let file = dir.path().join(format!("{tag}.eml"));
+                    std::fs::write(&file, message(alice, alice, tag, 0)).unwrap();
+                    let port = proxy.port(0);
+                    scope.spawn(move || {
+                        Submit {
+                            port,
+                            tls: "none",
+                            mech: "PLAIN",
+                            initial_response: true,
+                            login,
+                            password,
+                            from: alice,
+                            to: alice,
+                            file: &file,
+                        }
+                        .smtplib()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for out in &outputs {
+            assert!(out.status.success(), "{}\n{}", text(out), proxy.logs());
+        }
+        assert_eq!(
+            requests.load(Ordering::SeqCst) - before,
+            1,
+            "token requests for {login}:\n{}",
+            proxy.logs()
+        );
+        for tag in &tags {
+            fetch_from_dovecot(alice, &format!("<{tag}@oxbridge.test>"));
+        }
+    }
+}

@@ -14,6 +14,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--host", default="127.0.0.1")
 p.add_argument("--port", type=int, required=True)
 p.add_argument("--starttls", action="store_true")
+p.add_argument("--implicit-tls", action="store_true", help="TLS from the first byte (SMTPS)")
 p.add_argument("--cafile")
 p.add_argument("--tls-name", default="localhost")
 p.add_argument("--user", required=True)
@@ -33,12 +34,15 @@ def result(ok, code=None, error=None):
 
 
 try:
-    s = smtplib.SMTP(timeout=a.timeout)
-    s.connect(a.host, a.port)
+    ctx = ssl.create_default_context(cafile=a.cafile)
+    if a.implicit_tls:
+        s = smtplib.SMTP_SSL(host=a.tls_name, port=a.port, timeout=a.timeout, context=ctx)
+    else:
+        s = smtplib.SMTP(timeout=a.timeout)
+        s.connect(a.host, a.port)
     s._host = a.tls_name  # the name STARTTLS verifies
     s.ehlo("device.test")
     if a.starttls:
-        ctx = ssl.create_default_context(cafile=a.cafile)
         s.starttls(context=ctx)
         s.ehlo("device.test")
     s.user, s.password = a.user, a.password

@@ -484,3 +484,52 @@ pub fn closed_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
+
+/// A TCP forwarder to `target` that counts HTTP requests (lines starting
+/// with "POST " or "GET " at the start of a read) and holds each one back
+/// by `delay`, so that concurrent token requests would overlap.
+pub fn counting_forwarder(
+    target: &str,
+    delay: Duration,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    let target = target.to_string();
+    std::thread::spawn(move || {
+        for client in l.incoming().flatten() {
+            let server = match TcpStream::connect(&target) {
+                Ok(s) => s,
+                Err(_) => continue,
+            };
+            let (mut c_read, mut s_write) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut s_read, mut c_write) = (server, client);
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                loop {
+                    let n = match c_read.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if buf.starts_with(b"POST ") || buf.starts_with(b"GET ") {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(delay);
+                    }
+                    if s_write.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = s_write.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s_read, &mut c_write);
+                let _ = c_write.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (addr, count)
+}
