@@ -388,12 +388,6 @@ impl Config {
                     }
                 }
             }
-            if l.protocol != Protocol::Smtp {
-                return Err(format!(
-                    "{key}.protocol: \"{}\" is not supported by this version yet",
-                    l.protocol
-                ));
-            }
             if l.proxy_protocol {
                 return Err(format!(
                     "{key}.proxy_protocol: not supported by this version yet"

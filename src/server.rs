@@ -18,7 +18,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::config::{ListenerConfig, Protocol, TlsMode};
 use crate::line::{Conn, Stream};
-use crate::proto::smtp;
+use crate::proto::{imap, pop3, smtp, Preauth};
 use crate::relay;
 use crate::App;
 
@@ -166,12 +166,11 @@ async fn session(
     let conn = Conn::new(stream);
     let outcome = match listener.protocol {
         Protocol::Smtp => smtp::preauth(&app, &listener, conn, stop).await,
-        Protocol::Imap | Protocol::Pop3 => {
-            unreachable!("config validation refuses these listeners for now")
-        }
+        Protocol::Imap => imap::preauth(&app, &listener, conn, stop).await,
+        Protocol::Pop3 => pop3::preauth(&app, &listener, conn, stop).await,
     };
     match outcome {
-        smtp::Preauth::Relay {
+        Preauth::Relay {
             device,
             upstream,
             account,
@@ -187,7 +186,7 @@ async fn session(
                 "session ended"
             );
         }
-        smtp::Preauth::Closed(why) => {
+        Preauth::Closed(why) => {
             info!(
                 outcome = "closed",
                 reason = why,

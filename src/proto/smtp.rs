@@ -3,7 +3,7 @@
 //! Device side ([`preauth`]): greeting, EHLO/HELO, STARTTLS, AUTH PLAIN and
 //! AUTH LOGIN (with or without an initial response), RSET/NOOP/HELP/VRFY/
 //! QUIT; MAIL, RCPT, DATA and BDAT are refused until the device has logged
-//! in. Upstream side ([`upstream_login`]): greeting, EHLO, STARTTLS
+//! in. Upstream side ([`dial`], [`auth_xoauth2`]): greeting, EHLO, STARTTLS
 //! (mandatory), EHLO, `AUTH XOAUTH2`, including the error-challenge form
 //! (`334 <base64 JSON>`, answered with an empty line).
 //!
@@ -16,21 +16,20 @@ use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use crate::accounts::Identity;
 use crate::error::AuthError;
 use crate::line::{Conn, LineError};
 use crate::sasl;
 use crate::server::Listener;
 use crate::upstream::{self, printable, MAX_REPLY_LINE, MAX_REPLY_LINES, REPLY_TIMEOUT};
+use crate::config::Protocol;
+use crate::proto::{self, Preauth, PREAUTH_TIMEOUT};
 use crate::App;
 
 /// Longest command line before authentication (RFC 5321 allows 512; AUTH
 /// lines with a base64 initial response need more).
 pub const MAX_COMMAND_LINE: usize = 4096;
-/// How long a device may be silent before authentication (RFC 5321 4.5.3.2.7).
-pub const PREAUTH_TIMEOUT: Duration = Duration::from_secs(300);
 /// Commands a device may send before it authenticates.
 pub const MAX_PREAUTH_COMMANDS: usize = 100;
 /// Unrecognised or malformed commands before the connection is closed.
@@ -364,41 +363,6 @@ pub async fn auth_xoauth2(
     }
 }
 
-/// Fetch a token and dial upstream at once, then log in; a refused cached
-/// token is replaced by a fresh one and tried once more.
-pub async fn upstream_login(
-    app: &App,
-    id: &Identity,
-    ehlo_name: &str,
-) -> Result<(Conn, Vec<String>), AuthError> {
-    let (token, dialled) = tokio::join!(app.tokens.get(id), dial(app, ehlo_name));
-    let token = token?;
-    let (mut conn, keywords) = dialled?;
-    match auth_xoauth2(&mut conn, &id.mailbox, &token.secret).await {
-        Ok(()) => Ok((conn, keywords)),
-        Err(AuthError::UpstreamRefused(detail)) if !token.fresh => {
-            info!(upstream = %detail, "upstream refused a cached token; fetching a new one");
-            app.tokens.invalidate(id, &token.secret).await;
-            let token = app.tokens.get(id).await?;
-            auth_xoauth2(&mut conn, &id.mailbox, &token.secret).await?;
-            Ok((conn, keywords))
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// How a pre-authentication session ended.
-pub enum Preauth {
-    /// Logged in upstream: relay from here.
-    Relay {
-        device: Conn,
-        upstream: Conn,
-        account: String,
-    },
-    /// The session is over (QUIT, timeout, limits, shutdown, closed).
-    Closed(&'static str),
-}
-
 struct Session<'a> {
     app: &'a App,
     listener: &'a Listener,
@@ -529,41 +493,29 @@ impl Session<'_> {
                 return Ok(None);
             }
         };
-        let login = creds.login.clone();
-        let result = match self
-            .app
-            .accounts
-            .authenticate(&creds.login, creds.password)
-            .await
-        {
-            Ok(id) => {
-                let ehlo_name = self.helo.clone().unwrap_or_else(|| "oxbridge".into());
-                match upstream_login(self.app, &id, &ehlo_name).await {
-                    Ok((up, keywords)) => {
-                        self.app.smtp_caps.update(&keywords).await;
-                        if promises_hold(&self.told, &keywords) {
-                            Ok((up, id))
-                        } else {
-                            Err(AuthError::UpstreamTemporary(format!(
-                                "upstream EHLO changed since the device was told {:?}; it now offers {:?}",
-                                self.told, keywords
-                            )))
-                        }
-                    }
-                    Err(e) => Err(e),
+        let client_name = self.helo.clone().unwrap_or_else(|| "oxbridge".into());
+        let result = match proto::login(self.app, Protocol::Smtp, creds, &client_name).await {
+            Ok((up, id)) => {
+                self.app.smtp_caps.update(&up.capabilities).await;
+                if promises_hold(&self.told, &up.capabilities) {
+                    Ok((up.conn, id))
+                } else {
+                    let e = AuthError::UpstreamTemporary(format!(
+                        "upstream EHLO changed since the device was told {:?}; it now offers {:?}",
+                        self.told, up.capabilities
+                    ));
+                    warn!(reason = e.reason(), error = %e, "login failed");
+                    Err(e)
                 }
             }
             Err(e) => Err(e),
         };
         match result {
             Ok((up, id)) => {
-                info!(login = %login, account = %id.account, mailbox = %id.mailbox, grant = %id.grant, "authenticated; relaying");
-                self.reply("235 2.7.0 Authentication successful\r\n")
-                    .await?;
+                self.reply("235 2.7.0 Authentication successful\r\n").await?;
                 Ok(Some((up, id.account)))
             }
             Err(e) => {
-                warn!(login = %login, reason = e.reason(), error = %e, "login failed");
                 self.auth_failures += 1;
                 self.reply(e.smtp_reply()).await?;
                 Ok(None)
