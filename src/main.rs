@@ -46,15 +46,24 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(config.log.level.to_ascii_lowercase())
-    });
+    // `log.level` is oxbridge's own; libraries (TLS, HTTP) stay at warn so
+    // that debug logs show sessions, not handshakes. RUST_LOG overrides all.
+    let level = config.log.level.to_ascii_lowercase();
+    let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let own_level_only = from_env.is_none();
+    let filter = from_env
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(format!("warn,oxbridge={level}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+    if own_level_only {
+        // Libraries that log through the `log` crate (rustls, reqwest) are
+        // not reached by the target filter above: cap them at the source.
+        log::set_max_level(log::LevelFilter::Warn);
     }
 }
 

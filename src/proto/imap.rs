@@ -134,7 +134,9 @@ pub fn parse_command(input: &[u8]) -> Result<Command, ParseError> {
                 let mut s = Vec::new();
                 loop {
                     match input.get(p) {
-                        None | Some(b'\r') | Some(b'\n') => return Err(ParseError::Syntax("unterminated quoted string")),
+                        None | Some(b'\r') | Some(b'\n') => {
+                            return Err(ParseError::Syntax("unterminated quoted string"))
+                        }
                         Some(b'"') => break,
                         Some(b'\\') => match input.get(p + 1) {
                             Some(c @ (b'"' | b'\\')) => {
@@ -155,14 +157,17 @@ pub fn parse_command(input: &[u8]) -> Result<Command, ParseError> {
                     .iter()
                     .position(|b| *b == b'}')
                     .ok_or(ParseError::Syntax("bad literal"))?;
-                let (n, _) = literal_suffix(&input[p..=p + close]).ok_or(ParseError::Syntax("bad literal"))?;
+                let (n, _) = literal_suffix(&input[p..=p + close])
+                    .ok_or(ParseError::Syntax("bad literal"))?;
                 p += close + 1;
                 if input.get(p..p + 2) != Some(b"\r\n") {
                     return Err(ParseError::Syntax("literal must end its line"));
                 }
                 p += 2;
                 let n = usize::try_from(n).map_err(|_| ParseError::Syntax("literal too large"))?;
-                let data = input.get(p..p + n).ok_or(ParseError::Syntax("literal shorter than announced"))?;
+                let data = input
+                    .get(p..p + n)
+                    .ok_or(ParseError::Syntax("literal shorter than announced"))?;
                 p += n;
                 Arg::Str(data.to_vec())
             }
@@ -252,7 +257,9 @@ async fn read_response(conn: &mut Conn) -> Result<Vec<u8>, AuthError> {
         .map_err(|e| AuthError::UpstreamUnavailable(format!("reading response: {e}")))?;
     if let Some((n, _)) = literal_suffix(&line) {
         if n > MAX_UPSTREAM_LITERAL {
-            return Err(AuthError::UpstreamUnavailable("literal too large before login".into()));
+            return Err(AuthError::UpstreamUnavailable(
+                "literal too large before login".into(),
+            ));
         }
         conn.discard(n, REPLY_TIMEOUT)
             .await
@@ -274,7 +281,10 @@ pub async fn dial(app: &App) -> Result<(Conn, Vec<String>), AuthError> {
     let mut conn = upstream::connect_tls(&app.upstream_tls, addr).await?;
     let greeting = read_response(&mut conn).await?;
     if !greeting.starts_with(b"* OK") {
-        return Err(AuthError::UpstreamUnavailable(format!("greeting: {}", printable(&greeting))));
+        return Err(AuthError::UpstreamUnavailable(format!(
+            "greeting: {}",
+            printable(&greeting)
+        )));
     }
     if let Some(caps) = capabilities_in(&greeting) {
         return Ok((conn, caps));
@@ -288,12 +298,16 @@ pub async fn dial(app: &App) -> Result<(Conn, Vec<String>), AuthError> {
         }
         if let Some((status, text)) = tagged(&line) {
             if status != "OK" {
-                return Err(AuthError::UpstreamUnavailable(format!("CAPABILITY: {text}")));
+                return Err(AuthError::UpstreamUnavailable(format!(
+                    "CAPABILITY: {text}"
+                )));
             }
             return Ok((conn, caps));
         }
     }
-    Err(AuthError::UpstreamUnavailable("CAPABILITY: too many lines".into()))
+    Err(AuthError::UpstreamUnavailable(
+        "CAPABILITY: too many lines".into(),
+    ))
 }
 
 /// `AUTHENTICATE XOAUTH2` on an upstream connection; returns the
@@ -305,10 +319,16 @@ pub async fn auth_xoauth2(
     greeting_caps: &[String],
 ) -> Result<Vec<String>, AuthError> {
     let ir = sasl::xoauth2(mailbox, token);
-    let sasl_ir = greeting_caps.iter().any(|c| c.eq_ignore_ascii_case("SASL-IR"));
+    let sasl_ir = greeting_caps
+        .iter()
+        .any(|c| c.eq_ignore_ascii_case("SASL-IR"));
     let mut pending_ir = !sasl_ir;
     if sasl_ir {
-        send(conn, format!("{TAG} AUTHENTICATE XOAUTH2 {}\r\n", ir.expose_secret()).as_bytes()).await?;
+        send(
+            conn,
+            format!("{TAG} AUTHENTICATE XOAUTH2 {}\r\n", ir.expose_secret()).as_bytes(),
+        )
+        .await?;
     } else {
         send(conn, format!("{TAG} AUTHENTICATE XOAUTH2\r\n").as_bytes()).await?;
     }
@@ -322,7 +342,10 @@ pub async fn auth_xoauth2(
                 send(conn, format!("{}\r\n", ir.expose_secret()).as_bytes()).await?;
             } else if challenge.is_none() {
                 // The error challenge: answer with an empty line for the final NO.
-                challenge = Some(sasl::xoauth2_error_status(line.get(2..).unwrap_or_default()).unwrap_or_default());
+                challenge = Some(
+                    sasl::xoauth2_error_status(line.get(2..).unwrap_or_default())
+                        .unwrap_or_default(),
+                );
                 send(conn, b"\r\n").await?;
             } else {
                 send(conn, b"*\r\n").await?;
@@ -332,7 +355,9 @@ pub async fn auth_xoauth2(
         if let Some(c) = capabilities_in(&line) {
             caps = Some(c);
         }
-        let Some((status, text)) = tagged(&line) else { continue };
+        let Some((status, text)) = tagged(&line) else {
+            continue;
+        };
         let detail = match &challenge {
             Some(s) if !s.is_empty() => format!("{text} (XOAUTH2 status {s})"),
             _ => text.clone(),
@@ -346,7 +371,9 @@ pub async fn auth_xoauth2(
             _ => Err(AuthError::UpstreamRefused(detail)),
         };
     }
-    Err(AuthError::UpstreamUnavailable("AUTHENTICATE: too many lines".into()))
+    Err(AuthError::UpstreamUnavailable(
+        "AUTHENTICATE: too many lines".into(),
+    ))
 }
 
 async fn post_login_capabilities(conn: &mut Conn) -> Result<Vec<String>, AuthError> {
@@ -361,7 +388,9 @@ async fn post_login_capabilities(conn: &mut Conn) -> Result<Vec<String>, AuthErr
             return Ok(caps);
         }
     }
-    Err(AuthError::UpstreamUnavailable("CAPABILITY: too many lines".into()))
+    Err(AuthError::UpstreamUnavailable(
+        "CAPABILITY: too many lines".into(),
+    ))
 }
 
 impl AuthError {
@@ -442,10 +471,14 @@ impl Session<'_> {
                 return Ok(Read::Command(command));
             };
             if n > MAX_LITERAL || command.len() as u64 + n > MAX_COMMAND as u64 {
-                let tag = String::from_utf8_lossy(command.split(|b| *b == b' ').next().unwrap_or(b"*")).into_owned();
+                let tag =
+                    String::from_utf8_lossy(command.split(|b| *b == b' ').next().unwrap_or(b"*"))
+                        .into_owned();
                 if sync {
                     // The client waits for "+": it will not send the data.
-                    let _ = self.reply(&format!("{tag} BAD Literal too large\r\n")).await;
+                    let _ = self
+                        .reply(&format!("{tag} BAD Literal too large\r\n"))
+                        .await;
                     return Ok(Read::Rejected);
                 }
                 // LITERAL+: the data is on its way and would be read as commands.
@@ -461,11 +494,16 @@ impl Session<'_> {
         }
     }
 
-    async fn login(&mut self, tag: &str, creds: sasl::Credentials) -> Result<Option<(Conn, String)>, &'static str> {
+    async fn login(
+        &mut self,
+        tag: &str,
+        creds: sasl::Credentials,
+    ) -> Result<Option<(Conn, String)>, &'static str> {
         match proto::login(self.app, Protocol::Imap, creds, "").await {
             Ok((up, id)) => {
                 let caps = device_capabilities(&up.capabilities).join(" ");
-                self.reply(&format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n")).await?;
+                self.reply(&format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n"))
+                    .await?;
                 Ok(Some((up.conn, id.account)))
             }
             Err(e) => {
@@ -477,7 +515,11 @@ impl Session<'_> {
     }
 
     /// AUTHENTICATE PLAIN, with or without an initial response.
-    async fn plain_credentials(&mut self, tag: &str, initial: Option<&[u8]>) -> Result<Option<sasl::Credentials>, &'static str> {
+    async fn plain_credentials(
+        &mut self,
+        tag: &str,
+        initial: Option<&[u8]>,
+    ) -> Result<Option<sasl::Credentials>, &'static str> {
         let message = match initial {
             Some(ir) => sasl::decode_line(ir),
             None => {
@@ -492,13 +534,17 @@ impl Session<'_> {
         match message.and_then(|m| sasl::decode_plain(&m)) {
             Ok(c) => Ok(Some(c)),
             Err(sasl::SaslError::Canceled) => {
-                self.reply(&format!("{tag} BAD Authentication canceled\r\n")).await?;
+                self.reply(&format!("{tag} BAD Authentication canceled\r\n"))
+                    .await?;
                 Ok(None)
             }
             Err(e) => {
                 debug!(error = %e, "undecodable AUTHENTICATE exchange");
                 self.auth_failures += 1;
-                self.reply(&format!("{tag} BAD Cannot decode the authentication exchange\r\n")).await?;
+                self.reply(&format!(
+                    "{tag} BAD Cannot decode the authentication exchange\r\n"
+                ))
+                .await?;
                 Ok(None)
             }
         }
@@ -506,7 +552,12 @@ impl Session<'_> {
 }
 
 /// Serve a device until it has logged in upstream or the session ends.
-pub async fn preauth(app: &App, listener: &Listener, conn: Conn, shutdown: CancellationToken) -> Preauth {
+pub async fn preauth(
+    app: &App,
+    listener: &Listener,
+    conn: Conn,
+    shutdown: CancellationToken,
+) -> Preauth {
     let s = Session {
         app,
         listener,
@@ -558,7 +609,8 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
             }
             Err(e) => {
                 s.errors += 1;
-                let tag = String::from_utf8_lossy(raw.split(|b| *b == b' ').next().unwrap_or(b"*")).into_owned();
+                let tag = String::from_utf8_lossy(raw.split(|b| *b == b' ').next().unwrap_or(b"*"))
+                    .into_owned();
                 s.reply(&format!("{tag} BAD {e}\r\n")).await?;
                 continue;
             }
@@ -566,37 +618,56 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
         let tag = cmd.tag.as_str();
         match cmd.name.as_str() {
             "CAPABILITY" => {
-                let r = format!("* CAPABILITY {}\r\n{tag} OK Capability completed\r\n", s.capabilities());
+                let r = format!(
+                    "* CAPABILITY {}\r\n{tag} OK Capability completed\r\n",
+                    s.capabilities()
+                );
                 s.reply(&r).await?
             }
             "NOOP" => s.reply(&format!("{tag} OK NOOP completed\r\n")).await?,
             "ID" => {
-                s.reply(&format!("* ID (\"name\" \"oxbridge\")\r\n{tag} OK ID completed\r\n"))
-                    .await?
+                s.reply(&format!(
+                    "* ID (\"name\" \"oxbridge\")\r\n{tag} OK ID completed\r\n"
+                ))
+                .await?
             }
             "LOGOUT" => {
-                s.reply(&format!("* BYE Logging out\r\n{tag} OK Logout completed\r\n")).await?;
+                s.reply(&format!(
+                    "* BYE Logging out\r\n{tag} OK Logout completed\r\n"
+                ))
+                .await?;
                 return Ok(Preauth::Closed("logout"));
             }
             "STARTTLS" if s.starttls_offered() => {
-                s.reply(&format!("{tag} OK Begin TLS negotiation now\r\n")).await?;
-                let acceptor = s.listener.tls_acceptor.clone().expect("starttls_offered checked it");
+                s.reply(&format!("{tag} OK Begin TLS negotiation now\r\n"))
+                    .await?;
+                let acceptor = s
+                    .listener
+                    .tls_acceptor
+                    .clone()
+                    .expect("starttls_offered checked it");
                 let dropped = s
                     .conn
                     .accept_tls(&acceptor, crate::server::TLS_HANDSHAKE_TIMEOUT)
                     .await
                     .map_err(|_| -> &'static str { "TLS handshake failed" })?;
                 if dropped > 0 {
-                    warn!(bytes = dropped, "dropped data sent before the TLS handshake");
+                    warn!(
+                        bytes = dropped,
+                        "dropped data sent before the TLS handshake"
+                    );
                 }
             }
             "STARTTLS" => {
                 s.errors += 1;
-                s.reply(&format!("{tag} BAD STARTTLS not available\r\n")).await?
+                s.reply(&format!("{tag} BAD STARTTLS not available\r\n"))
+                    .await?
             }
             "LOGIN" | "AUTHENTICATE" if !s.auth_allowed() => {
-                s.reply(&format!("{tag} NO [PRIVACYREQUIRED] Login is disabled without TLS\r\n"))
-                    .await?
+                s.reply(&format!(
+                    "{tag} NO [PRIVACYREQUIRED] Login is disabled without TLS\r\n"
+                ))
+                .await?
             }
             "LOGIN" => {
                 let (user, pass) = match cmd.args.as_slice() {
@@ -615,7 +686,10 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                 };
                 let Some(creds) = creds else {
                     s.errors += 1;
-                    s.reply(&format!("{tag} BAD LOGIN expects a user name and a password\r\n")).await?;
+                    s.reply(&format!(
+                        "{tag} BAD LOGIN expects a user name and a password\r\n"
+                    ))
+                    .await?;
                     continue;
                 };
                 if let Some((upstream, account)) = s.login(tag, creds).await? {
@@ -627,10 +701,16 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                 }
             }
             "AUTHENTICATE" => {
-                let mech = cmd.args.first().and_then(Arg::astring).map(|m| m.to_ascii_uppercase());
+                let mech = cmd
+                    .args
+                    .first()
+                    .and_then(Arg::astring)
+                    .map(|m| m.to_ascii_uppercase());
                 if mech.as_deref() != Some(b"PLAIN".as_slice()) {
-                    s.reply(&format!("{tag} NO Unsupported authentication mechanism; use PLAIN\r\n"))
-                        .await?;
+                    s.reply(&format!(
+                        "{tag} NO Unsupported authentication mechanism; use PLAIN\r\n"
+                    ))
+                    .await?;
                     continue;
                 }
                 let initial = cmd.args.get(1).and_then(Arg::astring).map(<[u8]>::to_vec);
@@ -647,11 +727,13 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
             }
             _ => {
                 s.errors += 1;
-                s.reply(&format!("{tag} BAD Command not available before login\r\n")).await?
+                s.reply(&format!("{tag} BAD Command not available before login\r\n"))
+                    .await?
             }
         }
     }
-    s.reply("* BYE Too many commands without logging in\r\n").await?;
+    s.reply("* BYE Too many commands without logging in\r\n")
+        .await?;
     Ok(Preauth::Closed("too many commands"))
 }
 
@@ -684,7 +766,10 @@ mod tests {
 
         let c = parse_command(br#"A2 login "joe@x.test" "pa\"ss\\word with space""#).unwrap();
         assert_eq!(c.name, "LOGIN");
-        assert_eq!(c.args, [string(b"joe@x.test"), string(br#"pa"ss\word with space"#)]);
+        assert_eq!(
+            c.args,
+            [string(b"joe@x.test"), string(br#"pa"ss\word with space"#)]
+        );
 
         let c = parse_command(b"a3 LOGIN {8}\r\njoe@x.ts {6+}\r\nse cr\"").unwrap();
         assert_eq!(c.args, [string(b"joe@x.ts"), string(b"se cr\"")]);
@@ -721,19 +806,34 @@ mod tests {
     fn capability_codes() {
         let g = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ LOGINDISABLED AUTH=XOAUTH2 AUTH=OAUTHBEARER] Dovecot (Debian) ready.";
         let caps = capabilities_in(g).unwrap();
-        assert!(caps.contains(&"SASL-IR".to_string()) && caps.contains(&"AUTH=XOAUTH2".to_string()));
+        assert!(
+            caps.contains(&"SASL-IR".to_string()) && caps.contains(&"AUTH=XOAUTH2".to_string())
+        );
         assert_eq!(
             device_capabilities(&caps),
-            ["IMAP4rev1", "LOGIN-REFERRALS", "ID", "ENABLE", "IDLE", "LITERAL+"]
+            [
+                "IMAP4rev1",
+                "LOGIN-REFERRALS",
+                "ID",
+                "ENABLE",
+                "IDLE",
+                "LITERAL+"
+            ]
         );
-        assert_eq!(capabilities_in(b"* CAPABILITY IMAP4rev1 IDLE").unwrap(), ["IMAP4rev1", "IDLE"]);
+        assert_eq!(
+            capabilities_in(b"* CAPABILITY IMAP4rev1 IDLE").unwrap(),
+            ["IMAP4rev1", "IDLE"]
+        );
         assert_eq!(capabilities_in(b"* OK Dovecot ready."), None);
     }
 
     #[test]
     fn tagged_replies() {
         assert_eq!(tagged(b"oxb1 OK Logged in").map(|t| t.0), Some("OK"));
-        assert_eq!(tagged(b"oxb1 NO [UNAVAILABLE] Temporary").map(|t| t.0), Some("NO"));
+        assert_eq!(
+            tagged(b"oxb1 NO [UNAVAILABLE] Temporary").map(|t| t.0),
+            Some("NO")
+        );
         assert_eq!(tagged(b"oxb12 OK x"), None);
         assert_eq!(tagged(b"* OK x"), None);
     }

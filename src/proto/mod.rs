@@ -50,7 +50,10 @@ pub async fn login(
 ) -> Result<(Upstream, Identity), AuthError> {
     let login = creds.login.clone();
     let result: Result<(Upstream, Identity), AuthError> = async {
-        let id = app.accounts.authenticate(&creds.login, creds.password).await?;
+        let id = app
+            .accounts
+            .authenticate(&creds.login, creds.password)
+            .await?;
         let upstream = upstream_login(app, protocol, &id, client_name).await?;
         Ok((upstream, id))
     }
@@ -76,19 +79,38 @@ async fn upstream_login(
     let (token, dialled) = tokio::join!(app.tokens.get(id), dial(app, protocol, client_name));
     let token = token?;
     let (mut conn, capabilities) = dialled?;
-    let capabilities = match xoauth2(protocol, &mut conn, &id.mailbox, &token.secret, &capabilities).await {
+    let capabilities = match xoauth2(
+        protocol,
+        &mut conn,
+        &id.mailbox,
+        &token.secret,
+        &capabilities,
+    )
+    .await
+    {
         Err(AuthError::UpstreamRefused(detail)) if !token.fresh => {
             info!(upstream = %detail, "upstream refused a cached token; fetching a new one");
             app.tokens.invalidate(id, &token.secret).await;
             let token = app.tokens.get(id).await?;
-            xoauth2(protocol, &mut conn, &id.mailbox, &token.secret, &capabilities).await?
+            xoauth2(
+                protocol,
+                &mut conn,
+                &id.mailbox,
+                &token.secret,
+                &capabilities,
+            )
+            .await?
         }
         other => other?,
     };
     Ok(Upstream { conn, capabilities })
 }
 
-async fn dial(app: &App, protocol: Protocol, client_name: &str) -> Result<(Conn, Vec<String>), AuthError> {
+async fn dial(
+    app: &App,
+    protocol: Protocol,
+    client_name: &str,
+) -> Result<(Conn, Vec<String>), AuthError> {
     match protocol {
         Protocol::Smtp => smtp::dial(app, client_name).await,
         Protocol::Imap => imap::dial(app).await,
@@ -104,8 +126,12 @@ async fn xoauth2(
     capabilities: &[String],
 ) -> Result<Vec<String>, AuthError> {
     match protocol {
-        Protocol::Smtp => smtp::auth_xoauth2(conn, mailbox, token).await.map(|()| capabilities.to_vec()),
+        Protocol::Smtp => smtp::auth_xoauth2(conn, mailbox, token)
+            .await
+            .map(|()| capabilities.to_vec()),
         Protocol::Imap => imap::auth_xoauth2(conn, mailbox, token, capabilities).await,
-        Protocol::Pop3 => pop3::auth_xoauth2(conn, mailbox, token).await.map(|()| Vec::new()),
+        Protocol::Pop3 => pop3::auth_xoauth2(conn, mailbox, token)
+            .await
+            .map(|()| Vec::new()),
     }
 }

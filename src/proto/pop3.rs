@@ -35,7 +35,10 @@ pub enum Command<'a> {
     Capa,
     User(&'a [u8]),
     Pass(&'a [u8]),
-    Auth { mechanism: Option<String>, initial: Option<&'a [u8]> },
+    Auth {
+        mechanism: Option<String>,
+        initial: Option<&'a [u8]>,
+    },
     Stls,
     Quit,
     Noop,
@@ -71,7 +74,9 @@ pub fn parse_command(line: &[u8]) -> Command<'_> {
         (b"STLS", None) => Command::Stls,
         (b"QUIT", None) => Command::Quit,
         (b"NOOP", None) => Command::Noop,
-        (b"STAT" | b"LIST" | b"RETR" | b"DELE" | b"RSET" | b"TOP" | b"UIDL" | b"LAST", _) => Command::Transaction,
+        (b"STAT" | b"LIST" | b"RETR" | b"DELE" | b"RSET" | b"TOP" | b"UIDL" | b"LAST", _) => {
+            Command::Transaction
+        }
         _ => Command::Unknown,
     }
 }
@@ -94,23 +99,30 @@ pub async fn dial(app: &App) -> Result<Conn, AuthError> {
     let mut conn = upstream::connect_tls(&app.upstream_tls, addr).await?;
     let greeting = read_line(&mut conn).await?;
     if !greeting.starts_with(b"+OK") {
-        return Err(AuthError::UpstreamUnavailable(format!("greeting: {}", printable(&greeting))));
+        return Err(AuthError::UpstreamUnavailable(format!(
+            "greeting: {}",
+            printable(&greeting)
+        )));
     }
     Ok(conn)
 }
 
 /// `AUTH XOAUTH2` in the two-line form: `AUTH XOAUTH2`, `+`, base64 line.
-pub async fn auth_xoauth2(conn: &mut Conn, mailbox: &str, token: &SecretString) -> Result<(), AuthError> {
+pub async fn auth_xoauth2(
+    conn: &mut Conn,
+    mailbox: &str,
+    token: &SecretString,
+) -> Result<(), AuthError> {
     send(conn, b"AUTH XOAUTH2\r\n").await?;
     let go = read_line(conn).await?;
-    if !go.starts_with(b"+") {
+    if !is_continuation(&go) {
         return Err(refusal(&go, None));
     }
     let ir = sasl::xoauth2(mailbox, token);
     send(conn, format!("{}\r\n", ir.expose_secret()).as_bytes()).await?;
     let mut reply = read_line(conn).await?;
     let mut challenge = None;
-    if reply.starts_with(b"+") {
+    if is_continuation(&reply) {
         // The error challenge: answer with an empty line for the final -ERR.
         challenge = sasl::xoauth2_error_status(reply.get(2..).unwrap_or_default());
         send(conn, b"\r\n").await?;
@@ -121,6 +133,11 @@ pub async fn auth_xoauth2(conn: &mut Conn, mailbox: &str, token: &SecretString) 
     } else {
         Err(refusal(&reply, challenge))
     }
+}
+
+/// A SASL continuation (`+` or `+ data`), not `+OK`.
+fn is_continuation(line: &[u8]) -> bool {
+    line == b"+" || line.starts_with(b"+ ")
 }
 
 fn refusal(reply: &[u8], challenge: Option<String>) -> AuthError {
@@ -143,11 +160,21 @@ impl AuthError {
     pub fn pop3_reply(&self) -> &'static str {
         match self {
             AuthError::BadCredentials(_) => "-ERR [AUTH] Authentication failed\r\n",
-            AuthError::TokenRefused(_) => "-ERR [AUTH] Authentication failed: no access token for this account\r\n",
-            AuthError::UpstreamRefused(_) => "-ERR [AUTH] Authentication failed: the mail server refused the access token\r\n",
-            AuthError::TokenUnavailable(_) => "-ERR [SYS/TEMP] Temporary authentication failure: token service unavailable\r\n",
-            AuthError::UpstreamUnavailable(_) => "-ERR [SYS/TEMP] Mail server unavailable, try again later\r\n",
-            AuthError::UpstreamTemporary(_) => "-ERR [SYS/TEMP] Temporary authentication failure at the mail server\r\n",
+            AuthError::TokenRefused(_) => {
+                "-ERR [AUTH] Authentication failed: no access token for this account\r\n"
+            }
+            AuthError::UpstreamRefused(_) => {
+                "-ERR [AUTH] Authentication failed: the mail server refused the access token\r\n"
+            }
+            AuthError::TokenUnavailable(_) => {
+                "-ERR [SYS/TEMP] Temporary authentication failure: token service unavailable\r\n"
+            }
+            AuthError::UpstreamUnavailable(_) => {
+                "-ERR [SYS/TEMP] Mail server unavailable, try again later\r\n"
+            }
+            AuthError::UpstreamTemporary(_) => {
+                "-ERR [SYS/TEMP] Temporary authentication failure at the mail server\r\n"
+            }
         }
     }
 }
@@ -177,7 +204,10 @@ impl Session<'_> {
         self.listener.tls_acceptor.is_some() && !self.conn.is_tls()
     }
 
-    async fn login(&mut self, creds: sasl::Credentials) -> Result<Option<(Conn, String)>, &'static str> {
+    async fn login(
+        &mut self,
+        creds: sasl::Credentials,
+    ) -> Result<Option<(Conn, String)>, &'static str> {
         match proto::login(self.app, Protocol::Pop3, creds, "").await {
             Ok((up, id)) => {
                 self.reply("+OK Logged in\r\n").await?;
@@ -192,7 +222,10 @@ impl Session<'_> {
         }
     }
 
-    async fn plain_credentials(&mut self, initial: Option<&[u8]>) -> Result<Option<sasl::Credentials>, &'static str> {
+    async fn plain_credentials(
+        &mut self,
+        initial: Option<&[u8]>,
+    ) -> Result<Option<sasl::Credentials>, &'static str> {
         let message = match initial {
             Some(ir) => sasl::decode_line(ir),
             None => {
@@ -213,7 +246,8 @@ impl Session<'_> {
             Err(e) => {
                 debug!(error = %e, "undecodable AUTH exchange");
                 self.auth_failures += 1;
-                self.reply("-ERR [AUTH] Cannot decode the authentication exchange\r\n").await?;
+                self.reply("-ERR [AUTH] Cannot decode the authentication exchange\r\n")
+                    .await?;
                 Ok(None)
             }
         }
@@ -221,7 +255,12 @@ impl Session<'_> {
 }
 
 /// Serve a device until it has logged in upstream or the session ends.
-pub async fn preauth(app: &App, listener: &Listener, conn: Conn, shutdown: CancellationToken) -> Preauth {
+pub async fn preauth(
+    app: &App,
+    listener: &Listener,
+    conn: Conn,
+    shutdown: CancellationToken,
+) -> Preauth {
     let s = Session {
         app,
         listener,
@@ -237,11 +276,13 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
     s.reply("+OK oxbridge ready\r\n").await?;
     for _ in 0..MAX_PREAUTH_COMMANDS {
         if s.errors >= MAX_ERRORS {
-            s.reply("-ERR Too many errors, closing connection\r\n").await?;
+            s.reply("-ERR Too many errors, closing connection\r\n")
+                .await?;
             return Ok(Preauth::Closed("too many errors"));
         }
         if s.auth_failures >= MAX_AUTH_FAILURES {
-            s.reply("-ERR [AUTH] Too many failed logins, closing connection\r\n").await?;
+            s.reply("-ERR [AUTH] Too many failed logins, closing connection\r\n")
+                .await?;
             return Ok(Preauth::Closed("too many failed logins"));
         }
         let line = tokio::select! {
@@ -259,7 +300,8 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                 continue;
             }
             Err(LineError::Timeout(_)) => {
-                s.reply("-ERR Idle for too long, closing connection\r\n").await?;
+                s.reply("-ERR Idle for too long, closing connection\r\n")
+                    .await?;
                 return Ok(Preauth::Closed("idle timeout"));
             }
             Err(_) => return Ok(Preauth::Closed("device closed the connection")),
@@ -278,14 +320,21 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
             }
             Command::Stls if s.starttls_offered() => {
                 s.reply("+OK Begin TLS negotiation\r\n").await?;
-                let acceptor = s.listener.tls_acceptor.clone().expect("starttls_offered checked it");
+                let acceptor = s
+                    .listener
+                    .tls_acceptor
+                    .clone()
+                    .expect("starttls_offered checked it");
                 let dropped = s
                     .conn
                     .accept_tls(&acceptor, crate::server::TLS_HANDSHAKE_TIMEOUT)
                     .await
                     .map_err(|_| -> &'static str { "TLS handshake failed" })?;
                 if dropped > 0 {
-                    warn!(bytes = dropped, "dropped data sent before the TLS handshake");
+                    warn!(
+                        bytes = dropped,
+                        "dropped data sent before the TLS handshake"
+                    );
                 }
                 s.user = None;
             }
@@ -330,13 +379,16 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                     });
                 }
             }
-            Command::Auth { mechanism: None, .. } => s.reply("+OK\r\nPLAIN\r\n.\r\n").await?,
+            Command::Auth {
+                mechanism: None, ..
+            } => s.reply("+OK\r\nPLAIN\r\n.\r\n").await?,
             Command::Auth {
                 mechanism: Some(mech),
                 initial,
             } => {
                 if mech != "PLAIN" {
-                    s.reply("-ERR Unsupported authentication mechanism; use PLAIN\r\n").await?;
+                    s.reply("-ERR Unsupported authentication mechanism; use PLAIN\r\n")
+                        .await?;
                     continue;
                 }
                 let initial = initial.map(<[u8]>::to_vec);
@@ -365,7 +417,8 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
             }
         }
     }
-    s.reply("-ERR Too many commands without logging in\r\n").await?;
+    s.reply("-ERR Too many commands without logging in\r\n")
+        .await?;
     Ok(Preauth::Closed("too many commands"))
 }
 
@@ -376,9 +429,15 @@ mod tests {
     #[test]
     fn commands() {
         assert_eq!(parse_command(b"capa"), Command::Capa);
-        assert_eq!(parse_command(b"USER scanner@x.test"), Command::User(b"scanner@x.test"));
+        assert_eq!(
+            parse_command(b"USER scanner@x.test"),
+            Command::User(b"scanner@x.test")
+        );
         assert_eq!(parse_command(b"USER"), Command::Unknown);
-        assert_eq!(parse_command(b"PASS pass with spaces"), Command::Pass(b"pass with spaces"));
+        assert_eq!(
+            parse_command(b"PASS pass with spaces"),
+            Command::Pass(b"pass with spaces")
+        );
         assert_eq!(parse_command(b"PASS "), Command::Pass(b""));
         assert_eq!(
             parse_command(b"AUTH"),
@@ -410,11 +469,17 @@ mod tests {
 
     #[test]
     fn upstream_refusals() {
-        assert!(matches!(refusal(b"-ERR [AUTH] Authentication failed.", None), AuthError::UpstreamRefused(_)));
+        assert!(matches!(
+            refusal(b"-ERR [AUTH] Authentication failed.", None),
+            AuthError::UpstreamRefused(_)
+        ));
         assert!(matches!(
             refusal(b"-ERR [SYS/TEMP] Temporary authentication failure.", None),
             AuthError::UpstreamTemporary(_)
         ));
-        assert!(matches!(refusal(b"garbage", None), AuthError::UpstreamUnavailable(_)));
+        assert!(matches!(
+            refusal(b"garbage", None),
+            AuthError::UpstreamUnavailable(_)
+        ));
     }
 }

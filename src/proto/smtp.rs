@@ -18,13 +18,13 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::config::Protocol;
 use crate::error::AuthError;
 use crate::line::{Conn, LineError};
+use crate::proto::{self, Preauth, PREAUTH_TIMEOUT};
 use crate::sasl;
 use crate::server::Listener;
 use crate::upstream::{self, printable, MAX_REPLY_LINE, MAX_REPLY_LINES, REPLY_TIMEOUT};
-use crate::config::Protocol;
-use crate::proto::{self, Preauth, PREAUTH_TIMEOUT};
 use crate::App;
 
 /// Longest command line before authentication (RFC 5321 allows 512; AUTH
@@ -512,7 +512,8 @@ impl Session<'_> {
         };
         match result {
             Ok((up, id)) => {
-                self.reply("235 2.7.0 Authentication successful\r\n").await?;
+                self.reply("235 2.7.0 Authentication successful\r\n")
+                    .await?;
                 Ok(Some((up, id.account)))
             }
             Err(e) => {

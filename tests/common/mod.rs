@@ -117,6 +117,8 @@ format = "json"
 
 [upstream]
 smtp = "{smtp}"
+imap = "localhost:{imaps}"
+pop3 = "localhost:{pop3s}"
 ca_file = "{ca}"
 {upstream_section}
 
@@ -140,6 +142,8 @@ grant = "password"
 {extra}
 "#,
         smtp = up.submission(),
+        imaps = up.get("IMAPS_PORT"),
+        pop3s = up.get("POP3S_PORT"),
         ca = up.ca(),
         client_id = up.get("APP_CLIENT_ID"),
         client_secret = up.get("APP_CLIENT_SECRET"),
@@ -532,4 +536,27 @@ pub fn counting_forwarder(
         }
     });
     (addr, count)
+}
+
+impl Raw {
+    /// Read one line (with its CRLF); "<closed>" at end of stream.
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => "<closed>".into(),
+            Ok(_) => line,
+        }
+    }
+
+    /// Read lines until one starts with `prefix`; returns them all.
+    pub fn until(&mut self, prefix: &str) -> String {
+        let mut all = String::new();
+        loop {
+            let line = self.line();
+            all.push_str(&line);
+            if line.starts_with(prefix) || line == "<closed>" {
+                return all;
+            }
+        }
+    }
 }

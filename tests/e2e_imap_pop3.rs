@@ -1,0 +1,803 @@
+//! IMAP and POP3 end to end: real clients (Python's imaplib and poplib,
+//! curl, fetchmail) -> oxbridge -> real Dovecot (IMAPS/POP3S, XOAUTH2 only).
+
+mod common;
+
+use std::io::Write;
+use std::process::Output;
+use std::time::Duration;
+
+use base64::Engine;
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(180);
+const READER_PASSWORD: &str = "reader-local-pass";
+const BOB: &str = "bob@example.test";
+
+/// Listener indexes in [`start_proxy`]'s config.
+const IMAP: [usize; 3] = [0, 1, 2];
+const POP3: [usize; 3] = [3, 4, 5];
+const SMTP: usize = 6;
+const TLS: [&str; 3] = ["none", "starttls", "implicit"];
+
+/// A proxy with IMAP and POP3 listeners of every TLS kind (plaintext
+/// passwords allowed on the `none` ones) and one SMTP listener; accounts:
+/// `*@example.test` (password grant), `reader@example.test`
+/// (client_credentials, mailbox bob) and `elsewhere@other.test` (a mailbox
+/// the upstream refuses).
+fn start_proxy(upstream_section: &str, token_url: Option<&str>) -> Proxy {
+    let up = upstream();
+    let mut listeners = Vec::new();
+    for protocol in ["imap", "pop3"] {
+        for tls in TLS {
+            listeners.push(listener(protocol, tls, tls == "none"));
+        }
+    }
+    listeners.push(listener("smtp", "none", true));
+    let extra = format!(
+        "[[account]]\nlogin = \"reader@example.test\"\npassword_hash = \"{}\"\ngrant = \"client_credentials\"\nmailbox = \"{BOB}\"\n\n\
+         [[account]]\nlogin = \"elsewhere@other.test\"\npassword_hash = \"{}\"\ngrant = \"client_credentials\"\nmailbox = \"scans@elsewhere.test\"\n",
+        argon2_hash(READER_PASSWORD),
+        argon2_hash("elsewhere-pass")
+    );
+    let mut cfg = config(up, upstream_section, &listeners.join("\n"), &extra);
+    if let Some(url) = token_url {
+        cfg = cfg.replace(up.token_url(), url);
+    }
+    Proxy::start(&cfg)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|_| panic!("no JSON from client: {}", text(o)))
+}
+
+struct Client<'a> {
+    port: u16,
+    tls: &'a str,
+    auth: &'a str,
+    user: &'a str,
+    password: &'a str,
+}
+
+impl Client<'_> {
+    fn imap(&self, mode: &str, extra: &[&str]) -> Output {
+        run(
+            python("imap_session.py")
+                .args([
+                    "--port",
+                    &self.port.to_string(),
+                    "--tls",
+                    self.tls,
+                    "--cafile",
+                    upstream().ca(),
+                ])
+                .args([
+                    "--auth",
+                    self.auth,
+                    "--user",
+                    self.user,
+                    "--password",
+                    self.password,
+                    "--mode",
+                    mode,
+                ])
+                .args(extra),
+            LIMIT,
+        )
+    }
+
+    fn pop3(&self, mode: &str, extra: &[&str]) -> Output {
+        run(
+            python("pop3_session.py")
+                .args([
+                    "--port",
+                    &self.port.to_string(),
+                    "--tls",
+                    self.tls,
+                    "--cafile",
+                    upstream().ca(),
+                ])
+                .args([
+                    "--auth",
+                    self.auth,
+                    "--user",
+                    self.user,
+                    "--password",
+                    self.password,
+                    "--mode",
+                    mode,
+                ])
+                .args(extra),
+            LIMIT,
+        )
+    }
+}
+
+/// Write a fresh test message; returns (tag, Message-ID, bytes, path).
+fn new_message(
+    dir: &tempfile::TempDir,
+    from: &str,
+    attachment: usize,
+) -> (String, String, Vec<u8>, std::path::PathBuf) {
+    let tag = unique("imap-pop3");
+    let msg = message(from, from, &tag, attachment);
+    let path = dir.path().join(format!("{tag}.eml"));
+    std::fs::write(&path, &msg).unwrap();
+    (tag.clone(), format!("<{tag}@oxbridge.test>"), msg, path)
+}
+
+/// imaplib through every IMAP listener, with LOGIN and AUTHENTICATE PLAIN,
+/// for a password-grant user and an app-only account: list, select,
+/// append, fetch (byte-identical), delete.
+#[test]
+fn imaplib_roundtrip_on_every_listener() {
+    let up = upstream();
+    let proxy = start_proxy("", None);
+    let dir = tempfile::tempdir().unwrap();
+    let bob_pw = up.password(BOB);
+    let cases = [
+        (0, "LOGIN", BOB, bob_pw.as_str()),
+        (0, "PLAIN", "reader@example.test", READER_PASSWORD),
+        (1, "LOGIN", "reader@example.test", READER_PASSWORD),
+        (1, "PLAIN", BOB, &bob_pw),
+        (2, "LOGIN", BOB, &bob_pw),
+        (2, "PLAIN", "reader@example.test", READER_PASSWORD),
+    ];
+    for (i, auth, user, password) in cases {
+        let (_, id, msg, path) = new_message(&dir, BOB, 0);
+        let out_path = dir.path().join("fetched.eml");
+        let client = Client {
+            port: proxy.port(IMAP[i]),
+            tls: TLS[i],
+            auth,
+            user,
+            password,
+        };
+        let out = client.imap(
+            "roundtrip",
+            &[
+                "--message",
+                path.to_str().unwrap(),
+                "--message-id",
+                &id,
+                "--out",
+                out_path.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{} {auth} {user}: {}\n{}",
+            TLS[i],
+            text(&out),
+            proxy.logs()
+        );
+        assert_eq!(
+            std::fs::read(&out_path).unwrap(),
+            msg,
+            "{} {auth}: fetched message differs",
+            TLS[i]
+        );
+    }
+    proxy.wait_log(&["session ended", "relayed", "\"protocol\":\"imap\""]);
+}
+
+/// poplib through every POP3 listener, with USER/PASS and AUTH PLAIN: STAT,
+/// LIST, UIDL, TOP, RETR (byte-identical), DELE.
+#[test]
+fn poplib_retr_and_dele_on_every_listener() {
+    let up = upstream();
+    let proxy = start_proxy("", None);
+    let dir = tempfile::tempdir().unwrap();
+    let bob_pw = up.password(BOB);
+    let cases = [
+        (0, "USER", BOB, bob_pw.as_str()),
+        (0, "PLAIN", "reader@example.test", READER_PASSWORD),
+        (1, "USER", "reader@example.test", READER_PASSWORD),
+        (1, "PLAIN", BOB, &bob_pw),
+        (2, "USER", BOB, &bob_pw),
+        (2, "PLAIN", "reader@example.test", READER_PASSWORD),
+    ];
+    for (i, auth, user, password) in cases {
+        let (_, id, msg, path) = new_message(&dir, BOB, 0);
+        let out_path = dir.path().join("retr.eml");
+        // Put the message in the mailbox through the proxy's IMAP.
+        let put = Client {
+            port: proxy.port(IMAP[2]),
+            tls: "implicit",
+            auth: "LOGIN",
+            user: BOB,
+            password: &bob_pw,
+        }
+        .imap(
+            "roundtrip",
+            &[
+                "--keep",
+                "--message",
+                path.to_str().unwrap(),
+                "--message-id",
+                &id,
+                "--out",
+                out_path.to_str().unwrap(),
+            ],
+        );
+        assert!(put.status.success(), "{}", text(&put));
+        let client = Client {
+            port: proxy.port(POP3[i]),
+            tls: TLS[i],
+            auth,
+            user,
+            password,
+        };
+        let out = client.pop3(
+            "retr",
+            &[
+                "--delete",
+                "--message-id",
+                &id,
+                "--out",
+                out_path.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{} {auth} {user}: {}\n{}",
+            TLS[i],
+            text(&out),
+            proxy.logs()
+        );
+        assert_eq!(
+            std::fs::read(&out_path).unwrap(),
+            msg,
+            "{} {auth}: RETR differs",
+            TLS[i]
+        );
+    }
+    proxy.wait_log(&["session ended", "relayed", "\"protocol\":\"pop3\""]);
+}
+
+/// A 20 MB message: APPEND and FETCH over IMAP, RETR over POP3, all through
+/// the proxy, byte for byte.
+#[test]
+fn large_message_through_imap_and_pop3() {
+    let up = upstream();
+    let proxy = start_proxy("", None);
+    let dir = tempfile::tempdir().unwrap();
+    let bob_pw = up.password(BOB);
+    let (_, id, msg, path) = new_message(&dir, BOB, 20 * 1024 * 1024);
+    assert!(msg.len() > 20_000_000);
+    let fetched = dir.path().join("fetched.eml");
+    let out = Client {
+        port: proxy.port(IMAP[2]),
+        tls: "implicit",
+        auth: "LOGIN",
+        user: BOB,
+        password: &bob_pw,
+    }
+    .imap(
+        "roundtrip",
+        &[
+            "--keep",
+            "--message",
+            path.to_str().unwrap(),
+            "--message-id",
+            &id,
+            "--out",
+            fetched.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
+    assert!(
+        std::fs::read(&fetched).unwrap() == msg,
+        "IMAP FETCH of the 20 MB message differs"
+    );
+
+    let retrieved = dir.path().join("retr.eml");
+    let out = Client {
+        port: proxy.port(POP3[1]),
+        tls: "starttls",
+        auth: "USER",
+        user: BOB,
+        password: &bob_pw,
+    }
+    .pop3(
+        "retr",
+        &[
+            "--delete",
+            "--message-id",
+            &id,
+            "--out",
+            retrieved.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
+    assert!(
+        std::fs::read(&retrieved).unwrap() == msg,
+        "POP3 RETR of the 20 MB message differs"
+    );
+    let line = proxy.wait_log(&["session ended", "relayed", "\"protocol\":\"pop3\""]);
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert!(
+        v["bytes_to_device"].as_u64().unwrap() > 20_000_000,
+        "{line}"
+    );
+}
+
+/// IMAP IDLE through the proxy sees a message delivered (through the proxy's
+/// SMTP) during the session.
+#[test]
+fn idle_sees_new_mail() {
+    let up = upstream();
+    let proxy = start_proxy("", None);
+    let dir = tempfile::tempdir().unwrap();
+    let bob_pw = up.password(BOB);
+    let (_, id, msg, path) = new_message(&dir, BOB, 0);
+    let out_path = dir.path().join("idle.eml");
+    let out = Client {
+        port: proxy.port(IMAP[1]),
+        tls: "starttls",
+        auth: "LOGIN",
+        user: BOB,
+        password: &bob_pw,
+    }
+    .imap(
+        "idle",
+        &[
+            "--smtp-port",
+            &proxy.port(SMTP).to_string(),
+            "--message",
+            path.to_str().unwrap(),
+            "--message-id",
+            &id,
+            "--out",
+            out_path.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
+    assert!(json(&out)["exists"].as_str().unwrap().ends_with("EXISTS"));
+    assert_delivered_intact(&std::fs::read(&out_path).unwrap(), &msg);
+}
+
+/// curl, a client nobody here wrote, over IMAP (plain, STARTTLS, IMAPS) and
+/// POP3 (plain, STLS, POP3S): fetch by UID, LIST, RETR.
+#[test]
+fn curl_fetches_over_imap_and_pop3() {
+    let up = upstream();
+    let proxy = start_proxy("", None);
+    let dir = tempfile::tempdir().unwrap();
+    let bob_pw = up.password(BOB);
+    let userpass = format!("{BOB}:{bob_pw}");
+    let (_, id, msg, path) = new_message(&dir, BOB, 0);
+    let out_path = dir.path().join("put.eml");
+    let put = Client {
+        port: proxy.port(IMAP[0]),
+        tls: "none",
+        auth: "PLAIN",
+        user: BOB,
+        password: &bob_pw,
+    }
+    .imap(
+        "roundtrip",
+        &[
+            "--keep",
+            "--message",
+            path.to_str().unwrap(),
+            "--message-id",
+            &id,
+            "--out",
+            out_path.to_str().unwrap(),
+        ],
+    );
+    assert!(put.status.success(), "{}", text(&put));
+    let uid = json(&put)["uid"].as_str().unwrap().to_string();
+
+    let curl = |url: String, extra: &[&str]| {
+        let out = run(
+            std::process::Command::new("curl")
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "60",
+                    "--cacert",
+                    up.ca(),
+                    "--user",
+                    &userpass,
+                ])
+                .args(extra)
+                .arg(&url),
+            LIMIT,
+        );
+        assert!(
+            out.status.success(),
+            "curl {url}: {}\n{}",
+            text(&out),
+            proxy.logs()
+        );
+        out.stdout
+    };
+    for (i, tls) in TLS.iter().enumerate() {
+        let (scheme, extra): (&str, &[&str]) = match *tls {
+            "none" => ("imap", &[]),
+            "starttls" => ("imap", &["--ssl-reqd"]),
+            _ => ("imaps", &[]),
+        };
+        let port = proxy.port(IMAP[i]);
+        let fetched = curl(
+            format!("{scheme}://127.0.0.1:{port}/INBOX;UID={uid}"),
+            extra,
+        );
+        assert_eq!(fetched, msg, "curl {scheme} {tls}: fetched message differs");
+        let list = curl(format!("{scheme}://127.0.0.1:{port}/"), extra);
+        assert!(
+            String::from_utf8_lossy(&list).contains("INBOX"),
+            "{}",
+            String::from_utf8_lossy(&list)
+        );
+
+        let (scheme, extra): (&str, &[&str]) = match *tls {
+            "none" => ("pop3", &[]),
+            "starttls" => ("pop3", &["--ssl-reqd"]),
+            _ => ("pop3s", &[]),
+        };
+        let port = proxy.port(POP3[i]);
+        let listing =
+            String::from_utf8(curl(format!("{scheme}://127.0.0.1:{port}/"), extra)).unwrap();
+        // Find our message: the newest first.
+        let numbers: Vec<u32> = listing
+            .lines()
+            .filter_map(|l| l.split(' ').next()?.parse().ok())
+            .collect();
+        assert!(!numbers.is_empty(), "{listing}");
+        let found = numbers.iter().rev().find_map(|n| {
+            let m = curl(format!("{scheme}://127.0.0.1:{port}/{n}"), extra);
+            (m == msg).then_some(*n)
+        });
+        assert!(
+            found.is_some(),
+            "curl {scheme} {tls}: message not retrieved intact"
+        );
+    }
+}
+
+/// fetchmail over IMAPS and over POP3 with STLS, delivering to an MDA.
+#[test]
+fn fetchmail_fetches_over_imap_and_pop3() {
+    let up = upstream();
+    let proxy = start_proxy("", None);
+    let dir = tempfile::tempdir().unwrap();
+    let bob_pw = up.password(BOB);
+    for (protocol, port, ssl) in [
+        ("IMAP", proxy.port(IMAP[2]), "ssl"),
+        ("POP3", proxy.port(POP3[1]), "sslproto 'tls1.2+'"),
+    ] {
+        let (_, id, msg, path) = new_message(&dir, BOB, 0);
+        let out_path = dir.path().join("put.eml");
+        let put = Client {
+            port: proxy.port(IMAP[2]),
+            tls: "implicit",
+            auth: "LOGIN",
+            user: BOB,
+            password: &bob_pw,
+        }
+        .imap(
+            "roundtrip",
+            &[
+                "--keep",
+                "--message",
+                path.to_str().unwrap(),
+                "--message-id",
+                &id,
+                "--out",
+                out_path.to_str().unwrap(),
+            ],
+        );
+        assert!(put.status.success(), "{}", text(&put));
+        let mbox = dir.path().join(format!("{protocol}.mbox"));
+        let rc = dir.path().join(format!("{protocol}.fetchmailrc"));
+        std::fs::write(
+            &rc,
+            format!(
+                "set no syslog\npoll 127.0.0.1 port {port} protocol {protocol} auth password\n  user '{BOB}' password '{bob_pw}' is 'tester' here\n  {ssl} sslcertck sslcertfile '{ca}' sslcommonname localhost\n  keep fetchall limit 2000000\n  mda '/bin/sh -c \"cat >> {mbox}\"'\n",
+                ca = up.ca(),
+                mbox = mbox.display()
+            ),
+        )
+        .unwrap();
+        let mut perms = std::fs::metadata(&rc).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+        std::fs::set_permissions(&rc, perms).unwrap();
+        let out = run(
+            std::process::Command::new("fetchmail")
+                .arg("-f")
+                .arg(&rc)
+                .arg("--idfile")
+                .arg(dir.path().join(format!("{protocol}.ids")))
+                .args(["-v", "--nodetach"])
+                .env("HOME", dir.path()),
+            LIMIT,
+        );
+        let got = std::fs::read(&mbox).unwrap_or_default();
+        // fetchmail hands the MDA LF line endings and adds a Received header.
+        let want: Vec<u8> = String::from_utf8(msg)
+            .unwrap()
+            .replace("\r\n", "\n")
+            .into_bytes();
+        assert!(
+            got.windows(want.len()).any(|w| w == want.as_slice()),
+            "fetchmail {protocol} did not deliver the message intact (exit {:?}):\n{}\n{}",
+            out.status.code(),
+            text(&out),
+            proxy.logs()
+        );
+    }
+}
+
+fn plain_ir(user: &str, password: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
+}
+
+/// Refusals in IMAP and POP3 terms, and the proxy goes on serving.
+#[test]
+fn refusals_end_to_end() {
+    let up = upstream();
+    let proxy = start_proxy("", None);
+    let bob_pw = up.password(BOB);
+    let cases = [
+        ("reader@example.test", "wrong-password", "bad_credentials"),
+        ("nobody@nowhere.test", "whatever", "bad_credentials"),
+        (BOB, "wrong-bob-password", "invalid_grant"),
+        ("elsewhere@other.test", "elsewhere-pass", "upstream_refused"),
+    ];
+    for (user, password, log) in cases {
+        let mut c = Raw::connect(proxy.port(IMAP[0]));
+        assert!(c.line().starts_with("* OK [CAPABILITY"));
+        c.send(&format!("a1 LOGIN \"{user}\" \"{password}\""));
+        let r = c.until("a1 ");
+        assert!(
+            r.starts_with("a1 NO [AUTHENTICATIONFAILED]"),
+            "IMAP {user}: {r}"
+        );
+        proxy.wait_log(&["login failed", &format!("\"login\":\"{user}\""), log]);
+
+        let mut c = Raw::connect(proxy.port(POP3[0]));
+        assert!(c.line().starts_with("+OK"));
+        c.send(&format!("AUTH PLAIN {}", plain_ir(user, password)));
+        let r = c.line();
+        assert!(r.starts_with("-ERR [AUTH]"), "POP3 {user}: {r}");
+        assert!(
+            !proxy.logs().contains(password),
+            "a password reached the log"
+        );
+    }
+    // Still serving.
+    let out = Client {
+        port: proxy.port(POP3[0]),
+        tls: "none",
+        auth: "USER",
+        user: BOB,
+        password: &bob_pw,
+    }
+    .pop3("login", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Upstream down and token endpoint down: temporary failures in IMAP and POP3 terms.
+#[test]
+fn temporary_failures_end_to_end() {
+    let up = upstream();
+    let down = format!(
+        "imap = \"127.0.0.1:{p}\"\npop3 = \"127.0.0.1:{p}\"",
+        p = closed_port()
+    );
+    let proxies = [
+        (
+            "upstream down",
+            upstream_section_proxy(&down),
+            "upstream_unavailable",
+        ),
+        (
+            "token endpoint down",
+            start_proxy(
+                "",
+                Some(&format!("http://127.0.0.1:{}/token", closed_port())),
+            ),
+            "token_unavailable",
+        ),
+    ];
+    for (what, proxy, log) in proxies {
+        let mut c = Raw::connect(proxy.port(IMAP[0]));
+        c.line();
+        c.send(&format!("a1 LOGIN {BOB} {}", up.password(BOB)));
+        let r = c.until("a1 ");
+        assert!(r.starts_with("a1 NO [UNAVAILABLE]"), "IMAP, {what}: {r}");
+        let mut c = Raw::connect(proxy.port(POP3[0]));
+        c.line();
+        c.send(&format!("USER {BOB}"));
+        assert!(c.line().starts_with("+OK"));
+        c.send(&format!("PASS {}", up.password(BOB)));
+        let r = c.line();
+        assert!(r.starts_with("-ERR [SYS/TEMP]"), "POP3, {what}: {r}");
+        proxy.wait_log(&["login failed", log]);
+    }
+}
+
+/// A proxy whose IMAP and POP3 upstreams are replaced by `section`.
+fn upstream_section_proxy(section: &str) -> Proxy {
+    let up = upstream();
+    let mut listeners = Vec::new();
+    for protocol in ["imap", "pop3"] {
+        for tls in TLS {
+            listeners.push(listener(protocol, tls, tls == "none"));
+        }
+    }
+    let cfg = config(up, "", &listeners.join("\n"), "")
+        .replace(
+            &format!("imap = \"localhost:{}\"", up.get("IMAPS_PORT")),
+            "",
+        )
+        .replace(
+            &format!("pop3 = \"localhost:{}\"", up.get("POP3S_PORT")),
+            section,
+        );
+    Proxy::start(&cfg)
+}
+
+/// IMAP before login: capabilities, literals, quoting, limits, pipelining.
+#[test]
+fn imap_commands_before_login() {
+    let up = upstream();
+    let proxy = start_proxy("", None);
+    let bob_pw = up.password(BOB);
+
+    // Plaintext listener without opt-in: LOGINDISABLED, no AUTH=, refused.
+    let strict = Proxy::start(&config(up, "", &listener("imap", "none", false), ""));
+    let mut c = Raw::connect(strict.port(0));
+    let greeting = c.line();
+    assert!(
+        greeting.contains("LOGINDISABLED") && !greeting.contains("AUTH="),
+        "{greeting}"
+    );
+    c.send(&format!("a LOGIN {BOB} {bob_pw}"));
+    assert!(c.line().starts_with("a NO [PRIVACYREQUIRED]"));
+    c.send("b STARTTLS");
+    assert!(c.line().starts_with("b BAD"));
+
+    let mut c = Raw::connect(proxy.port(IMAP[1]));
+    let greeting = c.line();
+    assert!(
+        greeting.contains("STARTTLS") && greeting.contains("LOGINDISABLED"),
+        "{greeting}"
+    );
+    assert!(!greeting.contains("XOAUTH2"), "{greeting}");
+
+    let mut c = Raw::connect(proxy.port(IMAP[0]));
+    let greeting = c.line();
+    assert!(
+        greeting.contains("AUTH=PLAIN")
+            && greeting.contains("LITERAL+")
+            && !greeting.contains("XOAUTH2"),
+        "{greeting}"
+    );
+    c.send("t1 CAPABILITY");
+    let r = c.until("t1 ");
+    assert!(
+        r.starts_with("* CAPABILITY IMAP4rev1") && r.contains("t1 OK"),
+        "{r}"
+    );
+    c.send("t2 NOOP");
+    assert!(c.line().starts_with("t2 OK"));
+    c.send("t3 ID (\"name\" \"test\")");
+    assert!(c.until("t3 ").contains("t3 OK"));
+    c.send("t4 SELECT INBOX");
+    assert!(c.line().starts_with("t4 BAD"));
+    c.send("no-command");
+    assert!(c.line().starts_with("* BAD"));
+    c.send("t5 LOGIN \"unterminated");
+    assert!(c.line().starts_with("t5 BAD"));
+    c.send("t6 LOGIN {100000}");
+    assert!(c.line().starts_with("t6 BAD Literal too large"));
+    c.send("t7 AUTHENTICATE CRAM-MD5");
+    assert!(c.line().starts_with("t7 NO"));
+    c.send("t8 AUTHENTICATE PLAIN");
+    assert!(c.line().starts_with("+"));
+    c.send("*");
+    assert!(c.line().starts_with("t8 BAD"));
+    // LOGIN with a synchronising literal for the user and a LITERAL+ password,
+    // then a pipelined SELECT in the same write: both answered in order.
+    c.send(&format!("t9 LOGIN {{{}}}", BOB.len()));
+    assert!(c.line().starts_with("+ "));
+    c.writer
+        .write_all(
+            format!(
+                "{BOB} {{{}+}}\r\n{bob_pw}\r\nt10 SELECT INBOX\r\n",
+                bob_pw.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let login = c.until("t9 ");
+    assert!(login.starts_with("t9 OK [CAPABILITY IMAP4rev1"), "{login}");
+    assert!(
+        !login.contains("AUTH=") && login.contains("IDLE"),
+        "{login}"
+    );
+    let select = c.until("t10 ");
+    assert!(
+        select.contains("EXISTS") && select.contains("t10 OK"),
+        "{select}"
+    );
+    c.send("t11 LOGOUT");
+    assert!(c.until("t11 ").contains("t11 OK"));
+
+    // Quoted strings with escapes reach the account check intact.
+    let mut c = Raw::connect(proxy.port(IMAP[0]));
+    c.line();
+    c.send("q1 LOGIN \"reader@example.test\" \"wrong \\\"quoted\\\" \\\\ pw\"");
+    assert!(c.line().starts_with("q1 NO [AUTHENTICATIONFAILED]"));
+
+    // A LITERAL+ larger than the limit cannot be refused politely: BYE.
+    let mut c = Raw::connect(proxy.port(IMAP[0]));
+    c.line();
+    c.send("x LOGIN {100000+}");
+    assert!(c.line().starts_with("* BYE"));
+    assert_eq!(c.line(), "<closed>");
+}
+
+/// POP3 before login: CAPA, USER/PASS, AUTH PLAIN continuation, refusals.
+#[test]
+fn pop3_commands_before_login() {
+    let up = upstream();
+    let proxy = start_proxy("", None);
+    let bob_pw = up.password(BOB);
+
+    let mut c = Raw::connect(proxy.port(POP3[1]));
+    assert!(c.line().starts_with("+OK"));
+    c.send("CAPA");
+    let capa = c.until(".");
+    assert!(
+        capa.contains("STLS") && !capa.contains("USER") && !capa.contains("SASL"),
+        "{capa}"
+    );
+    c.send(&format!("USER {BOB}"));
+    assert!(c.line().starts_with("-ERR [AUTH]"));
+
+    let mut c = Raw::connect(proxy.port(POP3[0]));
+    assert!(c.line().starts_with("+OK"));
+    c.send("CAPA");
+    let capa = c.until(".");
+    assert!(
+        capa.contains("USER")
+            && capa.contains("SASL PLAIN")
+            && !capa.contains("XOAUTH2")
+            && !capa.contains("STLS"),
+        "{capa}"
+    );
+    c.send("STAT");
+    assert!(c.line().starts_with("-ERR"));
+    c.send("PASS x");
+    assert!(c.line().starts_with("-ERR"));
+    c.send("STLS");
+    assert!(c.line().starts_with("-ERR"));
+    c.send("AUTH");
+    assert!(c.until(".").contains("PLAIN"));
+    c.send("AUTH PLAIN");
+    assert!(c.line().starts_with("+ "));
+    c.send(&plain_ir(BOB, &bob_pw));
+    assert!(c.line().starts_with("+OK"));
+    c.send("STAT");
+    assert!(
+        c.line().starts_with("+OK "),
+        "STAT after login is answered by the upstream"
+    );
+    c.send("QUIT");
+    assert!(c.line().starts_with("+OK"));
+}
