@@ -28,6 +28,19 @@ struct Account {
     grant: Grant,
     password_hash: Option<SecretString>,
     mailbox: Option<String>,
+    /// Lower-cased addresses or `*@domain` patterns.
+    allow_shared: Vec<String>,
+}
+
+impl Account {
+    fn may_open(&self, shared: &str) -> bool {
+        self.allow_shared
+            .iter()
+            .any(|a| match a.strip_prefix("*@") {
+                Some(domain) => shared.rsplit_once('@').is_some_and(|(_, d)| d == domain),
+                None => a == shared,
+            })
+    }
 }
 
 /// Who a device turned out to be, once its credentials were accepted
@@ -77,6 +90,7 @@ impl Accounts {
                 grant: c.grant,
                 password_hash: c.password_hash.clone(),
                 mailbox: c.mailbox.clone(),
+                allow_shared: c.allow_shared.iter().map(|a| a.to_lowercase()).collect(),
             });
         }
         let dummy = SecretString::from("oxbridge-dummy-password".to_string());
@@ -99,35 +113,51 @@ impl Accounts {
 
     /// Check a device's login and password. For the `password` grant the
     /// password is not checked here but carried to the token endpoint.
+    ///
+    /// `login\\shared@domain` asks for a shared mailbox: granted when the
+    /// account of `login` lists it in `allow_shared`.
     pub async fn authenticate(
         &self,
         login: &str,
         password: SecretString,
     ) -> Result<Identity, AuthError> {
         let login = login.trim().to_lowercase();
+        let (login, shared) = match login.split_once('\\') {
+            Some((base, shared)) => (base.to_string(), Some(shared.to_string())),
+            None => (login, None),
+        };
         let account = self.find(&login);
+        let shared_ok = match (&shared, account) {
+            (Some(m), Some(a)) => a.may_open(m),
+            _ => true,
+        };
         let hash = match account {
-            Some(a) if a.grant == Grant::Password => {
+            Some(a) if a.grant == Grant::Password && shared_ok => {
                 return Ok(Identity {
                     account: a.login.clone(),
-                    mailbox: login.clone(),
+                    mailbox: shared.unwrap_or_else(|| login.clone()),
                     login,
                     grant: a.grant,
                     password: Some(password),
                 });
             }
-            Some(a) => a
+            Some(a) if shared_ok => a
                 .password_hash
                 .as_ref()
                 .map(|h| h.expose_secret().to_string())
                 .unwrap_or_else(|| self.dummy_hash.clone()),
-            None => self.dummy_hash.clone(),
+            _ => self.dummy_hash.clone(),
         };
-        let ok = self.verify(hash, password).await && account.is_some();
+        let ok = self.verify(hash, password).await;
         match account {
+            Some(_) if !shared_ok => Err(AuthError::BadCredentials(
+                "shared mailbox not allowed for this account",
+            )),
             Some(a) if ok => Ok(Identity {
                 account: a.login.clone(),
-                mailbox: a.mailbox.clone().unwrap_or_else(|| login.clone()),
+                mailbox: shared
+                    .or_else(|| a.mailbox.clone())
+                    .unwrap_or_else(|| login.clone()),
                 login,
                 grant: a.grant,
                 password: None,
@@ -171,6 +201,7 @@ mod tests {
                 SecretString::from(hash_password(&SecretString::from(p.to_string())).unwrap())
             }),
             mailbox: mailbox.map(String::from),
+            allow_shared: Vec::new(),
         }
     }
 
@@ -232,6 +263,49 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(err, AuthError::BadCredentials("unknown user")));
+    }
+
+    #[tokio::test]
+    async fn shared_mailboxes_need_allow_shared() {
+        let mut scanner = account(
+            "scanner@x.test",
+            Grant::ClientCredentials,
+            Some("pw"),
+            Some("scans@x.test"),
+        );
+        scanner.allow_shared = vec!["Reception@x.test".into(), "*@shared.x.test".into()];
+        let accounts = Accounts::new(&[scanner, account("*@x.test", Grant::Password, None, None)]);
+        let id = accounts
+            .authenticate("scanner@x.test\\reception@x.test", pw("pw"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (id.login.as_str(), id.mailbox.as_str()),
+            ("scanner@x.test", "reception@x.test")
+        );
+        let id = accounts
+            .authenticate("scanner@x.test\\hr@shared.x.test", pw("pw"))
+            .await
+            .unwrap();
+        assert_eq!(id.mailbox, "hr@shared.x.test");
+        let err = accounts
+            .authenticate("scanner@x.test\\ceo@x.test", pw("pw"))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(
+            err,
+            AuthError::BadCredentials("shared mailbox not allowed for this account")
+        ));
+        assert!(accounts
+            .authenticate("scanner@x.test\\reception@x.test", pw("bad"))
+            .await
+            .is_err());
+        // A password-grant account without allow_shared cannot open others' mailboxes.
+        assert!(accounts
+            .authenticate("u@x.test\\ceo@x.test", pw("any"))
+            .await
+            .is_err());
     }
 
     #[tokio::test]

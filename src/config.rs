@@ -126,6 +126,9 @@ pub struct OAuthConfig {
     pub client_id: String,
     pub client_secret: Option<SecretString>,
     pub client_secret_file: Option<PathBuf>,
+    /// PEM with a certificate and its private key: `client_credentials`
+    /// authenticates with a signed JWT client assertion instead of a secret.
+    pub client_certificate_file: Option<PathBuf>,
     pub token_url: Option<String>,
     pub device_code_url: Option<String>,
     pub authorize_url: Option<String>,
@@ -219,6 +222,10 @@ pub struct AccountConfig {
     pub password_hash: Option<SecretString>,
     pub grant: Grant,
     pub mailbox: Option<String>,
+    /// Shared mailboxes this account may open with the device login form
+    /// `login\shared@domain` (exact addresses or `*@domain`).
+    #[serde(default)]
+    pub allow_shared: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +241,11 @@ pub struct StoreConfig {
     #[serde(default)]
     pub backend: StoreBackend,
     pub url: Option<SecretString>,
+    /// The store's encryption key (32 raw bytes); default `state_dir/store.key`,
+    /// created on first use.
+    pub key_file: Option<PathBuf>,
+    /// Or: the name of an environment variable holding the key in base64.
+    pub key_env: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -275,6 +287,22 @@ pub fn resolve_path(flag: Option<PathBuf>) -> PathBuf {
 }
 
 impl Config {
+    /// Where the token store's key comes from.
+    pub fn store_key_file(&self) -> PathBuf {
+        self.store
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("store.key"))
+    }
+
+    /// The protocols that have listeners (what delegated tokens are asked for).
+    pub fn protocols(&self) -> Vec<Protocol> {
+        let mut p: Vec<Protocol> = self.listeners.iter().map(|l| l.protocol).collect();
+        p.sort_by_key(|p| *p as u8);
+        p.dedup();
+        p
+    }
+
     /// Read, parse and validate a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -346,6 +374,17 @@ impl Config {
             ("upstream.pop3", &self.upstream.pop3),
         ] {
             split_host_port(addr).map_err(|e| format!("{key}: {e}"))?;
+        }
+        if let Some(cert) = &self.oauth.client_certificate_file {
+            if !cert.is_file() {
+                return Err(format!(
+                    "oauth.client_certificate_file: {} is not a readable file",
+                    cert.display()
+                ));
+            }
+        }
+        if self.store.key_file.is_some() && self.store.key_env.is_some() {
+            return Err("store.key_env: give key_file or key_env, not both".into());
         }
         if let Some(ca) = &self.upstream.ca_file {
             if !ca.is_file() {
@@ -430,15 +469,24 @@ impl Config {
             if a.grant == Grant::ClientCredentials
                 && self.oauth.client_secret.is_none()
                 && self.oauth.client_secret_file.is_none()
+                && self.oauth.client_certificate_file.is_none()
             {
                 return Err(format!(
-                    "{key}.grant: client_credentials needs oauth.client_secret or oauth.client_secret_file"
+                    "{key}.grant: client_credentials needs oauth.client_secret, oauth.client_secret_file or oauth.client_certificate_file"
                 ));
             }
-            if a.grant == Grant::RefreshToken {
+            if a.grant == Grant::RefreshToken && a.login.starts_with("*@") {
                 return Err(format!(
-                    "{key}.grant: refresh_token is not supported by this version yet; use client_credentials or password"
+                    "{key}.grant: refresh_token needs one consenting user per account; a *@domain login cannot have one"
                 ));
+            }
+            for shared in &a.allow_shared {
+                let addr = shared.strip_prefix("*@").map(|d| format!("x@{d}"));
+                validate_address(addr.as_deref().unwrap_or(shared))
+                    .map_err(|e| format!("{key}.allow_shared: {e}"))?;
+            }
+            if !a.allow_shared.is_empty() && a.login.contains('\\') {
+                return Err(format!("{key}.login: must not contain a backslash"));
             }
             if let Some(m) = &a.mailbox {
                 if a.login.starts_with("*@") {

@@ -9,7 +9,9 @@
 //! * `tls`: local TLS from PEM files; the one verified upstream client config.
 //! * `sasl`: PLAIN/LOGIN decoding, XOAUTH2 encoding.
 //! * `accounts`: local login -> account; Argon2id verification.
-//! * `oauth`: where a token comes from: grants and the single-flight cache.
+//! * `oauth`: where a token comes from: grants, the single-flight cache,
+//!   consent (`oxbridge login`), certificate assertions.
+//! * `store`: refresh tokens on disk, encrypted, written atomically.
 //! * `upstream`: dialling the real server.
 //! * `proto::smtp`: the device side until login, and the upstream login.
 //! * `relay`: after login, bytes both ways until the session ends.
@@ -27,6 +29,7 @@ pub mod proto;
 pub mod relay;
 pub mod sasl;
 pub mod server;
+pub mod store;
 pub mod tls;
 pub mod upstream;
 
@@ -57,8 +60,19 @@ pub struct StartError(pub String);
 
 impl App {
     pub fn new(config: Config) -> Result<App, StartError> {
-        let protocols: Vec<Protocol> = config.listeners.iter().map(|l| l.protocol).collect();
-        let tokens = oauth::Tokens::new(&config.oauth, &protocols).map_err(StartError)?;
+        let store = if config
+            .accounts
+            .iter()
+            .any(|a| a.grant == config::Grant::RefreshToken)
+        {
+            Some(Arc::new(
+                open_store(&config).map_err(|e| StartError(e.to_string()))?,
+            ))
+        } else {
+            None
+        };
+        let tokens =
+            oauth::Tokens::new(&config.oauth, &config.protocols(), store).map_err(StartError)?;
         let upstream_tls = tls::upstream_connector(config.upstream.ca_file.as_deref())
             .map_err(|e| StartError(format!("upstream.ca_file: {e}")))?;
         Ok(App {
@@ -70,6 +84,16 @@ impl App {
             config,
         })
     }
+}
+
+/// The token store of this config.
+pub fn open_store(config: &Config) -> Result<store::Store, store::StoreError> {
+    let key_file = config.store_key_file();
+    let key = match &config.store.key_env {
+        Some(var) => store::KeySource::Env(var),
+        None => store::KeySource::File(&key_file),
+    };
+    store::Store::open(&config.state_dir, key)
 }
 
 fn hostname() -> String {

@@ -10,7 +10,8 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use oxbridge::config::{self, Config, LogFormat};
+use oxbridge::config::{self, Config, Grant, LogFormat};
+use oxbridge::oauth::consent;
 
 /// Keeps password-only mail clients working against OAuth-only mail servers.
 #[derive(Parser)]
@@ -28,6 +29,19 @@ enum Command {
         #[arg(long, env = "OXBRIDGE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Interactive consent for a `refresh_token` account; stores its refresh token.
+    Login {
+        /// The account's `login` as written in the config.
+        account: String,
+        #[arg(long, env = "OXBRIDGE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Authorization code with PKCE on a loopback redirect, instead of the device code flow.
+        #[arg(long)]
+        browser: bool,
+        /// With --browser: the loopback port for the redirect (default: any free port).
+        #[arg(long, default_value_t = 0, requires = "browser")]
+        port: u16,
+    },
     /// Read a password from stdin and print its Argon2id hash for `password_hash`.
     HashPassword,
 }
@@ -41,7 +55,87 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => run(config::resolve_path(config)),
+        Command::Login {
+            account,
+            config,
+            browser,
+            port,
+        } => login(
+            config::resolve_path(config),
+            &account,
+            browser.then_some(port),
+        ),
         Command::HashPassword => hash_password(),
+    }
+}
+
+/// `oxbridge login`: consent, then the refresh token into the store.
+fn login(path: PathBuf, account: &str, browser_port: Option<u16>) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("oxbridge: config error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(entry) = config
+        .accounts
+        .iter()
+        .find(|a| a.login.eq_ignore_ascii_case(account))
+    else {
+        eprintln!(
+            "oxbridge: {}: no [[account]] has login {account:?}",
+            path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    if entry.grant != Grant::RefreshToken {
+        eprintln!(
+            "oxbridge: {}: account {account:?} has grant = \"{}\"; `oxbridge login` is for grant = \"refresh_token\"",
+            path.display(),
+            entry.grant
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let store = match oxbridge::open_store(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("oxbridge: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let request = consent::Request {
+        config: &config,
+        account: &entry.login,
+        mailbox: entry.mailbox.as_deref().unwrap_or(&entry.login),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("oxbridge: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let mut out = std::io::stdout();
+    let result = runtime.block_on(async {
+        match browser_port {
+            Some(port) => consent::browser_flow(&request, port, &mut out).await,
+            None => consent::device_flow(&request, &mut out).await,
+        }
+    });
+    match result.and_then(|token| store.save(&entry.login, &token).map_err(|e| e.to_string())) {
+        Ok(()) => {
+            println!(
+                "Stored the refresh token for {} in {}.",
+                entry.login,
+                config.state_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("oxbridge: login for {account} failed: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
     }
 }
 

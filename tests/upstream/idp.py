@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Tiny Entra-ID-like OAuth2 server for oxbridge's end-to-end tests (stdlib only).
 
+  GET  .../authorize    authorization code + PKCE (S256 only); consents at once
+                        and redirects to redirect_uri (see authorize_deny)
   POST .../token        grant_type password | client_credentials | refresh_token |
-                        urn:ietf:params:oauth:grant-type:device_code
+                        authorization_code | urn:ietf:params:oauth:grant-type:device_code
   POST .../devicecode   RFC 8628 device authorization (auto-approves, see config)
   POST /introspect      RFC 7662, called by Dovecot's oauth2 passdbs
                         (?for=dovecot-user or ?for=dovecot-app)
@@ -11,12 +13,17 @@
   GET|POST /admin/config                 runtime knobs (JSON object, see CONFIG)
   POST /admin/revoke    {"user": ..} | {"token": ..} | {"all": true}
   POST /admin/issue     {"user": .., "expires_in": n} | {"app": true}
+  GET  /admin/device    device codes not yet redeemed: user_code, user, polls, state
+  POST /admin/device/approve {"user_code": .., "user": ..}   (user optional)
+  POST /admin/device/deny    {"user_code": ..}
+  POST /admin/device/expire  {"user_code": ..}
 
 Tokens live in memory only. Binds to 127.0.0.1.
 """
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import secrets
@@ -26,7 +33,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote_plus, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlencode, urlsplit
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 USER_SCOPE = ("https://outlook.office.com/IMAP.AccessAsUser.All "
@@ -44,7 +51,9 @@ CONFIG = {  # runtime knobs, changed with POST /admin/config
     "token_fail_error": "temporarily_unavailable",
     "introspect_fail_count": 0,
     "device_interval": 1,
-    "device_auto_approve_after": 1,
+    "device_auto_approve_after": 1,  # -1: never, only POST /admin/device/approve
+    "device_slow_down_polls": 0,  # the first N polls of each device code get slow_down
+    "authorize_deny": False,  # /authorize redirects with error=access_denied
     "log_secrets": False,
 }
 AADSTS = {  # error -> (code, description), like Entra's
@@ -55,6 +64,9 @@ AADSTS = {  # error -> (code, description), like Entra's
     "unsupported_grant_type": (70003, "The app requested an unsupported grant type '%s'."),
     "authorization_pending": (70016, "OAuth 2.0 device flow error. Authorization is pending. Continue polling."),
     "expired_token": (70019, "Verification code expired."),
+    "authorization_declined": (70000, "The user denied the authorization request."),
+    "slow_down": (50000, "OAuth 2.0 device flow error. Polling too fast: slow down "
+                         "(add 5 seconds to the interval)."),
     "temporarily_unavailable": (90033, "A transient error has occurred. Please try again."),
 }
 
@@ -62,14 +74,23 @@ USERS = {}        # lower-case email -> password
 LOCK = threading.Lock()
 ACCESS = {}       # access token -> {"user": str|None, "app": bool, "exp": float}
 REFRESH = {}      # refresh token -> {"user": str, "client_id": str}  (deleted when used)
-DEVICES = {}      # device_code -> {"user": str, "client_id": str, "polls": int, "exp": float}
+DEVICES = {}      # device_code -> {"user": str, "client_id": str, "polls": int, "exp": float,
+                  #   "user_code": str, "state": pending|approved|denied|expired,
+                  #   "slow_downs": int, "created": float}  (deleted when redeemed)
+CODES = {}        # authorization code -> {"client_id", "redirect_uri", "challenge", "user",
+                  #   "scope", "exp": float, "used": bool}  (kept a while after use)
+USED_REFRESH = set()  # refresh tokens consumed by rotation (to count reuse)
+CODE_TTL = 120
+DEVICE_TTL = 900
+USER_CODE_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 STATS = {}
 
 
 def reset_stats():
     STATS.clear()
     STATS.update(token_requests=0, grant_requests={}, token_inflight=0,
-                 token_inflight_max=0, introspect_requests=0)
+                 token_inflight_max=0, introspect_requests=0, authorize_requests=0,
+                 refresh_reuse_rejected=0)
 
 
 def log(msg):
@@ -78,9 +99,10 @@ def log(msg):
 
 
 class OAuthError(Exception):
-    def __init__(self, error, arg="", status=400, description=None):
+    def __init__(self, error, arg="", status=400, description=None, code=None):
         super().__init__(error)
-        code, text = AADSTS.get(error, (50000, "%s"))
+        default, text = AADSTS.get(error, (50000, "%s"))
+        code = code or default
         self.error, self.status, self.code = error, status, code
         self.description = "AADSTS%d: %s" % (code, description or (text % arg if "%s" in text else text))
 
@@ -147,6 +169,17 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
         self.status = status
 
+    def redirect(self, uri, params):
+        """302 to uri with params added to its query (None values left out)."""
+        query = urlencode([(k, v) for k, v in params if v is not None])
+        sep = "" if uri.endswith(("?", "&")) else "&" if "?" in uri else "?"
+        self.send_response(302)
+        self.send_header("Location", uri + sep + query)
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.status = 302
+
     def handle_request(self):
         self.status, self.note = 0, ""
         path = urlsplit(self.path).path.rstrip("/")
@@ -174,6 +207,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.token(prm)
         if method == "POST" and path.endswith("/devicecode"):
             return self.devicecode(prm)
+        if method == "GET" and path.endswith("/authorize"):
+            return self.authorize(prm)
         if path == "/introspect":
             return self.introspect(prm)
         if path == "/health":
@@ -198,6 +233,11 @@ class Handler(BaseHTTPRequestHandler):
             if user not in USERS:
                 return self.reply(400, {"error": "unknown user"})
             return self.reply(200, mint(user, "test-client", prm.get("expires_in")))
+        if path == "/admin/device" and method == "GET":
+            return self.admin_device_list(prm)
+        if path in ("/admin/device/approve", "/admin/device/deny", "/admin/device/expire") \
+                and method == "POST":
+            return self.admin_device_set(path.rsplit("/", 1)[1], prm)
         self.reply(404, {"error": "not_found"})
 
     # ---------------------------------------------------------------- /token
@@ -252,25 +292,41 @@ class Handler(BaseHTTPRequestHandler):
             return mint(None, cid)
         if grant == "refresh_token":
             cid = self.client(prm)
+            rt = prm.get("refresh_token") or ""
             with LOCK:  # strict rotation: a refresh token works exactly once
-                rec = REFRESH.pop(prm.get("refresh_token") or "", None)
+                rec = REFRESH.pop(rt, None)
+                if rec is None and rt in USED_REFRESH:
+                    STATS["refresh_reuse_rejected"] += 1
+                    self.note += " reuse"
+                elif rec is not None and rec["client_id"] == cid:
+                    USED_REFRESH.add(rt)
             if rec is None or rec["client_id"] != cid:
                 raise OAuthError("invalid_grant", description="The provided value for the "
                                  "'refresh_token' is not valid (unknown, revoked or already redeemed).")
             self.note += " user=%s" % rec["user"]
             return mint(rec["user"], cid)
+        if grant == "authorization_code":
+            return self.redeem_code(prm)
         if grant == DEVICE_GRANT:
             cid = self.client(prm)
+            dc = prm.get("device_code") or ""
             with LOCK:
-                rec = DEVICES.get(prm.get("device_code") or "")
+                rec = DEVICES.get(dc)
                 if rec is None or rec["client_id"] != cid:
                     raise OAuthError("invalid_grant", description="Unknown or redeemed device_code.")
-                if rec["exp"] < time.time():
+                rec["polls"] += 1  # every poll, slow_down and refusals included
+                if rec["state"] == "expired" or rec["exp"] < time.time():
+                    rec["state"] = "expired"
                     raise OAuthError("expired_token")
-                rec["polls"] += 1
-                if rec["polls"] <= CONFIG["device_auto_approve_after"]:
+                if rec["state"] == "denied":
+                    raise OAuthError("authorization_declined")
+                if rec["slow_downs"] < CONFIG["device_slow_down_polls"]:
+                    rec["slow_downs"] += 1
+                    raise OAuthError("slow_down")
+                after = CONFIG["device_auto_approve_after"]  # < 0: only the admin approves
+                if rec["state"] != "approved" and (after < 0 or rec["polls"] - rec["slow_downs"] <= after):
                     raise OAuthError("authorization_pending")
-                del DEVICES[prm["device_code"]]
+                del DEVICES[dc]
             self.note += " user=%s" % rec["user"]
             return mint(rec["user"], cid)
         if grant == "missing":
@@ -282,14 +338,110 @@ class Handler(BaseHTTPRequestHandler):
         hint = (prm.get("login_hint") or "").lower()
         user = hint if hint in USERS else sorted(USERS)[0]
         dc = "dc." + secrets.token_urlsafe(32)
-        uc = "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZ23456789") for _ in range(9))
+        now = time.time()
         with LOCK:
-            DEVICES[dc] = {"user": user, "client_id": cid, "polls": 0, "exp": time.time() + 900}
+            for k in [k for k, v in DEVICES.items() if v["exp"] < now - 3600]:
+                del DEVICES[k]  # long expired and never redeemed
+            taken = {v["user_code"] for v in DEVICES.values()}
+            uc = None
+            while uc is None or uc in taken:
+                uc = "".join(secrets.choice(USER_CODE_CHARS) for _ in range(9))
+            DEVICES[dc] = {"user": user, "client_id": cid, "polls": 0, "exp": now + DEVICE_TTL,
+                           "user_code": uc, "state": "pending", "slow_downs": 0, "created": now}
+        self.note = " user=%s user_code=%s" % (user, uc)
         uri = "https://microsoft.com/devicelogin"
         self.reply(200, {"device_code": dc, "user_code": uc, "verification_uri": uri,
-                         "expires_in": 900, "interval": CONFIG["device_interval"],
+                         "verification_uri_complete": uri + "?" + urlencode({"otc": uc}),
+                         "expires_in": DEVICE_TTL, "interval": CONFIG["device_interval"],
                          "message": "To sign in, use a web browser to open the page %s and "
                                     "enter the code %s to authenticate." % (uri, uc)})
+
+    # ---------------------------------------------------------------- /authorize + code grant
+    def authorize(self, prm):
+        """Authorization endpoint, code flow with PKCE (S256). Consent is automatic."""
+        with LOCK:
+            STATS["authorize_requests"] += 1
+        cid, uri, state = prm.get("client_id"), prm.get("redirect_uri"), prm.get("state")
+        if not cid:
+            raise OAuthError("invalid_request", "client_id")
+        if cid not in CLIENTS:
+            raise OAuthError("unauthorized_client", cid)
+        if not uri:  # nowhere to redirect to
+            raise OAuthError("invalid_request", "redirect_uri")
+        self.note = " client=%s" % cid
+
+        def fail(error, code, text):
+            self.note += " error=%s" % error
+            self.redirect(uri, [("error", error), ("error_description", "AADSTS%d: %s" % (code, text)),
+                                ("state", state)])
+
+        rtype = prm.get("response_type") or ""
+        if rtype != "code":
+            return fail("unsupported_response_type", 70005,
+                        "response_type '%s' is not supported; use 'code'." % rtype)
+        for name in ("scope", "code_challenge", "code_challenge_method"):
+            if not prm.get(name):
+                return fail("invalid_request", 900144,
+                            "The request body must contain the following parameter: '%s'." % name)
+        if prm["code_challenge_method"] != "S256":
+            return fail("invalid_request", 501491, "Invalid code_challenge_method '%s': only S256 "
+                        "is supported." % prm["code_challenge_method"])
+        challenge = prm["code_challenge"]
+        if len(challenge) != 43 or challenge.strip(
+                "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"):
+            return fail("invalid_request", 501491, "Invalid size or characters of code_challenge "
+                        "(S256: 43 base64url characters).")
+        hint = (prm.get("login_hint") or "").lower()
+        if hint and hint not in USERS:
+            return fail("invalid_request", 50034, "The user account %s does not exist in the "
+                        "directory." % hint)
+        user = hint or sorted(USERS)[0]
+        self.note += " user=%s" % user
+        if CONFIG["authorize_deny"]:
+            return fail("access_denied", 65004, "User declined to consent to access the app.")
+        code = "ac." + secrets.token_urlsafe(48)
+        now = time.time()
+        with LOCK:
+            for k in [k for k, v in CODES.items() if v["exp"] < now - 3600]:
+                del CODES[k]
+            CODES[code] = {"client_id": cid, "redirect_uri": uri, "challenge": challenge, "user": user,
+                           "scope": prm["scope"], "exp": now + CODE_TTL, "used": False}
+        self.redirect(uri, [("code", code), ("state", state)])
+
+    def redeem_code(self, prm):
+        """grant_type=authorization_code: single use, bound to client, redirect_uri and PKCE."""
+        cid = self.client(prm)
+        code, uri, verifier = prm.get("code"), prm.get("redirect_uri"), prm.get("code_verifier") or ""
+        for name, value in (("code", code), ("redirect_uri", uri)):
+            if not value:
+                raise OAuthError("invalid_request", name)
+        with LOCK:
+            rec = CODES.get(code)
+            if rec is None:
+                raise OAuthError("invalid_grant", code=70008, description="The provided authorization "
+                                 "code is not valid (unknown or expired). Send a new interactive "
+                                 "authorization request for this user and resource.")
+            if rec["used"]:
+                raise OAuthError("invalid_grant", code=54005,
+                                 description="OAuth2 Authorization code was already redeemed, please "
+                                             "retry with a new valid code or use an existing refresh token.")
+            if rec["exp"] < time.time():
+                raise OAuthError("invalid_grant", code=70008, description="The provided authorization "
+                                 "code has expired. Send a new interactive authorization request for "
+                                 "this user and resource.")
+            if rec["client_id"] != cid:
+                raise OAuthError("invalid_grant", code=70000, description="The authorization code was "
+                                 "issued to another client.")
+            if rec["redirect_uri"] != uri:
+                raise OAuthError("invalid_grant", code=50011, description="The redirect URI '%s' does "
+                                 "not match the one of the authorization request." % uri)
+            if not secrets.compare_digest(b64url(hashlib.sha256(verifier.encode()).digest()),
+                                          rec["challenge"]):
+                raise OAuthError("invalid_grant", code=501481, description="The Code_Verifier does not "
+                                 "match the code_challenge supplied in the authorization request.")
+            rec["used"] = True
+        self.note += " user=%s" % rec["user"]
+        return mint(rec["user"], cid)
 
     # ---------------------------------------------------------------- /introspect
     def introspect(self, prm):
@@ -343,6 +495,46 @@ class Handler(BaseHTTPRequestHandler):
                     n += 1
         self.note = " revoked=%d" % n
         self.reply(200, {"revoked": n})
+
+    @staticmethod
+    def device_state(rec, now):
+        return "expired" if rec["exp"] < now else rec["state"]
+
+    def admin_device_list(self, prm):
+        """Device codes not yet redeemed, oldest first (?state=.. and ?user=.. filter)."""
+        now, out = time.time(), []
+        with LOCK:
+            for dc, rec in sorted(DEVICES.items(), key=lambda kv: kv[1]["created"]):
+                item = {"user_code": rec["user_code"], "user": rec["user"], "polls": rec["polls"],
+                        "state": self.device_state(rec, now), "client_id": rec["client_id"],
+                        "expires_in": max(0, int(rec["exp"] - now)), "device_code": dc}
+                if prm.get("state") in (None, item["state"]) and \
+                        (prm.get("user") or "").lower() in ("", item["user"]):
+                    out.append(item)
+        self.reply(200, out)
+
+    def admin_device_set(self, action, prm):
+        uc = (prm.get("user_code") or "").upper().replace("-", "").replace(" ", "")
+        user = (prm.get("user") or "").lower()
+        if not uc:
+            return self.reply(400, {"error": "give user_code"})
+        if action == "approve" and user and user not in USERS:
+            return self.reply(400, {"error": "unknown user"})
+        with LOCK:
+            rec = next((r for r in DEVICES.values() if r["user_code"] == uc), None)
+            if rec is None:
+                return self.reply(404, {"error": "unknown or redeemed user_code"})
+            state = self.device_state(rec, time.time())
+            if action == "approve":
+                if state not in ("pending", "approved"):
+                    return self.reply(409, {"error": "device code is %s" % state, "state": state})
+                rec["state"] = "approved"
+                rec["user"] = user or rec["user"]
+            else:
+                rec["state"] = "denied" if action == "deny" else "expired"
+            out = {"user_code": uc, "user": rec["user"], "polls": rec["polls"], "state": rec["state"]}
+        self.note = " user_code=%s state=%s" % (uc, out["state"])
+        self.reply(200, out)
 
 
 def main():
