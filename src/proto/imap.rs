@@ -193,7 +193,9 @@ pub fn parse_command(input: &[u8]) -> Result<Command, ParseError> {
             Some(_) => {
                 let start = p;
                 while p < input.len() && input[p] != b' ' {
-                    if !is_atom_char(input[p]) && input[p] != b']' {
+                    // Lenient: ']' (astring) and a backslash (the login\shared form, sent
+                    // unquoted by imaplib and others) are taken as atom characters.
+                    if !is_atom_char(input[p]) && input[p] != b']' && input[p] != b'\\' {
                         return Err(ParseError::Syntax("invalid character in atom"));
                     }
                     p += 1;
@@ -773,6 +775,9 @@ mod tests {
 
         let c = parse_command(b"a3 LOGIN {8}\r\njoe@x.ts {6+}\r\nse cr\"").unwrap();
         assert_eq!(c.args, [string(b"joe@x.ts"), string(b"se cr\"")]);
+
+        let c = parse_command(b"a5 LOGIN scanner@x.test\\shared@x.test pw").unwrap();
+        assert_eq!(c.args, [atom("scanner@x.test\\shared@x.test"), atom("pw")]);
 
         let c = parse_command(b"a4 LOGIN joe {0}\r\n").unwrap();
         assert_eq!(c.args, [atom("joe"), string(b"")]);

@@ -6,6 +6,8 @@ Modes (--mode):
   roundtrip  LIST, SELECT, APPEND --message, find it by Message-ID, FETCH it to
              --out; unless --keep, delete it (STORE \\Deleted, EXPUNGE) and check
              it is gone
+  fetch      SELECT, wait for --message-id to arrive, FETCH it to --out; with
+             --delete, delete it
   idle       SELECT, IDLE; meanwhile submit --message through SMTP (--smtp-port,
              plain, same credentials); wait for EXISTS, DONE, fetch it to --out
 Prints one JSON object; exit 0 on success.
@@ -30,7 +32,8 @@ p.add_argument("--cafile")
 p.add_argument("--user", required=True)
 p.add_argument("--password", required=True)
 p.add_argument("--auth", choices=["LOGIN", "PLAIN"], default="LOGIN")
-p.add_argument("--mode", choices=["login", "roundtrip", "idle"], required=True)
+p.add_argument("--mode", choices=["login", "roundtrip", "fetch", "idle"], required=True)
+p.add_argument("--delete", action="store_true")
 p.add_argument("--message")
 p.add_argument("--message-id")
 p.add_argument("--out")
@@ -84,6 +87,22 @@ typ, boxes = imap.list()
 assert typ == "OK", boxes
 typ, data = imap.select("INBOX")
 assert typ == "OK", data
+
+if a.mode == "fetch":
+    deadline = time.time() + 30
+    uids = find(imap, a.message_id)
+    while not uids and time.time() < deadline:
+        time.sleep(0.3)
+        imap.noop()
+        uids = find(imap, a.message_id)
+    if not uids:
+        done(False, error="message not delivered")
+    open(a.out, "wb").write(fetch(imap, uids[0]))
+    if a.delete:
+        imap.uid("STORE", uids[0], "+FLAGS.SILENT", "(\\Deleted)")
+        imap.expunge()
+    imap.logout()
+    done(True, uid=uids[0].decode())
 
 if a.mode == "roundtrip":
     msg = open(a.message, "rb").read()

@@ -1,0 +1,282 @@
+//! OAuth lifecycle end to end against the real test upstream: a
+//! `refresh_token` account consented through `oxbridge login` (device flow,
+//! and PKCE in a browser played by curl) sends through SMTP and reads
+//! through IMAP and POP3; rotated refresh tokens survive a restart; a shared
+//! mailbox is opened with `login\shared@domain`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const BOB: &str = "bob@example.test";
+const LOCAL_PASSWORD: &str = "delegated-local-pass";
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// SMTP, IMAP and POP3 listeners without TLS; the harness IDP's device and
+/// authorize endpoints; a private state_dir; two refresh_token accounts
+/// (device flow and browser) for bob, and the scanner allowed to open bob's
+/// mailbox as a shared one.
+fn oauth_config(state: &std::path::Path) -> String {
+    let up = upstream();
+    let listeners = ["smtp", "imap", "pop3"]
+        .map(|p| listener(p, "none", true))
+        .join("\n");
+    let hash = argon2_hash(LOCAL_PASSWORD);
+    let extra = format!(
+        "[[account]]\nlogin = \"device@example.test\"\npassword_hash = \"{hash}\"\ngrant = \"refresh_token\"\nmailbox = \"{BOB}\"\n\n\
+         [[account]]\nlogin = \"browser@example.test\"\npassword_hash = \"{hash}\"\ngrant = \"refresh_token\"\nmailbox = \"{BOB}\"\n"
+    );
+    let idp = up.get("IDP_URL");
+    config(up, "", &listeners, &extra)
+        .replace("state_dir = \"/tmp/oxbridge-test-state\"", &format!("state_dir = \"{}\"", state.display()))
+        .replace(
+            "[oauth]\n",
+            &format!(
+                "[oauth]\ndevice_code_url = \"{idp}/common/oauth2/v2.0/devicecode\"\nauthorize_url = \"{idp}/common/oauth2/v2.0/authorize\"\n"
+            ),
+        )
+        .replace(
+            "mailbox = \"alice@example.test\"\n",
+            &format!("mailbox = \"alice@example.test\"\nallow_shared = [\"{BOB}\"]\n"),
+        )
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn refresh_requests() -> u64 {
+    upstream().idp_get("/admin/stats")["grant_requests"]["refresh_token"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Send through the proxy's SMTP as `login`, then read the message through
+/// its IMAP and POP3 (deleting it at the end).
+fn send_and_read(proxy: &Proxy, login: &str, dir: &std::path::Path) {
+    let tag = unique("oauth");
+    let msg = message(BOB, BOB, &tag, 0);
+    let file = dir.join(format!("{tag}.eml"));
+    std::fs::write(&file, &msg).unwrap();
+    let id = format!("<{tag}@oxbridge.test>");
+    let sent = run(
+        python("smtp_send.py")
+            .args([
+                "--port",
+                &proxy.port(0).to_string(),
+                "--mech",
+                "PLAIN",
+                "--user",
+                login,
+                "--password",
+                LOCAL_PASSWORD,
+            ])
+            .args(["--sender", BOB, "--rcpt", BOB, "--message"])
+            .arg(&file),
+        LIMIT,
+    );
+    assert!(
+        sent.status.success(),
+        "SMTP as {login}: {}\n{}",
+        text(&sent),
+        proxy.logs()
+    );
+    let out = dir.join(format!("{tag}.imap"));
+    let read = run(
+        python("imap_session.py")
+            .args([
+                "--port",
+                &proxy.port(1).to_string(),
+                "--user",
+                login,
+                "--password",
+                LOCAL_PASSWORD,
+            ])
+            .args(["--mode", "fetch", "--message-id", &id, "--out"])
+            .arg(&out),
+        LIMIT,
+    );
+    assert!(
+        read.status.success(),
+        "IMAP as {login}: {}\n{}",
+        text(&read),
+        proxy.logs()
+    );
+    assert_delivered_intact(&std::fs::read(&out).unwrap(), &msg);
+    let out = dir.join(format!("{tag}.pop3"));
+    let read = run(
+        python("pop3_session.py")
+            .args([
+                "--port",
+                &proxy.port(2).to_string(),
+                "--user",
+                login,
+                "--password",
+                LOCAL_PASSWORD,
+            ])
+            .args(["--mode", "retr", "--delete", "--message-id", &id, "--out"])
+            .arg(&out),
+        LIMIT,
+    );
+    assert!(
+        read.status.success(),
+        "POP3 as {login}: {}\n{}",
+        text(&read),
+        proxy.logs()
+    );
+    assert_delivered_intact(&std::fs::read(&out).unwrap(), &msg);
+}
+
+#[test]
+fn refresh_token_accounts_consent_once_then_work_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cfg_path = dir.path().join("oxbridge.toml");
+    std::fs::write(&cfg_path, oauth_config(&state)).unwrap();
+
+    // Before consent: a clear refusal that says what to do.
+    let proxy = Proxy::start(&std::fs::read_to_string(&cfg_path).unwrap());
+    let mut c = Raw::connect(proxy.port(1));
+    c.line();
+    c.send(&format!("a LOGIN device@example.test {LOCAL_PASSWORD}"));
+    assert!(c.line().starts_with("a NO [AUTHENTICATIONFAILED]"));
+    proxy.wait_log(&[
+        "login failed",
+        "token_refused",
+        "run `oxbridge login device@example.test`",
+    ]);
+    drop(proxy);
+
+    // Device flow: the test IDP approves after one pending poll.
+    let out = run(
+        Command::new(env!("CARGO_BIN_EXE_oxbridge"))
+            .args(["login", "device@example.test", "--config"])
+            .arg(&cfg_path),
+        LIMIT,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("Stored the refresh token"),
+        "{}",
+        text(&out)
+    );
+
+    // Browser flow (PKCE): curl plays the browser and follows the IDP's redirect.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_oxbridge"))
+        .args(["login", "browser@example.test", "--browser", "--config"])
+        .arg(&cfg_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("the authorize URL is printed").unwrap();
+        if line.trim().starts_with("http") && line.contains("/authorize?") {
+            break line.trim().to_string();
+        }
+    };
+    let browser = run(
+        Command::new("curl").args(["-sS", "-L", "--max-time", "30", &url]),
+        LIMIT,
+    );
+    assert!(
+        String::from_utf8_lossy(&browser.stdout).contains("close this window"),
+        "{}",
+        text(&browser)
+    );
+    assert!(child.wait().unwrap().success());
+
+    // Both accounts send and read; the first login of each refreshes once.
+    let before = refresh_requests();
+    let mut proxy = Proxy::start(&std::fs::read_to_string(&cfg_path).unwrap());
+    send_and_read(&proxy, "device@example.test", dir.path());
+    send_and_read(&proxy, "browser@example.test", dir.path());
+    assert_eq!(
+        refresh_requests() - before,
+        2,
+        "one refresh per account, then the cache"
+    );
+    assert!(proxy.terminate().success());
+
+    // A new process has only what was persisted: the IDP rotates refresh
+    // tokens strictly, so this works only if every rotation was saved.
+    let reuse = || {
+        upstream().idp_get("/admin/stats")["refresh_reuse_rejected"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let (before, reused_before) = (refresh_requests(), reuse());
+    let proxy = Proxy::start(&std::fs::read_to_string(&cfg_path).unwrap());
+    send_and_read(&proxy, "device@example.test", dir.path());
+    assert_eq!(refresh_requests() - before, 1);
+    assert_eq!(
+        reuse(),
+        reused_before,
+        "a consumed refresh token was presented again"
+    );
+
+    // No token in clear text anywhere under state_dir.
+    let logs = proxy.logs();
+    assert!(!logs.contains("eyJ"), "an access token reached the log");
+    for entry in std::fs::read_dir(state.join("tokens")).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(
+            !bytes.windows(3).any(|w| w == b"rt."),
+            "refresh token in clear text"
+        );
+    }
+}
+
+#[test]
+fn shared_mailbox_with_backslash_login() {
+    let up = upstream();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&oauth_config(&dir.path().join("state")));
+    // scanner@example.test may open bob's mailbox (allow_shared); its own is alice's.
+    let login = format!("scanner@example.test\\{BOB}");
+    let out = run(
+        python("imap_session.py").args([
+            "--port",
+            &proxy.port(1).to_string(),
+            "--user",
+            &login,
+            "--password",
+            SCANNER_PASSWORD,
+            "--mode",
+            "login",
+        ]),
+        LIMIT,
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
+    proxy.wait_log(&["authenticated", &format!("\"mailbox\":\"{BOB}\"")]);
+    // Another mailbox is not allowed.
+    let out = run(
+        python("imap_session.py").args([
+            "--port",
+            &proxy.port(1).to_string(),
+            "--user",
+            "scanner@example.test\\carol@example.test",
+            "--password",
+            SCANNER_PASSWORD,
+            "--mode",
+            "login",
+        ]),
+        LIMIT,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("AUTHENTICATIONFAILED"),
+        "{}",
+        text(&out)
+    );
+    let _ = up;
+}
