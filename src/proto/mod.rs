@@ -14,8 +14,9 @@ use tracing::{info, warn};
 use crate::accounts::Identity;
 use crate::config::Protocol;
 use crate::error::AuthError;
-use crate::line::Conn;
-use crate::sasl::Credentials;
+use crate::line::{Conn, LineError};
+use crate::sasl::{self, Credentials};
+use crate::server::Listener;
 use crate::App;
 
 /// How long a device may be silent before it has logged in.
@@ -31,6 +32,81 @@ pub enum Preauth {
     },
     /// The session is over (QUIT/LOGOUT, timeout, limits, shutdown, closed).
     Closed(&'static str),
+}
+
+/// The device's side of a session before login, shared by the protocols:
+/// its connection, its listener's rules, and the counters that close it.
+pub struct Device<'a> {
+    pub conn: Conn,
+    pub listener: &'a Listener,
+    /// Bad commands so far.
+    pub errors: usize,
+    /// Failed logins so far.
+    pub auth_failures: usize,
+}
+
+impl<'a> Device<'a> {
+    pub fn new(conn: Conn, listener: &'a Listener) -> Device<'a> {
+        Device {
+            conn,
+            listener,
+            errors: 0,
+            auth_failures: 0,
+        }
+    }
+
+    /// Send a reply; a device that cannot take it ends the session.
+    pub async fn reply(&mut self, text: &str) -> Result<(), &'static str> {
+        self.conn
+            .send(text.as_bytes(), PREAUTH_TIMEOUT)
+            .await
+            .map_err(|_| -> &'static str { "device write failed" })
+    }
+
+    /// Passwords are taken over TLS, or in the clear where the listener allows it.
+    pub fn auth_allowed(&self) -> bool {
+        self.conn.is_tls() || self.listener.allow_plaintext_auth
+    }
+
+    pub fn starttls_offered(&self) -> bool {
+        self.listener.tls_acceptor.is_some() && !self.conn.is_tls()
+    }
+
+    /// The TLS handshake after the protocol's go-ahead (STARTTLS, STLS);
+    /// whatever the device sent before it is dropped.
+    pub async fn start_tls(&mut self) -> Result<(), &'static str> {
+        let acceptor = self
+            .listener
+            .tls_acceptor
+            .clone()
+            .ok_or("STARTTLS without a certificate")?;
+        let dropped = self
+            .conn
+            .accept_tls(&acceptor, crate::server::TLS_HANDSHAKE_TIMEOUT)
+            .await
+            .map_err(|_| -> &'static str { "TLS handshake failed" })?;
+        if dropped > 0 {
+            warn!(
+                bytes = dropped,
+                "dropped data sent before the TLS handshake"
+            );
+        }
+        Ok(())
+    }
+
+    /// Send a SASL prompt and decode the base64 line that answers it.
+    pub async fn sasl_response(
+        &mut self,
+        prompt: &str,
+        max_line: usize,
+    ) -> Result<Result<Vec<u8>, sasl::SaslError>, &'static str> {
+        self.reply(prompt).await?;
+        match self.conn.read_line(max_line, PREAUTH_TIMEOUT).await {
+            Ok(line) => Ok(sasl::decode_line(&line)),
+            Err(LineError::TooLong(_)) => Ok(Err(sasl::SaslError::TooLong)),
+            Err(_) => Err("device gone during authentication"),
+        }
+    }
 }
 
 /// A logged-in upstream connection and what the server said it can do

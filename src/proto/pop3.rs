@@ -8,12 +8,12 @@
 
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::config::Protocol;
 use crate::error::AuthError;
 use crate::line::{Conn, LineError};
-use crate::proto::{self, Preauth, PREAUTH_TIMEOUT};
+use crate::proto::{self, Device, Preauth, PREAUTH_TIMEOUT};
 use crate::sasl;
 use crate::server::Listener;
 use crate::upstream::{self, printable, MAX_REPLY_LINE, REPLY_TIMEOUT};
@@ -181,29 +181,24 @@ impl AuthError {
 
 struct Session<'a> {
     app: &'a App,
-    listener: &'a Listener,
-    conn: Conn,
+    dev: Device<'a>,
     user: Option<String>,
-    errors: usize,
-    auth_failures: usize,
+}
+
+impl<'a> std::ops::Deref for Session<'a> {
+    type Target = Device<'a>;
+    fn deref(&self) -> &Device<'a> {
+        &self.dev
+    }
+}
+
+impl std::ops::DerefMut for Session<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.dev
+    }
 }
 
 impl Session<'_> {
-    async fn reply(&mut self, text: &str) -> Result<(), &'static str> {
-        self.conn
-            .send(text.as_bytes(), PREAUTH_TIMEOUT)
-            .await
-            .map_err(|_| -> &'static str { "device write failed" })
-    }
-
-    fn auth_allowed(&self) -> bool {
-        self.conn.is_tls() || self.listener.allow_plaintext_auth
-    }
-
-    fn starttls_offered(&self) -> bool {
-        self.listener.tls_acceptor.is_some() && !self.conn.is_tls()
-    }
-
     async fn login(
         &mut self,
         creds: sasl::Credentials,
@@ -228,14 +223,7 @@ impl Session<'_> {
     ) -> Result<Option<sasl::Credentials>, &'static str> {
         let message = match initial {
             Some(ir) => sasl::decode_line(ir),
-            None => {
-                self.reply("+ \r\n").await?;
-                match self.conn.read_line(MAX_COMMAND_LINE, PREAUTH_TIMEOUT).await {
-                    Ok(line) => sasl::decode_line(&line),
-                    Err(LineError::TooLong(_)) => Err(sasl::SaslError::TooLong),
-                    Err(_) => return Err("device gone during AUTH"),
-                }
-            }
+            None => self.sasl_response("+ \r\n", MAX_COMMAND_LINE).await?,
         };
         match message.and_then(|m| sasl::decode_plain(&m)) {
             Ok(c) => Ok(Some(c)),
@@ -263,11 +251,8 @@ pub async fn preauth(
 ) -> Preauth {
     let s = Session {
         app,
-        listener,
-        conn,
+        dev: Device::new(conn, listener),
         user: None,
-        errors: 0,
-        auth_failures: 0,
     };
     run(s, &shutdown).await.unwrap_or_else(Preauth::Closed)
 }
@@ -320,22 +305,7 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
             }
             Command::Stls if s.starttls_offered() => {
                 s.reply("+OK Begin TLS negotiation\r\n").await?;
-                let acceptor = s
-                    .listener
-                    .tls_acceptor
-                    .clone()
-                    .expect("starttls_offered checked it");
-                let dropped = s
-                    .conn
-                    .accept_tls(&acceptor, crate::server::TLS_HANDSHAKE_TIMEOUT)
-                    .await
-                    .map_err(|_| -> &'static str { "TLS handshake failed" })?;
-                if dropped > 0 {
-                    warn!(
-                        bytes = dropped,
-                        "dropped data sent before the TLS handshake"
-                    );
-                }
+                s.start_tls().await?;
                 s.user = None;
             }
             Command::Stls => {
@@ -373,7 +343,7 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                 };
                 if let Some((upstream, account)) = s.login(creds).await? {
                     return Ok(Preauth::Relay {
-                        device: s.conn,
+                        device: s.dev.conn,
                         upstream,
                         account,
                     });
@@ -397,7 +367,7 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                 };
                 if let Some((upstream, account)) = s.login(creds).await? {
                     return Ok(Preauth::Relay {
-                        device: s.conn,
+                        device: s.dev.conn,
                         upstream,
                         account,
                     });

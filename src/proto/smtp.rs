@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use crate::config::Protocol;
 use crate::error::AuthError;
 use crate::line::{Conn, LineError};
-use crate::proto::{self, Preauth, PREAUTH_TIMEOUT};
+use crate::proto::{self, Device, Preauth, PREAUTH_TIMEOUT};
 use crate::sasl;
 use crate::server::Listener;
 use crate::upstream::{self, printable, MAX_REPLY_LINE, MAX_REPLY_LINES, REPLY_TIMEOUT};
@@ -365,33 +365,28 @@ pub async fn auth_xoauth2(
 
 struct Session<'a> {
     app: &'a App,
-    listener: &'a Listener,
-    conn: Conn,
+    dev: Device<'a>,
     helo: Option<String>,
     /// EHLO keywords the device was told (what the upstream must honour).
     told: Vec<String>,
-    errors: usize,
-    auth_failures: usize,
+}
+
+impl<'a> std::ops::Deref for Session<'a> {
+    type Target = Device<'a>;
+    fn deref(&self) -> &Device<'a> {
+        &self.dev
+    }
+}
+
+impl std::ops::DerefMut for Session<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.dev
+    }
 }
 
 const R_OK: &str = "250 2.0.0 OK\r\n";
 
 impl Session<'_> {
-    async fn reply(&mut self, text: &str) -> Result<(), &'static str> {
-        self.conn
-            .send(text.as_bytes(), PREAUTH_TIMEOUT)
-            .await
-            .map_err(|_| -> &'static str { "device write failed" })
-    }
-
-    fn auth_allowed(&self) -> bool {
-        self.conn.is_tls() || self.listener.allow_plaintext_auth
-    }
-
-    fn starttls_offered(&self) -> bool {
-        self.listener.tls_acceptor.is_some() && !self.conn.is_tls()
-    }
-
     async fn ehlo(&mut self, name: &str) -> Result<(), &'static str> {
         self.told = self.app.smtp_caps.get(self.app).await;
         let mut lines = vec![format!("{} Hello {}", self.app.hostname, sanitize(name))];
@@ -412,19 +407,6 @@ impl Session<'_> {
         self.reply(&out).await
     }
 
-    /// Read one SASL continuation line and decode it.
-    async fn sasl_line(
-        &mut self,
-        prompt: &str,
-    ) -> Result<Result<Vec<u8>, sasl::SaslError>, &'static str> {
-        self.reply(prompt).await?;
-        match self.conn.read_line(MAX_COMMAND_LINE, PREAUTH_TIMEOUT).await {
-            Ok(line) => Ok(sasl::decode_line(&line)),
-            Err(LineError::TooLong(_)) => Ok(Err(sasl::SaslError::TooLong)),
-            Err(_) => Err("device gone during AUTH"),
-        }
-    }
-
     async fn credentials(
         &mut self,
         mechanism: &str,
@@ -435,20 +417,25 @@ impl Session<'_> {
             "PLAIN" => {
                 let message = match initial {
                     Some(r) => r,
-                    None => self.sasl_line("334 \r\n").await?,
+                    None => self.sasl_response("334 \r\n", MAX_COMMAND_LINE).await?,
                 };
                 message.and_then(|m| sasl::decode_plain(&m))
             }
             _ => {
                 let user = match initial {
                     Some(r) => r,
-                    None => self.sasl_line("334 VXNlcm5hbWU6\r\n").await?,
+                    None => {
+                        self.sasl_response("334 VXNlcm5hbWU6\r\n", MAX_COMMAND_LINE)
+                            .await?
+                    }
                 };
                 let user = match user.and_then(|u| sasl::utf8(&u)) {
                     Ok(u) => u,
                     Err(e) => return Ok(Err(e)),
                 };
-                let password = self.sasl_line("334 UGFzc3dvcmQ6\r\n").await?;
+                let password = self
+                    .sasl_response("334 UGFzc3dvcmQ6\r\n", MAX_COMMAND_LINE)
+                    .await?;
                 password
                     .and_then(|p| sasl::utf8(&p))
                     .map(|p| sasl::Credentials {
@@ -548,12 +535,9 @@ pub async fn preauth(
 ) -> Preauth {
     let s = Session {
         app,
-        listener,
-        conn,
+        dev: Device::new(conn, listener),
         helo: None,
         told: Vec::new(),
-        errors: 0,
-        auth_failures: 0,
     };
     match run(s, &shutdown).await {
         Ok(p) => p,
@@ -604,15 +588,7 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
             }
             Command::StartTls if s.starttls_offered() => {
                 s.reply("220 2.0.0 Ready to start TLS\r\n").await?;
-                let acceptor = s.listener.tls_acceptor.clone().expect("starttls_offered checked it");
-                let dropped = s
-                    .conn
-                    .accept_tls(&acceptor, crate::server::TLS_HANDSHAKE_TIMEOUT)
-                    .await
-                    .map_err(|_| -> &'static str { "TLS handshake failed" })?;
-                if dropped > 0 {
-                    warn!(bytes = dropped, "dropped data sent before the TLS handshake");
-                }
+                s.start_tls().await?;
                 s.helo = None;
                 s.told.clear();
             }
@@ -628,7 +604,7 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                 let initial = initial.map(|i| i.to_vec());
                 if let Some((upstream, account)) = s.auth(&mechanism, initial.as_deref()).await? {
                     return Ok(Preauth::Relay {
-                        device: s.conn,
+                        device: s.dev.conn,
                         upstream,
                         account,
                     });
