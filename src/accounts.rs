@@ -167,6 +167,24 @@ impl Accounts {
         }
     }
 
+    /// The identity of an exact account without a password check: for
+    /// `[[relay]]` rules, whose devices are trusted by network.
+    pub fn identity(&self, login: &str) -> Result<Identity, AuthError> {
+        let login = login.to_lowercase();
+        match self.exact.get(&login).map(|i| &self.accounts[*i]) {
+            Some(a) if a.grant != Grant::Password => Ok(Identity {
+                account: a.login.clone(),
+                mailbox: a.mailbox.clone().unwrap_or_else(|| login.clone()),
+                login,
+                grant: a.grant,
+                password: None,
+            }),
+            _ => Err(AuthError::BadCredentials(
+                "relay account missing or with grant = password",
+            )),
+        }
+    }
+
     async fn verify(&self, hash: String, password: SecretString) -> bool {
         let Ok(_permit) = self.verifies.clone().acquire_owned().await else {
             return false;

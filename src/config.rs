@@ -52,6 +52,8 @@ pub struct Config {
     pub relays: Vec<RelayConfig>,
     #[serde(default)]
     pub store: StoreConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +197,13 @@ pub struct ListenerConfig {
     pub allow_plaintext_auth: bool,
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Connections this listener serves at once.
+    #[serde(default = "default_listener_connections")]
+    pub max_connections: usize,
+}
+
+fn default_listener_connections() -> usize {
+    1000
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -233,6 +242,67 @@ pub struct AccountConfig {
 pub struct RelayConfig {
     pub from_networks: Vec<String>,
     pub account: String,
+    /// Envelope senders allowed (exact or `*@domain`); empty: any.
+    #[serde(default)]
+    pub allowed_senders: Vec<String>,
+}
+
+impl RelayConfig {
+    /// The networks, parsed (validated at load).
+    pub fn networks(&self) -> Vec<IpNet> {
+        self.from_networks
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    }
+}
+
+/// Bounds on connections, time and input; every one has a default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Connections served at once over all listeners.
+    pub max_connections: usize,
+    /// Seconds a device may be silent before it has logged in.
+    pub preauth_timeout_s: u64,
+    /// Seconds a relayed session may be silent both ways (IMAP IDLE needs 30 min).
+    pub idle_timeout_s: u64,
+    /// Longest command line before login, in bytes.
+    pub max_line: usize,
+    /// Upstream sessions at once per mailbox (Exchange Online allows 3 for SMTP).
+    pub smtp_sessions_per_mailbox: usize,
+    pub imap_sessions_per_mailbox: usize,
+    pub pop3_sessions_per_mailbox: usize,
+    /// Seconds a device waits for a free upstream session before `421 4.3.2`.
+    pub mailbox_wait_s: u64,
+    /// Devices that may wait for one mailbox at once; more are turned away.
+    pub mailbox_queue: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 2000,
+            preauth_timeout_s: 300,
+            idle_timeout_s: 31 * 60,
+            max_line: 4096,
+            smtp_sessions_per_mailbox: 3,
+            imap_sessions_per_mailbox: 20,
+            pop3_sessions_per_mailbox: 20,
+            mailbox_wait_s: 120,
+            mailbox_queue: 100,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn sessions_per_mailbox(&self, p: Protocol) -> usize {
+        match p {
+            Protocol::Smtp => self.smtp_sessions_per_mailbox,
+            Protocol::Imap => self.imap_sessions_per_mailbox,
+            Protocol::Pop3 => self.pop3_sessions_per_mailbox,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -427,10 +497,8 @@ impl Config {
                     }
                 }
             }
-            if l.proxy_protocol {
-                return Err(format!(
-                    "{key}.proxy_protocol: not supported by this version yet"
-                ));
+            if l.max_connections == 0 {
+                return Err(format!("{key}.max_connections: must be at least 1"));
             }
             for (j, other) in self.listeners.iter().enumerate().take(i) {
                 if other.listen == l.listen && l.listen.port() != 0 {
@@ -521,8 +589,53 @@ impl Config {
                 ));
             }
         }
-        if !self.relays.is_empty() {
-            return Err("relay[0]: [[relay]] is not supported by this version yet".into());
+        for (i, r) in self.relays.iter().enumerate() {
+            let key = format!("relay[{i}]");
+            if r.from_networks.is_empty() {
+                return Err(format!("{key}.from_networks: list at least one network"));
+            }
+            let account = self
+                .accounts
+                .iter()
+                .find(|a| a.login.eq_ignore_ascii_case(&r.account));
+            if account.is_some_and(|a| a.grant == Grant::Password || a.login.starts_with("*@")) {
+                return Err(format!(
+                    "{key}.account: must be an exact login with grant client_credentials or refresh_token (no password to exchange)"
+                ));
+            }
+            for sender in &r.allowed_senders {
+                let addr = sender.strip_prefix("*@").map(|d| format!("x@{d}"));
+                validate_address(addr.as_deref().unwrap_or(sender))
+                    .map_err(|e| format!("{key}.allowed_senders: {e}"))?;
+            }
+        }
+        if !self.listeners.iter().any(|l| l.protocol == Protocol::Smtp) && !self.relays.is_empty() {
+            return Err("relay[0]: relaying needs an SMTP [[listener]]".into());
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.preauth_timeout_s", l.preauth_timeout_s as usize),
+            ("limits.idle_timeout_s", l.idle_timeout_s as usize),
+            (
+                "limits.smtp_sessions_per_mailbox",
+                l.smtp_sessions_per_mailbox,
+            ),
+            (
+                "limits.imap_sessions_per_mailbox",
+                l.imap_sessions_per_mailbox,
+            ),
+            (
+                "limits.pop3_sessions_per_mailbox",
+                l.pop3_sessions_per_mailbox,
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("{key}: must be at least 1"));
+            }
+        }
+        if l.max_line < 512 {
+            return Err("limits.max_line: must be at least 512 (RFC 5321's command line)".into());
         }
         if self.store.backend == StoreBackend::Redis {
             return Err(

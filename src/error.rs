@@ -25,6 +25,9 @@ pub enum AuthError {
     /// The upstream server failed the login for now (4xx, `[UNAVAILABLE]`).
     #[error("upstream temporary failure: {0}")]
     UpstreamTemporary(String),
+    /// The mailbox has as many upstream sessions as it may; waiting did not help.
+    #[error("mailbox busy: {0}")]
+    Busy(String),
 }
 
 impl AuthError {
@@ -36,6 +39,7 @@ impl AuthError {
             AuthError::TokenUnavailable(_)
                 | AuthError::UpstreamUnavailable(_)
                 | AuthError::UpstreamTemporary(_)
+                | AuthError::Busy(_)
         )
     }
 
@@ -48,6 +52,7 @@ impl AuthError {
             AuthError::UpstreamUnavailable(_) => "upstream_unavailable",
             AuthError::UpstreamRefused(_) => "upstream_refused",
             AuthError::UpstreamTemporary(_) => "upstream_temporary",
+            AuthError::Busy(_) => "mailbox_busy",
         }
     }
 
@@ -69,6 +74,9 @@ impl AuthError {
             }
             AuthError::UpstreamTemporary(_) => {
                 "454 4.7.0 Temporary authentication failure at the mail server\r\n"
+            }
+            AuthError::Busy(_) => {
+                "421 4.3.2 Too many sessions for this mailbox at once, try again later\r\n"
             }
         }
     }

@@ -5,6 +5,8 @@
 //!
 //! * `config`: the TOML file, defaults and validation (errors name the key).
 //! * `server`: listeners, the accept loop, one task per session, drain.
+//! * `proxy_protocol`: the PROXY v1/v2 header from a load balancer.
+//! * `limits`: upstream sessions per mailbox, with a bounded wait.
 //! * `line`: where bytes enter: plain/TLS streams and a bounded line reader.
 //! * `tls`: local TLS from PEM files; the one verified upstream client config.
 //! * `sasl`: PLAIN/LOGIN decoding, XOAUTH2 encoding.
@@ -23,9 +25,11 @@
 pub mod accounts;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod line;
 pub mod oauth;
 pub mod proto;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod sasl;
 pub mod server;
@@ -49,6 +53,7 @@ pub struct App {
     pub tokens: oauth::Tokens,
     pub upstream_tls: TlsConnector,
     pub smtp_caps: proto::smtp::CapsCache,
+    pub mailbox_limits: limits::MailboxLimits,
     /// The name oxbridge gives itself in greetings.
     pub hostname: String,
 }
@@ -80,9 +85,21 @@ impl App {
             tokens,
             upstream_tls,
             smtp_caps: Default::default(),
+            mailbox_limits: limits::MailboxLimits::new(&config.limits),
             hostname: hostname(),
             config,
         })
+    }
+}
+
+impl App {
+    /// The `[[relay]]` rule whose networks hold `ip`, if any.
+    pub fn relay_rule(&self, ip: std::net::IpAddr) -> Option<&config::RelayConfig> {
+        let ip = ip.to_canonical();
+        self.config
+            .relays
+            .iter()
+            .find(|r| r.networks().iter().any(|n| n.contains(&ip)))
     }
 }
 

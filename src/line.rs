@@ -98,6 +98,22 @@ pub enum LineError {
     Timeout(Duration),
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
+    /// The device sent something that ends the session (a stray PROXY header).
+    #[error("{0}")]
+    Unexpected(&'static str),
+}
+
+impl LineError {
+    /// Why the session ends, for the session log line.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            LineError::TooLong(_) => "line too long",
+            LineError::Closed => "device closed the connection",
+            LineError::Timeout(_) => "idle timeout",
+            LineError::Io(_) => "device connection failed",
+            LineError::Unexpected(why) => why,
+        }
+    }
 }
 
 /// Where the next line ends in `buf`: `Some(n)` with `n` the length
@@ -262,6 +278,32 @@ impl Conn {
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
         Ok(())
+    }
+
+    /// What has been read but not consumed.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Drop the first `n` buffered bytes (a parsed header).
+    pub fn consume(&mut self, n: usize) {
+        self.buf.advance(n.min(self.buf.len()));
+    }
+
+    /// Read more bytes into the buffer, waiting at most `wait`.
+    pub async fn fill_within(&mut self, wait: Duration) -> Result<(), LineError> {
+        match tokio::time::timeout(wait, self.fill()).await {
+            Ok(r) => r,
+            Err(_) => Err(LineError::Timeout(wait)),
+        }
+    }
+
+    /// Put bytes back in front of the buffer (a command to replay upstream).
+    pub fn unread(&mut self, data: &[u8]) {
+        let mut joined = BytesMut::with_capacity(data.len() + self.buf.len());
+        joined.extend_from_slice(data);
+        joined.extend_from_slice(&self.buf);
+        self.buf = joined;
     }
 
     /// Whether bytes past the last line are waiting in the buffer.

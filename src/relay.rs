@@ -19,9 +19,6 @@ use crate::line::Conn;
 
 /// Size of each direction's copy buffer.
 pub const COPY_BUFFER: usize = 64 * 1024;
-/// Silence on both sides after which a relayed session is closed (IMAP
-/// IDLE needs at least 29 minutes).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(31 * 60);
 
 /// Bytes moved and why the relay ended.
 #[derive(Debug, Default, Clone, Copy)]
@@ -57,6 +54,7 @@ async fn pump<R, W>(
     activity: Arc<Activity>,
     idle: Duration,
     count: Arc<AtomicU64>,
+    goodbye: Option<&'static [u8]>,
 ) -> Result<(), &'static str>
 where
     R: AsyncRead + Unpin,
@@ -75,8 +73,16 @@ where
             }
             Ok(Ok(n)) => n,
             Ok(Err(_)) => return Err("read failed"),
-            Err(_) if activity.idle_for() >= idle => return Err("idle timeout"),
-            Err(_) => continue,
+            // Only the pump towards the device ends the session on silence,
+            // with the protocol's goodbye.
+            Err(_) => match goodbye {
+                Some(text) if activity.idle_for() >= idle => {
+                    let _ = write_within(&mut to, text, Duration::from_secs(5)).await;
+                    let _ = to.shutdown().await;
+                    return Err("idle timeout");
+                }
+                _ => continue,
+            },
         };
         activity.touch();
         write_within(&mut to, &buf[..n], idle).await?;
@@ -106,6 +112,7 @@ pub async fn relay(
     device: Conn,
     upstream: Conn,
     idle: Duration,
+    goodbye: &'static [u8],
     abort: CancellationToken,
 ) -> Relayed {
     let (device, device_residual) = device.into_parts();
@@ -125,6 +132,7 @@ pub async fn relay(
         activity.clone(),
         idle,
         up_count.clone(),
+        None,
     );
     let to_device = pump(
         upstream_r,
@@ -133,6 +141,7 @@ pub async fn relay(
         activity,
         idle,
         down_count.clone(),
+        Some(goodbye),
     );
     tokio::pin!(to_upstream, to_device);
 

@@ -1,16 +1,18 @@
-//! Listeners and sessions: bind, accept, bound the number of connections,
-//! run one task per device, log one line when each session ends, and drain
-//! on shutdown.
+//! Listeners and sessions: bind, accept, bound the number of connections
+//! (per listener and overall), read a PROXY header where configured, run one
+//! task per device, log one line when each session ends, and drain on
+//! shutdown.
 //!
 //! Shutdown has two steps: `stop` (stop accepting; sessions that have not
-//! logged in are told `421`), then after [`DRAIN_GRACE`] `abort` (relayed
-//! sessions are closed).
+//! logged in are told goodbye in their protocol), then after [`DRAIN_GRACE`]
+//! `abort` (relayed sessions are closed).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,10 +25,10 @@ use crate::relay;
 use crate::App;
 
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
-/// Connections one listener serves at once; more are told to come back later.
-pub const MAX_CONNECTIONS_PER_LISTENER: usize = 1000;
 /// How long relayed sessions may run on after a shutdown signal.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
+/// How long a turned-away device gets to read why.
+const BUSY_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One `[[listener]]`, ready to serve.
 pub struct Listener {
@@ -34,6 +36,8 @@ pub struct Listener {
     pub tls: TlsMode,
     pub tls_acceptor: Option<TlsAcceptor>,
     pub allow_plaintext_auth: bool,
+    pub proxy_protocol: bool,
+    max_connections: usize,
     slots: Arc<Semaphore>,
 }
 
@@ -54,7 +58,9 @@ impl Listener {
             tls: config.tls,
             tls_acceptor,
             allow_plaintext_auth: config.allow_plaintext_auth,
-            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS_PER_LISTENER)),
+            proxy_protocol: config.proxy_protocol,
+            max_connections: config.max_connections,
+            slots: Arc::new(Semaphore::new(config.max_connections)),
         })
     }
 }
@@ -64,17 +70,16 @@ impl Listener {
 pub async fn serve(app: Arc<App>, bound: Vec<(TcpListener, Listener)>, stop: CancellationToken) {
     let abort = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let connections = Arc::new(Semaphore::new(app.config.limits.max_connections));
     for (socket, listener) in bound {
-        let (app, stop, abort, sessions) =
-            (app.clone(), stop.clone(), abort.clone(), tracker.clone());
-        tracker.spawn(accept_loop(
-            app,
-            socket,
-            Arc::new(listener),
-            stop,
-            abort,
-            sessions,
-        ));
+        let ctx = Ctx {
+            app: app.clone(),
+            listener: Arc::new(listener),
+            connections: connections.clone(),
+            stop: stop.clone(),
+            abort: abort.clone(),
+        };
+        tracker.spawn(accept_loop(ctx, socket, tracker.clone()));
     }
     tracker.close();
     stop.cancelled().await;
@@ -96,14 +101,17 @@ pub async fn serve(app: Arc<App>, bound: Vec<(TcpListener, Listener)>, stop: Can
     info!("all sessions ended");
 }
 
-async fn accept_loop(
+/// What each session of a listener shares.
+#[derive(Clone)]
+struct Ctx {
     app: Arc<App>,
-    socket: TcpListener,
     listener: Arc<Listener>,
+    connections: Arc<Semaphore>,
     stop: CancellationToken,
     abort: CancellationToken,
-    sessions: TaskTracker,
-) {
+}
+
+async fn accept_loop(ctx: Ctx, socket: TcpListener, sessions: TaskTracker) {
     loop {
         let (tcp, peer) = tokio::select! {
             r = socket.accept() => match r {
@@ -115,37 +123,63 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = stop.cancelled() => return,
+            _ = ctx.stop.cancelled() => return,
         };
         let _ = tcp.set_nodelay(true);
-        let (app, listener, stop, abort) =
-            (app.clone(), listener.clone(), stop.clone(), abort.clone());
-        let span = info_span!("session", protocol = %listener.protocol, peer = %peer);
-        sessions.spawn(session(app, listener, tcp, stop, abort).instrument(span));
+        let span = info_span!("session", protocol = %ctx.listener.protocol, peer = %peer, client = tracing::field::Empty);
+        sessions.spawn(session(ctx.clone(), tcp, peer).instrument(span));
     }
 }
 
-async fn session(
-    app: Arc<App>,
-    listener: Arc<Listener>,
-    tcp: TcpStream,
-    stop: CancellationToken,
-    abort: CancellationToken,
-) {
+/// Take a listener slot and a global slot, or say why not.
+fn admit(ctx: &Ctx) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), String> {
+    let listener = ctx
+        .listener
+        .slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            format!(
+                "listener connection limit ({}) reached",
+                ctx.listener.max_connections
+            )
+        })?;
+    let global = ctx.connections.clone().try_acquire_owned().map_err(|_| {
+        format!(
+            "global connection limit ({}) reached",
+            ctx.app.config.limits.max_connections
+        )
+    })?;
+    Ok((listener, global))
+}
+
+async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
     let started = Instant::now();
-    let Ok(_slot) = listener.slots.clone().try_acquire_owned() else {
-        warn!(
-            limit = MAX_CONNECTIONS_PER_LISTENER,
-            "connection limit reached; turning the device away"
-        );
-        let mut conn = Conn::new(Stream::Plain(tcp));
-        let _ = conn
-            .send(busy_reply(listener.protocol), Duration::from_secs(5))
-            .await;
-        return;
+    let protocol = ctx.listener.protocol;
+    let _slots = match admit(&ctx) {
+        Ok(s) => s,
+        Err(why) => {
+            warn!(reason = %why, "turning the device away");
+            let mut conn = Conn::new(Stream::Plain(tcp));
+            let _ = conn.send(busy_reply(protocol), BUSY_WRITE_TIMEOUT).await;
+            return;
+        }
     };
-    let stream = if listener.tls == TlsMode::Implicit {
-        let acceptor = listener
+    if ctx.listener.proxy_protocol {
+        match crate::proxy_protocol::read(&tcp, peer).await {
+            Ok(client) => {
+                peer = client;
+                tracing::Span::current().record("client", tracing::field::display(client));
+            }
+            Err(why) => {
+                info!(outcome = "rejected", reason = %why, "session ended");
+                return;
+            }
+        }
+    }
+    let stream = if ctx.listener.tls == TlsMode::Implicit {
+        let acceptor = ctx
+            .listener
             .tls_acceptor
             .as_ref()
             .expect("implicit TLS has an acceptor");
@@ -164,20 +198,33 @@ async fn session(
         Stream::Plain(tcp)
     };
     let conn = Conn::new(stream);
-    let outcome = match listener.protocol {
-        Protocol::Smtp => smtp::preauth(&app, &listener, conn, stop).await,
-        Protocol::Imap => imap::preauth(&app, &listener, conn, stop).await,
-        Protocol::Pop3 => pop3::preauth(&app, &listener, conn, stop).await,
+    let (app, listener, stop) = (&ctx.app, &ctx.listener, ctx.stop.clone());
+    let outcome = match protocol {
+        Protocol::Smtp => smtp::preauth(app, listener, conn, peer, stop).await,
+        Protocol::Imap => imap::preauth(app, listener, conn, peer, stop).await,
+        Protocol::Pop3 => pop3::preauth(app, listener, conn, peer, stop).await,
     };
     match outcome {
         Preauth::Relay {
             device,
             upstream,
             account,
+            mailbox,
+            _mailbox_slot,
         } => {
-            let r = relay::relay(device, upstream, relay::IDLE_TIMEOUT, abort).await;
+            let idle = Duration::from_secs(app.config.limits.idle_timeout_s);
+            let r = relay::relay(
+                device,
+                upstream,
+                idle,
+                idle_goodbye(protocol),
+                ctx.abort.clone(),
+            )
+            .await;
             info!(
                 account = %account,
+                mailbox = %mailbox,
+                upstream = %app.config.upstream.address(protocol),
                 outcome = "relayed",
                 end = r.end,
                 bytes_to_upstream = r.to_upstream,
@@ -202,5 +249,14 @@ fn busy_reply(protocol: Protocol) -> &'static [u8] {
         Protocol::Smtp => b"421 4.7.0 Too many connections, try again later\r\n",
         Protocol::Imap => b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
         Protocol::Pop3 => b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
+    }
+}
+
+/// What a relayed device is told when its session is closed for silence.
+fn idle_goodbye(protocol: Protocol) -> &'static [u8] {
+    match protocol {
+        Protocol::Smtp => b"421 4.4.2 Idle for too long, closing connection\r\n",
+        Protocol::Imap => b"* BYE Autologout; idle for too long\r\n",
+        Protocol::Pop3 => b"-ERR Idle for too long, closing connection\r\n",
     }
 }

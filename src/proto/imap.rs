@@ -17,17 +17,17 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::accounts::Identity;
 use crate::config::Protocol;
 use crate::error::AuthError;
 use crate::line::{Conn, LineError};
-use crate::proto::{self, Device, Preauth, PREAUTH_TIMEOUT};
+use crate::proto::{self, Device, Preauth, Upstream};
 use crate::sasl;
 use crate::server::Listener;
 use crate::upstream::{self, printable, MAX_REPLY_LINE, MAX_REPLY_LINES, REPLY_TIMEOUT};
 use crate::App;
+use std::net::SocketAddr;
 
-/// Longest line of a command before login.
-pub const MAX_COMMAND_LINE: usize = 8 * 1024;
 /// Largest literal accepted before login (a user name or password).
 pub const MAX_LITERAL: u64 = 8 * 1024;
 /// Largest whole command (lines and literals) before login.
@@ -407,6 +407,7 @@ impl AuthError {
             AuthError::TokenUnavailable(_) => "NO [UNAVAILABLE] Temporary authentication failure: token service unavailable",
             AuthError::UpstreamUnavailable(_) => "NO [UNAVAILABLE] Mail server unavailable, try again later",
             AuthError::UpstreamTemporary(_) => "NO [UNAVAILABLE] Temporary authentication failure at the mail server",
+            AuthError::Busy(_) => "NO [UNAVAILABLE] Too many sessions for this mailbox at once, try again later",
         };
         format!("{tag} {text}\r\n")
     }
@@ -455,7 +456,7 @@ impl Session<'_> {
     async fn read_command(&mut self) -> Result<Read, LineError> {
         let mut command = Vec::new();
         loop {
-            let line = match self.conn.read_line(MAX_COMMAND_LINE, PREAUTH_TIMEOUT).await {
+            let line = match self.read_line().await {
                 Ok(l) => l,
                 Err(LineError::TooLong(_)) => {
                     let _ = self.reply("* BAD Command line too long\r\n").await;
@@ -486,7 +487,8 @@ impl Session<'_> {
                 let _ = self.reply("+ Ready for literal data\r\n").await;
             }
             command.extend_from_slice(b"\r\n");
-            let data = self.conn.read_exact(n as usize, PREAUTH_TIMEOUT).await?;
+            let wait = self.timeout;
+            let data = self.conn.read_exact(n as usize, wait).await?;
             command.extend_from_slice(&data);
         }
     }
@@ -495,13 +497,13 @@ impl Session<'_> {
         &mut self,
         tag: &str,
         creds: sasl::Credentials,
-    ) -> Result<Option<(Conn, String)>, &'static str> {
+    ) -> Result<Option<(Upstream, Identity)>, &'static str> {
         match proto::login(self.app, Protocol::Imap, creds, "").await {
             Ok((up, id)) => {
                 let caps = device_capabilities(&up.capabilities).join(" ");
                 self.reply(&format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n"))
                     .await?;
-                Ok(Some((up.conn, id.account)))
+                Ok(Some((up, id)))
             }
             Err(e) => {
                 self.auth_failures += 1;
@@ -519,7 +521,7 @@ impl Session<'_> {
     ) -> Result<Option<sasl::Credentials>, &'static str> {
         let message = match initial {
             Some(ir) => sasl::decode_line(ir),
-            None => self.sasl_response("+ \r\n", MAX_COMMAND_LINE).await?,
+            None => self.sasl_response("+ \r\n").await?,
         };
         match message.and_then(|m| sasl::decode_plain(&m)) {
             Ok(c) => Ok(Some(c)),
@@ -546,11 +548,12 @@ pub async fn preauth(
     app: &App,
     listener: &Listener,
     conn: Conn,
+    peer: SocketAddr,
     shutdown: CancellationToken,
 ) -> Preauth {
     let s = Session {
         app,
-        dev: Device::new(conn, listener),
+        dev: Device::new(conn, listener, peer, &app.config.limits),
     };
     run(s, &shutdown).await.unwrap_or_else(Preauth::Closed)
 }
@@ -585,7 +588,7 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                 return Ok(Preauth::Closed("idle timeout"));
             }
             Err(LineError::TooLong(_)) => return Ok(Preauth::Closed("literal too large")),
-            Err(_) => return Ok(Preauth::Closed("device closed the connection")),
+            Err(e) => return Ok(Preauth::Closed(e.reason())),
         };
         let cmd = match parse_command(&raw) {
             Ok(c) => c,
@@ -664,12 +667,8 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                     .await?;
                     continue;
                 };
-                if let Some((upstream, account)) = s.login(tag, creds).await? {
-                    return Ok(Preauth::Relay {
-                        device: s.dev.conn,
-                        upstream,
-                        account,
-                    });
+                if let Some((up, id)) = s.login(tag, creds).await? {
+                    return Ok(Preauth::relay(s.dev.conn, up, &id));
                 }
             }
             "AUTHENTICATE" => {
@@ -689,12 +688,8 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                 let Some(creds) = s.plain_credentials(tag, initial.as_deref()).await? else {
                     continue;
                 };
-                if let Some((upstream, account)) = s.login(tag, creds).await? {
-                    return Ok(Preauth::Relay {
-                        device: s.dev.conn,
-                        upstream,
-                        account,
-                    });
+                if let Some((up, id)) = s.login(tag, creds).await? {
+                    return Ok(Preauth::relay(s.dev.conn, up, &id));
                 }
             }
             _ => {

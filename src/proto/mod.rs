@@ -7,28 +7,32 @@ pub mod imap;
 pub mod pop3;
 pub mod smtp;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{info, warn};
 
 use crate::accounts::Identity;
-use crate::config::Protocol;
+use crate::config::{LimitsConfig, Protocol};
 use crate::error::AuthError;
 use crate::line::{Conn, LineError};
 use crate::sasl::{self, Credentials};
 use crate::server::Listener;
 use crate::App;
 
-/// How long a device may be silent before it has logged in.
-pub const PREAUTH_TIMEOUT: Duration = Duration::from_secs(300);
-
 /// How a session ended before the relay, or the hand-off to it.
+// One per session, moved once into the relay: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Preauth {
     /// Logged in upstream: relay from here.
     Relay {
         device: Conn,
         upstream: Conn,
         account: String,
+        mailbox: String,
+        /// The mailbox's upstream session slot, held while the session lives.
+        _mailbox_slot: OwnedSemaphorePermit,
     },
     /// The session is over (QUIT/LOGOUT, timeout, limits, shutdown, closed).
     Closed(&'static str),
@@ -39,6 +43,14 @@ pub enum Preauth {
 pub struct Device<'a> {
     pub conn: Conn,
     pub listener: &'a Listener,
+    /// The client: the TCP peer, or the address a PROXY header gave.
+    pub peer: SocketAddr,
+    /// How long the device may be silent (`[limits] preauth_timeout_s`).
+    pub timeout: Duration,
+    /// The longest command line (`[limits] max_line`).
+    pub max_line: usize,
+    /// No line has been read yet (a PROXY header would be the first).
+    first_line: bool,
     /// Bad commands so far.
     pub errors: usize,
     /// Failed logins so far.
@@ -46,19 +58,47 @@ pub struct Device<'a> {
 }
 
 impl<'a> Device<'a> {
-    pub fn new(conn: Conn, listener: &'a Listener) -> Device<'a> {
+    pub fn new(
+        conn: Conn,
+        listener: &'a Listener,
+        peer: SocketAddr,
+        limits: &LimitsConfig,
+    ) -> Device<'a> {
         Device {
             conn,
             listener,
+            peer,
+            timeout: Duration::from_secs(limits.preauth_timeout_s),
+            max_line: limits.max_line,
+            first_line: true,
             errors: 0,
             auth_failures: 0,
         }
     }
 
+    /// Read one command line, bounded by `max_line` and `timeout`. A PROXY
+    /// header where none is expected ends the session.
+    pub async fn read_line(&mut self) -> Result<Vec<u8>, LineError> {
+        let line = self.conn.read_line(self.max_line, self.timeout).await?;
+        if std::mem::take(&mut self.first_line) {
+            let mut first = line.clone();
+            if line.is_empty() {
+                first.extend_from_slice(b"\r\n");
+                first.extend_from_slice(self.conn.buffered());
+            }
+            if crate::proxy_protocol::looks_like_header(&first) {
+                return Err(LineError::Unexpected(
+                    "PROXY header on a listener without proxy_protocol",
+                ));
+            }
+        }
+        Ok(line)
+    }
+
     /// Send a reply; a device that cannot take it ends the session.
     pub async fn reply(&mut self, text: &str) -> Result<(), &'static str> {
         self.conn
-            .send(text.as_bytes(), PREAUTH_TIMEOUT)
+            .send(text.as_bytes(), self.timeout)
             .await
             .map_err(|_| -> &'static str { "device write failed" })
     }
@@ -98,10 +138,9 @@ impl<'a> Device<'a> {
     pub async fn sasl_response(
         &mut self,
         prompt: &str,
-        max_line: usize,
     ) -> Result<Result<Vec<u8>, sasl::SaslError>, &'static str> {
         self.reply(prompt).await?;
-        match self.conn.read_line(max_line, PREAUTH_TIMEOUT).await {
+        match self.conn.read_line(self.max_line, self.timeout).await {
             Ok(line) => Ok(sasl::decode_line(&line)),
             Err(LineError::TooLong(_)) => Ok(Err(sasl::SaslError::TooLong)),
             Err(_) => Err("device gone during authentication"),
@@ -114,6 +153,21 @@ impl<'a> Device<'a> {
 pub struct Upstream {
     pub conn: Conn,
     pub capabilities: Vec<String>,
+    /// The mailbox's session slot (see `limits`).
+    pub slot: OwnedSemaphorePermit,
+}
+
+impl Preauth {
+    /// Hand a logged-in session to the relay.
+    pub fn relay(device: Conn, upstream: Upstream, id: &Identity) -> Preauth {
+        Preauth::Relay {
+            device,
+            upstream: upstream.conn,
+            account: id.account.clone(),
+            mailbox: id.mailbox.clone(),
+            _mailbox_slot: upstream.slot,
+        }
+    }
 }
 
 /// Check the device's credentials, then log in upstream. Logs the outcome
@@ -134,13 +188,34 @@ pub async fn login(
         Ok((upstream, id))
     }
     .await;
-    match &result {
+    log_login(&login, &result);
+    result
+}
+
+/// Log in upstream as a `[[relay]]` rule's account, for a device that
+/// cannot authenticate (its network is the credential).
+pub async fn relay_login(
+    app: &App,
+    account: &str,
+    client_name: &str,
+) -> Result<(Upstream, Identity), AuthError> {
+    let result: Result<(Upstream, Identity), AuthError> = async {
+        let id = app.accounts.identity(account)?;
+        let upstream = upstream_login(app, Protocol::Smtp, &id, client_name).await?;
+        Ok((upstream, id))
+    }
+    .await;
+    log_login(&format!("relay as {account}"), &result);
+    result
+}
+
+fn log_login(login: &str, result: &Result<(Upstream, Identity), AuthError>) {
+    match result {
         Ok((_, id)) => {
             info!(login = %login, account = %id.account, mailbox = %id.mailbox, grant = %id.grant, "authenticated; relaying")
         }
         Err(e) => warn!(login = %login, reason = e.reason(), error = %e, "login failed"),
     }
-    result
 }
 
 /// Fetch a token and dial upstream at once, then log in with XOAUTH2; a
@@ -152,6 +227,7 @@ async fn upstream_login(
     id: &Identity,
     client_name: &str,
 ) -> Result<Upstream, AuthError> {
+    let slot = app.mailbox_limits.acquire(protocol, &id.mailbox).await?;
     let (token, dialled) = tokio::join!(app.tokens.get(id), dial(app, protocol, client_name));
     let token = token?;
     let (mut conn, capabilities) = dialled?;
@@ -179,7 +255,11 @@ async fn upstream_login(
         }
         other => other?,
     };
-    Ok(Upstream { conn, capabilities })
+    Ok(Upstream {
+        conn,
+        capabilities,
+        slot,
+    })
 }
 
 async fn dial(

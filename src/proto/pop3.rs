@@ -10,18 +10,17 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::accounts::Identity;
 use crate::config::Protocol;
 use crate::error::AuthError;
 use crate::line::{Conn, LineError};
-use crate::proto::{self, Device, Preauth, PREAUTH_TIMEOUT};
+use crate::proto::{self, Device, Preauth, Upstream};
 use crate::sasl;
 use crate::server::Listener;
 use crate::upstream::{self, printable, MAX_REPLY_LINE, REPLY_TIMEOUT};
 use crate::App;
+use std::net::SocketAddr;
 
-/// Longest command line before login (RFC 1939 allows 255 octets; AUTH
-/// lines with an initial response need more).
-pub const MAX_COMMAND_LINE: usize = 4096;
 /// Commands a device may send before it logs in.
 pub const MAX_PREAUTH_COMMANDS: usize = 100;
 /// Bad commands before the connection is closed.
@@ -175,6 +174,9 @@ impl AuthError {
             AuthError::UpstreamTemporary(_) => {
                 "-ERR [SYS/TEMP] Temporary authentication failure at the mail server\r\n"
             }
+            AuthError::Busy(_) => {
+                "-ERR [IN-USE] Too many sessions for this mailbox at once, try again later\r\n"
+            }
         }
     }
 }
@@ -202,11 +204,11 @@ impl Session<'_> {
     async fn login(
         &mut self,
         creds: sasl::Credentials,
-    ) -> Result<Option<(Conn, String)>, &'static str> {
+    ) -> Result<Option<(Upstream, Identity)>, &'static str> {
         match proto::login(self.app, Protocol::Pop3, creds, "").await {
             Ok((up, id)) => {
                 self.reply("+OK Logged in\r\n").await?;
-                Ok(Some((up.conn, id.account)))
+                Ok(Some((up, id)))
             }
             Err(e) => {
                 self.auth_failures += 1;
@@ -223,7 +225,7 @@ impl Session<'_> {
     ) -> Result<Option<sasl::Credentials>, &'static str> {
         let message = match initial {
             Some(ir) => sasl::decode_line(ir),
-            None => self.sasl_response("+ \r\n", MAX_COMMAND_LINE).await?,
+            None => self.sasl_response("+ \r\n").await?,
         };
         match message.and_then(|m| sasl::decode_plain(&m)) {
             Ok(c) => Ok(Some(c)),
@@ -247,11 +249,12 @@ pub async fn preauth(
     app: &App,
     listener: &Listener,
     conn: Conn,
+    peer: SocketAddr,
     shutdown: CancellationToken,
 ) -> Preauth {
     let s = Session {
         app,
-        dev: Device::new(conn, listener),
+        dev: Device::new(conn, listener, peer, &app.config.limits),
         user: None,
     };
     run(s, &shutdown).await.unwrap_or_else(Preauth::Closed)
@@ -271,7 +274,7 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
             return Ok(Preauth::Closed("too many failed logins"));
         }
         let line = tokio::select! {
-            line = s.conn.read_line(MAX_COMMAND_LINE, PREAUTH_TIMEOUT) => line,
+            line = s.read_line() => line,
             _ = shutdown.cancelled() => {
                 s.reply("-ERR [SYS/TEMP] Server shutting down\r\n").await?;
                 return Ok(Preauth::Closed("shutdown"));
@@ -289,7 +292,7 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                     .await?;
                 return Ok(Preauth::Closed("idle timeout"));
             }
-            Err(_) => return Ok(Preauth::Closed("device closed the connection")),
+            Err(e) => return Ok(Preauth::Closed(e.reason())),
         };
         match parse_command(&line) {
             Command::Capa => {
@@ -341,12 +344,8 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                     login,
                     password: SecretString::from(password),
                 };
-                if let Some((upstream, account)) = s.login(creds).await? {
-                    return Ok(Preauth::Relay {
-                        device: s.dev.conn,
-                        upstream,
-                        account,
-                    });
+                if let Some((up, id)) = s.login(creds).await? {
+                    return Ok(Preauth::relay(s.dev.conn, up, &id));
                 }
             }
             Command::Auth {
@@ -365,12 +364,8 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                 let Some(creds) = s.plain_credentials(initial.as_deref()).await? else {
                     continue;
                 };
-                if let Some((upstream, account)) = s.login(creds).await? {
-                    return Ok(Preauth::Relay {
-                        device: s.dev.conn,
-                        upstream,
-                        account,
-                    });
+                if let Some((up, id)) = s.login(creds).await? {
+                    return Ok(Preauth::relay(s.dev.conn, up, &id));
                 }
             }
             Command::Quit => {

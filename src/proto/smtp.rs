@@ -18,18 +18,17 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::accounts::Identity;
 use crate::config::Protocol;
 use crate::error::AuthError;
 use crate::line::{Conn, LineError};
-use crate::proto::{self, Device, Preauth, PREAUTH_TIMEOUT};
+use crate::proto::{self, Device, Preauth, Upstream};
 use crate::sasl;
 use crate::server::Listener;
 use crate::upstream::{self, printable, MAX_REPLY_LINE, MAX_REPLY_LINES, REPLY_TIMEOUT};
 use crate::App;
+use std::net::SocketAddr;
 
-/// Longest command line before authentication (RFC 5321 allows 512; AUTH
-/// lines with a base64 initial response need more).
-pub const MAX_COMMAND_LINE: usize = 4096;
 /// Commands a device may send before it authenticates.
 pub const MAX_PREAUTH_COMMANDS: usize = 100;
 /// Unrecognised or malformed commands before the connection is closed.
@@ -417,25 +416,20 @@ impl Session<'_> {
             "PLAIN" => {
                 let message = match initial {
                     Some(r) => r,
-                    None => self.sasl_response("334 \r\n", MAX_COMMAND_LINE).await?,
+                    None => self.sasl_response("334 \r\n").await?,
                 };
                 message.and_then(|m| sasl::decode_plain(&m))
             }
             _ => {
                 let user = match initial {
                     Some(r) => r,
-                    None => {
-                        self.sasl_response("334 VXNlcm5hbWU6\r\n", MAX_COMMAND_LINE)
-                            .await?
-                    }
+                    None => self.sasl_response("334 VXNlcm5hbWU6\r\n").await?,
                 };
                 let user = match user.and_then(|u| sasl::utf8(&u)) {
                     Ok(u) => u,
                     Err(e) => return Ok(Err(e)),
                 };
-                let password = self
-                    .sasl_response("334 UGFzc3dvcmQ6\r\n", MAX_COMMAND_LINE)
-                    .await?;
+                let password = self.sasl_response("334 UGFzc3dvcmQ6\r\n").await?;
                 password
                     .and_then(|p| sasl::utf8(&p))
                     .map(|p| sasl::Credentials {
@@ -451,7 +445,7 @@ impl Session<'_> {
         &mut self,
         mechanism: &str,
         initial: Option<&[u8]>,
-    ) -> Result<Option<(Conn, String)>, &'static str> {
+    ) -> Result<Option<(Upstream, Identity)>, &'static str> {
         if self.helo.is_none() {
             self.reply("503 5.5.1 Send EHLO or HELO first\r\n").await?;
             return Ok(None);
@@ -481,35 +475,111 @@ impl Session<'_> {
             }
         };
         let client_name = self.helo.clone().unwrap_or_else(|| "oxbridge".into());
-        let result = match proto::login(self.app, Protocol::Smtp, creds, &client_name).await {
-            Ok((up, id)) => {
-                self.app.smtp_caps.update(&up.capabilities).await;
-                if promises_hold(&self.told, &up.capabilities) {
-                    Ok((up.conn, id))
-                } else {
-                    let e = AuthError::UpstreamTemporary(format!(
-                        "upstream EHLO changed since the device was told {:?}; it now offers {:?}",
-                        self.told, up.capabilities
-                    ));
-                    warn!(reason = e.reason(), error = %e, "login failed");
-                    Err(e)
-                }
-            }
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok((up, id)) => {
+        let result = proto::login(self.app, Protocol::Smtp, creds, &client_name).await;
+        match self.check_promises(result).await {
+            Ok(login) => {
                 self.reply("235 2.7.0 Authentication successful\r\n")
                     .await?;
-                Ok(Some((up, id.account)))
+                Ok(Some(login))
             }
             Err(e) => {
                 self.auth_failures += 1;
                 self.reply(e.smtp_reply()).await?;
+                if matches!(e, AuthError::Busy(_)) {
+                    return Err("mailbox busy");
+                }
                 Ok(None)
             }
         }
     }
+
+    /// Learn the upstream's EHLO from a fresh login, and refuse the session
+    /// if it no longer offers what the device was told.
+    async fn check_promises(
+        &mut self,
+        result: Result<(Upstream, Identity), AuthError>,
+    ) -> Result<(Upstream, Identity), AuthError> {
+        let (up, id) = result?;
+        self.app.smtp_caps.update(&up.capabilities).await;
+        if promises_hold(&self.told, &up.capabilities) {
+            return Ok((up, id));
+        }
+        let e = AuthError::UpstreamTemporary(format!(
+            "upstream EHLO changed since the device was told {:?}; it now offers {:?}",
+            self.told, up.capabilities
+        ));
+        warn!(reason = e.reason(), error = %e, "login failed");
+        Err(e)
+    }
+
+    /// MAIL before AUTH: relayed as a `[[relay]]` account when the device's
+    /// network has a rule (and the sender is allowed), else refused.
+    async fn mail_without_auth(
+        &mut self,
+        line: &[u8],
+    ) -> Result<Option<(Upstream, Identity)>, &'static str> {
+        let Some(rule) = self.app.relay_rule(self.peer.ip()) else {
+            self.reply("530 5.7.0 Authentication required\r\n").await?;
+            return Ok(None);
+        };
+        if self.helo.is_none() {
+            self.reply("503 5.5.1 Send EHLO or HELO first\r\n").await?;
+            return Ok(None);
+        }
+        let sender = mail_from_address(line).unwrap_or_default();
+        if !sender_allowed(&rule.allowed_senders, &sender) {
+            warn!(sender = %sender, account = %rule.account, "relay refused: sender not allowed");
+            self.reply("550 5.7.1 Sender not allowed to relay from this network\r\n")
+                .await?;
+            return Ok(None);
+        }
+        let client_name = self.helo.clone().unwrap_or_else(|| "oxbridge".into());
+        let account = rule.account.clone();
+        let result = proto::relay_login(self.app, &account, &client_name).await;
+        match self.check_promises(result).await {
+            Ok(login) => Ok(Some(login)),
+            Err(e) => {
+                let reply = match &e {
+                    AuthError::Busy(_) => e.smtp_reply(),
+                    e if e.is_temporary() => {
+                        "451 4.7.0 Temporary failure relaying for this network, try again later\r\n"
+                    }
+                    _ => "554 5.7.1 Relaying for this network is not possible now\r\n",
+                };
+                self.reply(reply).await?;
+                if matches!(e, AuthError::Busy(_)) {
+                    return Err("mailbox busy");
+                }
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The address of `MAIL FROM:<addr> params`, lower-cased.
+pub fn mail_from_address(line: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(line).ok()?;
+    let rest = text
+        .get(..10)
+        .filter(|p| p.eq_ignore_ascii_case("MAIL FROM:"))
+        .map(|_| &text[10..])?;
+    let rest = rest.trim_start();
+    let addr = match rest.strip_prefix('<') {
+        Some(r) => r.split('>').next()?,
+        None => rest.split(' ').next()?,
+    };
+    Some(addr.to_lowercase())
+}
+
+/// Whether a relay rule lets `sender` through: any, when the list is empty.
+pub fn sender_allowed(allowed: &[String], sender: &str) -> bool {
+    allowed.is_empty()
+        || allowed.iter().any(|a| match a.strip_prefix("*@") {
+            Some(domain) => sender
+                .rsplit_once('@')
+                .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain)),
+            None => a.eq_ignore_ascii_case(sender),
+        })
 }
 
 /// Keep a device-supplied EHLO name printable and short for our replies.
@@ -531,11 +601,12 @@ pub async fn preauth(
     app: &App,
     listener: &Listener,
     conn: Conn,
+    peer: SocketAddr,
     shutdown: CancellationToken,
 ) -> Preauth {
     let s = Session {
         app,
-        dev: Device::new(conn, listener),
+        dev: Device::new(conn, listener, peer, &app.config.limits),
         helo: None,
         told: Vec::new(),
     };
@@ -550,7 +621,7 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
     s.reply(&greeting).await?;
     for _ in 0..MAX_PREAUTH_COMMANDS {
         let line = tokio::select! {
-            line = s.conn.read_line(MAX_COMMAND_LINE, PREAUTH_TIMEOUT) => line,
+            line = s.read_line() => line,
             _ = shutdown.cancelled() => {
                 s.reply("421 4.3.2 Service shutting down, try again later\r\n").await?;
                 return Ok(Preauth::Closed("shutdown"));
@@ -573,7 +644,7 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                     .await?;
                 return Ok(Preauth::Closed("idle timeout"));
             }
-            Err(_) => return Ok(Preauth::Closed("device closed the connection")),
+            Err(e) => return Ok(Preauth::Closed(e.reason())),
         };
         match parse_command(&line) {
             Command::Ehlo(name) => {
@@ -602,24 +673,28 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
             }
             Command::Auth { mechanism, initial } => {
                 let initial = initial.map(|i| i.to_vec());
-                if let Some((upstream, account)) = s.auth(&mechanism, initial.as_deref()).await? {
-                    return Ok(Preauth::Relay {
-                        device: s.dev.conn,
-                        upstream,
-                        account,
-                    });
+                if let Some((up, id)) = s.auth(&mechanism, initial.as_deref()).await? {
+                    return Ok(Preauth::relay(s.dev.conn, up, &id));
                 }
                 if s.auth_failures >= MAX_AUTH_FAILURES {
                     s.reply("421 4.7.0 Too many failed logins, closing connection\r\n").await?;
                     return Ok(Preauth::Closed("too many failed logins"));
                 }
             }
-            Command::Mail | Command::Rcpt | Command::Data => {
-                s.reply("530 5.7.0 Authentication required\r\n").await?
+            Command::Mail => {
+                if let Some((up, id)) = s.mail_without_auth(&line).await? {
+                    // The MAIL command goes upstream first, then the relay.
+                    s.dev.conn.unread(&[line.as_slice(), b"
+"].concat());
+                    return Ok(Preauth::relay(s.dev.conn, up, &id));
+                }
             }
+            Command::Rcpt | Command::Data => s.reply("530 5.7.0 Authentication required
+").await?,
             Command::Bdat(size) => match size {
                 Some(n) if n <= MAX_PREAUTH_BDAT => {
-                    s.conn.discard(n, PREAUTH_TIMEOUT).await.map_err(|_| -> &'static str { "device gone during BDAT" })?;
+                    let wait = s.timeout;
+                    s.conn.discard(n, wait).await.map_err(|_| -> &'static str { "device gone during BDAT" })?;
                     s.reply("530 5.7.0 Authentication required\r\n").await?
                 }
                 _ => {

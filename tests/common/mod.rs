@@ -663,3 +663,61 @@ pub fn percent_decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A TCP forwarder to `target` that records the most connections it ever
+/// had open at once (the upstream's view of concurrency).
+pub fn concurrency_forwarder(target: &str) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let max = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(AtomicUsize::new(0));
+    let (seen_max, target) = (max.clone(), target.to_string());
+    std::thread::spawn(move || {
+        for client in l.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+            seen_max.fetch_max(now, Ordering::SeqCst);
+            let open = open.clone();
+            let (mut c_read, mut s_write) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut s_read, mut c_write) = (server, client);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_read, &mut s_write);
+                let _ = s_write.shutdown(std::net::Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s_read, &mut c_write);
+                let _ = c_write.shutdown(std::net::Shutdown::Both);
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, max)
+}
+
+impl Raw {
+    /// Connect from a chosen local address (loopback aliases stand for networks).
+    pub fn connect_from(port: u16, local: &str) -> Raw {
+        let socket = socket2_connect(local, port);
+        socket
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        Raw {
+            writer: socket.try_clone().unwrap(),
+            reader: BufReader::new(socket),
+        }
+    }
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the local address `local`.
+pub fn socket2_connect(local: &str, port: u16) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: SocketAddr = format!("{local}:0").parse().unwrap();
+    socket.bind(&local.into()).unwrap();
+    let remote: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    socket.connect(&remote.into()).unwrap();
+    socket.into()
+}

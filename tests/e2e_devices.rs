@@ -1,0 +1,431 @@
+//! Devices as they are: HELO-only clients, devices that cannot log in
+//! (relay rules by network), ten devices on one mailbox with Exchange's
+//! limit of three sessions, PROXY headers from a load balancer, and every
+//! limit pushed past its bound.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::*;
+
+const ALICE: &str = "alice@example.test";
+const LIMIT: Duration = Duration::from_secs(180);
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `[[relay]]` for 127.0.0.2 as the scanner account (mailbox alice), only
+/// for senders in example.test.
+const RELAY: &str = "[[relay]]\nfrom_networks = [\"127.0.0.2/32\"]\naccount = \"scanner@example.test\"\nallowed_senders = [\"*@example.test\"]\n";
+
+fn write_message(dir: &tempfile::TempDir, tag: &str) -> (Vec<u8>, std::path::PathBuf) {
+    let msg = message(ALICE, ALICE, tag, 0);
+    let path = dir.path().join(format!("{tag}.eml"));
+    std::fs::write(&path, &msg).unwrap();
+    (msg, path)
+}
+
+fn smtplib_no_auth(port: u16, source: &str, from: &str, file: &std::path::Path) -> Output {
+    run(
+        python("smtp_send.py")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--source",
+                source,
+                "--mech",
+                "NONE",
+            ])
+            .args(["--sender", from, "--rcpt", ALICE, "--message"])
+            .arg(file),
+        LIMIT,
+    )
+}
+
+/// HELO-only devices: swaks speaking plain SMTP (HELO, no extensions, no
+/// AUTH: it cannot log in without an EHLO list) from a relay network, and a
+/// device that sends AUTH after HELO.
+#[test]
+fn helo_only_clients_are_relayed() {
+    let up = upstream();
+    let proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), RELAY));
+    let dir = tempfile::tempdir().unwrap();
+    let tag = unique("helo");
+    let (msg, _) = write_message(&dir, &tag);
+    let trimmed = dir.path().join("helo.swaks");
+    std::fs::write(&trimmed, msg.strip_suffix(b"\r\n").unwrap()).unwrap();
+    let out = run(
+        Command::new("swaks")
+            .args([
+                "--server",
+                "127.0.0.1",
+                "--port",
+                &proxy.port(0).to_string(),
+                "--protocol",
+                "SMTP",
+            ])
+            .args([
+                "--local-interface",
+                "127.0.0.2",
+                "--from",
+                ALICE,
+                "--to",
+                ALICE,
+                "--data",
+            ])
+            .arg(format!("@{}", trimmed.display())),
+        LIMIT,
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "{t}\n{}", proxy.logs());
+    assert!(t.contains("-> HELO") && !t.contains("-> EHLO"), "{t}");
+    assert_delivered_intact(
+        &fetch_from_dovecot(ALICE, &format!("<{tag}@oxbridge.test>")),
+        &msg,
+    );
+
+    // HELO, then AUTH anyway (as many printers do), then a plain transaction.
+    let tag = unique("helo-auth");
+    let mut c = Raw::connect(proxy.port(0));
+    c.reply();
+    c.send("HELO printer");
+    let r = c.reply();
+    assert!(
+        r.starts_with("250 ") && !r.contains("250-"),
+        "HELO gets one line: {r}"
+    );
+    let ir = base64::engine::general_purpose::STANDARD
+        .encode(format!("\0scanner@example.test\0{SCANNER_PASSWORD}"));
+    c.send(&format!("AUTH PLAIN {ir}"));
+    assert!(c.reply().starts_with("235 "));
+    c.send(&format!("MAIL FROM:<{ALICE}>"));
+    assert!(c.reply().starts_with("250 "));
+    c.send(&format!("RCPT TO:<{ALICE}>"));
+    assert!(c.reply().starts_with("250 "));
+    c.send("DATA");
+    assert!(c.reply().starts_with("354 "));
+    let body = format!("From: {ALICE}\r\nTo: {ALICE}\r\nSubject: {tag}\r\nMessage-ID: <{tag}@oxbridge.test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\nhelo\r\n");
+    c.writer
+        .write_all(format!("{body}.\r\nQUIT\r\n").as_bytes())
+        .unwrap();
+    assert!(c.reply().starts_with("250 "));
+    assert_delivered_intact(
+        &fetch_from_dovecot(ALICE, &format!("<{tag}@oxbridge.test>")),
+        body.as_bytes(),
+    );
+}
+
+/// A device that cannot log in is relayed from its network, as its rule's
+/// account, for allowed senders only; from anywhere else it must log in.
+#[test]
+fn relay_by_network_and_never_an_open_relay() {
+    let up = upstream();
+    let proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), RELAY));
+    let port = proxy.port(0);
+    let dir = tempfile::tempdir().unwrap();
+
+    let tag = unique("relay");
+    let (msg, path) = write_message(&dir, &tag);
+    let out = smtplib_no_auth(port, "127.0.0.2", ALICE, &path);
+    assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
+    assert_delivered_intact(
+        &fetch_from_dovecot(ALICE, &format!("<{tag}@oxbridge.test>")),
+        &msg,
+    );
+    proxy.wait_log(&["authenticated", "relay as scanner@example.test"]);
+
+    // Outside the relay network: authentication required.
+    for source in ["127.0.0.1", "127.0.0.3"] {
+        let out = smtplib_no_auth(port, source, ALICE, &path);
+        assert_eq!(json_code(&out), Some(530), "{source}: {}", text(&out));
+    }
+    // Inside, with a sender the rule does not allow.
+    let out = smtplib_no_auth(port, "127.0.0.2", "someone@elsewhere.test", &path);
+    assert_eq!(json_code(&out), Some(550), "{}", text(&out));
+    // And RCPT/DATA without MAIL are refused outright.
+    let mut c = Raw::connect_from(port, "127.0.0.3");
+    c.reply();
+    c.send("EHLO x");
+    c.reply();
+    c.send("RCPT TO:<alice@example.test>");
+    assert!(c.reply().starts_with("530 "));
+}
+
+fn json_code(o: &Output) -> Option<u64> {
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last()?).ok()?;
+    v["code"].as_u64()
+}
+
+/// Ten devices at once on one mailbox with the limit at three: all ten
+/// messages arrive, and the upstream never sees more than three sessions.
+#[test]
+fn ten_devices_share_three_upstream_sessions() {
+    let up = upstream();
+    let (forwarder, max_open) =
+        concurrency_forwarder(&format!("127.0.0.1:{}", up.get("SUBMISSION_PORT")));
+    let cfg = config(
+        up,
+        "",
+        &listener("smtp", "none", true),
+        "[limits]\nsmtp_sessions_per_mailbox = 3\n",
+    )
+    .replace(
+        &format!("smtp = \"{}\"", up.submission()),
+        &format!("smtp = \"localhost:{}\"", forwarder.port()),
+    );
+    let proxy = Proxy::start(&cfg);
+    let dir = tempfile::tempdir().unwrap();
+    let tags: Vec<String> = (0..10).map(|i| unique(&format!("ten{i}"))).collect();
+    let outputs: Vec<Output> = std::thread::scope(|scope| {
+        let handles: Vec<_> = tags
+            .iter()
+            .map(|tag| {
+                let (_, path) = write_message(&dir, tag);
+                let port = proxy.port(0);
+                scope.spawn(move || {
+                    run(
+                        python("smtp_send.py")
+                            .args(["--port", &port.to_string(), "--mech", "PLAIN"])
+                            .args([
+                                "--user",
+                                "scanner@example.test",
+                                "--password",
+                                SCANNER_PASSWORD,
+                            ])
+                            .args(["--hold", "1", "--sender", ALICE, "--rcpt", ALICE, "--message"])
+                            .arg(&path),
+                        LIMIT,
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for out in &outputs {
+        assert!(out.status.success(), "{}\n{}", text(out), proxy.logs());
+    }
+    for tag in &tags {
+        fetch_from_dovecot(ALICE, &format!("<{tag}@oxbridge.test>"));
+    }
+    let max = max_open.load(Ordering::SeqCst);
+    assert!(
+        (1..=3).contains(&max),
+        "the upstream saw {max} sessions at once"
+    );
+}
+
+fn proxy_v2(source: [u8; 4], port: u16) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    h.extend_from_slice(&source);
+    h.extend_from_slice(&[127, 0, 0, 1]);
+    h.extend_from_slice(&port.to_be_bytes());
+    h.extend_from_slice(&587u16.to_be_bytes());
+    h
+}
+
+/// Behind a load balancer: the PROXY header's client address decides
+/// relaying; a missing header, or one on a listener that does not expect
+/// it, ends the connection.
+#[test]
+fn proxy_protocol_headers_shape_relay_decisions() {
+    let up = upstream();
+    let listeners = format!(
+        "{}proxy_protocol = true\n\n{}",
+        listener("smtp", "none", true),
+        listener("smtp", "none", true)
+    );
+    let proxy = Proxy::start(&config(up, "", &listeners, RELAY));
+    let (with, without) = (proxy.port(0), proxy.port(1));
+    let v1 = |ip: &str| format!("PROXY TCP4 {ip} 127.0.0.1 40000 587\r\n").into_bytes();
+    for (name, header, relayed) in [
+        ("v1 inside", v1("127.0.0.2"), true),
+        ("v1 outside", v1("10.9.9.9"), false),
+        ("v2 inside", proxy_v2([127, 0, 0, 2], 40001), true),
+        ("v2 outside", proxy_v2([10, 9, 9, 9], 40002), false),
+    ] {
+        let tag = unique("proxy");
+        let mut c = Raw::connect(with);
+        c.writer.write_all(&header).unwrap();
+        assert!(c.reply().starts_with("220 "), "{name}");
+        c.send("EHLO lb.test");
+        c.reply();
+        c.send(&format!("MAIL FROM:<{ALICE}>"));
+        let r = c.reply();
+        if !relayed {
+            assert!(r.starts_with("530 "), "{name}: {r}");
+            continue;
+        }
+        assert!(r.starts_with("250 "), "{name}: {r}\n{}", proxy.logs());
+        c.send(&format!("RCPT TO:<{ALICE}>"));
+        assert!(c.reply().starts_with("250 "));
+        c.send("DATA");
+        assert!(c.reply().starts_with("354 "));
+        let body = format!("From: {ALICE}\r\nTo: {ALICE}\r\nSubject: {tag}\r\nMessage-ID: <{tag}@oxbridge.test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\nvia {name}\r\n");
+        c.writer
+            .write_all(format!("{body}.\r\nQUIT\r\n").as_bytes())
+            .unwrap();
+        assert!(c.reply().starts_with("250 "), "{name}");
+        assert_delivered_intact(
+            &fetch_from_dovecot(ALICE, &format!("<{tag}@oxbridge.test>")),
+            body.as_bytes(),
+        );
+    }
+    proxy.wait_log(&["session ended", "\"client\":\"127.0.0.2:40000\""]);
+
+    // No header where one is required: no greeting, connection closed.
+    let mut c = Raw::connect(with);
+    c.send("EHLO no-header.test");
+    assert_eq!(c.line(), "<closed>");
+    proxy.wait_log(&["rejected", "invalid PROXY header"]);
+    // A header where none is expected: rejected, nothing relayed.
+    for header in [v1("127.0.0.2"), proxy_v2([127, 0, 0, 2], 40003)] {
+        let mut c = Raw::connect(without);
+        assert!(c.reply().starts_with("220 "));
+        c.writer.write_all(&header).unwrap();
+        c.send("EHLO x");
+        assert_eq!(c.line(), "<closed>");
+    }
+    proxy.wait_log(&["PROXY header on a listener without proxy_protocol"]);
+}
+
+fn login_plain(c: &mut Raw) -> String {
+    let ir = base64::engine::general_purpose::STANDARD
+        .encode(format!("\0scanner@example.test\0{SCANNER_PASSWORD}"));
+    c.send("EHLO x");
+    c.reply();
+    c.send(&format!("AUTH PLAIN {ir}"));
+    c.reply()
+}
+
+/// Every limit past its bound gets the protocol's reply, not a reset.
+#[test]
+fn limits_past_their_bounds() {
+    let up = upstream();
+    let listeners = format!(
+        "{}max_connections = 2\n\n{}\n{}",
+        listener("smtp", "none", true),
+        listener("imap", "none", true),
+        listener("pop3", "none", true)
+    );
+    let limits = "[limits]\npreauth_timeout_s = 1\nidle_timeout_s = 2\nmax_line = 512\nsmtp_sessions_per_mailbox = 1\nmailbox_wait_s = 1\n";
+    let proxy = Proxy::start(&config(up, "", &listeners, limits));
+    let (smtp, imap, pop3) = (proxy.port(0), proxy.port(1), proxy.port(2));
+
+    // Line length before login.
+    let long = "X".repeat(600);
+    let mut c = Raw::connect(smtp);
+    c.reply();
+    c.send(&long);
+    assert!(c.reply().starts_with("500 5.5.6"));
+    let mut c = Raw::connect(imap);
+    c.line();
+    c.send(&format!("a1 LOGIN {long} x"));
+    assert!(c.line().starts_with("* BAD"));
+    let mut c = Raw::connect(pop3);
+    c.line();
+    c.send(&format!("USER {long}"));
+    assert!(c.line().starts_with("-ERR"));
+
+    // Silence before login.
+    let started = Instant::now();
+    let mut s = Raw::connect(smtp);
+    let mut i = Raw::connect(imap);
+    let mut p = Raw::connect(pop3);
+    s.reply();
+    i.line();
+    p.line();
+    assert!(s.reply().starts_with("421 4.4.2"));
+    assert!(i.line().starts_with("* BYE"));
+    assert!(p.line().starts_with("-ERR"));
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Connections per listener: the third SMTP connection is turned away.
+    let mut a = Raw::connect(smtp);
+    let mut b = Raw::connect(smtp);
+    assert!(a.reply().starts_with("220") && b.reply().starts_with("220"));
+    let mut third = Raw::connect(smtp);
+    assert!(third.reply().starts_with("421 4.7.0 Too many connections"));
+    drop((a, b));
+    std::thread::sleep(Duration::from_millis(200));
+
+    // Sessions per mailbox: the second login waits 1 s, then 421 4.3.2.
+    let mut first = Raw::connect(smtp);
+    first.reply();
+    assert!(login_plain(&mut first).starts_with("235 "));
+    let mut second = Raw::connect(smtp);
+    second.reply();
+    let started = Instant::now();
+    let r = login_plain(&mut second);
+    assert!(r.starts_with("421 4.3.2"), "{r}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // Silence after login: 421 4.4.2 from the proxy after 2 s.
+    let r = first.reply();
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+    let line = proxy.wait_log(&["session ended", "relayed", "idle timeout"]);
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    for field in [
+        "account",
+        "mailbox",
+        "upstream",
+        "bytes_to_upstream",
+        "bytes_to_device",
+        "duration_ms",
+        "outcome",
+    ] {
+        assert!(!v[field].is_null(), "session line lacks {field}: {line}");
+    }
+    assert_eq!(v["span"]["protocol"], "smtp", "{line}");
+    assert!(
+        v["span"]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{line}"
+    );
+
+    // Too many failed logins.
+    let mut c = Raw::connect(smtp);
+    c.reply();
+    c.send("EHLO x");
+    c.reply();
+    let bad = base64::engine::general_purpose::STANDARD.encode("\0scanner@example.test\0wrong");
+    for _ in 0..3 {
+        c.send(&format!("AUTH PLAIN {bad}"));
+        assert!(c.reply().starts_with("535 "));
+    }
+    assert!(c.reply().starts_with("421 4.7.0 Too many failed logins"));
+}
+
+/// The global connection limit covers all listeners.
+#[test]
+fn global_connection_limit() {
+    let up = upstream();
+    let listeners = format!(
+        "{}\n{}",
+        listener("smtp", "none", true),
+        listener("pop3", "none", true)
+    );
+    let proxy = Proxy::start(&config(
+        up,
+        "",
+        &listeners,
+        "[limits]\nmax_connections = 1\n",
+    ));
+    let mut a = Raw::connect(proxy.port(0));
+    assert!(a.reply().starts_with("220"));
+    let mut b = Raw::connect(proxy.port(1));
+    assert!(b.line().starts_with("-ERR [SYS/TEMP] Too many connections"));
+}
