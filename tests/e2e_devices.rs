@@ -203,7 +203,15 @@ fn ten_devices_share_three_upstream_sessions() {
                                 "--password",
                                 SCANNER_PASSWORD,
                             ])
-                            .args(["--hold", "1", "--sender", ALICE, "--rcpt", ALICE, "--message"])
+                            .args([
+                                "--hold",
+                                "1",
+                                "--sender",
+                                ALICE,
+                                "--rcpt",
+                                ALICE,
+                                "--message",
+                            ])
                             .arg(&path),
                         LIMIT,
                     )
@@ -219,10 +227,7 @@ fn ten_devices_share_three_upstream_sessions() {
         fetch_from_dovecot(ALICE, &format!("<{tag}@oxbridge.test>"));
     }
     let max = max_open.load(Ordering::SeqCst);
-    assert!(
-        (1..=3).contains(&max),
-        "the upstream saw {max} sessions at once"
-    );
+    assert!(max == 3, "the upstream saw {max} sessions at once");
 }
 
 fn proxy_v2(source: [u8; 4], port: u16) -> Vec<u8> {
