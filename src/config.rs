@@ -822,6 +822,30 @@ grant = "client_credentials"
     }
 
     #[test]
+    fn client_secret_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "from-file-secret\n").unwrap();
+        let text = base("").replace(
+            "client_secret = \"s3cret-value\"",
+            &format!("client_secret_file = \"{}\"", secret.display()),
+        );
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(
+            c.oauth.client_secret.unwrap().expose_secret(),
+            "from-file-secret"
+        );
+        std::fs::write(&secret, "  \n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("oauth.client_secret_file") && err.contains("empty"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn debug_output_hides_secrets() {
         let c = Config::parse(&base("")).unwrap();
         let dbg = format!("{c:?}");

@@ -719,6 +719,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn certificate_credentials_send_an_assertion_not_a_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("app.pem");
+        let ok = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=app",
+            ])
+            .arg("-keyout")
+            .arg(dir.path().join("key.pem"))
+            .arg("-out")
+            .arg(dir.path().join("cert.pem"))
+            .output()
+            .unwrap();
+        assert!(ok.status.success());
+        let mut both = std::fs::read(dir.path().join("cert.pem")).unwrap();
+        both.extend(std::fs::read(dir.path().join("key.pem")).unwrap());
+        std::fs::write(&pem, both).unwrap();
+        let (url, _, bodies) = recording_endpoint(vec![ok_token()], Duration::ZERO).await;
+        let config: OAuthConfig = toml::from_str(&format!(
+            "client_id = \"app\"\nclient_secret = \"unused-secret\"\nclient_certificate_file = \"{}\"\ntoken_url = \"{url}\"",
+            pem.display()
+        ))
+        .unwrap();
+        let tokens = Tokens::new(&config, &[Protocol::Smtp], None).unwrap();
+        tokens
+            .get(&identity(Grant::ClientCredentials, "a@x.test", None))
+            .await
+            .unwrap();
+        let body = bodies.lock().unwrap()[0].clone();
+        assert!(body.contains("client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer"), "{body}");
+        assert!(body.contains("client_assertion=ey"), "{body}");
+        assert!(!body.contains("unused-secret"), "{body}");
+    }
+
+    fn ok_token() -> (u16, String) {
+        ok("tok", 3600)
+    }
+
+    #[tokio::test]
     async fn retry_after_is_honoured_within_bounds() {
         let (url, count) =
             endpoint(vec![(429, String::new()), ok("tok", 3600)], Duration::ZERO).await;
