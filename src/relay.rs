@@ -15,6 +15,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Protocol;
 use crate::line::Conn;
 
 /// Size of each direction's copy buffer.
@@ -46,6 +47,57 @@ impl Activity {
     }
 }
 
+/// The pump towards the device speaks for the proxy at the end: it tells
+/// the device why the session is closed (silence, a lost upstream).
+struct Farewell {
+    protocol: Protocol,
+    /// The last bytes the upstream sent, to tell a goodbye from a loss.
+    tail: Vec<u8>,
+}
+
+impl Farewell {
+    fn remember(&mut self, data: &[u8]) {
+        self.tail
+            .extend_from_slice(&data[data.len().saturating_sub(TAIL)..]);
+        let excess = self.tail.len().saturating_sub(TAIL);
+        self.tail.drain(..excess);
+    }
+
+    /// What to tell the device when the upstream went away: SMTP devices
+    /// must hear a 4xx unless the server said goodbye (`221`), so that a
+    /// message cut off in DATA is retried, never taken as sent.
+    fn on_upstream_loss(&self) -> Option<&'static [u8]> {
+        match self.protocol {
+            Protocol::Smtp if !smtp_said_goodbye(&self.tail) => {
+                Some(b"421 4.4.2 Connection to the mail server lost; nothing was accepted, try again\r\n")
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Bytes of upstream output kept to recognise its goodbye.
+const TAIL: usize = 512;
+
+/// Whether the last complete line the SMTP server sent is a `221` reply.
+pub fn smtp_said_goodbye(tail: &[u8]) -> bool {
+    let trimmed = tail
+        .strip_suffix(b"\r\n")
+        .or_else(|| tail.strip_suffix(b"\n"))
+        .unwrap_or(tail);
+    let last = trimmed.rsplit(|b| *b == b'\n').next().unwrap_or(trimmed);
+    last.starts_with(b"221")
+}
+
+/// What a relayed device is told when its session is closed for silence.
+pub fn idle_goodbye(protocol: Protocol) -> &'static [u8] {
+    match protocol {
+        Protocol::Smtp => b"421 4.4.2 Idle for too long, closing connection\r\n",
+        Protocol::Imap => b"* BYE Autologout; idle for too long\r\n",
+        Protocol::Pop3 => b"-ERR Idle for too long, closing connection\r\n",
+    }
+}
+
 /// Copy one direction until EOF (then shut the writer down) or an error.
 async fn pump<R, W>(
     mut from: R,
@@ -54,7 +106,7 @@ async fn pump<R, W>(
     activity: Arc<Activity>,
     idle: Duration,
     count: Arc<AtomicU64>,
-    goodbye: Option<&'static [u8]>,
+    mut farewell: Option<Farewell>,
 ) -> Result<(), &'static str>
 where
     R: AsyncRead + Unpin,
@@ -63,33 +115,81 @@ where
     if !residual.is_empty() {
         write_within(&mut to, &residual, idle).await?;
         count.fetch_add(residual.len() as u64, Ordering::Relaxed);
+        if let Some(f) = farewell.as_mut() {
+            f.remember(&residual);
+        }
     }
     let mut buf = vec![0u8; COPY_BUFFER];
     loop {
-        let n = match tokio::time::timeout(idle, from.read(&mut buf)).await {
-            Ok(Ok(0)) => {
+        let read = tokio::time::timeout(idle, from.read(&mut buf)).await;
+        let n = match (read, &farewell) {
+            (Ok(Ok(n)), _) if n > 0 => n,
+            (Ok(result), Some(f)) => {
+                let lost = f.on_upstream_loss();
+                if let Some(text) = lost {
+                    let _ = write_within(&mut to, text, FAREWELL_WRITE).await;
+                }
+                let _ = to.shutdown().await;
+                return match (result, lost) {
+                    (_, Some(_)) => Err(UPSTREAM_LOST),
+                    (Ok(_), None) => Ok(()),
+                    (Err(_), None) => Err("upstream failed"),
+                };
+            }
+            (Ok(Ok(_)), None) => {
                 let _ = to.shutdown().await;
                 return Ok(());
             }
-            Ok(Ok(n)) => n,
-            Ok(Err(_)) => return Err("read failed"),
+            (Ok(Err(_)), None) => return Err("read failed"),
             // Only the pump towards the device ends the session on silence,
             // with the protocol's goodbye.
-            Err(_) => match goodbye {
-                Some(text) if activity.idle_for() >= idle => {
-                    let _ = write_within(&mut to, text, Duration::from_secs(5)).await;
-                    let _ = to.shutdown().await;
-                    return Err("idle timeout");
-                }
-                _ => continue,
-            },
+            (Err(_), Some(f)) if activity.idle_for() >= idle => {
+                let _ = write_within(&mut to, idle_goodbye(f.protocol), FAREWELL_WRITE).await;
+                let _ = to.shutdown().await;
+                return Err("idle timeout");
+            }
+            (Err(_), _) => continue,
         };
         activity.touch();
-        write_within(&mut to, &buf[..n], idle).await?;
+        if let Err(e) = write_within(&mut to, &buf[..n], idle).await {
+            if farewell.is_none() {
+                // The upstream is gone: keep reading what the device still
+                // sends (its DATA), so that it reads our 4xx instead of
+                // being reset.
+                drain(&mut from, &mut buf).await;
+            }
+            return Err(e);
+        }
         count.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(f) = farewell.as_mut() {
+            f.remember(&buf[..n]);
+        }
         activity.touch();
     }
 }
+
+/// Read and drop what a device still sends after its upstream is gone,
+/// bounded in bytes and time.
+async fn drain<R: AsyncRead + Unpin>(from: &mut R, buf: &mut [u8]) {
+    let mut left = DRAIN_LIMIT;
+    let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, from.read(buf)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => return,
+        }
+    }
+}
+
+/// Why a relay ended when the upstream vanished without saying goodbye.
+const UPSTREAM_LOST: &str = "upstream lost";
+
+/// How much a device may still send after its upstream is gone.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(30);
+
+/// How long the device gets to take a farewell reply.
+const FAREWELL_WRITE: Duration = Duration::from_secs(5);
 
 async fn write_within<W: AsyncWrite + Unpin>(
     to: &mut W,
@@ -112,7 +212,7 @@ pub async fn relay(
     device: Conn,
     upstream: Conn,
     idle: Duration,
-    goodbye: &'static [u8],
+    protocol: Protocol,
     abort: CancellationToken,
 ) -> Relayed {
     let (device, device_residual) = device.into_parts();
@@ -134,6 +234,10 @@ pub async fn relay(
         up_count.clone(),
         None,
     );
+    let farewell = Farewell {
+        protocol,
+        tail: Vec::with_capacity(TAIL),
+    };
     let to_device = pump(
         upstream_r,
         device_w,
@@ -141,13 +245,21 @@ pub async fn relay(
         activity,
         idle,
         down_count.clone(),
-        Some(goodbye),
+        Some(farewell),
     );
     tokio::pin!(to_upstream, to_device);
 
     let end = tokio::select! {
         r = &mut to_device => match r {
             Ok(()) => "upstream closed",
+            Err(UPSTREAM_LOST) => {
+                // Let the device finish sending (drained) and read the 4xx.
+                tokio::select! {
+                    _ = tokio::time::timeout(DRAIN_TIME, &mut to_upstream) => {}
+                    _ = abort.cancelled() => {}
+                }
+                UPSTREAM_LOST
+            }
             Err(e) => e,
         },
         r = &mut to_upstream => match r {
@@ -164,5 +276,44 @@ pub async fn relay(
         to_upstream: up_count.load(Ordering::Relaxed),
         to_device: down_count.load(Ordering::Relaxed),
         end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smtp_goodbye_is_recognised() {
+        assert!(smtp_said_goodbye(
+            b"250 2.0.0 Ok: queued\r\n221 2.0.0 Bye\r\n"
+        ));
+        assert!(smtp_said_goodbye(b"221 2.0.0 Bye\r\n"));
+        assert!(!smtp_said_goodbye(
+            b"221 2.0.0 Bye\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+        ));
+        assert!(!smtp_said_goodbye(
+            b"354 End data with <CR><LF>.<CR><LF>\r\n"
+        ));
+        assert!(!smtp_said_goodbye(b""));
+    }
+
+    #[test]
+    fn farewell_keeps_a_bounded_tail() {
+        let mut f = Farewell {
+            protocol: Protocol::Smtp,
+            tail: Vec::new(),
+        };
+        f.remember(&vec![b'x'; 10_000]);
+        f.remember(b"\r\n221 Bye\r\n");
+        assert!(f.tail.len() <= TAIL);
+        assert!(f.on_upstream_loss().is_none());
+        f.remember(b"354 go ahead\r\n");
+        assert!(f.on_upstream_loss().unwrap().starts_with(b"421 4.4.2"));
+        let imap = Farewell {
+            protocol: Protocol::Imap,
+            tail: Vec::new(),
+        };
+        assert!(imap.on_upstream_loss().is_none());
     }
 }

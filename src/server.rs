@@ -213,14 +213,7 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
             _mailbox_slot,
         } => {
             let idle = Duration::from_secs(app.config.limits.idle_timeout_s);
-            let r = relay::relay(
-                device,
-                upstream,
-                idle,
-                idle_goodbye(protocol),
-                ctx.abort.clone(),
-            )
-            .await;
+            let r = relay::relay(device, upstream, idle, protocol, ctx.abort.clone()).await;
             info!(
                 account = %account,
                 mailbox = %mailbox,
@@ -249,14 +242,5 @@ fn busy_reply(protocol: Protocol) -> &'static [u8] {
         Protocol::Smtp => b"421 4.7.0 Too many connections, try again later\r\n",
         Protocol::Imap => b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
         Protocol::Pop3 => b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
-    }
-}
-
-/// What a relayed device is told when its session is closed for silence.
-fn idle_goodbye(protocol: Protocol) -> &'static [u8] {
-    match protocol {
-        Protocol::Smtp => b"421 4.4.2 Idle for too long, closing connection\r\n",
-        Protocol::Imap => b"* BYE Autologout; idle for too long\r\n",
-        Protocol::Pop3 => b"-ERR Idle for too long, closing connection\r\n",
     }
 }

@@ -721,3 +721,78 @@ pub fn socket2_connect(local: &str, port: u16) -> TcpStream {
     socket.connect(&remote.into()).unwrap();
     socket.into()
 }
+
+/// A TCP forwarder to `target` the test controls: it counts open and peak
+/// connections, and can cut every connection once `cut_after` bytes went
+/// from client to server (a mail server that dies mid-DATA).
+pub struct Forwarder {
+    pub addr: SocketAddr,
+    pub open: Arc<std::sync::atomic::AtomicUsize>,
+    pub max: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Forwarder {
+    pub fn start(target: &str, cut_after: Option<usize>) -> Forwarder {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (open, max) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (o, m, target) = (open.clone(), max.clone(), target.to_string());
+        std::thread::spawn(move || {
+            for client in l.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let now = o.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                let (mut c_read, mut s_write) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut s_read, mut c_write) =
+                    (server.try_clone().unwrap(), client.try_clone().unwrap());
+                let o = o.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    let mut sent = 0usize;
+                    loop {
+                        let n = match c_read.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if cut_after.is_some_and(|limit| sent + n > limit) {
+                            break;
+                        }
+                        sent += n;
+                        if s_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    // Cut both ways at once.
+                    let _ = server.shutdown(std::net::Shutdown::Both);
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_read, &mut c_write);
+                    let _ = c_write.shutdown(std::net::Shutdown::Both);
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Forwarder { addr, open, max }
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wait until no connection is open through the forwarder.
+    pub fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.open() == 0 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
