@@ -8,7 +8,11 @@
 //! password.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 use argon2::password_hash::{
     rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
@@ -63,7 +67,16 @@ pub struct Accounts {
     domains: HashMap<String, usize>,
     dummy_hash: String,
     verifies: Arc<Semaphore>,
+    /// Recently verified (account, password) pairs, as HMACs with a random
+    /// per-process key, so a device that logs in often skips Argon2.
+    verified: Mutex<HashMap<[u8; 32], Instant>>,
+    mac_key: [u8; 32],
 }
+
+/// How long a verified password is remembered.
+pub const VERIFIED_TTL: Duration = Duration::from_secs(600);
+/// Remembered pairs at most (the cache is emptied when full).
+const MAX_VERIFIED: usize = 10_000;
 
 /// Make an Argon2id PHC string (`oxbridge hash-password`).
 pub fn hash_password(password: &SecretString) -> Result<String, String> {
@@ -100,6 +113,8 @@ impl Accounts {
             domains,
             dummy_hash: hash_password(&dummy).expect("argon2 with default parameters"),
             verifies: Arc::new(Semaphore::new(MAX_CONCURRENT_VERIFIES)),
+            verified: Mutex::new(HashMap::new()),
+            mac_key: rand::random(),
         }
     }
 
@@ -148,7 +163,19 @@ impl Accounts {
                 .unwrap_or_else(|| self.dummy_hash.clone()),
             _ => self.dummy_hash.clone(),
         };
-        let ok = self.verify(hash, password).await;
+        let remembered = account
+            .filter(|_| shared_ok)
+            .map(|a| self.mac(&a.login, &password));
+        let ok = match remembered {
+            Some(key) if self.recently_verified(&key) => true,
+            _ => {
+                let ok = self.verify(hash, password).await;
+                if let (true, Some(key)) = (ok, remembered) {
+                    self.remember(key);
+                }
+                ok
+            }
+        };
         match account {
             Some(_) if !shared_ok => Err(AuthError::BadCredentials(
                 "shared mailbox not allowed for this account",
@@ -183,6 +210,29 @@ impl Accounts {
                 "relay account missing or with grant = password",
             )),
         }
+    }
+
+    fn mac(&self, account: &str, password: &SecretString) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.mac_key).expect("any key length");
+        mac.update(account.as_bytes());
+        mac.update(&[0]);
+        mac.update(password.expose_secret().as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    fn recently_verified(&self, key: &[u8; 32]) -> bool {
+        let verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        verified
+            .get(key)
+            .is_some_and(|at| at.elapsed() < VERIFIED_TTL)
+    }
+
+    fn remember(&self, key: [u8; 32]) {
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= MAX_VERIFIED {
+            verified.clear();
+        }
+        verified.insert(key, Instant::now());
     }
 
     async fn verify(&self, hash: String, password: SecretString) -> bool {
@@ -324,6 +374,35 @@ mod tests {
             .authenticate("u@x.test\\ceo@x.test", pw("any"))
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn a_repeated_correct_login_skips_argon2() {
+        let accounts = Accounts::new(&[account(
+            "a@x.test",
+            Grant::ClientCredentials,
+            Some("right"),
+            None,
+        )]);
+        let t = std::time::Instant::now();
+        accounts
+            .authenticate("a@x.test", pw("right"))
+            .await
+            .unwrap();
+        let first = t.elapsed();
+        let t = std::time::Instant::now();
+        accounts
+            .authenticate("a@x.test", pw("right"))
+            .await
+            .unwrap();
+        let again = t.elapsed();
+        assert!(again * 10 < first, "first {first:?}, again {again:?}");
+        // A wrong password is still checked in full, and refused.
+        assert!(accounts
+            .authenticate("a@x.test", pw("wrong"))
+            .await
+            .is_err());
+        assert_eq!(accounts.verified.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -277,6 +277,13 @@ pub struct LimitsConfig {
     pub mailbox_wait_s: u64,
     /// Devices that may wait for one mailbox at once; more are turned away.
     pub mailbox_queue: usize,
+    /// Delay after a failed login, doubled with each further failure (max 4 s).
+    pub login_delay_ms: u64,
+    /// Failed logins (per client address, and per account) within 15 minutes
+    /// that lock it out.
+    pub login_lockout_failures: u32,
+    /// How long a lockout lasts.
+    pub login_lockout_s: u64,
 }
 
 impl Default for LimitsConfig {
@@ -291,6 +298,9 @@ impl Default for LimitsConfig {
             pop3_sessions_per_mailbox: 20,
             mailbox_wait_s: 120,
             mailbox_queue: 100,
+            login_delay_ms: 250,
+            login_lockout_failures: 10,
+            login_lockout_s: 900,
         }
     }
 }
@@ -628,6 +638,10 @@ impl Config {
             (
                 "limits.pop3_sessions_per_mailbox",
                 l.pop3_sessions_per_mailbox,
+            ),
+            (
+                "limits.login_lockout_failures",
+                l.login_lockout_failures as usize,
             ),
         ] {
             if value == 0 {

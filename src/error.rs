@@ -28,6 +28,9 @@ pub enum AuthError {
     /// The mailbox has as many upstream sessions as it may; waiting did not help.
     #[error("mailbox busy: {0}")]
     Busy(String),
+    /// Too many failed logins from this address or for this account.
+    #[error("throttled: {0}")]
+    Throttled(&'static str),
 }
 
 impl AuthError {
@@ -40,6 +43,7 @@ impl AuthError {
                 | AuthError::UpstreamUnavailable(_)
                 | AuthError::UpstreamTemporary(_)
                 | AuthError::Busy(_)
+                | AuthError::Throttled(_)
         )
     }
 
@@ -53,6 +57,7 @@ impl AuthError {
             AuthError::UpstreamRefused(_) => "upstream_refused",
             AuthError::UpstreamTemporary(_) => "upstream_temporary",
             AuthError::Busy(_) => "mailbox_busy",
+            AuthError::Throttled(_) => "throttled",
         }
     }
 
@@ -78,6 +83,7 @@ impl AuthError {
             AuthError::Busy(_) => {
                 "421 4.3.2 Too many sessions for this mailbox at once, try again later\r\n"
             }
+            AuthError::Throttled(_) => "454 4.7.0 Too many failed logins; try again later\r\n",
         }
     }
 }

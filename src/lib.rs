@@ -14,6 +14,7 @@
 //! * `oauth`: where a token comes from: grants, the single-flight cache,
 //!   consent (`oxbridge login`), certificate assertions.
 //! * `store`: refresh tokens on disk, encrypted, written atomically.
+//! * `throttle`: delays and lockouts after failed logins.
 //! * `upstream`: dialling the real server.
 //! * `proto::smtp`: the device side until login, and the upstream login.
 //! * `relay`: after login, bytes both ways until the session ends.
@@ -34,6 +35,7 @@ pub mod relay;
 pub mod sasl;
 pub mod server;
 pub mod store;
+pub mod throttle;
 pub mod tls;
 pub mod upstream;
 
@@ -54,6 +56,7 @@ pub struct App {
     pub upstream_tls: TlsConnector,
     pub smtp_caps: proto::smtp::CapsCache,
     pub mailbox_limits: limits::MailboxLimits,
+    pub throttle: throttle::Throttle,
     /// The name oxbridge gives itself in greetings.
     pub hostname: String,
 }
@@ -86,6 +89,7 @@ impl App {
             upstream_tls,
             smtp_caps: Default::default(),
             mailbox_limits: limits::MailboxLimits::new(&config.limits),
+            throttle: throttle::Throttle::new(&config.limits),
             hostname: hostname(),
             config,
         })

@@ -434,3 +434,46 @@ fn global_connection_limit() {
     let mut b = Raw::connect(proxy.port(1));
     assert!(b.line().starts_with("-ERR [SYS/TEMP] Too many connections"));
 }
+
+fn auth_from(port: u16, source: &str, login: &str, password: &str) -> String {
+    let mut c = Raw::connect_from(port, source);
+    c.reply();
+    c.send("EHLO x");
+    c.reply();
+    let ir = base64::engine::general_purpose::STANDARD.encode(format!("\0{login}\0{password}"));
+    c.send(&format!("AUTH PLAIN {ir}"));
+    c.reply()
+}
+
+/// Failed logins slow down, then lock the address and the account out;
+/// a correct password is refused during the lockout; others are unaffected.
+#[test]
+fn brute_force_is_throttled_then_locked_out() {
+    let up = upstream();
+    let limits =
+        "[limits]\nlogin_delay_ms = 200\nlogin_lockout_failures = 3\nlogin_lockout_s = 60\n";
+    let proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), limits));
+    let port = proxy.port(0);
+    let started = Instant::now();
+    for _ in 0..3 {
+        assert!(auth_from(port, "127.0.0.1", "scanner@example.test", "guess").starts_with("535 "));
+    }
+    // 200 + 400 + 800 ms of delays.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        started.elapsed()
+    );
+    // Locked: the right password from the same address, and from another.
+    for source in ["127.0.0.1", "127.0.0.2"] {
+        let r = auth_from(port, source, "scanner@example.test", SCANNER_PASSWORD);
+        assert!(
+            r.starts_with("454 4.7.0 Too many failed logins"),
+            "{source}: {r}"
+        );
+    }
+    proxy.wait_log(&["login failed", "throttled", "locked out"]);
+    // Another account from another address is not affected.
+    let r = auth_from(port, "127.0.0.3", ALICE, &up.password(ALICE));
+    assert!(r.starts_with("235 "), "{r}");
+}

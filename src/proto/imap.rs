@@ -408,6 +408,7 @@ impl AuthError {
             AuthError::UpstreamUnavailable(_) => "NO [UNAVAILABLE] Mail server unavailable, try again later",
             AuthError::UpstreamTemporary(_) => "NO [UNAVAILABLE] Temporary authentication failure at the mail server",
             AuthError::Busy(_) => "NO [UNAVAILABLE] Too many sessions for this mailbox at once, try again later",
+            AuthError::Throttled(_) => "NO [UNAVAILABLE] Too many failed logins; try again later",
         };
         format!("{tag} {text}\r\n")
     }
@@ -498,7 +499,7 @@ impl Session<'_> {
         tag: &str,
         creds: sasl::Credentials,
     ) -> Result<Option<(Upstream, Identity)>, &'static str> {
-        match proto::login(self.app, Protocol::Imap, creds, "").await {
+        match proto::login(self.app, Protocol::Imap, creds, "", self.peer).await {
             Ok((up, id)) => {
                 let caps = device_capabilities(&up.capabilities).join(" ");
                 self.reply(&format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n"))

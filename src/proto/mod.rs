@@ -14,7 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{info, warn};
 
 use crate::accounts::Identity;
-use crate::config::{LimitsConfig, Protocol};
+use crate::config::{Grant, LimitsConfig, Protocol};
 use crate::error::AuthError;
 use crate::line::{Conn, LineError};
 use crate::sasl::{self, Credentials};
@@ -177,15 +177,37 @@ pub async fn login(
     protocol: Protocol,
     creds: Credentials,
     client_name: &str,
+    peer: SocketAddr,
 ) -> Result<(Upstream, Identity), AuthError> {
     let login = creds.login.clone();
     let result: Result<(Upstream, Identity), AuthError> = async {
+        app.throttle
+            .check(peer.ip(), &login)
+            .map_err(AuthError::Throttled)?;
         let id = app
             .accounts
             .authenticate(&creds.login, creds.password)
-            .await?;
-        let upstream = upstream_login(app, protocol, &id, client_name).await?;
-        Ok((upstream, id))
+            .await;
+        // A wrong local password, or one the token endpoint refused for the
+        // password grant, counts against the address and the account.
+        let password_grant = id.as_ref().is_ok_and(|id| id.grant == Grant::Password);
+        let result = match id {
+            Ok(id) => upstream_login(app, protocol, &id, client_name)
+                .await
+                .map(|up| (up, id)),
+            Err(e) => Err(e),
+        };
+        match &result {
+            Err(AuthError::BadCredentials(_)) => {
+                tokio::time::sleep(app.throttle.failure(peer.ip(), &login)).await
+            }
+            Err(AuthError::TokenRefused(_)) if password_grant => {
+                tokio::time::sleep(app.throttle.failure(peer.ip(), &login)).await
+            }
+            Ok(_) => app.throttle.success(peer.ip(), &login),
+            Err(_) => {}
+        }
+        result
     }
     .await;
     log_login(&login, &result);

@@ -177,6 +177,9 @@ impl AuthError {
             AuthError::Busy(_) => {
                 "-ERR [IN-USE] Too many sessions for this mailbox at once, try again later\r\n"
             }
+            AuthError::Throttled(_) => {
+                "-ERR [SYS/TEMP] Too many failed logins; try again later\r\n"
+            }
         }
     }
 }
@@ -205,7 +208,7 @@ impl Session<'_> {
         &mut self,
         creds: sasl::Credentials,
     ) -> Result<Option<(Upstream, Identity)>, &'static str> {
-        match proto::login(self.app, Protocol::Pop3, creds, "").await {
+        match proto::login(self.app, Protocol::Pop3, creds, "", self.peer).await {
             Ok((up, id)) => {
                 self.reply("+OK Logged in\r\n").await?;
                 Ok(Some((up, id)))

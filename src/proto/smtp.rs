@@ -475,7 +475,7 @@ impl Session<'_> {
             }
         };
         let client_name = self.helo.clone().unwrap_or_else(|| "oxbridge".into());
-        let result = proto::login(self.app, Protocol::Smtp, creds, &client_name).await;
+        let result = proto::login(self.app, Protocol::Smtp, creds, &client_name, self.peer).await;
         match self.check_promises(result).await {
             Ok(login) => {
                 self.reply("235 2.7.0 Authentication successful\r\n")

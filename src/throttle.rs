@@ -1,0 +1,187 @@
+//! Brute-force protection for local logins, per client address and per
+//! account: every failure makes the next reply slower (doubling from
+//! `login_delay_ms`, at most [`MAX_DELAY`]), and `login_lockout_failures`
+//! failures within [`WINDOW`] lock the address or account out for
+//! `login_lockout_s`, during which even a correct password is refused.
+//!
+//! Only counters live here, never a password. Entries expire with their
+//! window; the map is swept when it grows.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::LimitsConfig;
+
+/// Failures older than this are forgotten.
+pub const WINDOW: Duration = Duration::from_secs(15 * 60);
+/// The longest delay put on one failed login.
+pub const MAX_DELAY: Duration = Duration::from_secs(4);
+/// Entries kept before expired ones are swept.
+const SWEEP_AT: usize = 10_000;
+
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+enum Key {
+    Address(IpAddr),
+    Account(String),
+}
+
+#[derive(Clone, Copy)]
+struct Record {
+    failures: u32,
+    last: Instant,
+    locked_until: Option<Instant>,
+}
+
+pub struct Throttle {
+    base_delay: Duration,
+    lockout_failures: u32,
+    lockout: Duration,
+    records: Mutex<HashMap<Key, Record>>,
+    /// Logins refused because of a lockout (for metrics).
+    pub refused: AtomicU64,
+}
+
+impl Throttle {
+    pub fn new(limits: &LimitsConfig) -> Throttle {
+        Throttle {
+            base_delay: Duration::from_millis(limits.login_delay_ms),
+            lockout_failures: limits.login_lockout_failures,
+            lockout: Duration::from_secs(limits.login_lockout_s),
+            records: Mutex::new(HashMap::new()),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    fn keys(ip: IpAddr, login: &str) -> [Key; 2] {
+        [
+            Key::Address(ip.to_canonical()),
+            Key::Account(login.trim().to_lowercase()),
+        ]
+    }
+
+    /// Whether a login may be tried now; `Err` names what is locked out.
+    pub fn check(&self, ip: IpAddr, login: &str) -> Result<(), &'static str> {
+        let now = Instant::now();
+        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        for key in Self::keys(ip, login) {
+            if let Some(until) = records.get(&key).and_then(|r| r.locked_until) {
+                if now < until {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(match key {
+                        Key::Address(_) => "client address locked out after failed logins",
+                        Key::Account(_) => "account locked out after failed logins",
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Count a failed login; returns how long to hold the reply back.
+    pub fn failure(&self, ip: IpAddr, login: &str) -> Duration {
+        let now = Instant::now();
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        if records.len() >= SWEEP_AT {
+            records.retain(|_, r| {
+                now.duration_since(r.last) < WINDOW || r.locked_until.is_some_and(|u| now < u)
+            });
+        }
+        let mut worst = 0;
+        for key in Self::keys(ip, login) {
+            let r = records.entry(key).or_insert(Record {
+                failures: 0,
+                last: now,
+                locked_until: None,
+            });
+            if now.duration_since(r.last) >= WINDOW || r.locked_until.is_some_and(|u| now >= u) {
+                *r = Record {
+                    failures: 0,
+                    last: now,
+                    locked_until: None,
+                };
+            }
+            r.failures += 1;
+            r.last = now;
+            if r.failures >= self.lockout_failures {
+                r.locked_until = Some(now + self.lockout);
+            }
+            worst = worst.max(r.failures);
+        }
+        let doublings = worst.saturating_sub(1).min(16);
+        (self.base_delay * 2u32.pow(doublings)).min(MAX_DELAY)
+    }
+
+    /// A correct login clears the account's and the address's failures.
+    pub fn success(&self, ip: IpAddr, login: &str) {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        for key in Self::keys(ip, login) {
+            if records.get(&key).is_some_and(|r| r.locked_until.is_none()) {
+                records.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn throttle(failures: u32) -> Throttle {
+        Throttle::new(&LimitsConfig {
+            login_delay_ms: 100,
+            login_lockout_failures: failures,
+            login_lockout_s: 60,
+            ..Default::default()
+        })
+    }
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
+
+    #[tokio::test(start_paused = true)]
+    async fn delays_double_then_lock_out_even_correct_passwords() {
+        let t = throttle(5);
+        let delays: Vec<u128> = (0..4).map(|_| t.failure(A, "u@x").as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800]);
+        assert!(t.check(A, "u@x").is_ok());
+        t.failure(A, "u@x");
+        assert_eq!(
+            t.check(A, "u@x"),
+            Err("client address locked out after failed logins")
+        );
+        // Another account from the same address: the address is locked.
+        assert!(t.check(A, "other@x").is_err());
+        // The same account from elsewhere: the account is locked.
+        assert_eq!(
+            t.check(B, "U@x"),
+            Err("account locked out after failed logins")
+        );
+        // A success does not lift a lockout.
+        t.success(A, "u@x");
+        assert!(t.check(A, "u@x").is_err());
+        assert_eq!(t.refused.load(Ordering::Relaxed), 4);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(t.check(A, "u@x").is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn success_clears_and_old_failures_expire() {
+        let t = throttle(3);
+        t.failure(A, "u@x");
+        t.failure(A, "u@x");
+        t.success(A, "u@x");
+        assert_eq!(t.failure(A, "u@x"), Duration::from_millis(100));
+        tokio::time::advance(WINDOW).await;
+        assert_eq!(t.failure(A, "u@x"), Duration::from_millis(100));
+        assert!(t.check(A, "u@x").is_ok());
+        // The delay is capped.
+        let t = throttle(100);
+        let last = (0..20).map(|_| t.failure(B, "v@x")).last().unwrap();
+        assert_eq!(last, MAX_DELAY);
+    }
+}
