@@ -176,6 +176,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(config: &str) -> Proxy {
+        Proxy::start_with_env(config, &[])
+    }
+
+    /// Start with extra environment variables (RUST_LOG=trace, say).
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("oxbridge.toml");
         std::fs::write(&path, config).unwrap();
@@ -184,6 +189,7 @@ impl Proxy {
             .arg("--config")
             .arg(&path)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

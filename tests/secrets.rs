@@ -1,0 +1,210 @@
+//! No password, access token, refresh token or client secret reaches a log
+//! line (at trace level, libraries included), a reply to a device, or the
+//! `Debug` output of the configuration: full sessions with marker values,
+//! then a search for every marker.
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use common::*;
+use secrecy::SecretString;
+
+const ALICE: &str = "alice@example.test";
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn marker(kind: &str) -> String {
+    format!("MARKER{kind}{}", unique("x").replace('-', ""))
+}
+
+/// A real access token for alice from the test IDP, used as a marker: it
+/// is random, and the upstream accepts it.
+fn real_access_token() -> String {
+    let up = upstream();
+    let out = run(
+        std::process::Command::new("curl").args([
+            "-sS",
+            up.token_url(),
+            "-d",
+            "grant_type=password",
+            "-d",
+            &format!("client_id={}", up.get("PUBLIC_CLIENT_ID")),
+            "-d",
+            &format!("username={ALICE}"),
+            "-d",
+            &format!("password={}", up.password(ALICE)),
+        ]),
+        LIMIT,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["access_token"].as_str().unwrap().to_string()
+}
+
+fn all_output(outputs: &[Output]) -> String {
+    outputs
+        .iter()
+        .map(|o| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn no_secret_reaches_logs_replies_or_debug() {
+    let up = upstream();
+    let (local_pw, ropc_pw, wrong_pw) = (marker("PW"), marker("ROPC"), marker("WRONG"));
+    let (client_secret, refresh_1, refresh_2) = (marker("CS"), marker("RTA"), marker("RTB"));
+    let access = real_access_token();
+    let (rt2, at) = (refresh_2.clone(), access.clone());
+    let ropc = ropc_pw.clone();
+    // The token endpoint: refresh rotates to refresh_2; ROPC takes ropc_pw.
+    let idp = FakeHttp::start(move |req, _| {
+        let grant = form_field(&req.body, "grant_type").unwrap_or_default();
+        let ok = format!(
+            r#"{{"token_type":"Bearer","expires_in":3600,"access_token":"{at}","refresh_token":"{rt2}"}}"#
+        );
+        match grant.as_str() {
+            "refresh_token" => (200, ok),
+            "password" if form_field(&req.body, "password").as_deref() == Some(ropc.as_str()) => (200, ok),
+            _ => (400, r#"{"error":"invalid_grant","error_description":"AADSTS50126: Error validating credentials."}"#.into()),
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let listeners = ["smtp", "imap", "pop3"]
+        .map(|p| listener(p, "none", true))
+        .join("\n");
+    let extra = format!(
+        "[[account]]\nlogin = \"delegated@example.test\"\npassword_hash = \"{}\"\ngrant = \"refresh_token\"\nmailbox = \"{ALICE}\"\n",
+        argon2_hash(&local_pw)
+    );
+    let cfg = config(up, "", &listeners, &extra)
+        .replace(up.token_url(), &format!("{}/t/oauth2/v2.0/token", idp.base))
+        .replace(up.get("APP_CLIENT_SECRET"), &client_secret)
+        .replace(
+            "state_dir = \"/tmp/oxbridge-test-state\"",
+            &format!("state_dir = \"{}\"", state.display()),
+        );
+    let cfg_path = dir.path().join("oxbridge.toml");
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    let config = oxbridge::config::Config::load(&cfg_path).unwrap();
+    oxbridge::open_store(&config)
+        .unwrap()
+        .save(
+            "delegated@example.test",
+            &SecretString::from(refresh_1.clone()),
+        )
+        .unwrap();
+
+    let proxy = Proxy::start_with_env(&cfg, &[("RUST_LOG", "trace")]);
+    let tag = unique("secrets");
+    let file = dir.path().join("m.eml");
+    std::fs::write(&file, message(ALICE, ALICE, &tag, 0)).unwrap();
+    let smtp = |user: &str, password: &str| {
+        run(
+            python("smtp_send.py")
+                .args([
+                    "--port",
+                    &proxy.port(0).to_string(),
+                    "--mech",
+                    "PLAIN",
+                    "--user",
+                    user,
+                    "--password",
+                    password,
+                ])
+                .args(["--sender", ALICE, "--rcpt", ALICE, "--message"])
+                .arg(&file),
+            LIMIT,
+        )
+    };
+    let session = |script: &str, port: u16, user: &str, password: &str| {
+        run(
+            python(script).args([
+                "--port",
+                &port.to_string(),
+                "--user",
+                user,
+                "--password",
+                password,
+                "--mode",
+                "login",
+            ]),
+            LIMIT,
+        )
+    };
+    let outputs = vec![
+        smtp("delegated@example.test", &local_pw),
+        smtp("delegated@example.test", &wrong_pw),
+        session("imap_session.py", proxy.port(1), ALICE, &ropc_pw),
+        session("imap_session.py", proxy.port(1), ALICE, &wrong_pw),
+        session(
+            "pop3_session.py",
+            proxy.port(2),
+            "delegated@example.test",
+            &local_pw,
+        ),
+        session(
+            "pop3_session.py",
+            proxy.port(2),
+            "nobody@nowhere.test",
+            &wrong_pw,
+        ),
+    ];
+    let expect_ok = [true, false, true, false, true, false];
+    for (o, ok) in outputs.iter().zip(expect_ok) {
+        assert_eq!(
+            o.status.success(),
+            ok,
+            "{}\n{}",
+            all_output(std::slice::from_ref(o)),
+            proxy.logs()
+        );
+    }
+    fetch_from_dovecot(ALICE, &format!("<{tag}@oxbridge.test>"));
+    let logs = proxy.logs();
+    assert!(logs.contains("TRACE"), "trace logging was not on");
+    let replies = all_output(&outputs);
+    let debug = format!("{config:?}");
+    let secrets = [
+        ("local password", &local_pw),
+        ("ROPC password", &ropc_pw),
+        ("wrong password", &wrong_pw),
+        ("client secret", &client_secret),
+        ("refresh token", &refresh_1),
+        ("rotated refresh token", &refresh_2),
+        ("access token", &access),
+    ];
+    for (what, value) in secrets {
+        assert!(!logs.contains(value.as_str()), "the {what} reached the log");
+        assert!(
+            !replies.contains(value.as_str()),
+            "the {what} reached a device"
+        );
+        assert!(
+            !debug.contains(value.as_str()),
+            "the {what} is in Debug of the config"
+        );
+    }
+    // Not even base64-encoded (a SASL or XOAUTH2 string in a log).
+    use base64::Engine;
+    for (what, value) in [("local password", &local_pw), ("access token", &access)] {
+        let b64 = base64::engine::general_purpose::STANDARD
+            .encode(format!("\0delegated@example.test\0{value}"));
+        assert!(
+            !logs.contains(&b64[8..40]),
+            "the {what} reached the log in base64"
+        );
+    }
+    let xoauth = base64::engine::general_purpose::STANDARD
+        .encode(format!("user={ALICE}\x01auth=Bearer {access}\x01\x01"));
+    assert!(
+        !logs.contains(&xoauth[20..80]),
+        "the XOAUTH2 string reached the log"
+    );
+}
