@@ -124,7 +124,11 @@ pub fn parse_command(line: &[u8]) -> Command<'_> {
 
 /// One line of a server reply: code, whether it is the last line, text.
 pub fn parse_reply_line(line: &[u8]) -> Option<(u16, bool, &[u8])> {
-    if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
+    // RFC 5321 4.2: the first digit is 2 to 5 (1yz is unused but harmless).
+    if line.len() < 3
+        || !(b'1'..=b'5').contains(&line[0])
+        || !line[..3].iter().all(u8::is_ascii_digit)
+    {
         return None;
     }
     let code = std::str::from_utf8(&line[..3]).ok()?.parse().ok()?;
