@@ -37,8 +37,11 @@ pub const MAX_ERRORS: usize = 10;
 pub const MAX_AUTH_FAILURES: usize = 3;
 /// A BDAT chunk sent before authentication is read and dropped up to this size.
 pub const MAX_PREAUTH_BDAT: u64 = 1024 * 1024;
-/// How long the upstream EHLO learned by a probe is trusted without a session.
+/// After a failed probe, devices are offered no extensions for this long
+/// before the next probe.
 pub const CAPS_PROBE_RETRY: Duration = Duration::from_secs(60);
+/// The longest a device's EHLO waits for the probe.
+pub const PROBE_WAIT: Duration = Duration::from_secs(5);
 /// The EHLO keywords relayed to the device when the upstream offers them.
 pub const PASSTHROUGH_KEYWORDS: [&str; 8] = [
     "SIZE",
@@ -261,7 +264,14 @@ impl CapsCache {
         {
             return Vec::new();
         }
-        match probe(app).await {
+        let probed = tokio::time::timeout(PROBE_WAIT, probe(app))
+            .await
+            .unwrap_or_else(|_| {
+                Err(AuthError::UpstreamUnavailable(format!(
+                    "no EHLO within {PROBE_WAIT:?}"
+                )))
+            });
+        match probed {
             Ok(k) => {
                 let offered = passthrough(&k);
                 state.keywords = Some(k);

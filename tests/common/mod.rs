@@ -730,7 +730,8 @@ pub fn socket2_connect(local: &str, port: u16) -> TcpStream {
 
 /// A TCP forwarder to `target` the test controls: it counts open and peak
 /// connections, and can cut every connection once `cut_after` bytes went
-/// from client to server (a mail server that dies mid-DATA).
+/// from client to server (a mail server that dies mid-DATA), or once
+/// `cut_down_after` bytes came back (one that dies mid-FETCH).
 pub struct Forwarder {
     pub addr: SocketAddr,
     pub open: Arc<std::sync::atomic::AtomicUsize>,
@@ -739,6 +740,14 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn start(target: &str, cut_after: Option<usize>) -> Forwarder {
+        Forwarder::start_cutting(target, cut_after, None)
+    }
+
+    pub fn start_cutting(
+        target: &str,
+        cut_after: Option<usize>,
+        cut_down_after: Option<usize>,
+    ) -> Forwarder {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
@@ -777,7 +786,22 @@ impl Forwarder {
                     let _ = client.shutdown(std::net::Shutdown::Both);
                 });
                 std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut s_read, &mut c_write);
+                    let mut buf = [0u8; 16384];
+                    let mut received = 0usize;
+                    loop {
+                        let n = match s_read.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if cut_down_after.is_some_and(|limit| received + n > limit) {
+                            let _ = s_read.shutdown(std::net::Shutdown::Both);
+                            break;
+                        }
+                        received += n;
+                        if c_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
                     let _ = c_write.shutdown(std::net::Shutdown::Both);
                     o.fetch_sub(1, Ordering::SeqCst);
                 });
