@@ -172,8 +172,8 @@ fn json_code(o: &Output) -> Option<u64> {
 #[test]
 fn ten_devices_share_three_upstream_sessions() {
     let up = upstream();
-    let (forwarder, max_open) =
-        concurrency_forwarder(&format!("127.0.0.1:{}", up.get("SUBMISSION_PORT")));
+    let forwarder = Forwarder::start(&format!("127.0.0.1:{}", up.get("SUBMISSION_PORT")), None);
+    let max_open = forwarder.max.clone();
     let cfg = config(
         up,
         "",
@@ -182,9 +182,16 @@ fn ten_devices_share_three_upstream_sessions() {
     )
     .replace(
         &format!("smtp = \"{}\"", up.submission()),
-        &format!("smtp = \"localhost:{}\"", forwarder.port()),
+        &format!("smtp = \"localhost:{}\"", forwarder.addr.port()),
     );
     let proxy = Proxy::start(&cfg);
+    // Let the start-up capability probe come and go before counting.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while max_open.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(forwarder.wait_idle(Duration::from_secs(10)));
+    max_open.store(0, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
     let tags: Vec<String> = (0..10).map(|i| unique(&format!("ten{i}"))).collect();
     let outputs: Vec<Output> = std::thread::scope(|scope| {

@@ -693,40 +693,6 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A TCP forwarder to `target` that records the most connections it ever
-/// had open at once (the upstream's view of concurrency).
-pub fn concurrency_forwarder(target: &str) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let max = Arc::new(AtomicUsize::new(0));
-    let open = Arc::new(AtomicUsize::new(0));
-    let (seen_max, target) = (max.clone(), target.to_string());
-    std::thread::spawn(move || {
-        for client in l.incoming().flatten() {
-            let Ok(server) = TcpStream::connect(&target) else {
-                continue;
-            };
-            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
-            seen_max.fetch_max(now, Ordering::SeqCst);
-            let open = open.clone();
-            let (mut c_read, mut s_write) =
-                (client.try_clone().unwrap(), server.try_clone().unwrap());
-            let (mut s_read, mut c_write) = (server, client);
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut c_read, &mut s_write);
-                let _ = s_write.shutdown(std::net::Shutdown::Both);
-            });
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut s_read, &mut c_write);
-                let _ = c_write.shutdown(std::net::Shutdown::Both);
-                open.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
-    });
-    (addr, max)
-}
-
 impl Raw {
     /// Connect from a chosen local address (loopback aliases stand for networks).
     pub fn connect_from(port: u16, local: &str) -> Raw {
@@ -781,13 +747,29 @@ impl Forwarder {
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
+                // The proxy closes a session before it opens the next one, but
+                // the threads below notice that close a moment later: give
+                // them that moment before counting the newcomer. (A session
+                // that really overlaps lives far longer than this.)
+                std::thread::sleep(Duration::from_millis(50));
                 let now = o.fetch_add(1, Ordering::SeqCst) + 1;
                 m.fetch_max(now, Ordering::SeqCst);
                 let (mut c_read, mut s_write) =
                     (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let (mut s_read, mut c_write) =
                     (server.try_clone().unwrap(), client.try_clone().unwrap());
-                let o = o.clone();
+                // Counted closed at the first end of either side, before
+                // anyone can learn of it (and open the next connection).
+                let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let close = {
+                    let (o, done) = (o.clone(), done.clone());
+                    move || {
+                        if !done.swap(true, Ordering::SeqCst) {
+                            o.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                };
+                let close_too = close.clone();
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 16384];
                     let mut sent = 0usize;
@@ -805,6 +787,7 @@ impl Forwarder {
                         }
                     }
                     // Cut both ways at once.
+                    close();
                     let _ = server.shutdown(std::net::Shutdown::Both);
                     let _ = client.shutdown(std::net::Shutdown::Both);
                 });
@@ -825,8 +808,8 @@ impl Forwarder {
                             break;
                         }
                     }
+                    close_too();
                     let _ = c_write.shutdown(std::net::Shutdown::Both);
-                    o.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
