@@ -284,6 +284,9 @@ pub struct LimitsConfig {
     pub login_lockout_failures: u32,
     /// How long a lockout lasts.
     pub login_lockout_s: u64,
+    /// Seconds relayed sessions may run on after SIGTERM before they are
+    /// told goodbye and closed.
+    pub drain_s: u64,
 }
 
 impl Default for LimitsConfig {
@@ -301,6 +304,7 @@ impl Default for LimitsConfig {
             login_delay_ms: 250,
             login_lockout_failures: 10,
             login_lockout_s: 900,
+            drain_s: 30,
         }
     }
 }

@@ -51,6 +51,8 @@ impl Activity {
 /// the device why the session is closed (silence, a lost upstream).
 struct Farewell {
     protocol: Protocol,
+    /// Hard shutdown: say goodbye in the protocol, then close.
+    abort: CancellationToken,
     /// The last bytes the upstream sent, to tell a goodbye from a loss.
     tail: Vec<u8>,
 }
@@ -89,6 +91,15 @@ pub fn smtp_said_goodbye(tail: &[u8]) -> bool {
     last.starts_with(b"221")
 }
 
+/// What a relayed device is told when shutdown closes its session.
+pub fn shutdown_goodbye(protocol: Protocol) -> &'static [u8] {
+    match protocol {
+        Protocol::Smtp => b"421 4.3.2 Service shutting down, try again later\r\n",
+        Protocol::Imap => b"* BYE [UNAVAILABLE] Server shutting down\r\n",
+        Protocol::Pop3 => b"-ERR [SYS/TEMP] Server shutting down\r\n",
+    }
+}
+
 /// What a relayed device is told when its session is closed for silence.
 pub fn idle_goodbye(protocol: Protocol) -> &'static [u8] {
     match protocol {
@@ -121,7 +132,17 @@ where
     }
     let mut buf = vec![0u8; COPY_BUFFER];
     loop {
-        let read = tokio::time::timeout(idle, from.read(&mut buf)).await;
+        let read = match &farewell {
+            Some(f) => tokio::select! {
+                r = tokio::time::timeout(idle, from.read(&mut buf)) => r,
+                _ = f.abort.cancelled() => {
+                    let _ = write_within(&mut to, shutdown_goodbye(f.protocol), FAREWELL_WRITE).await;
+                    let _ = to.shutdown().await;
+                    return Err("shutdown");
+                }
+            },
+            None => tokio::time::timeout(idle, from.read(&mut buf)).await,
+        };
         let n = match (read, &farewell) {
             (Ok(Ok(n)), _) if n > 0 => n,
             (Ok(result), Some(f)) => {
@@ -188,6 +209,14 @@ const UPSTREAM_LOST: &str = "upstream lost";
 const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(30);
 
+/// On a hard shutdown, let the pump towards the device say goodbye.
+async fn goodbye<F: std::future::Future<Output = Result<(), &'static str>> + Unpin>(
+    to_device: &mut F,
+) -> &'static str {
+    let _ = tokio::time::timeout(FAREWELL_WRITE, to_device).await;
+    "shutdown"
+}
+
 /// How long the device gets to take a farewell reply.
 const FAREWELL_WRITE: Duration = Duration::from_secs(5);
 
@@ -236,6 +265,7 @@ pub async fn relay(
     );
     let farewell = Farewell {
         protocol,
+        abort: abort.clone(),
         tail: Vec::with_capacity(TAIL),
     };
     let to_device = pump(
@@ -266,11 +296,11 @@ pub async fn relay(
             // The device half-closed: let the upstream finish answering.
             Ok(()) => tokio::select! {
                 r = &mut to_device => r.err().unwrap_or("device closed"),
-                _ = abort.cancelled() => "shutdown",
+                _ = abort.cancelled() => goodbye(&mut to_device).await,
             },
             Err(e) => e,
         },
-        _ = abort.cancelled() => "shutdown",
+        _ = abort.cancelled() => goodbye(&mut to_device).await,
     };
     Relayed {
         to_upstream: up_count.load(Ordering::Relaxed),
@@ -302,6 +332,7 @@ mod tests {
     fn farewell_keeps_a_bounded_tail() {
         let mut f = Farewell {
             protocol: Protocol::Smtp,
+            abort: CancellationToken::new(),
             tail: Vec::new(),
         };
         f.remember(&vec![b'x'; 10_000]);
@@ -312,6 +343,7 @@ mod tests {
         assert!(f.on_upstream_loss().unwrap().starts_with(b"421 4.4.2"));
         let imap = Farewell {
             protocol: Protocol::Imap,
+            abort: CancellationToken::new(),
             tail: Vec::new(),
         };
         assert!(imap.on_upstream_loss().is_none());

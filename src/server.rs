@@ -4,8 +4,8 @@
 //! shutdown.
 //!
 //! Shutdown has two steps: `stop` (stop accepting; sessions that have not
-//! logged in are told goodbye in their protocol), then after [`DRAIN_GRACE`]
-//! `abort` (relayed sessions are closed).
+//! logged in are told goodbye in their protocol), then after `[limits]
+//! drain_s` `abort` (relayed sessions are told goodbye and closed).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,8 +25,6 @@ use crate::relay;
 use crate::App;
 
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long relayed sessions may run on after a shutdown signal.
-pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// How long a turned-away device gets to read why.
 const BUSY_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -66,7 +64,7 @@ impl Listener {
 }
 
 /// Accept on every listener until `stop`, then wait for sessions to end
-/// (forcing them after [`DRAIN_GRACE`]).
+/// (forcing them after `[limits] drain_s`).
 pub async fn serve(app: Arc<App>, bound: Vec<(TcpListener, Listener)>, stop: CancellationToken) {
     let abort = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -83,14 +81,12 @@ pub async fn serve(app: Arc<App>, bound: Vec<(TcpListener, Listener)>, stop: Can
     }
     tracker.close();
     stop.cancelled().await;
+    let grace = Duration::from_secs(app.config.limits.drain_s);
     info!(
-        grace_s = DRAIN_GRACE.as_secs(),
+        grace_s = grace.as_secs(),
         "shutting down: no new connections; draining sessions"
     );
-    if tokio::time::timeout(DRAIN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         warn!(
             sessions = tracker.len(),
             "drain grace over; closing remaining sessions"

@@ -484,13 +484,46 @@ fn pipelined_commands_after_auth_are_relayed() {
 /// SIGTERM: sessions that have not logged in are told 421; exit status 0.
 #[test]
 fn shutdown_says_goodbye() {
+    use base64::Engine;
     let up = upstream();
-    let mut proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), ""));
-    let mut c = Raw::connect(proxy.port(0));
-    c.reply();
+    let listeners = format!(
+        "{}\n{}",
+        listener("smtp", "none", true),
+        listener("imap", "none", true)
+    );
+    let mut proxy = Proxy::start(&config(up, "", &listeners, "[limits]\ndrain_s = 1\n"));
+    // A device that has not logged in, one relayed over SMTP, one over IMAP.
+    let mut waiting = Raw::connect(proxy.port(0));
+    waiting.reply();
+    let mut relayed = Raw::connect(proxy.port(0));
+    relayed.reply();
+    relayed.send("EHLO x");
+    relayed.reply();
+    let ir = base64::engine::general_purpose::STANDARD
+        .encode(format!("\0scanner@example.test\0{SCANNER_PASSWORD}"));
+    relayed.send(&format!("AUTH PLAIN {ir}"));
+    assert!(relayed.reply().starts_with("235 "));
+    let mut imap = Raw::connect(proxy.port(1));
+    imap.line();
+    imap.send(&format!("a LOGIN scanner@example.test {SCANNER_PASSWORD}"));
+    assert!(imap.until("a ").contains("a OK"));
+    let started = std::time::Instant::now();
     let status = proxy.terminate();
     assert!(status.success(), "{status}");
-    assert!(c.reply().starts_with("421 4.3.2"));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(waiting.reply().starts_with("421 4.3.2"));
+    // Relayed sessions get the drain time, then the protocol's goodbye.
+    let r = relayed.reply();
+    assert!(r.starts_with("421 4.3.2 Service shutting down"), "{r}");
+    let r = imap.line();
+    assert!(
+        r.starts_with("* BYE [UNAVAILABLE] Server shutting down"),
+        "{r}"
+    );
 }
 
 use std::io::Write;
