@@ -15,7 +15,6 @@
 
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 use crate::accounts::Identity;
 use crate::config::Protocol;
@@ -513,35 +512,6 @@ impl Session<'_> {
             }
         }
     }
-
-    /// AUTHENTICATE PLAIN, with or without an initial response.
-    async fn plain_credentials(
-        &mut self,
-        tag: &str,
-        initial: Option<&[u8]>,
-    ) -> Result<Option<sasl::Credentials>, &'static str> {
-        let message = match initial {
-            Some(ir) => sasl::decode_line(ir),
-            None => self.sasl_response("+ \r\n").await?,
-        };
-        match message.and_then(|m| sasl::decode_plain(&m)) {
-            Ok(c) => Ok(Some(c)),
-            Err(sasl::SaslError::Canceled) => {
-                self.reply(&format!("{tag} BAD Authentication canceled\r\n"))
-                    .await?;
-                Ok(None)
-            }
-            Err(e) => {
-                debug!(error = %e, "undecodable AUTHENTICATE exchange");
-                self.auth_failures += 1;
-                self.reply(&format!(
-                    "{tag} BAD Cannot decode the authentication exchange\r\n"
-                ))
-                .await?;
-                Ok(None)
-            }
-        }
-    }
 }
 
 /// Serve a device until it has logged in upstream or the session ends.
@@ -686,7 +656,12 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                     continue;
                 }
                 let initial = cmd.args.get(1).and_then(Arg::astring).map(<[u8]>::to_vec);
-                let Some(creds) = s.plain_credentials(tag, initial.as_deref()).await? else {
+                let canceled = format!("{tag} BAD Authentication canceled\r\n");
+                let undecodable =
+                    format!("{tag} BAD Cannot decode the authentication exchange\r\n");
+                let creds =
+                    s.plain_credentials(initial.as_deref(), "+ \r\n", &canceled, &undecodable);
+                let Some(creds) = creds.await? else {
                     continue;
                 };
                 if let Some((up, id)) = s.login(tag, creds).await? {

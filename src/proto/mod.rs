@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::accounts::Identity;
 use crate::config::{Grant, LimitsConfig, Protocol};
@@ -132,6 +132,35 @@ impl<'a> Device<'a> {
             );
         }
         Ok(())
+    }
+
+    /// SASL PLAIN: the initial response, or the line answering `prompt`.
+    /// A cancel gets `canceled`; an undecodable exchange gets `undecodable`
+    /// and counts as a failed login. `None` when there are no credentials.
+    pub async fn plain_credentials(
+        &mut self,
+        initial: Option<&[u8]>,
+        prompt: &str,
+        canceled: &str,
+        undecodable: &str,
+    ) -> Result<Option<Credentials>, &'static str> {
+        let message = match initial {
+            Some(ir) => sasl::decode_line(ir),
+            None => self.sasl_response(prompt).await?,
+        };
+        match message.and_then(|m| sasl::decode_plain(&m)) {
+            Ok(c) => Ok(Some(c)),
+            Err(sasl::SaslError::Canceled) => {
+                self.reply(canceled).await?;
+                Ok(None)
+            }
+            Err(e) => {
+                debug!(error = %e, "undecodable SASL PLAIN exchange");
+                self.auth_failures += 1;
+                self.reply(undecodable).await?;
+                Ok(None)
+            }
+        }
     }
 
     /// Send a SASL prompt and decode the base64 line that answers it.

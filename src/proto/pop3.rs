@@ -8,7 +8,6 @@
 
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 use crate::accounts::Identity;
 use crate::config::Protocol;
@@ -221,30 +220,6 @@ impl Session<'_> {
             }
         }
     }
-
-    async fn plain_credentials(
-        &mut self,
-        initial: Option<&[u8]>,
-    ) -> Result<Option<sasl::Credentials>, &'static str> {
-        let message = match initial {
-            Some(ir) => sasl::decode_line(ir),
-            None => self.sasl_response("+ \r\n").await?,
-        };
-        match message.and_then(|m| sasl::decode_plain(&m)) {
-            Ok(c) => Ok(Some(c)),
-            Err(sasl::SaslError::Canceled) => {
-                self.reply("-ERR Authentication canceled\r\n").await?;
-                Ok(None)
-            }
-            Err(e) => {
-                debug!(error = %e, "undecodable AUTH exchange");
-                self.auth_failures += 1;
-                self.reply("-ERR [AUTH] Cannot decode the authentication exchange\r\n")
-                    .await?;
-                Ok(None)
-            }
-        }
-    }
 }
 
 /// Serve a device until it has logged in upstream or the session ends.
@@ -364,7 +339,13 @@ async fn run(mut s: Session<'_>, shutdown: &CancellationToken) -> Result<Preauth
                     continue;
                 }
                 let initial = initial.map(<[u8]>::to_vec);
-                let Some(creds) = s.plain_credentials(initial.as_deref()).await? else {
+                let creds = s.plain_credentials(
+                    initial.as_deref(),
+                    "+ \r\n",
+                    "-ERR Authentication canceled\r\n",
+                    "-ERR [AUTH] Cannot decode the authentication exchange\r\n",
+                );
+                let Some(creds) = creds.await? else {
                     continue;
                 };
                 if let Some((up, id)) = s.login(creds).await? {
