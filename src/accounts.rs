@@ -118,6 +118,11 @@ impl Accounts {
         }
     }
 
+    /// Whether some `[[account]]` (exact or `*@domain`) covers this login.
+    pub fn matches(&self, login: &str) -> bool {
+        self.find(&login.trim().to_lowercase()).is_some()
+    }
+
     fn find(&self, login: &str) -> Option<&Account> {
         if let Some(i) = self.exact.get(login) {
             return Some(&self.accounts[*i]);

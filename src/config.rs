@@ -167,13 +167,19 @@ pub enum Protocol {
     Pop3,
 }
 
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Protocol::Smtp => "smtp",
             Protocol::Imap => "imap",
             Protocol::Pop3 => "pop3",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -214,13 +220,19 @@ pub enum Grant {
     Password,
 }
 
-impl fmt::Display for Grant {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Grant {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Grant::ClientCredentials => "client_credentials",
             Grant::RefreshToken => "refresh_token",
             Grant::Password => "password",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Grant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -237,7 +249,7 @@ pub struct AccountConfig {
     pub allow_shared: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
     pub from_networks: Vec<String>,
@@ -385,6 +397,32 @@ impl Config {
         p.sort_by_key(|p| *p as u8);
         p.dedup();
         p
+    }
+
+    /// The sections that differ in `new` but take effect only at start
+    /// (everything but `[[account]]` and `[[relay]]`). Secrets compare by
+    /// their redacted form: a changed client secret is not seen here.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        fn differs<T: fmt::Debug>(a: &T, b: &T) -> bool {
+            format!("{a:?}") != format!("{b:?}")
+        }
+        let mut changed = Vec::new();
+        let sections: [(&'static str, bool); 8] = [
+            ("state_dir", self.state_dir != new.state_dir),
+            ("log", differs(&self.log, &new.log)),
+            ("admin", differs(&self.admin, &new.admin)),
+            ("upstream", differs(&self.upstream, &new.upstream)),
+            ("oauth", differs(&self.oauth, &new.oauth)),
+            ("listener", differs(&self.listeners, &new.listeners)),
+            ("store", differs(&self.store, &new.store)),
+            ("limits", differs(&self.limits, &new.limits)),
+        ];
+        for (name, d) in sections {
+            if d {
+                changed.push(name);
+            }
+        }
+        changed
     }
 
     /// Read, parse and validate a configuration file.

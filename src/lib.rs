@@ -19,6 +19,10 @@
 //! * `proto::smtp`: the device side until login, and the upstream login.
 //! * `relay`: after login, bytes both ways until the session ends.
 //! * `error`: why a login failed, and the reply each failure earns.
+//! * `metrics`: what is counted; `admin`: /healthz, /readyz, /metrics and
+//!   Autodiscover over HTTP.
+//! * `check`: `oxbridge check`, and what an upstream refusal means for the
+//!   administrator (`diagnose`).
 //!
 //! A session starts in `server::session`, is handled by a protocol's
 //! `preauth` until the upstream login succeeds, then ends in `relay::relay`.
@@ -26,8 +30,13 @@
 pub mod accounts;
 pub mod config;
 pub mod error;
+pub mod admin;
+pub mod autodiscover;
+pub mod check;
+pub mod diagnose;
 pub mod limits;
 pub mod line;
+pub mod metrics;
 pub mod oauth;
 pub mod proto;
 pub mod proxy_protocol;
@@ -39,9 +48,12 @@ pub mod throttle;
 pub mod tls;
 pub mod upstream;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -50,8 +62,11 @@ use crate::config::{Config, Protocol, TlsMode};
 
 /// What every session shares, built once at start-up.
 pub struct App {
+    /// The configuration read at start. `[[account]]` and `[[relay]]` are
+    /// read from `accounts` and `relays` instead, which a reload replaces.
     pub config: Config,
-    pub accounts: accounts::Accounts,
+    accounts: ArcSwap<accounts::Accounts>,
+    relays: ArcSwap<Vec<config::RelayConfig>>,
     pub tokens: oauth::Tokens,
     pub upstream_tls: TlsConnector,
     pub smtp_caps: proto::smtp::CapsCache,
@@ -84,7 +99,8 @@ impl App {
         let upstream_tls = tls::upstream_connector(config.upstream.ca_file.as_deref())
             .map_err(|e| StartError(format!("upstream.ca_file: {e}")))?;
         Ok(App {
-            accounts: accounts::Accounts::new(&config.accounts),
+            accounts: ArcSwap::from_pointee(accounts::Accounts::new(&config.accounts)),
+            relays: ArcSwap::from_pointee(config.relays.clone()),
             tokens,
             upstream_tls,
             smtp_caps: Default::default(),
@@ -97,13 +113,34 @@ impl App {
 }
 
 impl App {
+    /// The accounts in force now (a reload may replace them).
+    pub fn accounts(&self) -> Arc<accounts::Accounts> {
+        self.accounts.load_full()
+    }
+
     /// The `[[relay]]` rule whose networks hold `ip`, if any.
-    pub fn relay_rule(&self, ip: std::net::IpAddr) -> Option<&config::RelayConfig> {
+    pub fn relay_rule(&self, ip: std::net::IpAddr) -> Option<config::RelayConfig> {
         let ip = ip.to_canonical();
-        self.config
-            .relays
+        self.relays
+            .load()
             .iter()
             .find(|r| r.networks().iter().any(|n| n.contains(&ip)))
+            .cloned()
+    }
+
+    /// Apply a re-read configuration: `[[account]]` and `[[relay]]` take
+    /// effect for new logins; sessions under way keep going. Other sections
+    /// need a restart: a change there is reported, not applied.
+    pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, String> {
+        let needs_store = new.accounts.iter().any(|a| a.grant == config::Grant::RefreshToken);
+        if needs_store && !self.tokens.has_store() {
+            return Err("the first refresh_token account needs a restart (the token store is opened at start)".into());
+        }
+        let ignored = self.config.restart_only_changes(&new);
+        self.accounts
+            .store(Arc::new(accounts::Accounts::new(&new.accounts)));
+        self.relays.store(Arc::new(new.relays));
+        Ok(ignored)
     }
 }
 
@@ -129,9 +166,21 @@ fn hostname() -> String {
         .unwrap_or_else(|| "oxbridge".into())
 }
 
+/// How the binary steers a running server: `shutdown` stops it, `reload`
+/// (SIGHUP) re-reads `config_path`.
+pub struct Control {
+    pub config_path: PathBuf,
+    pub shutdown: CancellationToken,
+    pub reload: Arc<Notify>,
+}
+
 /// Bind every listener (so that a port in use fails start-up), then serve
 /// until `shutdown` is cancelled and the sessions have drained.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
+pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
+    let metrics = match config.admin {
+        Some(_) => Some(metrics::install().map_err(StartError)?),
+        None => None,
+    };
     let app = Arc::new(App::new(config)?);
     let mut bound = Vec::new();
     for (i, l) in app.config.listeners.iter().enumerate() {
@@ -148,11 +197,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             warn!(listener = i, address = %local, "passwords are accepted without TLS on a non-loopback address");
         }
         info!(listener = i, protocol = %l.protocol, address = %local, tls = ?l.tls, "listening");
-        bound.push((socket, listener));
+        bound.push((socket, Arc::new(listener)));
     }
-    if app.config.admin.is_some() {
-        warn!("[admin] is configured but this version does not serve it yet");
+    if let (Some(admin), Some(metrics)) = (&app.config.admin, metrics) {
+        let socket = TcpListener::bind(admin.listen).await.map_err(|e| {
+            StartError(format!("admin.listen: cannot bind {}: {e}", admin.listen))
+        })?;
+        let local = socket.local_addr().map_err(|e| StartError(e.to_string()))?;
+        info!(address = %local, "admin endpoint listening");
+        tokio::spawn(admin::serve(
+            socket,
+            app.clone(),
+            metrics,
+            control.shutdown.clone(),
+        ));
     }
+    crate::metrics::listeners_bound();
     if app
         .config
         .listeners
@@ -165,6 +225,61 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             let _ = probe_app.smtp_caps.get(&probe_app).await;
         });
     }
-    server::serve(app, bound, shutdown).await;
+    let listeners: Vec<_> = bound.iter().map(|(_, l)| l.clone()).collect();
+    tokio::spawn(reloader(app.clone(), listeners, control.config_path, control.reload));
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    server::serve(app, bound, control.shutdown).await;
     Ok(())
+}
+
+/// On each reload request: re-read the config file and the listeners'
+/// certificates. A file that does not load changes nothing.
+async fn reloader(
+    app: Arc<App>,
+    listeners: Vec<Arc<server::Listener>>,
+    path: PathBuf,
+    reload: Arc<Notify>,
+) {
+    loop {
+        reload.notified().await;
+        notify_systemd(&[sd_notify::NotifyState::Reloading]);
+        let ok = reload_once(&app, &listeners, &path);
+        crate::metrics::reloaded(ok);
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
+    }
+}
+
+fn reload_once(app: &App, listeners: &[Arc<server::Listener>], path: &std::path::Path) -> bool {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; keeping the running configuration");
+            return false;
+        }
+    };
+    let accounts = config.accounts.len();
+    let ignored = match app.reload(config) {
+        Ok(ignored) => ignored,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; keeping the running configuration");
+            return false;
+        }
+    };
+    let mut ok = true;
+    for (i, l) in listeners.iter().enumerate() {
+        if let Err(e) = l.reload_tls() {
+            tracing::error!(listener = i, error = %e, "certificate reload failed; keeping the old certificate");
+            ok = false;
+        }
+    }
+    if !ignored.is_empty() {
+        warn!(sections = ?ignored, "these changes need a restart; not applied");
+    }
+    info!(accounts, "configuration reloaded");
+    ok
+}
+
+/// Tell systemd (`Type=notify`) where we are; a no-op elsewhere.
+pub fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    let _ = sd_notify::notify(false, state);
 }

@@ -4,9 +4,11 @@
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -44,6 +46,21 @@ enum Command {
     },
     /// Read a password from stdin and print its Argon2id hash for `password_hash`.
     HashPassword,
+    /// Validate the config, then per account and protocol fetch a token and
+    /// log in upstream; one line each, OK or what to fix.
+    Check {
+        #[arg(long, env = "OXBRIDGE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Only validate the config; no token request, no upstream login.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Exit 0 if the running server's `/healthz` answers (for container
+    /// health checks, where there is no curl).
+    Healthcheck {
+        #[arg(long, env = "OXBRIDGE_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 /// Exit status for a runtime failure.
@@ -66,6 +83,68 @@ fn main() -> ExitCode {
             browser.then_some(port),
         ),
         Command::HashPassword => hash_password(),
+        Command::Check { config, offline } => check(config::resolve_path(config), offline),
+        Command::Healthcheck { config } => healthcheck(config::resolve_path(config)),
+    }
+}
+
+/// `oxbridge check`: exit 0 when every line is OK.
+fn check(path: PathBuf, offline: bool) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("oxbridge: config error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    println!("{}: configuration OK", path.display());
+    if offline {
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("oxbridge: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let mut out = std::io::stdout();
+    match runtime.block_on(oxbridge::check::run(config, &mut out)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(EXIT_RUNTIME),
+        Err(e) => {
+            eprintln!("oxbridge: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// `oxbridge healthcheck`: GET /healthz on `[admin] listen`.
+fn healthcheck(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("oxbridge: config error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(admin) = config.admin else {
+        eprintln!("oxbridge: {}: no [admin] listen to check", path.display());
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let mut address = admin.listen;
+    if address.ip().is_unspecified() {
+        address.set_ip(match address {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    match oxbridge::admin::probe_health(address) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("oxbridge: unhealthy: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
     }
 }
 
@@ -178,15 +257,17 @@ fn run(path: PathBuf) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let shutdown = CancellationToken::new();
-        let signals = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            info!("signal received");
-            signals.cancel();
-        });
+        let control = oxbridge::Control {
+            config_path: path.clone(),
+            shutdown: CancellationToken::new(),
+            reload: Arc::new(Notify::new()),
+        };
+        if let Err(e) = handle_signals(control.shutdown.clone(), control.reload.clone()) {
+            eprintln!("oxbridge: cannot handle signals: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
         info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), "oxbridge starting");
-        match oxbridge::run(config, shutdown).await {
+        match oxbridge::run(config, control).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
@@ -197,13 +278,27 @@ fn run(path: PathBuf) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
+/// SIGINT/SIGTERM cancel `shutdown`; SIGHUP asks for a reload.
+fn handle_signals(shutdown: CancellationToken, reload: Arc<Notify>) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = int.recv() => break,
+                _ = term.recv() => break,
+                _ = hup.recv() => {
+                    info!("SIGHUP: reloading accounts and certificates");
+                    reload.notify_one();
+                }
+            }
+        }
+        info!("signal received");
+        shutdown.cancel();
+    });
+    Ok(())
 }
 
 fn hash_password() -> ExitCode {

@@ -8,9 +8,11 @@
 //! drain_s` `abort` (relayed sessions are told goodbye and closed).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -32,7 +34,10 @@ const BUSY_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Listener {
     pub protocol: Protocol,
     pub tls: TlsMode,
-    pub tls_acceptor: Option<TlsAcceptor>,
+    /// The certificate's PEM files and the acceptor built from them,
+    /// replaced on reload (SIGHUP); a session keeps the one it started with.
+    tls_files: Option<(PathBuf, PathBuf)>,
+    tls_acceptor: ArcSwapOption<TlsAcceptor>,
     pub allow_plaintext_auth: bool,
     pub proxy_protocol: bool,
     max_connections: usize,
@@ -41,9 +46,9 @@ pub struct Listener {
 
 impl Listener {
     pub fn new(config: &ListenerConfig) -> Result<Listener, String> {
-        let tls_acceptor = match (&config.cert_file, &config.key_file, config.tls) {
+        let tls_files = match (&config.cert_file, &config.key_file, config.tls) {
             (_, _, TlsMode::None) => None,
-            (Some(cert), Some(key), _) => Some(crate::tls::server_acceptor(cert, key)?),
+            (Some(cert), Some(key), _) => Some((cert.clone(), key.clone())),
             _ => {
                 return Err(format!(
                     "listener {}: cert_file and key_file are required",
@@ -51,28 +56,51 @@ impl Listener {
                 ))
             }
         };
+        let tls_acceptor = match &tls_files {
+            Some((cert, key)) => Some(Arc::new(crate::tls::server_acceptor(cert, key)?)),
+            None => None,
+        };
         Ok(Listener {
             protocol: config.protocol,
             tls: config.tls,
-            tls_acceptor,
+            tls_files,
+            tls_acceptor: ArcSwapOption::new(tls_acceptor),
             allow_plaintext_auth: config.allow_plaintext_auth,
             proxy_protocol: config.proxy_protocol,
             max_connections: config.max_connections,
             slots: Arc::new(Semaphore::new(config.max_connections)),
         })
     }
+
+    /// The TLS acceptor for new handshakes, if the listener has a certificate.
+    pub fn tls_acceptor(&self) -> Option<Arc<TlsAcceptor>> {
+        self.tls_acceptor.load_full()
+    }
+
+    /// Read the certificate and key again. On any error the old ones stay.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        if let Some((cert, key)) = &self.tls_files {
+            let acceptor = crate::tls::server_acceptor(cert, key)?;
+            self.tls_acceptor.store(Some(Arc::new(acceptor)));
+        }
+        Ok(())
+    }
 }
 
 /// Accept on every listener until `stop`, then wait for sessions to end
 /// (forcing them after `[limits] drain_s`).
-pub async fn serve(app: Arc<App>, bound: Vec<(TcpListener, Listener)>, stop: CancellationToken) {
+pub async fn serve(
+    app: Arc<App>,
+    bound: Vec<(TcpListener, Arc<Listener>)>,
+    stop: CancellationToken,
+) {
     let abort = CancellationToken::new();
     let tracker = TaskTracker::new();
     let connections = Arc::new(Semaphore::new(app.config.limits.max_connections));
     for (socket, listener) in bound {
         let ctx = Ctx {
             app: app.clone(),
-            listener: Arc::new(listener),
+            listener,
             connections: connections.clone(),
             stop: stop.clone(),
             abort: abort.clone(),
@@ -81,6 +109,7 @@ pub async fn serve(app: Arc<App>, bound: Vec<(TcpListener, Listener)>, stop: Can
     }
     tracker.close();
     stop.cancelled().await;
+    crate::notify_systemd(&[sd_notify::NotifyState::Stopping]);
     let grace = Duration::from_secs(app.config.limits.drain_s);
     info!(
         grace_s = grace.as_secs(),
@@ -156,11 +185,13 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
         Ok(s) => s,
         Err(why) => {
             warn!(reason = %why, "turning the device away");
+            crate::metrics::session_ended(protocol, "busy", 0, 0);
             let mut conn = Conn::new(Stream::Plain(tcp));
             let _ = conn.send(busy_reply(protocol), BUSY_WRITE_TIMEOUT).await;
             return;
         }
     };
+    let _active = crate::metrics::ActiveSession::new(protocol);
     if ctx.listener.proxy_protocol {
         match crate::proxy_protocol::read(&tcp, peer).await {
             Ok(client) => {
@@ -169,6 +200,7 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
             }
             Err(why) => {
                 info!(outcome = "rejected", reason = %why, "session ended");
+                crate::metrics::session_ended(protocol, "rejected", 0, 0);
                 return;
             }
         }
@@ -176,17 +208,18 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
     let stream = if ctx.listener.tls == TlsMode::Implicit {
         let acceptor = ctx
             .listener
-            .tls_acceptor
-            .as_ref()
+            .tls_acceptor()
             .expect("implicit TLS has an acceptor");
-        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, crate::tls::accept(acceptor, tcp)).await {
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, crate::tls::accept(&acceptor, tcp)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 info!(error = %e, outcome = "tls_failed", "session ended");
+                crate::metrics::session_ended(protocol, "tls_failed", 0, 0);
                 return;
             }
             Err(_) => {
                 info!(outcome = "tls_timeout", "session ended");
+                crate::metrics::session_ended(protocol, "tls_timeout", 0, 0);
                 return;
             }
         }
@@ -221,8 +254,10 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
                 duration_ms = started.elapsed().as_millis() as u64,
                 "session ended"
             );
+            crate::metrics::session_ended(protocol, "relayed", r.to_upstream, r.to_device);
         }
         Preauth::Closed(why) => {
+            crate::metrics::session_ended(protocol, "closed", 0, 0);
             info!(
                 outcome = "closed",
                 reason = why,

@@ -72,6 +72,7 @@ impl Throttle {
             if let Some(until) = records.get(&key).and_then(|r| r.locked_until) {
                 if now < until {
                     self.refused.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::throttled("locked_out");
                     return Err(match key {
                         Key::Address(_) => "client address locked out after failed logins",
                         Key::Account(_) => "account locked out after failed logins",
@@ -93,6 +94,10 @@ impl Throttle {
         }
         let mut worst = 0;
         for key in Self::keys(ip, login) {
+            let what = match &key {
+                Key::Address(_) => "client address",
+                Key::Account(_) => "account",
+            };
             let r = records.entry(key).or_insert(Record {
                 failures: 0,
                 last: now,
@@ -108,10 +113,14 @@ impl Throttle {
             r.failures += 1;
             r.last = now;
             if r.failures >= self.lockout_failures {
+                if r.locked_until.is_none() {
+                    tracing::warn!(locked_out = what, failures = r.failures, lockout_s = self.lockout.as_secs(), "too many failed logins; locked out");
+                }
                 r.locked_until = Some(now + self.lockout);
             }
             worst = worst.max(r.failures);
         }
+        crate::metrics::throttled("delayed");
         let doublings = worst.saturating_sub(1).min(16);
         (self.base_delay * 2u32.pow(doublings)).min(MAX_DELAY)
     }

@@ -56,7 +56,11 @@ async fn send(http: &oauth2::reqwest::Client, req: HttpRequest) -> Result<HttpRe
         .body(body)
         .send()
         .await
-        .map_err(|e| HttpError::Network(describe(&e)))?;
+        .map_err(|e| {
+            crate::metrics::token_endpoint_contact(false);
+            HttpError::Network(describe(&e))
+        })?;
+    crate::metrics::token_endpoint_contact(true);
     let status = response.status();
     if status.is_server_error() || status.as_u16() == 429 {
         let retry_after = response

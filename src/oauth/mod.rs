@@ -202,6 +202,11 @@ impl Tokens {
 
     /// An access token for this identity: cached, or fetched now with every
     /// concurrent caller for the same account waiting on this one request.
+    /// Whether refresh tokens can be read (a `refresh_token` account existed at start).
+    pub fn has_store(&self) -> bool {
+        self.store.is_some()
+    }
+
     pub async fn get(&self, id: &Identity) -> Result<Token, AuthError> {
         let key = Self::key(id);
         let slot = self.slot(&key);
@@ -270,6 +275,7 @@ impl Tokens {
             let (error, retry_after) = match self.request_once(id).await {
                 Ok(c) => {
                     info!(account = %id.account, grant = %id.grant, attempt, elapsed_ms = started.elapsed().as_millis() as u64, "access token obtained");
+                    crate::metrics::token_request(id.grant.as_str(), "ok", started.elapsed());
                     return Ok(c);
                 }
                 Err(e) => e,
@@ -282,6 +288,8 @@ impl Tokens {
                 && started.elapsed() + pause + http::REQUEST_TIMEOUT < TOKEN_DEADLINE;
             warn!(account = %id.account, grant = %id.grant, attempt, retry, error = %error, "token request failed");
             if !retry {
+                let result = if error.is_temporary() { "unavailable" } else { "refused" };
+                crate::metrics::token_request(id.grant.as_str(), result, started.elapsed());
                 return Err(error);
             }
             tokio::time::sleep(pause).await;

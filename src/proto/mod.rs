@@ -109,7 +109,7 @@ impl<'a> Device<'a> {
     }
 
     pub fn starttls_offered(&self) -> bool {
-        self.listener.tls_acceptor.is_some() && !self.conn.is_tls()
+        self.listener.tls != crate::config::TlsMode::None && !self.conn.is_tls()
     }
 
     /// The TLS handshake after the protocol's go-ahead (STARTTLS, STLS);
@@ -117,8 +117,7 @@ impl<'a> Device<'a> {
     pub async fn start_tls(&mut self) -> Result<(), &'static str> {
         let acceptor = self
             .listener
-            .tls_acceptor
-            .clone()
+            .tls_acceptor()
             .ok_or("STARTTLS without a certificate")?;
         let dropped = self
             .conn
@@ -214,7 +213,7 @@ pub async fn login(
             .check(peer.ip(), &login)
             .map_err(AuthError::Throttled)?;
         let id = app
-            .accounts
+            .accounts()
             .authenticate(&creds.login, creds.password)
             .await;
         // A wrong local password, or one the token endpoint refused for the
@@ -239,7 +238,7 @@ pub async fn login(
         result
     }
     .await;
-    log_login(&login, &result);
+    log_login(protocol, &login, &result);
     result
 }
 
@@ -251,22 +250,34 @@ pub async fn relay_login(
     client_name: &str,
 ) -> Result<(Upstream, Identity), AuthError> {
     let result: Result<(Upstream, Identity), AuthError> = async {
-        let id = app.accounts.identity(account)?;
+        let id = app.accounts().identity(account)?;
         let upstream = upstream_login(app, Protocol::Smtp, &id, client_name).await?;
         Ok((upstream, id))
     }
     .await;
-    log_login(&format!("relay as {account}"), &result);
+    log_login(Protocol::Smtp, &format!("relay as {account}"), &result);
     result
 }
 
-fn log_login(login: &str, result: &Result<(Upstream, Identity), AuthError>) {
+fn log_login(protocol: Protocol, login: &str, result: &Result<(Upstream, Identity), AuthError>) {
+    crate::metrics::login(protocol, result.as_ref().err().map(AuthError::reason));
     match result {
         Ok((_, id)) => {
             info!(login = %login, account = %id.account, mailbox = %id.mailbox, grant = %id.grant, "authenticated; relaying")
         }
-        Err(e) => warn!(login = %login, reason = e.reason(), error = %e, "login failed"),
+        Err(e) => match crate::diagnose::fix(e) {
+            Some(fix) => warn!(login = %login, reason = e.reason(), error = %e, fix, "login failed"),
+            None => warn!(login = %login, reason = e.reason(), error = %e, "login failed"),
+        },
     }
+}
+
+/// `oxbridge check`: a token and an upstream login for `id`, then the
+/// connection is closed. Returns the mailbox logged in to.
+pub async fn check_login(app: &App, protocol: Protocol, id: &Identity) -> Result<String, AuthError> {
+    let upstream = upstream_login(app, protocol, id, "oxbridge-check").await?;
+    drop(upstream);
+    Ok(id.mailbox.clone())
 }
 
 /// Fetch a token and dial upstream at once, then log in with XOAUTH2; a
@@ -318,11 +329,16 @@ async fn dial(
     protocol: Protocol,
     client_name: &str,
 ) -> Result<(Conn, Vec<String>), AuthError> {
-    match protocol {
+    let started = std::time::Instant::now();
+    let dialled = match protocol {
         Protocol::Smtp => smtp::dial(app, client_name).await,
         Protocol::Imap => imap::dial(app).await,
         Protocol::Pop3 => pop3::dial(app).await.map(|c| (c, Vec::new())),
+    };
+    if dialled.is_ok() {
+        crate::metrics::upstream_connected(protocol, started.elapsed());
     }
+    dialled
 }
 
 async fn xoauth2(

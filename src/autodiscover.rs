@@ -1,0 +1,191 @@
+//! POX Autodiscover ("Plain Old XML", the Outlook 2006 schemas) for devices
+//! and clients that look their settings up: the request names an e-mail
+//! address, the response describes oxbridge's own IMAP, POP3 and SMTP
+//! listeners for it. Plain functions over bytes; `admin` serves them.
+
+use quick_xml::escape::escape;
+use quick_xml::events::Event;
+use quick_xml::Reader;
+
+use crate::config::{ListenerConfig, Protocol, TlsMode};
+
+pub const RESPONSE_NS: &str = "http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006";
+pub const OUTLOOK_NS: &str =
+    "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a";
+/// The largest request body read.
+pub const MAX_REQUEST: usize = 16 * 1024;
+/// The longest e-mail address accepted (RFC 5321's path limit).
+const MAX_ADDRESS: usize = 254;
+
+/// The `EMailAddress` of a POX request, if it has one that looks like an address.
+pub fn requested_address(body: &[u8]) -> Option<String> {
+    let mut reader = Reader::from_reader(body);
+    let mut in_address = false;
+    let mut buf = Vec::new();
+    loop {
+        match reader.read_event_into(&mut buf).ok()? {
+            Event::Start(e) => in_address = e.local_name().as_ref() == b"EMailAddress",
+            Event::Text(t) if in_address => {
+                let text = t.decode().ok()?;
+                let address = quick_xml::escape::unescape(&text).ok()?.trim().to_string();
+                let valid = address.len() <= MAX_ADDRESS
+                    && address.split_once('@').is_some_and(|(l, d)| {
+                        !l.is_empty() && !d.is_empty() && !d.contains('@')
+                    })
+                    && !address.chars().any(|c| c.is_whitespace() || c.is_control());
+                return valid.then_some(address);
+            }
+            Event::End(_) => in_address = false,
+            Event::Eof => return None,
+            _ => {}
+        }
+        buf.clear();
+    }
+}
+
+/// The listener a client should use for `protocol`: implicit TLS first,
+/// then STARTTLS, then plain.
+fn best_listener(listeners: &[ListenerConfig], protocol: Protocol) -> Option<&ListenerConfig> {
+    let rank = |l: &ListenerConfig| match l.tls {
+        TlsMode::Implicit => 0,
+        TlsMode::Starttls => 1,
+        TlsMode::None => 2,
+    };
+    listeners
+        .iter()
+        .filter(|l| l.protocol == protocol)
+        .min_by_key(|l| rank(l))
+}
+
+/// The settings response for `address`: one `Protocol` per protocol that
+/// has a listener, naming `server` (as the client reached us).
+pub fn settings(address: &str, server: &str, listeners: &[ListenerConfig]) -> String {
+    let address = escape(address);
+    let server = escape(server);
+    let has_pop3 = listeners.iter().any(|l| l.protocol == Protocol::Pop3);
+    let mut protocols = String::new();
+    for (protocol, kind) in [
+        (Protocol::Imap, "IMAP"),
+        (Protocol::Pop3, "POP3"),
+        (Protocol::Smtp, "SMTP"),
+    ] {
+        let Some(l) = best_listener(listeners, protocol) else {
+            continue;
+        };
+        let (ssl, encryption) = match l.tls {
+            TlsMode::Implicit => ("on", "SSL"),
+            TlsMode::Starttls => ("on", "TLS"),
+            TlsMode::None => ("off", "None"),
+        };
+        let pop_auth = if protocol == Protocol::Smtp && has_pop3 {
+            "\n        <UsePOPAuth>on</UsePOPAuth>"
+        } else {
+            ""
+        };
+        protocols.push_str(&format!(
+            "
+      <Protocol>
+        <Type>{kind}</Type>
+        <Server>{server}</Server>
+        <Port>{port}</Port>
+        <LoginName>{address}</LoginName>
+        <DomainRequired>off</DomainRequired>
+        <SPA>off</SPA>
+        <SSL>{ssl}</SSL>
+        <Encryption>{encryption}</Encryption>
+        <AuthRequired>on</AuthRequired>{pop_auth}
+      </Protocol>",
+            port = l.listen.port(),
+        ));
+    }
+    format!(
+        r#"<?xml version="1.0" encoding="utf-8"?>
+<Autodiscover xmlns="{RESPONSE_NS}">
+  <Response xmlns="{OUTLOOK_NS}">
+    <User>
+      <DisplayName>{address}</DisplayName>
+    </User>
+    <Account>
+      <AccountType>email</AccountType>
+      <Action>settings</Action>{protocols}
+    </Account>
+  </Response>
+</Autodiscover>
+"#
+    )
+}
+
+/// A POX error response: `500` for an address oxbridge does not serve,
+/// `600` for a request it cannot read.
+pub fn error(code: u16, message: &str) -> String {
+    let message = escape(message);
+    let time = chrono_free_time();
+    format!(
+        r#"<?xml version="1.0" encoding="utf-8"?>
+<Autodiscover xmlns="{RESPONSE_NS}">
+  <Response>
+    <Error Time="{time}" Id="1">
+      <ErrorCode>{code}</ErrorCode>
+      <Message>{message}</Message>
+      <DebugData />
+    </Error>
+  </Response>
+</Autodiscover>
+"#
+    )
+}
+
+/// `HH:MM:SS.mmmmmmm` of now (UTC), the form Exchange puts in `Time`.
+fn chrono_free_time() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let day = now.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:07}",
+        day / 3600,
+        day / 60 % 60,
+        day % 60,
+        now.subsec_nanos() / 100
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REQUEST: &str = r#"<?xml version="1.0" encoding="utf-8"?>
+<Autodiscover xmlns="http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006">
+  <Request>
+    <EMailAddress>scanner@contoso.com</EMailAddress>
+    <AcceptableResponseSchema>http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a</AcceptableResponseSchema>
+  </Request>
+</Autodiscover>"#;
+
+    #[test]
+    fn reads_the_address() {
+        assert_eq!(
+            requested_address(REQUEST.as_bytes()).as_deref(),
+            Some("scanner@contoso.com")
+        );
+        assert_eq!(requested_address(b"<Autodiscover/>"), None);
+        assert_eq!(requested_address(b"not xml at all <<<"), None);
+        assert_eq!(
+            requested_address(b"<a><EMailAddress>no-at-sign</EMailAddress></a>"),
+            None
+        );
+        assert_eq!(
+            requested_address(b"<a><EMailAddress>x@y\r\nBcc: z</EMailAddress></a>"),
+            None
+        );
+    }
+
+    #[test]
+    fn escapes_what_it_echoes() {
+        let out = settings("a<b>&c@example.com", "host\"", &[]);
+        assert!(out.contains("a&lt;b&gt;&amp;c@example.com"));
+        assert!(!out.contains("a<b>"));
+        let out = error(500, "<x>");
+        assert!(out.contains("&lt;x&gt;"));
+    }
+}

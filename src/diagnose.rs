@@ -1,0 +1,250 @@
+//! What a failed login means for the administrator: Exchange Online's and
+//! Entra ID's known refusals, each mapped to the setting to change and the
+//! PowerShell or portal step that changes it. Used by `oxbridge check` and
+//! in the log line of a device's failed login.
+
+use crate::error::AuthError;
+
+/// One known refusal: a text the server or token endpoint sends, and the fix.
+struct Known {
+    /// Matched case-insensitively anywhere in the error's detail.
+    needle: &'static str,
+    fix: &'static str,
+}
+
+/// Checked in order; the first match wins (more specific needles first).
+const KNOWN: &[Known] = &[
+    // Exchange Online, SMTP.
+    Known {
+        needle: "5.7.139",
+        fix: "SMTP AUTH is disabled for the tenant or by security defaults. Enable it for the tenant \
+              with `Set-TransportConfig -SmtpClientAuthenticationDisabled $false`, or for this mailbox \
+              with `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false`; if \
+              security defaults are on, turn them off (Entra admin center > Identity > Overview > \
+              Properties > Manage security defaults) and use Conditional Access instead",
+    },
+    Known {
+        needle: "5.7.57",
+        fix: "Exchange saw no authenticated session (530 5.7.57): SMTP AUTH is off for the mailbox: \
+              `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false`, and \
+              check that [upstream] smtp is smtp.office365.com:587",
+    },
+    Known {
+        needle: "5.7.30",
+        fix: "Exchange refused basic authentication for client submission (550 5.7.30): the token \
+              must carry SMTP permission: delegated `SMTP.Send` (grant admin consent in Entra > App \
+              registrations > API permissions), or for client_credentials the application \
+              permission `SMTP.SendAsApp` with admin consent",
+    },
+    Known {
+        needle: "SendAsDenied",
+        fix: "the mailbox may not send as the message's From address (554 5.2.252 SendAsDenied): set \
+              the device's sender to the mailbox, or grant it `Add-RecipientPermission -Identity \
+              <from address> -Trustee <mailbox> -AccessRights SendAs`",
+    },
+    Known {
+        needle: "4.3.2",
+        fix: "Exchange Online allows 3 concurrent SMTP connections per mailbox (432 4.3.2): keep \
+              [limits] smtp_sessions_per_mailbox at 3 or below, or spread the devices over more \
+              mailboxes",
+    },
+    Known {
+        needle: "5.7.3",
+        fix: "Exchange refused the token (535 5.7.3): check that the mailbox (XOAUTH2 user=) is the \
+              token's user; for client_credentials, register the app in Exchange \
+              (`New-ServicePrincipal -AppId <client_id> -ObjectId <enterprise app object id>`) and \
+              give it the mailbox (`Add-MailboxPermission -Identity <mailbox> -User <service \
+              principal id> -AccessRights FullAccess`)",
+    },
+    // Exchange Online, IMAP and POP3.
+    Known {
+        needle: "not connected",
+        fix: "Exchange accepted the token but will not open the mailbox (\"User is authenticated but \
+              not connected\"): IMAP or POP is disabled for it (`Set-CASMailbox -Identity <mailbox> \
+              -ImapEnabled $true` or `-PopEnabled $true`), or the app lacks access to it \
+              (client_credentials: `New-ServicePrincipal` and `Add-MailboxPermission ... \
+              -AccessRights FullAccess`)",
+    },
+    Known {
+        needle: "AUTHENTICATE failed",
+        fix: "the IMAP server refused the token: for client_credentials, the app needs the \
+              `IMAP.AccessAsApp` permission with admin consent, a service principal in Exchange \
+              (`New-ServicePrincipal`) and `Add-MailboxPermission -AccessRights FullAccess` on the \
+              mailbox; for delegated grants, `IMAP.AccessAsUser.All` consent and \
+              `Set-CASMailbox -ImapEnabled $true`",
+    },
+    // Entra ID token endpoint.
+    Known {
+        needle: "AADSTS90002",
+        fix: "the tenant does not exist: check [oauth] tenant (the tenant's domain or id, or \
+              \"organizations\")",
+    },
+    Known {
+        needle: "AADSTS7000222",
+        fix: "the client secret has expired: create a new one (Entra admin center > App \
+              registrations > <app> > Certificates & secrets) and put it in client_secret_file",
+    },
+    Known {
+        needle: "AADSTS7000215",
+        fix: "the client secret is wrong: copy the secret's Value (not its ID) from Entra admin \
+              center > App registrations > <app> > Certificates & secrets into client_secret_file",
+    },
+    Known {
+        needle: "AADSTS700016",
+        fix: "no application with this client_id in the tenant: check [oauth] client_id and tenant, \
+              or have an administrator consent to the app in this tenant",
+    },
+    Known {
+        needle: "AADSTS65001",
+        fix: "consent is missing: grant admin consent for the app's API permissions (Entra admin \
+              center > App registrations > <app> > API permissions > Grant admin consent)",
+    },
+    Known {
+        needle: "AADSTS50076",
+        fix: "MFA is required for this user, which the password grant cannot satisfy: exclude the \
+              account from MFA with a Conditional Access policy for trusted locations, or use \
+              grant = \"refresh_token\" and `oxbridge login`",
+    },
+    Known {
+        needle: "AADSTS50079",
+        fix: "the user must register for MFA, which the password grant cannot do: use \
+              grant = \"refresh_token\" and `oxbridge login`, or exclude the account from MFA",
+    },
+    Known {
+        needle: "AADSTS50126",
+        fix: "the user's password is wrong (password grant): the device must send the mailbox \
+              user's current Entra password",
+    },
+    Known {
+        needle: "AADSTS50034",
+        fix: "the user does not exist in the tenant: check the login the device sends",
+    },
+    Known {
+        needle: "AADSTS53003",
+        fix: "a Conditional Access policy blocked the sign-in: see Entra admin center > Sign-in \
+              logs for the policy, and exclude oxbridge's sign-ins from it",
+    },
+    Known {
+        needle: "AADSTS7000218",
+        fix: "the token endpoint wants a client secret or assertion: set client_secret_file, or \
+              for a public client allow public client flows (App registrations > <app> > \
+              Authentication > Allow public client flows: Yes)",
+    },
+    Known {
+        needle: "AADSTS70011",
+        fix: "the requested scope is invalid for this app: check the app's API permissions \
+              (Office 365 Exchange Online: SMTP.Send, IMAP.AccessAsUser.All, \
+              POP.AccessAsUser.All; app-only: the .default scope)",
+    },
+    Known {
+        needle: "AADSTS700082",
+        fix: "the refresh token has expired: run `oxbridge login <account>`",
+    },
+    Known {
+        needle: "AADSTS70043",
+        fix: "the refresh token has expired under a Conditional Access sign-in frequency: run \
+              `oxbridge login <account>`",
+    },
+    Known {
+        needle: "invalid_grant",
+        fix: "the grant was refused (expired or revoked refresh token, or wrong password): for a \
+              refresh_token account run `oxbridge login <account>`",
+    },
+    Known {
+        needle: "invalid_client",
+        fix: "the token endpoint refused the app's credentials: check [oauth] client_id and the \
+              client secret or certificate",
+    },
+];
+
+/// The administrator's fix for this failure, when it is a known one.
+pub fn fix(error: &AuthError) -> Option<&'static str> {
+    let detail = match error {
+        AuthError::TokenRefused(d)
+        | AuthError::TokenUnavailable(d)
+        | AuthError::UpstreamRefused(d)
+        | AuthError::UpstreamTemporary(d)
+        | AuthError::UpstreamUnavailable(d) => d.as_str(),
+        AuthError::Busy(_) | AuthError::BadCredentials(_) | AuthError::Throttled(_) => {
+            return None
+        }
+    };
+    let lower = detail.to_ascii_lowercase();
+    KNOWN
+        .iter()
+        .find(|k| lower.contains(&k.needle.to_ascii_lowercase()))
+        .map(|k| k.fix)
+}
+
+/// A short diagnosis for other failures that have an obvious next step.
+pub fn hint(error: &AuthError) -> Option<&'static str> {
+    match error {
+        AuthError::UpstreamUnavailable(d) if d.contains("certificate") => Some(
+            "the upstream's TLS certificate was not accepted: check [upstream] names the server \
+             as its certificate does, and add a private CA with [upstream] ca_file",
+        ),
+        AuthError::UpstreamUnavailable(_) => {
+            Some("the upstream could not be reached: check [upstream] and the network/firewall")
+        }
+        AuthError::TokenUnavailable(_) => Some(
+            "the token endpoint could not be reached or failed: check [oauth] token_url/tenant and \
+             outbound HTTPS",
+        ),
+        _ => None,
+    }
+}
+
+/// [`fix`], else [`hint`].
+pub fn advice(error: &AuthError) -> Option<&'static str> {
+    fix(error).or_else(|| hint(error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(s: &str) -> AuthError {
+        AuthError::UpstreamRefused(s.into())
+    }
+
+    #[test]
+    fn exchange_replies_map_to_their_fix() {
+        let cases = [
+            ("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.", "Set-TransportConfig -SmtpClientAuthenticationDisabled $false"),
+            ("535 5.7.3 Authentication unsuccessful", "New-ServicePrincipal"),
+            ("530 5.7.57 Client not authenticated to send mail.", "5.7.57"),
+            ("550 5.7.30 Basic authentication is not supported for Client Submission.", "SMTP.SendAsApp"),
+            ("554 5.2.252 SendAsDenied; scans@contoso.com not allowed to send as x@y", "Add-RecipientPermission"),
+            ("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded", "smtp_sessions_per_mailbox"),
+            ("NO User is authenticated but not connected.", "-ImapEnabled $true"),
+        ];
+        for (reply, expect) in cases {
+            let fix = fix(&refused(reply)).unwrap_or_else(|| panic!("no fix for {reply}"));
+            assert!(fix.contains(expect), "{reply}: {fix}");
+        }
+    }
+
+    #[test]
+    fn entra_errors_map_to_their_fix() {
+        let cases = [
+            ("invalid_request: AADSTS90002: Tenant 'x' not found.", "[oauth] tenant"),
+            ("invalid_client: AADSTS7000215: Invalid client secret provided.", "Certificates & secrets"),
+            ("invalid_grant: AADSTS65001: The user or administrator has not consented", "Grant admin consent"),
+            ("invalid_grant: AADSTS50076: Due to a configuration change made by your administrator, you must use multi-factor authentication", "MFA"),
+            ("invalid_grant: AADSTS700082: The refresh token has expired", "oxbridge login"),
+            ("invalid_grant: something else", "oxbridge login"),
+        ];
+        for (detail, expect) in cases {
+            let fix = fix(&AuthError::TokenRefused(detail.into()))
+                .unwrap_or_else(|| panic!("no fix for {detail}"));
+            assert!(fix.contains(expect), "{detail}: {fix}");
+        }
+    }
+
+    #[test]
+    fn unknown_and_local_failures_have_no_fix() {
+        assert_eq!(fix(&refused("535 5.7.8 Error: authentication failed")), None);
+        assert_eq!(fix(&AuthError::BadCredentials("wrong password")), None);
+        assert!(advice(&AuthError::UpstreamUnavailable("connection refused".into())).is_some());
+    }
+}
