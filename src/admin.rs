@@ -30,6 +30,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 struct Admin {
     app: Arc<App>,
+    endpoints: Arc<Vec<autodiscover::Endpoint>>,
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
 }
@@ -50,11 +51,13 @@ fn router(admin: Admin) -> Router {
 pub async fn serve(
     socket: TcpListener,
     app: Arc<App>,
+    endpoints: Vec<autodiscover::Endpoint>,
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
 ) {
     let admin = Admin {
         app,
+        endpoints: Arc::new(endpoints),
         metrics,
         shutdown,
     };
@@ -64,7 +67,12 @@ pub async fn serve(
 }
 
 async fn readyz(State(admin): State<Admin>) -> Response {
-    let not_ready = |why: &str| (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n"));
+    let not_ready = |why: &str| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+    };
     if admin.shutdown.is_cancelled() {
         return not_ready("shutting down").into_response();
     }
@@ -90,7 +98,10 @@ async fn probe_token_endpoint(url: &str) -> bool {
     let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
         return false;
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let reached = matches!(
         tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect((host, port))).await,
         Ok(Ok(_))
@@ -102,7 +113,10 @@ async fn probe_token_endpoint(url: &str) -> bool {
 
 async fn render_metrics(State(admin): State<Admin>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         admin.metrics.render(),
     )
         .into_response()
@@ -134,7 +148,7 @@ async fn autodiscover(State(admin): State<Admin>, headers: HeaderMap, body: Byte
         .unwrap_or_else(|| admin.app.hostname.clone());
     xml(
         StatusCode::OK,
-        autodiscover::settings(&address, &server, &admin.app.config.listeners),
+        autodiscover::settings(&address, &server, &admin.endpoints),
     )
 }
 
@@ -160,8 +174,10 @@ pub fn probe_health(address: SocketAddr) -> Result<(), String> {
     const TIMEOUT: Duration = Duration::from_secs(5);
     let mut tcp = std::net::TcpStream::connect_timeout(&address, TIMEOUT)
         .map_err(|e| format!("{address}: {e}"))?;
-    tcp.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
-    tcp.set_write_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    tcp.set_write_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
     write!(tcp, "GET /healthz HTTP/1.0\r\nHost: {address}\r\n\r\n")
         .map_err(|e| format!("{address}: {e}"))?;
     let mut head = [0u8; 64];
@@ -181,8 +197,14 @@ mod tests {
 
     #[test]
     fn host_header_forms() {
-        assert_eq!(host_name("mail.example.com").as_deref(), Some("mail.example.com"));
-        assert_eq!(host_name("mail.example.com:9090").as_deref(), Some("mail.example.com"));
+        assert_eq!(
+            host_name("mail.example.com").as_deref(),
+            Some("mail.example.com")
+        );
+        assert_eq!(
+            host_name("mail.example.com:9090").as_deref(),
+            Some("mail.example.com")
+        );
         assert_eq!(host_name("127.0.0.1:9090").as_deref(), Some("127.0.0.1"));
         assert_eq!(host_name("[::1]:9090").as_deref(), Some("::1"));
         assert_eq!(host_name("evil<x>"), None);

@@ -7,9 +7,18 @@ use quick_xml::escape::escape;
 use quick_xml::events::Event;
 use quick_xml::Reader;
 
-use crate::config::{ListenerConfig, Protocol, TlsMode};
+use crate::config::{Protocol, TlsMode};
 
-pub const RESPONSE_NS: &str = "http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006";
+/// A listener as a client sees it: the port is the bound one.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoint {
+    pub protocol: Protocol,
+    pub tls: TlsMode,
+    pub port: u16,
+}
+
+pub const RESPONSE_NS: &str =
+    "http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006";
 pub const OUTLOOK_NS: &str =
     "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a";
 /// The largest request body read.
@@ -29,9 +38,9 @@ pub fn requested_address(body: &[u8]) -> Option<String> {
                 let text = t.decode().ok()?;
                 let address = quick_xml::escape::unescape(&text).ok()?.trim().to_string();
                 let valid = address.len() <= MAX_ADDRESS
-                    && address.split_once('@').is_some_and(|(l, d)| {
-                        !l.is_empty() && !d.is_empty() && !d.contains('@')
-                    })
+                    && address
+                        .split_once('@')
+                        .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty() && !d.contains('@'))
                     && !address.chars().any(|c| c.is_whitespace() || c.is_control());
                 return valid.then_some(address);
             }
@@ -45,8 +54,8 @@ pub fn requested_address(body: &[u8]) -> Option<String> {
 
 /// The listener a client should use for `protocol`: implicit TLS first,
 /// then STARTTLS, then plain.
-fn best_listener(listeners: &[ListenerConfig], protocol: Protocol) -> Option<&ListenerConfig> {
-    let rank = |l: &ListenerConfig| match l.tls {
+fn best_listener(listeners: &[Endpoint], protocol: Protocol) -> Option<&Endpoint> {
+    let rank = |l: &Endpoint| match l.tls {
         TlsMode::Implicit => 0,
         TlsMode::Starttls => 1,
         TlsMode::None => 2,
@@ -59,7 +68,7 @@ fn best_listener(listeners: &[ListenerConfig], protocol: Protocol) -> Option<&Li
 
 /// The settings response for `address`: one `Protocol` per protocol that
 /// has a listener, naming `server` (as the client reached us).
-pub fn settings(address: &str, server: &str, listeners: &[ListenerConfig]) -> String {
+pub fn settings(address: &str, server: &str, listeners: &[Endpoint]) -> String {
     let address = escape(address);
     let server = escape(server);
     let has_pop3 = listeners.iter().any(|l| l.protocol == Protocol::Pop3);
@@ -95,7 +104,7 @@ pub fn settings(address: &str, server: &str, listeners: &[ListenerConfig]) -> St
         <Encryption>{encryption}</Encryption>
         <AuthRequired>on</AuthRequired>{pop_auth}
       </Protocol>",
-            port = l.listen.port(),
+            port = l.port,
         ));
     }
     format!(

@@ -165,9 +165,7 @@ pub fn fix(error: &AuthError) -> Option<&'static str> {
         | AuthError::UpstreamRefused(d)
         | AuthError::UpstreamTemporary(d)
         | AuthError::UpstreamUnavailable(d) => d.as_str(),
-        AuthError::Busy(_) | AuthError::BadCredentials(_) | AuthError::Throttled(_) => {
-            return None
-        }
+        AuthError::Busy(_) | AuthError::BadCredentials(_) | AuthError::Throttled(_) => return None,
     };
     let lower = detail.to_ascii_lowercase();
     KNOWN
@@ -243,7 +241,10 @@ mod tests {
 
     #[test]
     fn unknown_and_local_failures_have_no_fix() {
-        assert_eq!(fix(&refused("535 5.7.8 Error: authentication failed")), None);
+        assert_eq!(
+            fix(&refused("535 5.7.8 Error: authentication failed")),
+            None
+        );
         assert_eq!(fix(&AuthError::BadCredentials("wrong password")), None);
         assert!(advice(&AuthError::UpstreamUnavailable("connection refused".into())).is_some());
     }

@@ -28,12 +28,12 @@
 //! `preauth` until the upstream login succeeds, then ends in `relay::relay`.
 
 pub mod accounts;
-pub mod config;
-pub mod error;
 pub mod admin;
 pub mod autodiscover;
 pub mod check;
+pub mod config;
 pub mod diagnose;
+pub mod error;
 pub mod limits;
 pub mod line;
 pub mod metrics;
@@ -132,7 +132,10 @@ impl App {
     /// effect for new logins; sessions under way keep going. Other sections
     /// need a restart: a change there is reported, not applied.
     pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, String> {
-        let needs_store = new.accounts.iter().any(|a| a.grant == config::Grant::RefreshToken);
+        let needs_store = new
+            .accounts
+            .iter()
+            .any(|a| a.grant == config::Grant::RefreshToken);
         if needs_store && !self.tokens.has_store() {
             return Err("the first refresh_token account needs a restart (the token store is opened at start)".into());
         }
@@ -183,6 +186,7 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
     };
     let app = Arc::new(App::new(config)?);
     let mut bound = Vec::new();
+    let mut endpoints = Vec::new();
     for (i, l) in app.config.listeners.iter().enumerate() {
         let listener =
             server::Listener::new(l).map_err(|e| StartError(format!("listener[{i}]: {e}")))?;
@@ -197,17 +201,23 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
             warn!(listener = i, address = %local, "passwords are accepted without TLS on a non-loopback address");
         }
         info!(listener = i, protocol = %l.protocol, address = %local, tls = ?l.tls, "listening");
+        endpoints.push(autodiscover::Endpoint {
+            protocol: l.protocol,
+            tls: l.tls,
+            port: local.port(),
+        });
         bound.push((socket, Arc::new(listener)));
     }
     if let (Some(admin), Some(metrics)) = (&app.config.admin, metrics) {
-        let socket = TcpListener::bind(admin.listen).await.map_err(|e| {
-            StartError(format!("admin.listen: cannot bind {}: {e}", admin.listen))
-        })?;
+        let socket = TcpListener::bind(admin.listen)
+            .await
+            .map_err(|e| StartError(format!("admin.listen: cannot bind {}: {e}", admin.listen)))?;
         let local = socket.local_addr().map_err(|e| StartError(e.to_string()))?;
         info!(address = %local, "admin endpoint listening");
         tokio::spawn(admin::serve(
             socket,
             app.clone(),
+            endpoints,
             metrics,
             control.shutdown.clone(),
         ));
@@ -226,7 +236,12 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
         });
     }
     let listeners: Vec<_> = bound.iter().map(|(_, l)| l.clone()).collect();
-    tokio::spawn(reloader(app.clone(), listeners, control.config_path, control.reload));
+    tokio::spawn(reloader(
+        app.clone(),
+        listeners,
+        control.config_path,
+        control.reload,
+    ));
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     server::serve(app, bound, control.shutdown).await;
     Ok(())

@@ -47,12 +47,33 @@ fn describe() {
     describe_counter!(SESSIONS, "Device sessions ended, by protocol and outcome");
     describe_gauge!(SESSIONS_ACTIVE, "Device sessions open now, by protocol");
     describe_counter!(LOGINS, "Device logins, by protocol and result");
-    describe_counter!(AUTH_FAILURES, "Failed device logins, by protocol and reason");
-    describe_counter!(THROTTLED, "Logins refused or delayed by brute-force protection");
-    describe_counter!(TOKEN_REQUESTS, "Requests to the token endpoint, by grant and result");
-    describe_histogram!(TOKEN_SECONDS, Unit::Seconds, "Time to obtain one access token, retries included");
-    describe_histogram!(UPSTREAM_CONNECT_SECONDS, Unit::Seconds, "Time to connect to the upstream and read its greeting (TLS included)");
-    describe_counter!(BYTES, Unit::Bytes, "Bytes relayed after login, by protocol and direction");
+    describe_counter!(
+        AUTH_FAILURES,
+        "Failed device logins, by protocol and reason"
+    );
+    describe_counter!(
+        THROTTLED,
+        "Logins refused or delayed by brute-force protection"
+    );
+    describe_counter!(
+        TOKEN_REQUESTS,
+        "Requests to the token endpoint, by grant and result"
+    );
+    describe_histogram!(
+        TOKEN_SECONDS,
+        Unit::Seconds,
+        "Time to obtain one access token, retries included"
+    );
+    describe_histogram!(
+        UPSTREAM_CONNECT_SECONDS,
+        Unit::Seconds,
+        "Time to connect to the upstream and read its greeting (TLS included)"
+    );
+    describe_counter!(
+        BYTES,
+        Unit::Bytes,
+        "Bytes relayed after login, by protocol and direction"
+    );
     describe_counter!(RELOADS, "Configuration reloads (SIGHUP), by result");
 }
 

@@ -210,7 +210,8 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
             .listener
             .tls_acceptor()
             .expect("implicit TLS has an acceptor");
-        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, crate::tls::accept(&acceptor, tcp)).await {
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, crate::tls::accept(&acceptor, tcp)).await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 info!(error = %e, outcome = "tls_failed", "session ended");

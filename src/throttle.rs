@@ -114,7 +114,12 @@ impl Throttle {
             r.last = now;
             if r.failures >= self.lockout_failures {
                 if r.locked_until.is_none() {
-                    tracing::warn!(locked_out = what, failures = r.failures, lockout_s = self.lockout.as_secs(), "too many failed logins; locked out");
+                    tracing::warn!(
+                        locked_out = what,
+                        failures = r.failures,
+                        lockout_s = self.lockout.as_secs(),
+                        "too many failed logins; locked out"
+                    );
                 }
                 r.locked_until = Some(now + self.lockout);
             }

@@ -368,6 +368,29 @@ fn untrusted_upstream_certificate_is_refused() {
     assert!(line.to_lowercase().contains("certificate"), "{line}");
 }
 
+/// An upstream whose (trusted) certificate is for another name is refused:
+/// the real submission server reached as 127.0.0.2, which its certificate
+/// (localhost, 127.0.0.1, example.test) does not name.
+#[test]
+fn upstream_certificate_for_another_name_is_refused() {
+    let up = upstream();
+    let forwarder = Forwarder::start_on("127.0.0.2:0", &up.submission(), None, None);
+    let cfg = config(up, "", &listener("smtp", "none", true), "").replace(
+        &format!("smtp = \"{}\"", up.submission()),
+        &format!("smtp = \"{}\"", forwarder.addr),
+    );
+    let proxy = Proxy::start(&cfg);
+    let r = auth_reply(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD);
+    assert!(r.starts_with("454 4.7.0"), "{r}");
+    let line = proxy.wait_log(&["login failed", "upstream_unavailable", "TLS"]);
+    assert!(
+        line.contains("NotValidForName") || line.to_lowercase().contains("not valid for"),
+        "{line}"
+    );
+    // The forwarder saw the connection: the refusal came from the name check.
+    assert!(forwarder.max.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+}
+
 /// Without TLS and without `allow_plaintext_auth`, passwords are refused.
 #[test]
 fn plaintext_auth_needs_opt_in() {

@@ -288,7 +288,11 @@ impl Tokens {
                 && started.elapsed() + pause + http::REQUEST_TIMEOUT < TOKEN_DEADLINE;
             warn!(account = %id.account, grant = %id.grant, attempt, retry, error = %error, "token request failed");
             if !retry {
-                let result = if error.is_temporary() { "unavailable" } else { "refused" };
+                let result = if error.is_temporary() {
+                    "unavailable"
+                } else {
+                    "refused"
+                };
                 crate::metrics::token_request(id.grant.as_str(), result, started.elapsed());
                 return Err(error);
             }

@@ -266,7 +266,9 @@ fn log_login(protocol: Protocol, login: &str, result: &Result<(Upstream, Identit
             info!(login = %login, account = %id.account, mailbox = %id.mailbox, grant = %id.grant, "authenticated; relaying")
         }
         Err(e) => match crate::diagnose::fix(e) {
-            Some(fix) => warn!(login = %login, reason = e.reason(), error = %e, fix, "login failed"),
+            Some(fix) => {
+                warn!(login = %login, reason = e.reason(), error = %e, fix, "login failed")
+            }
             None => warn!(login = %login, reason = e.reason(), error = %e, "login failed"),
         },
     }
@@ -274,9 +276,18 @@ fn log_login(protocol: Protocol, login: &str, result: &Result<(Upstream, Identit
 
 /// `oxbridge check`: a token and an upstream login for `id`, then the
 /// connection is closed. Returns the mailbox logged in to.
-pub async fn check_login(app: &App, protocol: Protocol, id: &Identity) -> Result<String, AuthError> {
-    let upstream = upstream_login(app, protocol, id, "oxbridge-check").await?;
-    drop(upstream);
+pub async fn check_login(
+    app: &App,
+    protocol: Protocol,
+    id: &Identity,
+) -> Result<String, AuthError> {
+    let mut upstream = upstream_login(app, protocol, id, "oxbridge-check").await?;
+    let timeout = std::time::Duration::from_secs(10);
+    match protocol {
+        Protocol::Smtp => smtp::check_sender(&mut upstream.conn, &id.mailbox).await?,
+        Protocol::Imap => drop(upstream.conn.send(b"x LOGOUT\r\n", timeout).await),
+        Protocol::Pop3 => drop(upstream.conn.send(b"QUIT\r\n", timeout).await),
+    }
     Ok(id.mailbox.clone())
 }
 

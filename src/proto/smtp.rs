@@ -188,6 +188,20 @@ async fn command(conn: &mut Conn, line: &str) -> Result<Reply, AuthError> {
     read_reply(conn).await
 }
 
+/// `oxbridge check`, after login: would the server take mail from the
+/// mailbox? `MAIL FROM`, then `RSET` and `QUIT`; nothing is sent.
+pub async fn check_sender(conn: &mut Conn, mailbox: &str) -> Result<(), AuthError> {
+    let reply = command(conn, &format!("MAIL FROM:<{mailbox}>\r\n")).await?;
+    let result = match reply.code {
+        200..=299 => Ok(()),
+        400..=499 => Err(AuthError::UpstreamTemporary(reply.summary())),
+        _ => Err(AuthError::UpstreamRefused(reply.summary())),
+    };
+    let _ = command(conn, "RSET\r\n").await;
+    let _ = command(conn, "QUIT\r\n").await;
+    result
+}
+
 /// The EHLO keyword lines of a reply (all lines but the first), keyword upper-cased.
 pub fn ehlo_keywords(reply: &Reply) -> Vec<String> {
     reply

@@ -242,6 +242,22 @@ impl Proxy {
         self.addrs[i].port()
     }
 
+    /// The admin endpoint's address (from its "admin endpoint listening" line).
+    pub fn admin_addr(&self) -> SocketAddr {
+        let line = self.wait_log(&["admin endpoint listening"]);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v["address"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// The config file the proxy runs with (rewrite it, then `signal("HUP")`).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("oxbridge.toml")
+    }
+
+    pub fn signal(&self, sig: &str) {
+        unsafe_kill(self.child.id(), sig);
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }
@@ -737,8 +753,18 @@ impl Forwarder {
         cut_after: Option<usize>,
         cut_down_after: Option<usize>,
     ) -> Forwarder {
+        Forwarder::start_on("127.0.0.1:0", target, cut_after, cut_down_after)
+    }
+
+    /// A forwarder listening on `bind` (another loopback address, say).
+    pub fn start_on(
+        bind: &str,
+        target: &str,
+        cut_after: Option<usize>,
+        cut_down_after: Option<usize>,
+    ) -> Forwarder {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l = TcpListener::bind(bind).unwrap();
         let addr = l.local_addr().unwrap();
         let (open, max) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (o, m, target) = (open.clone(), max.clone(), target.to_string());

@@ -1,0 +1,511 @@
+//! Operations, end to end: the admin endpoint (health, readiness,
+//! Prometheus metrics scraped over HTTP with curl, POX Autodiscover),
+//! JSON log lines, `oxbridge check` against the real upstream and against
+//! a fake that refuses like Exchange Online, and SIGHUP reloads.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn admin_section() -> &'static str {
+    "[admin]\nlisten = \"127.0.0.1:0\"\n"
+}
+
+/// `curl` an admin URL: (HTTP status, body).
+fn curl(addr: SocketAddr, path: &str) -> (u16, String) {
+    let out = run(
+        Command::new("curl").args([
+            "-sS",
+            "-m",
+            "20",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{addr}{path}"),
+        ]),
+        LIMIT,
+    );
+    let all = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = all.rsplit_once('\n').expect("curl output");
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// Prometheus text format: series (name with its labels) -> value.
+fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let (status, body) = curl(addr, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').expect("series value");
+            (series.to_string(), value.parse::<f64>().expect(l))
+        })
+        .collect()
+}
+
+fn value(m: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    m.iter()
+        .filter(|(series, _)| {
+            series.split('{').next() == Some(name)
+                && labels
+                    .iter()
+                    .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn imap_login(port: u16, user: &str, password: &str) -> Output {
+    run(
+        python("imap_session.py").args([
+            "--port",
+            &port.to_string(),
+            "--user",
+            user,
+            "--password",
+            password,
+            "--mode",
+            "login",
+        ]),
+        LIMIT,
+    )
+}
+
+#[test]
+fn metrics_health_readiness_and_json_logs() {
+    let up = upstream();
+    let listeners = format!(
+        "{}{}",
+        listener("imap", "none", true),
+        listener("smtp", "none", true)
+    );
+    let proxy = Proxy::start(&config(up, "", &listeners, admin_section()));
+    let admin = proxy.admin_addr();
+
+    assert_eq!(curl(admin, "/healthz"), (200, "ok\n".to_string()));
+    let (status, body) = curl(admin, "/readyz");
+    assert_eq!(status, 200, "{body}");
+
+    let before = scrape(admin);
+    let out = imap_login(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD);
+    assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
+    proxy.wait_log(&["session ended", "relayed", "\"protocol\":\"imap\""]);
+    let mut raw = Raw::connect(proxy.port(1));
+    raw.reply();
+    raw.send("EHLO metrics.test");
+    raw.reply();
+    raw.send("AUTH PLAIN AHNjYW5uZXJAZXhhbXBsZS50ZXN0AHdyb25n"); // scanner / "wrong"
+    assert!(raw.reply().starts_with("535"));
+    raw.send("QUIT");
+    raw.reply();
+    proxy.wait_log(&["session ended", "\"protocol\":\"smtp\""]);
+    let after = scrape(admin);
+
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        value(&after, name, labels) - value(&before, name, labels)
+    };
+    let relayed = [("protocol", "imap"), ("outcome", "relayed")];
+    assert_eq!(delta("oxbridge_sessions_total", &relayed), 1.0);
+    assert_eq!(
+        delta(
+            "oxbridge_logins_total",
+            &[("protocol", "imap"), ("result", "ok")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        delta(
+            "oxbridge_auth_failures_total",
+            &[("protocol", "smtp"), ("reason", "bad_credentials")]
+        ),
+        1.0
+    );
+    assert!(delta("oxbridge_throttled_logins_total", &[("kind", "delayed")]) >= 1.0);
+    assert!(
+        value(
+            &after,
+            "oxbridge_token_requests_total",
+            &[("grant", "client_credentials"), ("result", "ok")]
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            &after,
+            "oxbridge_token_request_duration_seconds_count",
+            &[("grant", "client_credentials")]
+        ) >= 1.0
+    );
+    assert!(
+        delta(
+            "oxbridge_upstream_connect_duration_seconds_count",
+            &[("protocol", "imap")]
+        ) >= 1.0
+    );
+    for direction in ["to_upstream", "to_device"] {
+        assert!(
+            delta(
+                "oxbridge_relayed_bytes_total",
+                &[("protocol", "imap"), ("direction", direction)]
+            ) > 0.0,
+            "{direction}"
+        );
+    }
+    assert_eq!(value(&after, "oxbridge_sessions_active", &[]), 0.0);
+    // No account name or secret in the metrics.
+    let (_, body) = curl(admin, "/metrics");
+    assert!(!body.contains("scanner@example.test") && !body.contains(SCANNER_PASSWORD));
+
+    // Every log line is one JSON object with timestamp, level and message.
+    let logs = proxy.logs();
+    assert!(logs.lines().count() > 5);
+    for line in logs.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        for key in ["timestamp", "level", "message"] {
+            assert!(v.get(key).is_some(), "{key} missing: {line}");
+        }
+    }
+
+    // A proxy whose token endpoint is down is alive but not ready.
+    let down = config(up, "", &listener("smtp", "none", true), admin_section()).replace(
+        up.token_url(),
+        &format!("http://127.0.0.1:{}/token", closed_port()),
+    );
+    let proxy = Proxy::start(&down);
+    let admin = proxy.admin_addr();
+    assert_eq!(curl(admin, "/healthz").0, 200);
+    let (status, body) = curl(admin, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("token endpoint unreachable"), "{body}");
+}
+
+#[test]
+fn healthcheck_subcommand_follows_the_admin_endpoint() {
+    let up = upstream();
+    let admin = format!("[admin]\nlisten = \"127.0.0.1:{}\"\n", closed_port());
+    let mut proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), &admin));
+    proxy.admin_addr();
+    let check = || {
+        run(
+            Command::new(env!("CARGO_BIN_EXE_oxbridge"))
+                .args(["healthcheck", "--config"])
+                .arg(proxy.config_path()),
+            LIMIT,
+        )
+    };
+    let out = check();
+    assert!(out.status.success(), "{}", text(&out));
+    let path = proxy.config_path();
+    let kept = std::fs::read_to_string(&path).unwrap();
+    proxy.terminate();
+    std::fs::write(&path, kept).unwrap();
+    let out = run(
+        Command::new(env!("CARGO_BIN_EXE_oxbridge"))
+            .args(["healthcheck", "--config"])
+            .arg(&path),
+        LIMIT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}
+
+#[test]
+fn autodiscover_describes_the_listeners() {
+    let up = upstream();
+    let listeners = format!(
+        "{}{}{}{}",
+        listener("imap", "implicit", false),
+        listener("imap", "none", true),
+        listener("pop3", "starttls", false),
+        listener("smtp", "starttls", false),
+    );
+    let proxy = Proxy::start(&config(up, "", &listeners, admin_section()));
+    let admin = proxy.admin_addr();
+    let ask = |email: &str| {
+        let out = run(
+            python("autodiscover.py").args([
+                "--url",
+                &format!("http://{admin}/autodiscover/autodiscover.xml"),
+                "--email",
+                email,
+                "--host-header",
+                "mail.example.test:8080",
+            ]),
+            LIMIT,
+        );
+        assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    // A user of the *@example.test pattern.
+    let v = ask("printer7@example.test");
+    let p = &v["protocols"];
+    assert_eq!(p["IMAP"]["Port"], proxy.port(0).to_string(), "{v}");
+    assert_eq!(p["IMAP"]["SSL"], "on");
+    assert_eq!(p["IMAP"]["Encryption"], "SSL");
+    assert_eq!(p["POP3"]["Port"], proxy.port(2).to_string());
+    assert_eq!(p["POP3"]["Encryption"], "TLS");
+    assert_eq!(p["SMTP"]["Port"], proxy.port(3).to_string());
+    assert_eq!(p["SMTP"]["UsePOPAuth"], "on");
+    for t in ["IMAP", "POP3", "SMTP"] {
+        assert_eq!(p[t]["Server"], "mail.example.test", "{v}");
+        assert_eq!(p[t]["LoginName"], "printer7@example.test");
+    }
+    // An address no account matches: the POX error, code 500.
+    let v = ask("someone@elsewhere.test");
+    assert_eq!(v["error"], 500, "{v}");
+    // A request without an address: 600.
+    let out = run(
+        Command::new("curl").args([
+            "-sS",
+            "-d",
+            "<Autodiscover/>",
+            &format!("http://{admin}/autodiscover/autodiscover.xml"),
+        ]),
+        LIMIT,
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("<ErrorCode>600</ErrorCode>"),
+        "{}",
+        text(&out)
+    );
+}
+
+fn oxbridge_check(cfg: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("oxbridge.toml");
+    std::fs::write(&path, cfg).unwrap();
+    run(
+        Command::new(env!("CARGO_BIN_EXE_oxbridge"))
+            .args(["check", "--config"])
+            .arg(&path),
+        LIMIT,
+    )
+}
+
+#[test]
+fn check_against_the_real_upstream() {
+    let up = upstream();
+    let listeners = format!(
+        "{}{}{}",
+        listener("smtp", "none", true),
+        listener("imap", "none", true),
+        listener("pop3", "none", true)
+    );
+    let out = oxbridge_check(&config(up, "", &listeners, ""));
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    for p in ["smtp", "imap", "pop3"] {
+        assert!(
+            t.contains(&format!(
+                "scanner@example.test {p}: OK (mailbox alice@example.test"
+            )),
+            "{t}"
+        );
+    }
+    assert!(t.contains("*@example.test: SKIPPED"), "{t}");
+    assert_eq!(t.matches(": OK").count(), 3, "{t}");
+
+    // A wrong client secret: the token endpoint's refusal, with the fix.
+    let bad = config(up, "", &listener("imap", "none", true), "").replace(
+        &format!("client_secret = \"{}\"", up.get("APP_CLIENT_SECRET")),
+        "client_secret = \"not-the-secret\"",
+    );
+    let out = oxbridge_check(&bad);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("scanner@example.test imap: FAILED: token refused"),
+        "{t}"
+    );
+    assert!(t.contains("Fix:"), "{t}");
+    assert!(!t.contains("not-the-secret"), "{t}");
+
+    // A bad config: exit 2, nothing checked.
+    let out = oxbridge_check("state_dir = 1\n");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+/// A running fake_exchange.py; killed on drop.
+struct Fake(std::process::Child, u16);
+
+impl Fake {
+    fn start(protocol: &str, stage: &str, reply: &str) -> Fake {
+        let dir = upstream().get("OXB_UPSTREAM_DIR").to_string();
+        let mut child = python("fake_exchange.py")
+            .args(["--protocol", protocol, "--stage", stage, "--reply", reply])
+            .args(["--cert", &format!("{dir}/tls/server.crt")])
+            .args(["--key", &format!("{dir}/tls/server.key")])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().strip_prefix("port ").unwrap().parse().unwrap();
+        Fake(child, port)
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn check_diagnoses_exchange_refusals() {
+    let up = upstream();
+    // (protocol, stage, the server's reply, a piece of the fix)
+    let cases = [
+        ("smtp", "auth", "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.", "Set-TransportConfig -SmtpClientAuthenticationDisabled $false"),
+        ("smtp", "auth", "535 5.7.3 Authentication unsuccessful [AM0PR01CA0001.eurprd01.prod.exchangelabs.com]", "Add-MailboxPermission"),
+        ("smtp", "mail", "530 5.7.57 Client not authenticated to send mail. [AM0PR01CA0001]", "-SmtpClientAuthenticationDisabled $false"),
+        ("smtp", "auth", "550 5.7.30 Basic authentication is not supported for Client Submission.", "SMTP.SendAsApp"),
+        ("smtp", "mail", "554 5.2.252 SendAsDenied; alice@example.test not allowed to send as scans@example.test", "Add-RecipientPermission"),
+        ("smtp", "mail", "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded [Hostname=AM0PR01MB0001]", "smtp_sessions_per_mailbox"),
+        ("imap", "auth", "NO User is authenticated but not connected.", "-ImapEnabled $true"),
+        ("pop3", "auth", "-ERR User is authenticated but not connected.", "-PopEnabled $true"),
+        ("imap", "auth", "NO AUTHENTICATE failed.", "IMAP.AccessAsApp"),
+    ];
+    for (protocol, stage, reply, fix) in cases {
+        let fake = Fake::start(protocol, stage, reply);
+        let cfg = config(up, "", &listener(protocol, "none", true), "")
+            .replace(
+                &format!("smtp = \"{}\"", up.submission()),
+                &format!("smtp = \"localhost:{}\"", fake.1),
+            )
+            .replace(
+                &format!("imap = \"localhost:{}\"", up.get("IMAPS_PORT")),
+                &format!("imap = \"localhost:{}\"", fake.1),
+            )
+            .replace(
+                &format!("pop3 = \"localhost:{}\"", up.get("POP3S_PORT")),
+                &format!("pop3 = \"localhost:{}\"", fake.1),
+            );
+        let out = oxbridge_check(&cfg);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{reply}: {t}");
+        let line = t
+            .lines()
+            .find(|l| l.starts_with(&format!("scanner@example.test {protocol}: FAILED")))
+            .unwrap_or_else(|| panic!("{reply}: no FAILED line:\n{t}"));
+        assert!(line.contains(fix), "{reply}:\n{line}");
+    }
+
+    // In service, a device's failed login logs the same fix.
+    let fake = Fake::start("smtp", "auth", "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.");
+    let cfg = config(up, "", &listener("smtp", "none", true), "").replace(
+        &format!("smtp = \"{}\"", up.submission()),
+        &format!("smtp = \"localhost:{}\"", fake.1),
+    );
+    let proxy = Proxy::start(&cfg);
+    let mut raw = Raw::connect(proxy.port(0));
+    raw.reply();
+    raw.send("EHLO device.test");
+    raw.reply();
+    let plain = base64_plain("scanner@example.test", SCANNER_PASSWORD);
+    raw.send(&format!("AUTH PLAIN {plain}"));
+    assert!(raw.reply().starts_with("535 5.7.8"));
+    proxy.wait_log(&["login failed", "5.7.139", "Set-TransportConfig"]);
+}
+
+fn base64_plain(user: &str, password: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
+}
+
+#[test]
+fn sighup_reloads_accounts_and_certificates() {
+    let up = upstream();
+    let dir = up.get("OXB_UPSTREAM_DIR").to_string();
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("c.pem"), certs.path().join("k.pem"));
+    std::fs::copy(format!("{dir}/tls/server.crt"), &cert).unwrap();
+    std::fs::copy(format!("{dir}/tls/server.key"), &key).unwrap();
+    let listeners = format!(
+        "{}{}",
+        listener("smtp", "none", true),
+        listener("imap", "implicit", false)
+            .replace(&format!("{dir}/tls/server.crt"), cert.to_str().unwrap())
+            .replace(&format!("{dir}/tls/server.key"), key.to_str().unwrap())
+    );
+    let cfg = config(up, "", &listeners, "");
+    let proxy = Proxy::start(&cfg);
+    let smtp = proxy.port(0);
+    let auth = |password: &str| {
+        let mut raw = Raw::connect(smtp);
+        raw.reply();
+        raw.send("EHLO reload.test");
+        raw.reply();
+        raw.send(&format!(
+            "AUTH PLAIN {}",
+            base64_plain("scanner@example.test", password)
+        ));
+        (raw.reply(), raw)
+    };
+    // A session relayed before the reload.
+    let (r, mut before) = auth(SCANNER_PASSWORD);
+    assert!(r.starts_with("235"), "{r}");
+    let issuer = |cafile: &str| {
+        let out = run(
+            Command::new("openssl")
+                .args(["s_client", "-connect"])
+                .arg(format!("127.0.0.1:{}", proxy.port(1)))
+                .args(["-CAfile", cafile, "-verify_return_error", "-brief"]),
+            LIMIT,
+        );
+        text(&out)
+    };
+    let t = issuer(&format!("{dir}/tls/ca.crt"));
+    assert!(t.contains("CONNECTION ESTABLISHED"), "{t}");
+
+    // A broken file changes nothing.
+    std::fs::write(proxy.config_path(), "this is not toml [").unwrap();
+    proxy.signal("HUP");
+    proxy.wait_log(&["reload failed; keeping the running configuration"]);
+    assert!(auth(SCANNER_PASSWORD).0.starts_with("235"));
+
+    // New password for the account, new certificate for the listener.
+    let new_password = "reloaded-password-2";
+    let new_cfg = cfg.replace(
+        cfg.lines()
+            .find(|l| l.starts_with("password_hash"))
+            .unwrap(),
+        &format!("password_hash = \"{}\"", argon2_hash(new_password)),
+    );
+    assert_ne!(new_cfg, cfg);
+    std::fs::write(proxy.config_path(), &new_cfg).unwrap();
+    std::fs::copy(format!("{dir}/tls/rogue-server.crt"), &cert).unwrap();
+    std::fs::copy(format!("{dir}/tls/rogue-server.key"), &key).unwrap();
+    proxy.signal("HUP");
+    proxy.wait_log(&["configuration reloaded"]);
+    assert!(auth(SCANNER_PASSWORD).0.starts_with("535"));
+    assert!(auth(new_password).0.starts_with("235"));
+    let t = issuer(&format!("{dir}/tls/rogue-ca.crt"));
+    assert!(t.contains("CONNECTION ESTABLISHED"), "{t}");
+    let t = issuer(&format!("{dir}/tls/ca.crt"));
+    assert!(!t.contains("CONNECTION ESTABLISHED"), "{t}");
+
+    // The session from before the reload is still relayed.
+    before.send("NOOP");
+    let r = before.reply();
+    assert!(r.starts_with("250"), "{r}");
+    before.send("QUIT");
+    assert!(before.reply().starts_with("221"));
+}
