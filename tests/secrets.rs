@@ -80,7 +80,7 @@ fn no_secret_reaches_logs_replies_or_debug() {
         .map(|p| listener(p, "none", true))
         .join("\n");
     let extra = format!(
-        "[[account]]\nlogin = \"delegated@example.test\"\npassword_hash = \"{}\"\ngrant = \"refresh_token\"\nmailbox = \"{ALICE}\"\n",
+        "[[account]]\nlogin = \"delegated@example.test\"\npassword_hash = \"{}\"\ngrant = \"refresh_token\"\nmailbox = \"{ALICE}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
         argon2_hash(&local_pw)
     );
     let cfg = config(up, "", &listeners, &extra)
@@ -167,6 +167,26 @@ fn no_secret_reaches_logs_replies_or_debug() {
         );
     }
     fetch_from_dovecot(ALICE, &format!("<{tag}@oxbridge.test>"));
+    // What the admin endpoint and `oxbridge check` print count as replies.
+    let metrics = run(
+        std::process::Command::new("curl")
+            .args(["-sS", &format!("http://{}/metrics", proxy.admin_addr())]),
+        LIMIT,
+    );
+    assert!(String::from_utf8_lossy(&metrics.stdout).contains("oxbridge_sessions_total"));
+    let check = run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_oxbridge"))
+            .args(["check", "--config"])
+            .arg(&cfg_path),
+        LIMIT,
+    );
+    assert!(
+        all_output(std::slice::from_ref(&check)).contains("delegated@example.test smtp: OK"),
+        "{}",
+        all_output(std::slice::from_ref(&check))
+    );
+    let mut outputs = outputs;
+    outputs.extend([metrics, check]);
     let logs = proxy.logs();
     assert!(logs.contains("TRACE"), "trace logging was not on");
     let replies = all_output(&outputs);
