@@ -244,6 +244,7 @@ impl Accounts {
         let Ok(_permit) = self.verifies.clone().acquire_owned().await else {
             return false;
         };
+        crate::metrics::password_verification();
         tokio::task::spawn_blocking(move || {
             let Ok(parsed) = PasswordHash::new(&hash) else {
                 return false;

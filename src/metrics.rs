@@ -25,6 +25,7 @@ pub const TOKEN_SECONDS: &str = "oxbridge_token_request_duration_seconds";
 pub const UPSTREAM_CONNECT_SECONDS: &str = "oxbridge_upstream_connect_duration_seconds";
 pub const BYTES: &str = "oxbridge_relayed_bytes_total";
 pub const RELOADS: &str = "oxbridge_config_reloads_total";
+pub const PASSWORD_VERIFICATIONS: &str = "oxbridge_password_verifications_total";
 
 /// Histogram buckets (seconds) for token requests and upstream connects.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -75,6 +76,10 @@ fn describe() {
         "Bytes relayed after login, by protocol and direction"
     );
     describe_counter!(RELOADS, "Configuration reloads (SIGHUP), by result");
+    describe_counter!(
+        PASSWORD_VERIFICATIONS,
+        "Argon2 password verifications run (a cached correct login runs none)"
+    );
 }
 
 /// Counts one open session while alive.
@@ -129,6 +134,10 @@ pub fn token_request(grant: &'static str, result: &'static str, elapsed: Duratio
 pub fn upstream_connected(protocol: Protocol, elapsed: Duration) {
     histogram!(UPSTREAM_CONNECT_SECONDS, "protocol" => protocol.as_str())
         .record(elapsed.as_secs_f64());
+}
+
+pub fn password_verification() {
+    counter!(PASSWORD_VERIFICATIONS).increment(1);
 }
 
 pub fn reloaded(ok: bool) {
