@@ -119,18 +119,19 @@ fn check(path: PathBuf, offline: bool) -> ExitCode {
     }
 }
 
-/// `oxbridge healthcheck`: GET /healthz on `[admin] listen`.
+/// `oxbridge healthcheck`: GET /healthz on `[admin] listen`. Every failure
+/// exits 1 (container runtimes reserve 2).
 fn healthcheck(path: PathBuf) -> ExitCode {
     let config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("oxbridge: config error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            return ExitCode::from(EXIT_RUNTIME);
         }
     };
     let Some(admin) = config.admin else {
         eprintln!("oxbridge: {}: no [admin] listen to check", path.display());
-        return ExitCode::from(EXIT_CONFIG);
+        return ExitCode::from(EXIT_RUNTIME);
     };
     let mut address = admin.listen;
     if address.ip().is_unspecified() {
