@@ -340,9 +340,7 @@ impl Tokens {
         loop {
             match self.shared_cached(shared, key).await {
                 Ok(Some(c)) if usable(&c) => {
-                    if waited {
-                        info!(account = %id.account, "access token obtained by another replica");
-                    }
+                    info!(account = %id.account, waited, "access token from the shared store");
                     return Ok((c, false));
                 }
                 Ok(_) => {}
