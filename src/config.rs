@@ -825,6 +825,42 @@ grant = "client_credentials"
     }
 
     #[test]
+    fn redis_store_needs_a_url_and_an_explicit_key() {
+        let store = |body: &str| Config::parse(&base(&format!("\n[store]\n{body}")));
+        let ok = store(
+            "backend = \"redis\"\nurl = \"rediss://:pw-marker@redis.internal:6380/2\"\nkey_env = \"K\"\nkey_prefix = \"ox1:\"",
+        )
+        .unwrap();
+        assert_eq!(ok.store.backend, StoreBackend::Redis);
+        assert!(!format!("{:?}", ok.store).contains("pw-marker"));
+        for (body, key) in [
+            ("backend = \"redis\"\nkey_env = \"K\"", "store.url: needed"),
+            (
+                "backend = \"redis\"\nurl = \"http://x\"\nkey_env = \"K\"",
+                "store.url: must start with",
+            ),
+            (
+                "backend = \"redis\"\nurl = \"redis://x:6379\"",
+                "store.key_file: with backend = \"redis\"",
+            ),
+            ("url = \"redis://x:6379\"", "store.url: only used"),
+            ("key_prefix = \"a:\"", "store.key_prefix: only used"),
+        ] {
+            let err = store(body).unwrap_err().to_string();
+            assert!(err.contains(key), "{body}: {err}");
+            assert!(!err.contains("pw-marker"));
+        }
+        let err =
+            store("backend = \"redis\"\nurl = \"redis://:pw-marker@x:notaport\"\nkey_env = \"K\"")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("store.url") && !err.contains("pw-marker"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn minimal_config_parses_with_defaults() {
         let c = Config::parse(&base("")).unwrap();
         assert_eq!(c.upstream.smtp, DEFAULT_UPSTREAM_SMTP);

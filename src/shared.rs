@@ -88,7 +88,9 @@ return n";
 
 pub struct Shared {
     client: redis::Client,
-    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    conn: Mutex<Option<ConnectionManager>>,
+    /// Held while a connection is being made; others fail fast meanwhile.
+    connecting: tokio::sync::Mutex<()>,
     last_attempt: Mutex<Option<Instant>>,
     prefix: String,
     cipher: XChaCha20Poly1305,
@@ -136,7 +138,8 @@ impl Shared {
         let replica: [u8; 8] = rand::random();
         Ok(Shared {
             client,
-            conn: tokio::sync::Mutex::new(None),
+            conn: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
             last_attempt: Mutex::new(None),
             prefix: prefix.unwrap_or(DEFAULT_KEY_PREFIX).to_string(),
             cipher,
@@ -169,10 +172,12 @@ impl Shared {
     /// The connection, made now if there is none (at most once per
     /// [`RECONNECT_EVERY`] while Redis is unreachable).
     async fn conn(&self) -> Result<ConnectionManager, SharedError> {
-        let mut conn = self.conn.lock().await;
-        if let Some(c) = conn.as_ref() {
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             return Ok(c.clone());
         }
+        let Ok(_connecting) = self.connecting.try_lock() else {
+            return Err(SharedError("unreachable (connecting)".into()));
+        };
         {
             let mut last = self.last_attempt.lock().unwrap_or_else(|e| e.into_inner());
             if last.is_some_and(|t| t.elapsed() < RECONNECT_EVERY) {
@@ -183,7 +188,7 @@ impl Shared {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(OP_TIMEOUT / 2)
             .set_response_timeout(OP_TIMEOUT / 2)
-            .set_number_of_retries(1)
+            .set_number_of_retries(0)
             .set_max_delay(200);
         let made = tokio::time::timeout(
             OP_TIMEOUT,
@@ -193,7 +198,7 @@ impl Shared {
         .map_err(|_| SharedError("connect timed out".into()))?
         .map_err(redis_err)?;
         tracing::info!("connected to the shared store (redis)");
-        *conn = Some(made.clone());
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(made.clone());
         Ok(made)
     }
 

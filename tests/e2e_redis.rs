@@ -545,3 +545,39 @@ fn redis_down_degrades_then_recovers() {
     assert!(r.starts_with("a OK"), "{r}");
     proxies[0].wait_log(&["access token from the shared store"]);
 }
+
+/// Failed logins count over all replicas: failures on one replica lock the
+/// account out on the other, even for the right password.
+#[test]
+fn failed_logins_lock_out_across_replicas() {
+    let up = upstream();
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let limits = "login_delay_ms = 10\nlogin_lockout_failures = 3\nlogin_lockout_s = 60";
+    let cfg = replica_config(&redis, &key, up.token_url(), limits);
+    let proxies: Vec<Proxy> = (0..2).map(|_| Proxy::start(&cfg)).collect();
+    for i in 0..3 {
+        let r = imap_login(
+            proxies[i % 2].port(0),
+            "scanner@example.test",
+            "wrong-password",
+            Duration::ZERO,
+        );
+        assert!(r.starts_with("a NO"), "{r}");
+    }
+    assert_eq!(
+        redis.cli(&["EXISTS", "oxbridge:lock:acct:scanner@example.test"]),
+        "1"
+    );
+    for p in &proxies {
+        let r = imap_login(
+            p.port(0),
+            "scanner@example.test",
+            SCANNER_PASSWORD,
+            Duration::ZERO,
+        );
+        assert!(r.starts_with("a NO"), "{r}\n{}", logs(&proxies));
+        p.wait_log(&["locked out after failed logins"]);
+    }
+}

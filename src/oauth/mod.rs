@@ -842,6 +842,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn redis_down_keeps_and_uses_the_rotated_refresh_token() {
+        let (url, _, bodies) = recording_endpoint(
+            vec![rotated("at-1", 1, "rt-2"), rotated("at-2", 3600, "rt-3")],
+            Duration::ZERO,
+        )
+        .await;
+        // Nothing listens on port 1: every Redis operation fails.
+        let shared = Arc::new(
+            Shared::new(
+                &SecretString::from("redis://127.0.0.1:1/".to_string()),
+                None,
+                secrecy::SecretBox::new(Box::new(vec![3u8; 32])),
+            )
+            .unwrap(),
+        );
+        shared
+            .save_refresh_or_keep("acct@x.test", &SecretString::from("rt-1".to_string()))
+            .await;
+        let tokens = tokens(&url).with_shared(shared.clone());
+        let id = identity(Grant::RefreshToken, "acct@x.test", None);
+        assert_eq!(
+            tokens.get(&id).await.unwrap().secret.expose_secret(),
+            "at-1"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            tokens.get(&id).await.unwrap().secret.expose_secret(),
+            "at-2"
+        );
+        let bodies = bodies.lock().unwrap().clone();
+        assert!(bodies[0].contains("refresh_token=rt-1"), "{}", bodies[0]);
+        assert!(bodies[1].contains("refresh_token=rt-2"), "{}", bodies[1]);
+        assert_eq!(shared.pending_writes(), 1);
+        assert_eq!(
+            shared
+                .load_refresh("acct@x.test")
+                .await
+                .unwrap()
+                .unwrap()
+                .expose_secret(),
+            "rt-3"
+        );
+    }
+
+    #[tokio::test]
     async fn expiry_during_a_burst_refreshes_once() {
         let dir = tempfile::tempdir().unwrap();
         let (url, count) = endpoint(
