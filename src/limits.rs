@@ -224,7 +224,10 @@ fn heartbeat(shared: Arc<Shared>, set: String, member: String) -> CancellationTo
                     match shared.renew_slot(&set, &member, SLOT_LIFE).await {
                         Ok(true) => {}
                         Ok(false) => tracing::warn!(slot = %set, "shared session slot expired while held (Redis restarted?)"),
-                        Err(e) => tracing::warn!(slot = %set, error = %e, "cannot renew the shared session slot"),
+                        Err(e) => {
+                            tracing::debug!(slot = %set, error = %e, "cannot renew the shared session slot");
+                            crate::metrics::shared_store_error("limits");
+                        }
                     }
                 }
             }

@@ -14,7 +14,9 @@
 //! * Refresh tokens are never lost: the last one read or written is kept in
 //!   memory per account, and a rotated one that cannot be written is kept as
 //!   *pending* and written again every [`RETRY_EVERY`] until Redis takes it
-//!   (and before the account's token is next read from Redis).
+//!   (and before the account's token is next read from Redis). If Redis
+//!   has lost an account's refresh token (restarted without persistence),
+//!   the last one this replica saw is written back.
 //! * Key layout, under `key_prefix` (default `oxbridge:`): `rt:<account>`
 //!   refresh token, `at:<cache key>` access token (expires with the token),
 //!   `lease:<cache key>` refresh lease, `slots:<protocol>:<mailbox>` sorted
@@ -326,7 +328,23 @@ impl Shared {
                 self.remember(&account, &token);
                 Ok(Some(token))
             }
-            Ok(None) => Ok(None),
+            Ok(None) => {
+                // Redis lost it (restarted without persistence, say): what
+                // this replica saw last is the newest there is. Put it back.
+                let known = self
+                    .known
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&account)
+                    .cloned();
+                if let Some(token) = &known {
+                    tracing::warn!(%account, "refresh token missing from the shared store; restoring the one this replica read last");
+                    if let Err(e) = self.write_refresh(&account, token).await {
+                        tracing::warn!(%account, error = %e, "cannot restore the refresh token");
+                    }
+                }
+                Ok(known)
+            }
             Err(e) => {
                 let known = self
                     .known
