@@ -58,6 +58,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0";
 
+/// Extend a lease only if it still holds our fencing value.
+const RENEW_LEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+
 /// Take a session slot: drop expired members, then add ours if fewer than
 /// the limit are held. KEYS[1] set; ARGV: now ms, expiry ms, limit, member.
 const ACQUIRE_SLOT: &str = r"
@@ -106,6 +113,7 @@ pub struct Shared {
     pending: Mutex<HashMap<String, SecretString>>,
     retrying: AtomicBool,
     release: redis::Script,
+    renew_lease: redis::Script,
     acquire_slot: redis::Script,
     renew_slot: redis::Script,
     failure: redis::Script,
@@ -151,6 +159,7 @@ impl Shared {
             pending: Mutex::new(HashMap::new()),
             retrying: AtomicBool::new(false),
             release: redis::Script::new(RELEASE),
+            renew_lease: redis::Script::new(RENEW_LEASE),
             acquire_slot: redis::Script::new(ACQUIRE_SLOT),
             renew_slot: redis::Script::new(RENEW_SLOT),
             failure: redis::Script::new(FAILURE),
@@ -508,6 +517,32 @@ impl Shared {
         })
         .await
         .map(|_| ())
+    }
+
+    /// Extend our lease of `cache_key` to `ttl` from now; false if it is no
+    /// longer ours (it expired and another replica took it).
+    pub async fn renew_lease(
+        &self,
+        cache_key: &str,
+        fence: &str,
+        ttl: Duration,
+    ) -> Result<bool, SharedError> {
+        let k = self.key("lease", cache_key);
+        let fence = fence.to_string();
+        let kept: i64 = self
+            .op(|mut c| {
+                let script = self.renew_lease.clone();
+                async move {
+                    script
+                        .key(k)
+                        .arg(fence)
+                        .arg(ttl.as_millis() as u64)
+                        .invoke_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        Ok(kept == 1)
     }
 
     /// Whether some replica holds the lease of `cache_key` now.

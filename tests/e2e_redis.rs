@@ -340,10 +340,11 @@ fn a_rotated_refresh_token_is_used_by_the_other_replicas() {
     let _ = up;
 }
 
-/// A token endpoint in front of the IDP that forwards a request only if
-/// its client is still connected after `hold` (a replica killed meanwhile
-/// never reaches the IDP, as with a crash before the request left).
-fn holding_token_url(hold: Duration) -> (String, Arc<AtomicUsize>) {
+/// A token endpoint in front of the IDP that counts refresh requests and
+/// holds the first `holds` of them for `hold` and forwards it only if its client is still
+/// connected then (a replica killed meanwhile never reaches the IDP, as
+/// with a crash before the request left).
+fn holding_token_url(hold: Duration, holds: usize) -> (String, Arc<AtomicUsize>) {
     let up = upstream();
     let url = up.token_url().to_string();
     let rest = url.strip_prefix("http://").unwrap();
@@ -381,8 +382,12 @@ fn holding_token_url(hold: Duration) -> (String, Arc<AtomicUsize>) {
                         }
                     }
                 }
-                seen.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(hold);
+                // Only refreshes are held and counted (not the device flow's polls).
+                if String::from_utf8_lossy(&request).contains("grant_type=refresh_token")
+                    && seen.fetch_add(1, Ordering::SeqCst) < holds
+                {
+                    std::thread::sleep(hold);
+                }
                 client.set_nonblocking(true).unwrap();
                 if matches!(client.read(&mut buf), Ok(0)) {
                     return; // the client died while held
@@ -402,13 +407,14 @@ fn holding_token_url(hold: Duration) -> (String, Arc<AtomicUsize>) {
 
 /// A replica killed while its refresh is under way (lease held, request
 /// sent) loses nothing: the stored refresh token still works, and another
-/// replica gets the token once the lease has expired.
+/// replica gets the token once the lease has expired (within 10 s, as its
+/// holder no longer renews it).
 #[test]
 fn killing_a_replica_mid_refresh_keeps_the_refresh_token() {
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path());
-    let (token_url, count) = holding_token_url(Duration::from_secs(3));
+    let (token_url, count) = holding_token_url(Duration::from_secs(3), 1);
     let cfg = replica_config(&redis, &key, &token_url, "");
     consent(&write_config(dir.path(), &cfg));
     let stored = redis.cli(&["GET", "oxbridge:rt:delegated@example.test"]);
@@ -439,7 +445,11 @@ fn killing_a_replica_mid_refresh_keeps_the_refresh_token() {
     );
     unsafe_kill_9(a.pid());
     assert!(!victim.join().unwrap().starts_with("a OK"));
-    assert!(!a.is_running());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.is_running() {
+        assert!(Instant::now() < deadline, "replica A survived kill -9");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(
         redis.cli(&["GET", "oxbridge:rt:delegated@example.test"]),
         stored,
@@ -455,6 +465,12 @@ fn killing_a_replica_mid_refresh_keeps_the_refresh_token() {
     );
     assert!(reply.starts_with("a OK"), "{reply}\n{}", b.logs());
     eprintln!("replica B logged in {:?} after the kill", started.elapsed());
+    // The lease (10 s) expired and B took it.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
     assert_ne!(
         redis.cli(&["GET", "oxbridge:rt:delegated@example.test"]),
         stored
@@ -580,4 +596,62 @@ fn failed_logins_lock_out_across_replicas() {
         assert!(r.starts_with("a NO"), "{r}\n{}", logs(&proxies));
         p.wait_log(&["locked out after failed logins"]);
     }
+}
+
+/// A refresh slower than the lease (its first attempt times out after the
+/// 10 s HTTP timeout, the retry succeeds: over 10 s in all): its holder
+/// renews the lease, so another replica waits for the result instead of
+/// sending a request of its own.
+#[test]
+fn a_slow_refresh_keeps_its_lease() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let (token_url, count) = holding_token_url(Duration::from_secs(12), 1);
+    let cfg = replica_config(&redis, &key, &token_url, "");
+    consent(&write_config(dir.path(), &cfg));
+    let proxies: Vec<Proxy> = (0..2).map(|_| Proxy::start(&cfg)).collect();
+    let before = count.load(Ordering::SeqCst);
+    let replies: Vec<String> = std::thread::scope(|scope| {
+        let first = scope.spawn(|| {
+            imap_login(
+                proxies[0].port(0),
+                "delegated@example.test",
+                LOCAL_PASSWORD,
+                Duration::ZERO,
+            )
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while count.load(Ordering::SeqCst) == before {
+            assert!(Instant::now() < deadline, "no refresh started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let second = scope.spawn(|| {
+            imap_login(
+                proxies[1].port(0),
+                "delegated@example.test",
+                LOCAL_PASSWORD,
+                Duration::ZERO,
+            )
+        });
+        vec![first.join().unwrap(), second.join().unwrap()]
+    });
+    assert!(
+        replies.iter().all(|r| r.starts_with("a OK")),
+        "{replies:?}\n{}",
+        logs(&proxies)
+    );
+    // Replica 0's timed-out attempt and its retry; nothing from replica 1.
+    assert!(
+        !proxies[1].logs().contains("access token obtained"),
+        "{}",
+        logs(&proxies)
+    );
+    proxies[1].wait_log(&["access token from the shared store"]);
+    assert_eq!(
+        count.load(Ordering::SeqCst) - before,
+        2,
+        "{}",
+        logs(&proxies)
+    );
 }

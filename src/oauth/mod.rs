@@ -19,8 +19,9 @@
 //! With the shared store (`[store] backend = "redis"`, see [`crate::shared`])
 //! the local mutex stays in front, and behind it the replicas agree: a
 //! token cached in Redis by any replica is used; otherwise one replica takes
-//! the account's lease (`SET NX PX` with a fencing value), requests the
-//! token, writes the rotated refresh token and then the access token, and
+//! the account's lease (`SET NX PX` with a fencing value, renewed while its
+//! request runs, so that a dead holder's lease expires after [`LEASE`]),
+//! requests the token, writes the rotated refresh token and then the access token, and
 //! releases the lease (compare and delete); the others poll for the cached
 //! token within [`TOKEN_DEADLINE`]. The password grant's keyed hash then
 //! uses a key derived from the store key, the same in every replica. If
@@ -140,8 +141,11 @@ pub struct Tokens {
     shared: Option<Arc<Shared>>,
 }
 
-/// How long a refresh lease lasts: as long as a token request may take.
-pub const LEASE: Duration = TOKEN_DEADLINE;
+/// How long a refresh lease lasts unless its holder renews it (every
+/// [`LEASE_RENEW`] while its request runs): a replica that dies holding it
+/// blocks the others this long at most.
+pub const LEASE: Duration = Duration::from_secs(10);
+pub const LEASE_RENEW: Duration = Duration::from_secs(3);
 /// The first and the longest pause between looks at the shared cache while
 /// another replica holds the lease.
 pub const POLL_FIRST: Duration = Duration::from_millis(20);
@@ -355,7 +359,20 @@ impl Tokens {
                             return Ok((c, false));
                         }
                     }
-                    let result = self.request(id).await;
+                    let request = self.request(id);
+                    tokio::pin!(request);
+                    let result = loop {
+                        tokio::select! {
+                            r = &mut request => break r,
+                            _ = tokio::time::sleep(LEASE_RENEW) => {
+                                match shared.renew_lease(key, &fence, LEASE).await {
+                                    Ok(true) => {}
+                                    Ok(false) => warn!(account = %id.account, "refresh lease lost while the request runs"),
+                                    Err(e) => warn!(account = %id.account, error = %e, "cannot renew the refresh lease"),
+                                }
+                            }
+                        }
+                    };
                     if let Ok(c) = &result {
                         if let Err(e) = self.put_shared(shared, key, c, mac).await {
                             warn!(account = %id.account, error = %e, "cannot share the new access token");
