@@ -24,18 +24,25 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// persistence. Killed on drop.
 struct Redis {
     port: u16,
+    password: Option<String>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl Redis {
     fn start() -> Redis {
+        Redis::start_with(None)
+    }
+
+    /// With `requirepass` (AUTH in the URL).
+    fn start_with(password: Option<&str>) -> Redis {
         let port = {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
         let mut r = Redis {
             port,
+            password: password.map(String::from),
             dir: tempfile::tempdir().unwrap(),
             child: None,
         };
@@ -45,7 +52,11 @@ impl Redis {
 
     /// Start (again) on the same port.
     fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if let Some(pw) = &self.password {
+            cmd.args(["--requirepass", pw]);
+        }
+        let child = cmd
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -70,11 +81,18 @@ impl Redis {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
+        let mut cmd = Command::new("redis-cli");
+        if let Some(pw) = &self.password {
+            cmd.args(["--no-auth-warning", "-a", pw]);
+        }
+        let out = cmd
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args(args)
             .output()
@@ -485,10 +503,11 @@ fn unsafe_kill_9(pid: u32) {
 /// Redis stops: sessions with a cached token go on, a new token is fetched
 /// by the replica alone, limits and throttling fall back to the replica's
 /// own, all with warnings; when Redis returns, the replicas use it again.
+/// Redis asks for a password (AUTH from the URL), which no log line shows.
 #[test]
 fn redis_down_degrades_then_recovers() {
     let up = upstream();
-    let mut redis = Redis::start();
+    let mut redis = Redis::start_with(Some("redis-pw-MARKER"));
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path());
     let cfg = replica_config(&redis, &key, up.token_url(), "");
@@ -503,6 +522,9 @@ fn redis_down_degrades_then_recovers() {
         assert!(r.starts_with("a OK"), "{r}\n{}", logs(&proxies));
     }
     assert_eq!(redis.cli(&["EXISTS", "oxbridge:at:app"]), "1");
+    // Sealed: no JWT (`eyJ...`) in clear.
+    let sealed = redis.cli(&["GET", "oxbridge:at:app"]);
+    assert!(sealed.len() > 100 && !sealed.contains("eyJ"), "{sealed}");
 
     redis.stop();
     // The cached app token keeps both replicas going.
@@ -515,6 +537,7 @@ fn redis_down_degrades_then_recovers() {
             Duration::ZERO,
         );
         assert!(r.starts_with("a OK"), "{r}\n{}", logs(&proxies));
+        eprintln!("login with Redis down: {:?}", t.elapsed());
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
         p.wait_log(&["shared store unavailable; limiting upstream sessions per replica"]);
     }
@@ -560,6 +583,7 @@ fn redis_down_degrades_then_recovers() {
     let r = imap_login(proxies[0].port(0), BOB, &bob, Duration::ZERO);
     assert!(r.starts_with("a OK"), "{r}");
     proxies[0].wait_log(&["access token from the shared store"]);
+    assert!(!logs(&proxies).contains("redis-pw-MARKER"));
 }
 
 /// Failed logins count over all replicas: failures on one replica lock the
