@@ -25,17 +25,19 @@ const LIMIT: Duration = Duration::from_secs(120);
 struct Redis {
     port: u16,
     password: Option<String>,
+    /// TLS only (the test upstream's certificate for `localhost`).
+    tls: bool,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl Redis {
     fn start() -> Redis {
-        Redis::start_with(None)
+        Redis::start_with(None, false)
     }
 
-    /// With `requirepass` (AUTH in the URL).
-    fn start_with(password: Option<&str>) -> Redis {
+    /// With `requirepass` (AUTH in the URL), and/or TLS only.
+    fn start_with(password: Option<&str>, tls: bool) -> Redis {
         let port = {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
@@ -43,6 +45,7 @@ impl Redis {
         let mut r = Redis {
             port,
             password: password.map(String::from),
+            tls,
             dir: tempfile::tempdir().unwrap(),
             child: None,
         };
@@ -56,8 +59,17 @@ impl Redis {
         if let Some(pw) = &self.password {
             cmd.args(["--requirepass", pw]);
         }
+        if self.tls {
+            let dir = upstream().get("OXB_UPSTREAM_DIR");
+            cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .args(["--tls-cert-file", &format!("{dir}/tls/server.crt")])
+                .args(["--tls-key-file", &format!("{dir}/tls/server.key")])
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            cmd.args(["--port", &self.port.to_string()]);
+        }
         let child = cmd
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -81,9 +93,13 @@ impl Redis {
     }
 
     fn url(&self) -> String {
+        let (scheme, host) = match self.tls {
+            true => ("rediss", "localhost"),
+            false => ("redis", "127.0.0.1"),
+        };
         match &self.password {
-            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}/0", self.port),
-            None => format!("redis://127.0.0.1:{}/", self.port),
+            Some(pw) => format!("{scheme}://:{pw}@{host}:{}/0", self.port),
+            None => format!("{scheme}://{host}:{}/", self.port),
         }
     }
 
@@ -91,6 +107,9 @@ impl Redis {
         let mut cmd = Command::new("redis-cli");
         if let Some(pw) = &self.password {
             cmd.args(["--no-auth-warning", "-a", pw]);
+        }
+        if self.tls {
+            cmd.args(["--tls", "--cacert", upstream().ca()]);
         }
         let out = cmd
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
@@ -507,7 +526,7 @@ fn unsafe_kill_9(pid: u32) {
 #[test]
 fn redis_down_degrades_then_recovers() {
     let up = upstream();
-    let mut redis = Redis::start_with(Some("redis-pw-MARKER"));
+    let mut redis = Redis::start_with(Some("redis-pw-MARKER"), false);
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path());
     let cfg = replica_config(&redis, &key, up.token_url(), "");
@@ -678,4 +697,38 @@ fn a_slow_refresh_keeps_its_lease() {
         "{}",
         logs(&proxies)
     );
+}
+
+/// `rediss://` with AUTH: the server's certificate is verified against the
+/// system roots (here the test CA, through SSL_CERT_FILE).
+#[test]
+fn tls_and_auth_to_redis() {
+    let up = upstream();
+    let redis = Redis::start_with(Some("tls-pw-MARKER"), true);
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let cfg = replica_config(&redis, &key, up.token_url(), "");
+    let proxy = Proxy::start_with_env(&cfg, &[("SSL_CERT_FILE", up.ca())]);
+    let r = imap_login(
+        proxy.port(0),
+        "scanner@example.test",
+        SCANNER_PASSWORD,
+        Duration::ZERO,
+    );
+    assert!(r.starts_with("a OK"), "{r}\n{}", proxy.logs());
+    assert_eq!(redis.cli(&["EXISTS", "oxbridge:at:app"]), "1");
+    proxy.wait_log(&["connected to the shared store"]);
+    assert!(!proxy.logs().contains("tls-pw-MARKER"));
+
+    // A Redis whose certificate is not trusted is not used.
+    let untrusted = Proxy::start(&cfg);
+    let r = imap_login(
+        untrusted.port(0),
+        "scanner@example.test",
+        SCANNER_PASSWORD,
+        Duration::ZERO,
+    );
+    assert!(r.starts_with("a OK"), "{r}\n{}", untrusted.logs());
+    untrusted.wait_log(&["shared store unavailable"]);
+    assert!(!untrusted.logs().contains("connected to the shared store"));
 }
