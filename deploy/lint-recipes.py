@@ -364,14 +364,22 @@ def k8s_docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+def object_data(d: dict) -> dict:
+    """The string data of a ConfigMap (data) or a Secret (stringData)."""
+    if d.get("kind") == "ConfigMap":
+        return d.get("data") or {}
+    if d.get("kind") == "Secret":
+        return d.get("stringData") or {}
+    return {}
+
+
 def embedded_configs(path: Path) -> list[tuple[str, str]]:
-    """(source name, TOML text) of every *.toml in a ConfigMap of the file."""
+    """(source name, TOML text) of every *.toml in a ConfigMap or Secret of the file."""
     out = []
     for d in k8s_docs(path):
-        if d.get("kind") == "ConfigMap":
-            for key, text in (d.get("data") or {}).items():
-                if key.endswith(".toml"):
-                    out.append((f"{rel(path)}:configmap/{d['metadata']['name']}/{key}", text))
+        for key, text in object_data(d).items():
+            if key.endswith(".toml"):
+                out.append((f"{rel(path)}:{d['kind'].lower()}/{d['metadata']['name']}/{key}", text))
     return out
 
 
@@ -464,12 +472,17 @@ def check_kubernetes(path: Path) -> None:
                 problems.append(f"nothing is mounted at {config_path}")
             else:
                 good, what = volume_file(vol, relpath, objects)
-                if not good or "configMap" not in vol:
-                    problems.append(f"{config_path}: {what}")
+                source = (
+                    ("ConfigMap", vol["configMap"]["name"]) if "configMap" in vol
+                    else ("Secret", vol["secret"]["secretName"]) if "secret" in vol
+                    else None
+                )
+                if not good or source not in objects:
+                    problems.append(f"{config_path}: {what} (the config must be in this file)")
                 else:
-                    cm = objects[("ConfigMap", vol["configMap"]["name"])]
+                    obj = objects[source]
                     key = what.rsplit(" ", 1)[-1]
-                    cfg, err = load_toml(cm["data"][key], f"configmap/{cm['metadata']['name']}/{key}")
+                    cfg, err = load_toml(object_data(obj)[key], f"{source[0].lower()}/{source[1]}/{key}")
                     if err:
                         problems.append(err)
             if cfg is None:
@@ -544,7 +557,7 @@ def check_kubernetes(path: Path) -> None:
                             problems.append(f"service/{d['metadata']['name']} port {p['port']} -> {tp}: no such containerPort")
                         services.append(f"{p['port']}->{tp}")
             report(name, problems,
-                   f"config {config_path} from configmap, {len(file_keys(cfg))} files from volumes, "
+                   f"config {config_path} from its ConfigMap or Secret, {len(file_keys(cfg))} files from volumes, "
                    f"listeners {' '.join(listeners)}, probes on :{admin_port}"
                    + (f", service {' '.join(services)}" if services else ""))
     if not found:

@@ -336,7 +336,12 @@ impl LimitsConfig {
 pub struct StoreConfig {
     #[serde(default)]
     pub backend: StoreBackend,
+    /// With `backend = "redis"`: `redis://[user:password@]host:port[/db]`,
+    /// or `rediss://` for TLS (verified against the system roots).
     pub url: Option<SecretString>,
+    /// With `backend = "redis"`: what every key oxbridge writes starts with
+    /// (default `oxbridge:`), so that several deployments can share a Redis.
+    pub key_prefix: Option<String>,
     /// The store's encryption key (32 raw bytes); default `state_dir/store.key`,
     /// created on first use.
     pub key_file: Option<PathBuf>,
@@ -693,14 +698,43 @@ impl Config {
         if l.max_line < 512 {
             return Err("limits.max_line: must be at least 512 (RFC 5321's command line)".into());
         }
-        if self.store.backend == StoreBackend::Redis {
-            return Err(
-                "store.backend: \"redis\" is not supported by this version yet; use \"file\""
+        match (self.store.backend, &self.store.url) {
+            (StoreBackend::Redis, None) => return Err(
+                "store.url: needed with backend = \"redis\" (redis://host:6379 or rediss://...)"
                     .into(),
-            );
-        }
-        if self.store.url.is_some() {
-            return Err("store.url: only used with backend = \"redis\"".into());
+            ),
+            (StoreBackend::Redis, Some(url)) => {
+                let url = url.expose_secret();
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err("store.url: must start with redis:// or rediss://".into());
+                }
+                // The parser's message may quote the URL: never print it.
+                if redis::Client::open(url).is_err() {
+                    return Err(
+                        "store.url: not a valid Redis URL (redis://[user:password@]host:port[/db])"
+                            .into(),
+                    );
+                }
+                if self.store.key_file.is_none() && self.store.key_env.is_none() {
+                    return Err("store.key_file: with backend = \"redis\" give key_file or key_env explicitly: every replica needs the same key".into());
+                }
+                if self
+                    .store
+                    .key_prefix
+                    .as_deref()
+                    .is_some_and(|p| p.len() > 64)
+                {
+                    return Err("store.key_prefix: at most 64 characters".into());
+                }
+            }
+            (StoreBackend::File, Some(_)) => {
+                return Err("store.url: only used with backend = \"redis\"".into());
+            }
+            (StoreBackend::File, None) => {
+                if self.store.key_prefix.is_some() {
+                    return Err("store.key_prefix: only used with backend = \"redis\"".into());
+                }
+            }
         }
         Ok(())
     }
@@ -788,6 +822,42 @@ grant = "client_credentials"
 {extra}
 "#
         )
+    }
+
+    #[test]
+    fn redis_store_needs_a_url_and_an_explicit_key() {
+        let store = |body: &str| Config::parse(&base(&format!("\n[store]\n{body}")));
+        let ok = store(
+            "backend = \"redis\"\nurl = \"rediss://:pw-marker@redis.internal:6380/2\"\nkey_env = \"K\"\nkey_prefix = \"ox1:\"",
+        )
+        .unwrap();
+        assert_eq!(ok.store.backend, StoreBackend::Redis);
+        assert!(!format!("{:?}", ok.store).contains("pw-marker"));
+        for (body, key) in [
+            ("backend = \"redis\"\nkey_env = \"K\"", "store.url: needed"),
+            (
+                "backend = \"redis\"\nurl = \"http://x\"\nkey_env = \"K\"",
+                "store.url: must start with",
+            ),
+            (
+                "backend = \"redis\"\nurl = \"redis://x:6379\"",
+                "store.key_file: with backend = \"redis\"",
+            ),
+            ("url = \"redis://x:6379\"", "store.url: only used"),
+            ("key_prefix = \"a:\"", "store.key_prefix: only used"),
+        ] {
+            let err = store(body).unwrap_err().to_string();
+            assert!(err.contains(key), "{body}: {err}");
+            assert!(!err.contains("pw-marker"));
+        }
+        let err =
+            store("backend = \"redis\"\nurl = \"redis://:pw-marker@x:notaport\"\nkey_env = \"K\"")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("store.url") && !err.contains("pw-marker"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //!   consent (`oxbridge login`), certificate assertions.
 //! * `store`: refresh tokens on disk, encrypted, written atomically.
 //! * `throttle`: delays and lockouts after failed logins.
+//! * `shared`: with `[store] backend = "redis"`, what several replicas
+//!   share: tokens, the refresh lease, session slots, failure counters.
 //! * `upstream`: dialling the real server.
 //! * `proto::smtp`: the device side until login, and the upstream login.
 //! * `relay`: after login, bytes both ways until the session ends.
@@ -43,6 +45,7 @@ pub mod proxy_protocol;
 pub mod relay;
 pub mod sasl;
 pub mod server;
+pub mod shared;
 pub mod store;
 pub mod throttle;
 pub mod tls;
@@ -83,10 +86,14 @@ pub struct StartError(pub String);
 
 impl App {
     pub fn new(config: Config) -> Result<App, StartError> {
-        let store = if config
-            .accounts
-            .iter()
-            .any(|a| a.grant == config::Grant::RefreshToken)
+        let shared = open_shared(&config)
+            .map_err(|e| StartError(e.to_string()))?
+            .map(Arc::new);
+        let store = if shared.is_none()
+            && config
+                .accounts
+                .iter()
+                .any(|a| a.grant == config::Grant::RefreshToken)
         {
             Some(Arc::new(
                 open_store(&config).map_err(|e| StartError(e.to_string()))?,
@@ -94,8 +101,15 @@ impl App {
         } else {
             None
         };
-        let tokens =
+        let mut tokens =
             oauth::Tokens::new(&config.oauth, &config.protocols(), store).map_err(StartError)?;
+        let mut mailbox_limits = limits::MailboxLimits::new(&config.limits);
+        let mut throttle = throttle::Throttle::new(&config.limits);
+        if let Some(shared) = shared {
+            tokens = tokens.with_shared(shared.clone());
+            mailbox_limits = mailbox_limits.with_shared(shared.clone());
+            throttle = throttle.with_shared(shared);
+        }
         let upstream_tls = tls::upstream_connector(config.upstream.ca_file.as_deref())
             .map_err(|e| StartError(format!("upstream.ca_file: {e}")))?;
         Ok(App {
@@ -104,8 +118,8 @@ impl App {
             tokens,
             upstream_tls,
             smtp_caps: Default::default(),
-            mailbox_limits: limits::MailboxLimits::new(&config.limits),
-            throttle: throttle::Throttle::new(&config.limits),
+            mailbox_limits,
+            throttle,
             hostname: hostname(),
             config,
         })
@@ -155,6 +169,25 @@ pub fn open_store(config: &Config) -> Result<store::Store, store::StoreError> {
         None => store::KeySource::File(&key_file),
     };
     store::Store::open(&config.state_dir, key)
+}
+
+/// The shared store of this config (`backend = "redis"`), or None. It
+/// connects on first use.
+pub fn open_shared(config: &Config) -> Result<Option<shared::Shared>, shared::SharedError> {
+    if config.store.backend != config::StoreBackend::Redis {
+        return Ok(None);
+    }
+    let url =
+        config.store.url.as_ref().ok_or_else(|| {
+            shared::SharedError("store.url: needed with backend = \"redis\"".into())
+        })?;
+    let key_file = config.store_key_file();
+    let source = match &config.store.key_env {
+        Some(var) => store::KeySource::Env(var),
+        None => store::KeySource::File(&key_file),
+    };
+    let key = store::read_key(source, false).map_err(|e| shared::SharedError(e.0))?;
+    shared::Shared::new(url, config.store.key_prefix.as_deref(), key).map(Some)
 }
 
 fn hostname() -> String {

@@ -5,6 +5,15 @@
 //! One semaphore per (protocol, mailbox); a device waits at most
 //! `[limits] mailbox_wait_s`, and at most `mailbox_queue` devices wait for
 //! one mailbox at once. The permit lives as long as the relayed session.
+//!
+//! With the shared store (Redis), the count is over all replicas: a sorted
+//! set per (protocol, mailbox) whose members are `replica:slot` scored by
+//! their expiry. Taking a slot is one script (drop expired members, count,
+//! add if below the limit); a held slot is renewed every [`HEARTBEAT`] to
+//! expire [`SLOT_LIFE`] later, and removed when the session ends, so a
+//! crashed replica's slots free themselves. Waiting devices look again
+//! with backoff. If Redis fails, this replica's own semaphores apply (with
+//! a warning): the limit then holds per replica only.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,9 +21,35 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{LimitsConfig, Protocol};
 use crate::error::AuthError;
+use crate::shared::Shared;
+
+/// How long a shared slot lives without a heartbeat.
+pub const SLOT_LIFE: Duration = Duration::from_secs(30);
+/// How often a held shared slot is renewed.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// First and longest pause between looks for a free shared slot.
+pub const SLOT_POLL_FIRST: Duration = Duration::from_millis(25);
+pub const SLOT_POLL_MAX: Duration = Duration::from_millis(500);
+
+/// One upstream session of a mailbox, held until dropped.
+pub enum Slot {
+    Local(OwnedSemaphorePermit),
+    /// A member of the shared set; dropping it stops the heartbeat, which
+    /// then removes the member.
+    Shared(CancellationToken),
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Slot::Shared(stop) = self {
+            stop.cancel();
+        }
+    }
+}
 
 /// Idle entries are swept once the map holds this many.
 const SWEEP_AT: usize = 1024;
@@ -29,6 +64,7 @@ pub struct MailboxLimits {
     wait: Duration,
     queue: usize,
     gates: Mutex<HashMap<(Protocol, String), Arc<Gate>>>,
+    shared: Option<Arc<Shared>>,
 }
 
 fn index(p: Protocol) -> usize {
@@ -47,7 +83,14 @@ impl MailboxLimits {
             wait: Duration::from_secs(limits.mailbox_wait_s),
             queue: limits.mailbox_queue,
             gates: Mutex::new(HashMap::new()),
+            shared: None,
         }
+    }
+
+    /// Count sessions over all replicas through `shared`.
+    pub fn with_shared(mut self, shared: Arc<Shared>) -> MailboxLimits {
+        self.shared = Some(shared);
+        self
     }
 
     fn gate(&self, protocol: Protocol, mailbox: &str) -> Arc<Gate> {
@@ -68,10 +111,82 @@ impl MailboxLimits {
     }
 
     /// A session slot for this mailbox, waiting in line if all are taken.
-    pub async fn acquire(
+    pub async fn acquire(&self, protocol: Protocol, mailbox: &str) -> Result<Slot, AuthError> {
+        match &self.shared {
+            None => self.acquire_local(protocol, mailbox).await.map(Slot::Local),
+            Some(shared) => self.acquire_shared(shared, protocol, mailbox).await,
+        }
+    }
+
+    async fn acquire_shared(
+        &self,
+        shared: &Arc<Shared>,
+        protocol: Protocol,
+        mailbox: &str,
+    ) -> Result<Slot, AuthError> {
+        let limit = self.per_protocol[index(protocol)];
+        let set = format!("{protocol}:{}", mailbox.to_lowercase());
+        let member = format!("{}:{:016x}", shared.replica, rand::random::<u64>());
+        let gate = self.gate(protocol, mailbox);
+        let started = tokio::time::Instant::now();
+        let mut pause = SLOT_POLL_FIRST;
+        let mut queued = false;
+        let result = loop {
+            match shared.acquire_slot(&set, &member, limit, SLOT_LIFE).await {
+                Ok(true) => break Ok(Slot::Shared(heartbeat(shared.clone(), set, member))),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%mailbox, error = %e, "shared store unavailable; limiting upstream sessions per replica");
+                    crate::metrics::shared_store_error("limits");
+                    if queued {
+                        gate.waiting.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    let left = self.wait.saturating_sub(started.elapsed());
+                    return self
+                        .acquire_local_within(protocol, mailbox, left)
+                        .await
+                        .map(Slot::Local);
+                }
+            }
+            if !queued {
+                if gate.waiting.fetch_add(1, Ordering::SeqCst) >= self.queue {
+                    gate.waiting.fetch_sub(1, Ordering::SeqCst);
+                    return Err(AuthError::Busy(format!(
+                        "{} devices already wait for {mailbox}",
+                        self.queue
+                    )));
+                }
+                queued = true;
+            }
+            if started.elapsed() + pause > self.wait {
+                break Err(AuthError::Busy(format!(
+                    "no free {protocol} session for {mailbox} within {} s",
+                    self.wait.as_secs()
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(SLOT_POLL_MAX);
+        };
+        if queued {
+            gate.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        result
+    }
+
+    async fn acquire_local(
         &self,
         protocol: Protocol,
         mailbox: &str,
+    ) -> Result<OwnedSemaphorePermit, AuthError> {
+        self.acquire_local_within(protocol, mailbox, self.wait)
+            .await
+    }
+
+    async fn acquire_local_within(
+        &self,
+        protocol: Protocol,
+        mailbox: &str,
+        wait: Duration,
     ) -> Result<OwnedSemaphorePermit, AuthError> {
         let gate = self.gate(protocol, mailbox);
         if let Ok(permit) = gate.sessions.clone().try_acquire_owned() {
@@ -84,7 +199,7 @@ impl MailboxLimits {
                 self.queue
             )));
         }
-        let result = tokio::time::timeout(self.wait, gate.sessions.clone().acquire_owned()).await;
+        let result = tokio::time::timeout(wait, gate.sessions.clone().acquire_owned()).await;
         gate.waiting.fetch_sub(1, Ordering::SeqCst);
         match result {
             Ok(Ok(permit)) => Ok(permit),
@@ -94,6 +209,34 @@ impl MailboxLimits {
             ))),
         }
     }
+}
+
+/// Keep `member` of `set` alive until the returned token is cancelled,
+/// then remove it.
+fn heartbeat(shared: Arc<Shared>, set: String, member: String) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stopped.cancelled() => break,
+                _ = tokio::time::sleep(HEARTBEAT) => {
+                    match shared.renew_slot(&set, &member, SLOT_LIFE).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!(slot = %set, "shared session slot expired while held (Redis restarted?)"),
+                        Err(e) => {
+                            tracing::debug!(slot = %set, error = %e, "cannot renew the shared session slot");
+                            crate::metrics::shared_store_error("limits");
+                        }
+                    }
+                }
+            }
+        }
+        if let Err(e) = shared.release_slot(&set, &member).await {
+            tracing::warn!(slot = %set, error = %e, "cannot release the shared session slot; it expires by itself");
+        }
+    });
+    stop
 }
 
 #[cfg(test)]

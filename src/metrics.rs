@@ -26,6 +26,7 @@ pub const UPSTREAM_CONNECT_SECONDS: &str = "oxbridge_upstream_connect_duration_s
 pub const BYTES: &str = "oxbridge_relayed_bytes_total";
 pub const RELOADS: &str = "oxbridge_config_reloads_total";
 pub const PASSWORD_VERIFICATIONS: &str = "oxbridge_password_verifications_total";
+pub const SHARED_STORE_ERRORS: &str = "oxbridge_shared_store_errors_total";
 
 /// Histogram buckets (seconds) for token requests and upstream connects.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -46,6 +47,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(SESSIONS, "Device sessions ended, by protocol and outcome");
+    describe_counter!(
+        SHARED_STORE_ERRORS,
+        "Operations that fell back to this replica alone because Redis failed, by what"
+    );
     describe_gauge!(SESSIONS_ACTIVE, "Device sessions open now, by protocol");
     describe_counter!(LOGINS, "Device logins, by protocol and result");
     describe_counter!(
@@ -124,6 +129,12 @@ pub fn login(protocol: Protocol, reason: Option<&'static str>) {
 /// A login refused (`locked_out`) or slowed (`delayed`) by the throttle.
 pub fn throttled(kind: &'static str) {
     counter!(THROTTLED, "kind" => kind).increment(1);
+}
+
+/// The shared store (Redis) failed and `what` (token, limits, throttle)
+/// fell back to this replica alone.
+pub fn shared_store_error(what: &'static str) {
+    counter!(SHARED_STORE_ERRORS, "what" => what).increment(1);
 }
 
 pub fn token_request(grant: &'static str, result: &'static str, elapsed: Duration) {

@@ -58,23 +58,7 @@ impl Store {
         create_private_dir(state_dir)?;
         let dir = state_dir.join("tokens");
         create_private_dir(&dir)?;
-        let key = match key {
-            KeySource::Env(var) => {
-                let value = std::env::var(var)
-                    .map_err(|_| StoreError(format!("store.key_env: ${var} is not set")))?;
-                let bytes = B64
-                    .decode(value.trim())
-                    .ok()
-                    .filter(|b| b.len() == KEY_LEN)
-                    .ok_or_else(|| {
-                        StoreError(format!(
-                            "store.key_env: ${var} must be the base64 of {KEY_LEN} bytes"
-                        ))
-                    })?;
-                SecretBox::new(Box::new(bytes))
-            }
-            KeySource::File(path) => load_or_create_key(path)?,
-        };
+        let key = read_key(key, true)?;
         let cipher =
             XChaCha20Poly1305::new_from_slice(key.expose_secret()).map_err(|e| err("key", e))?;
         Ok(Store { dir, cipher })
@@ -167,6 +151,33 @@ impl Store {
             .and_then(|_| f.sync_all())
             .map_err(|e| err(temp.display(), e))?;
         Ok(temp)
+    }
+}
+
+/// The store's 32-byte key from `source`; a missing key file is created
+/// (0600) only if `create` (the Redis backend never creates one: every
+/// replica must be given the same key).
+pub fn read_key(source: KeySource<'_>, create: bool) -> Result<SecretBox<Vec<u8>>, StoreError> {
+    match source {
+        KeySource::Env(var) => {
+            let value = std::env::var(var)
+                .map_err(|_| StoreError(format!("store.key_env: ${var} is not set")))?;
+            let bytes = B64
+                .decode(value.trim())
+                .ok()
+                .filter(|b| b.len() == KEY_LEN)
+                .ok_or_else(|| {
+                    StoreError(format!(
+                        "store.key_env: ${var} must be the base64 of {KEY_LEN} bytes"
+                    ))
+                })?;
+            Ok(SecretBox::new(Box::new(bytes)))
+        }
+        KeySource::File(path) if create => load_or_create_key(path),
+        KeySource::File(path) => match fs::metadata(path) {
+            Ok(_) => load_or_create_key(path),
+            Err(e) => Err(err(format!("store.key_file {}", path.display()), e)),
+        },
     }
 }
 

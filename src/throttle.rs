@@ -6,6 +6,11 @@
 //!
 //! Only counters live here, never a password. Entries expire with their
 //! window; the map is swept when it grows.
+//!
+//! With the shared store (Redis) the counters are the replicas' together:
+//! `fail:<address|account>` (INCR, expiring after [`WINDOW`]) and
+//! `lock:<...>` (set with the lockout's expiry). If Redis fails, this
+//! replica's own counters apply, with a warning.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,6 +21,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::LimitsConfig;
+use crate::shared::Shared;
 
 /// Failures older than this are forgotten.
 pub const WINDOW: Duration = Duration::from_secs(15 * 60);
@@ -44,6 +50,7 @@ pub struct Throttle {
     records: Mutex<HashMap<Key, Record>>,
     /// Logins refused because of a lockout (for metrics).
     pub refused: AtomicU64,
+    shared: Option<std::sync::Arc<Shared>>,
 }
 
 impl Throttle {
@@ -54,7 +61,95 @@ impl Throttle {
             lockout: Duration::from_secs(limits.login_lockout_s),
             records: Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
+            shared: None,
         }
+    }
+
+    /// Count failures over all replicas through `shared`.
+    pub fn with_shared(mut self, shared: std::sync::Arc<Shared>) -> Throttle {
+        self.shared = Some(shared);
+        self
+    }
+
+    fn shared_names(ip: IpAddr, login: &str) -> [String; 2] {
+        [
+            format!("addr:{}", ip.to_canonical()),
+            format!("acct:{}", login.trim().to_lowercase()),
+        ]
+    }
+
+    fn locked_out(&self, key: &Key) -> &'static str {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::throttled("locked_out");
+        match key {
+            Key::Address(_) => "client address locked out after failed logins",
+            Key::Account(_) => "account locked out after failed logins",
+        }
+    }
+
+    fn shared_failed(&self, e: crate::shared::SharedError) {
+        tracing::warn!(error = %e, "shared store unavailable; counting failed logins on this replica only");
+        crate::metrics::shared_store_error("throttle");
+    }
+
+    /// [`Throttle::check`] over all replicas (the shared lockouts, and this
+    /// replica's own, which hold what was counted while Redis was down).
+    pub async fn check_shared(&self, ip: IpAddr, login: &str) -> Result<(), &'static str> {
+        if let Some(shared) = &self.shared {
+            match shared.locked(&Self::shared_names(ip, login)).await {
+                Ok(locked) => {
+                    for (key, locked) in Self::keys(ip, login).iter().zip(locked) {
+                        if locked {
+                            return Err(self.locked_out(key));
+                        }
+                    }
+                }
+                Err(e) => self.shared_failed(e),
+            }
+        }
+        self.check(ip, login)
+    }
+
+    /// [`Throttle::failure`] over all replicas.
+    pub async fn failure_shared(&self, ip: IpAddr, login: &str) -> Duration {
+        let Some(shared) = &self.shared else {
+            return self.failure(ip, login);
+        };
+        let mut worst = 0;
+        for name in Self::shared_names(ip, login) {
+            match shared
+                .failure(&name, WINDOW, self.lockout_failures, self.lockout)
+                .await
+            {
+                Ok(n) => {
+                    if n == self.lockout_failures {
+                        tracing::warn!(locked_out = %name.split(':').next().unwrap_or(""), failures = n, lockout_s = self.lockout.as_secs(), "too many failed logins; locked out (all replicas)");
+                    }
+                    worst = worst.max(n);
+                }
+                Err(e) => {
+                    self.shared_failed(e);
+                    return self.failure(ip, login);
+                }
+            }
+        }
+        crate::metrics::throttled("delayed");
+        self.delay(worst)
+    }
+
+    /// [`Throttle::success`] over all replicas.
+    pub async fn success_shared(&self, ip: IpAddr, login: &str) {
+        if let Some(shared) = &self.shared {
+            if let Err(e) = shared.clear_failures(&Self::shared_names(ip, login)).await {
+                self.shared_failed(e);
+            }
+        }
+        self.success(ip, login)
+    }
+
+    fn delay(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(16);
+        (self.base_delay * 2u32.pow(doublings)).min(MAX_DELAY)
     }
 
     fn keys(ip: IpAddr, login: &str) -> [Key; 2] {
@@ -126,8 +221,7 @@ impl Throttle {
             worst = worst.max(r.failures);
         }
         crate::metrics::throttled("delayed");
-        let doublings = worst.saturating_sub(1).min(16);
-        (self.base_delay * 2u32.pow(doublings)).min(MAX_DELAY)
+        self.delay(worst)
     }
 
     /// A correct login clears the account's and the address's failures.

@@ -14,7 +14,18 @@
 //!   used. A failure never deletes the stored token.
 //!
 //! Each cache entry sits behind its own async mutex: concurrent logins for
-//! one account wait for the single request under way. Tokens are renewed
+//! one account wait for the single request under way.
+//!
+//! With the shared store (`[store] backend = "redis"`, see [`crate::shared`])
+//! the local mutex stays in front, and behind it the replicas agree: a
+//! token cached in Redis by any replica is used; otherwise one replica takes
+//! the account's lease (`SET NX PX` with a fencing value, renewed while its
+//! request runs, so that a dead holder's lease expires after [`LEASE`]),
+//! requests the token, writes the rotated refresh token and then the access token, and
+//! releases the lease (compare and delete); the others poll for the cached
+//! token within [`TOKEN_DEADLINE`]. The password grant's keyed hash then
+//! uses a key derived from the store key, the same in every replica. If
+//! Redis cannot be reached, the replica requests alone (with a warning). Tokens are renewed
 //! ahead of expiry (10-12 minutes early for hour-long tokens). Temporary
 //! failures (network, 5xx, 429, garbage) are retried with backoff within
 //! [`TOKEN_DEADLINE`]; they end as [`AuthError::TokenUnavailable`]. OAuth
@@ -41,6 +52,7 @@ use tracing::{error, info, warn};
 use crate::accounts::Identity;
 use crate::config::{Grant, OAuthConfig, Protocol};
 use crate::error::AuthError;
+use crate::shared::Shared;
 use crate::store::Store;
 use assertion::ClientAssertion;
 use http::{Http, HttpError};
@@ -126,6 +138,30 @@ pub struct Tokens {
     slots: Mutex<HashMap<String, Slot>>,
     mac_key: [u8; 32],
     backoff: Duration,
+    shared: Option<Arc<Shared>>,
+}
+
+/// How long a refresh lease lasts unless its holder renews it (every
+/// [`LEASE_RENEW`] while its request runs): a replica that dies holding it
+/// blocks the others this long at most.
+pub const LEASE: Duration = Duration::from_secs(10);
+pub const LEASE_RENEW: Duration = Duration::from_secs(3);
+/// The first and the longest pause between looks at the shared cache while
+/// another replica holds the lease.
+pub const POLL_FIRST: Duration = Duration::from_millis(20);
+pub const POLL_MAX: Duration = Duration::from_millis(250);
+
+/// A cache entry as the replicas share it (sealed by [`Shared`]).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SharedEntry {
+    token: String,
+    refresh_at_ms: u64,
+    expires_at_ms: u64,
+    password_mac: Option<String>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The OAuth client of the config: id, token URL, and the secret unless a
@@ -166,7 +202,21 @@ impl Tokens {
             slots: Mutex::new(HashMap::new()),
             mac_key: rand::random(),
             backoff: RETRY_BACKOFF,
+            shared: None,
         })
+    }
+
+    /// Share tokens, refresh tokens and the refresh lease with other
+    /// replicas through `shared`.
+    pub fn with_shared(mut self, shared: Arc<Shared>) -> Tokens {
+        self.mac_key = shared.derived_key("password-cache-mac");
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Whether refresh tokens live in the shared store.
+    pub fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared.as_ref()
     }
 
     fn key(id: &Identity) -> String {
@@ -204,7 +254,7 @@ impl Tokens {
     /// concurrent caller for the same account waiting on this one request.
     /// Whether refresh tokens can be read (a `refresh_token` account existed at start).
     pub fn has_store(&self) -> bool {
-        self.store.is_some()
+        self.store.is_some() || self.shared.is_some()
     }
 
     pub async fn get(&self, id: &Identity) -> Result<Token, AuthError> {
@@ -219,17 +269,14 @@ impl Tokens {
                     secret: c.token.clone(),
                     fresh: false,
                 }),
-                _ => match self.request(id).await {
-                    Ok(c) => {
+                _ => match self.obtain(id, &key, mac).await {
+                    Ok((c, fresh)) => {
                         let secret = c.token.clone();
                         *cached = Some(Cached {
                             password_mac: mac,
                             ..c
                         });
-                        Ok(Token {
-                            secret,
-                            fresh: true,
-                        })
+                        Ok(Token { secret, fresh })
                     }
                     // A temporary failure while the old token still works:
                     // keep using it.
@@ -265,6 +312,155 @@ impl Tokens {
         {
             *cached = None;
         }
+        if let Some(shared) = &self.shared {
+            let key = Self::key(id);
+            // Only if the shared entry is this very token (another replica
+            // may have put a newer one there).
+            if let Ok(Some(entry)) = self.shared_cached(shared, &key).await {
+                if entry.token.expose_secret() == token.expose_secret() {
+                    let _ = shared.delete_access(&key).await;
+                }
+            }
+        }
+    }
+
+    /// A token for `id` when the local cache has none: from the shared
+    /// cache, or requested under the shared lease, or (shared store
+    /// unreachable, or none configured) requested by this replica alone.
+    /// The flag says whether it was requested now.
+    async fn obtain(
+        &self,
+        id: &Identity,
+        key: &str,
+        mac: Option<[u8; 32]>,
+    ) -> Result<(Cached, bool), AuthError> {
+        let Some(shared) = &self.shared else {
+            return Ok((self.request(id).await?, true));
+        };
+        let usable = |c: &Cached| Instant::now() < c.refresh_at && c.password_mac == mac;
+        let deadline = Instant::now() + TOKEN_DEADLINE;
+        let mut pause = POLL_FIRST;
+        let mut waited = false;
+        loop {
+            match self.shared_cached(shared, key).await {
+                Ok(Some(c)) if usable(&c) => {
+                    info!(account = %id.account, waited, "access token from the shared store");
+                    return Ok((c, false));
+                }
+                Ok(_) => {}
+                Err(e) => return self.alone(id, e).await,
+            }
+            match shared.lease(key, LEASE).await {
+                Ok(Some(fence)) => {
+                    // Another replica may have finished between our look and our lease.
+                    if let Ok(Some(c)) = self.shared_cached(shared, key).await {
+                        if usable(&c) {
+                            let _ = shared.release(key, &fence).await;
+                            return Ok((c, false));
+                        }
+                    }
+                    let request = self.request(id);
+                    tokio::pin!(request);
+                    let result = loop {
+                        tokio::select! {
+                            r = &mut request => break r,
+                            _ = tokio::time::sleep(LEASE_RENEW) => {
+                                match shared.renew_lease(key, &fence, LEASE).await {
+                                    Ok(true) => {}
+                                    Ok(false) => warn!(account = %id.account, "refresh lease lost while the request runs"),
+                                    Err(e) => warn!(account = %id.account, error = %e, "cannot renew the refresh lease"),
+                                }
+                            }
+                        }
+                    };
+                    if let Ok(c) = &result {
+                        if let Err(e) = self.put_shared(shared, key, c, mac).await {
+                            warn!(account = %id.account, error = %e, "cannot share the new access token");
+                        }
+                    }
+                    if let Err(e) = shared.release(key, &fence).await {
+                        warn!(account = %id.account, error = %e, "cannot release the refresh lease; it expires by itself");
+                    }
+                    return result.map(|c| (c, true));
+                }
+                Ok(None) => {
+                    waited = true;
+                    if Instant::now() + pause >= deadline {
+                        return Err(AuthError::TokenUnavailable(format!(
+                            "another replica's token request did not finish within {} s",
+                            TOKEN_DEADLINE.as_secs()
+                        )));
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(POLL_MAX);
+                }
+                Err(e) => return self.alone(id, e).await,
+            }
+        }
+    }
+
+    /// The shared store failed: request without it.
+    async fn alone(
+        &self,
+        id: &Identity,
+        e: crate::shared::SharedError,
+    ) -> Result<(Cached, bool), AuthError> {
+        warn!(account = %id.account, error = %e, "shared store unavailable; requesting the token without the other replicas");
+        crate::metrics::shared_store_error("token");
+        Ok((self.request(id).await?, true))
+    }
+
+    async fn shared_cached(
+        &self,
+        shared: &Shared,
+        key: &str,
+    ) -> Result<Option<Cached>, crate::shared::SharedError> {
+        let Some(bytes) = shared.get_access(key).await? else {
+            return Ok(None);
+        };
+        let Ok(e) = serde_json::from_slice::<SharedEntry>(&bytes) else {
+            return Ok(None);
+        };
+        let (now, now_ms) = (Instant::now(), crate::shared::unix_ms());
+        let at = |ms: u64| now + Duration::from_millis(ms.saturating_sub(now_ms));
+        let password_mac = match e.password_mac {
+            None => None,
+            Some(h) => {
+                let bytes: Vec<u8> = (0..h.len() / 2)
+                    .filter_map(|i| u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok())
+                    .collect();
+                match <[u8; 32]>::try_from(bytes) {
+                    Ok(m) => Some(m),
+                    Err(_) => return Ok(None),
+                }
+            }
+        };
+        Ok(Some(Cached {
+            token: SecretString::from(e.token),
+            refresh_at: at(e.refresh_at_ms),
+            expires_at: at(e.expires_at_ms),
+            password_mac,
+        }))
+    }
+
+    async fn put_shared(
+        &self,
+        shared: &Shared,
+        key: &str,
+        c: &Cached,
+        mac: Option<[u8; 32]>,
+    ) -> Result<(), crate::shared::SharedError> {
+        let (now, now_ms) = (Instant::now(), crate::shared::unix_ms());
+        let left = |t: Instant| t.saturating_duration_since(now);
+        let entry = SharedEntry {
+            token: c.token.expose_secret().to_string(),
+            refresh_at_ms: now_ms + left(c.refresh_at).as_millis() as u64,
+            expires_at_ms: now_ms + left(c.expires_at).as_millis() as u64,
+            password_mac: mac.map(|m| hex(&m)),
+        };
+        let bytes = serde_json::to_vec(&entry).expect("plain struct serializes");
+        // Kept only while it is worth giving out: until renewal is due.
+        shared.put_access(key, &bytes, left(c.refresh_at)).await
     }
 
     /// One token, retrying temporary failures with backoff.
@@ -338,7 +534,22 @@ impl Tokens {
                     .await
             }
             Grant::RefreshToken => {
-                let refresh = self.stored_refresh_token(&id.account)?;
+                let refresh = match &self.shared {
+                    Some(shared) => match shared.load_refresh(&id.account).await {
+                        Ok(Some(t)) => t,
+                        Ok(None) => {
+                            return Err((
+                                AuthError::TokenRefused(format!(
+                                    "no refresh token stored; run `oxbridge login {}`",
+                                    id.account
+                                )),
+                                None,
+                            ))
+                        }
+                        Err(e) => return Err((AuthError::TokenUnavailable(e.to_string()), None)),
+                    },
+                    None => self.stored_refresh_token(&id.account)?,
+                };
                 let token = RefreshToken::new(refresh.expose_secret().to_string());
                 stored_refresh = Some(refresh);
                 self.client
@@ -362,7 +573,18 @@ impl Tokens {
             }
             (error, retry_after)
         })?;
-        if let (Some(old), Some(store)) = (&stored_refresh, &self.store) {
+        if let (Some(old), Some(shared)) = (&stored_refresh, &self.shared) {
+            if let Some(new) = response.refresh_token() {
+                if new.secret() != old.expose_secret() {
+                    shared
+                        .save_refresh_or_keep(
+                            &id.account,
+                            &SecretString::from(new.secret().to_string()),
+                        )
+                        .await;
+                }
+            }
+        } else if let (Some(old), Some(store)) = (&stored_refresh, &self.store) {
             self.save_rotated(store, id, old, &response)?;
         }
         let lifetime = response.expires_in().unwrap_or(DEFAULT_TOKEN_LIFETIME);
@@ -634,6 +856,51 @@ mod tests {
                 "refresh token in clear text on disk"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn redis_down_keeps_and_uses_the_rotated_refresh_token() {
+        let (url, _, bodies) = recording_endpoint(
+            vec![rotated("at-1", 1, "rt-2"), rotated("at-2", 3600, "rt-3")],
+            Duration::ZERO,
+        )
+        .await;
+        // Nothing listens on port 1: every Redis operation fails.
+        let shared = Arc::new(
+            Shared::new(
+                &SecretString::from("redis://127.0.0.1:1/".to_string()),
+                None,
+                secrecy::SecretBox::new(Box::new(vec![3u8; 32])),
+            )
+            .unwrap(),
+        );
+        shared
+            .save_refresh_or_keep("acct@x.test", &SecretString::from("rt-1".to_string()))
+            .await;
+        let tokens = tokens(&url).with_shared(shared.clone());
+        let id = identity(Grant::RefreshToken, "acct@x.test", None);
+        assert_eq!(
+            tokens.get(&id).await.unwrap().secret.expose_secret(),
+            "at-1"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            tokens.get(&id).await.unwrap().secret.expose_secret(),
+            "at-2"
+        );
+        let bodies = bodies.lock().unwrap().clone();
+        assert!(bodies[0].contains("refresh_token=rt-1"), "{}", bodies[0]);
+        assert!(bodies[1].contains("refresh_token=rt-2"), "{}", bodies[1]);
+        assert_eq!(shared.pending_writes(), 1);
+        assert_eq!(
+            shared
+                .load_refresh("acct@x.test")
+                .await
+                .unwrap()
+                .unwrap()
+                .expose_secret(),
+            "rt-3"
+        );
     }
 
     #[tokio::test]

@@ -10,7 +10,6 @@ pub mod smtp;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
 
 use crate::accounts::Identity;
@@ -32,7 +31,7 @@ pub enum Preauth {
         account: String,
         mailbox: String,
         /// The mailbox's upstream session slot, held while the session lives.
-        _mailbox_slot: OwnedSemaphorePermit,
+        _mailbox_slot: crate::limits::Slot,
     },
     /// The session is over (QUIT/LOGOUT, timeout, limits, shutdown, closed).
     Closed(&'static str),
@@ -182,7 +181,7 @@ pub struct Upstream {
     pub conn: Conn,
     pub capabilities: Vec<String>,
     /// The mailbox's session slot (see `limits`).
-    pub slot: OwnedSemaphorePermit,
+    pub slot: crate::limits::Slot,
 }
 
 impl Preauth {
@@ -210,7 +209,8 @@ pub async fn login(
     let login = creds.login.clone();
     let result: Result<(Upstream, Identity), AuthError> = async {
         app.throttle
-            .check(peer.ip(), &login)
+            .check_shared(peer.ip(), &login)
+            .await
             .map_err(AuthError::Throttled)?;
         let id = app
             .accounts()
@@ -227,12 +227,12 @@ pub async fn login(
         };
         match &result {
             Err(AuthError::BadCredentials(_)) => {
-                tokio::time::sleep(app.throttle.failure(peer.ip(), &login)).await
+                tokio::time::sleep(app.throttle.failure_shared(peer.ip(), &login).await).await
             }
             Err(AuthError::TokenRefused(_)) if password_grant => {
-                tokio::time::sleep(app.throttle.failure(peer.ip(), &login)).await
+                tokio::time::sleep(app.throttle.failure_shared(peer.ip(), &login).await).await
             }
-            Ok(_) => app.throttle.success(peer.ip(), &login),
+            Ok(_) => app.throttle.success_shared(peer.ip(), &login).await,
             Err(_) => {}
         }
         result
