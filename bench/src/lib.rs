@@ -285,23 +285,26 @@ pub fn make_message(size: usize, subject: &str) -> Vec<u8> {
     m.extend_from_slice(head.as_bytes());
     let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut x: u32 = 0x9e37_79b9;
-    while m.len() < size {
-        let left = size - m.len();
-        if left <= 78 {
-            // last line: pad with letters, end with CRLF
-            for _ in 0..left.saturating_sub(2) {
-                m.push(b'A');
-            }
-            m.extend_from_slice(&b"\r\n"[2usize.saturating_sub(left)..]);
-            break;
-        }
-        for _ in 0..76 {
+    let mut line = |m: &mut Vec<u8>, n: usize| {
+        // n bytes: n - 2 characters, then CRLF
+        for _ in 0..n - 2 {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
             m.push(alphabet[(x >> 26) as usize]);
         }
         m.extend_from_slice(b"\r\n");
+    };
+    while m.len() < size {
+        let left = size - m.len();
+        if left > 2 * 78 {
+            line(&mut m, 78);
+        } else if left > 78 {
+            // the last two lines share what is left, so neither is too short
+            line(&mut m, left / 2);
+        } else {
+            line(&mut m, left.max(2));
+        }
     }
     m.truncate(size);
     m
@@ -352,7 +355,7 @@ mod tests {
 
     #[test]
     fn message_size_and_no_dot_lines() {
-        for size in [500, 1000, 1001, 10 * 1024 * 1024] {
+        for size in (400..800).chain([10 * 1024 * 1024, 25_000_000]) {
             let m = make_message(size, "t");
             assert_eq!(m.len(), size);
             assert!(m.ends_with(b"\r\n"));
