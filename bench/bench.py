@@ -187,6 +187,14 @@ def emailproxy_config(path, servers, accounts):
         f.write("\n".join(out))
 
 
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 def machine():
     cpu = "?"
     with open("/proc/cpuinfo") as f:
@@ -229,7 +237,7 @@ def main():
     ap.add_argument("--emailproxy", help="emailproxy executable (omit to skip that path)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="small counts, for trying the script out")
-    ap.add_argument("--only", default="login,bulk,fastbulk,scale,tokens")
+    ap.add_argument("--only", default="login,bulk,fastlogin,fastbulk,scale,tokens")
     ap.add_argument("--sessions", type=int, default=10000)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -238,8 +246,9 @@ def main():
     N = {
         "seq": 10 if q else 30, "conc": 50, "total": 50 if q else 100, "login_timeout": 15,
         "imap_size": 10 * MiB, "smtp_size": 25_000_000,
-        "reps_fetch": 3 if q else 10, "reps_data": 2 if q else 6,
-        "fast_reps_fetch": 5 if q else 30, "fast_reps_data": 3 if q else 12, "ep_fast_reps": 2 if q else 5,
+        "rounds": 1 if q else 3, "bulk_rounds": 1 if q else 2,
+        "reps_fetch": 3 if q else 20, "reps_data": 2 if q else 8,
+        "fast_reps_fetch": 5 if q else 50, "fast_reps_data": 3 if q else 20, "ep_fast_reps": 2 if q else 6,
         "sessions": min(args.sessions, 1000) if q else args.sessions,
         "token_logins": 200 if q else 1000, "token_accounts": 10,
     }
@@ -340,59 +349,90 @@ def run_all(args, up, res, N, only, procs):
     users = ",".join(f"{u}:{PASSWORD}" for u in USERS)
 
     # ---------------------------------------------------------------- login
-    if "login" in only:
-        res["login"] = {}
-        for path, spec in paths.items():
-            for proto in ("imap", "pop3", "smtp"):
-                log(f"login {path} {proto}: warm-up")
+    def login_runs(paths, pids, users, stats_reset, stats_read, key):
+        """Each protocol: a warm-up per path, then `rounds` rounds in which the
+        paths take turns (so a noisy neighbour hits them alike). emailproxy,
+        whose logins take a third of a second each, runs one round of the full
+        counts; the others run each round with a share of the sequential
+        logins and a full batch of concurrent ones."""
+        out = {}
+        rounds = N["rounds"]
+        for proto in ("imap", "pop3", "smtp"):
+            for path, spec in paths.items():
                 w = driver(args, "login", "--proto", proto, *spec(proto), "--users", users,
                            "--warm", 2, "--seq", 0, "--total", 0)
-                http(f"{idp}/admin/stats/reset", b"{}")
-                log(f"login {path} {proto}: {N['seq']} sequential, {N['total']} at {N['conc']}-way")
-                r = driver(args, "login", "--proto", proto, *spec(proto), "--users", users, "--warm", 0,
-                           "--seq", N["seq"], "--conc", N["conc"], "--total", N["total"],
-                           "--timeout", N["login_timeout"])
-                r["warm_errors"] = w.get("warm_errors", w.get("failed"))
-                r["token_requests"] = http(f"{idp}/admin/stats")["token_requests"]
-                res["login"].setdefault(path, {})[proto] = r
+                out.setdefault(path, {})[proto] = {"runs": [], "warm_errors": w.get("warm_errors", w.get("failed"))}
+            for r in range(rounds):
+                for path, spec in paths.items():
+                    slow = path == "emailproxy"
+                    if slow and r > 0:
+                        continue
+                    seq = N["seq"] if slow else -(-N["seq"] // rounds)
+                    log(f"{key} {proto} {path} round {r + 1}: {seq} sequential, {N['total']} at {N['conc']}-way")
+                    stats_reset()
+                    x = driver(args, "login", "--proto", proto, *spec(proto), "--users", users, "--warm", 0,
+                               "--pid", pids.get(path) or 0, "--seq", seq, "--conc", N["conc"],
+                               "--total", N["total"], "--timeout", N["login_timeout"])
+                    x["token_requests"] = stats_read()
+                    out[path][proto]["runs"].append(x)
+        return out
 
-    # ---------------------------------------------------------------- bulk (real upstream)
+    if "login" in only:
+        res["login"] = login_runs(paths, pids, users, lambda: http(f"{idp}/admin/stats/reset", b"{}"),
+                                  lambda: http(f"{idp}/admin/stats")["token_requests"], "login")
+
+    # ---------------------------------------------------------------- bulk
+    def bulk_runs(paths, pids, user, sizes, key):
+        """Each protocol: the paths take turns, `rounds` times, each turn
+        moving a share of the repetitions."""
+        out = {}
+        for proto in ("imap", "pop3", "smtp"):
+            for r in range(N["bulk_rounds"]):
+                for path, spec in paths.items():
+                    size, reps = sizes(path, proto)
+                    reps = -(-reps // N["bulk_rounds"])
+                    log(f"{key} {proto} {path} round {r + 1}: {reps} x {size} bytes")
+                    x = driver(args, "bulk", "--proto", proto, *spec(proto), "--users", user,
+                               "--pid", pids.get(path) or 0, "--size", size, "--reps", reps,
+                               "--from", user.split(":")[0], "--rcpt", "sink@discard.invalid")
+                    out.setdefault(path, {}).setdefault(proto, {"runs": []})["runs"].append(x)
+        return out
+
     if "bulk" in only:
-        res["bulk"] = {}
-        for path, spec in paths.items():
-            for proto in ("imap", "pop3", "smtp"):
-                size, reps = ((N["smtp_size"], N["reps_data"]) if proto == "smtp"
-                              else (N["imap_size"], N["reps_fetch"]))
-                log(f"bulk {path} {proto}: {reps} x {size} bytes")
-                r = driver(args, "bulk", "--proto", proto, *spec(proto), "--users", users.split(",")[0],
-                           "--pid", pids[path] or 0, "--size", size, "--reps", reps,
-                           "--from", USERS[0], "--rcpt", "sink@discard.invalid")
-                res["bulk"].setdefault(path, {})[proto] = r
+        res["bulk"] = bulk_runs(paths, pids, users.split(",")[0],
+                                lambda path, proto: (N["smtp_size"], N["reps_data"]) if proto == "smtp"
+                                else (N["imap_size"], N["reps_fetch"]), "bulk")
 
-    # ---------------------------------------------------------------- bulk (fakeup)
-    if "fastbulk" in only:
+    # ---------------------------------------------------------------- the in-memory upstream
+    if "fastbulk" in only or "fastlogin" in only:
         oxf = PORTS["oxb_fake"]
         fcfg = os.path.join(out, "oxbridge-fake.toml")
         oxbridge_config(fcfg, os.path.join(out, "state-fake"), upstream_fake, ftls["ca"], fake_token_url,
-                        list(oxf.items()), cc_accounts(["user0@example.test"]))
+                        list(oxf.items()), cc_accounts(["user0@example.test", "user1@example.test"]))
         oxbf = procs.start("oxbridge-fake", [args.oxbridge, "run", "--config", fcfg], wait_ports=oxf.values())
         fpaths = {
-            "direct": (lambda p: ["--mode", "direct", "--addr", f"127.0.0.1:{fk[p]}", "--ca", ftls["ca"],
-                                  "--token-file", fake_token], None, 1),
-            "oxbridge": (lambda p: ["--mode", "plain", "--addr", f"127.0.0.1:{oxf[p]}"], oxbf.pid, 1),
+            "direct": lambda p: ["--mode", "direct", "--addr", f"127.0.0.1:{fk[p]}", "--ca", ftls["ca"],
+                                 "--token-file", fake_token],
+            "oxbridge": lambda p: ["--mode", "plain", "--addr", f"127.0.0.1:{oxf[p]}"],
         }
-        if ep:
-            fpaths["emailproxy"] = (lambda p: ["--mode", "plain", "--addr", f"127.0.0.1:{PORTS['ep_fake'][p]}"],
-                                    ep.pid, 0)
-        res["fastbulk"] = {}
-        for path, (spec, pid, full) in fpaths.items():
-            for proto in ("imap", "pop3", "smtp"):
+        fpids = {"oxbridge": oxbf.pid}
+        if "fastlogin" in only:
+            fusers = ",".join(f"user{i}@example.test:{PASSWORD}" for i in range(2))
+            res["fastlogin"] = login_runs(fpaths, fpids, fusers, lambda: http(f"{fake_url}/stats/reset", b""),
+                                          lambda: http(f"{fake_url}/stats")["token_requests"], "fastlogin")
+        if "fastbulk" in only:
+            if ep:  # emailproxy's own ceiling, with fewer repetitions (it is slow)
+                fpaths["emailproxy"] = lambda p: ["--mode", "plain", "--addr",
+                                                  f"127.0.0.1:{PORTS['ep_fake'][p]}"]
+                fpids["emailproxy"] = ep.pid
+
+            def fsizes(path, proto):
                 size = N["smtp_size"] if proto == "smtp" else N["imap_size"]
-                reps = (N["fast_reps_data"] if proto == "smtp" else N["fast_reps_fetch"]) if full else N["ep_fast_reps"]
-                log(f"fast bulk {path} {proto}: {reps} x {size} bytes")
-                r = driver(args, "bulk", "--proto", proto, *spec(proto), "--users", f"user0@example.test:{PASSWORD}",
-                           "--pid", pid or 0, "--size", size, "--reps", reps)
-                res["fastbulk"].setdefault(path, {})[proto] = r
+                if path == "emailproxy":
+                    return size, N["ep_fast_reps"]
+                return size, N["fast_reps_data"] if proto == "smtp" else N["fast_reps_fetch"]
+
+            res["fastbulk"] = bulk_runs(fpaths, fpids, f"user0@example.test:{PASSWORD}", fsizes, "fastbulk")
         procs.stop("oxbridge-fake")
 
     if ep:  # emailproxy is done: free the CPU
@@ -407,26 +447,30 @@ def run_all(args, up, res, N, only, procs):
         k = 1
         while 2 * math.ceil(n / k) + 200 > hard:
             k += 1
+        # password-grant accounts: no Argon2 in this process, whose freed
+        # memory would otherwise be reused by the sessions and hide their cost
         accts = [f"user{i}@example.test" for i in range(10)]
-        addrs, spids = [], []
+        creds = ",".join(f"{u}:{u.split('@')[0]}-password" for u in accts)
+        addrs, spids, fresh = [], [], []
         for i in range(k):
             port = PORTS["oxb_scale"] + i
             cfg = os.path.join(out, f"oxbridge-scale{i}.toml")
             oxbridge_config(cfg, os.path.join(out, f"state-scale{i}"), upstream_fake, ftls["ca"], fake_token_url,
-                            [("imap", port)], cc_accounts(accts))
+                            [("imap", port)], [{"login": "*@example.test", "grant": "password"}])
             p = procs.start(f"oxbridge-scale{i}", [args.oxbridge, "run", "--config", cfg], wait_ports=[port],
                             nofile=1 << 20)
             addrs.append(f"127.0.0.1:{port}")
             spids.append(p.pid)
-            # warm: one login per account (token and verified-password caches), then the baseline
+            fresh.append(rss_kib(p.pid))
+            # warm: one login per account (token cache), then the baseline
             driver(args, "login", "--proto", "imap", "--mode", "plain", "--addr", addrs[-1],
-                   "--users", ",".join(f"{u}:{PASSWORD}" for u in accts), "--warm", 1, "--seq", 0, "--total", 0)
+                   "--users", creds, "--warm", 1, "--seq", 0, "--total", 0)
         log(f"scale: {n} IMAP sessions through {k} oxbridge process(es) (fd hard limit {hard})")
         time.sleep(1)
         r = driver(args, "scale", "--addrs", ",".join(addrs), "--pids", ",".join(map(str, spids)),
-                   "--users", ",".join(f"{u}:{PASSWORD}" for u in accts), "--sessions", n, "--conc", 500,
-                   "--timeout", 60)
+                   "--users", creds, "--sessions", n, "--conc", 500, "--timeout", 60)
         r["fd_hard_limit"] = hard
+        r["rss_fresh_kib"] = sum(fresh)
         r["fakeup_stats"] = http(f"{fake_url}/stats")
         res["scale"] = r
         for i in range(k):

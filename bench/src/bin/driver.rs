@@ -37,6 +37,8 @@ struct Target {
     addr: SocketAddr,
     /// Some: direct XOAUTH2 over TLS with this token.
     direct: Option<(Arc<rustls::ClientConfig>, String)>,
+    /// Read the TLS stream through a buffer of this size (0: straight from the socket).
+    bufread: usize,
 }
 
 type C = Conn<Io>;
@@ -45,12 +47,17 @@ fn err<E: std::fmt::Display>(step: &str) -> impl Fn(E) -> String + '_ {
     move |e| format!("{step}: {e}")
 }
 
-async fn tls_upgrade(tcp: TcpStream, cfg: &Arc<rustls::ClientConfig>) -> Result<Io, String> {
+async fn tls_upgrade(tcp: TcpStream, cfg: &Arc<rustls::ClientConfig>, bufread: usize) -> Result<Io, String> {
     let name = ServerName::try_from("localhost").unwrap();
-    let s = tokio_rustls::TlsConnector::from(cfg.clone())
-        .connect(name, tcp)
-        .await
-        .map_err(err("tls"))?;
+    let connector = tokio_rustls::TlsConnector::from(cfg.clone());
+    if bufread > 0 {
+        let s = connector
+            .connect(name, BufTcp::new(tcp, bufread))
+            .await
+            .map_err(err("tls"))?;
+        return Ok(Io::TlsBuf(Box::new(s)));
+    }
+    let s = connector.connect(name, tcp).await.map_err(err("tls"))?;
     Ok(Io::Tls(Box::new(s)))
 }
 
@@ -73,7 +80,7 @@ async fn login(t: &Target, user: &str, pass: &str, cap: usize) -> Result<C, Stri
             Ok(c)
         }
         (Proto::Imap, Some((cfg, token))) => {
-            let mut c = Conn::new(tls_upgrade(tcp, cfg).await?, cap);
+            let mut c = Conn::new(tls_upgrade(tcp, cfg, t.bufread).await?, cap);
             let g = c.line().await.map_err(err("greeting"))?;
             if !g.starts_with(b"* OK") {
                 return Err(format!("greeting: {}", show(&g)));
@@ -94,7 +101,7 @@ async fn login(t: &Target, user: &str, pass: &str, cap: usize) -> Result<C, Stri
             Ok(c)
         }
         (Proto::Pop3, Some((cfg, token))) => {
-            let mut c = Conn::new(tls_upgrade(tcp, cfg).await?, cap);
+            let mut c = Conn::new(tls_upgrade(tcp, cfg, t.bufread).await?, cap);
             expect_ok(&mut c, "greeting").await?;
             c.send(format!("AUTH XOAUTH2 {}\r\n", xoauth2(user, token)).as_bytes())
                 .await
@@ -129,7 +136,7 @@ async fn login(t: &Target, user: &str, pass: &str, cap: usize) -> Result<C, Stri
             c.send(b"STARTTLS\r\n").await.map_err(err("STARTTLS"))?;
             smtp_expect(&mut c, 220, "STARTTLS").await?;
             let Io::Plain(tcp) = c.into_io() else { unreachable!() };
-            let mut c = Conn::new(tls_upgrade(tcp, cfg).await?, cap);
+            let mut c = Conn::new(tls_upgrade(tcp, cfg, t.bufread).await?, cap);
             c.send(b"EHLO bench.example.test\r\n").await.map_err(err("EHLO"))?;
             smtp_expect(&mut c, 250, "EHLO after STARTTLS").await?;
             c.send(format!("AUTH XOAUTH2 {}\r\n", xoauth2(user, token)).as_bytes())
@@ -257,6 +264,7 @@ impl Args {
             proto,
             addr,
             direct,
+            bufread: self.num("bufread", 0.0) as usize,
         })
     }
 }
@@ -333,6 +341,9 @@ async fn login_workload(a: &Args) -> io::Result<Value> {
     let conc = a.num("conc", 50.0) as usize;
     let total = a.num("total", 100.0) as usize;
     let warm = a.num("warm", 2.0) as usize;
+    let pid = a.num("pid", 0.0) as u32;
+    let cpu = |pid: u32| if pid > 0 { proc_cpu_s(pid) } else { None };
+    let me = std::process::id();
 
     let mut warm_errors = Vec::new();
     for i in 0..warm * users.len() {
@@ -344,6 +355,7 @@ async fn login_workload(a: &Args) -> io::Result<Value> {
 
     let mut seq_lat = Vec::new();
     let mut seq_err = Vec::new();
+    let (p0, m0) = (cpu(pid), cpu(me));
     let t_seq = Instant::now();
     for i in 0..seq {
         let (u, p) = &users[i % users.len()];
@@ -353,6 +365,7 @@ async fn login_workload(a: &Args) -> io::Result<Value> {
         }
     }
     let seq_wall = t_seq.elapsed().as_secs_f64();
+    let (p1, m1) = (cpu(pid), cpu(me));
     eprintln!(
         "  seq: {} ok, {} errors in {seq_wall:.2}s",
         seq_lat.len(),
@@ -386,17 +399,21 @@ async fn login_workload(a: &Args) -> io::Result<Value> {
         }
     }
     let wall = t0.elapsed().as_secs_f64();
+    let (p2, m2) = (cpu(pid), cpu(me));
     eprintln!(
         "  conc: {} ok, {} errors in {wall:.2}s",
         conc_lat.len(),
         conc_err.len()
     );
+    let d = |x: Option<f64>, y: Option<f64>| x.zip(y).map(|(x, y)| y - x);
     Ok(json!({
         "warm_errors": warm_errors.len(),
         "warm_error_samples": errors_json(&warm_errors),
-        "seq": {"lat_ms": seq_lat, "errors": seq_err.len(), "error_samples": errors_json(&seq_err), "wall_s": seq_wall},
+        "seq": {"lat_ms": seq_lat, "errors": seq_err.len(), "error_samples": errors_json(&seq_err), "wall_s": seq_wall,
+                "proxy_cpu_s": d(p0, p1), "driver_cpu_s": d(m0, m1)},
         "conc": {"lat_ms": conc_lat, "errors": conc_err.len(), "error_samples": errors_json(&conc_err),
-                 "wall_s": wall, "concurrency": conc, "total": total},
+                 "wall_s": wall, "concurrency": conc, "total": total,
+                 "proxy_cpu_s": d(p1, p2), "driver_cpu_s": d(m1, m2)},
     }))
 }
 
@@ -424,6 +441,8 @@ async fn bulk_workload(a: &Args) -> io::Result<Value> {
     } else {
         Vec::new()
     };
+    let me = std::process::id();
+    let self0 = proc_cpu_s(me);
     let cpu0 = (pid > 0).then(|| proc_cpu_s(pid)).flatten();
     let sched0 = (pid > 0).then(|| proc_sched_s(pid)).flatten();
     let mut mbps = Vec::new();
@@ -439,6 +458,7 @@ async fn bulk_workload(a: &Args) -> io::Result<Value> {
         mbps.push(n as f64 / dt / 1e6);
     }
     let cpu1 = (pid > 0).then(|| proc_cpu_s(pid)).flatten();
+    let self1 = proc_cpu_s(me);
     let sched1 = (pid > 0).then(|| proc_sched_s(pid)).flatten();
     logout(c, t.proto).await;
     let d = |x: Option<f64>, y: Option<f64>| x.zip(y).map(|(x, y)| y - x);
@@ -449,6 +469,7 @@ async fn bulk_workload(a: &Args) -> io::Result<Value> {
         "secs": secs,
         "cpu_s": d(cpu0, cpu1),
         "sched_s": d(sched0, sched1),
+        "driver_cpu_s": d(self0, self1),
     }))
 }
 
@@ -573,6 +594,7 @@ async fn scale_workload(a: &Args) -> io::Result<Value> {
             proto: Proto::Imap,
             addr: addrs[i % addrs.len()],
             direct: None,
+            bufread: 0,
         };
         let (users, sem, tx, alive_tx) = (users.clone(), sem.clone(), tx.clone(), alive_tx.clone());
         let mut phase = phase_rx.clone();
