@@ -30,15 +30,16 @@ USERS = ["alice@example.test", "bob@example.test"]  # mailboxes of the test upst
 SCOPE = "https://outlook.office365.com/.default"
 MiB = 1 << 20
 
-# loopback ports of the processes this script starts
+# loopback ports of the processes this script starts: below the kernel's
+# ephemeral range (32768-60999), so that no client connection holds one
 PORTS = {
-    "oxb_real": {"imap": 41143, "pop3": 41110, "smtp": 41025},
-    "ep_real": {"imap": 42143, "pop3": 42110, "smtp": 42025},
-    "ep_fake": {"imap": 42243, "pop3": 42210, "smtp": 42225},
-    "fake": {"imap": 43993, "pop3": 43995, "smtp": 43587, "http": 43080},
-    "oxb_fake": {"imap": 44143, "pop3": 44110, "smtp": 44025},
-    "oxb_scale": 45143,  # and up, one per process
-    "oxb_tokens": 46143,
+    "oxb_real": {"imap": 31143, "pop3": 31110, "smtp": 31025},
+    "ep_real": {"imap": 31243, "pop3": 31210, "smtp": 31225},
+    "ep_fake": {"imap": 31343, "pop3": 31310, "smtp": 31325},
+    "fake": {"imap": 31993, "pop3": 31995, "smtp": 31587, "http": 31080},
+    "oxb_fake": {"imap": 31443, "pop3": 31410, "smtp": 31425},
+    "oxb_scale": 31543,  # and up, one per process
+    "oxb_tokens": 31643,
 }
 
 no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -246,7 +247,7 @@ def main():
     N = {
         "seq": 10 if q else 30, "conc": 50, "total": 50 if q else 100, "login_timeout": 15,
         "imap_size": 10 * MiB, "smtp_size": 25_000_000,
-        "rounds": 1 if q else 3, "bulk_rounds": 1 if q else 2,
+        "rounds": 1 if q else 3, "bulk_rounds": 1 if q else 4,
         "reps_fetch": 3 if q else 20, "reps_data": 2 if q else 8,
         "fast_reps_fetch": 5 if q else 50, "fast_reps_data": 3 if q else 20, "ep_fast_reps": 2 if q else 6,
         "sessions": min(args.sessions, 1000) if q else args.sessions,
