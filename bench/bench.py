@@ -238,7 +238,7 @@ def main():
     ap.add_argument("--emailproxy", help="emailproxy executable (omit to skip that path)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="small counts, for trying the script out")
-    ap.add_argument("--only", default="login,bulk,fastlogin,fastbulk,scale,tokens")
+    ap.add_argument("--only", default="login,bulk,fastlogin,fastbulk,scale,argon2,tokens")
     ap.add_argument("--sessions", type=int, default=10000)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -251,7 +251,7 @@ def main():
         "reps_fetch": 3 if q else 20, "reps_data": 2 if q else 8,
         "fast_reps_fetch": 5 if q else 50, "fast_reps_data": 3 if q else 20, "ep_fast_reps": 2 if q else 6,
         "sessions": min(args.sessions, 1000) if q else args.sessions,
-        "token_logins": 200 if q else 1000, "token_accounts": 10,
+        "token_logins": 200 if q else 1000, "token_accounts": 10, "argon2_accounts": 8 if q else 20,
     }
     up = json.load(open(os.path.join(args.upstream, "upstream.json")))
     res = {"machine": machine(), "params": N, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -476,6 +476,30 @@ def run_all(args, up, res, N, only, procs):
         res["scale"] = r
         for i in range(k):
             procs.stop(f"oxbridge-scale{i}")
+
+    # ---------------------------------------------------------------- memory after Argon2 checks
+    if "argon2" in only:
+        # Resident memory of a fresh oxbridge as distinct accounts log in for
+        # the first time (each first login runs one Argon2id verification,
+        # m = 19 MiB); later logins are served by the verified-password cache.
+        port = PORTS["oxb_tokens"] + 1
+        n = N["argon2_accounts"]
+        accts = [f"user{i}@example.test" for i in range(n)]
+        cfg = os.path.join(out, "oxbridge-argon2.toml")
+        oxbridge_config(cfg, os.path.join(out, "state-argon2"), upstream_fake, ftls["ca"], fake_token_url,
+                        [("imap", port)], cc_accounts(accts))
+        p = procs.start("oxbridge-argon2", [args.oxbridge, "run", "--config", cfg], wait_ports=[port])
+        rss = [rss_kib(p.pid)]
+        for u in accts:
+            driver(args, "login", "--proto", "imap", "--mode", "plain", "--addr", f"127.0.0.1:{port}",
+                   "--users", f"{u}:{PASSWORD}", "--warm", 1, "--seq", 0, "--total", 0)
+            rss.append(rss_kib(p.pid))
+        again = driver(args, "login", "--proto", "imap", "--mode", "plain", "--addr", f"127.0.0.1:{port}",
+                       "--users", ",".join(f"{u}:{PASSWORD}" for u in accts), "--warm", 0, "--seq", 2 * n,
+                       "--total", 0)
+        res["argon2"] = {"accounts": n, "rss_kib": rss, "rss_after_repeats_kib": rss_kib(p.pid),
+                         "repeat_p50_ms": report.pct(again.get("seq", {}).get("lat_ms", []), 50)}
+        procs.stop("oxbridge-argon2")
 
     # ---------------------------------------------------------------- token endpoint load
     if "tokens" in only:

@@ -272,6 +272,19 @@ def render(res):
                             f"{S['established']}/{n} up, {S['errors']} errors, {S['dead_after']} lost; "
                             f"{f(S['rss_per_session_kib'], 1)} KiB/session; {f(S['establish_s'], 2)} s"))
 
+    # ------------------------------------------------------------------ argon2
+    A = res.get("argon2")
+    if A:
+        r = A["rss_kib"]
+        out.append("")
+        out.append(f"MEMORY AFTER PASSWORD CHECKS: RSS of a fresh oxbridge as {A['accounts']} accounts log in for the "
+                   f"first time (one Argon2id check each, m = 19 MiB), then {2 * A['accounts']} repeat logins")
+        marks = sorted({0, 1, 2, 5, 10, len(r) - 1} & set(range(len(r))))
+        out.append(table(["after first logins"] + [str(i) for i in marks] + ["after repeats"],
+                         [["RSS MiB"] + [f(r[i] / 1024, 1) for i in marks] + [f(A["rss_after_repeats_kib"] / 1024, 1)]],
+                         ["<"] + [">"] * (len(marks) + 1)))
+        out.append(f"  repeat logins (verified-password cache, no Argon2): p50 {f(A['repeat_p50_ms'], 2)} ms")
+
     # ------------------------------------------------------------------ tokens
     T = res.get("tokens")
     if T:
