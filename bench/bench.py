@@ -206,7 +206,9 @@ def machine():
     with open("/proc/meminfo") as f:
         mem_kib = int(f.readline().split()[1])
     u = os.uname()
-    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem_kib / 1048576, 1),
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem_kib / 1048576, 1), "loadavg_start": load,
             "kernel": f"{u.sysname} {u.release}", "nofile_hard": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
 
 
@@ -267,6 +269,9 @@ def main():
         run_all(args, up, res, N, only, procs)
     finally:
         procs.stop_all()
+        res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        with open("/proc/loadavg") as f:
+            res["machine"]["loadavg_end"] = " ".join(f.read().split()[:3])
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(res, f, indent=1)
     text = report.render(res)

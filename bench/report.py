@@ -123,7 +123,8 @@ def render(res):
     m = res.get("machine", {})
     out.append(f"oxbridge benchmark  {res.get('started', '')}  oxbridge {res.get('oxbridge_commit', '?')}")
     out.append(f"machine: {m.get('nproc')} CPUs ({m.get('cpu')}), {m.get('mem_gib')} GiB, {m.get('kernel')}, "
-               f"open-files hard limit {m.get('nofile_hard')}")
+               f"open-files hard limit {m.get('nofile_hard')}; load average {m.get('loadavg_start', '?')} at the "
+               f"start, {m.get('loadavg_end', '?')} at the end")
     out.append("MB = 10^6 bytes; GB = 10^9 bytes. Devices speak plain text to the proxies on loopback; "
                "'direct' is XOAUTH2 over TLS to the server.")
     targets = []
