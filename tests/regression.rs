@@ -149,3 +149,50 @@ fn relaying_costs_few_syscalls_per_megabyte() {
         "{per_mb:.0} read/write calls per relayed MB"
     );
 }
+
+/// Memory comes back after password checks: each Argon2 check allocates
+/// ~19 MiB; 12 first-time logins (12 accounts, so no verified-credential
+/// cache) must not leave that memory resident.
+#[test]
+fn password_checks_give_their_memory_back() {
+    let up = upstream();
+    let accounts: String = (0..12)
+        .map(|i| {
+            format!(
+                "[[account]]\nlogin = \"dev{i}@devices.test\"\npassword_hash = \"{}\"\ngrant = \"client_credentials\"\nmailbox = \"alice@example.test\"\n\n",
+                argon2_hash(&format!("device-password-{i}"))
+            )
+        })
+        .collect();
+    let proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), &accounts));
+    let login = |user: &str, password: &str| {
+        use base64::Engine;
+        let mut raw = Raw::connect(proxy.port(0));
+        raw.reply();
+        raw.send("EHLO memory.test");
+        raw.reply();
+        let plain =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        raw.send(&format!("AUTH PLAIN {plain}"));
+        let r = raw.reply();
+        raw.send("QUIT");
+        r
+    };
+    // One login first: the runtime, TLS and token cache are warm after it.
+    assert!(login("dev0@devices.test", "device-password-0").starts_with("235"));
+    let baseline = proxy.rss_kib();
+    for i in 1..12 {
+        let r = login(
+            &format!("dev{i}@devices.test"),
+            &format!("device-password-{i}"),
+        );
+        assert!(r.starts_with("235"), "{r}");
+    }
+    let after = proxy.rss_kib();
+    println!("RSS {baseline} KiB -> {after} KiB after 11 first-time password checks");
+    // Kept buffers would add ~19 MiB per check (>100 MiB here).
+    assert!(
+        after < baseline + 40 * 1024,
+        "RSS grew from {baseline} KiB to {after} KiB over 11 password checks"
+    );
+}
