@@ -229,10 +229,12 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
     };
     let conn = Conn::new(stream);
     let (app, listener, stop) = (&ctx.app, &ctx.listener, ctx.stop.clone());
+    // Boxed: the login's state (parsers, token and upstream futures) is
+    // freed when it ends instead of staying in every relayed session's task.
     let outcome = match protocol {
-        Protocol::Smtp => smtp::preauth(app, listener, conn, peer, stop).await,
-        Protocol::Imap => imap::preauth(app, listener, conn, peer, stop).await,
-        Protocol::Pop3 => pop3::preauth(app, listener, conn, peer, stop).await,
+        Protocol::Smtp => Box::pin(smtp::preauth(app, listener, conn, peer, stop)).await,
+        Protocol::Imap => Box::pin(imap::preauth(app, listener, conn, peer, stop)).await,
+        Protocol::Pop3 => Box::pin(pop3::preauth(app, listener, conn, peer, stop)).await,
     };
     match outcome {
         Preauth::Relay {
