@@ -68,6 +68,22 @@ const EXIT_RUNTIME: u8 = 1;
 /// Exit status for a usage or configuration error.
 const EXIT_CONFIG: u8 = 2;
 
+/// The config file, or exit status 2 with the error (file, key) printed.
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("oxbridge: config error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// A multi-threaded tokio runtime, or exit status 1.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("oxbridge: cannot start the runtime: {e}");
+        ExitCode::from(EXIT_RUNTIME)
+    })
+}
+
 /// Allocations at least this large are mapped (and unmapped when freed),
 /// whatever glibc's adaptive threshold would say.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -105,23 +121,17 @@ fn main() -> ExitCode {
 
 /// `oxbridge check`: exit 0 when every line is OK.
 fn check(path: PathBuf, offline: bool) -> ExitCode {
-    let config = match Config::load(&path) {
+    let config = match load_config(&path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("oxbridge: config error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     println!("{}: configuration OK", path.display());
     if offline {
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("oxbridge: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     let mut out = std::io::stdout();
     match runtime.block_on(oxbridge::check::run(config, &mut out)) {
@@ -166,12 +176,9 @@ fn healthcheck(path: PathBuf) -> ExitCode {
 
 /// `oxbridge login`: consent, then the refresh token into the store.
 fn login(path: PathBuf, account: &str, browser_port: Option<u16>) -> ExitCode {
-    let config = match Config::load(&path) {
+    let config = match load_config(&path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("oxbridge: config error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     let Some(entry) = config
         .accounts
@@ -215,12 +222,9 @@ fn login(path: PathBuf, account: &str, browser_port: Option<u16>) -> ExitCode {
         account: &entry.login,
         mailbox: entry.mailbox.as_deref().unwrap_or(&entry.login),
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("oxbridge: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     let mut out = std::io::stdout();
     let result = runtime.block_on(async {
@@ -276,20 +280,14 @@ fn init_logging(config: &Config) {
 }
 
 fn run(path: PathBuf) -> ExitCode {
-    let config = match Config::load(&path) {
+    let config = match load_config(&path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("oxbridge: config error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     init_logging(&config);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("oxbridge: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let control = oxbridge::Control {
