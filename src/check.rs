@@ -21,16 +21,11 @@ pub async fn run(config: Config, out: &mut impl Write) -> Result<bool, String> {
         return Ok(true);
     }
     let app = App::new(config).map_err(|e| e.to_string())?;
-    let logins: Vec<(String, Grant, bool)> = app
-        .config
-        .accounts
-        .iter()
-        .map(|a| (a.login.clone(), a.grant, a.login.starts_with("*@")))
-        .collect();
     let mut all_ok = true;
-    for (login, grant, pattern) in logins {
-        if grant == Grant::Password || pattern {
-            let why = if grant == Grant::Password {
+    for account in &app.config.accounts {
+        let login = &account.login;
+        if account.grant == Grant::Password || login.starts_with("*@") {
+            let why = if account.grant == Grant::Password {
                 "grant = \"password\" needs a user's password; a device's login tests it"
             } else {
                 "a *@domain pattern; a device's login tests it"
@@ -40,7 +35,7 @@ pub async fn run(config: Config, out: &mut impl Write) -> Result<bool, String> {
         }
         for &protocol in &protocols {
             let started = Instant::now();
-            let result = match app.accounts().identity(&login) {
+            let result = match app.accounts().identity(login) {
                 Ok(id) => proto::check_login(&app, protocol, &id).await,
                 Err(e) => Err(e),
             };
@@ -51,7 +46,7 @@ pub async fn run(config: Config, out: &mut impl Write) -> Result<bool, String> {
                 ),
                 Err(e) => {
                     all_ok = false;
-                    failure_line(&login, protocol.as_str(), e)
+                    failure_line(login, protocol.as_str(), e)
                 }
             };
             writeln!(out, "{line}").map_err(|e| e.to_string())?;

@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -25,49 +23,6 @@ fn text(o: &Output) -> String {
 
 fn admin_section() -> &'static str {
     "[admin]\nlisten = \"127.0.0.1:0\"\n"
-}
-
-/// `curl` an admin URL: (HTTP status, body).
-fn curl(addr: SocketAddr, path: &str) -> (u16, String) {
-    let out = run(
-        Command::new("curl").args([
-            "-sS",
-            "-m",
-            "20",
-            "-w",
-            "\n%{http_code}",
-            &format!("http://{addr}{path}"),
-        ]),
-        LIMIT,
-    );
-    let all = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = all.rsplit_once('\n').expect("curl output");
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
-/// Prometheus text format: series (name with its labels) -> value.
-fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
-    let (status, body) = curl(addr, "/metrics");
-    assert_eq!(status, 200, "{body}");
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').expect("series value");
-            (series.to_string(), value.parse::<f64>().expect(l))
-        })
-        .collect()
-}
-
-fn value(m: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
-    m.iter()
-        .filter(|(series, _)| {
-            series.split('{').next() == Some(name)
-                && labels
-                    .iter()
-                    .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|(_, v)| v)
-        .sum()
 }
 
 fn imap_login(port: u16, user: &str, password: &str) -> Output {

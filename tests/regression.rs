@@ -12,16 +12,9 @@ use common::*;
 const LIMIT: Duration = Duration::from_secs(120);
 const BOB: &str = "bob@example.test";
 
+/// The sum of a metric's series, scraped from the proxy's admin endpoint.
 fn metric(proxy: &Proxy, name: &str) -> f64 {
-    let out = run(
-        Command::new("curl").args(["-sS", &format!("http://{}/metrics", proxy.admin_addr())]),
-        LIMIT,
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-        .sum()
+    value(&scrape(proxy.admin_addr()), name, &[])
 }
 
 /// Counts a process's read and write system calls (all threads) with
