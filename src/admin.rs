@@ -20,7 +20,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
-use crate::{autodiscover, metrics, App};
+use crate::app::App;
+use crate::{autodiscover, metrics};
 
 /// A token endpoint contact younger than this decides readiness.
 pub const READY_TOKEN_AGE: Duration = Duration::from_secs(300);

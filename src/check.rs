@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use crate::config::{Config, Grant};
 use crate::error::AuthError;
-use crate::{diagnose, proto, App};
+use crate::app::App;
+use crate::{diagnose, login};
 
 /// Run every check; `Ok(true)` when none failed.
 pub async fn run(config: Config, out: &mut impl Write) -> Result<bool, String> {
@@ -36,7 +37,7 @@ pub async fn run(config: Config, out: &mut impl Write) -> Result<bool, String> {
         for &protocol in &protocols {
             let started = Instant::now();
             let result = match app.accounts().identity(login) {
-                Ok(id) => proto::check_login(&app, protocol, &id).await,
+                Ok(id) => login::check_login(&app, protocol, &id).await,
                 Err(e) => Err(e),
             };
             let line = match &result {

@@ -166,6 +166,13 @@ pub fn fix(error: &AuthError) -> Option<&'static str> {
         | AuthError::UpstreamTemporary(d)
         | AuthError::UpstreamUnavailable(d) => d.as_str(),
         AuthError::Busy(_) | AuthError::BadCredentials(_) | AuthError::Throttled(_) => return None,
+        AuthError::Authorization(_) => {
+            return Some(
+                "the device sent a SASL authorization identity other than its user name \
+                 (Cyrus SASL: drop -u/authzid); to send as a shared mailbox, log in as \
+                 login\\shared@domain on an account with allow_shared",
+            )
+        }
     };
     let lower = detail.to_ascii_lowercase();
     KNOWN

@@ -4,12 +4,17 @@
 //! addresses and server replies, never a password, token or secret.
 //! Devices get only the short reason in the protocol reply.
 
+use crate::wire::Refusal;
+
 /// Why a device's login did not end in a relayed session.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// Wrong local password or unknown user.
     #[error("bad credentials: {0}")]
     BadCredentials(&'static str),
+    /// The SASL authorization identity names someone other than the login.
+    #[error("authorization refused: {0}")]
+    Authorization(String),
     /// The token endpoint said no for good (`invalid_grant`, `invalid_client`, ...).
     #[error("token refused: {0}")]
     TokenRefused(String),
@@ -51,6 +56,7 @@ impl AuthError {
     pub fn reason(&self) -> &'static str {
         match self {
             AuthError::BadCredentials(_) => "bad_credentials",
+            AuthError::Authorization(_) => "authorization",
             AuthError::TokenRefused(_) => "token_refused",
             AuthError::TokenUnavailable(_) => "token_unavailable",
             AuthError::UpstreamUnavailable(_) => "upstream_unavailable",
@@ -61,29 +67,19 @@ impl AuthError {
         }
     }
 
-    /// The SMTP reply to the device's AUTH command.
-    pub fn smtp_reply(&self) -> &'static str {
+    /// What the device is told, in any protocol (the wording is the
+    /// protocol's, in `wire`).
+    pub fn refusal(&self) -> Refusal {
         match self {
-            AuthError::BadCredentials(_) => "535 5.7.8 Authentication credentials invalid\r\n",
-            AuthError::TokenRefused(_) => {
-                "535 5.7.8 Authentication failed: no access token for this account\r\n"
-            }
-            AuthError::UpstreamRefused(_) => {
-                "535 5.7.8 Authentication failed: the mail server refused the access token\r\n"
-            }
-            AuthError::TokenUnavailable(_) => {
-                "454 4.7.0 Temporary authentication failure: token service unavailable\r\n"
-            }
-            AuthError::UpstreamUnavailable(_) => {
-                "454 4.7.0 Temporary failure: mail server unavailable, try again later\r\n"
-            }
-            AuthError::UpstreamTemporary(_) => {
-                "454 4.7.0 Temporary authentication failure at the mail server\r\n"
-            }
-            AuthError::Busy(_) => {
-                "421 4.3.2 Too many sessions for this mailbox at once, try again later\r\n"
-            }
-            AuthError::Throttled(_) => "454 4.7.0 Too many failed logins; try again later\r\n",
+            AuthError::BadCredentials(_) => Refusal::BadCredentials,
+            AuthError::Authorization(_) => Refusal::Authorization,
+            AuthError::TokenRefused(_) => Refusal::NoToken,
+            AuthError::UpstreamRefused(_) => Refusal::TokenRejected,
+            AuthError::TokenUnavailable(_) => Refusal::TokenUnavailable,
+            AuthError::UpstreamUnavailable(_) => Refusal::UpstreamUnavailable,
+            AuthError::UpstreamTemporary(_) => Refusal::UpstreamTemporary,
+            AuthError::Busy(_) => Refusal::Busy,
+            AuthError::Throttled(_) => Refusal::Throttled,
         }
     }
 }

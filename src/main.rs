@@ -358,7 +358,7 @@ fn hash_password() -> ExitCode {
         eprintln!("oxbridge: empty password");
         return ExitCode::from(EXIT_CONFIG);
     }
-    match oxbridge::accounts::hash_password(&SecretString::from(password)) {
+    match oxbridge::hash_password(&SecretString::from(password)) {
         Ok(hash) => {
             println!("{hash}");
             ExitCode::SUCCESS

@@ -7,7 +7,7 @@
 //! or on a hard shutdown. A device that half-closes still gets the rest of
 //! the upstream's replies.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Protocol;
-use crate::line::Conn;
+use crate::net::Conn;
+use crate::wire::{self, Farewell as Goodbye};
 
 /// Size of each direction's copy buffer.
 pub const COPY_BUFFER: usize = 64 * 1024;
@@ -55,6 +56,9 @@ struct Farewell {
     abort: CancellationToken,
     /// The last bytes the upstream sent, to tell a goodbye from a loss.
     tail: Vec<u8>,
+    /// The device has finished sending (it half-closed): an upstream that
+    /// closes after that is answering the device's end, not lost.
+    device_done: Arc<AtomicBool>,
 }
 
 impl Farewell {
@@ -66,12 +70,18 @@ impl Farewell {
     }
 
     /// What to tell the device when the upstream went away: SMTP devices
-    /// must hear a 4xx unless the server said goodbye (`221`), so that a
-    /// message cut off in DATA is retried, never taken as sent.
+    /// must hear a 4xx unless the server said goodbye (`221`) or the device
+    /// had already ended the session, so that a message cut off in DATA is
+    /// retried, never taken as sent.
     fn on_upstream_loss(&self) -> Option<&'static [u8]> {
         match self.protocol {
-            Protocol::Smtp if !smtp_said_goodbye(&self.tail) => {
-                Some(b"421 4.4.2 Connection to the mail server lost; nothing was accepted, try again\r\n")
+            Protocol::Smtp
+                if !wire::smtp::said_goodbye(&self.tail)
+                    && !self.device_done.load(Ordering::Relaxed) =>
+            {
+                Some(wire::smtp::upstream_lost(wire::smtp::awaiting_data(
+                    &self.tail,
+                )))
             }
             _ => None,
         }
@@ -80,34 +90,6 @@ impl Farewell {
 
 /// Bytes of upstream output kept to recognise its goodbye.
 const TAIL: usize = 512;
-
-/// Whether the last complete line the SMTP server sent is a `221` reply.
-pub fn smtp_said_goodbye(tail: &[u8]) -> bool {
-    let trimmed = tail
-        .strip_suffix(b"\r\n")
-        .or_else(|| tail.strip_suffix(b"\n"))
-        .unwrap_or(tail);
-    let last = trimmed.rsplit(|b| *b == b'\n').next().unwrap_or(trimmed);
-    last.starts_with(b"221")
-}
-
-/// What a relayed device is told when shutdown closes its session.
-pub fn shutdown_goodbye(protocol: Protocol) -> &'static [u8] {
-    match protocol {
-        Protocol::Smtp => b"421 4.3.2 Service shutting down, try again later\r\n",
-        Protocol::Imap => b"* BYE [UNAVAILABLE] Server shutting down\r\n",
-        Protocol::Pop3 => b"-ERR [SYS/TEMP] Server shutting down\r\n",
-    }
-}
-
-/// What a relayed device is told when its session is closed for silence.
-pub fn idle_goodbye(protocol: Protocol) -> &'static [u8] {
-    match protocol {
-        Protocol::Smtp => b"421 4.4.2 Idle for too long, closing connection\r\n",
-        Protocol::Imap => b"* BYE Autologout; idle for too long\r\n",
-        Protocol::Pop3 => b"-ERR Idle for too long, closing connection\r\n",
-    }
-}
 
 /// Copy one direction until EOF (then shut the writer down) or an error.
 async fn pump<R, W>(
@@ -118,6 +100,7 @@ async fn pump<R, W>(
     idle: Duration,
     count: Arc<AtomicU64>,
     mut farewell: Option<Farewell>,
+    done: Option<Arc<AtomicBool>>,
 ) -> Result<(), &'static str>
 where
     R: AsyncRead + Unpin,
@@ -136,7 +119,7 @@ where
             Some(f) => tokio::select! {
                 r = tokio::time::timeout(idle, from.read(&mut buf)) => r,
                 _ = f.abort.cancelled() => {
-                    let _ = write_within(&mut to, shutdown_goodbye(f.protocol), FAREWELL_WRITE).await;
+                    let _ = write_within(&mut to, wire::farewell(f.protocol, Goodbye::Shutdown), FAREWELL_WRITE).await;
                     let _ = to.shutdown().await;
                     return Err("shutdown");
                 }
@@ -158,6 +141,9 @@ where
                 };
             }
             (Ok(Ok(_)), None) => {
+                if let Some(done) = &done {
+                    done.store(true, Ordering::Relaxed);
+                }
                 let _ = to.shutdown().await;
                 return Ok(());
             }
@@ -165,7 +151,7 @@ where
             // Only the pump towards the device ends the session on silence,
             // with the protocol's goodbye.
             (Err(_), Some(f)) if activity.idle_for() >= idle => {
-                let _ = write_within(&mut to, idle_goodbye(f.protocol), FAREWELL_WRITE).await;
+                let _ = write_within(&mut to, wire::farewell(f.protocol, Goodbye::Idle), FAREWELL_WRITE).await;
                 let _ = to.shutdown().await;
                 return Err("idle timeout");
             }
@@ -204,6 +190,9 @@ async fn drain<R: AsyncRead + Unpin>(from: &mut R, buf: &mut [u8]) {
 
 /// Why a relay ended when the upstream vanished without saying goodbye.
 const UPSTREAM_LOST: &str = "upstream lost";
+/// Why a relay ended when the device ended it (it half-closed, then the
+/// upstream finished).
+const DEVICE_CLOSED: &str = "device closed";
 
 /// How much a device may still send after its upstream is gone.
 const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
@@ -253,6 +242,8 @@ pub async fn relay(
         last_ms: AtomicU64::new(0),
     });
     let (up_count, down_count) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let device_done = Arc::new(AtomicBool::new(false));
+    let device_closed = device_done.clone();
 
     let to_upstream = pump(
         device_r,
@@ -262,11 +253,13 @@ pub async fn relay(
         idle,
         up_count.clone(),
         None,
+        Some(device_done.clone()),
     );
     let farewell = Farewell {
         protocol,
         abort: abort.clone(),
         tail: Vec::with_capacity(TAIL),
+        device_done,
     };
     let to_device = pump(
         upstream_r,
@@ -276,11 +269,13 @@ pub async fn relay(
         idle,
         down_count.clone(),
         Some(farewell),
+        None,
     );
     tokio::pin!(to_upstream, to_device);
 
     let end = tokio::select! {
         r = &mut to_device => match r {
+            Ok(()) if device_closed.load(Ordering::Relaxed) => DEVICE_CLOSED,
             Ok(()) => "upstream closed",
             Err(UPSTREAM_LOST) => {
                 // Let the device finish sending (drained) and read the 4xx.
@@ -295,7 +290,7 @@ pub async fn relay(
         r = &mut to_upstream => match r {
             // The device half-closed: let the upstream finish answering.
             Ok(()) => tokio::select! {
-                r = &mut to_device => r.err().unwrap_or("device closed"),
+                r = &mut to_device => r.err().unwrap_or(DEVICE_CLOSED),
                 _ = abort.cancelled() => goodbye(&mut to_device).await,
             },
             Err(e) => e,
@@ -312,40 +307,120 @@ pub async fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::conn::Stream;
+    use tokio::net::{TcpListener, TcpStream};
 
-    #[test]
-    fn smtp_goodbye_is_recognised() {
-        assert!(smtp_said_goodbye(
-            b"250 2.0.0 Ok: queued\r\n221 2.0.0 Bye\r\n"
-        ));
-        assert!(smtp_said_goodbye(b"221 2.0.0 Bye\r\n"));
-        assert!(!smtp_said_goodbye(
-            b"221 2.0.0 Bye\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
-        ));
-        assert!(!smtp_said_goodbye(
-            b"354 End data with <CR><LF>.<CR><LF>\r\n"
-        ));
-        assert!(!smtp_said_goodbye(b""));
+    fn farewell(protocol: Protocol) -> Farewell {
+        Farewell {
+            protocol,
+            abort: CancellationToken::new(),
+            tail: Vec::new(),
+            device_done: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     #[test]
     fn farewell_keeps_a_bounded_tail() {
-        let mut f = Farewell {
-            protocol: Protocol::Smtp,
-            abort: CancellationToken::new(),
-            tail: Vec::new(),
-        };
+        let mut f = farewell(Protocol::Smtp);
         f.remember(&vec![b'x'; 10_000]);
         f.remember(b"\r\n221 Bye\r\n");
         assert!(f.tail.len() <= TAIL);
         assert!(f.on_upstream_loss().is_none());
         f.remember(b"354 go ahead\r\n");
-        assert!(f.on_upstream_loss().unwrap().starts_with(b"421 4.4.2"));
-        let imap = Farewell {
-            protocol: Protocol::Imap,
-            abort: CancellationToken::new(),
-            tail: Vec::new(),
-        };
-        assert!(imap.on_upstream_loss().is_none());
+        assert_eq!(
+            f.on_upstream_loss().unwrap(),
+            b"421 4.4.2 Connection to the mail server lost during the message; it was not accepted, try again\r\n"
+        );
+        f.remember(b"250 2.0.0 Ok: queued as 4A\r\n");
+        assert_eq!(
+            f.on_upstream_loss().unwrap(),
+            b"421 4.4.2 Connection to the mail server lost, try again later\r\n",
+            "after a 250 the device must not hear that nothing was accepted"
+        );
+        f.device_done.store(true, Ordering::Relaxed);
+        assert!(f.on_upstream_loss().is_none());
+        assert!(farewell(Protocol::Imap).on_upstream_loss().is_none());
+    }
+
+    /// Two connected sockets: (ours, the peer's).
+    async fn pair() -> (Conn, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (Conn::new(Stream::Plain(b.unwrap().0)), a.unwrap())
+    }
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// nodemailer's habit: the message is accepted, and the device
+    /// half-closes without QUIT. The upstream then closes too. The device
+    /// must not be told that nothing was accepted, and the session ended by
+    /// the device.
+    #[tokio::test]
+    async fn device_half_close_after_queued_is_the_device_ending() {
+        let (device, mut device_peer) = pair().await;
+        let (upstream, mut upstream_peer) = pair().await;
+        let relay = tokio::spawn(relay(
+            device,
+            upstream,
+            WAIT,
+            Protocol::Smtp,
+            CancellationToken::new(),
+        ));
+        upstream_peer
+            .write_all(b"250 2.0.0 Ok: queued as 4A\r\n")
+            .await
+            .unwrap();
+        let mut got = vec![0u8; 29];
+        tokio::time::timeout(WAIT, device_peer.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        device_peer.shutdown().await.unwrap();
+        // The upstream sees the device's end, and closes (Postfix does).
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, upstream_peer.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(upstream_peer);
+        let mut after = Vec::new();
+        tokio::time::timeout(WAIT, device_peer.read_to_end(&mut after))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&after), "");
+        let r = tokio::time::timeout(WAIT, relay).await.unwrap().unwrap();
+        assert_eq!(r.end, "device closed");
+    }
+
+    /// The upstream vanishes in the middle of DATA: the device hears that
+    /// the message was not accepted.
+    #[tokio::test]
+    async fn upstream_lost_in_data_tells_the_device() {
+        let (device, mut device_peer) = pair().await;
+        let (upstream, mut upstream_peer) = pair().await;
+        let relay = tokio::spawn(relay(
+            device,
+            upstream,
+            WAIT,
+            Protocol::Smtp,
+            CancellationToken::new(),
+        ));
+        upstream_peer
+            .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+            .await
+            .unwrap();
+        let mut got = vec![0u8; 38];
+        device_peer.read_exact(&mut got).await.unwrap();
+        drop(upstream_peer);
+        let mut after = Vec::new();
+        tokio::time::timeout(WAIT, device_peer.read_to_end(&mut after))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(after.starts_with(b"421 4.4.2 Connection to the mail server lost during the message"));
+        let r = tokio::time::timeout(WAIT, relay).await.unwrap().unwrap();
+        assert_eq!(r.end, "upstream lost");
     }
 }

@@ -1,7 +1,7 @@
-//! Listeners and sessions: bind, accept, bound the number of connections
-//! (per listener and overall), read a PROXY header where configured, run one
-//! task per device, log one line when each session ends, and drain on
-//! shutdown.
+//! `oxbridge run`: bind every listener (a port in use fails start-up) and
+//! the admin endpoint, then accept; one task per device, which picks its
+//! protocol's session once, drives it to a login, relays, and logs one line
+//! when it ends. SIGHUP re-reads the configuration; shutdown drains.
 //!
 //! Shutdown has two steps: `stop` (stop accepting; sessions that have not
 //! logged in are told goodbye in their protocol), then after `[limits]
@@ -12,79 +12,153 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::TlsAcceptor;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
 
-use crate::config::{ListenerConfig, Protocol, TlsMode};
-use crate::line::{Conn, Stream};
-use crate::proto::{imap, pop3, smtp, Preauth};
-use crate::relay;
-use crate::App;
+use crate::app::{App, StartError};
+use crate::config::{Config, Protocol, TlsMode};
+use crate::device::{self, Context, Dialogue, Handoff, Ready};
+use crate::listener::{Listener, ListenerSlot};
+use crate::login::LoggedIn;
+use crate::net::conn::{Conn, Stream};
+use crate::net::tls::HANDSHAKE_TIMEOUT;
+use crate::wire::{self, Farewell};
+use crate::{admin, autodiscover, relay};
 
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a turned-away device gets to read why.
 const BUSY_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One `[[listener]]`, ready to serve.
-pub struct Listener {
-    pub protocol: Protocol,
-    pub tls: TlsMode,
-    /// The certificate's PEM files and the acceptor built from them,
-    /// replaced on reload (SIGHUP); a session keeps the one it started with.
-    tls_files: Option<(PathBuf, PathBuf)>,
-    tls_acceptor: ArcSwapOption<TlsAcceptor>,
-    pub allow_plaintext_auth: bool,
-    pub proxy_protocol: bool,
-    max_connections: usize,
-    slots: Arc<Semaphore>,
+/// How the binary steers a running server: `shutdown` stops it, `reload`
+/// (SIGHUP) re-reads `config_path`.
+pub struct Control {
+    pub config_path: PathBuf,
+    pub shutdown: CancellationToken,
+    pub reload: Arc<Notify>,
 }
 
-impl Listener {
-    pub fn new(config: &ListenerConfig) -> Result<Listener, String> {
-        let tls_files = match (&config.cert_file, &config.key_file, config.tls) {
-            (_, _, TlsMode::None) => None,
-            (Some(cert), Some(key), _) => Some((cert.clone(), key.clone())),
-            _ => {
-                return Err(format!(
-                    "listener {}: cert_file and key_file are required",
-                    config.listen
-                ))
-            }
-        };
-        let tls_acceptor = match &tls_files {
-            Some((cert, key)) => Some(Arc::new(crate::tls::server_acceptor(cert, key)?)),
-            None => None,
-        };
-        Ok(Listener {
-            protocol: config.protocol,
-            tls: config.tls,
-            tls_files,
-            tls_acceptor: ArcSwapOption::new(tls_acceptor),
-            allow_plaintext_auth: config.allow_plaintext_auth,
-            proxy_protocol: config.proxy_protocol,
-            max_connections: config.max_connections,
-            slots: Arc::new(Semaphore::new(config.max_connections)),
-        })
-    }
-
-    /// The TLS acceptor for new handshakes, if the listener has a certificate.
-    pub fn tls_acceptor(&self) -> Option<Arc<TlsAcceptor>> {
-        self.tls_acceptor.load_full()
-    }
-
-    /// Read the certificate and key again. On any error the old ones stay.
-    pub fn reload_tls(&self) -> Result<(), String> {
-        if let Some((cert, key)) = &self.tls_files {
-            let acceptor = crate::tls::server_acceptor(cert, key)?;
-            self.tls_acceptor.store(Some(Arc::new(acceptor)));
+/// Bind every listener (so that a port in use fails start-up), then serve
+/// until `shutdown` is cancelled and the sessions have drained.
+pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
+    let metrics = match config.admin {
+        Some(_) => Some(crate::metrics::install().map_err(StartError)?),
+        None => None,
+    };
+    let app = Arc::new(App::new(config)?);
+    let mut bound = Vec::new();
+    let mut endpoints = Vec::new();
+    for (i, l) in app.config.listeners.iter().enumerate() {
+        let listener =
+            Listener::new(l).map_err(|e| StartError(format!("listener[{i}]: {e}")))?;
+        let socket = TcpListener::bind(l.listen).await.map_err(|e| {
+            StartError(format!(
+                "listener[{i}].listen: cannot bind {}: {e}",
+                l.listen
+            ))
+        })?;
+        let local = socket.local_addr().map_err(|e| StartError(e.to_string()))?;
+        if l.tls == TlsMode::None && l.allow_plaintext_auth && !local.ip().is_loopback() {
+            warn!(listener = i, address = %local, "passwords are accepted without TLS on a non-loopback address");
         }
-        Ok(())
+        info!(listener = i, protocol = %l.protocol, address = %local, tls = ?l.tls, "listening");
+        endpoints.push(autodiscover::Endpoint {
+            protocol: l.protocol,
+            tls: l.tls,
+            port: local.port(),
+        });
+        bound.push((socket, Arc::new(listener)));
     }
+    if let (Some(admin), Some(metrics)) = (&app.config.admin, metrics) {
+        let socket = TcpListener::bind(admin.listen)
+            .await
+            .map_err(|e| StartError(format!("admin.listen: cannot bind {}: {e}", admin.listen)))?;
+        let local = socket.local_addr().map_err(|e| StartError(e.to_string()))?;
+        info!(address = %local, "admin endpoint listening");
+        tokio::spawn(admin::serve(
+            socket,
+            app.clone(),
+            endpoints,
+            metrics,
+            control.shutdown.clone(),
+        ));
+    }
+    crate::metrics::listeners_bound();
+    if app
+        .config
+        .listeners
+        .iter()
+        .any(|l| l.protocol == Protocol::Smtp)
+    {
+        let probe_app = app.clone();
+        tokio::spawn(async move {
+            // Learn the upstream's EHLO ahead of the first device.
+            let _ = probe_app.dialer.smtp_capabilities().await;
+        });
+    }
+    let listeners: Vec<_> = bound.iter().map(|(_, l)| l.clone()).collect();
+    tokio::spawn(reloader(
+        app.clone(),
+        listeners,
+        control.config_path,
+        control.reload,
+    ));
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    serve(app, bound, control.shutdown).await;
+    Ok(())
+}
+
+/// On each reload request: re-read the config file and the listeners'
+/// certificates. A file that does not load changes nothing.
+async fn reloader(
+    app: Arc<App>,
+    listeners: Vec<Arc<Listener>>,
+    path: PathBuf,
+    reload: Arc<Notify>,
+) {
+    loop {
+        reload.notified().await;
+        notify_systemd(&[sd_notify::NotifyState::Reloading]);
+        let ok = reload_once(&app, &listeners, &path);
+        crate::metrics::reloaded(ok);
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
+    }
+}
+
+fn reload_once(app: &App, listeners: &[Arc<Listener>], path: &std::path::Path) -> bool {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; keeping the running configuration");
+            return false;
+        }
+    };
+    let accounts = config.accounts.len();
+    let ignored = match app.reload(config) {
+        Ok(ignored) => ignored,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; keeping the running configuration");
+            return false;
+        }
+    };
+    let mut ok = true;
+    for (i, l) in listeners.iter().enumerate() {
+        if let Err(e) = l.reload_tls() {
+            tracing::error!(listener = i, error = %e, "certificate reload failed; keeping the old certificate");
+            ok = false;
+        }
+    }
+    if !ignored.is_empty() {
+        warn!(sections = ?ignored, "these changes need a restart; not applied");
+    }
+    info!(accounts, "configuration reloaded");
+    ok
+}
+
+/// Tell systemd (`Type=notify`) where we are; a no-op elsewhere.
+pub fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    let _ = sd_notify::notify(false, state);
 }
 
 /// Accept on every listener until `stop`, then wait for sessions to end
@@ -109,7 +183,7 @@ pub async fn serve(
     }
     tracker.close();
     stop.cancelled().await;
-    crate::notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     let grace = Duration::from_secs(app.config.limits.drain_s);
     info!(
         grace_s = grace.as_secs(),
@@ -157,18 +231,8 @@ async fn accept_loop(ctx: Ctx, socket: TcpListener, sessions: TaskTracker) {
 }
 
 /// Take a listener slot and a global slot, or say why not.
-fn admit(ctx: &Ctx) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), String> {
-    let listener = ctx
-        .listener
-        .slots
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| {
-            format!(
-                "listener connection limit ({}) reached",
-                ctx.listener.max_connections
-            )
-        })?;
+fn admit(ctx: &Ctx) -> Result<(ListenerSlot, OwnedSemaphorePermit), String> {
+    let listener = ctx.listener.admit()?;
     let global = ctx.connections.clone().try_acquire_owned().map_err(|_| {
         format!(
             "global connection limit ({}) reached",
@@ -187,13 +251,15 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
             warn!(reason = %why, "turning the device away");
             crate::metrics::session_ended(protocol, "busy", 0, 0);
             let mut conn = Conn::new(Stream::Plain(tcp));
-            let _ = conn.send(busy_reply(protocol), BUSY_WRITE_TIMEOUT).await;
+            let _ = conn
+                .send(wire::farewell(protocol, Farewell::Busy), BUSY_WRITE_TIMEOUT)
+                .await;
             return;
         }
     };
     let _active = crate::metrics::ActiveSession::new(protocol);
     if ctx.listener.proxy_protocol {
-        match crate::proxy_protocol::read(&tcp, peer).await {
+        match crate::net::proxy_protocol::read(&tcp, peer).await {
             Ok(client) => {
                 peer = client;
                 tracing::Span::current().record("client", tracing::field::display(client));
@@ -210,9 +276,8 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
             .listener
             .tls_acceptor()
             .expect("implicit TLS has an acceptor");
-        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, crate::tls::accept(&acceptor, tcp)).await
-        {
-            Ok(Ok(s)) => s,
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => Stream::Server(Box::new(s)),
             Ok(Err(e)) => {
                 info!(error = %e, outcome = "tls_failed", "session ended");
                 crate::metrics::session_ended(protocol, "tls_failed", 0, 0);
@@ -228,28 +293,47 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
         Stream::Plain(tcp)
     };
     let conn = Conn::new(stream);
-    let (app, listener, stop) = (&ctx.app, &ctx.listener, ctx.stop.clone());
+    let app = &ctx.app;
+    let host = app.hostname.clone();
+    let context = Context {
+        host,
+        tls: conn.is_tls(),
+        can_starttls: ctx.listener.tls == TlsMode::Starttls,
+        allow_plaintext_auth: ctx.listener.allow_plaintext_auth,
+    };
+    // The protocol is chosen here, once; one driver runs every session.
+    let mut dialogue: Box<dyn Dialogue> = match protocol {
+        Protocol::Smtp => Box::new(device::smtp::Session::new(
+            context,
+            app.relay_rule(peer.ip()),
+        )),
+        Protocol::Imap => Box::new(device::imap::Session::new(context)),
+        Protocol::Pop3 => Box::new(device::pop3::Session::new(context)),
+    };
     // Boxed: the login's state (parsers, token and upstream futures) is
     // freed when it ends instead of staying in every relayed session's task.
-    let outcome = match protocol {
-        Protocol::Smtp => Box::pin(smtp::preauth(app, listener, conn, peer, stop)).await,
-        Protocol::Imap => Box::pin(imap::preauth(app, listener, conn, peer, stop)).await,
-        Protocol::Pop3 => Box::pin(pop3::preauth(app, listener, conn, peer, stop)).await,
-    };
-    match outcome {
-        Preauth::Relay {
-            device,
-            upstream,
-            account,
-            mailbox,
-            _mailbox_slot,
-        } => {
+    let handoff = Box::pin(device::drive(
+        app,
+        &ctx.listener,
+        conn,
+        peer,
+        &ctx.stop,
+        dialogue.as_mut(),
+    ))
+    .await;
+    drop(dialogue);
+    match handoff {
+        Handoff::Relay(ready) => {
+            let Ready { device, login } = *ready;
+            let LoggedIn { upstream, id } = login;
             let idle = Duration::from_secs(app.config.limits.idle_timeout_s);
-            let r = relay::relay(device, upstream, idle, protocol, ctx.abort.clone()).await;
+            // The mailbox's slot is held until the relay ends.
+            let _mailbox_slot = upstream.slot;
+            let r = relay::relay(device, upstream.conn, idle, protocol, ctx.abort.clone()).await;
             info!(
-                account = %account,
-                mailbox = %mailbox,
-                upstream = %app.config.upstream.address(protocol),
+                account = %id.account,
+                mailbox = %id.mailbox,
+                upstream = %app.dialer.address(protocol),
                 outcome = "relayed",
                 end = r.end,
                 bytes_to_upstream = r.to_upstream,
@@ -259,7 +343,7 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
             );
             crate::metrics::session_ended(protocol, "relayed", r.to_upstream, r.to_device);
         }
-        Preauth::Closed(why) => {
+        Handoff::Closed(why) => {
             crate::metrics::session_ended(protocol, "closed", 0, 0);
             info!(
                 outcome = "closed",
@@ -268,13 +352,5 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
                 "session ended"
             );
         }
-    }
-}
-
-fn busy_reply(protocol: Protocol) -> &'static [u8] {
-    match protocol {
-        Protocol::Smtp => b"421 4.7.0 Too many connections, try again later\r\n",
-        Protocol::Imap => b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
-        Protocol::Pop3 => b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
     }
 }

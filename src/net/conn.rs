@@ -1,5 +1,5 @@
-//! Where bytes enter: [`Stream`] (plain TCP or TLS, either side) and
-//! [`Conn`], a stream with a bounded CRLF line reader.
+//! [`Conn`]: a [`Stream`] with a read buffer and a bounded line reader,
+//! and the TLS upgrade of either side (STARTTLS).
 //!
 //! Every read is bounded: a line longer than the limit is reported as
 //! [`LineError::TooLong`] and the rest of it is skipped, never buffered.
@@ -7,86 +7,16 @@
 //! *residual*, which the relay replays, and which STARTTLS discards.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub use super::stream::Stream;
 
 /// How much is read from the socket at a time while looking for a line.
 const READ_CHUNK: usize = 8 * 1024;
-
-/// A TCP connection, with or without TLS, on either side of the proxy.
-pub enum Stream {
-    Plain(TcpStream),
-    Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-    /// Between a plain stream and its TLS upgrade, or after a failed one.
-    Detached,
-}
-
-impl Stream {
-    pub fn is_tls(&self) -> bool {
-        !matches!(self, Stream::Plain(_))
-    }
-}
-
-fn detached() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotConnected,
-        "stream detached for a TLS upgrade",
-    )
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Server(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Client(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Detached => Poll::Ready(Err(detached())),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Server(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Client(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Detached => Poll::Ready(Err(detached())),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Server(s) => Pin::new(s).poll_flush(cx),
-            Stream::Client(s) => Pin::new(s).poll_flush(cx),
-            Stream::Detached => Poll::Ready(Err(detached())),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Server(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Client(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Detached => Poll::Ready(Err(detached())),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LineError {
@@ -254,9 +184,10 @@ impl Conn {
         let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Detached) else {
             return Err(io::Error::other("TLS is already active"));
         };
-        self.stream = tokio::time::timeout(wait, crate::tls::accept(acceptor, tcp))
+        let tls = tokio::time::timeout(wait, acceptor.accept(tcp))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+        self.stream = Stream::Server(Box::new(tls));
         Ok(dropped)
     }
 
@@ -274,9 +205,12 @@ impl Conn {
         let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Detached) else {
             return Err(io::Error::other("TLS is already active"));
         };
-        self.stream = tokio::time::timeout(wait, crate::tls::connect(connector, host, tcp))
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let tls = tokio::time::timeout(wait, connector.connect(name, tcp))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+        self.stream = Stream::Client(Box::new(tls));
         Ok(())
     }
 
@@ -328,7 +262,7 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     async fn pair() -> (Conn, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

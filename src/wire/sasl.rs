@@ -27,8 +27,10 @@ pub enum SaslError {
     Utf8,
     #[error("credentials too long")]
     TooLong,
-    #[error("authorization identity differs from the login")]
-    Authzid,
+    /// The authorization identity names someone other than the login
+    /// (Cyrus SASL clients send one with `-u`): a refused authorization.
+    #[error("authorization identity {authzid:?} differs from the login {login:?}")]
+    Authzid { login: String, authzid: String },
     #[error("authentication canceled")]
     Canceled,
 }
@@ -60,8 +62,11 @@ pub fn decode_plain(message: &[u8]) -> Result<Credentials, SaslError> {
         return Err(SaslError::Malformed);
     }
     let login = utf8(authcid)?;
-    if !authzid.is_empty() && !utf8(authzid)?.eq_ignore_ascii_case(&login) {
-        return Err(SaslError::Authzid);
+    if !authzid.is_empty() {
+        let authzid = utf8(authzid)?;
+        if !authzid.eq_ignore_ascii_case(&login) {
+            return Err(SaslError::Authzid { login, authzid });
+        }
     }
     Ok(Credentials {
         login,
@@ -132,11 +137,11 @@ fn trim_ascii(mut b: &[u8]) -> &[u8] {
 mod tests {
     use super::*;
 
-    /// The example string from the design's seed document.
+    /// The example string of Microsoft's XOAUTH2 documentation.
     const SEED: &str = "dXNlcj10ZXN0QGNvbnRvc28ub25taWNyb3NvZnQuY29tAWF1dGg9QmVhcmVyIEV3QkFBbDNCQUFVRkZwVUFvN0ozVmUwYmpMQldaV0NjbFJDM0VvQUEBAQ==";
 
     #[test]
-    fn xoauth2_matches_the_seed_document() {
+    fn xoauth2_matches_the_documented_example() {
         let token = SecretString::from("EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA".to_string());
         let s = xoauth2("test@contoso.onmicrosoft.com", &token);
         assert_eq!(s.expose_secret(), SEED);
@@ -155,7 +160,10 @@ mod tests {
         assert_eq!(c.login, "user@example.test");
         assert_eq!(
             decode_plain(b"other@x\0user@x\0pw").err(),
-            Some(SaslError::Authzid)
+            Some(SaslError::Authzid {
+                login: "user@x".into(),
+                authzid: "other@x".into()
+            })
         );
     }
 

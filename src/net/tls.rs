@@ -1,4 +1,4 @@
-//! TLS configuration, built once and shared: a server config per listener
+//! TLS configuration, built once and shared with `Arc`: a server config per listener
 //! from PEM files, and one client config for every upstream connection.
 //!
 //! Upstream certificates are always verified, against the system roots plus
@@ -7,12 +7,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::line::Stream;
+/// How long a TLS handshake may take, on either side.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -71,22 +73,4 @@ pub fn upstream_connector(ca_file: Option<&Path>) -> Result<TlsConnector, String
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(TlsConnector::from(Arc::new(config)))
-}
-
-/// Open TLS to `host` over an established TCP connection.
-pub async fn connect(
-    connector: &TlsConnector,
-    host: &str,
-    tcp: TcpStream,
-) -> std::io::Result<Stream> {
-    let name = ServerName::try_from(host.to_string())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let tls = connector.connect(name, tcp).await?;
-    Ok(Stream::Client(Box::new(tls)))
-}
-
-/// Accept TLS from a device.
-pub async fn accept(acceptor: &TlsAcceptor, tcp: TcpStream) -> std::io::Result<Stream> {
-    let tls = acceptor.accept(tcp).await?;
-    Ok(Stream::Server(Box::new(tls)))
 }

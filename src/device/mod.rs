@@ -1,0 +1,450 @@
+//! The device side before login. Each protocol's session is a plain state
+//! machine: it takes an [`Input`] (a line, a literal, the outcome of a
+//! login) and returns a [`Step`] (the bytes to reply and what to do next),
+//! so that every pre-login reply is tested byte for byte without a socket.
+//! One async driver, [`drive`], runs all three: it reads with bounds and
+//! time limits, watches the shutdown, swaps in TLS, and calls the login.
+//! It ends in a [`Handoff`]: a logged-in session for the relay, or the
+//! reason the session closed.
+
+pub mod imap;
+pub mod pop3;
+pub mod smtp;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::app::App;
+use crate::error::AuthError;
+use crate::listener::Listener;
+use crate::login::{self, LoggedIn};
+use crate::net::{Conn, LineError};
+use crate::wire::sasl::Credentials;
+
+/// Commands a device may send before it logs in.
+pub const MAX_PREAUTH_COMMANDS: usize = 100;
+/// Unrecognised or malformed commands before the connection is closed.
+pub const MAX_ERRORS: usize = 10;
+/// Failed logins on one connection before it is closed.
+pub const MAX_AUTH_FAILURES: usize = 3;
+
+/// What the driver hands a session. No `Debug`: a line may hold a password.
+pub enum Input<'a> {
+    /// A line, without its CRLF.
+    Line(&'a [u8]),
+    /// A line longer than `[limits] max_line`; it was skipped.
+    TooLong,
+    /// The bytes asked for with [`Then::ReadExact`].
+    Literal(&'a [u8]),
+    /// The bytes of [`Then::Discard`] are gone.
+    Discarded,
+    /// The TLS handshake of [`Then::StartTls`] is done.
+    TlsStarted,
+    /// What the upstream SMTP server offers in EHLO ([`Then::Capabilities`]).
+    Capabilities(&'a [String]),
+    /// The login of [`Then::Login`] went through; the capabilities are the
+    /// upstream's after login (SMTP: its EHLO).
+    LoggedIn { capabilities: &'a [String] },
+    /// The login failed, or [`Then::Refuse`] refused it.
+    LoginFailed(&'a AuthError),
+    /// The device was silent for `[limits] preauth_timeout_s`.
+    Timeout,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// A session's answer: bytes for the device, then what comes next.
+pub struct Step {
+    pub reply: Vec<u8>,
+    pub then: Then,
+}
+
+/// What the driver does after writing a step's reply.
+pub enum Then {
+    /// Read the next line.
+    Read,
+    /// Read exactly this many bytes (an IMAP literal).
+    ReadExact(usize),
+    /// Read and drop this many bytes (a BDAT chunk before login).
+    Discard(u64),
+    /// Start TLS; whatever the device sent before the handshake is dropped.
+    StartTls,
+    /// Learn what the upstream SMTP server offers.
+    Capabilities,
+    /// Log in upstream.
+    Login(Login),
+    /// Count and log a refused login without trying it (a SASL
+    /// authorization identity that is not the login).
+    Refuse { login: String, error: AuthError },
+    /// Hand the logged-in session to the relay; `replay` goes upstream first.
+    Relay { replay: Vec<u8> },
+    /// End the session, for this reason (the session log line says it).
+    Close(&'static str),
+}
+
+/// A login a session asks for. No `Debug`: it holds a password.
+pub enum Login {
+    /// With the device's credentials; SMTP's `client_name` is its EHLO name.
+    Password {
+        creds: Credentials,
+        client_name: String,
+    },
+    /// As a `[[relay]]` rule's account, for a device that cannot log in.
+    Relay {
+        account: String,
+        client_name: String,
+    },
+}
+
+impl Step {
+    pub fn new(reply: Vec<u8>, then: Then) -> Step {
+        Step { reply, then }
+    }
+
+    pub fn read(reply: Vec<u8>) -> Step {
+        Step::new(reply, Then::Read)
+    }
+
+    pub fn close(reply: Vec<u8>, why: &'static str) -> Step {
+        Step::new(reply, Then::Close(why))
+    }
+
+    pub fn then(then: Then) -> Step {
+        Step::new(Vec::new(), then)
+    }
+}
+
+/// One protocol's session before login.
+pub trait Dialogue: Send {
+    /// The greeting, the first thing the device reads.
+    fn greeting(&mut self) -> Step;
+    /// The next step after `input`.
+    fn on(&mut self, input: Input<'_>) -> Step;
+}
+
+/// What a session knows of the connection it serves.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The name oxbridge gives itself (SMTP greeting and EHLO).
+    pub host: String,
+    /// The connection is encrypted now.
+    pub tls: bool,
+    /// The listener has a certificate for STARTTLS/STLS (`tls = "starttls"`).
+    pub can_starttls: bool,
+    /// `allow_plaintext_auth`: passwords are taken without TLS.
+    pub allow_plaintext_auth: bool,
+}
+
+impl Context {
+    /// Passwords are taken over TLS, or in the clear where the listener allows it.
+    pub fn auth_allowed(&self) -> bool {
+        self.tls || self.allow_plaintext_auth
+    }
+
+    pub fn starttls_offered(&self) -> bool {
+        self.can_starttls && !self.tls
+    }
+}
+
+/// The counters that close a session before login.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    pub commands: usize,
+    pub errors: usize,
+    pub auth_failures: usize,
+}
+
+/// How a session ended before the relay, or the hand-off to it.
+pub enum Handoff {
+    /// Logged in upstream: relay from here.
+    Relay(Box<Ready>),
+    /// The session is over (QUIT/LOGOUT, timeout, limits, shutdown, closed).
+    Closed(&'static str),
+}
+
+/// A session ready for the relay.
+pub struct Ready {
+    pub device: Conn,
+    pub login: LoggedIn,
+}
+
+/// Run `session` on the device's connection until it has logged in
+/// upstream or the session ends.
+pub async fn drive(
+    app: &App,
+    listener: &Listener,
+    conn: Conn,
+    peer: SocketAddr,
+    shutdown: &CancellationToken,
+    session: &mut dyn Dialogue,
+) -> Handoff {
+    let limits = &app.config.limits;
+    let mut device = Device {
+        conn,
+        timeout: Duration::from_secs(limits.preauth_timeout_s),
+        max_line: limits.max_line,
+        first_line: true,
+    };
+    let protocol = listener.protocol;
+    let mut logged_in: Option<LoggedIn> = None;
+    let mut step = session.greeting();
+    loop {
+        if !step.reply.is_empty()
+            && device
+                .conn
+                .send(&step.reply, device.timeout)
+                .await
+                .is_err()
+        {
+            return Handoff::Closed("device write failed");
+        }
+        step = match step.then {
+            Then::Read => {
+                let line = tokio::select! {
+                    line = device.read_line() => Some(line),
+                    _ = shutdown.cancelled() => None,
+                };
+                match line {
+                    None => session.on(Input::Shutdown),
+                    Some(Ok(line)) => session.on(Input::Line(&line)),
+                    Some(Err(LineError::TooLong(_))) => session.on(Input::TooLong),
+                    Some(Err(LineError::Timeout(_))) => session.on(Input::Timeout),
+                    Some(Err(e)) => return Handoff::Closed(e.reason()),
+                }
+            }
+            Then::ReadExact(n) => match device.conn.read_exact(n, device.timeout).await {
+                Ok(data) => session.on(Input::Literal(&data)),
+                Err(LineError::Timeout(_)) => session.on(Input::Timeout),
+                Err(e) => return Handoff::Closed(e.reason()),
+            },
+            Then::Discard(n) => match device.conn.discard(n, device.timeout).await {
+                Ok(()) => session.on(Input::Discarded),
+                Err(LineError::Timeout(_)) => session.on(Input::Timeout),
+                Err(e) => return Handoff::Closed(e.reason()),
+            },
+            Then::StartTls => match device.start_tls(listener).await {
+                Ok(()) => session.on(Input::TlsStarted),
+                Err(why) => return Handoff::Closed(why),
+            },
+            Then::Capabilities => {
+                let keywords = app.dialer.smtp_capabilities().await;
+                session.on(Input::Capabilities(&keywords))
+            }
+            Then::Login(request) => {
+                let result = match request {
+                    Login::Password { creds, client_name } => {
+                        login::login(app, protocol, creds, &client_name, peer).await
+                    }
+                    Login::Relay {
+                        account,
+                        client_name,
+                    } => login::relay_login(app, &account, &client_name).await,
+                };
+                match result {
+                    Ok(done) => {
+                        let step = session.on(Input::LoggedIn {
+                            capabilities: &done.upstream.capabilities,
+                        });
+                        logged_in = Some(done);
+                        step
+                    }
+                    Err(e) => session.on(Input::LoginFailed(&e)),
+                }
+            }
+            Then::Refuse { login, error } => {
+                login::refused(protocol, &login, &error);
+                session.on(Input::LoginFailed(&error))
+            }
+            Then::Relay { replay } => {
+                let Some(login) = logged_in.take() else {
+                    return Handoff::Closed("relay without a login");
+                };
+                device.conn.unread(&replay);
+                return Handoff::Relay(Box::new(Ready {
+                    device: device.conn,
+                    login,
+                }));
+            }
+            Then::Close(why) => return Handoff::Closed(why),
+        };
+        // A login the session did not take up (SMTP: the upstream no longer
+        // offers what the device was told) is closed here.
+        if !matches!(step.then, Then::Relay { .. }) {
+            logged_in = None;
+        }
+    }
+}
+
+/// The device's connection and the bounds on what it sends.
+struct Device {
+    conn: Conn,
+    /// How long the device may be silent (`[limits] preauth_timeout_s`).
+    timeout: Duration,
+    /// The longest line (`[limits] max_line`).
+    max_line: usize,
+    /// No line has been read yet (a PROXY header would be the first).
+    first_line: bool,
+}
+
+impl Device {
+    /// Read one line, bounded by `max_line` and `timeout`. A PROXY header
+    /// where none is expected ends the session.
+    async fn read_line(&mut self) -> Result<Vec<u8>, LineError> {
+        let line = self.conn.read_line(self.max_line, self.timeout).await?;
+        if std::mem::take(&mut self.first_line) {
+            let mut first = line.clone();
+            if line.is_empty() {
+                first.extend_from_slice(crate::wire::CRLF);
+                first.extend_from_slice(self.conn.buffered());
+            }
+            if crate::net::proxy_protocol::looks_like_header(&first) {
+                return Err(LineError::Unexpected(
+                    "PROXY header on a listener without proxy_protocol",
+                ));
+            }
+        }
+        Ok(line)
+    }
+
+    /// The TLS handshake after the protocol's go-ahead (STARTTLS, STLS);
+    /// whatever the device sent before it is dropped.
+    async fn start_tls(&mut self, listener: &Listener) -> Result<(), &'static str> {
+        let acceptor = listener
+            .tls_acceptor()
+            .ok_or("STARTTLS without a certificate")?;
+        let dropped = self
+            .conn
+            .accept_tls(&acceptor, crate::net::tls::HANDSHAKE_TIMEOUT)
+            .await
+            .map_err(|_| -> &'static str { "TLS handshake failed" })?;
+        if dropped > 0 {
+            warn!(
+                bytes = dropped,
+                "dropped data sent before the TLS handshake"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Helpers for the protocol sessions' tests: feed inputs, read replies.
+#[cfg(test)]
+pub mod script {
+    use super::*;
+
+    /// A context: TLS or not, STARTTLS possible or not, plaintext allowed or not.
+    pub fn context(tls: bool, can_starttls: bool, allow_plaintext_auth: bool) -> Context {
+        Context {
+            host: "proxy.test".into(),
+            tls,
+            can_starttls,
+            allow_plaintext_auth,
+        }
+    }
+
+    /// The reply as text, and a short name for what comes next.
+    pub fn show(step: &Step) -> (String, String) {
+        let then = match &step.then {
+            Then::Read => "read".to_string(),
+            Then::ReadExact(n) => format!("read {n}"),
+            Then::Discard(n) => format!("discard {n}"),
+            Then::StartTls => "starttls".into(),
+            Then::Capabilities => "capabilities".into(),
+            Then::Login(Login::Password { creds, client_name }) => {
+                format!("login {} as {client_name:?}", creds.login)
+            }
+            Then::Login(Login::Relay {
+                account,
+                client_name,
+            }) => format!("relay login {account} as {client_name:?}"),
+            Then::Refuse { login, error } => format!("refuse {login}: {}", error.reason()),
+            Then::Relay { replay } => format!("relay {:?}", String::from_utf8_lossy(replay)),
+            Then::Close(why) => format!("close: {why}"),
+        };
+        (String::from_utf8_lossy(&step.reply).into_owned(), then)
+    }
+
+    /// One input of a test script.
+    pub enum Feed {
+        /// A line from the device.
+        L(&'static str),
+        /// A line of raw bytes from the device.
+        Raw(&'static [u8]),
+        TooLong,
+        Literal(&'static str),
+        Discarded,
+        Tls,
+        Caps(&'static [&'static str]),
+        /// The login went through, with these upstream capabilities.
+        Ok(&'static [&'static str]),
+        /// The login failed.
+        Fail(AuthError),
+        Timeout,
+        Shutdown,
+    }
+
+    fn strings(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Feed one input.
+    pub fn feed(session: &mut dyn Dialogue, input: &Feed) -> (String, String) {
+        let step = match input {
+            Feed::L(line) => session.on(Input::Line(line.as_bytes())),
+            Feed::Raw(line) => session.on(Input::Line(line)),
+            Feed::TooLong => session.on(Input::TooLong),
+            Feed::Literal(data) => session.on(Input::Literal(data.as_bytes())),
+            Feed::Discarded => session.on(Input::Discarded),
+            Feed::Tls => session.on(Input::TlsStarted),
+            Feed::Caps(list) => session.on(Input::Capabilities(&strings(list))),
+            Feed::Ok(list) => session.on(Input::LoggedIn {
+                capabilities: &strings(list),
+            }),
+            Feed::Fail(e) => session.on(Input::LoginFailed(e)),
+            Feed::Timeout => session.on(Input::Timeout),
+            Feed::Shutdown => session.on(Input::Shutdown),
+        };
+        show(&step)
+    }
+
+    /// Run a script: each input, the exact reply, and what comes next. The
+    /// greeting is checked first.
+    pub fn run(session: &mut dyn Dialogue, greeting: &str, script: &[(Feed, &str, &str)]) {
+        let (reply, then) = show(&session.greeting());
+        assert_eq!((reply.as_str(), then.as_str()), (greeting, "read"), "greeting");
+        for (i, (input, want_reply, want_then)) in script.iter().enumerate() {
+            let (reply, then) = feed(session, input);
+            assert_eq!(
+                (reply.as_str(), then.as_str()),
+                (*want_reply, *want_then),
+                "step {} of the script",
+                i + 1
+            );
+            assert!(crlf_only(&reply), "step {}: a bare CR or LF in {reply:?}", i + 1);
+            assert!(reply.is_empty() || reply.ends_with("\r\n"), "step {}", i + 1);
+        }
+    }
+
+    /// SASL PLAIN's base64 for `authzid NUL login NUL password`.
+    pub fn plain(authzid: &str, login: &str, password: &str) -> String {
+        crate::wire::sasl::encode(format!("{authzid}\0{login}\0{password}").as_bytes())
+    }
+
+    /// Feed a line; the reply and what comes next.
+    pub fn line(session: &mut dyn Dialogue, line: &str) -> (String, String) {
+        show(&session.on(Input::Line(line.as_bytes())))
+    }
+
+    /// Every CR in `text` is followed by LF, and every LF preceded by CR.
+    pub fn crlf_only(text: &str) -> bool {
+        let b = text.as_bytes();
+        b.iter().enumerate().all(|(i, c)| match c {
+            b'\r' => b.get(i + 1) == Some(&b'\n'),
+            b'\n' => i > 0 && b[i - 1] == b'\r',
+            _ => true,
+        })
+    }
+}

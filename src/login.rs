@@ -1,0 +1,160 @@
+//! The one login path, for every protocol: throttle -> account (local
+//! password) -> mailbox slot -> token and dial at once -> XOAUTH2 -> one
+//! retry with a fresh token when the server refuses a cached one. Each
+//! outcome is logged once and counted; never a password.
+
+use std::net::SocketAddr;
+
+use tracing::{info, warn};
+
+use crate::accounts::Identity;
+use crate::app::App;
+use crate::config::{Grant, Protocol};
+use crate::error::AuthError;
+use crate::limits::Slot;
+use crate::net::Conn;
+use crate::upstream::Dialer;
+use crate::wire::sasl::Credentials;
+
+/// A logged-in upstream connection and what the server said it can do
+/// (SMTP: EHLO keywords; IMAP: capabilities after login; POP3: nothing).
+pub struct Upstream {
+    pub conn: Conn,
+    pub capabilities: Vec<String>,
+    /// The mailbox's session slot (see `limits`), held while the session lives.
+    pub slot: Slot,
+}
+
+/// A login that went through: the upstream session and whose it is.
+pub struct LoggedIn {
+    pub upstream: Upstream,
+    pub id: Identity,
+}
+
+/// Check the device's credentials, then log in upstream. `client_name` is
+/// what SMTP says in EHLO.
+pub async fn login(
+    app: &App,
+    protocol: Protocol,
+    creds: Credentials,
+    client_name: &str,
+    peer: SocketAddr,
+) -> Result<LoggedIn, AuthError> {
+    let login = creds.login.clone();
+    let result = async {
+        app.throttle
+            .check_shared(peer.ip(), &login)
+            .await
+            .map_err(AuthError::Throttled)?;
+        let id = app
+            .accounts()
+            .authenticate(&creds.login, creds.password)
+            .await;
+        // A wrong local password, or one the token endpoint refused for the
+        // password grant, counts against the address and the account.
+        let password_grant = id.as_ref().is_ok_and(|id| id.grant == Grant::Password);
+        let result = match id {
+            Ok(id) => upstream_login(app, protocol, &id, client_name)
+                .await
+                .map(|upstream| LoggedIn { upstream, id }),
+            Err(e) => Err(e),
+        };
+        match &result {
+            Err(AuthError::BadCredentials(_)) => {
+                tokio::time::sleep(app.throttle.failure_shared(peer.ip(), &login).await).await
+            }
+            Err(AuthError::TokenRefused(_)) if password_grant => {
+                tokio::time::sleep(app.throttle.failure_shared(peer.ip(), &login).await).await
+            }
+            Ok(_) => app.throttle.success_shared(peer.ip(), &login).await,
+            Err(_) => {}
+        }
+        result
+    }
+    .await;
+    logged(protocol, &login, &result);
+    result
+}
+
+/// Log in upstream as a `[[relay]]` rule's account, for a device that
+/// cannot authenticate (its network is the credential).
+pub async fn relay_login(
+    app: &App,
+    account: &str,
+    client_name: &str,
+) -> Result<LoggedIn, AuthError> {
+    let result = async {
+        let id = app.accounts().identity(account)?;
+        let upstream = upstream_login(app, Protocol::Smtp, &id, client_name).await?;
+        Ok(LoggedIn { upstream, id })
+    }
+    .await;
+    logged(Protocol::Smtp, &format!("relay as {account}"), &result);
+    result
+}
+
+/// A login refused before it was tried (a SASL authorization identity that
+/// is not the login), or after (the upstream no longer offers what the
+/// device was told): logged and counted like any failed login.
+pub fn refused(protocol: Protocol, login: &str, error: &AuthError) {
+    crate::metrics::login(protocol, Some(error.reason()));
+    log_failure(login, error);
+}
+
+fn logged(protocol: Protocol, login: &str, result: &Result<LoggedIn, AuthError>) {
+    crate::metrics::login(protocol, result.as_ref().err().map(AuthError::reason));
+    match result {
+        Ok(LoggedIn { id, .. }) => {
+            info!(login = %login, account = %id.account, mailbox = %id.mailbox, grant = %id.grant, "authenticated; relaying")
+        }
+        Err(e) => log_failure(login, e),
+    }
+}
+
+fn log_failure(login: &str, e: &AuthError) {
+    match crate::diagnose::fix(e) {
+        Some(fix) => warn!(login = %login, reason = e.reason(), error = %e, fix, "login failed"),
+        None => warn!(login = %login, reason = e.reason(), error = %e, "login failed"),
+    }
+}
+
+/// `oxbridge check`: a token and an upstream login for `id`, then the
+/// connection is closed. Returns the mailbox logged in to.
+pub async fn check_login(app: &App, protocol: Protocol, id: &Identity) -> Result<String, AuthError> {
+    let mut upstream = upstream_login(app, protocol, id, "oxbridge-check").await?;
+    Dialer::check_and_leave(protocol, &mut upstream.conn, &id.mailbox).await?;
+    Ok(id.mailbox.clone())
+}
+
+/// Take the mailbox's slot, fetch a token and dial at once, then log in
+/// with XOAUTH2; a cached token the server refuses is replaced by a fresh
+/// one and tried once more on the same connection.
+async fn upstream_login(
+    app: &App,
+    protocol: Protocol,
+    id: &Identity,
+    client_name: &str,
+) -> Result<Upstream, AuthError> {
+    let slot = app.mailbox_limits.acquire(protocol, &id.mailbox).await?;
+    let (token, dialled) = tokio::join!(
+        app.tokens.get(id),
+        app.dialer.dial(protocol, client_name)
+    );
+    let token = token?;
+    let (mut conn, offered) = dialled?;
+    let capabilities =
+        match Dialer::xoauth2(protocol, &mut conn, &id.mailbox, &token.secret, &offered).await {
+            Err(AuthError::UpstreamRefused(detail)) if !token.fresh => {
+                info!(upstream = %detail, "upstream refused a cached token; fetching a new one");
+                app.tokens.invalidate(id, &token.secret).await;
+                let token = app.tokens.get(id).await?;
+                Dialer::xoauth2(protocol, &mut conn, &id.mailbox, &token.secret, &offered).await?
+            }
+            other => other?,
+        };
+    Ok(Upstream {
+        conn,
+        capabilities,
+        slot,
+    })
+}

@@ -1,0 +1,147 @@
+//! The upstream side of a login: dial the real server, read its greeting,
+//! STARTTLS where the protocol needs it, and log in with SASL `XOAUTH2`.
+//! One file per protocol; this module picks the protocol once. The
+//! [`Dialer`] holds what every upstream connection needs (the verified TLS
+//! client config, the addresses, what the SMTP server offers) and nothing of
+//! the rest of the app.
+
+mod imap;
+mod pop3;
+mod smtp;
+
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{Protocol, UpstreamConfig};
+use crate::error::AuthError;
+use crate::net::Conn;
+
+/// How long the upstream may take for one reply (an XOAUTH2 check included).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest reply line accepted from upstream before authentication.
+pub const MAX_REPLY_LINE: usize = 8 * 1024;
+/// The most lines one multi-line reply (EHLO, CAPA) may have.
+pub const MAX_REPLY_LINES: usize = 256;
+
+/// What it takes to reach the upstream servers.
+pub struct Dialer {
+    tls: TlsConnector,
+    smtp: String,
+    imap: String,
+    pop3: String,
+    /// What the SMTP server offers in EHLO, as last seen.
+    smtp_keywords: smtp::Keywords,
+}
+
+impl Dialer {
+    /// The dialer for `[upstream]`; its `ca_file` is read here.
+    pub fn new(upstream: &UpstreamConfig) -> Result<Dialer, String> {
+        let tls = crate::net::tls::upstream_connector(upstream.ca_file.as_deref())
+            .map_err(|e| format!("upstream.ca_file: {e}"))?;
+        Ok(Dialer {
+            tls,
+            smtp: upstream.smtp.clone(),
+            imap: upstream.imap.clone(),
+            pop3: upstream.pop3.clone(),
+            smtp_keywords: Default::default(),
+        })
+    }
+
+    /// The `host:port` of `protocol`'s server.
+    pub fn address(&self, protocol: Protocol) -> &str {
+        match protocol {
+            Protocol::Smtp => &self.smtp,
+            Protocol::Imap => &self.imap,
+            Protocol::Pop3 => &self.pop3,
+        }
+    }
+
+    /// Connect and read the greeting (SMTP: EHLO, STARTTLS, EHLO). Returns
+    /// the connection and what the server offers (SMTP: EHLO keywords;
+    /// IMAP: capabilities; POP3: nothing).
+    pub async fn dial(
+        &self,
+        protocol: Protocol,
+        client_name: &str,
+    ) -> Result<(Conn, Vec<String>), AuthError> {
+        let started = Instant::now();
+        let dialled = match protocol {
+            Protocol::Smtp => smtp::dial(self, client_name).await,
+            Protocol::Imap => imap::dial(&self.tls, &self.imap).await,
+            Protocol::Pop3 => pop3::dial(&self.tls, &self.pop3)
+                .await
+                .map(|c| (c, Vec::new())),
+        };
+        if dialled.is_ok() {
+            crate::metrics::upstream_connected(protocol, started.elapsed());
+        }
+        dialled
+    }
+
+    /// Log in with `XOAUTH2` on a dialled connection; returns the
+    /// capabilities after login (SMTP: the EHLO keywords of the dial).
+    pub async fn xoauth2(
+        protocol: Protocol,
+        conn: &mut Conn,
+        mailbox: &str,
+        token: &SecretString,
+        capabilities: &[String],
+    ) -> Result<Vec<String>, AuthError> {
+        match protocol {
+            Protocol::Smtp => smtp::auth_xoauth2(conn, mailbox, token)
+                .await
+                .map(|()| capabilities.to_vec()),
+            Protocol::Imap => imap::auth_xoauth2(conn, mailbox, token, capabilities).await,
+            Protocol::Pop3 => pop3::auth_xoauth2(conn, mailbox, token)
+                .await
+                .map(|()| Vec::new()),
+        }
+    }
+
+    /// `oxbridge check`, after login: SMTP asks whether the server takes
+    /// mail from `mailbox` (nothing is sent); every protocol then logs out.
+    pub async fn check_and_leave(
+        protocol: Protocol,
+        conn: &mut Conn,
+        mailbox: &str,
+    ) -> Result<(), AuthError> {
+        match protocol {
+            Protocol::Smtp => smtp::check_sender(conn, mailbox).await,
+            Protocol::Imap => {
+                let _ = send(conn, &crate::wire::imap::Request::Logout.to_bytes()).await;
+                Ok(())
+            }
+            Protocol::Pop3 => {
+                let _ = send(conn, &crate::wire::pop3::Request::Quit.to_bytes()).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// The EHLO keywords a device may be told: the last known upstream
+    /// EHLO, probing once if nothing is known.
+    pub async fn smtp_capabilities(&self) -> Vec<String> {
+        self.smtp_keywords.get(self).await
+    }
+}
+
+/// Write to the upstream, bounded in time.
+async fn send(conn: &mut Conn, data: &[u8]) -> Result<(), AuthError> {
+    conn.send(data, REPLY_TIMEOUT)
+        .await
+        .map_err(|e| AuthError::UpstreamUnavailable(format!("sending: {e}")))
+}
+
+/// Read one upstream line before login, bounded in length and time.
+async fn read_line(conn: &mut Conn) -> Result<Vec<u8>, AuthError> {
+    conn.read_line(MAX_REPLY_LINE, REPLY_TIMEOUT)
+        .await
+        .map_err(|e| AuthError::UpstreamUnavailable(format!("reading reply: {e}")))
+}
+
+/// A failed dial, as a login failure.
+fn unavailable(e: String) -> AuthError {
+    AuthError::UpstreamUnavailable(e)
+}
