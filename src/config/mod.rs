@@ -31,6 +31,30 @@ pub const DEFAULT_DEVICE_CODE_URL: &str =
     "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode";
 pub const DEFAULT_AUTHORIZE_URL: &str =
     "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize";
+/// The `{tenant}` of the endpoints when `oauth.tenant` is not given.
+pub const DEFAULT_TENANT: &str = "organizations";
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// The store key's file name in `state_dir` when `store.key_file` is not given.
+pub const DEFAULT_STORE_KEY_FILE: &str = "store.key";
+/// `max_connections` of one `[[listener]]`.
+pub const DEFAULT_LISTENER_MAX_CONNECTIONS: usize = 1000;
+
+// The defaults of `[limits]`, key by key.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 2000;
+pub const DEFAULT_PREAUTH_TIMEOUT_S: u64 = 300;
+/// Over IMAP IDLE's 29 minutes (RFC 2177), so an idling client is not cut.
+pub const DEFAULT_IDLE_TIMEOUT_S: u64 = 31 * 60;
+pub const DEFAULT_MAX_LINE: usize = 4096;
+/// Exchange Online's limit of concurrent SMTP sessions per mailbox.
+pub const DEFAULT_SMTP_SESSIONS_PER_MAILBOX: usize = 3;
+pub const DEFAULT_IMAP_SESSIONS_PER_MAILBOX: usize = 20;
+pub const DEFAULT_POP3_SESSIONS_PER_MAILBOX: usize = 20;
+pub const DEFAULT_MAILBOX_WAIT_S: u64 = 120;
+pub const DEFAULT_MAILBOX_QUEUE: usize = 100;
+pub const DEFAULT_LOGIN_DELAY_MS: u64 = 250;
+pub const DEFAULT_LOGIN_LOCKOUT_FAILURES: u32 = 10;
+pub const DEFAULT_LOGIN_LOCKOUT_S: u64 = 900;
+pub const DEFAULT_DRAIN_S: u64 = 30;
 
 /// A configuration error: which file, which key, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -146,10 +170,7 @@ pub struct OAuthConfig {
 impl OAuthConfig {
     fn endpoint(&self, explicit: &Option<String>, default: &str) -> String {
         let template = explicit.as_deref().unwrap_or(default);
-        template.replace(
-            "{tenant}",
-            self.tenant.as_deref().unwrap_or("organizations"),
-        )
+        template.replace("{tenant}", self.tenant.as_deref().unwrap_or(DEFAULT_TENANT))
     }
 
     /// The token endpoint, with `{tenant}` filled in.
@@ -216,7 +237,7 @@ pub struct ListenerConfig {
 }
 
 fn default_listener_connections() -> usize {
-    1000
+    DEFAULT_LISTENER_MAX_CONNECTIONS
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -311,19 +332,19 @@ pub struct LimitsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
-            max_connections: 2000,
-            preauth_timeout_s: 300,
-            idle_timeout_s: 31 * 60,
-            max_line: 4096,
-            smtp_sessions_per_mailbox: 3,
-            imap_sessions_per_mailbox: 20,
-            pop3_sessions_per_mailbox: 20,
-            mailbox_wait_s: 120,
-            mailbox_queue: 100,
-            login_delay_ms: 250,
-            login_lockout_failures: 10,
-            login_lockout_s: 900,
-            drain_s: 30,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            preauth_timeout_s: DEFAULT_PREAUTH_TIMEOUT_S,
+            idle_timeout_s: DEFAULT_IDLE_TIMEOUT_S,
+            max_line: DEFAULT_MAX_LINE,
+            smtp_sessions_per_mailbox: DEFAULT_SMTP_SESSIONS_PER_MAILBOX,
+            imap_sessions_per_mailbox: DEFAULT_IMAP_SESSIONS_PER_MAILBOX,
+            pop3_sessions_per_mailbox: DEFAULT_POP3_SESSIONS_PER_MAILBOX,
+            mailbox_wait_s: DEFAULT_MAILBOX_WAIT_S,
+            mailbox_queue: DEFAULT_MAILBOX_QUEUE,
+            login_delay_ms: DEFAULT_LOGIN_DELAY_MS,
+            login_lockout_failures: DEFAULT_LOGIN_LOCKOUT_FAILURES,
+            login_lockout_s: DEFAULT_LOGIN_LOCKOUT_S,
+            drain_s: DEFAULT_DRAIN_S,
         }
     }
 }
@@ -368,7 +389,7 @@ fn default_state_dir() -> PathBuf {
     PathBuf::from(DEFAULT_STATE_DIR)
 }
 fn default_log_level() -> String {
-    "info".into()
+    DEFAULT_LOG_LEVEL.into()
 }
 fn default_smtp() -> String {
     DEFAULT_UPSTREAM_SMTP.into()
@@ -391,7 +412,7 @@ pub fn resolve_path(flag: Option<PathBuf>) -> PathBuf {
         .iter()
         .map(PathBuf::from)
         .find(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATHS[1]))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATHS[DEFAULT_CONFIG_PATHS.len() - 1]))
 }
 
 impl Config {
@@ -400,7 +421,7 @@ impl Config {
         self.store
             .key_file
             .clone()
-            .unwrap_or_else(|| self.state_dir.join("store.key"))
+            .unwrap_or_else(|| self.state_dir.join(DEFAULT_STORE_KEY_FILE))
     }
 
     /// The protocols that have listeners (what delegated tokens are asked for).
