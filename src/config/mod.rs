@@ -1,0 +1,533 @@
+//! Configuration: the TOML types of `DESIGN.md`, their defaults, and
+//! [`Config::load`], which reads, parses and validates one file.
+//!
+//! Owns: the types every other module reads (`crate::config::*`), the
+//! default of every key, and where `--config` looks. The checks serde cannot
+//! make live in `validate.rs`, one function per section.
+//!
+//! Promises: unknown keys and sections are an error (`deny_unknown_fields`);
+//! a [`ConfigError`] names the file, the key and what is wrong; secrets
+//! (`client_secret`, `password_hash`, a Redis URL) are [`SecretString`]s,
+//! so `Debug` of a [`Config`] never prints them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use secrecy::SecretString;
+use serde::Deserialize;
+
+mod validate;
+
+/// Where `--config` looks when neither it nor `$OXBRIDGE_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATHS: [&str; 2] = ["./oxbridge.toml", "/etc/oxbridge/oxbridge.toml"];
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/oxbridge";
+pub const DEFAULT_UPSTREAM_SMTP: &str = "smtp.office365.com:587";
+pub const DEFAULT_UPSTREAM_IMAP: &str = "outlook.office365.com:993";
+pub const DEFAULT_UPSTREAM_POP3: &str = "outlook.office365.com:995";
+pub const DEFAULT_TOKEN_URL: &str = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token";
+pub const DEFAULT_DEVICE_CODE_URL: &str =
+    "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode";
+pub const DEFAULT_AUTHORIZE_URL: &str =
+    "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize";
+/// The `{tenant}` of the endpoints when `oauth.tenant` is not given.
+pub const DEFAULT_TENANT: &str = "organizations";
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// The store key's file name in `state_dir` when `store.key_file` is not given.
+pub const DEFAULT_STORE_KEY_FILE: &str = "store.key";
+/// `max_connections` of one `[[listener]]`.
+pub const DEFAULT_LISTENER_MAX_CONNECTIONS: usize = 1000;
+
+// The defaults of `[limits]`, key by key.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 2000;
+pub const DEFAULT_PREAUTH_TIMEOUT_S: u64 = 300;
+/// Over IMAP IDLE's 29 minutes (RFC 2177), so an idling client is not cut.
+pub const DEFAULT_IDLE_TIMEOUT_S: u64 = 31 * 60;
+pub const DEFAULT_MAX_LINE: usize = 4096;
+/// Exchange Online's limit of concurrent SMTP sessions per mailbox.
+pub const DEFAULT_SMTP_SESSIONS_PER_MAILBOX: usize = 3;
+pub const DEFAULT_IMAP_SESSIONS_PER_MAILBOX: usize = 20;
+pub const DEFAULT_POP3_SESSIONS_PER_MAILBOX: usize = 20;
+pub const DEFAULT_MAILBOX_WAIT_S: u64 = 120;
+pub const DEFAULT_MAILBOX_QUEUE: usize = 100;
+pub const DEFAULT_LOGIN_DELAY_MS: u64 = 250;
+pub const DEFAULT_LOGIN_LOCKOUT_FAILURES: u32 = 10;
+pub const DEFAULT_LOGIN_LOCKOUT_S: u64 = 900;
+pub const DEFAULT_DRAIN_S: u64 = 30;
+
+/// A configuration error: which file, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub log: LogConfig,
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    pub oauth: OAuthConfig,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default, rename = "account")]
+    pub accounts: Vec<AccountConfig>,
+    #[serde(default, rename = "relay")]
+    pub relays: Vec<RelayConfig>,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    #[serde(default = "default_smtp")]
+    pub smtp: String,
+    #[serde(default = "default_imap")]
+    pub imap: String,
+    #[serde(default = "default_pop3")]
+    pub pop3: String,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            smtp: default_smtp(),
+            imap: default_imap(),
+            pop3: default_pop3(),
+            ca_file: None,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    pub fn address(&self, protocol: Protocol) -> &str {
+        match protocol {
+            Protocol::Smtp => &self.smtp,
+            Protocol::Imap => &self.imap,
+            Protocol::Pop3 => &self.pop3,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthConfig {
+    pub tenant: Option<String>,
+    pub client_id: String,
+    pub client_secret: Option<SecretString>,
+    pub client_secret_file: Option<PathBuf>,
+    /// PEM with a certificate and its private key: `client_credentials`
+    /// authenticates with a signed JWT client assertion instead of a secret.
+    pub client_certificate_file: Option<PathBuf>,
+    pub token_url: Option<String>,
+    pub device_code_url: Option<String>,
+    pub authorize_url: Option<String>,
+}
+
+impl OAuthConfig {
+    fn endpoint(&self, explicit: &Option<String>, default: &str) -> String {
+        let template = explicit.as_deref().unwrap_or(default);
+        template.replace("{tenant}", self.tenant.as_deref().unwrap_or(DEFAULT_TENANT))
+    }
+
+    /// The token endpoint, with `{tenant}` filled in.
+    pub fn token_url(&self) -> String {
+        self.endpoint(&self.token_url, DEFAULT_TOKEN_URL)
+    }
+
+    pub fn device_code_url(&self) -> String {
+        self.endpoint(&self.device_code_url, DEFAULT_DEVICE_CODE_URL)
+    }
+
+    pub fn authorize_url(&self) -> String {
+        self.endpoint(&self.authorize_url, DEFAULT_AUTHORIZE_URL)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Smtp,
+    Imap,
+    Pop3,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Smtp => "smtp",
+            Protocol::Imap => "imap",
+            Protocol::Pop3 => "pop3",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    None,
+    Starttls,
+    Implicit,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub protocol: Protocol,
+    pub listen: SocketAddr,
+    pub tls: TlsMode,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Connections this listener serves at once.
+    #[serde(default = "default_listener_connections")]
+    pub max_connections: usize,
+}
+
+fn default_listener_connections() -> usize {
+    DEFAULT_LISTENER_MAX_CONNECTIONS
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    ClientCredentials,
+    RefreshToken,
+    Password,
+}
+
+impl Grant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grant::ClientCredentials => "client_credentials",
+            Grant::RefreshToken => "refresh_token",
+            Grant::Password => "password",
+        }
+    }
+}
+
+impl fmt::Display for Grant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    pub login: String,
+    pub password_hash: Option<SecretString>,
+    pub grant: Grant,
+    pub mailbox: Option<String>,
+    /// Shared mailboxes this account may open with the device login form
+    /// `login\shared@domain` (exact addresses or `*@domain`).
+    #[serde(default)]
+    pub allow_shared: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    pub from_networks: Vec<String>,
+    pub account: String,
+    /// Envelope senders allowed (exact or `*@domain`); empty: any.
+    #[serde(default)]
+    pub allowed_senders: Vec<String>,
+}
+
+impl RelayConfig {
+    /// The networks, parsed (validated at load).
+    pub fn networks(&self) -> Vec<IpNet> {
+        self.from_networks
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    }
+}
+
+/// Bounds on connections, time and input; every one has a default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Connections served at once over all listeners.
+    pub max_connections: usize,
+    /// Seconds a device may be silent before it has logged in.
+    pub preauth_timeout_s: u64,
+    /// Seconds a relayed session may be silent both ways (IMAP IDLE needs 30 min).
+    pub idle_timeout_s: u64,
+    /// Longest command line before login, in bytes.
+    pub max_line: usize,
+    /// Upstream sessions at once per mailbox (Exchange Online allows 3 for SMTP).
+    pub smtp_sessions_per_mailbox: usize,
+    pub imap_sessions_per_mailbox: usize,
+    pub pop3_sessions_per_mailbox: usize,
+    /// Seconds a device waits for a free upstream session before `421 4.3.2`.
+    pub mailbox_wait_s: u64,
+    /// Devices that may wait for one mailbox at once; more are turned away.
+    pub mailbox_queue: usize,
+    /// Delay after a failed login, doubled with each further failure (max 4 s).
+    pub login_delay_ms: u64,
+    /// Failed logins (per client address, and per account) within 15 minutes
+    /// that lock it out.
+    pub login_lockout_failures: u32,
+    /// How long a lockout lasts.
+    pub login_lockout_s: u64,
+    /// Seconds relayed sessions may run on after SIGTERM before they are
+    /// told goodbye and closed.
+    pub drain_s: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            preauth_timeout_s: DEFAULT_PREAUTH_TIMEOUT_S,
+            idle_timeout_s: DEFAULT_IDLE_TIMEOUT_S,
+            max_line: DEFAULT_MAX_LINE,
+            smtp_sessions_per_mailbox: DEFAULT_SMTP_SESSIONS_PER_MAILBOX,
+            imap_sessions_per_mailbox: DEFAULT_IMAP_SESSIONS_PER_MAILBOX,
+            pop3_sessions_per_mailbox: DEFAULT_POP3_SESSIONS_PER_MAILBOX,
+            mailbox_wait_s: DEFAULT_MAILBOX_WAIT_S,
+            mailbox_queue: DEFAULT_MAILBOX_QUEUE,
+            login_delay_ms: DEFAULT_LOGIN_DELAY_MS,
+            login_lockout_failures: DEFAULT_LOGIN_LOCKOUT_FAILURES,
+            login_lockout_s: DEFAULT_LOGIN_LOCKOUT_S,
+            drain_s: DEFAULT_DRAIN_S,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn sessions_per_mailbox(&self, p: Protocol) -> usize {
+        match p {
+            Protocol::Smtp => self.smtp_sessions_per_mailbox,
+            Protocol::Imap => self.imap_sessions_per_mailbox,
+            Protocol::Pop3 => self.pop3_sessions_per_mailbox,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// With `backend = "redis"`: `redis://[user:password@]host:port[/db]`,
+    /// or `rediss://` for TLS (verified against the system roots).
+    pub url: Option<SecretString>,
+    /// With `backend = "redis"`: what every key oxbridge writes starts with
+    /// (default `oxbridge:`), so that several deployments can share a Redis.
+    pub key_prefix: Option<String>,
+    /// The store's encryption key (32 raw bytes); default `state_dir/store.key`,
+    /// created on first use.
+    pub key_file: Option<PathBuf>,
+    /// Or: the name of an environment variable holding the key in base64.
+    pub key_env: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    #[default]
+    File,
+    Redis,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
+fn default_log_level() -> String {
+    DEFAULT_LOG_LEVEL.into()
+}
+fn default_smtp() -> String {
+    DEFAULT_UPSTREAM_SMTP.into()
+}
+fn default_imap() -> String {
+    DEFAULT_UPSTREAM_IMAP.into()
+}
+fn default_pop3() -> String {
+    DEFAULT_UPSTREAM_POP3.into()
+}
+
+/// Which file `--config` means: the flag, then `$OXBRIDGE_CONFIG` (clap
+/// fills the flag from it), then the first of [`DEFAULT_CONFIG_PATHS`] that
+/// exists (the last one if none does, so the error names it).
+pub fn resolve_path(flag: Option<PathBuf>) -> PathBuf {
+    if let Some(p) = flag {
+        return p;
+    }
+    DEFAULT_CONFIG_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATHS[DEFAULT_CONFIG_PATHS.len() - 1]))
+}
+
+impl Config {
+    /// Where the token store's key comes from.
+    pub fn store_key_file(&self) -> PathBuf {
+        self.store
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(DEFAULT_STORE_KEY_FILE))
+    }
+
+    /// The protocols that have listeners (what delegated tokens are asked for).
+    pub fn protocols(&self) -> Vec<Protocol> {
+        let mut p: Vec<Protocol> = self.listeners.iter().map(|l| l.protocol).collect();
+        p.sort_by_key(|p| *p as u8);
+        p.dedup();
+        p
+    }
+
+    /// The sections that differ in `new` but take effect only at start
+    /// (everything but `[[account]]` and `[[relay]]`). Secrets compare by
+    /// their redacted form: a changed client secret is not seen here.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        fn differs<T: fmt::Debug>(a: &T, b: &T) -> bool {
+            format!("{a:?}") != format!("{b:?}")
+        }
+        let mut changed = Vec::new();
+        let sections: [(&'static str, bool); 8] = [
+            ("state_dir", self.state_dir != new.state_dir),
+            ("log", differs(&self.log, &new.log)),
+            ("admin", differs(&self.admin, &new.admin)),
+            ("upstream", differs(&self.upstream, &new.upstream)),
+            ("oauth", differs(&self.oauth, &new.oauth)),
+            ("listener", differs(&self.listeners, &new.listeners)),
+            ("store", differs(&self.store, &new.store)),
+            ("limits", differs(&self.limits, &new.limits)),
+        ];
+        for (name, d) in sections {
+            if d {
+                changed.push(name);
+            }
+        }
+        changed
+    }
+
+    /// Read, parse and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let mut config = Config::parse(&text).map_err(|message| ConfigError {
+            file: path.display().to_string(),
+            message,
+        })?;
+        config.load_secret_files().map_err(|message| ConfigError {
+            file: path.display().to_string(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Parse and validate TOML text; the error names the key.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn load_secret_files(&mut self) -> Result<(), String> {
+        if let Some(path) = &self.oauth.client_secret_file {
+            let secret = std::fs::read_to_string(path).map_err(|e| {
+                format!(
+                    "oauth.client_secret_file: cannot read {}: {e}",
+                    path.display()
+                )
+            })?;
+            let secret = secret.trim();
+            if secret.is_empty() {
+                return Err(format!(
+                    "oauth.client_secret_file: {} is empty",
+                    path.display()
+                ));
+            }
+            self.oauth.client_secret = Some(SecretString::from(secret.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The checks serde cannot make (`validate.rs`, one function per
+    /// section). Each error starts with the key.
+    pub fn validate(&self) -> Result<(), String> {
+        validate::validate(self)
+    }
+}
+
+/// Split `host:port` (`[v6]:port` too) into its parts.
+pub fn split_host_port(addr: &str) -> Result<(&str, u16), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{addr:?} must be host:port"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err(format!("{addr:?} has no host"));
+    }
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{addr:?} has no valid port"))?;
+    Ok((host, port))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,486 @@
+//! The checks serde cannot make, one function per section, run in file
+//! order by [`validate`].
+//!
+//! Promises: every error starts with the key at fault (`listener[0].cert_file:`,
+//! `store.url:`) and says what is wrong; no error text quotes a secret (a
+//! Redis URL's password, a client secret, a password hash). The first error
+//! found is the one returned. Files named by the config are only checked to
+//! exist here; reading them is [`Config::load`]'s job (the client secret)
+//! or the consumer's (certificates, CA roots).
+
+use ipnet::IpNet;
+use secrecy::ExposeSecret;
+
+use super::{
+    split_host_port, AccountConfig, Config, Grant, LimitsConfig, ListenerConfig, LogConfig,
+    OAuthConfig, Protocol, RelayConfig, StoreBackend, StoreConfig, TlsMode, UpstreamConfig,
+};
+
+/// The levels `log.level` accepts (`RUST_LOG` takes full filter directives).
+const LOG_LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+/// The shortest `limits.max_line`: RFC 5321's command line, 512 octets.
+pub const MIN_MAX_LINE: usize = 512;
+/// The longest `store.key_prefix`.
+pub const MAX_KEY_PREFIX_LEN: usize = 64;
+
+/// Check a parsed configuration; the error starts with the key.
+pub fn validate(c: &Config) -> Result<(), String> {
+    oauth(&c.oauth)?;
+    upstream(&c.upstream)?;
+    log(&c.log)?;
+    listeners(&c.listeners)?;
+    accounts(&c.accounts, &c.oauth)?;
+    relays(&c.relays, &c.accounts, &c.listeners)?;
+    limits(&c.limits)?;
+    store(&c.store)
+}
+
+/// `[oauth]`: a client id, at most one inline secret source, usable URLs,
+/// and a certificate file that exists.
+fn oauth(o: &OAuthConfig) -> Result<(), String> {
+    if o.client_id.trim().is_empty() {
+        return Err("oauth.client_id: must not be empty".into());
+    }
+    if o.client_secret.is_some() && o.client_secret_file.is_some() {
+        return Err(
+            "oauth.client_secret: give client_secret or client_secret_file, not both".into(),
+        );
+    }
+    for (key, url) in [
+        ("oauth.token_url", o.token_url()),
+        ("oauth.device_code_url", o.device_code_url()),
+        ("oauth.authorize_url", o.authorize_url()),
+    ] {
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(format!(
+                "{key}: must be an http:// or https:// URL, got {url:?}"
+            ));
+        }
+    }
+    if let Some(cert) = &o.client_certificate_file {
+        if !cert.is_file() {
+            return Err(format!(
+                "oauth.client_certificate_file: {} is not a readable file",
+                cert.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `[upstream]`: three `host:port` addresses and an optional CA file.
+fn upstream(u: &UpstreamConfig) -> Result<(), String> {
+    for (key, addr) in [
+        ("upstream.smtp", &u.smtp),
+        ("upstream.imap", &u.imap),
+        ("upstream.pop3", &u.pop3),
+    ] {
+        split_host_port(addr).map_err(|e| format!("{key}: {e}"))?;
+    }
+    if let Some(ca) = &u.ca_file {
+        if !ca.is_file() {
+            return Err(format!(
+                "upstream.ca_file: {} is not a readable file",
+                ca.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `[log]`: a bare level (the format is an enum, checked by serde).
+fn log(l: &LogConfig) -> Result<(), String> {
+    if !LOG_LEVELS.contains(&l.level.to_ascii_lowercase().as_str()) {
+        return Err(format!(
+            "log.level: must be one of error, warn, info, debug, trace, off; got {:?}",
+            l.level
+        ));
+    }
+    Ok(())
+}
+
+/// `[[listener]]`: at least one, each valid, no address used twice (port 0
+/// excepted: the tests bind several of those).
+fn listeners(listeners: &[ListenerConfig]) -> Result<(), String> {
+    if listeners.is_empty() {
+        return Err("listener: at least one [[listener]] is needed".into());
+    }
+    for (i, l) in listeners.iter().enumerate() {
+        let key = format!("listener[{i}]");
+        listener(&key, l)?;
+        for (j, other) in listeners.iter().enumerate().take(i) {
+            if other.listen == l.listen && l.listen.port() != 0 {
+                return Err(format!(
+                    "{key}.listen: {} is already used by listener[{j}]",
+                    l.listen
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One `[[listener]]`: with TLS, a certificate and key that exist.
+fn listener(key: &str, l: &ListenerConfig) -> Result<(), String> {
+    if l.tls != TlsMode::None {
+        for (name, value) in [("cert_file", &l.cert_file), ("key_file", &l.key_file)] {
+            match value {
+                None => {
+                    return Err(format!(
+                        "{key}.{name}: required when tls = \"{}\"",
+                        tls_name(l.tls)
+                    ))
+                }
+                Some(p) if !p.is_file() => {
+                    return Err(format!(
+                        "{key}.{name}: {} is not a readable file",
+                        p.display()
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    if l.max_connections == 0 {
+        return Err(format!("{key}.max_connections: must be at least 1"));
+    }
+    Ok(())
+}
+
+/// `[[account]]`: at least one, each valid, no login twice (case-insensitive).
+fn accounts(accounts: &[AccountConfig], oauth: &OAuthConfig) -> Result<(), String> {
+    if accounts.is_empty() {
+        return Err("account: at least one [[account]] is needed".into());
+    }
+    for (i, a) in accounts.iter().enumerate() {
+        let key = format!("account[{i}]");
+        account(&key, a, oauth)?;
+        for (j, other) in accounts.iter().enumerate().take(i) {
+            if other.login.eq_ignore_ascii_case(&a.login) {
+                return Err(format!(
+                    "{key}.login: {:?} is already account[{j}]",
+                    a.login
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One `[[account]]`: a login or `*@domain` pattern, a password hash exactly
+/// when the grant checks the password locally, the credentials the grant
+/// needs, and well-formed mailboxes.
+fn account(key: &str, a: &AccountConfig, oauth: &OAuthConfig) -> Result<(), String> {
+    validate_login_pattern(&a.login).map_err(|e| format!("{key}.login: {e}"))?;
+    match (a.grant, &a.password_hash) {
+        (Grant::Password, Some(_)) => {
+            return Err(format!(
+                "{key}.password_hash: not used with grant = \"password\" (the device's password is checked by the token endpoint); remove it"
+            ))
+        }
+        (Grant::ClientCredentials | Grant::RefreshToken, None) => {
+            return Err(format!(
+                "{key}.password_hash: required with grant = \"{}\" (make one with `oxbridge hash-password`)",
+                a.grant
+            ))
+        }
+        (_, Some(hash)) => {
+            argon2::PasswordHash::new(hash.expose_secret()).map_err(|e| {
+                format!("{key}.password_hash: not a PHC string from `oxbridge hash-password` ({e})")
+            })?;
+        }
+        _ => {}
+    }
+    if a.grant == Grant::ClientCredentials
+        && oauth.client_secret.is_none()
+        && oauth.client_secret_file.is_none()
+        && oauth.client_certificate_file.is_none()
+    {
+        return Err(format!(
+            "{key}.grant: client_credentials needs oauth.client_secret, oauth.client_secret_file or oauth.client_certificate_file"
+        ));
+    }
+    if a.grant == Grant::RefreshToken && a.login.starts_with("*@") {
+        return Err(format!(
+            "{key}.grant: refresh_token needs one consenting user per account; a *@domain login cannot have one"
+        ));
+    }
+    for shared in &a.allow_shared {
+        validate_address_or_pattern(shared).map_err(|e| format!("{key}.allow_shared: {e}"))?;
+    }
+    if !a.allow_shared.is_empty() && a.login.contains('\\') {
+        return Err(format!("{key}.login: must not contain a backslash"));
+    }
+    if let Some(m) = &a.mailbox {
+        if a.login.starts_with("*@") {
+            return Err(format!(
+                "{key}.mailbox: cannot be set on a pattern login (each user is its own mailbox)"
+            ));
+        }
+        validate_address(m).map_err(|e| format!("{key}.mailbox: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `[[relay]]`: each rule valid, and an SMTP listener to relay through.
+fn relays(
+    relays: &[RelayConfig],
+    accounts: &[AccountConfig],
+    listeners: &[ListenerConfig],
+) -> Result<(), String> {
+    for (i, r) in relays.iter().enumerate() {
+        relay(&format!("relay[{i}]"), r, accounts)?;
+    }
+    if !listeners.iter().any(|l| l.protocol == Protocol::Smtp) && !relays.is_empty() {
+        return Err("relay[0]: relaying needs an SMTP [[listener]]".into());
+    }
+    Ok(())
+}
+
+/// One `[[relay]]`: networks that parse, and an exact account whose grant
+/// needs no device password (a relayed device sends none).
+fn relay(key: &str, r: &RelayConfig, accounts: &[AccountConfig]) -> Result<(), String> {
+    for n in &r.from_networks {
+        n.parse::<IpNet>().map_err(|_| {
+            format!("{key}.from_networks: {n:?} is not a network like 192.168.10.0/24")
+        })?;
+    }
+    let Some(account) = accounts
+        .iter()
+        .find(|a| a.login.eq_ignore_ascii_case(&r.account))
+    else {
+        return Err(format!(
+            "{key}.account: no [[account]] has login {:?}",
+            r.account
+        ));
+    };
+    if r.from_networks.is_empty() {
+        return Err(format!("{key}.from_networks: list at least one network"));
+    }
+    if account.grant == Grant::Password || account.login.starts_with("*@") {
+        return Err(format!(
+            "{key}.account: must be an exact login with grant client_credentials or refresh_token (no password to exchange)"
+        ));
+    }
+    for sender in &r.allowed_senders {
+        validate_address_or_pattern(sender).map_err(|e| format!("{key}.allowed_senders: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `[limits]`: no bound is zero, and a command line fits RFC 5321's.
+fn limits(l: &LimitsConfig) -> Result<(), String> {
+    for (key, value) in [
+        ("limits.max_connections", l.max_connections),
+        ("limits.preauth_timeout_s", l.preauth_timeout_s as usize),
+        ("limits.idle_timeout_s", l.idle_timeout_s as usize),
+        (
+            "limits.smtp_sessions_per_mailbox",
+            l.smtp_sessions_per_mailbox,
+        ),
+        (
+            "limits.imap_sessions_per_mailbox",
+            l.imap_sessions_per_mailbox,
+        ),
+        (
+            "limits.pop3_sessions_per_mailbox",
+            l.pop3_sessions_per_mailbox,
+        ),
+        (
+            "limits.login_lockout_failures",
+            l.login_lockout_failures as usize,
+        ),
+    ] {
+        if value == 0 {
+            return Err(format!("{key}: must be at least 1"));
+        }
+    }
+    if l.max_line < MIN_MAX_LINE {
+        return Err(format!(
+            "limits.max_line: must be at least {MIN_MAX_LINE} (RFC 5321's command line)"
+        ));
+    }
+    Ok(())
+}
+
+/// `[store]`: one key source; with Redis a URL that parses (never quoted
+/// back) and an explicit key every replica shares; the Redis-only keys
+/// refused with the file backend.
+fn store(s: &StoreConfig) -> Result<(), String> {
+    if s.key_file.is_some() && s.key_env.is_some() {
+        return Err("store.key_env: give key_file or key_env, not both".into());
+    }
+    match (s.backend, &s.url) {
+        (StoreBackend::Redis, None) => Err(
+            "store.url: needed with backend = \"redis\" (redis://host:6379 or rediss://...)".into(),
+        ),
+        (StoreBackend::Redis, Some(url)) => {
+            let url = url.expose_secret();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err("store.url: must start with redis:// or rediss://".into());
+            }
+            // The parser's message may quote the URL: never print it.
+            if redis::Client::open(url).is_err() {
+                return Err(
+                    "store.url: not a valid Redis URL (redis://[user:password@]host:port[/db])"
+                        .into(),
+                );
+            }
+            if s.key_file.is_none() && s.key_env.is_none() {
+                return Err("store.key_file: with backend = \"redis\" give key_file or key_env explicitly: every replica needs the same key".into());
+            }
+            if s.key_prefix
+                .as_deref()
+                .is_some_and(|p| p.len() > MAX_KEY_PREFIX_LEN)
+            {
+                return Err(format!(
+                    "store.key_prefix: at most {MAX_KEY_PREFIX_LEN} characters"
+                ));
+            }
+            Ok(())
+        }
+        (StoreBackend::File, Some(_)) => {
+            Err("store.url: only used with backend = \"redis\"".into())
+        }
+        (StoreBackend::File, None) => {
+            if s.key_prefix.is_some() {
+                return Err("store.key_prefix: only used with backend = \"redis\"".into());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn tls_name(t: TlsMode) -> &'static str {
+    match t {
+        TlsMode::None => "none",
+        TlsMode::Starttls => "starttls",
+        TlsMode::Implicit => "implicit",
+    }
+}
+
+fn validate_login_pattern(login: &str) -> Result<(), String> {
+    if let Some(domain) = login.strip_prefix("*@") {
+        if domain.is_empty() || domain.contains(['@', '*']) {
+            return Err(format!("{login:?}: a pattern must be *@domain"));
+        }
+        return Ok(());
+    }
+    if login.contains('*') {
+        return Err(format!("{login:?}: only the form *@domain may use *"));
+    }
+    if login.is_empty() || login.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{login:?}: must be a non-empty name without spaces"
+        ));
+    }
+    Ok(())
+}
+
+/// An exact address, or `*@domain` (checked as if it were `x@domain`).
+fn validate_address_or_pattern(entry: &str) -> Result<(), String> {
+    let addr = entry.strip_prefix("*@").map(|d| format!("x@{d}"));
+    validate_address(addr.as_deref().unwrap_or(entry))
+}
+
+fn validate_address(addr: &str) -> Result<(), String> {
+    match addr.split_once('@') {
+        Some((l, d)) if !l.is_empty() && !d.is_empty() && !addr.contains(char::is_whitespace) => {
+            Ok(())
+        }
+        _ => Err(format!("{addr:?} is not a mail address")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{base, HASH};
+    use super::super::{Config, StoreBackend};
+
+    #[test]
+    fn redis_store_needs_a_url_and_an_explicit_key() {
+        let store = |body: &str| Config::parse(&base(&format!("\n[store]\n{body}")));
+        let ok = store(
+            "backend = \"redis\"\nurl = \"rediss://:pw-marker@redis.internal:6380/2\"\nkey_env = \"K\"\nkey_prefix = \"ox1:\"",
+        )
+        .unwrap();
+        assert_eq!(ok.store.backend, StoreBackend::Redis);
+        assert!(!format!("{:?}", ok.store).contains("pw-marker"));
+        for (body, key) in [
+            ("backend = \"redis\"\nkey_env = \"K\"", "store.url: needed"),
+            (
+                "backend = \"redis\"\nurl = \"http://x\"\nkey_env = \"K\"",
+                "store.url: must start with",
+            ),
+            (
+                "backend = \"redis\"\nurl = \"redis://x:6379\"",
+                "store.key_file: with backend = \"redis\"",
+            ),
+            ("url = \"redis://x:6379\"", "store.url: only used"),
+            ("key_prefix = \"a:\"", "store.key_prefix: only used"),
+        ] {
+            let err = store(body).unwrap_err().to_string();
+            assert!(err.contains(key), "{body}: {err}");
+            assert!(!err.contains("pw-marker"));
+        }
+        let err =
+            store("backend = \"redis\"\nurl = \"redis://:pw-marker@x:notaport\"\nkey_env = \"K\"")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("store.url") && !err.contains("pw-marker"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tls_listener_needs_cert() {
+        let err =
+            Config::parse(&base("").replace("tls = \"none\"", "tls = \"starttls\"")).unwrap_err();
+        assert_eq!(
+            err,
+            "listener[0].cert_file: required when tls = \"starttls\""
+        );
+    }
+
+    #[test]
+    fn password_grant_refuses_a_hash_and_others_need_one() {
+        let err = Config::parse(&base("").replace("client_credentials", "password")).unwrap_err();
+        assert!(
+            err.starts_with("account[0].password_hash: not used"),
+            "{err}"
+        );
+        let text = base("").replace(&format!("password_hash = \"{HASH}\"\n"), "");
+        let err = Config::parse(&text).unwrap_err();
+        assert!(
+            err.starts_with("account[0].password_hash: required"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_hash_is_named() {
+        let err = Config::parse(&base("").replace(HASH, "plain-text")).unwrap_err();
+        assert!(
+            err.starts_with("account[0].password_hash: not a PHC string"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_upstream_is_named() {
+        let err =
+            Config::parse(&format!("[upstream]\nsmtp = \"nohostport\"\n{}", base(""))).unwrap_err();
+        assert!(err.starts_with("upstream.smtp:"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_login_and_bad_pattern_are_named() {
+        let dup = "[[account]]\nlogin = \"SCANNER@example.test\"\ngrant = \"password\"\n";
+        let err = Config::parse(&base(dup)).unwrap_err();
+        assert!(err.starts_with("account[1].login:"), "{err}");
+        let pat = "[[account]]\nlogin = \"a*@example.test\"\ngrant = \"password\"\n";
+        let err = Config::parse(&base(pat)).unwrap_err();
+        assert!(err.starts_with("account[1].login:"), "{err}");
+    }
+}
