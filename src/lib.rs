@@ -13,10 +13,10 @@
 //! * `accounts`: local login -> account; Argon2id verification.
 //! * `oauth`: where a token comes from: grants, the single-flight cache,
 //!   consent (`oxbridge login`), certificate assertions.
-//! * `store`: refresh tokens on disk, encrypted, written atomically.
+//! * `state`: the backend chosen once (files in `state_dir`, or Redis for
+//!   several replicas: tokens, the refresh lease, session slots, failure
+//!   counters), sealed by one `state::seal`.
 //! * `throttle`: delays and lockouts after failed logins.
-//! * `shared`: with `[store] backend = "redis"`, what several replicas
-//!   share: tokens, the refresh lease, session slots, failure counters.
 //! * `upstream`: dialling the real server.
 //! * `proto::smtp`: the device side until login, and the upstream login.
 //! * `relay`: after login, bytes both ways until the session ends.
@@ -45,8 +45,7 @@ pub mod proxy_protocol;
 pub mod relay;
 pub mod sasl;
 pub mod server;
-pub mod shared;
-pub mod store;
+pub mod state;
 pub mod throttle;
 pub mod tls;
 pub mod upstream;
@@ -86,30 +85,11 @@ pub struct StartError(pub String);
 
 impl App {
     pub fn new(config: Config) -> Result<App, StartError> {
-        let shared = open_shared(&config)
-            .map_err(|e| StartError(e.to_string()))?
-            .map(Arc::new);
-        let store = if shared.is_none()
-            && config
-                .accounts
-                .iter()
-                .any(|a| a.grant == config::Grant::RefreshToken)
-        {
-            Some(Arc::new(
-                open_store(&config).map_err(|e| StartError(e.to_string()))?,
-            ))
-        } else {
-            None
-        };
-        let mut tokens =
-            oauth::Tokens::new(&config.oauth, &config.protocols(), store).map_err(StartError)?;
-        let mut mailbox_limits = limits::MailboxLimits::new(&config.limits);
-        let mut throttle = throttle::Throttle::new(&config.limits);
-        if let Some(shared) = shared {
-            tokens = tokens.with_shared(shared.clone());
-            mailbox_limits = mailbox_limits.with_shared(shared.clone());
-            throttle = throttle.with_shared(shared);
-        }
+        let state = Arc::new(state::State::open(&config).map_err(|e| StartError(e.to_string()))?);
+        let tokens = oauth::Tokens::new(&config.oauth, &config.protocols(), state.clone())
+            .map_err(StartError)?;
+        let mailbox_limits = limits::MailboxLimits::new(&config.limits, state.clone());
+        let throttle = throttle::Throttle::new(&config.limits, state);
         let upstream_tls = tls::upstream_connector(config.upstream.ca_file.as_deref())
             .map_err(|e| StartError(format!("upstream.ca_file: {e}")))?;
         Ok(App {
@@ -161,33 +141,10 @@ impl App {
     }
 }
 
-/// The token store of this config.
-pub fn open_store(config: &Config) -> Result<store::Store, store::StoreError> {
-    let key_file = config.store_key_file();
-    let key = match &config.store.key_env {
-        Some(var) => store::KeySource::Env(var),
-        None => store::KeySource::File(&key_file),
-    };
-    store::Store::open(&config.state_dir, key)
-}
-
-/// The shared store of this config (`backend = "redis"`), or None. It
-/// connects on first use.
-pub fn open_shared(config: &Config) -> Result<Option<shared::Shared>, shared::SharedError> {
-    if config.store.backend != config::StoreBackend::Redis {
-        return Ok(None);
-    }
-    let url =
-        config.store.url.as_ref().ok_or_else(|| {
-            shared::SharedError("store.url: needed with backend = \"redis\"".into())
-        })?;
-    let key_file = config.store_key_file();
-    let source = match &config.store.key_env {
-        Some(var) => store::KeySource::Env(var),
-        None => store::KeySource::File(&key_file),
-    };
-    let key = store::read_key(source, false).map_err(|e| shared::SharedError(e.0))?;
-    shared::Shared::new(url, config.store.key_prefix.as_deref(), key).map(Some)
+/// The file token store of this config (`state_dir`), whatever its
+/// backend: for the tests and tools that read refresh tokens directly.
+pub fn open_store(config: &Config) -> Result<state::FileStore, state::StateError> {
+    state::FileStore::of(config)
 }
 
 fn hostname() -> String {

@@ -1,14 +1,15 @@
 //! Where a token comes from: OAuth 2.0 grants against the configured token
 //! endpoint, a cache with one request in flight per account, and the
-//! refresh tokens of `refresh_token` accounts in the encrypted [`Store`].
+//! refresh tokens of `refresh_token` accounts in the [`State`].
 //!
 //! * `client_credentials`: one app-only token (`.default` scope) serves every
 //!   account of that grant; the app authenticates with its secret or with a
 //!   certificate (a signed JWT client assertion, see [`assertion`]).
 //! * `password` (ROPC): the device's own login and password are exchanged;
-//!   the cache entry remembers a keyed hash (HMAC, random key per process)
-//!   of the password that earned it, so a different password never gets a
-//!   cached token.
+//!   the cache entry remembers a keyed hash (HMAC) of the password that
+//!   earned it, so a different password never gets a cached token. The key
+//!   is [`State::agreed_key`]: random per process with the file backend,
+//!   derived from the store key (the same in every replica) with Redis.
 //! * `refresh_token`: the stored refresh token (from `oxbridge login`) is
 //!   exchanged; a rotated refresh token is saved before the access token is
 //!   used. A failure never deletes the stored token.
@@ -16,20 +17,20 @@
 //! Each cache entry sits behind its own async mutex: concurrent logins for
 //! one account wait for the single request under way.
 //!
-//! With the shared store (`[store] backend = "redis"`, see [`crate::shared`])
-//! the local mutex stays in front, and behind it the replicas agree: a
-//! token cached in Redis by any replica is used; otherwise one replica takes
-//! the account's lease (`SET NX PX` with a fencing value, renewed while its
-//! request runs, so that a dead holder's lease expires after [`LEASE`]),
-//! requests the token, writes the rotated refresh token and then the access token, and
-//! releases the lease (compare and delete); the others poll for the cached
-//! token within [`TOKEN_DEADLINE`]. The password grant's keyed hash then
-//! uses a key derived from the store key, the same in every replica. If
-//! Redis cannot be reached, the replica requests alone (with a warning). Tokens are renewed
-//! ahead of expiry (10-12 minutes early for hour-long tokens). Temporary
-//! failures (network, 5xx, 429, garbage) are retried with backoff within
-//! [`TOKEN_DEADLINE`]; they end as [`AuthError::TokenUnavailable`]. OAuth
-//! errors such as `invalid_grant` are permanent: [`AuthError::TokenRefused`].
+//! With the Redis backend the local mutex stays in front, and behind it the
+//! replicas agree: a token cached in Redis by any replica is used;
+//! otherwise one replica takes the account's lease (`SET NX PX` with a
+//! fencing value, renewed while its request runs, so that a dead holder's
+//! lease expires after [`LEASE`]), requests the token, writes the rotated
+//! refresh token and then the access token, and releases the lease
+//! (compare and delete); the others poll for the cached token within
+//! [`TOKEN_DEADLINE`]. If the state answers [`Alone`] (the file backend
+//! always; Redis when it fails, with a warning), the process requests
+//! alone. Tokens are renewed ahead of expiry (10-12 minutes early for
+//! hour-long tokens). Temporary failures (network, 5xx, 429, garbage) are
+//! retried with backoff within [`TOKEN_DEADLINE`]; they end as
+//! [`AuthError::TokenUnavailable`]. OAuth errors such as `invalid_grant`
+//! are permanent: [`AuthError::TokenRefused`].
 
 pub mod assertion;
 pub mod consent;
@@ -52,51 +53,21 @@ use tracing::{error, info, warn};
 use crate::accounts::Identity;
 use crate::config::{Grant, OAuthConfig, Protocol};
 use crate::error::AuthError;
-use crate::shared::Shared;
-use crate::store::Store;
+use crate::state::{unix_ms, Alone, State, StateError};
 use assertion::ClientAssertion;
 use http::{Http, HttpError};
 
-/// How long getting one token may take, retries included.
+/// How long getting one token may take, retries and waiting for another
+/// replica's request included.
 pub const TOKEN_DEADLINE: Duration = Duration::from_secs(30);
-/// Attempts for one token when the failures are temporary.
-pub const MAX_ATTEMPTS: u32 = 3;
-/// First pause between attempts; doubled each time (or the server's
-/// Retry-After, up to [`MAX_RETRY_AFTER`]).
-pub const RETRY_BACKOFF: Duration = Duration::from_millis(500);
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
-/// Lifetime assumed when the endpoint does not say (`expires_in`).
-pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Tokens are renewed this long before they expire, plus up to
 /// [`REFRESH_JITTER`] (tokens shorter than [`SHORT_TOKEN`] at a quarter of
 /// their lifetime instead).
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(600);
 pub const REFRESH_JITTER: Duration = Duration::from_secs(120);
 pub const SHORT_TOKEN: Duration = Duration::from_secs(1800);
-/// The app-only scope for `client_credentials` (Exchange Online).
-pub const APP_SCOPE: &str = "https://outlook.office365.com/.default";
-/// Asked for with delegated scopes so that a refresh token is returned.
-pub const OFFLINE_SCOPE: &str = "offline_access";
-
-/// The delegated scope for one protocol (Exchange Online).
-pub fn delegated_scope(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Smtp => "https://outlook.office.com/SMTP.Send",
-        Protocol::Imap => "https://outlook.office.com/IMAP.AccessAsUser.All",
-        Protocol::Pop3 => "https://outlook.office.com/POP.AccessAsUser.All",
-    }
-}
-
-/// The delegated scopes for these protocols, sorted, without duplicates.
-pub fn delegated_scopes(protocols: &[Protocol]) -> Vec<String> {
-    let mut scopes: Vec<String> = protocols
-        .iter()
-        .map(|p| delegated_scope(*p).to_string())
-        .collect();
-    scopes.sort();
-    scopes.dedup();
-    scopes
-}
+/// The purpose of the password grant's cache MAC key ([`State::agreed_key`]).
+const PASSWORD_MAC_PURPOSE: &str = "password-cache-mac";
 
 /// How long before expiry a token of this lifetime is renewed.
 pub fn refresh_margin(lifetime: Duration) -> Duration {
@@ -107,9 +78,6 @@ pub fn refresh_margin(lifetime: Duration) -> Duration {
         Duration::from_millis(rand::random::<u64>() % (REFRESH_JITTER.as_millis() as u64 + 1));
     REFRESH_MARGIN + jitter
 }
-
-type OAuthClient =
-    BasicClient<EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
 
 /// An access token and whether it was just fetched (a cached one that the
 /// server refuses is worth one retry with a fresh one).
@@ -125,8 +93,10 @@ struct Cached {
     password_mac: Option<[u8; 32]>,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
+/// One account's cache entry; its mutex is held while its token is fetched.
+type Entry = Arc<tokio::sync::Mutex<Option<Cached>>>;
 
+/// The token cache and the grants behind it; one per process.
 pub struct Tokens {
     client: OAuthClient,
     client_id: String,
@@ -134,55 +104,19 @@ pub struct Tokens {
     assertion: Option<ClientAssertion>,
     http: Http,
     delegated_scopes: Vec<String>,
-    store: Option<Arc<Store>>,
-    slots: Mutex<HashMap<String, Slot>>,
+    state: Arc<State>,
+    entries: Mutex<HashMap<String, Entry>>,
     mac_key: [u8; 32],
     backoff: Duration,
-    shared: Option<Arc<Shared>>,
-}
-
-/// How long a refresh lease lasts unless its holder renews it (every
-/// [`LEASE_RENEW`] while its request runs): a replica that dies holding it
-/// blocks the others this long at most.
-pub const LEASE: Duration = Duration::from_secs(10);
-pub const LEASE_RENEW: Duration = Duration::from_secs(3);
-/// The first and the longest pause between looks at the shared cache while
-/// another replica holds the lease.
-pub const POLL_FIRST: Duration = Duration::from_millis(20);
-pub const POLL_MAX: Duration = Duration::from_millis(250);
-
-/// A cache entry as the replicas share it (sealed by [`Shared`]).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SharedEntry {
-    token: String,
-    refresh_at_ms: u64,
-    expires_at_ms: u64,
-    password_mac: Option<String>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The OAuth client of the config: id, token URL, and the secret unless a
-/// certificate is configured.
-pub fn client(config: &OAuthConfig) -> Result<OAuthClient, String> {
-    let token_url =
-        TokenUrl::new(config.token_url()).map_err(|e| format!("oauth.token_url: {e}"))?;
-    let mut client = BasicClient::new(ClientId::new(config.client_id.clone()))
-        .set_token_uri(token_url)
-        .set_auth_type(AuthType::RequestBody);
-    if let (Some(secret), None) = (&config.client_secret, &config.client_certificate_file) {
-        client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_string()));
-    }
-    Ok(client)
 }
 
 impl Tokens {
+    /// The tokens of this `[oauth]` config, for the listeners' `protocols`,
+    /// keeping refresh tokens (and with Redis the replicas' cache) in `state`.
     pub fn new(
         config: &OAuthConfig,
         protocols: &[Protocol],
-        store: Option<Arc<Store>>,
+        state: Arc<State>,
     ) -> Result<Tokens, String> {
         let assertion = match &config.client_certificate_file {
             Some(path) => Some(
@@ -198,25 +132,11 @@ impl Tokens {
             assertion,
             http: Http::new()?,
             delegated_scopes: delegated_scopes(protocols),
-            store,
-            slots: Mutex::new(HashMap::new()),
-            mac_key: rand::random(),
+            mac_key: state.agreed_key(PASSWORD_MAC_PURPOSE),
+            state,
+            entries: Mutex::new(HashMap::new()),
             backoff: RETRY_BACKOFF,
-            shared: None,
         })
-    }
-
-    /// Share tokens, refresh tokens and the refresh lease with other
-    /// replicas through `shared`.
-    pub fn with_shared(mut self, shared: Arc<Shared>) -> Tokens {
-        self.mac_key = shared.derived_key("password-cache-mac");
-        self.shared = Some(shared);
-        self
-    }
-
-    /// Whether refresh tokens live in the shared store.
-    pub fn shared(&self) -> Option<&Arc<Shared>> {
-        self.shared.as_ref()
     }
 
     fn key(id: &Identity) -> String {
@@ -227,19 +147,20 @@ impl Tokens {
         }
     }
 
-    fn slot(&self, key: &str) -> Slot {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.entry(key.to_string()).or_default().clone()
+    fn entry(&self, key: &str) -> Entry {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.entry(key.to_string()).or_default().clone()
     }
 
-    /// Drop an empty slot so that failed logins with made-up names do not
+    /// Drop an empty entry so that failed logins with made-up names do not
     /// pile up.
     fn forget_if_empty(&self, key: &str) {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = slots.get(key) {
-            if Arc::strong_count(slot) == 1 && slot.try_lock().map(|g| g.is_none()).unwrap_or(false)
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = entries.get(key) {
+            if Arc::strong_count(entry) == 1
+                && entry.try_lock().map(|g| g.is_none()).unwrap_or(false)
             {
-                slots.remove(key);
+                entries.remove(key);
             }
         }
     }
@@ -250,19 +171,20 @@ impl Tokens {
         mac.finalize().into_bytes().into()
     }
 
-    /// An access token for this identity: cached, or fetched now with every
-    /// concurrent caller for the same account waiting on this one request.
-    /// Whether refresh tokens can be read (a `refresh_token` account existed at start).
+    /// Whether refresh tokens can be read (a `refresh_token` account existed
+    /// at start, or the backend is Redis).
     pub fn has_store(&self) -> bool {
-        self.store.is_some() || self.shared.is_some()
+        self.state.has_refresh_tokens()
     }
 
+    /// An access token for this identity: cached, or fetched now with every
+    /// concurrent caller for the same account waiting on this one request.
     pub async fn get(&self, id: &Identity) -> Result<Token, AuthError> {
         let key = Self::key(id);
-        let slot = self.slot(&key);
+        let entry = self.entry(&key);
         let mac = id.password.as_ref().map(|p| self.mac(p));
         let result = {
-            let mut cached = slot.lock().await;
+            let mut cached = entry.lock().await;
             let now = Instant::now();
             match cached.as_ref() {
                 Some(c) if now < c.refresh_at && c.password_mac == mac => Ok(Token {
@@ -294,7 +216,7 @@ impl Tokens {
                 },
             }
         };
-        drop(slot);
+        drop(entry);
         if result.is_err() {
             self.forget_if_empty(&key);
         }
@@ -304,165 +226,71 @@ impl Tokens {
     /// Forget a cached token the server refused, so the next login fetches
     /// a new one. A token already replaced by another login is left alone.
     pub async fn invalidate(&self, id: &Identity, token: &SecretString) {
-        let slot = self.slot(&Self::key(id));
-        let mut cached = slot.lock().await;
+        let key = Self::key(id);
+        let entry = self.entry(&key);
+        let mut cached = entry.lock().await;
         if cached
             .as_ref()
             .is_some_and(|c| c.token.expose_secret() == token.expose_secret())
         {
             *cached = None;
         }
-        if let Some(shared) = &self.shared {
-            let key = Self::key(id);
-            // Only if the shared entry is this very token (another replica
-            // may have put a newer one there).
-            if let Ok(Some(entry)) = self.shared_cached(shared, &key).await {
-                if entry.token.expose_secret() == token.expose_secret() {
-                    let _ = shared.delete_access(&key).await;
-                }
-            }
-        }
+        self.forget_for_replicas(&key, token).await;
     }
+}
 
-    /// A token for `id` when the local cache has none: from the shared
-    /// cache, or requested under the shared lease, or (shared store
-    /// unreachable, or none configured) requested by this replica alone.
-    /// The flag says whether it was requested now.
-    async fn obtain(
-        &self,
-        id: &Identity,
-        key: &str,
-        mac: Option<[u8; 32]>,
-    ) -> Result<(Cached, bool), AuthError> {
-        let Some(shared) = &self.shared else {
-            return Ok((self.request(id).await?, true));
-        };
-        let usable = |c: &Cached| Instant::now() < c.refresh_at && c.password_mac == mac;
-        let deadline = Instant::now() + TOKEN_DEADLINE;
-        let mut pause = POLL_FIRST;
-        let mut waited = false;
-        loop {
-            match self.shared_cached(shared, key).await {
-                Ok(Some(c)) if usable(&c) => {
-                    info!(account = %id.account, waited, "access token from the shared store");
-                    return Ok((c, false));
-                }
-                Ok(_) => {}
-                Err(e) => return self.alone(id, e).await,
-            }
-            match shared.lease(key, LEASE).await {
-                Ok(Some(fence)) => {
-                    // Another replica may have finished between our look and our lease.
-                    if let Ok(Some(c)) = self.shared_cached(shared, key).await {
-                        if usable(&c) {
-                            let _ = shared.release(key, &fence).await;
-                            return Ok((c, false));
-                        }
-                    }
-                    let request = self.request(id);
-                    tokio::pin!(request);
-                    let result = loop {
-                        tokio::select! {
-                            r = &mut request => break r,
-                            _ = tokio::time::sleep(LEASE_RENEW) => {
-                                match shared.renew_lease(key, &fence, LEASE).await {
-                                    Ok(true) => {}
-                                    Ok(false) => warn!(account = %id.account, "refresh lease lost while the request runs"),
-                                    Err(e) => warn!(account = %id.account, error = %e, "cannot renew the refresh lease"),
-                                }
-                            }
-                        }
-                    };
-                    if let Ok(c) = &result {
-                        if let Err(e) = self.put_shared(shared, key, c, mac).await {
-                            warn!(account = %id.account, error = %e, "cannot share the new access token");
-                        }
-                    }
-                    if let Err(e) = shared.release(key, &fence).await {
-                        warn!(account = %id.account, error = %e, "cannot release the refresh lease; it expires by itself");
-                    }
-                    return result.map(|c| (c, true));
-                }
-                Ok(None) => {
-                    waited = true;
-                    if Instant::now() + pause >= deadline {
-                        return Err(AuthError::TokenUnavailable(format!(
-                            "another replica's token request did not finish within {} s",
-                            TOKEN_DEADLINE.as_secs()
-                        )));
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(POLL_MAX);
-                }
-                Err(e) => return self.alone(id, e).await,
-            }
-        }
+/// Attempts for one token when the failures are temporary.
+pub const MAX_ATTEMPTS: u32 = 3;
+/// First pause between attempts; doubled each time (or the server's
+/// Retry-After, up to [`MAX_RETRY_AFTER`]).
+pub const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Lifetime assumed when the endpoint does not say (`expires_in`).
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// The app-only scope for `client_credentials` (Exchange Online).
+pub const APP_SCOPE: &str = "https://outlook.office365.com/.default";
+/// Asked for with delegated scopes so that a refresh token is returned.
+pub const OFFLINE_SCOPE: &str = "offline_access";
+
+/// The delegated scope for one protocol (Exchange Online).
+pub fn delegated_scope(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Smtp => "https://outlook.office.com/SMTP.Send",
+        Protocol::Imap => "https://outlook.office.com/IMAP.AccessAsUser.All",
+        Protocol::Pop3 => "https://outlook.office.com/POP.AccessAsUser.All",
     }
+}
 
-    /// The shared store failed: request without it.
-    async fn alone(
-        &self,
-        id: &Identity,
-        e: crate::shared::SharedError,
-    ) -> Result<(Cached, bool), AuthError> {
-        warn!(account = %id.account, error = %e, "shared store unavailable; requesting the token without the other replicas");
-        crate::metrics::shared_store_error("token");
-        Ok((self.request(id).await?, true))
+/// The delegated scopes for these protocols, sorted, without duplicates.
+pub fn delegated_scopes(protocols: &[Protocol]) -> Vec<String> {
+    let mut scopes: Vec<String> = protocols
+        .iter()
+        .map(|p| delegated_scope(*p).to_string())
+        .collect();
+    scopes.sort();
+    scopes.dedup();
+    scopes
+}
+
+/// The OAuth client type: only the token endpoint is set.
+pub type OAuthClient =
+    BasicClient<EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
+
+/// The OAuth client of the config: id, token URL, and the secret unless a
+/// certificate is configured.
+pub fn client(config: &OAuthConfig) -> Result<OAuthClient, String> {
+    let token_url =
+        TokenUrl::new(config.token_url()).map_err(|e| format!("oauth.token_url: {e}"))?;
+    let mut client = BasicClient::new(ClientId::new(config.client_id.clone()))
+        .set_token_uri(token_url)
+        .set_auth_type(AuthType::RequestBody);
+    if let (Some(secret), None) = (&config.client_secret, &config.client_certificate_file) {
+        client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_string()));
     }
+    Ok(client)
+}
 
-    async fn shared_cached(
-        &self,
-        shared: &Shared,
-        key: &str,
-    ) -> Result<Option<Cached>, crate::shared::SharedError> {
-        let Some(bytes) = shared.get_access(key).await? else {
-            return Ok(None);
-        };
-        let Ok(e) = serde_json::from_slice::<SharedEntry>(&bytes) else {
-            return Ok(None);
-        };
-        let (now, now_ms) = (Instant::now(), crate::shared::unix_ms());
-        let at = |ms: u64| now + Duration::from_millis(ms.saturating_sub(now_ms));
-        let password_mac = match e.password_mac {
-            None => None,
-            Some(h) => {
-                let bytes: Vec<u8> = (0..h.len() / 2)
-                    .filter_map(|i| u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok())
-                    .collect();
-                match <[u8; 32]>::try_from(bytes) {
-                    Ok(m) => Some(m),
-                    Err(_) => return Ok(None),
-                }
-            }
-        };
-        Ok(Some(Cached {
-            token: SecretString::from(e.token),
-            refresh_at: at(e.refresh_at_ms),
-            expires_at: at(e.expires_at_ms),
-            password_mac,
-        }))
-    }
-
-    async fn put_shared(
-        &self,
-        shared: &Shared,
-        key: &str,
-        c: &Cached,
-        mac: Option<[u8; 32]>,
-    ) -> Result<(), crate::shared::SharedError> {
-        let (now, now_ms) = (Instant::now(), crate::shared::unix_ms());
-        let left = |t: Instant| t.saturating_duration_since(now);
-        let entry = SharedEntry {
-            token: c.token.expose_secret().to_string(),
-            refresh_at_ms: now_ms + left(c.refresh_at).as_millis() as u64,
-            expires_at_ms: now_ms + left(c.expires_at).as_millis() as u64,
-            password_mac: mac.map(|m| hex(&m)),
-        };
-        let bytes = serde_json::to_vec(&entry).expect("plain struct serializes");
-        // Kept only while it is worth giving out: until renewal is due.
-        shared.put_access(key, &bytes, left(c.refresh_at)).await
-    }
-
+impl Tokens {
     /// One token, retrying temporary failures with backoff.
     async fn request(&self, id: &Identity) -> Result<Cached, AuthError> {
         let started = Instant::now();
@@ -534,22 +362,7 @@ impl Tokens {
                     .await
             }
             Grant::RefreshToken => {
-                let refresh = match &self.shared {
-                    Some(shared) => match shared.load_refresh(&id.account).await {
-                        Ok(Some(t)) => t,
-                        Ok(None) => {
-                            return Err((
-                                AuthError::TokenRefused(format!(
-                                    "no refresh token stored; run `oxbridge login {}`",
-                                    id.account
-                                )),
-                                None,
-                            ))
-                        }
-                        Err(e) => return Err((AuthError::TokenUnavailable(e.to_string()), None)),
-                    },
-                    None => self.stored_refresh_token(&id.account)?,
-                };
+                let refresh = self.stored_refresh_token(&id.account).await?;
                 let token = RefreshToken::new(refresh.expose_secret().to_string());
                 stored_refresh = Some(refresh);
                 self.client
@@ -573,19 +386,8 @@ impl Tokens {
             }
             (error, retry_after)
         })?;
-        if let (Some(old), Some(shared)) = (&stored_refresh, &self.shared) {
-            if let Some(new) = response.refresh_token() {
-                if new.secret() != old.expose_secret() {
-                    shared
-                        .save_refresh_or_keep(
-                            &id.account,
-                            &SecretString::from(new.secret().to_string()),
-                        )
-                        .await;
-                }
-            }
-        } else if let (Some(old), Some(store)) = (&stored_refresh, &self.store) {
-            self.save_rotated(store, id, old, &response)?;
+        if let Some(old) = &stored_refresh {
+            self.save_rotated(id, old, &response).await?;
         }
         let lifetime = response.expires_in().unwrap_or(DEFAULT_TOKEN_LIFETIME);
         let now = Instant::now();
@@ -597,15 +399,12 @@ impl Tokens {
         })
     }
 
-    fn stored_refresh_token(
+    /// The refresh token of `account` from the state.
+    async fn stored_refresh_token(
         &self,
         account: &str,
     ) -> Result<SecretString, (AuthError, Option<Duration>)> {
-        let store = self
-            .store
-            .as_ref()
-            .ok_or_else(|| (AuthError::TokenRefused("no token store".into()), None))?;
-        match store.load(account) {
+        match self.state.load_refresh(account).await {
             Ok(Some(t)) => Ok(t),
             Ok(None) => Err((
                 AuthError::TokenRefused(format!(
@@ -613,6 +412,9 @@ impl Tokens {
                 )),
                 None,
             )),
+            Err(e @ StateError::NoTokenStore) => {
+                Err((AuthError::TokenRefused(e.to_string()), None))
+            }
             // A store that cannot be read now may be readable later: never
             // a reason to ask for a new consent.
             Err(e) => Err((AuthError::TokenUnavailable(e.to_string()), None)),
@@ -620,9 +422,8 @@ impl Tokens {
     }
 
     /// Save a rotated refresh token before its access token is used.
-    fn save_rotated(
+    async fn save_rotated(
         &self,
-        store: &Store,
         id: &Identity,
         old: &SecretString,
         response: &BasicTokenResponse,
@@ -633,8 +434,9 @@ impl Tokens {
         if new.secret() == old.expose_secret() {
             return Ok(());
         }
-        store
-            .save(&id.account, &SecretString::from(new.secret().to_string()))
+        self.state
+            .keep_rotated(&id.account, &SecretString::from(new.secret().to_string()))
+            .await
             .map_err(|e| {
                 error!(account = %id.account, error = %e, "cannot save the rotated refresh token");
                 (
@@ -685,9 +487,178 @@ pub fn first_line(s: &str) -> &str {
         .unwrap_or(line.len())]
 }
 
+/// How long a refresh lease lasts unless its holder renews it (every
+/// [`LEASE_RENEW`] while its request runs): a replica that dies holding it
+/// blocks the others this long at most.
+pub const LEASE: Duration = Duration::from_secs(10);
+pub const LEASE_RENEW: Duration = Duration::from_secs(3);
+/// The first and the longest pause between looks at the replicas' cache
+/// while another replica holds the lease.
+pub const POLL_FIRST: Duration = Duration::from_millis(20);
+pub const POLL_MAX: Duration = Duration::from_millis(250);
+
+/// A cache entry as the replicas keep it (sealed by the state).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ReplicaEntry {
+    token: String,
+    refresh_at_ms: u64,
+    expires_at_ms: u64,
+    password_mac: Option<String>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Tokens {
+    /// A token for `id` when the local cache has none: from the replicas'
+    /// cache, or requested under the lease, or (file backend, or Redis
+    /// unreachable) requested by this process alone. The flag says whether
+    /// it was requested now.
+    async fn obtain(
+        &self,
+        id: &Identity,
+        key: &str,
+        mac: Option<[u8; 32]>,
+    ) -> Result<(Cached, bool), AuthError> {
+        let usable = |c: &Cached| Instant::now() < c.refresh_at && c.password_mac == mac;
+        let deadline = Instant::now() + TOKEN_DEADLINE;
+        let mut pause = POLL_FIRST;
+        let mut waited = false;
+        loop {
+            match self.replicas_cached(key).await {
+                Ok(Some(c)) if usable(&c) => {
+                    info!(account = %id.account, waited, "access token from the shared store");
+                    return Ok((c, false));
+                }
+                Ok(_) => {}
+                Err(e) => return self.alone(id, e).await,
+            }
+            match self.state.lease(key, LEASE).await {
+                Ok(Some(fence)) => {
+                    // Another replica may have finished between our look and our lease.
+                    if let Ok(Some(c)) = self.replicas_cached(key).await {
+                        if usable(&c) {
+                            let _ = self.state.release_lease(key, &fence).await;
+                            return Ok((c, false));
+                        }
+                    }
+                    let request = self.request(id);
+                    tokio::pin!(request);
+                    let result = loop {
+                        tokio::select! {
+                            r = &mut request => break r,
+                            _ = tokio::time::sleep(LEASE_RENEW) => {
+                                match self.state.renew_lease(key, &fence, LEASE).await {
+                                    Ok(true) => {}
+                                    Ok(false) => warn!(account = %id.account, "refresh lease lost while the request runs"),
+                                    Err(e) => warn!(account = %id.account, error = %e, "cannot renew the refresh lease"),
+                                }
+                            }
+                        }
+                    };
+                    if let Ok(c) = &result {
+                        if let Err(e) = self.put_for_replicas(key, c, mac).await {
+                            warn!(account = %id.account, error = %e, "cannot share the new access token");
+                        }
+                    }
+                    if let Err(e) = self.state.release_lease(key, &fence).await {
+                        warn!(account = %id.account, error = %e, "cannot release the refresh lease; it expires by itself");
+                    }
+                    return result.map(|c| (c, true));
+                }
+                Ok(None) => {
+                    waited = true;
+                    if Instant::now() + pause >= deadline {
+                        return Err(AuthError::TokenUnavailable(format!(
+                            "another replica's token request did not finish within {} s",
+                            TOKEN_DEADLINE.as_secs()
+                        )));
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(POLL_MAX);
+                }
+                Err(e) => return self.alone(id, e).await,
+            }
+        }
+    }
+
+    /// The replicas could not be asked: request without them.
+    async fn alone(&self, id: &Identity, alone: Alone) -> Result<(Cached, bool), AuthError> {
+        if let Some(e) = alone.failure() {
+            warn!(account = %id.account, error = %e, "shared store unavailable; requesting the token without the other replicas");
+            crate::metrics::shared_store_error("token");
+        }
+        Ok((self.request(id).await?, true))
+    }
+
+    /// The replicas' cached token of `key`; None if there is none or it does
+    /// not parse.
+    async fn replicas_cached(&self, key: &str) -> Result<Option<Cached>, Alone> {
+        let Some(bytes) = self.state.get_access(key).await? else {
+            return Ok(None);
+        };
+        let Ok(e) = serde_json::from_slice::<ReplicaEntry>(&bytes) else {
+            return Ok(None);
+        };
+        let (now, now_ms) = (Instant::now(), unix_ms());
+        let at = |ms: u64| now + Duration::from_millis(ms.saturating_sub(now_ms));
+        let password_mac = match e.password_mac {
+            None => None,
+            Some(h) => {
+                let bytes: Vec<u8> = (0..h.len() / 2)
+                    .filter_map(|i| u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok())
+                    .collect();
+                match <[u8; 32]>::try_from(bytes) {
+                    Ok(m) => Some(m),
+                    Err(_) => return Ok(None),
+                }
+            }
+        };
+        Ok(Some(Cached {
+            token: SecretString::from(e.token),
+            refresh_at: at(e.refresh_at_ms),
+            expires_at: at(e.expires_at_ms),
+            password_mac,
+        }))
+    }
+
+    /// Give the replicas `c`, the new token of `key`.
+    async fn put_for_replicas(
+        &self,
+        key: &str,
+        c: &Cached,
+        mac: Option<[u8; 32]>,
+    ) -> Result<(), Alone> {
+        let (now, now_ms) = (Instant::now(), unix_ms());
+        let left = |t: Instant| t.saturating_duration_since(now);
+        let entry = ReplicaEntry {
+            token: c.token.expose_secret().to_string(),
+            refresh_at_ms: now_ms + left(c.refresh_at).as_millis() as u64,
+            expires_at_ms: now_ms + left(c.expires_at).as_millis() as u64,
+            password_mac: mac.map(|m| hex(&m)),
+        };
+        let bytes = serde_json::to_vec(&entry).expect("plain struct serializes");
+        // Kept only while it is worth giving out: until renewal is due.
+        self.state.put_access(key, &bytes, left(c.refresh_at)).await
+    }
+
+    /// Forget the replicas' cached token of `key` if it is this very
+    /// `token` (another replica may have put a newer one there).
+    async fn forget_for_replicas(&self, key: &str, token: &SecretString) {
+        if let Ok(Some(entry)) = self.replicas_cached(key).await {
+            if entry.token.expose_secret() == token.expose_secret() {
+                let _ = self.state.delete_access(key).await;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::seal::KeySource;
+    use crate::state::{FileStore, RedisStore};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -769,31 +740,39 @@ mod tests {
         )
     }
 
+    /// The tokens of the file backend without a token store.
     fn tokens(url: &str) -> Tokens {
+        tokens_in(url, State::File(None))
+    }
+
+    fn tokens_in(url: &str, state: State) -> Tokens {
         let config: OAuthConfig = toml::from_str(&format!(
             "client_id = \"app\"\nclient_secret = \"app-secret\"\ntoken_url = \"{url}\""
         ))
         .unwrap();
-        let mut t = Tokens::new(&config, &[Protocol::Smtp], None).unwrap();
+        let mut t = Tokens::new(&config, &[Protocol::Smtp], Arc::new(state)).unwrap();
         t.backoff = Duration::from_millis(10);
         t
     }
 
+    fn file_store(dir: &std::path::Path) -> FileStore {
+        FileStore::open(dir, &KeySource::File(dir.join("k"))).unwrap()
+    }
+
+    /// Tokens of the file backend with a token store in `dir` (holding
+    /// `refresh_token`, if any), and a second handle on that store.
     fn with_store(
         url: &str,
         dir: &std::path::Path,
         refresh_token: Option<&str>,
-    ) -> (Tokens, Arc<Store>) {
-        let store =
-            Arc::new(Store::open(dir, crate::store::KeySource::File(&dir.join("k"))).unwrap());
+    ) -> (Tokens, FileStore) {
+        let store = file_store(dir);
         if let Some(rt) = refresh_token {
             store
                 .save("acct@x.test", &SecretString::from(rt.to_string()))
                 .unwrap();
         }
-        let mut t = tokens(url);
-        t.store = Some(store.clone());
-        (t, store)
+        (tokens_in(url, State::File(Some(store))), file_store(dir))
     }
 
     fn rotated(token: &str, expires_in: u64, refresh: &str) -> (u16, String) {
@@ -805,7 +784,7 @@ mod tests {
         )
     }
 
-    fn stored(store: &Store) -> String {
+    fn stored(store: &FileStore) -> String {
         store
             .load("acct@x.test")
             .unwrap()
@@ -866,18 +845,18 @@ mod tests {
         )
         .await;
         // Nothing listens on port 1: every Redis operation fails.
-        let shared = Arc::new(
-            Shared::new(
+        let redis = Arc::new(
+            RedisStore::new(
                 &SecretString::from("redis://127.0.0.1:1/".to_string()),
                 None,
                 secrecy::SecretBox::new(Box::new(vec![3u8; 32])),
             )
             .unwrap(),
         );
-        shared
+        redis
             .save_refresh_or_keep("acct@x.test", &SecretString::from("rt-1".to_string()))
             .await;
-        let tokens = tokens(&url).with_shared(shared.clone());
+        let tokens = tokens_in(&url, State::Redis(redis.clone()));
         let id = identity(Grant::RefreshToken, "acct@x.test", None);
         assert_eq!(
             tokens.get(&id).await.unwrap().secret.expose_secret(),
@@ -891,9 +870,9 @@ mod tests {
         let bodies = bodies.lock().unwrap().clone();
         assert!(bodies[0].contains("refresh_token=rt-1"), "{}", bodies[0]);
         assert!(bodies[1].contains("refresh_token=rt-2"), "{}", bodies[1]);
-        assert_eq!(shared.pending_writes(), 1);
+        assert_eq!(redis.pending_writes(), 1);
         assert_eq!(
-            shared
+            redis
                 .load_refresh("acct@x.test")
                 .await
                 .unwrap()
@@ -1021,7 +1000,7 @@ mod tests {
             pem.display()
         ))
         .unwrap();
-        let tokens = Tokens::new(&config, &[Protocol::Smtp], None).unwrap();
+        let tokens = Tokens::new(&config, &[Protocol::Smtp], Arc::new(State::File(None))).unwrap();
         tokens
             .get(&identity(Grant::ClientCredentials, "a@x.test", None))
             .await

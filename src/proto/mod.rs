@@ -209,7 +209,7 @@ pub async fn login(
     let login = creds.login.clone();
     let result: Result<(Upstream, Identity), AuthError> = async {
         app.throttle
-            .check_shared(peer.ip(), &login)
+            .check(peer.ip(), &login)
             .await
             .map_err(AuthError::Throttled)?;
         let id = app
@@ -227,12 +227,12 @@ pub async fn login(
         };
         match &result {
             Err(AuthError::BadCredentials(_)) => {
-                tokio::time::sleep(app.throttle.failure_shared(peer.ip(), &login).await).await
+                tokio::time::sleep(app.throttle.failure(peer.ip(), &login).await).await
             }
             Err(AuthError::TokenRefused(_)) if password_grant => {
-                tokio::time::sleep(app.throttle.failure_shared(peer.ip(), &login).await).await
+                tokio::time::sleep(app.throttle.failure(peer.ip(), &login).await).await
             }
-            Ok(_) => app.throttle.success_shared(peer.ip(), &login).await,
+            Ok(_) => app.throttle.success(peer.ip(), &login).await,
             Err(_) => {}
         }
         result
