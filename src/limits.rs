@@ -124,8 +124,8 @@ impl MailboxLimits {
                 Ok(None) => {}
                 Err(alone) => {
                     if let Some(e) = alone.failure() {
-                        tracing::warn!(%mailbox, error = %e, "shared store unavailable; limiting upstream sessions per replica");
-                        crate::metrics::shared_store_error("limits");
+                        tracing::warn!(%mailbox, error = %e, "Redis unavailable; limiting upstream sessions per replica");
+                        crate::metrics::redis_error("limits");
                     }
                     if queued {
                         gate.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -203,11 +203,11 @@ fn heartbeat(state: Arc<State>, set: String, member: String) -> CancellationToke
                 _ = tokio::time::sleep(HEARTBEAT) => {
                     match state.renew_slot(&set, &member, SLOT_LIFE).await {
                         Ok(true) => {}
-                        Ok(false) => tracing::warn!(slot = %set, "shared session slot expired while held (Redis restarted?)"),
+                        Ok(false) => tracing::warn!(slot = %set, "session slot in Redis expired while held (Redis restarted?)"),
                         Err(e) => {
-                            tracing::debug!(slot = %set, error = %e, "cannot renew the shared session slot");
+                            tracing::debug!(slot = %set, error = %e, "cannot renew the session slot in Redis");
                             if e.failure().is_some() {
-                                crate::metrics::shared_store_error("limits");
+                                crate::metrics::redis_error("limits");
                             }
                         }
                     }
@@ -215,7 +215,7 @@ fn heartbeat(state: Arc<State>, set: String, member: String) -> CancellationToke
             }
         }
         if let Err(e) = state.release_slot(&set, &member).await {
-            tracing::warn!(slot = %set, error = %e, "cannot release the shared session slot; it expires by itself");
+            tracing::warn!(slot = %set, error = %e, "cannot release the session slot in Redis; it expires by itself");
         }
     });
     stop

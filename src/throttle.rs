@@ -87,8 +87,8 @@ impl Throttle {
     /// The state counted alone: warn if that is because Redis failed.
     fn alone(&self, alone: Alone) {
         if let Some(e) = alone.failure() {
-            tracing::warn!(error = %e, "shared store unavailable; counting failed logins on this replica only");
-            crate::metrics::shared_store_error("throttle");
+            tracing::warn!(error = %e, "Redis unavailable; counting failed logins on this replica only");
+            crate::metrics::redis_error("throttle");
         }
     }
 

@@ -528,7 +528,7 @@ impl Tokens {
         loop {
             match self.replicas_cached(key).await {
                 Ok(Some(c)) if usable(&c) => {
-                    info!(account = %id.account, waited, "access token from the shared store");
+                    info!(account = %id.account, waited, "access token from Redis");
                     return Ok((c, false));
                 }
                 Ok(_) => {}
@@ -559,7 +559,7 @@ impl Tokens {
                     };
                     if let Ok(c) = &result {
                         if let Err(e) = self.put_for_replicas(key, c, mac).await {
-                            warn!(account = %id.account, error = %e, "cannot share the new access token");
+                            warn!(account = %id.account, error = %e, "cannot put the new access token in Redis");
                         }
                     }
                     if let Err(e) = self.state.release_lease(key, &fence).await {
@@ -586,8 +586,8 @@ impl Tokens {
     /// The replicas could not be asked: request without them.
     async fn alone(&self, id: &Identity, alone: Alone) -> Result<(Cached, bool), AuthError> {
         if let Some(e) = alone.failure() {
-            warn!(account = %id.account, error = %e, "shared store unavailable; requesting the token without the other replicas");
-            crate::metrics::shared_store_error("token");
+            warn!(account = %id.account, error = %e, "Redis unavailable; requesting the token without the other replicas");
+            crate::metrics::redis_error("token");
         }
         Ok((self.request(id).await?, true))
     }

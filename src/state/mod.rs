@@ -16,7 +16,7 @@
 //! [`Alone`]: the caller then does it in this process. That is the normal
 //! answer of the file backend ([`Alone::Single`]: this process is the whole
 //! count) and the fallback of Redis when it fails ([`Alone::Failed`]: the
-//! caller warns and counts it in `oxbridge_shared_store_errors_total`).
+//! caller warns and counts it in `oxbridge_redis_errors_total`).
 
 pub mod file;
 pub mod redis;
@@ -37,7 +37,7 @@ use seal::{KeySource, KEY_LEN};
 pub enum StateError {
     #[error("token store: {0}")]
     File(String),
-    #[error("shared store (redis): {0}")]
+    #[error("redis store: {0}")]
     Redis(String),
     /// The file backend without a token store: no `refresh_token` account
     /// existed at start.
@@ -126,7 +126,7 @@ impl State {
         match self {
             State::File(Some(store)) => store.state_dir().display().to_string(),
             State::File(None) => "no token store".into(),
-            State::Redis(_) => "the shared store (redis)".into(),
+            State::Redis(_) => "Redis".into(),
         }
     }
 
@@ -373,7 +373,7 @@ mod tests {
         )
         .unwrap();
         let state = State::Redis(Arc::new(store));
-        assert_eq!(state.location(), "the shared store (redis)");
+        assert_eq!(state.location(), "Redis");
         let alone = state.get_access("app").await.unwrap_err();
         assert!(
             matches!(alone.failure(), Some(StateError::Redis(_))),

@@ -204,7 +204,7 @@ impl RedisStore {
         .await
         .map_err(|_| StateError::Redis("connect timed out".into()))?
         .map_err(redis_err)?;
-        tracing::info!("connected to the shared store (redis)");
+        tracing::info!("connected to the Redis store");
         *lock(&self.conn) = Some(made.clone());
         Ok(made)
     }
@@ -305,7 +305,7 @@ impl RedisStore {
                 // this replica saw last is the newest there is. Put it back.
                 let known = self.known(&account);
                 if let Some(token) = &known {
-                    tracing::warn!(%account, "refresh token missing from the shared store; restoring the one this replica read last");
+                    tracing::warn!(%account, "refresh token missing from Redis; restoring the one this replica read last");
                     if let Err(e) = self.write_refresh(&account, token).await {
                         tracing::warn!(%account, error = %e, "cannot restore the refresh token");
                     }
@@ -314,7 +314,7 @@ impl RedisStore {
             }
             Err(e) => match self.known(&account) {
                 Some(token) => {
-                    tracing::warn!(%account, error = %e, "shared store unreachable; using the refresh token this replica read last");
+                    tracing::warn!(%account, error = %e, "Redis unreachable; using the refresh token this replica read last");
                     Ok(Some(token))
                 }
                 None => Err(e),
@@ -348,7 +348,7 @@ impl RedisStore {
     /// until Redis takes it. Never dropped.
     pub async fn save_refresh_or_keep(self: &Arc<Self>, account: &str, token: &SecretString) {
         if let Err(e) = self.save_refresh(account, token).await {
-            tracing::error!(%account, error = %e, "cannot write the rotated refresh token to the shared store; keeping it in memory and retrying");
+            tracing::error!(%account, error = %e, "cannot write the rotated refresh token to Redis; keeping it in memory and retrying");
             lock(&self.pending).insert(account.to_lowercase(), token.clone());
             if !self.retrying.swap(true, Ordering::SeqCst) {
                 let me = self.clone();
@@ -374,7 +374,7 @@ impl RedisStore {
                     {
                         pending.remove(&account);
                     }
-                    tracing::info!(%account, "rotated refresh token written to the shared store");
+                    tracing::info!(%account, "rotated refresh token written to Redis");
                 }
             }
             let mut pending = lock(&self.pending);
