@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
-use super::seal::{create_private_dir, KeySource, OpenError, Seal, FILE_MAGIC};
+use super::seal::{create_private_dir, KeySource, OpenError, Seal, FILE_MAGIC, PRIVATE_FILE_MODE};
 use super::StateError;
 use crate::config::Config;
 
@@ -132,7 +132,7 @@ impl FileStore {
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
+            .mode(PRIVATE_FILE_MODE)
             .open(&temp)
             .map_err(|e| err(temp.display(), e))?;
         f.write_all(&sealed)

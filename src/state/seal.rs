@@ -37,6 +37,10 @@ pub const REDIS_MAGIC: &[u8; 4] = b"OXR1";
 pub const NONCE_LEN: usize = 24;
 /// The store key, and every key derived from it.
 pub const KEY_LEN: usize = 32;
+/// The mode of every file oxbridge keeps a secret in (key, tokens).
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// The mode of the directories it creates for them.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
 /// Permission bits that must be clear on a key file (group and others).
 const NOT_PRIVATE: u32 = 0o077;
 
@@ -154,7 +158,7 @@ pub fn create_private_dir(dir: &Path) -> Result<(), String> {
     if !dir.exists() {
         fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(PRIVATE_DIR_MODE)
             .create(dir)
             .map_err(|e| format!("state_dir {}: {e}", dir.display()))?;
     }
@@ -186,7 +190,7 @@ fn load_or_create_key(path: &Path) -> Result<SecretBox<Vec<u8>>, String> {
             match OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .mode(0o600)
+                .mode(PRIVATE_FILE_MODE)
                 .open(path)
             {
                 Ok(mut f) => {
@@ -264,7 +268,7 @@ mod tests {
         let made = KeySource::File(path.clone()).read(true).unwrap();
         assert_eq!(
             fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
+            PRIVATE_FILE_MODE
         );
         let again = KeySource::File(path).read(false).unwrap();
         assert_eq!(made.expose_secret(), again.expose_secret());
