@@ -7,9 +7,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::accounts::Accounts;
-use crate::config::{self, Config, Grant, RelayConfig};
+use crate::config::{Config, Grant, RelayConfig};
+use crate::state::{FileStore, State, StateError};
 use crate::upstream::Dialer;
-use crate::{limits, oauth, shared, store, throttle};
+use crate::{limits, oauth, throttle};
 
 /// What every session shares, built once at start-up.
 pub struct App {
@@ -34,30 +35,12 @@ pub struct StartError(pub String);
 
 impl App {
     pub fn new(config: Config) -> Result<App, StartError> {
-        let shared = open_shared(&config)
-            .map_err(|e| StartError(e.to_string()))?
-            .map(Arc::new);
-        let store = if shared.is_none()
-            && config
-                .accounts
-                .iter()
-                .any(|a| a.grant == Grant::RefreshToken)
-        {
-            Some(Arc::new(
-                open_store(&config).map_err(|e| StartError(e.to_string()))?,
-            ))
-        } else {
-            None
-        };
-        let mut tokens =
-            oauth::Tokens::new(&config.oauth, &config.protocols(), store).map_err(StartError)?;
-        let mut mailbox_limits = limits::MailboxLimits::new(&config.limits);
-        let mut throttle = throttle::Throttle::new(&config.limits);
-        if let Some(shared) = shared {
-            tokens = tokens.with_shared(shared.clone());
-            mailbox_limits = mailbox_limits.with_shared(shared.clone());
-            throttle = throttle.with_shared(shared);
-        }
+        // The one place where the backend (files or Redis) is chosen.
+        let state = Arc::new(State::open(&config).map_err(|e| StartError(e.to_string()))?);
+        let tokens = oauth::Tokens::new(&config.oauth, &config.protocols(), state.clone())
+            .map_err(StartError)?;
+        let mailbox_limits = limits::MailboxLimits::new(&config.limits, state.clone());
+        let throttle = throttle::Throttle::new(&config.limits, state);
         let dialer = Dialer::new(&config.upstream).map_err(StartError)?;
         Ok(App {
             accounts: ArcSwap::from_pointee(Accounts::new(&config.accounts)),
@@ -92,48 +75,21 @@ impl App {
     /// effect for new logins; sessions under way keep going. Other sections
     /// need a restart: a change there is reported, not applied.
     pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, String> {
-        let needs_store = new
-            .accounts
-            .iter()
-            .any(|a| a.grant == Grant::RefreshToken);
+        let needs_store = new.accounts.iter().any(|a| a.grant == Grant::RefreshToken);
         if needs_store && !self.tokens.has_store() {
             return Err("the first refresh_token account needs a restart (the token store is opened at start)".into());
         }
         let ignored = self.config.restart_only_changes(&new);
-        self.accounts
-            .store(Arc::new(Accounts::new(&new.accounts)));
+        self.accounts.store(Arc::new(Accounts::new(&new.accounts)));
         self.relays.store(Arc::new(new.relays));
         Ok(ignored)
     }
 }
 
-/// The token store of this config.
-pub fn open_store(config: &Config) -> Result<store::Store, store::StoreError> {
-    let key_file = config.store_key_file();
-    let key = match &config.store.key_env {
-        Some(var) => store::KeySource::Env(var),
-        None => store::KeySource::File(&key_file),
-    };
-    store::Store::open(&config.state_dir, key)
-}
-
-/// The shared store of this config (`backend = "redis"`), or None. It
-/// connects on first use.
-pub fn open_shared(config: &Config) -> Result<Option<shared::Shared>, shared::SharedError> {
-    if config.store.backend != config::StoreBackend::Redis {
-        return Ok(None);
-    }
-    let url =
-        config.store.url.as_ref().ok_or_else(|| {
-            shared::SharedError("store.url: needed with backend = \"redis\"".into())
-        })?;
-    let key_file = config.store_key_file();
-    let source = match &config.store.key_env {
-        Some(var) => store::KeySource::Env(var),
-        None => store::KeySource::File(&key_file),
-    };
-    let key = store::read_key(source, false).map_err(|e| shared::SharedError(e.0))?;
-    shared::Shared::new(url, config.store.key_prefix.as_deref(), key).map(Some)
+/// The file token store of this config (`state_dir`), whatever its
+/// backend: for the tests and tools that read refresh tokens directly.
+pub fn open_store(config: &Config) -> Result<FileStore, StateError> {
+    FileStore::of(config)
 }
 
 fn hostname() -> String {

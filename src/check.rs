@@ -9,9 +9,9 @@
 use std::io::Write;
 use std::time::Instant;
 
+use crate::app::App;
 use crate::config::{Config, Grant};
 use crate::error::AuthError;
-use crate::app::App;
 use crate::{diagnose, login};
 
 /// Run every check; `Ok(true)` when none failed.

@@ -43,12 +43,12 @@ pub mod net;
 pub mod oauth;
 mod relay;
 mod server;
-mod shared;
-mod store;
+mod state;
 mod throttle;
 mod upstream;
 pub mod wire;
 
 pub use accounts::hash_password;
-pub use app::{open_shared, open_store, StartError};
+pub use app::{open_store, StartError};
 pub use server::{run, Control};
+pub use state::State;

@@ -6,14 +6,15 @@
 //! `[limits] mailbox_wait_s`, and at most `mailbox_queue` devices wait for
 //! one mailbox at once. The permit lives as long as the relayed session.
 //!
-//! With the shared store (Redis), the count is over all replicas: a sorted
-//! set per (protocol, mailbox) whose members are `replica:slot` scored by
-//! their expiry. Taking a slot is one script (drop expired members, count,
-//! add if below the limit); a held slot is renewed every [`HEARTBEAT`] to
-//! expire [`SLOT_LIFE`] later, and removed when the session ends, so a
-//! crashed replica's slots free themselves. Waiting devices look again
-//! with backoff. If Redis fails, this replica's own semaphores apply (with
-//! a warning): the limit then holds per replica only.
+//! With the Redis backend, the count is over all replicas: a sorted set per
+//! (protocol, mailbox) whose members are `replica:slot` scored by their
+//! expiry. Taking a slot is one script (drop expired members, count, add if
+//! below the limit); a held slot is renewed every [`HEARTBEAT`] to expire
+//! [`SLOT_LIFE`] later, and removed when the session ends, so a crashed
+//! replica's slots free themselves. Waiting devices look again with
+//! backoff. When the state counts alone (the file backend always; Redis
+//! when it fails, with a warning) this process's own semaphores apply: the
+//! limit then holds per replica only.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,27 +26,28 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{LimitsConfig, Protocol};
 use crate::error::AuthError;
-use crate::shared::Shared;
+use crate::state::State;
 
-/// How long a shared slot lives without a heartbeat.
+/// How long a slot in Redis lives without a heartbeat.
 pub const SLOT_LIFE: Duration = Duration::from_secs(30);
-/// How often a held shared slot is renewed.
+/// How often a held slot in Redis is renewed.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
-/// First and longest pause between looks for a free shared slot.
+/// First and longest pause between looks for a free slot in Redis.
 pub const SLOT_POLL_FIRST: Duration = Duration::from_millis(25);
 pub const SLOT_POLL_MAX: Duration = Duration::from_millis(500);
 
 /// One upstream session of a mailbox, held until dropped.
 pub enum Slot {
+    /// A permit of this process's semaphore.
     Local(OwnedSemaphorePermit),
-    /// A member of the shared set; dropping it stops the heartbeat, which
-    /// then removes the member.
-    Shared(CancellationToken),
+    /// A member of the replicas' set; dropping it stops the heartbeat,
+    /// which then removes the member.
+    Replicas(CancellationToken),
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Slot::Shared(stop) = self {
+        if let Slot::Replicas(stop) = self {
             stop.cancel();
         }
     }
@@ -64,7 +66,7 @@ pub struct MailboxLimits {
     wait: Duration,
     queue: usize,
     gates: Mutex<HashMap<(Protocol, String), Arc<Gate>>>,
-    shared: Option<Arc<Shared>>,
+    state: Arc<State>,
 }
 
 fn index(p: Protocol) -> usize {
@@ -76,21 +78,16 @@ fn index(p: Protocol) -> usize {
 }
 
 impl MailboxLimits {
-    pub fn new(limits: &LimitsConfig) -> MailboxLimits {
+    /// The limits of `[limits]`, counted over the replicas of `state`.
+    pub fn new(limits: &LimitsConfig, state: Arc<State>) -> MailboxLimits {
         MailboxLimits {
             per_protocol: [Protocol::Smtp, Protocol::Imap, Protocol::Pop3]
                 .map(|p| limits.sessions_per_mailbox(p)),
             wait: Duration::from_secs(limits.mailbox_wait_s),
             queue: limits.mailbox_queue,
             gates: Mutex::new(HashMap::new()),
-            shared: None,
+            state,
         }
-    }
-
-    /// Count sessions over all replicas through `shared`.
-    pub fn with_shared(mut self, shared: Arc<Shared>) -> MailboxLimits {
-        self.shared = Some(shared);
-        self
     }
 
     fn gate(&self, protocol: Protocol, mailbox: &str) -> Arc<Gate> {
@@ -110,34 +107,26 @@ impl MailboxLimits {
             .clone()
     }
 
-    /// A session slot for this mailbox, waiting in line if all are taken.
+    /// A session slot for this mailbox, waiting in line if all are taken:
+    /// over all replicas, or in this process when the state counts alone.
     pub async fn acquire(&self, protocol: Protocol, mailbox: &str) -> Result<Slot, AuthError> {
-        match &self.shared {
-            None => self.acquire_local(protocol, mailbox).await.map(Slot::Local),
-            Some(shared) => self.acquire_shared(shared, protocol, mailbox).await,
-        }
-    }
-
-    async fn acquire_shared(
-        &self,
-        shared: &Arc<Shared>,
-        protocol: Protocol,
-        mailbox: &str,
-    ) -> Result<Slot, AuthError> {
         let limit = self.per_protocol[index(protocol)];
         let set = format!("{protocol}:{}", mailbox.to_lowercase());
-        let member = format!("{}:{:016x}", shared.replica, rand::random::<u64>());
         let gate = self.gate(protocol, mailbox);
         let started = tokio::time::Instant::now();
         let mut pause = SLOT_POLL_FIRST;
         let mut queued = false;
         let result = loop {
-            match shared.acquire_slot(&set, &member, limit, SLOT_LIFE).await {
-                Ok(true) => break Ok(Slot::Shared(heartbeat(shared.clone(), set, member))),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(%mailbox, error = %e, "shared store unavailable; limiting upstream sessions per replica");
-                    crate::metrics::shared_store_error("limits");
+            match self.state.acquire_slot(&set, limit, SLOT_LIFE).await {
+                Ok(Some(member)) => {
+                    break Ok(Slot::Replicas(heartbeat(self.state.clone(), set, member)))
+                }
+                Ok(None) => {}
+                Err(alone) => {
+                    if let Some(e) = alone.failure() {
+                        tracing::warn!(%mailbox, error = %e, "Redis unavailable; limiting upstream sessions per replica");
+                        crate::metrics::redis_error("limits");
+                    }
                     if queued {
                         gate.waiting.fetch_sub(1, Ordering::SeqCst);
                     }
@@ -173,15 +162,6 @@ impl MailboxLimits {
         result
     }
 
-    async fn acquire_local(
-        &self,
-        protocol: Protocol,
-        mailbox: &str,
-    ) -> Result<OwnedSemaphorePermit, AuthError> {
-        self.acquire_local_within(protocol, mailbox, self.wait)
-            .await
-    }
-
     async fn acquire_local_within(
         &self,
         protocol: Protocol,
@@ -213,7 +193,7 @@ impl MailboxLimits {
 
 /// Keep `member` of `set` alive until the returned token is cancelled,
 /// then remove it.
-fn heartbeat(shared: Arc<Shared>, set: String, member: String) -> CancellationToken {
+fn heartbeat(state: Arc<State>, set: String, member: String) -> CancellationToken {
     let stop = CancellationToken::new();
     let stopped = stop.clone();
     tokio::spawn(async move {
@@ -221,19 +201,21 @@ fn heartbeat(shared: Arc<Shared>, set: String, member: String) -> CancellationTo
             tokio::select! {
                 _ = stopped.cancelled() => break,
                 _ = tokio::time::sleep(HEARTBEAT) => {
-                    match shared.renew_slot(&set, &member, SLOT_LIFE).await {
+                    match state.renew_slot(&set, &member, SLOT_LIFE).await {
                         Ok(true) => {}
-                        Ok(false) => tracing::warn!(slot = %set, "shared session slot expired while held (Redis restarted?)"),
+                        Ok(false) => tracing::warn!(slot = %set, "session slot in Redis expired while held (Redis restarted?)"),
                         Err(e) => {
-                            tracing::debug!(slot = %set, error = %e, "cannot renew the shared session slot");
-                            crate::metrics::shared_store_error("limits");
+                            tracing::debug!(slot = %set, error = %e, "cannot renew the session slot in Redis");
+                            if e.failure().is_some() {
+                                crate::metrics::redis_error("limits");
+                            }
                         }
                     }
                 }
             }
         }
-        if let Err(e) = shared.release_slot(&set, &member).await {
-            tracing::warn!(slot = %set, error = %e, "cannot release the shared session slot; it expires by itself");
+        if let Err(e) = state.release_slot(&set, &member).await {
+            tracing::warn!(slot = %set, error = %e, "cannot release the session slot in Redis; it expires by itself");
         }
     });
     stop
@@ -244,11 +226,14 @@ mod tests {
     use super::*;
 
     fn limits(smtp: usize, wait_ms: u64, queue: usize) -> MailboxLimits {
-        let mut l = MailboxLimits::new(&LimitsConfig {
-            smtp_sessions_per_mailbox: smtp,
-            mailbox_queue: queue,
-            ..Default::default()
-        });
+        let mut l = MailboxLimits::new(
+            &LimitsConfig {
+                smtp_sessions_per_mailbox: smtp,
+                mailbox_queue: queue,
+                ..Default::default()
+            },
+            Arc::new(State::File(None)),
+        );
         l.wait = Duration::from_millis(wait_ms);
         l
     }

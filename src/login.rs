@@ -43,7 +43,7 @@ pub async fn login(
     let login = creds.login.clone();
     let result = async {
         app.throttle
-            .check_shared(peer.ip(), &login)
+            .check(peer.ip(), &login)
             .await
             .map_err(AuthError::Throttled)?;
         let id = app
@@ -61,12 +61,12 @@ pub async fn login(
         };
         match &result {
             Err(AuthError::BadCredentials(_)) => {
-                tokio::time::sleep(app.throttle.failure_shared(peer.ip(), &login).await).await
+                tokio::time::sleep(app.throttle.failure(peer.ip(), &login).await).await
             }
             Err(AuthError::TokenRefused(_)) if password_grant => {
-                tokio::time::sleep(app.throttle.failure_shared(peer.ip(), &login).await).await
+                tokio::time::sleep(app.throttle.failure(peer.ip(), &login).await).await
             }
-            Ok(_) => app.throttle.success_shared(peer.ip(), &login).await,
+            Ok(_) => app.throttle.success(peer.ip(), &login).await,
             Err(_) => {}
         }
         result
@@ -120,7 +120,11 @@ fn log_failure(login: &str, e: &AuthError) {
 
 /// `oxbridge check`: a token and an upstream login for `id`, then the
 /// connection is closed. Returns the mailbox logged in to.
-pub async fn check_login(app: &App, protocol: Protocol, id: &Identity) -> Result<String, AuthError> {
+pub async fn check_login(
+    app: &App,
+    protocol: Protocol,
+    id: &Identity,
+) -> Result<String, AuthError> {
     let mut upstream = upstream_login(app, protocol, id, "oxbridge-check").await?;
     Dialer::check_and_leave(protocol, &mut upstream.conn, &id.mailbox).await?;
     Ok(id.mailbox.clone())
@@ -136,10 +140,7 @@ async fn upstream_login(
     client_name: &str,
 ) -> Result<Upstream, AuthError> {
     let slot = app.mailbox_limits.acquire(protocol, &id.mailbox).await?;
-    let (token, dialled) = tokio::join!(
-        app.tokens.get(id),
-        app.dialer.dial(protocol, client_name)
-    );
+    let (token, dialled) = tokio::join!(app.tokens.get(id), app.dialer.dial(protocol, client_name));
     let token = token?;
     let (mut conn, offered) = dialled?;
     let capabilities =

@@ -200,22 +200,12 @@ fn login(path: PathBuf, account: &str, browser_port: Option<u16>) -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     // With backend = "redis" the token goes to Redis, else to state_dir.
-    let shared = match oxbridge::open_shared(&config) {
+    let state = match oxbridge::State::open(&config) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("oxbridge: {e}");
             return ExitCode::from(EXIT_RUNTIME);
         }
-    };
-    let store = match shared {
-        Some(_) => None,
-        None => match oxbridge::open_store(&config) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                eprintln!("oxbridge: {e}");
-                return ExitCode::from(EXIT_RUNTIME);
-            }
-        },
     };
     let request = consent::Request {
         config: &config,
@@ -232,22 +222,18 @@ fn login(path: PathBuf, account: &str, browser_port: Option<u16>) -> ExitCode {
             Some(port) => consent::browser_flow(&request, port, &mut out).await,
             None => consent::device_flow(&request, &mut out).await,
         }?;
-        match (&shared, &store) {
-            (Some(shared), _) => shared
-                .save_refresh(&entry.login, &token)
-                .await
-                .map_err(|e| e.to_string()),
-            (None, Some(store)) => store.save(&entry.login, &token).map_err(|e| e.to_string()),
-            (None, None) => unreachable!("one store is open"),
-        }
+        state
+            .save_refresh(&entry.login, &token)
+            .await
+            .map_err(|e| e.to_string())
     });
     match result {
         Ok(()) => {
-            let place = match &shared {
-                Some(_) => "the shared store (redis)".to_string(),
-                None => config.state_dir.display().to_string(),
-            };
-            println!("Stored the refresh token for {} in {place}.", entry.login);
+            println!(
+                "Stored the refresh token for {} in {}.",
+                entry.login,
+                state.location()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

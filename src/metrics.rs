@@ -26,7 +26,7 @@ pub const UPSTREAM_CONNECT_SECONDS: &str = "oxbridge_upstream_connect_duration_s
 pub const BYTES: &str = "oxbridge_relayed_bytes_total";
 pub const RELOADS: &str = "oxbridge_config_reloads_total";
 pub const PASSWORD_VERIFICATIONS: &str = "oxbridge_password_verifications_total";
-pub const SHARED_STORE_ERRORS: &str = "oxbridge_shared_store_errors_total";
+pub const REDIS_ERRORS: &str = "oxbridge_redis_errors_total";
 
 /// Histogram buckets (seconds) for token requests and upstream connects.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -48,7 +48,7 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(SESSIONS, "Device sessions ended, by protocol and outcome");
     describe_counter!(
-        SHARED_STORE_ERRORS,
+        REDIS_ERRORS,
         "Operations that fell back to this replica alone because Redis failed, by what"
     );
     describe_gauge!(SESSIONS_ACTIVE, "Device sessions open now, by protocol");
@@ -131,10 +131,10 @@ pub fn throttled(kind: &'static str) {
     counter!(THROTTLED, "kind" => kind).increment(1);
 }
 
-/// The shared store (Redis) failed and `what` (token, limits, throttle)
-/// fell back to this replica alone.
-pub fn shared_store_error(what: &'static str) {
-    counter!(SHARED_STORE_ERRORS, "what" => what).increment(1);
+/// Redis failed and `what` (token, limits, throttle) fell back to this
+/// replica alone.
+pub fn redis_error(what: &'static str) {
+    counter!(REDIS_ERRORS, "what" => what).increment(1);
 }
 
 pub fn token_request(grant: &'static str, result: &'static str, elapsed: Duration) {

@@ -151,7 +151,12 @@ where
             // Only the pump towards the device ends the session on silence,
             // with the protocol's goodbye.
             (Err(_), Some(f)) if activity.idle_for() >= idle => {
-                let _ = write_within(&mut to, wire::farewell(f.protocol, Goodbye::Idle), FAREWELL_WRITE).await;
+                let _ = write_within(
+                    &mut to,
+                    wire::farewell(f.protocol, Goodbye::Idle),
+                    FAREWELL_WRITE,
+                )
+                .await;
                 let _ = to.shutdown().await;
                 return Err("idle timeout");
             }
@@ -367,11 +372,9 @@ mod tests {
             Protocol::Smtp,
             CancellationToken::new(),
         ));
-        upstream_peer
-            .write_all(b"250 2.0.0 Ok: queued as 4A\r\n")
-            .await
-            .unwrap();
-        let mut got = vec![0u8; 29];
+        let queued = b"250 2.0.0 Ok: queued as 4A\r\n";
+        upstream_peer.write_all(queued).await.unwrap();
+        let mut got = vec![0u8; queued.len()];
         tokio::time::timeout(WAIT, device_peer.read_exact(&mut got))
             .await
             .unwrap()
@@ -407,11 +410,9 @@ mod tests {
             Protocol::Smtp,
             CancellationToken::new(),
         ));
-        upstream_peer
-            .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-            .await
-            .unwrap();
-        let mut got = vec![0u8; 38];
+        let go_ahead = b"354 End data with <CR><LF>.<CR><LF>\r\n";
+        upstream_peer.write_all(go_ahead).await.unwrap();
+        let mut got = vec![0u8; go_ahead.len()];
         device_peer.read_exact(&mut got).await.unwrap();
         drop(upstream_peer);
         let mut after = Vec::new();
@@ -419,7 +420,11 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert!(after.starts_with(b"421 4.4.2 Connection to the mail server lost during the message"));
+        assert!(
+            after.starts_with(b"421 4.4.2 Connection to the mail server lost during the message")
+        );
+        // The device, told, ends its side; the relay stops draining it.
+        device_peer.shutdown().await.unwrap();
         let r = tokio::time::timeout(WAIT, relay).await.unwrap().unwrap();
         assert_eq!(r.end, "upstream lost");
     }

@@ -50,8 +50,7 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
     let mut bound = Vec::new();
     let mut endpoints = Vec::new();
     for (i, l) in app.config.listeners.iter().enumerate() {
-        let listener =
-            Listener::new(l).map_err(|e| StartError(format!("listener[{i}]: {e}")))?;
+        let listener = Listener::new(l).map_err(|e| StartError(format!("listener[{i}]: {e}")))?;
         let socket = TcpListener::bind(l.listen).await.map_err(|e| {
             StartError(format!(
                 "listener[{i}].listen: cannot bind {}: {e}",

@@ -7,21 +7,22 @@
 //! Only counters live here, never a password. Entries expire with their
 //! window; the map is swept when it grows.
 //!
-//! With the shared store (Redis) the counters are the replicas' together:
+//! With the Redis backend the counters are the replicas' together:
 //! `fail:<address|account>` (INCR, expiring after [`WINDOW`]) and
-//! `lock:<...>` (set with the lockout's expiry). If Redis fails, this
-//! replica's own counters apply, with a warning.
+//! `lock:<...>` (set with the lockout's expiry). When the state counts
+//! alone (the file backend always; Redis when it fails, with a warning),
+//! this process's own counters apply.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::config::LimitsConfig;
-use crate::shared::Shared;
+use crate::state::{Alone, State};
 
 /// Failures older than this are forgotten.
 pub const WINDOW: Duration = Duration::from_secs(15 * 60);
@@ -50,28 +51,24 @@ pub struct Throttle {
     records: Mutex<HashMap<Key, Record>>,
     /// Logins refused because of a lockout (for metrics).
     pub refused: AtomicU64,
-    shared: Option<std::sync::Arc<Shared>>,
+    state: Arc<State>,
 }
 
 impl Throttle {
-    pub fn new(limits: &LimitsConfig) -> Throttle {
+    /// The throttle of `[limits]`, counting over the replicas of `state`.
+    pub fn new(limits: &LimitsConfig, state: Arc<State>) -> Throttle {
         Throttle {
             base_delay: Duration::from_millis(limits.login_delay_ms),
             lockout_failures: limits.login_lockout_failures,
             lockout: Duration::from_secs(limits.login_lockout_s),
             records: Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
-            shared: None,
+            state,
         }
     }
 
-    /// Count failures over all replicas through `shared`.
-    pub fn with_shared(mut self, shared: std::sync::Arc<Shared>) -> Throttle {
-        self.shared = Some(shared);
-        self
-    }
-
-    fn shared_names(ip: IpAddr, login: &str) -> [String; 2] {
+    /// The names of the address's and the account's counters in the state.
+    fn counter_names(ip: IpAddr, login: &str) -> [String; 2] {
         [
             format!("addr:{}", ip.to_canonical()),
             format!("acct:{}", login.trim().to_lowercase()),
@@ -87,37 +84,38 @@ impl Throttle {
         }
     }
 
-    fn shared_failed(&self, e: crate::shared::SharedError) {
-        tracing::warn!(error = %e, "shared store unavailable; counting failed logins on this replica only");
-        crate::metrics::shared_store_error("throttle");
+    /// The state counted alone: warn if that is because Redis failed.
+    fn alone(&self, alone: Alone) {
+        if let Some(e) = alone.failure() {
+            tracing::warn!(error = %e, "Redis unavailable; counting failed logins on this replica only");
+            crate::metrics::redis_error("throttle");
+        }
     }
 
-    /// [`Throttle::check`] over all replicas (the shared lockouts, and this
-    /// replica's own, which hold what was counted while Redis was down).
-    pub async fn check_shared(&self, ip: IpAddr, login: &str) -> Result<(), &'static str> {
-        if let Some(shared) = &self.shared {
-            match shared.locked(&Self::shared_names(ip, login)).await {
-                Ok(locked) => {
-                    for (key, locked) in Self::keys(ip, login).iter().zip(locked) {
-                        if locked {
-                            return Err(self.locked_out(key));
-                        }
+    /// Whether a login may be tried now; `Err` names what is locked out:
+    /// over all replicas, and by this process's own counters (which hold
+    /// what was counted while Redis was down).
+    pub async fn check(&self, ip: IpAddr, login: &str) -> Result<(), &'static str> {
+        match self.state.locked(&Self::counter_names(ip, login)).await {
+            Ok(locked) => {
+                for (key, locked) in Self::keys(ip, login).iter().zip(locked) {
+                    if locked {
+                        return Err(self.locked_out(key));
                     }
                 }
-                Err(e) => self.shared_failed(e),
             }
+            Err(alone) => self.alone(alone),
         }
-        self.check(ip, login)
+        self.check_local(ip, login)
     }
 
-    /// [`Throttle::failure`] over all replicas.
-    pub async fn failure_shared(&self, ip: IpAddr, login: &str) -> Duration {
-        let Some(shared) = &self.shared else {
-            return self.failure(ip, login);
-        };
+    /// Count a failed login over all replicas (or in this process when the
+    /// state counts alone); returns how long to hold the reply back.
+    pub async fn failure(&self, ip: IpAddr, login: &str) -> Duration {
         let mut worst = 0;
-        for name in Self::shared_names(ip, login) {
-            match shared
+        for name in Self::counter_names(ip, login) {
+            match self
+                .state
                 .failure(&name, WINDOW, self.lockout_failures, self.lockout)
                 .await
             {
@@ -127,9 +125,9 @@ impl Throttle {
                     }
                     worst = worst.max(n);
                 }
-                Err(e) => {
-                    self.shared_failed(e);
-                    return self.failure(ip, login);
+                Err(alone) => {
+                    self.alone(alone);
+                    return self.failure_local(ip, login);
                 }
             }
         }
@@ -137,14 +135,17 @@ impl Throttle {
         self.delay(worst)
     }
 
-    /// [`Throttle::success`] over all replicas.
-    pub async fn success_shared(&self, ip: IpAddr, login: &str) {
-        if let Some(shared) = &self.shared {
-            if let Err(e) = shared.clear_failures(&Self::shared_names(ip, login)).await {
-                self.shared_failed(e);
-            }
+    /// A correct login clears the account's and the address's failures
+    /// (not their lockouts), over all replicas and in this process.
+    pub async fn success(&self, ip: IpAddr, login: &str) {
+        if let Err(alone) = self
+            .state
+            .clear_failures(&Self::counter_names(ip, login))
+            .await
+        {
+            self.alone(alone);
         }
-        self.success(ip, login)
+        self.success_local(ip, login)
     }
 
     fn delay(&self, failures: u32) -> Duration {
@@ -159,8 +160,8 @@ impl Throttle {
         ]
     }
 
-    /// Whether a login may be tried now; `Err` names what is locked out.
-    pub fn check(&self, ip: IpAddr, login: &str) -> Result<(), &'static str> {
+    /// [`Throttle::check`] by this process's counters.
+    fn check_local(&self, ip: IpAddr, login: &str) -> Result<(), &'static str> {
         let now = Instant::now();
         let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
         for key in Self::keys(ip, login) {
@@ -178,8 +179,8 @@ impl Throttle {
         Ok(())
     }
 
-    /// Count a failed login; returns how long to hold the reply back.
-    pub fn failure(&self, ip: IpAddr, login: &str) -> Duration {
+    /// [`Throttle::failure`] in this process's counters.
+    fn failure_local(&self, ip: IpAddr, login: &str) -> Duration {
         let now = Instant::now();
         let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
         if records.len() >= SWEEP_AT {
@@ -224,8 +225,8 @@ impl Throttle {
         self.delay(worst)
     }
 
-    /// A correct login clears the account's and the address's failures.
-    pub fn success(&self, ip: IpAddr, login: &str) {
+    /// [`Throttle::success`] in this process's counters.
+    fn success_local(&self, ip: IpAddr, login: &str) {
         let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
         for key in Self::keys(ip, login) {
             if records.get(&key).is_some_and(|r| r.locked_until.is_none()) {
@@ -240,12 +241,15 @@ mod tests {
     use super::*;
 
     fn throttle(failures: u32) -> Throttle {
-        Throttle::new(&LimitsConfig {
-            login_delay_ms: 100,
-            login_lockout_failures: failures,
-            login_lockout_s: 60,
-            ..Default::default()
-        })
+        Throttle::new(
+            &LimitsConfig {
+                login_delay_ms: 100,
+                login_lockout_failures: failures,
+                login_lockout_s: 60,
+                ..Default::default()
+            },
+            Arc::new(State::File(None)),
+        )
     }
 
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
@@ -254,42 +258,48 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn delays_double_then_lock_out_even_correct_passwords() {
         let t = throttle(5);
-        let delays: Vec<u128> = (0..4).map(|_| t.failure(A, "u@x").as_millis()).collect();
+        let mut delays = Vec::new();
+        for _ in 0..4 {
+            delays.push(t.failure(A, "u@x").await.as_millis());
+        }
         assert_eq!(delays, [100, 200, 400, 800]);
-        assert!(t.check(A, "u@x").is_ok());
-        t.failure(A, "u@x");
+        assert!(t.check(A, "u@x").await.is_ok());
+        t.failure(A, "u@x").await;
         assert_eq!(
-            t.check(A, "u@x"),
+            t.check(A, "u@x").await,
             Err("client address locked out after failed logins")
         );
         // Another account from the same address: the address is locked.
-        assert!(t.check(A, "other@x").is_err());
+        assert!(t.check(A, "other@x").await.is_err());
         // The same account from elsewhere: the account is locked.
         assert_eq!(
-            t.check(B, "U@x"),
+            t.check(B, "U@x").await,
             Err("account locked out after failed logins")
         );
         // A success does not lift a lockout.
-        t.success(A, "u@x");
-        assert!(t.check(A, "u@x").is_err());
+        t.success(A, "u@x").await;
+        assert!(t.check(A, "u@x").await.is_err());
         assert_eq!(t.refused.load(Ordering::Relaxed), 4);
         tokio::time::advance(Duration::from_secs(61)).await;
-        assert!(t.check(A, "u@x").is_ok());
+        assert!(t.check(A, "u@x").await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
     async fn success_clears_and_old_failures_expire() {
         let t = throttle(3);
-        t.failure(A, "u@x");
-        t.failure(A, "u@x");
-        t.success(A, "u@x");
-        assert_eq!(t.failure(A, "u@x"), Duration::from_millis(100));
+        t.failure(A, "u@x").await;
+        t.failure(A, "u@x").await;
+        t.success(A, "u@x").await;
+        assert_eq!(t.failure(A, "u@x").await, Duration::from_millis(100));
         tokio::time::advance(WINDOW).await;
-        assert_eq!(t.failure(A, "u@x"), Duration::from_millis(100));
-        assert!(t.check(A, "u@x").is_ok());
+        assert_eq!(t.failure(A, "u@x").await, Duration::from_millis(100));
+        assert!(t.check(A, "u@x").await.is_ok());
         // The delay is capped.
         let t = throttle(100);
-        let last = (0..20).map(|_| t.failure(B, "v@x")).last().unwrap();
+        let mut last = Duration::ZERO;
+        for _ in 0..20 {
+            last = t.failure(B, "v@x").await;
+        }
         assert_eq!(last, MAX_DELAY);
     }
 }

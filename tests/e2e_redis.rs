@@ -200,7 +200,7 @@ fn imap_login(port: u16, user: &str, password: &str, hold: Duration) -> String {
 }
 
 /// `oxbridge login delegated@example.test` (device flow, auto-approved by
-/// the test IDP) into the shared store.
+/// the test IDP) into Redis.
 fn consent(cfg_path: &Path) {
     let out = run(
         Command::new(env!("CARGO_BIN_EXE_oxbridge"))
@@ -214,7 +214,7 @@ fn consent(cfg_path: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("in the shared store (redis)"), "{text}");
+    assert!(text.contains("in Redis."), "{text}");
 }
 
 fn logs(proxies: &[Proxy]) -> String {
@@ -269,12 +269,12 @@ fn three_hundred_logins_over_three_replicas_make_one_token_request() {
         started.elapsed()
     );
     assert_eq!(requests, 1, "{}", logs(&proxies));
-    // The two replicas that did not ask used the shared token.
-    let shared_use = proxies
+    // The two replicas that did not ask used the token from Redis.
+    let from_redis = proxies
         .iter()
-        .filter(|p| p.logs().contains("access token from the shared store"))
+        .filter(|p| p.logs().contains("access token from Redis"))
         .count();
-    assert!(shared_use >= 1, "{}", logs(&proxies));
+    assert!(from_redis >= 1, "{}", logs(&proxies));
 }
 
 /// Per-mailbox limit 3 (IMAP) holds over two replicas, measured at the
@@ -347,7 +347,7 @@ fn a_rotated_refresh_token_is_used_by_the_other_replicas() {
     let before = count.load(Ordering::SeqCst);
     let mut last = String::new();
     for (i, p) in proxies.iter().enumerate() {
-        // Each replica starts with an empty shared access-token cache, so
+        // Each replica starts with no access token cached in Redis, so
         // each must refresh, with the refresh token the previous one stored.
         assert_eq!(
             redis.cli(&["DEL", "oxbridge:at:refresh:delegated@example.test"]),
@@ -558,7 +558,7 @@ fn redis_down_degrades_then_recovers() {
         assert!(r.starts_with("a OK"), "{r}\n{}", logs(&proxies));
         eprintln!("login with Redis down: {:?}", t.elapsed());
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
-        p.wait_log(&["shared store unavailable; limiting upstream sessions per replica"]);
+        p.wait_log(&["Redis unavailable; limiting upstream sessions per replica"]);
     }
     // A token nobody has cached: this replica asks alone.
     let alice = up.password("alice@example.test");
@@ -569,8 +569,7 @@ fn redis_down_degrades_then_recovers() {
         Duration::ZERO,
     );
     assert!(r.starts_with("a OK"), "{r}\n{}", logs(&proxies));
-    proxies[0]
-        .wait_log(&["shared store unavailable; requesting the token without the other replicas"]);
+    proxies[0].wait_log(&["Redis unavailable; requesting the token without the other replicas"]);
     // A failed login is still counted (locally) and refused.
     let r = imap_login(
         proxies[1].port(0),
@@ -601,7 +600,7 @@ fn redis_down_degrades_then_recovers() {
     // The other replica finds bob's token in Redis (same password).
     let r = imap_login(proxies[0].port(0), BOB, &bob, Duration::ZERO);
     assert!(r.starts_with("a OK"), "{r}");
-    proxies[0].wait_log(&["access token from the shared store"]);
+    proxies[0].wait_log(&["access token from Redis"]);
     assert!(!logs(&proxies).contains("redis-pw-MARKER"));
 }
 
@@ -690,7 +689,7 @@ fn a_slow_refresh_keeps_its_lease() {
         "{}",
         logs(&proxies)
     );
-    proxies[1].wait_log(&["access token from the shared store"]);
+    proxies[1].wait_log(&["access token from Redis"]);
     assert_eq!(
         count.load(Ordering::SeqCst) - before,
         2,
@@ -717,7 +716,7 @@ fn tls_and_auth_to_redis() {
     );
     assert!(r.starts_with("a OK"), "{r}\n{}", proxy.logs());
     assert_eq!(redis.cli(&["EXISTS", "oxbridge:at:app"]), "1");
-    proxy.wait_log(&["connected to the shared store"]);
+    proxy.wait_log(&["connected to the Redis store"]);
     assert!(!proxy.logs().contains("tls-pw-MARKER"));
 
     // A Redis whose certificate is not trusted is not used.
@@ -729,6 +728,6 @@ fn tls_and_auth_to_redis() {
         Duration::ZERO,
     );
     assert!(r.starts_with("a OK"), "{r}\n{}", untrusted.logs());
-    untrusted.wait_log(&["shared store unavailable"]);
-    assert!(!untrusted.logs().contains("connected to the shared store"));
+    untrusted.wait_log(&["Redis unavailable"]);
+    assert!(!untrusted.logs().contains("connected to the Redis store"));
 }

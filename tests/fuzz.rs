@@ -4,8 +4,9 @@
 //! `cargo bolero test fuzz::NAME` the same targets run coverage-guided.
 //! A target fails on a panic, or on a property that does not hold.
 
-use oxbridge::proto::{imap, pop3, smtp};
-use oxbridge::{config::Config, proxy_protocol, sasl};
+use oxbridge::config::Config;
+use oxbridge::net::proxy_protocol;
+use oxbridge::wire::{imap, pop3, sasl, smtp};
 
 /// Inputs per target under `cargo test`.
 const ITERATIONS: usize = 200_000;

@@ -24,9 +24,13 @@ enum State {
     Command,
     StartingTls,
     /// AUTHENTICATE PLAIN, waiting for the response line.
-    Plain { tag: String },
+    Plain {
+        tag: String,
+    },
     /// The login of the command `tag` is under way.
-    LoggingIn { tag: String },
+    LoggingIn {
+        tag: String,
+    },
 }
 
 /// An IMAP device's session before login.
@@ -96,10 +100,9 @@ impl Session {
                 self.error(Reply::LiteralTooLarge { tag: &tag })
             }
             // LITERAL+: the data is on its way and would be read as commands.
-            Received::TooLarge { sync: false, .. } => Step::close(
-                Reply::LiteralTooLargeBye.to_bytes(),
-                "literal too large",
-            ),
+            Received::TooLarge { sync: false, .. } => {
+                Step::close(Reply::LiteralTooLargeBye.to_bytes(), "literal too large")
+            }
         }
     }
 
@@ -225,10 +228,9 @@ impl Dialogue for Session {
 
     fn on(&mut self, input: Input<'_>) -> Step {
         match (&self.state, input) {
-            (_, Input::Shutdown) => Step::close(
-                Reply::Farewell(Farewell::Shutdown).to_bytes(),
-                "shutdown",
-            ),
+            (_, Input::Shutdown) => {
+                Step::close(Reply::Farewell(Farewell::Shutdown).to_bytes(), "shutdown")
+            }
             (_, Input::Timeout) => {
                 Step::close(Reply::Farewell(Farewell::Idle).to_bytes(), "idle timeout")
             }

@@ -5,7 +5,8 @@ use crate::device::script::{context, feed, plain, run, Feed::*};
 
 const GREETING_PLAIN: &str =
     "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID STARTTLS LOGINDISABLED] oxbridge ready\r\n";
-const GREETING_TLS: &str = "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN] oxbridge ready\r\n";
+const GREETING_TLS: &str =
+    "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN] oxbridge ready\r\n";
 const UPSTREAM: &[&str] = &["IMAP4rev1", "SASL-IR", "AUTH=XOAUTH2", "IDLE", "LITERAL+"];
 
 fn tls_port() -> Session {
@@ -115,20 +116,32 @@ fn bad_commands() {
             (L("a AUTHENTICATE PLAIN"), "+ \r\n", "read"),
             (L("*"), "a BAD Authentication canceled\r\n", "read"),
             (L("b AUTHENTICATE PLAIN"), "+ \r\n", "read"),
-            (L("!!!"), "b BAD Cannot decode the authentication exchange\r\n", "read"),
+            (
+                L("!!!"),
+                "b BAD Cannot decode the authentication exchange\r\n",
+                "read",
+            ),
             (
                 L("c AUTHENTICATE CRAM-MD5"),
                 "c NO Unsupported authentication mechanism; use PLAIN\r\n",
                 "read",
             ),
-            (L("d SELECT INBOX"), "d BAD Command not available before login\r\n", "read"),
+            (
+                L("d SELECT INBOX"),
+                "d BAD Command not available before login\r\n",
+                "read",
+            ),
             (L("+ LOGIN a b"), "* BAD Invalid tag\r\n", "read"),
             (
                 L("e LOGIN \"unterminated"),
                 "e BAD unterminated quoted string\r\n",
                 "read",
             ),
-            (Raw(b"f\rx LOGIN \"a"), "* BAD unterminated quoted string\r\n", "read"),
+            (
+                Raw(b"f\rx LOGIN \"a"),
+                "* BAD Invalid tag\r\n",
+                "read",
+            ),
             (
                 L("g LOGIN onlyone"),
                 "g BAD LOGIN expects a user name and a password\r\n",
@@ -151,7 +164,11 @@ fn endings() {
         "* BYE Logging out\r\na OK Logout completed\r\n",
         "close: logout",
     );
-    close(Timeout, "* BYE Autologout; idle for too long\r\n", "close: idle timeout");
+    close(
+        Timeout,
+        "* BYE Autologout; idle for too long\r\n",
+        "close: idle timeout",
+    );
     close(
         Shutdown,
         "* BYE [UNAVAILABLE] Server shutting down\r\n",
@@ -165,7 +182,10 @@ fn endings() {
     );
     let mut s = tls_port();
     for _ in 0..MAX_ERRORS - 1 {
-        assert_eq!(feed(&mut s, &L("x FOO")).0, "x BAD Command not available before login\r\n");
+        assert_eq!(
+            feed(&mut s, &L("x FOO")).0,
+            "x BAD Command not available before login\r\n"
+        );
     }
     assert_eq!(
         feed(&mut s, &L("x FOO")),
@@ -215,6 +235,9 @@ fn every_refusal_has_its_reply() {
         let mut s = tls_port();
         feed(&mut s, &L("t1 LOGIN u pw"));
         let (reply, then) = feed(&mut s, &Fail(error));
-        assert_eq!((reply, then), (format!("t1 {text}\r\n"), "read".to_string()));
+        assert_eq!(
+            (reply, then),
+            (format!("t1 {text}\r\n"), "read".to_string())
+        );
     }
 }

@@ -192,13 +192,7 @@ pub async fn drive(
     let mut logged_in: Option<LoggedIn> = None;
     let mut step = session.greeting();
     loop {
-        if !step.reply.is_empty()
-            && device
-                .conn
-                .send(&step.reply, device.timeout)
-                .await
-                .is_err()
-        {
+        if !step.reply.is_empty() && device.conn.send(&step.reply, device.timeout).await.is_err() {
             return Handoff::Closed("device write failed");
         }
         step = match step.then {
@@ -414,7 +408,11 @@ pub mod script {
     /// greeting is checked first.
     pub fn run(session: &mut dyn Dialogue, greeting: &str, script: &[(Feed, &str, &str)]) {
         let (reply, then) = show(&session.greeting());
-        assert_eq!((reply.as_str(), then.as_str()), (greeting, "read"), "greeting");
+        assert_eq!(
+            (reply.as_str(), then.as_str()),
+            (greeting, "read"),
+            "greeting"
+        );
         for (i, (input, want_reply, want_then)) in script.iter().enumerate() {
             let (reply, then) = feed(session, input);
             assert_eq!(
@@ -423,19 +421,22 @@ pub mod script {
                 "step {} of the script",
                 i + 1
             );
-            assert!(crlf_only(&reply), "step {}: a bare CR or LF in {reply:?}", i + 1);
-            assert!(reply.is_empty() || reply.ends_with("\r\n"), "step {}", i + 1);
+            assert!(
+                crlf_only(&reply),
+                "step {}: a bare CR or LF in {reply:?}",
+                i + 1
+            );
+            assert!(
+                reply.is_empty() || reply.ends_with("\r\n"),
+                "step {}",
+                i + 1
+            );
         }
     }
 
     /// SASL PLAIN's base64 for `authzid NUL login NUL password`.
     pub fn plain(authzid: &str, login: &str, password: &str) -> String {
         crate::wire::sasl::encode(format!("{authzid}\0{login}\0{password}").as_bytes())
-    }
-
-    /// Feed a line; the reply and what comes next.
-    pub fn line(session: &mut dyn Dialogue, line: &str) -> (String, String) {
-        show(&session.on(Input::Line(line.as_bytes())))
     }
 
     /// Every CR in `text` is followed by LF, and every LF preceded by CR.

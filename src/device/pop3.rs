@@ -165,10 +165,9 @@ impl Dialogue for Session {
 
     fn on(&mut self, input: Input<'_>) -> Step {
         match (&self.state, input) {
-            (_, Input::Shutdown) => Step::close(
-                Reply::Farewell(Farewell::Shutdown).to_bytes(),
-                "shutdown",
-            ),
+            (_, Input::Shutdown) => {
+                Step::close(Reply::Farewell(Farewell::Shutdown).to_bytes(), "shutdown")
+            }
             (_, Input::Timeout) => {
                 Step::close(Reply::Farewell(Farewell::Idle).to_bytes(), "idle timeout")
             }
@@ -187,9 +186,10 @@ impl Dialogue for Session {
             }
             (State::Plain, Input::Line(line)) => self.login(plain(line)),
             (State::Plain, Input::TooLong) => self.login(Err(SaslError::TooLong)),
-            (State::LoggingIn, Input::LoggedIn { .. }) => {
-                Step::new(Reply::LoggedIn.to_bytes(), Then::Relay { replay: Vec::new() })
-            }
+            (State::LoggingIn, Input::LoggedIn { .. }) => Step::new(
+                Reply::LoggedIn.to_bytes(),
+                Then::Relay { replay: Vec::new() },
+            ),
             (State::LoggingIn, Input::LoginFailed(e)) => {
                 self.count.auth_failures += 1;
                 self.user = None;

@@ -106,7 +106,11 @@ fn bad_commands_and_endings() {
             (Raw(b"USER \xff"), "-ERR Invalid user name\r\n", "read"),
             (TooLong, "-ERR Line too long\r\n", "read"),
             (L("USER u"), "+OK\r\n", "read"),
-            (Raw(b"PASS \xff"), "-ERR [AUTH] Authentication failed\r\n", "read"),
+            (
+                Raw(b"PASS \xff"),
+                "-ERR [AUTH] Authentication failed\r\n",
+                "read",
+            ),
             (L("QUIT"), "+OK Bye\r\n", "close: quit"),
         ],
     );
@@ -139,7 +143,10 @@ fn bad_commands_and_endings() {
         feed(&mut s, &L("CAPA"));
     }
     let (reply, then) = feed(&mut s, &L("QUIT"));
-    assert_eq!((reply.as_str(), then.as_str()), ("+OK Bye\r\n", "close: quit"));
+    assert_eq!(
+        (reply.as_str(), then.as_str()),
+        ("+OK Bye\r\n", "close: quit")
+    );
 }
 
 #[test]

@@ -42,7 +42,10 @@ enum State {
     /// The device's own login is under way.
     LoggingIn(String),
     /// Logging in as a `[[relay]]` account; the MAIL line waits.
-    RelayLogin { account: String, replay: Vec<u8> },
+    RelayLogin {
+        account: String,
+        replay: Vec<u8>,
+    },
     /// A BDAT chunk before login is being dropped.
     Bdat,
 }
@@ -164,7 +167,9 @@ impl Session {
         }
         let initial = initial.map(sasl::decode_line);
         match (mechanism, initial) {
-            ("PLAIN", Some(message)) => self.credentials(message.and_then(|m| sasl::decode_plain(&m))),
+            ("PLAIN", Some(message)) => {
+                self.credentials(message.and_then(|m| sasl::decode_plain(&m)))
+            }
             ("PLAIN", None) => {
                 self.state = State::Plain;
                 Step::read(Reply::Challenge("").to_bytes())
@@ -310,10 +315,9 @@ impl Dialogue for Session {
 
     fn on(&mut self, input: Input<'_>) -> Step {
         match (&self.state, input) {
-            (_, Input::Shutdown) => Step::close(
-                Reply::Farewell(Farewell::Shutdown).to_bytes(),
-                "shutdown",
-            ),
+            (_, Input::Shutdown) => {
+                Step::close(Reply::Farewell(Farewell::Shutdown).to_bytes(), "shutdown")
+            }
             (_, Input::Timeout) => Step::close(Reply::Timeout.to_bytes(), "idle timeout"),
             (State::Command, Input::Line(line)) => {
                 self.count.commands += 1;

@@ -199,7 +199,10 @@ fn endings() {
     );
     let mut s = starttls_port();
     for _ in 0..MAX_ERRORS - 1 {
-        assert_eq!(feed(&mut s, &L("XYZZY")).0, "500 5.5.2 Command unrecognized\r\n");
+        assert_eq!(
+            feed(&mut s, &L("XYZZY")).0,
+            "500 5.5.2 Command unrecognized\r\n"
+        );
     }
     assert_eq!(
         feed(&mut s, &TooLong),
@@ -262,27 +265,51 @@ fn relay_rule_replays_mail_with_crlf() {
         &mut relay_port(&["*@x.test"]),
         GREETING,
         &[
-            (L("MAIL FROM:<scan@x.test>"), "503 5.5.1 Send EHLO or HELO first\r\n", "read"),
-            (L("HELO printer"), "250 proxy.test Hello printer\r\n", "read"),
+            (
+                L("MAIL FROM:<scan@x.test>"),
+                "503 5.5.1 Send EHLO or HELO first\r\n",
+                "read",
+            ),
+            (
+                L("HELO printer"),
+                "250 proxy.test Hello printer\r\n",
+                "read",
+            ),
             (
                 L("MAIL FROM:<scan@elsewhere.test>"),
                 "550 5.7.1 Sender not allowed to relay from this network\r\n",
                 "read",
             ),
-            (L("MAIL FROM:<scan@x.test>"), "", "relay login scanner@x.test as \"printer\""),
+            (
+                L("MAIL FROM:<scan@x.test>"),
+                "",
+                "relay login scanner@x.test as \"printer\"",
+            ),
             (
                 Fail(AuthError::UpstreamUnavailable("down".into())),
                 "451 4.7.0 Temporary failure relaying for this network, try again later\r\n",
                 "read",
             ),
-            (L("MAIL FROM:<scan@x.test>"), "", "relay login scanner@x.test as \"printer\""),
+            (
+                L("MAIL FROM:<scan@x.test>"),
+                "",
+                "relay login scanner@x.test as \"printer\"",
+            ),
             (
                 Fail(AuthError::TokenRefused("invalid_client".into())),
                 "554 5.7.1 Relaying for this network is not possible now\r\n",
                 "read",
             ),
-            (L("MAIL FROM:<scan@x.test> SIZE=10"), "", "relay login scanner@x.test as \"printer\""),
-            (Ok(UPSTREAM), "", "relay \"MAIL FROM:<scan@x.test> SIZE=10\\r\\n\""),
+            (
+                L("MAIL FROM:<scan@x.test> SIZE=10"),
+                "",
+                "relay login scanner@x.test as \"printer\"",
+            ),
+            (
+                Ok(UPSTREAM),
+                "",
+                "relay \"MAIL FROM:<scan@x.test> SIZE=10\\r\\n\"",
+            ),
         ],
     );
 }
@@ -290,7 +317,10 @@ fn relay_rule_replays_mail_with_crlf() {
 #[test]
 fn every_refusal_has_its_reply() {
     let cases = [
-        (AuthError::BadCredentials("x"), "535 5.7.8 Authentication credentials invalid"),
+        (
+            AuthError::BadCredentials("x"),
+            "535 5.7.8 Authentication credentials invalid",
+        ),
         (
             AuthError::Authorization("x".into()),
             "535 5.7.8 Authentication failed: the authorization identity is not the user name",

@@ -34,7 +34,11 @@ pub async fn connect(addr: &str) -> Result<Conn, String> {
 }
 
 /// Turn a plain connection into verified TLS for the host of `addr`.
-pub async fn start_tls(connector: &TlsConnector, addr: &str, conn: &mut Conn) -> Result<(), String> {
+pub async fn start_tls(
+    connector: &TlsConnector,
+    addr: &str,
+    conn: &mut Conn,
+) -> Result<(), String> {
     conn.connect_tls(connector, host_of(addr)?, HANDSHAKE_TIMEOUT)
         .await
         .map_err(|e| format!("TLS with {addr}: {e}"))

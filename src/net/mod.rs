@@ -3,10 +3,10 @@
 //! configurations, dialling out, and the PROXY header a load balancer puts
 //! in front of a connection.
 
-pub mod conn;
-pub mod dial;
+pub(crate) mod conn;
+pub(crate) mod dial;
 pub mod proxy_protocol;
-pub mod stream;
-pub mod tls;
+pub(crate) mod stream;
+pub(crate) mod tls;
 
-pub use conn::{Conn, LineError};
+pub(crate) use conn::{Conn, LineError};

@@ -12,7 +12,9 @@ use super::{read_line, send, unavailable, Dialer, MAX_REPLY_LINES};
 use crate::error::AuthError;
 use crate::net::{dial, Conn};
 use crate::wire::sasl;
-use crate::wire::smtp::{ehlo_keywords, keyword, parse_reply_line, passthrough, Request, ServerReply};
+use crate::wire::smtp::{
+    ehlo_keywords, keyword, parse_reply_line, passthrough, Request, ServerReply,
+};
 
 /// After a failed probe, devices are offered no extensions for this long
 /// before the next probe.
@@ -64,18 +66,28 @@ fn expect(reply: &ServerReply, code: u16, step: &str) -> Result<(), AuthError> {
 
 /// Connect to the SMTP server: greeting, EHLO, STARTTLS, EHLO. Returns the
 /// TLS connection and the keywords of the second EHLO.
-pub(super) async fn dial(dialer: &Dialer, ehlo_name: &str) -> Result<(Conn, Vec<String>), AuthError> {
+pub(super) async fn dial(
+    dialer: &Dialer,
+    ehlo_name: &str,
+) -> Result<(Conn, Vec<String>), AuthError> {
     let addr = dialer.smtp.as_str();
     let mut conn = dial::connect(addr).await.map_err(unavailable)?;
     expect(&read_reply(&mut conn).await?, 220, "greeting")?;
     let ehlo = command(&mut conn, Request::Ehlo(ehlo_name)).await?;
     expect(&ehlo, 250, "EHLO")?;
-    if !ehlo_keywords(&ehlo).iter().any(|k| keyword(k) == "STARTTLS") {
+    if !ehlo_keywords(&ehlo)
+        .iter()
+        .any(|k| keyword(k) == "STARTTLS")
+    {
         return Err(AuthError::UpstreamUnavailable(format!(
             "{addr} does not offer STARTTLS; oxbridge never logs in without TLS"
         )));
     }
-    expect(&command(&mut conn, Request::StartTls).await?, 220, "STARTTLS")?;
+    expect(
+        &command(&mut conn, Request::StartTls).await?,
+        220,
+        "STARTTLS",
+    )?;
     dial::start_tls(&dialer.tls, addr, &mut conn)
         .await
         .map_err(unavailable)?;

@@ -330,30 +330,68 @@ impl Request<'_> {
 /// Every reply oxbridge itself gives an IMAP device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply<'a> {
-    Greeting { capabilities: &'a str },
-    Capability { tag: &'a str, capabilities: &'a str },
-    Noop { tag: &'a str },
-    Id { tag: &'a str },
-    Logout { tag: &'a str },
-    BeginTls { tag: &'a str },
-    NoStartTls { tag: &'a str },
-    PrivacyRequired { tag: &'a str },
-    LoginSyntax { tag: &'a str },
-    UnknownMechanism { tag: &'a str },
+    Greeting {
+        capabilities: &'a str,
+    },
+    Capability {
+        tag: &'a str,
+        capabilities: &'a str,
+    },
+    Noop {
+        tag: &'a str,
+    },
+    Id {
+        tag: &'a str,
+    },
+    Logout {
+        tag: &'a str,
+    },
+    BeginTls {
+        tag: &'a str,
+    },
+    NoStartTls {
+        tag: &'a str,
+    },
+    PrivacyRequired {
+        tag: &'a str,
+    },
+    LoginSyntax {
+        tag: &'a str,
+    },
+    UnknownMechanism {
+        tag: &'a str,
+    },
     /// The empty SASL challenge.
     Continue,
     /// The go-ahead for a synchronising literal.
     LiteralGo,
-    AuthCanceled { tag: &'a str },
-    Undecodable { tag: &'a str },
-    LoggedIn { tag: &'a str, capabilities: &'a str },
-    Refused { tag: &'a str, refusal: Refusal },
-    NotBeforeLogin { tag: &'a str },
+    AuthCanceled {
+        tag: &'a str,
+    },
+    Undecodable {
+        tag: &'a str,
+    },
+    LoggedIn {
+        tag: &'a str,
+        capabilities: &'a str,
+    },
+    Refused {
+        tag: &'a str,
+        refusal: Refusal,
+    },
+    NotBeforeLogin {
+        tag: &'a str,
+    },
     /// A command that does not parse; `why` says what is wrong.
-    Bad { tag: &'a str, why: &'a str },
+    Bad {
+        tag: &'a str,
+        why: &'a str,
+    },
     InvalidTag,
     LineTooLong,
-    LiteralTooLarge { tag: &'a str },
+    LiteralTooLarge {
+        tag: &'a str,
+    },
     /// A LITERAL+ literal too large: its bytes are on the way, so the
     /// session ends.
     LiteralTooLargeBye,
@@ -396,7 +434,9 @@ impl Reply<'_> {
                 format!("{tag} OK [CAPABILITY {capabilities}] Logged in")
             }
             Reply::Refused { tag, refusal } => format!("{tag} {}", refused(*refusal)),
-            Reply::NotBeforeLogin { tag } => format!("{tag} BAD Command not available before login"),
+            Reply::NotBeforeLogin { tag } => {
+                format!("{tag} BAD Command not available before login")
+            }
             Reply::Bad { tag, why } => format!("{tag} BAD {why}"),
             Reply::InvalidTag => "* BAD Invalid tag".into(),
             Reply::LineTooLong => "* BAD Command line too long".into(),

@@ -86,7 +86,10 @@ impl Request<'_> {
 pub enum Reply {
     Greeting,
     /// The CAPA list: USER and SASL where passwords are taken, STLS where offered.
-    Capa { auth: bool, stls: bool },
+    Capa {
+        auth: bool,
+        stls: bool,
+    },
     BeginTls,
     NoStls,
     PlaintextDisabled,
@@ -136,11 +139,16 @@ impl Reply {
                 }
                 lines.extend(CAPA_ALWAYS);
                 lines.push(".");
-                return lines.iter().flat_map(|l| super::line(l.as_bytes())).collect();
+                return lines
+                    .iter()
+                    .flat_map(|l| super::line(l.as_bytes()))
+                    .collect();
             }
             Reply::BeginTls => "+OK Begin TLS negotiation",
             Reply::NoStls => "-ERR STLS not available",
-            Reply::PlaintextDisabled => "-ERR [AUTH] Plaintext authentication is disabled without TLS",
+            Reply::PlaintextDisabled => {
+                "-ERR [AUTH] Plaintext authentication is disabled without TLS"
+            }
             Reply::UserOk => "+OK",
             Reply::InvalidUser => "-ERR Invalid user name",
             Reply::UserFirst => "-ERR USER first",

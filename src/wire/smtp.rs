@@ -258,7 +258,9 @@ pub fn replay(line: &[u8]) -> Vec<u8> {
 /// replies are the upstream's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply<'a> {
-    Greeting { host: &'a str },
+    Greeting {
+        host: &'a str,
+    },
     /// The EHLO reply: `keywords` are what the upstream offers and the
     /// device may be told; then STARTTLS and AUTH where they apply.
     Ehlo {
@@ -268,7 +270,10 @@ pub enum Reply<'a> {
         starttls: bool,
         auth: bool,
     },
-    Helo { host: &'a str, name: &'a str },
+    Helo {
+        host: &'a str,
+        name: &'a str,
+    },
     Ok,
     ReadyForTls,
     TlsActive,
