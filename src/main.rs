@@ -243,6 +243,15 @@ fn login(path: PathBuf, account: &str, browser_port: Option<u16>) -> ExitCode {
     }
 }
 
+/// The log filter when RUST_LOG is not set: oxbridge at `level`, libraries
+/// at warn. rustls only at error: it warns about what TLS clients do wrong
+/// that is no concern of the operator's (GnuTLS clients such as msmtp send
+/// an IP address as SNI, and rustls warns "Illegal SNI" on each connection);
+/// a handshake that fails is logged by oxbridge itself.
+fn default_filter(level: &str) -> String {
+    format!("warn,rustls=error,oxbridge={level}")
+}
+
 fn init_logging(config: &Config) {
     // `log.level` is oxbridge's own; libraries (TLS, HTTP) stay at warn so
     // that debug logs show sessions, not handshakes. RUST_LOG overrides all.
@@ -250,7 +259,7 @@ fn init_logging(config: &Config) {
     let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
     let own_level_only = from_env.is_none();
     let filter = from_env
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(format!("warn,oxbridge={level}")));
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default_filter(&level)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
