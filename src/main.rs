@@ -258,8 +258,8 @@ fn init_logging(config: &Config) {
     let level = config.log.level.to_ascii_lowercase();
     let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
     let own_level_only = from_env.is_none();
-    let filter = from_env
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default_filter(&level)));
+    let filter =
+        from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default_filter(&level)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -34,6 +34,8 @@ pub struct Relayed {
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    /// The device has finished sending (it half-closed).
+    device_done: AtomicBool,
 }
 
 impl Activity {
@@ -56,9 +58,6 @@ struct Farewell {
     abort: CancellationToken,
     /// The last bytes the upstream sent, to tell a goodbye from a loss.
     tail: Vec<u8>,
-    /// The device has finished sending (it half-closed): an upstream that
-    /// closes after that is answering the device's end, not lost.
-    device_done: Arc<AtomicBool>,
 }
 
 impl Farewell {
@@ -73,16 +72,11 @@ impl Farewell {
     /// must hear a 4xx unless the server said goodbye (`221`) or the device
     /// had already ended the session, so that a message cut off in DATA is
     /// retried, never taken as sent.
-    fn on_upstream_loss(&self) -> Option<&'static [u8]> {
+    fn on_upstream_loss(&self, device_done: bool) -> Option<&'static [u8]> {
         match self.protocol {
-            Protocol::Smtp
-                if !wire::smtp::said_goodbye(&self.tail)
-                    && !self.device_done.load(Ordering::Relaxed) =>
-            {
-                Some(wire::smtp::upstream_lost(wire::smtp::awaiting_data(
-                    &self.tail,
-                )))
-            }
+            Protocol::Smtp if !wire::smtp::said_goodbye(&self.tail) && !device_done => Some(
+                wire::smtp::upstream_lost(wire::smtp::awaiting_data(&self.tail)),
+            ),
             _ => None,
         }
     }
@@ -100,7 +94,6 @@ async fn pump<R, W>(
     idle: Duration,
     count: Arc<AtomicU64>,
     mut farewell: Option<Farewell>,
-    done: Option<Arc<AtomicBool>>,
 ) -> Result<(), &'static str>
 where
     R: AsyncRead + Unpin,
@@ -129,7 +122,7 @@ where
         let n = match (read, &farewell) {
             (Ok(Ok(n)), _) if n > 0 => n,
             (Ok(result), Some(f)) => {
-                let lost = f.on_upstream_loss();
+                let lost = f.on_upstream_loss(activity.device_done.load(Ordering::Relaxed));
                 if let Some(text) = lost {
                     let _ = write_within(&mut to, text, FAREWELL_WRITE).await;
                 }
@@ -141,9 +134,9 @@ where
                 };
             }
             (Ok(Ok(_)), None) => {
-                if let Some(done) = &done {
-                    done.store(true, Ordering::Relaxed);
-                }
+                // The device half-closed: an upstream that closes after
+                // this is answering the device's end, not lost.
+                activity.device_done.store(true, Ordering::Relaxed);
                 let _ = to.shutdown().await;
                 return Ok(());
             }
@@ -245,10 +238,10 @@ pub async fn relay(
     let activity = Arc::new(Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
+        device_done: AtomicBool::new(false),
     });
+    let ended = activity.clone();
     let (up_count, down_count) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let device_done = Arc::new(AtomicBool::new(false));
-    let device_closed = device_done.clone();
 
     let to_upstream = pump(
         device_r,
@@ -258,13 +251,11 @@ pub async fn relay(
         idle,
         up_count.clone(),
         None,
-        Some(device_done.clone()),
     );
     let farewell = Farewell {
         protocol,
         abort: abort.clone(),
         tail: Vec::with_capacity(TAIL),
-        device_done,
     };
     let to_device = pump(
         upstream_r,
@@ -274,13 +265,12 @@ pub async fn relay(
         idle,
         down_count.clone(),
         Some(farewell),
-        None,
     );
     tokio::pin!(to_upstream, to_device);
 
     let end = tokio::select! {
         r = &mut to_device => match r {
-            Ok(()) if device_closed.load(Ordering::Relaxed) => DEVICE_CLOSED,
+            Ok(()) if ended.device_done.load(Ordering::Relaxed) => DEVICE_CLOSED,
             Ok(()) => "upstream closed",
             Err(UPSTREAM_LOST) => {
                 // Let the device finish sending (drained) and read the 4xx.
@@ -312,15 +302,13 @@ pub async fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::conn::Stream;
-    use tokio::net::{TcpListener, TcpStream};
+    use crate::net::conn::tests::pair;
 
     fn farewell(protocol: Protocol) -> Farewell {
         Farewell {
             protocol,
             abort: CancellationToken::new(),
             tail: Vec::new(),
-            device_done: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -330,29 +318,20 @@ mod tests {
         f.remember(&vec![b'x'; 10_000]);
         f.remember(b"\r\n221 Bye\r\n");
         assert!(f.tail.len() <= TAIL);
-        assert!(f.on_upstream_loss().is_none());
+        assert!(f.on_upstream_loss(false).is_none());
         f.remember(b"354 go ahead\r\n");
         assert_eq!(
-            f.on_upstream_loss().unwrap(),
+            f.on_upstream_loss(false).unwrap(),
             b"421 4.4.2 Connection to the mail server lost during the message; it was not accepted, try again\r\n"
         );
         f.remember(b"250 2.0.0 Ok: queued as 4A\r\n");
         assert_eq!(
-            f.on_upstream_loss().unwrap(),
+            f.on_upstream_loss(false).unwrap(),
             b"421 4.4.2 Connection to the mail server lost, try again later\r\n",
             "after a 250 the device must not hear that nothing was accepted"
         );
-        f.device_done.store(true, Ordering::Relaxed);
-        assert!(f.on_upstream_loss().is_none());
-        assert!(farewell(Protocol::Imap).on_upstream_loss().is_none());
-    }
-
-    /// Two connected sockets: (ours, the peer's).
-    async fn pair() -> (Conn, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
-        (Conn::new(Stream::Plain(b.unwrap().0)), a.unwrap())
+        assert!(f.on_upstream_loss(true).is_none());
+        assert!(farewell(Protocol::Imap).on_upstream_loss(false).is_none());
     }
 
     const WAIT: Duration = Duration::from_secs(5);

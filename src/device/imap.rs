@@ -6,11 +6,7 @@
 
 use tracing::debug;
 
-use super::{
-    Context, Counters, Dialogue, Input, Login, Step, Then, MAX_AUTH_FAILURES, MAX_ERRORS,
-    MAX_PREAUTH_COMMANDS,
-};
-use crate::error::AuthError;
+use super::{Context, Counters, Dialogue, Input, Limit, Login, Step, Then};
 use crate::wire::imap::{
     device_capabilities, parse_command, preauth_capabilities, tag_of, Arg, ParseError, Received,
     Receiver, Reply,
@@ -62,17 +58,16 @@ impl Session {
 
     fn next_bytes(&mut self, mut out: Vec<u8>) -> Step {
         self.state = State::Command;
-        let (last, why) = if self.count.commands >= MAX_PREAUTH_COMMANDS {
-            (Reply::TooManyCommands, "too many commands")
-        } else if self.count.errors >= MAX_ERRORS {
-            (Reply::TooManyErrors, "too many errors")
-        } else if self.count.auth_failures >= MAX_AUTH_FAILURES {
-            (Reply::TooManyAuthFailures, "too many failed logins")
-        } else {
+        let Some(limit) = self.count.reached() else {
             return Step::read(out);
         };
+        let last = match limit {
+            Limit::Commands => Reply::TooManyCommands,
+            Limit::Errors => Reply::TooManyErrors,
+            Limit::AuthFailures => Reply::TooManyAuthFailures,
+        };
         out.extend(last.to_bytes());
-        Step::close(out, why)
+        Step::close(out, limit.why())
     }
 
     fn error(&mut self, reply: Reply<'_>) -> Step {
@@ -184,12 +179,7 @@ impl Session {
                 self.state = State::LoggingIn {
                     tag: tag.to_string(),
                 };
-                Step::then(Then::Refuse {
-                    error: AuthError::Authorization(format!(
-                        "authorization identity {authzid:?} is not the login"
-                    )),
-                    login,
-                })
+                super::refuse_authorization(login, &authzid)
             }
             Err(e) => {
                 debug!(error = %e, "undecodable SASL PLAIN exchange");

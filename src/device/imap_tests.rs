@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::device::script::{context, feed, plain, run, Feed::*};
+use crate::device::{MAX_ERRORS, MAX_PREAUTH_COMMANDS};
+use crate::error::AuthError;
 
 const GREETING_PLAIN: &str =
     "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID STARTTLS LOGINDISABLED] oxbridge ready\r\n";
@@ -137,11 +139,7 @@ fn bad_commands() {
                 "e BAD unterminated quoted string\r\n",
                 "read",
             ),
-            (
-                Raw(b"f\rx LOGIN \"a"),
-                "* BAD Invalid tag\r\n",
-                "read",
-            ),
+            (Raw(b"f\rx LOGIN \"a"), "* BAD Invalid tag\r\n", "read"),
             (
                 L("g LOGIN onlyone"),
                 "g BAD LOGIN expects a user name and a password\r\n",

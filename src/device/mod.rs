@@ -157,6 +157,52 @@ pub struct Counters {
     pub auth_failures: usize,
 }
 
+/// A limit the counters have reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Commands,
+    Errors,
+    AuthFailures,
+}
+
+impl Limit {
+    /// Why the session ends, for the session log line.
+    pub fn why(self) -> &'static str {
+        match self {
+            Limit::Commands => "too many commands",
+            Limit::Errors => "too many errors",
+            Limit::AuthFailures => "too many failed logins",
+        }
+    }
+}
+
+impl Counters {
+    /// The first limit reached, in the order the session checks them.
+    pub fn reached(&self) -> Option<Limit> {
+        if self.commands >= MAX_PREAUTH_COMMANDS {
+            Some(Limit::Commands)
+        } else if self.errors >= MAX_ERRORS {
+            Some(Limit::Errors)
+        } else if self.auth_failures >= MAX_AUTH_FAILURES {
+            Some(Limit::AuthFailures)
+        } else {
+            None
+        }
+    }
+}
+
+/// A SASL PLAIN login whose authorization identity is not the login
+/// (Cyrus SASL clients send one with `-u`): refused as an authorization,
+/// logged and counted like a failed login.
+pub fn refuse_authorization(login: String, authzid: &str) -> Step {
+    Step::then(Then::Refuse {
+        error: AuthError::Authorization(format!(
+            "authorization identity {authzid:?} is not the login"
+        )),
+        login,
+    })
+}
+
 /// How a session ended before the relay, or the hand-off to it.
 pub enum Handoff {
     /// Logged in upstream: relay from here.

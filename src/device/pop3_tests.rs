@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::device::script::{context, feed, plain, run, Feed::*};
+use crate::device::{MAX_ERRORS, MAX_PREAUTH_COMMANDS};
+use crate::error::AuthError;
 
 const GREETING: &str = "+OK oxbridge ready\r\n";
 const CAPA_TAIL: &str =

@@ -205,12 +205,7 @@ impl Session {
             Err(SaslError::Canceled) => self.next(Reply::AuthCanceled),
             Err(SaslError::Authzid { login, authzid }) => {
                 self.state = State::LoggingIn(login.clone());
-                Step::then(Then::Refuse {
-                    error: AuthError::Authorization(format!(
-                        "authorization identity {authzid:?} is not the login"
-                    )),
-                    login,
-                })
+                super::refuse_authorization(login, &authzid)
             }
             Err(e) => {
                 debug!(error = %e, "undecodable AUTH exchange");

@@ -260,11 +260,12 @@ impl Conn {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::net::{TcpListener, TcpStream};
 
-    async fn pair() -> (Conn, TcpStream) {
+    /// Two connected sockets on loopback: ours as a [`Conn`], and the peer's.
+    pub(crate) async fn pair() -> (Conn, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
