@@ -175,3 +175,74 @@ fn empty_password_is_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty());
 }
+
+/// GnuTLS clients (msmtp, mpop) send the IP address they connect to as
+/// SNI; rustls warns about it on every connection. That is no concern of
+/// the operator's: the default log stays quiet, and the device is served.
+#[test]
+fn ip_address_as_sni_stays_out_of_the_default_log() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (Debian's openssl package) makes the test certificate");
+    assert!(made.status.success(), "{made:?}");
+    let config = format!(
+        "[oauth]\nclient_id = \"00000000-0000-0000-0000-000000000000\"\n\
+         [[listener]]\nprotocol = \"imap\"\nlisten = \"127.0.0.1:0\"\ntls = \"implicit\"\n\
+         cert_file = \"{}\"\nkey_file = \"{}\"\n\
+         [[account]]\nlogin = \"*@contoso.com\"\ngrant = \"password\"\n",
+        cert.display(),
+        key.display()
+    );
+    let path = write(&dir, &config);
+    let mut server = oxbridge()
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(server.stderr.take().unwrap());
+    let mut seen = String::new();
+    let port = loop {
+        let mut line = String::new();
+        assert!(log.read_line(&mut line).unwrap() > 0, "no listener: {seen}");
+        seen.push_str(&line);
+        if let Some(at) = line.find("address=127.0.0.1:") {
+            let digits: String = line[at + 18..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            break digits;
+        }
+    };
+    let client = Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["-servername", "127.0.0.1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut greeting = String::new();
+    let mut reader = BufReader::new(client.stdout.unwrap());
+    reader.read_line(&mut greeting).unwrap();
+    assert!(greeting.starts_with("* OK [CAPABILITY"), "{greeting:?}");
+    drop(client.stdin);
+    // SIGTERM, then the rest of the log.
+    let _ = Command::new("kill").arg(server.id().to_string()).status();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut log, &mut rest).unwrap();
+    let _ = server.wait();
+    seen.push_str(&rest);
+    assert!(!seen.contains("SNI"), "{seen}");
+    assert!(!seen.contains("WARN"), "{seen}");
+}
