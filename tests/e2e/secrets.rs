@@ -3,16 +3,12 @@
 //! `Debug` output of the configuration: full sessions with marker values,
 //! then a search for every marker.
 
-mod common;
+use std::process::{Command, Output};
 
-use std::process::Output;
-use std::time::Duration;
-
-use common::*;
+use base64::Engine;
 use secrecy::SecretString;
 
-const ALICE: &str = "alice@example.test";
-const LIMIT: Duration = Duration::from_secs(120);
+use crate::harness::*;
 
 fn marker(kind: &str) -> String {
     format!("MARKER{kind}{}", unique("x").replace('-', ""))
@@ -23,7 +19,7 @@ fn marker(kind: &str) -> String {
 fn real_access_token() -> String {
     let up = upstream();
     let out = run(
-        std::process::Command::new("curl").args([
+        Command::new("curl").args([
             "-sS",
             up.token_url(),
             "-d",
@@ -35,23 +31,14 @@ fn real_access_token() -> String {
             "-d",
             &format!("password={}", up.password(ALICE)),
         ]),
-        LIMIT,
+        CLIENT_LIMIT,
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v["access_token"].as_str().unwrap().to_string()
 }
 
 fn all_output(outputs: &[Output]) -> String {
-    outputs
-        .iter()
-        .map(|o| {
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            )
-        })
-        .collect()
+    outputs.iter().map(text).collect()
 }
 
 #[test]
@@ -76,22 +63,17 @@ fn no_secret_reaches_logs_replies_or_debug() {
     });
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let listeners = ["smtp", "imap", "pop3"]
-        .map(|p| listener(p, "none", true))
-        .join("\n");
     let extra = format!(
-        "[[account]]\nlogin = \"delegated@example.test\"\npassword_hash = \"{}\"\ngrant = \"refresh_token\"\nmailbox = \"{ALICE}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        "[[account]]\nlogin = \"delegated@example.test\"\npassword_hash = \"{}\"\ngrant = \"refresh_token\"\nmailbox = \"{ALICE}\"\n\n{ADMIN}",
         argon2_hash(&local_pw)
     );
-    let cfg = config(up, "", &listeners, &extra)
-        .replace(up.token_url(), &format!("{}/t/oauth2/v2.0/token", idp.base))
-        .replace(up.get("APP_CLIENT_SECRET"), &client_secret)
-        .replace(
-            "state_dir = \"/tmp/oxbridge-test-state\"",
-            &format!("state_dir = \"{}\"", state.display()),
-        );
-    let cfg_path = dir.path().join("oxbridge.toml");
-    std::fs::write(&cfg_path, &cfg).unwrap();
+    let cfg = config(&plain_listeners(&["smtp", "imap", "pop3"]), &extra);
+    let cfg = with_state_dir(
+        &with_token_url(&cfg, &format!("{}/t/oauth2/v2.0/token", idp.base)),
+        &state,
+    )
+    .replace(up.get("APP_CLIENT_SECRET"), &client_secret);
+    let cfg_path = write_config(dir.path(), &cfg);
     let config = oxbridge::config::Config::load(&cfg_path).unwrap();
     oxbridge::open_store(&config)
         .unwrap()
@@ -102,94 +84,43 @@ fn no_secret_reaches_logs_replies_or_debug() {
         .unwrap();
 
     let proxy = Proxy::start_with_env(&cfg, &[("RUST_LOG", "trace")]);
-    let tag = unique("secrets");
-    let file = dir.path().join("m.eml");
-    std::fs::write(&file, message(ALICE, ALICE, &tag, 0)).unwrap();
-    let smtp = |user: &str, password: &str| {
-        run(
-            python("smtp_send.py")
-                .args([
-                    "--port",
-                    &proxy.port(0).to_string(),
-                    "--mech",
-                    "PLAIN",
-                    "--user",
-                    user,
-                    "--password",
-                    password,
-                ])
-                .args(["--sender", ALICE, "--rcpt", ALICE, "--message"])
-                .arg(&file),
-            LIMIT,
-        )
+    let m = Message::write(dir.path(), "secrets", ALICE, 0);
+    let smtp = |login: &str, password: &str| {
+        Smtp {
+            login,
+            password,
+            ..Smtp::scanner(proxy.port(0))
+        }
+        .smtplib(&m.path)
     };
-    let session = |script: &str, port: u16, user: &str, password: &str| {
-        run(
-            python(script).args([
-                "--port",
-                &port.to_string(),
-                "--user",
-                user,
-                "--password",
-                password,
-                "--mode",
-                "login",
-            ]),
-            LIMIT,
-        )
-    };
+    let (imap, pop3) = (proxy.port(1), proxy.port(2));
     let outputs = vec![
         smtp("delegated@example.test", &local_pw),
         smtp("delegated@example.test", &wrong_pw),
-        session("imap_session.py", proxy.port(1), ALICE, &ropc_pw),
-        session("imap_session.py", proxy.port(1), ALICE, &wrong_pw),
-        session(
-            "pop3_session.py",
-            proxy.port(2),
-            "delegated@example.test",
-            &local_pw,
-        ),
-        session(
-            "pop3_session.py",
-            proxy.port(2),
-            "nobody@nowhere.test",
-            &wrong_pw,
-        ),
+        Client::new(imap, ALICE, &ropc_pw).imap("login", &[]),
+        Client::new(imap, ALICE, &wrong_pw).imap("login", &[]),
+        Client::new(pop3, "delegated@example.test", &local_pw).pop3("login", &[]),
+        Client::new(pop3, "nobody@nowhere.test", &wrong_pw).pop3("login", &[]),
     ];
     let expect_ok = [true, false, true, false, true, false];
     for (o, ok) in outputs.iter().zip(expect_ok) {
-        assert_eq!(
-            o.status.success(),
-            ok,
-            "{}\n{}",
-            all_output(std::slice::from_ref(o)),
-            proxy.logs()
-        );
+        assert_eq!(o.status.success(), ok, "{}\n{}", text(o), proxy.logs());
     }
-    fetch_from_dovecot(ALICE, &format!("<{tag}@oxbridge.test>"));
+    fetch_from_dovecot(ALICE, &m.id);
     // What the admin endpoint and `oxbridge check` print count as replies.
-    let metrics = run(
-        std::process::Command::new("curl")
-            .args(["-sS", &format!("http://{}/metrics", proxy.admin_addr())]),
-        LIMIT,
-    );
-    assert!(String::from_utf8_lossy(&metrics.stdout).contains("oxbridge_sessions_total"));
-    let check = run(
-        std::process::Command::new(env!("CARGO_BIN_EXE_oxbridge"))
-            .args(["check", "--config"])
-            .arg(&cfg_path),
-        LIMIT,
-    );
+    let (_, metrics) = curl(proxy.admin_addr(), "/metrics");
+    assert!(metrics.contains("oxbridge_sessions_total"));
+    let check = oxbridge(&["check"], &cfg_path);
     assert!(
-        all_output(std::slice::from_ref(&check)).contains("delegated@example.test smtp: OK"),
+        text(&check).contains("delegated@example.test smtp: OK"),
         "{}",
-        all_output(std::slice::from_ref(&check))
+        text(&check)
     );
     let mut outputs = outputs;
-    outputs.extend([metrics, check]);
+    outputs.push(check);
     let logs = proxy.logs();
     assert!(logs.contains("TRACE"), "trace logging was not on");
-    let replies = all_output(&outputs);
+    let replies = all_output(&outputs) + &metrics;
     let debug = format!("{config:?}");
     let secrets = [
         ("local password", &local_pw),
@@ -212,10 +143,8 @@ fn no_secret_reaches_logs_replies_or_debug() {
         );
     }
     // Not even base64-encoded (a SASL or XOAUTH2 string in a log).
-    use base64::Engine;
     for (what, value) in [("local password", &local_pw), ("access token", &access)] {
-        let b64 = base64::engine::general_purpose::STANDARD
-            .encode(format!("\0delegated@example.test\0{value}"));
+        let b64 = plain_ir("delegated@example.test", value);
         assert!(
             !logs.contains(&b64[8..40]),
             "the {what} reached the log in base64"

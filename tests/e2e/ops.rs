@@ -3,53 +3,14 @@
 //! JSON log lines, `oxbridge check` against the real upstream and against
 //! a fake that refuses like Exchange Online, and SIGHUP reloads.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
-use common::*;
-
-const LIMIT: Duration = Duration::from_secs(120);
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn admin_section() -> &'static str {
-    "[admin]\nlisten = \"127.0.0.1:0\"\n"
-}
-
-fn imap_login(port: u16, user: &str, password: &str) -> Output {
-    run(
-        python("imap_session.py").args([
-            "--port",
-            &port.to_string(),
-            "--user",
-            user,
-            "--password",
-            password,
-            "--mode",
-            "login",
-        ]),
-        LIMIT,
-    )
-}
+use crate::harness::*;
 
 #[test]
 fn metrics_health_readiness_and_json_logs() {
-    let up = upstream();
-    let listeners = format!(
-        "{}{}",
-        listener("imap", "none", true),
-        listener("smtp", "none", true)
-    );
-    let proxy = Proxy::start(&config(up, "", &listeners, admin_section()));
+    let proxy = Proxy::start(&config(&plain_listeners(&["imap", "smtp"]), ADMIN));
     let admin = proxy.admin_addr();
 
     assert_eq!(curl(admin, "/healthz"), (200, "ok\n".to_string()));
@@ -57,7 +18,8 @@ fn metrics_health_readiness_and_json_logs() {
     assert_eq!(status, 200, "{body}");
 
     let before = scrape(admin);
-    let out = imap_login(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD);
+    let out =
+        Client::new(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD).imap("login", &[]);
     assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
     proxy.wait_log(&["session ended", "relayed", "\"protocol\":\"imap\""]);
     let mut raw = Raw::connect(proxy.port(1));
@@ -137,8 +99,8 @@ fn metrics_health_readiness_and_json_logs() {
     }
 
     // A proxy whose token endpoint is down is alive but not ready.
-    let down = config(up, "", &listener("smtp", "none", true), admin_section()).replace(
-        up.token_url(),
+    let down = with_token_url(
+        &config(&listener("smtp", "none", true), ADMIN),
         &format!("http://127.0.0.1:{}/token", closed_port()),
     );
     let proxy = Proxy::start(&down);
@@ -151,36 +113,21 @@ fn metrics_health_readiness_and_json_logs() {
 
 #[test]
 fn healthcheck_subcommand_follows_the_admin_endpoint() {
-    let up = upstream();
     let admin = format!("[admin]\nlisten = \"127.0.0.1:{}\"\n", closed_port());
-    let mut proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), &admin));
+    let mut proxy = Proxy::start(&config(&listener("smtp", "none", true), &admin));
     proxy.admin_addr();
-    let check = || {
-        run(
-            Command::new(env!("CARGO_BIN_EXE_oxbridge"))
-                .args(["healthcheck", "--config"])
-                .arg(proxy.config_path()),
-            LIMIT,
-        )
-    };
-    let out = check();
+    let out = oxbridge(&["healthcheck"], &proxy.config_path());
     assert!(out.status.success(), "{}", text(&out));
     let path = proxy.config_path();
     let kept = std::fs::read_to_string(&path).unwrap();
     proxy.terminate();
     std::fs::write(&path, kept).unwrap();
-    let out = run(
-        Command::new(env!("CARGO_BIN_EXE_oxbridge"))
-            .args(["healthcheck", "--config"])
-            .arg(&path),
-        LIMIT,
-    );
+    let out = oxbridge(&["healthcheck"], &path);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
 
 #[test]
 fn autodiscover_describes_the_listeners() {
-    let up = upstream();
     let listeners = format!(
         "{}{}{}{}",
         listener("imap", "implicit", false),
@@ -188,7 +135,7 @@ fn autodiscover_describes_the_listeners() {
         listener("pop3", "starttls", false),
         listener("smtp", "starttls", false),
     );
-    let proxy = Proxy::start(&config(up, "", &listeners, admin_section()));
+    let proxy = Proxy::start(&config(&listeners, ADMIN));
     let admin = proxy.admin_addr();
     let ask = |email: &str| {
         let out = run(
@@ -200,7 +147,7 @@ fn autodiscover_describes_the_listeners() {
                 "--host-header",
                 "mail.example.test:8080",
             ]),
-            LIMIT,
+            CLIENT_LIMIT,
         );
         assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
@@ -230,7 +177,7 @@ fn autodiscover_describes_the_listeners() {
             "<Autodiscover/>",
             &format!("http://{admin}/autodiscover/autodiscover.xml"),
         ]),
-        LIMIT,
+        CLIENT_LIMIT,
     );
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("<ErrorCode>600</ErrorCode>"),
@@ -239,28 +186,16 @@ fn autodiscover_describes_the_listeners() {
     );
 }
 
+/// `oxbridge check` with `cfg`.
 fn oxbridge_check(cfg: &str) -> Output {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("oxbridge.toml");
-    std::fs::write(&path, cfg).unwrap();
-    run(
-        Command::new(env!("CARGO_BIN_EXE_oxbridge"))
-            .args(["check", "--config"])
-            .arg(&path),
-        LIMIT,
-    )
+    oxbridge(&["check"], &write_config(dir.path(), cfg))
 }
 
 #[test]
 fn check_against_the_real_upstream() {
     let up = upstream();
-    let listeners = format!(
-        "{}{}{}",
-        listener("smtp", "none", true),
-        listener("imap", "none", true),
-        listener("pop3", "none", true)
-    );
-    let out = oxbridge_check(&config(up, "", &listeners, ""));
+    let out = oxbridge_check(&config(&plain_listeners(&["smtp", "imap", "pop3"]), ""));
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     for p in ["smtp", "imap", "pop3"] {
@@ -275,7 +210,7 @@ fn check_against_the_real_upstream() {
     assert_eq!(t.matches(": OK").count(), 3, "{t}");
 
     // A wrong client secret: the token endpoint's refusal, with the fix.
-    let bad = config(up, "", &listener("imap", "none", true), "").replace(
+    let bad = config(&listener("imap", "none", true), "").replace(
         &format!("client_secret = \"{}\"", up.get("APP_CLIENT_SECRET")),
         "client_secret = \"not-the-secret\"",
     );
@@ -294,12 +229,12 @@ fn check_against_the_real_upstream() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 }
 
-/// A running fake_exchange.py; killed on drop.
+/// A running `tests/clients/fake_exchange.py`; killed on drop.
 struct Fake(std::process::Child, u16);
 
 impl Fake {
     fn start(protocol: &str, stage: &str, reply: &str) -> Fake {
-        let dir = upstream().get("OXB_UPSTREAM_DIR").to_string();
+        let dir = upstream().dir();
         let mut child = python("fake_exchange.py")
             .args(["--protocol", protocol, "--stage", stage, "--reply", reply])
             .args(["--cert", &format!("{dir}/tls/server.crt")])
@@ -314,6 +249,11 @@ impl Fake {
         let port = line.trim().strip_prefix("port ").unwrap().parse().unwrap();
         Fake(child, port)
     }
+
+    /// `cfg` with this fake as the upstream of every protocol.
+    fn upstream_of(&self, cfg: &str) -> String {
+        reroute_all(cfg, &format!("localhost:{}", self.1))
+    }
 }
 
 impl Drop for Fake {
@@ -325,7 +265,6 @@ impl Drop for Fake {
 
 #[test]
 fn check_diagnoses_exchange_refusals() {
-    let up = upstream();
     // (protocol, stage, the server's reply, a piece of the fix)
     let cases = [
         ("smtp", "auth", "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.", "Set-TransportConfig -SmtpClientAuthenticationDisabled $false"),
@@ -340,19 +279,7 @@ fn check_diagnoses_exchange_refusals() {
     ];
     for (protocol, stage, reply, fix) in cases {
         let fake = Fake::start(protocol, stage, reply);
-        let cfg = config(up, "", &listener(protocol, "none", true), "")
-            .replace(
-                &format!("smtp = \"{}\"", up.submission()),
-                &format!("smtp = \"localhost:{}\"", fake.1),
-            )
-            .replace(
-                &format!("imap = \"localhost:{}\"", up.get("IMAPS_PORT")),
-                &format!("imap = \"localhost:{}\"", fake.1),
-            )
-            .replace(
-                &format!("pop3 = \"localhost:{}\"", up.get("POP3S_PORT")),
-                &format!("pop3 = \"localhost:{}\"", fake.1),
-            );
+        let cfg = fake.upstream_of(&config(&listener(protocol, "none", true), ""));
         let out = oxbridge_check(&cfg);
         let t = text(&out);
         assert_eq!(out.status.code(), Some(1), "{reply}: {t}");
@@ -365,30 +292,18 @@ fn check_diagnoses_exchange_refusals() {
 
     // In service, a device's failed login logs the same fix.
     let fake = Fake::start("smtp", "auth", "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.");
-    let cfg = config(up, "", &listener("smtp", "none", true), "").replace(
-        &format!("smtp = \"{}\"", up.submission()),
-        &format!("smtp = \"localhost:{}\"", fake.1),
-    );
-    let proxy = Proxy::start(&cfg);
+    let proxy = Proxy::start(&fake.upstream_of(&config(&listener("smtp", "none", true), "")));
     let mut raw = Raw::connect(proxy.port(0));
     raw.reply();
-    raw.send("EHLO device.test");
-    raw.reply();
-    let plain = base64_plain("scanner@example.test", SCANNER_PASSWORD);
-    raw.send(&format!("AUTH PLAIN {plain}"));
-    assert!(raw.reply().starts_with("535 5.7.8"));
+    assert!(raw
+        .smtp_login("scanner@example.test", SCANNER_PASSWORD)
+        .starts_with("535 5.7.8"));
     proxy.wait_log(&["login failed", "5.7.139", "Set-TransportConfig"]);
-}
-
-fn base64_plain(user: &str, password: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
 }
 
 #[test]
 fn sighup_reloads_accounts_and_certificates() {
-    let up = upstream();
-    let dir = up.get("OXB_UPSTREAM_DIR").to_string();
+    let dir = upstream().dir();
     let certs = tempfile::tempdir().unwrap();
     let (cert, key) = (certs.path().join("c.pem"), certs.path().join("k.pem"));
     std::fs::copy(format!("{dir}/tls/server.crt"), &cert).unwrap();
@@ -400,19 +315,13 @@ fn sighup_reloads_accounts_and_certificates() {
             .replace(&format!("{dir}/tls/server.crt"), cert.to_str().unwrap())
             .replace(&format!("{dir}/tls/server.key"), key.to_str().unwrap())
     );
-    let cfg = config(up, "", &listeners, "");
+    let cfg = config(&listeners, "");
     let proxy = Proxy::start(&cfg);
     let smtp = proxy.port(0);
     let auth = |password: &str| {
         let mut raw = Raw::connect(smtp);
         raw.reply();
-        raw.send("EHLO reload.test");
-        raw.reply();
-        raw.send(&format!(
-            "AUTH PLAIN {}",
-            base64_plain("scanner@example.test", password)
-        ));
-        (raw.reply(), raw)
+        (raw.smtp_login("scanner@example.test", password), raw)
     };
     // A session relayed before the reload.
     let (r, mut before) = auth(SCANNER_PASSWORD);
@@ -423,7 +332,7 @@ fn sighup_reloads_accounts_and_certificates() {
                 .args(["s_client", "-connect"])
                 .arg(format!("127.0.0.1:{}", proxy.port(1)))
                 .args(["-CAfile", cafile, "-verify_return_error", "-brief"]),
-            LIMIT,
+            CLIENT_LIMIT,
         );
         text(&out)
     };

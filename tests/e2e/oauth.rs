@@ -4,35 +4,29 @@
 //! through IMAP and POP3; rotated refresh tokens survive a restart; a shared
 //! mailbox is opened with `login\shared@domain`.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
-const BOB: &str = "bob@example.test";
 const LOCAL_PASSWORD: &str = "delegated-local-pass";
-const LIMIT: Duration = Duration::from_secs(120);
 
 /// SMTP, IMAP and POP3 listeners without TLS; the harness IDP's device and
 /// authorize endpoints; a private state_dir; two refresh_token accounts
 /// (device flow and browser) for bob, and the scanner allowed to open bob's
 /// mailbox as a shared one.
-fn oauth_config(state: &std::path::Path) -> String {
-    let up = upstream();
-    let listeners = ["smtp", "imap", "pop3"]
-        .map(|p| listener(p, "none", true))
-        .join("\n");
+fn oauth_config(state: &Path) -> String {
     let hash = argon2_hash(LOCAL_PASSWORD);
     let extra = format!(
         "[[account]]\nlogin = \"device@example.test\"\npassword_hash = \"{hash}\"\ngrant = \"refresh_token\"\nmailbox = \"{BOB}\"\n\n\
          [[account]]\nlogin = \"browser@example.test\"\npassword_hash = \"{hash}\"\ngrant = \"refresh_token\"\nmailbox = \"{BOB}\"\n"
     );
-    let idp = up.get("IDP_URL");
-    config(up, "", &listeners, &extra)
-        .replace("state_dir = \"/tmp/oxbridge-test-state\"", &format!("state_dir = \"{}\"", state.display()))
+    let idp = upstream().get("IDP_URL");
+    let cfg = config(&plain_listeners(&["smtp", "imap", "pop3"]), &extra);
+    with_state_dir(&cfg, state)
         .replace(
             "[oauth]\n",
             &format!(
@@ -45,102 +39,53 @@ fn oauth_config(state: &std::path::Path) -> String {
         )
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn refresh_requests() -> u64 {
-    upstream().idp_get("/admin/stats")["grant_requests"]["refresh_token"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 /// Send through the proxy's SMTP as `login`, then read the message through
 /// its IMAP and POP3 (deleting it at the end).
-fn send_and_read(proxy: &Proxy, login: &str, dir: &std::path::Path) {
-    let tag = unique("oauth");
-    let msg = message(BOB, BOB, &tag, 0);
-    let file = dir.join(format!("{tag}.eml"));
-    std::fs::write(&file, &msg).unwrap();
-    let id = format!("<{tag}@oxbridge.test>");
-    let sent = run(
-        python("smtp_send.py")
-            .args([
-                "--port",
-                &proxy.port(0).to_string(),
-                "--mech",
-                "PLAIN",
-                "--user",
-                login,
-                "--password",
-                LOCAL_PASSWORD,
-            ])
-            .args(["--sender", BOB, "--rcpt", BOB, "--message"])
-            .arg(&file),
-        LIMIT,
-    );
+fn send_and_read(proxy: &Proxy, login: &str, dir: &Path) {
+    let m = Message::write(dir, "oauth", BOB, 0);
+    let sent = Smtp {
+        login,
+        password: LOCAL_PASSWORD,
+        from: BOB,
+        to: BOB,
+        ..Smtp::scanner(proxy.port(0))
+    }
+    .smtplib(&m.path);
     assert!(
         sent.status.success(),
         "SMTP as {login}: {}\n{}",
         text(&sent),
         proxy.logs()
     );
-    let out = dir.join(format!("{tag}.imap"));
-    let read = run(
-        python("imap_session.py")
-            .args([
-                "--port",
-                &proxy.port(1).to_string(),
-                "--user",
-                login,
-                "--password",
-                LOCAL_PASSWORD,
-            ])
-            .args(["--mode", "fetch", "--message-id", &id, "--out"])
-            .arg(&out),
-        LIMIT,
-    );
-    assert!(
-        read.status.success(),
-        "IMAP as {login}: {}\n{}",
-        text(&read),
-        proxy.logs()
-    );
-    assert_delivered_intact(&std::fs::read(&out).unwrap(), &msg);
-    let out = dir.join(format!("{tag}.pop3"));
-    let read = run(
-        python("pop3_session.py")
-            .args([
-                "--port",
-                &proxy.port(2).to_string(),
-                "--user",
-                login,
-                "--password",
-                LOCAL_PASSWORD,
-            ])
-            .args(["--mode", "retr", "--delete", "--message-id", &id, "--out"])
-            .arg(&out),
-        LIMIT,
-    );
-    assert!(
-        read.status.success(),
-        "POP3 as {login}: {}\n{}",
-        text(&read),
-        proxy.logs()
-    );
-    assert_delivered_intact(&std::fs::read(&out).unwrap(), &msg);
+    let read_back = |what: &str, read: &Output, out: &Path| {
+        assert!(
+            read.status.success(),
+            "{what} as {login}: {}\n{}",
+            text(read),
+            proxy.logs()
+        );
+        assert_delivered_intact(&std::fs::read(out).unwrap(), &m.bytes);
+    };
+    let out = dir.join(format!("{}.imap", m.tag));
+    let read = Client::new(proxy.port(1), login, LOCAL_PASSWORD).fetch(&m.id, &out, false);
+    read_back("IMAP", &read, &out);
+    let out = dir.join(format!("{}.pop3", m.tag));
+    let read = Client::new(proxy.port(2), login, LOCAL_PASSWORD).retr(&m.id, &out, true);
+    read_back("POP3", &read, &out);
 }
 
 #[test]
 fn refresh_token_accounts_consent_once_then_work_everywhere() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let cfg_path = dir.path().join("oxbridge.toml");
-    std::fs::write(&cfg_path, oauth_config(&state)).unwrap();
+    // Refresh requests are counted in front of the IDP, for this test alone
+    // (the IDP's own stats count every test's).
+    let (token_url, refreshes) = counted_refresh_url(Duration::ZERO, 0);
+    let refresh_requests = || refreshes.load(Ordering::SeqCst);
+    let cfg_path = write_config(
+        dir.path(),
+        &with_token_url(&oauth_config(&state), &token_url),
+    );
 
     // Before consent: a clear refusal that says what to do.
     let proxy = Proxy::start(&std::fs::read_to_string(&cfg_path).unwrap());
@@ -156,12 +101,7 @@ fn refresh_token_accounts_consent_once_then_work_everywhere() {
     drop(proxy);
 
     // Device flow: the test IDP approves after one pending poll.
-    let out = run(
-        Command::new(env!("CARGO_BIN_EXE_oxbridge"))
-            .args(["login", "device@example.test", "--config"])
-            .arg(&cfg_path),
-        LIMIT,
-    );
+    let out = oxbridge(&["login", "device@example.test"], &cfg_path);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("Stored the refresh token"),
@@ -186,7 +126,7 @@ fn refresh_token_accounts_consent_once_then_work_everywhere() {
     };
     let browser = run(
         Command::new("curl").args(["-sS", "-L", "--max-time", "30", &url]),
-        LIMIT,
+        CLIENT_LIMIT,
     );
     assert!(
         String::from_utf8_lossy(&browser.stdout).contains("close this window"),
@@ -238,45 +178,24 @@ fn refresh_token_accounts_consent_once_then_work_everywhere() {
 
 #[test]
 fn shared_mailbox_with_backslash_login() {
-    let up = upstream();
     let dir = tempfile::tempdir().unwrap();
     let proxy = Proxy::start(&oauth_config(&dir.path().join("state")));
     // scanner@example.test may open bob's mailbox (allow_shared); its own is alice's.
     let login = format!("scanner@example.test\\{BOB}");
-    let out = run(
-        python("imap_session.py").args([
-            "--port",
-            &proxy.port(1).to_string(),
-            "--user",
-            &login,
-            "--password",
-            SCANNER_PASSWORD,
-            "--mode",
-            "login",
-        ]),
-        LIMIT,
-    );
+    let out = Client::new(proxy.port(1), &login, SCANNER_PASSWORD).imap("login", &[]);
     assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
     proxy.wait_log(&["authenticated", &format!("\"mailbox\":\"{BOB}\"")]);
     // Another mailbox is not allowed.
-    let out = run(
-        python("imap_session.py").args([
-            "--port",
-            &proxy.port(1).to_string(),
-            "--user",
-            "scanner@example.test\\carol@example.test",
-            "--password",
-            SCANNER_PASSWORD,
-            "--mode",
-            "login",
-        ]),
-        LIMIT,
-    );
+    let out = Client::new(
+        proxy.port(1),
+        "scanner@example.test\\carol@example.test",
+        SCANNER_PASSWORD,
+    )
+    .imap("login", &[]);
     assert!(!out.status.success());
     assert!(
         text(&out).contains("AUTHENTICATIONFAILED"),
         "{}",
         text(&out)
     );
-    let _ = up;
 }

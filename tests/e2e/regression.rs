@@ -2,20 +2,10 @@
 //! they count work (token requests, Argon2 runs, read/write system calls per
 //! relayed megabyte), never time. The timed numbers live in `bench/`.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
-
-const LIMIT: Duration = Duration::from_secs(120);
-const BOB: &str = "bob@example.test";
-
-/// The sum of a metric's series, scraped from the proxy's admin endpoint.
-fn metric(proxy: &Proxy, name: &str) -> f64 {
-    value(&scrape(proxy.admin_addr()), name, &[])
-}
+use crate::harness::*;
 
 /// Counts a process's read and write system calls (all threads) with
 /// `strace -c` until `stop`.
@@ -66,13 +56,7 @@ impl SyscallCount {
 }
 
 fn proxy() -> Proxy {
-    let up = upstream();
-    Proxy::start(&config(
-        up,
-        "",
-        &listener("imap", "none", true),
-        "[admin]\nlisten = \"127.0.0.1:0\"\n",
-    ))
+    Proxy::start(&config(&listener("imap", "none", true), ADMIN))
 }
 
 /// 30 correct logins in a row: one token request and one Argon2
@@ -80,20 +64,9 @@ fn proxy() -> Proxy {
 #[test]
 fn warm_logins_cost_no_token_request_and_no_argon2() {
     let proxy = proxy();
+    let scanner = Client::new(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD);
     for i in 0..30 {
-        let out = run(
-            python("imap_session.py").args([
-                "--port",
-                &proxy.port(0).to_string(),
-                "--user",
-                "scanner@example.test",
-                "--password",
-                SCANNER_PASSWORD,
-                "--mode",
-                "login",
-            ]),
-            LIMIT,
-        );
+        let out = scanner.imap("login", &[]);
         assert!(out.status.success(), "login {i}: {}", proxy.logs());
     }
     assert_eq!(metric(&proxy, "oxbridge_logins_total"), 30.0);
@@ -110,28 +83,20 @@ fn relaying_costs_few_syscalls_per_megabyte() {
     let proxy = proxy();
     let bob_pw = up.password(BOB);
     let dir = tempfile::tempdir().unwrap();
-    let tag = unique("syscalls");
-    let msg = message(BOB, BOB, &tag, 8 * 1024 * 1024);
-    let path = dir.path().join("m.eml");
-    std::fs::write(&path, &msg).unwrap();
+    let m = Message::write(dir.path(), "syscalls", BOB, 8 * 1024 * 1024);
+    let fetched = dir.path().join("fetched.eml");
     let count = SyscallCount::start(proxy.pid(), dir.path());
-    let out = run(
-        python("imap_session.py")
-            .args(["--port", &proxy.port(0).to_string(), "--auth", "LOGIN"])
-            .args(["--user", BOB, "--password", &bob_pw, "--mode", "roundtrip"])
-            .args(["--message-id", &format!("<{tag}@oxbridge.test>")])
-            .arg("--message")
-            .arg(&path)
-            .arg("--out")
-            .arg(dir.path().join("fetched.eml")),
-        LIMIT,
-    );
+    let out = Client {
+        auth: Some("LOGIN"),
+        ..Client::new(proxy.port(0), BOB, &bob_pw)
+    }
+    .roundtrip(&m, &fetched, false);
     assert!(out.status.success(), "{}", proxy.logs());
     let line = proxy.wait_log(&["session ended", "relayed"]);
     let calls = count.stop();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     let bytes = v["bytes_to_upstream"].as_u64().unwrap() + v["bytes_to_device"].as_u64().unwrap();
-    assert!(bytes > 2 * msg.len() as u64, "{line}");
+    assert!(bytes > 2 * m.bytes.len() as u64, "{line}");
     let per_mb = calls as f64 / (bytes as f64 / 1e6);
     println!("{calls} read/write calls for {bytes} bytes relayed: {per_mb:.0} per MB");
     // Each relayed byte is read once and written once, in large chunks:
@@ -148,7 +113,6 @@ fn relaying_costs_few_syscalls_per_megabyte() {
 /// cache) must not leave that memory resident.
 #[test]
 fn password_checks_give_their_memory_back() {
-    let up = upstream();
     let accounts: String = (0..12)
         .map(|i| {
             format!(
@@ -157,17 +121,11 @@ fn password_checks_give_their_memory_back() {
             )
         })
         .collect();
-    let proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), &accounts));
+    let proxy = Proxy::start(&config(&listener("smtp", "none", true), &accounts));
     let login = |user: &str, password: &str| {
-        use base64::Engine;
         let mut raw = Raw::connect(proxy.port(0));
         raw.reply();
-        raw.send("EHLO memory.test");
-        raw.reply();
-        let plain =
-            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
-        raw.send(&format!("AUTH PLAIN {plain}"));
-        let r = raw.reply();
+        let r = raw.smtp_login(user, password);
         raw.send("QUIT");
         r
     };

@@ -1,18 +1,12 @@
 //! IMAP and POP3 end to end: real clients (Python's imaplib and poplib,
 //! curl, fetchmail) -> oxbridge -> real Dovecot (IMAPS/POP3S, XOAUTH2 only).
 
-mod common;
+use std::path::Path;
+use std::process::{Command, Output};
 
-use std::io::Write;
-use std::process::Output;
-use std::time::Duration;
+use crate::harness::*;
 
-use base64::Engine;
-use common::*;
-
-const LIMIT: Duration = Duration::from_secs(180);
 const READER_PASSWORD: &str = "reader-local-pass";
-const BOB: &str = "bob@example.test";
 
 /// Listener indexes in [`start_proxy`]'s config.
 const IMAP: [usize; 3] = [0, 1, 2];
@@ -20,19 +14,24 @@ const POP3: [usize; 3] = [3, 4, 5];
 const SMTP: usize = 6;
 const TLS: [&str; 3] = ["none", "starttls", "implicit"];
 
-/// A proxy with IMAP and POP3 listeners of every TLS kind (plaintext
-/// passwords allowed on the `none` ones) and one SMTP listener; accounts:
-/// `*@example.test` (password grant), `reader@example.test`
-/// (client_credentials, mailbox bob) and `elsewhere@other.test` (a mailbox
-/// the upstream refuses).
-fn start_proxy(upstream_section: &str, token_url: Option<&str>) -> Proxy {
-    let up = upstream();
+/// IMAP and POP3 listeners of every TLS kind (plaintext passwords allowed
+/// on the `none` ones).
+fn imap_pop3_listeners() -> Vec<String> {
     let mut listeners = Vec::new();
     for protocol in ["imap", "pop3"] {
         for tls in TLS {
             listeners.push(listener(protocol, tls, tls == "none"));
         }
     }
+    listeners
+}
+
+/// A proxy with [`imap_pop3_listeners`] and one SMTP listener; accounts:
+/// `*@example.test` (password grant), `reader@example.test`
+/// (client_credentials, mailbox bob) and `elsewhere@other.test` (a mailbox
+/// the upstream refuses).
+fn start_proxy(token_url: Option<&str>) -> Proxy {
+    let mut listeners = imap_pop3_listeners();
     listeners.push(listener("smtp", "none", true));
     let extra = format!(
         "[[account]]\nlogin = \"reader@example.test\"\npassword_hash = \"{}\"\ngrant = \"client_credentials\"\nmailbox = \"{BOB}\"\n\n\
@@ -40,100 +39,38 @@ fn start_proxy(upstream_section: &str, token_url: Option<&str>) -> Proxy {
         argon2_hash(READER_PASSWORD),
         argon2_hash("elsewhere-pass")
     );
-    let mut cfg = config(up, upstream_section, &listeners.join("\n"), &extra);
-    if let Some(url) = token_url {
-        cfg = cfg.replace(up.token_url(), url);
-    }
-    Proxy::start(&cfg)
+    let cfg = config(&listeners.join("\n"), &extra);
+    Proxy::start(&token_url.map_or(cfg.clone(), |url| with_token_url(&cfg, url)))
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|_| panic!("no JSON from client: {}", text(o)))
-}
-
-struct Client<'a> {
-    port: u16,
-    tls: &'a str,
+/// The client on listener `i` of `kind` ([`IMAP`] or [`POP3`]).
+fn client<'a>(
+    proxy: &Proxy,
+    kind: [usize; 3],
+    i: usize,
     auth: &'a str,
     user: &'a str,
     password: &'a str,
-}
-
-impl Client<'_> {
-    fn imap(&self, mode: &str, extra: &[&str]) -> Output {
-        run(
-            python("imap_session.py")
-                .args([
-                    "--port",
-                    &self.port.to_string(),
-                    "--tls",
-                    self.tls,
-                    "--cafile",
-                    upstream().ca(),
-                ])
-                .args([
-                    "--auth",
-                    self.auth,
-                    "--user",
-                    self.user,
-                    "--password",
-                    self.password,
-                    "--mode",
-                    mode,
-                ])
-                .args(extra),
-            LIMIT,
-        )
-    }
-
-    fn pop3(&self, mode: &str, extra: &[&str]) -> Output {
-        run(
-            python("pop3_session.py")
-                .args([
-                    "--port",
-                    &self.port.to_string(),
-                    "--tls",
-                    self.tls,
-                    "--cafile",
-                    upstream().ca(),
-                ])
-                .args([
-                    "--auth",
-                    self.auth,
-                    "--user",
-                    self.user,
-                    "--password",
-                    self.password,
-                    "--mode",
-                    mode,
-                ])
-                .args(extra),
-            LIMIT,
-        )
+) -> Client<'a> {
+    Client {
+        tls: TLS[i],
+        auth: Some(auth),
+        ..Client::new(proxy.port(kind[i]), user, password)
     }
 }
 
-/// Write a fresh test message; returns (tag, Message-ID, bytes, path).
-fn new_message(
-    dir: &tempfile::TempDir,
-    from: &str,
-    attachment: usize,
-) -> (String, String, Vec<u8>, std::path::PathBuf) {
-    let tag = unique("imap-pop3");
-    let msg = message(from, from, &tag, attachment);
-    let path = dir.path().join(format!("{tag}.eml"));
-    std::fs::write(&path, &msg).unwrap();
-    (tag.clone(), format!("<{tag}@oxbridge.test>"), msg, path)
+/// `out` (a client's run) succeeded, and `path` holds exactly `m`.
+fn assert_received(proxy: &Proxy, out: &Output, path: &Path, m: &Message, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        text(out),
+        proxy.logs()
+    );
+    assert!(
+        std::fs::read(path).unwrap() == m.bytes,
+        "{what}: the message that came back differs"
+    );
 }
 
 /// imaplib through every IMAP listener, with LOGIN and AUTHENTICATE PLAIN,
@@ -142,7 +79,7 @@ fn new_message(
 #[test]
 fn imaplib_roundtrip_on_every_listener() {
     let up = upstream();
-    let proxy = start_proxy("", None);
+    let proxy = start_proxy(None);
     let dir = tempfile::tempdir().unwrap();
     let bob_pw = up.password(BOB);
     let cases = [
@@ -154,39 +91,11 @@ fn imaplib_roundtrip_on_every_listener() {
         (2, "PLAIN", "reader@example.test", READER_PASSWORD),
     ];
     for (i, auth, user, password) in cases {
-        let (_, id, msg, path) = new_message(&dir, BOB, 0);
+        let m = Message::write(dir.path(), "imap-pop3", BOB, 0);
         let out_path = dir.path().join("fetched.eml");
-        let client = Client {
-            port: proxy.port(IMAP[i]),
-            tls: TLS[i],
-            auth,
-            user,
-            password,
-        };
-        let out = client.imap(
-            "roundtrip",
-            &[
-                "--message",
-                path.to_str().unwrap(),
-                "--message-id",
-                &id,
-                "--out",
-                out_path.to_str().unwrap(),
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "{} {auth} {user}: {}\n{}",
-            TLS[i],
-            text(&out),
-            proxy.logs()
-        );
-        assert_eq!(
-            std::fs::read(&out_path).unwrap(),
-            msg,
-            "{} {auth}: fetched message differs",
-            TLS[i]
-        );
+        let out = client(&proxy, IMAP, i, auth, user, password).roundtrip(&m, &out_path, false);
+        let what = format!("{} {auth} {user}", TLS[i]);
+        assert_received(&proxy, &out, &out_path, &m, &what);
     }
     proxy.wait_log(&["session ended", "relayed", "\"protocol\":\"imap\""]);
 }
@@ -196,7 +105,7 @@ fn imaplib_roundtrip_on_every_listener() {
 #[test]
 fn poplib_retr_and_dele_on_every_listener() {
     let up = upstream();
-    let proxy = start_proxy("", None);
+    let proxy = start_proxy(None);
     let dir = tempfile::tempdir().unwrap();
     let bob_pw = up.password(BOB);
     let cases = [
@@ -208,59 +117,14 @@ fn poplib_retr_and_dele_on_every_listener() {
         (2, "PLAIN", "reader@example.test", READER_PASSWORD),
     ];
     for (i, auth, user, password) in cases {
-        let (_, id, msg, path) = new_message(&dir, BOB, 0);
+        let m = Message::write(dir.path(), "imap-pop3", BOB, 0);
         let out_path = dir.path().join("retr.eml");
         // Put the message in the mailbox through the proxy's IMAP.
-        let put = Client {
-            port: proxy.port(IMAP[2]),
-            tls: "implicit",
-            auth: "LOGIN",
-            user: BOB,
-            password: &bob_pw,
-        }
-        .imap(
-            "roundtrip",
-            &[
-                "--keep",
-                "--message",
-                path.to_str().unwrap(),
-                "--message-id",
-                &id,
-                "--out",
-                out_path.to_str().unwrap(),
-            ],
-        );
+        let put = client(&proxy, IMAP, 2, "LOGIN", BOB, &bob_pw).roundtrip(&m, &out_path, true);
         assert!(put.status.success(), "{}", text(&put));
-        let client = Client {
-            port: proxy.port(POP3[i]),
-            tls: TLS[i],
-            auth,
-            user,
-            password,
-        };
-        let out = client.pop3(
-            "retr",
-            &[
-                "--delete",
-                "--message-id",
-                &id,
-                "--out",
-                out_path.to_str().unwrap(),
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "{} {auth} {user}: {}\n{}",
-            TLS[i],
-            text(&out),
-            proxy.logs()
-        );
-        assert_eq!(
-            std::fs::read(&out_path).unwrap(),
-            msg,
-            "{} {auth}: RETR differs",
-            TLS[i]
-        );
+        let out = client(&proxy, POP3, i, auth, user, password).retr(&m.id, &out_path, true);
+        let what = format!("{} {auth} {user}", TLS[i]);
+        assert_received(&proxy, &out, &out_path, &m, &what);
     }
     proxy.wait_log(&["session ended", "relayed", "\"protocol\":\"pop3\""]);
 }
@@ -270,59 +134,29 @@ fn poplib_retr_and_dele_on_every_listener() {
 #[test]
 fn large_message_through_imap_and_pop3() {
     let up = upstream();
-    let proxy = start_proxy("", None);
+    let proxy = start_proxy(None);
     let dir = tempfile::tempdir().unwrap();
     let bob_pw = up.password(BOB);
-    let (_, id, msg, path) = new_message(&dir, BOB, 20 * 1024 * 1024);
-    assert!(msg.len() > 20_000_000);
+    let m = Message::write(dir.path(), "imap-pop3", BOB, 20 * 1024 * 1024);
+    assert!(m.bytes.len() > 20_000_000);
     let fetched = dir.path().join("fetched.eml");
-    let out = Client {
-        port: proxy.port(IMAP[2]),
-        tls: "implicit",
-        auth: "LOGIN",
-        user: BOB,
-        password: &bob_pw,
-    }
-    .imap(
-        "roundtrip",
-        &[
-            "--keep",
-            "--message",
-            path.to_str().unwrap(),
-            "--message-id",
-            &id,
-            "--out",
-            fetched.to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
-    assert!(
-        std::fs::read(&fetched).unwrap() == msg,
-        "IMAP FETCH of the 20 MB message differs"
+    let out = client(&proxy, IMAP, 2, "LOGIN", BOB, &bob_pw).roundtrip(&m, &fetched, true);
+    assert_received(
+        &proxy,
+        &out,
+        &fetched,
+        &m,
+        "IMAP FETCH of the 20 MB message",
     );
 
     let retrieved = dir.path().join("retr.eml");
-    let out = Client {
-        port: proxy.port(POP3[1]),
-        tls: "starttls",
-        auth: "USER",
-        user: BOB,
-        password: &bob_pw,
-    }
-    .pop3(
-        "retr",
-        &[
-            "--delete",
-            "--message-id",
-            &id,
-            "--out",
-            retrieved.to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
-    assert!(
-        std::fs::read(&retrieved).unwrap() == msg,
-        "POP3 RETR of the 20 MB message differs"
+    let out = client(&proxy, POP3, 1, "USER", BOB, &bob_pw).retr(&m.id, &retrieved, true);
+    assert_received(
+        &proxy,
+        &out,
+        &retrieved,
+        &m,
+        "POP3 RETR of the 20 MB message",
     );
     let line = proxy.wait_log(&["session ended", "relayed", "\"protocol\":\"pop3\""]);
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -337,34 +171,30 @@ fn large_message_through_imap_and_pop3() {
 #[test]
 fn idle_sees_new_mail() {
     let up = upstream();
-    let proxy = start_proxy("", None);
+    let proxy = start_proxy(None);
     let dir = tempfile::tempdir().unwrap();
     let bob_pw = up.password(BOB);
-    let (_, id, msg, path) = new_message(&dir, BOB, 0);
+    let m = Message::write(dir.path(), "imap-pop3", BOB, 0);
     let out_path = dir.path().join("idle.eml");
-    let out = Client {
-        port: proxy.port(IMAP[1]),
-        tls: "starttls",
-        auth: "LOGIN",
-        user: BOB,
-        password: &bob_pw,
-    }
-    .imap(
+    let out = client(&proxy, IMAP, 1, "LOGIN", BOB, &bob_pw).imap(
         "idle",
         &[
             "--smtp-port",
             &proxy.port(SMTP).to_string(),
             "--message",
-            path.to_str().unwrap(),
+            m.path.to_str().unwrap(),
             "--message-id",
-            &id,
+            &m.id,
             "--out",
             out_path.to_str().unwrap(),
         ],
     );
     assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
-    assert!(json(&out)["exists"].as_str().unwrap().ends_with("EXISTS"));
-    assert_delivered_intact(&std::fs::read(&out_path).unwrap(), &msg);
+    assert!(client_json(&out)["exists"]
+        .as_str()
+        .unwrap()
+        .ends_with("EXISTS"));
+    assert_delivered_intact(&std::fs::read(&out_path).unwrap(), &m.bytes);
 }
 
 /// curl, a client nobody here wrote, over IMAP (plain, STARTTLS, IMAPS) and
@@ -372,49 +202,27 @@ fn idle_sees_new_mail() {
 #[test]
 fn curl_fetches_over_imap_and_pop3() {
     let up = upstream();
-    let proxy = start_proxy("", None);
+    let proxy = start_proxy(None);
     let dir = tempfile::tempdir().unwrap();
     let bob_pw = up.password(BOB);
     let userpass = format!("{BOB}:{bob_pw}");
-    let (_, id, msg, path) = new_message(&dir, BOB, 0);
-    let out_path = dir.path().join("put.eml");
-    let put = Client {
-        port: proxy.port(IMAP[0]),
-        tls: "none",
-        auth: "PLAIN",
-        user: BOB,
-        password: &bob_pw,
-    }
-    .imap(
-        "roundtrip",
-        &[
-            "--keep",
-            "--message",
-            path.to_str().unwrap(),
-            "--message-id",
-            &id,
-            "--out",
-            out_path.to_str().unwrap(),
-        ],
+    let m = Message::write(dir.path(), "imap-pop3", BOB, 0);
+    let put = client(&proxy, IMAP, 0, "PLAIN", BOB, &bob_pw).roundtrip(
+        &m,
+        &dir.path().join("put.eml"),
+        true,
     );
     assert!(put.status.success(), "{}", text(&put));
-    let uid = json(&put)["uid"].as_str().unwrap().to_string();
+    let uid = client_json(&put)["uid"].as_str().unwrap().to_string();
 
     let curl = |url: String, extra: &[&str]| {
         let out = run(
-            std::process::Command::new("curl")
-                .args([
-                    "-sS",
-                    "--max-time",
-                    "60",
-                    "--cacert",
-                    up.ca(),
-                    "--user",
-                    &userpass,
-                ])
+            Command::new("curl")
+                .args(["-sS", "--max-time", "60", "--cacert", up.ca()])
+                .args(["--user", &userpass])
                 .args(extra)
                 .arg(&url),
-            LIMIT,
+            CLIENT_LIMIT,
         );
         assert!(
             out.status.success(),
@@ -435,7 +243,10 @@ fn curl_fetches_over_imap_and_pop3() {
             format!("{scheme}://127.0.0.1:{port}/INBOX;UID={uid}"),
             extra,
         );
-        assert_eq!(fetched, msg, "curl {scheme} {tls}: fetched message differs");
+        assert_eq!(
+            fetched, m.bytes,
+            "curl {scheme} {tls}: fetched message differs"
+        );
         let list = curl(format!("{scheme}://127.0.0.1:{port}/"), extra);
         assert!(
             String::from_utf8_lossy(&list).contains("INBOX"),
@@ -458,8 +269,8 @@ fn curl_fetches_over_imap_and_pop3() {
             .collect();
         assert!(!numbers.is_empty(), "{listing}");
         let found = numbers.iter().rev().find_map(|n| {
-            let m = curl(format!("{scheme}://127.0.0.1:{port}/{n}"), extra);
-            (m == msg).then_some(*n)
+            let got = curl(format!("{scheme}://127.0.0.1:{port}/{n}"), extra);
+            (got == m.bytes).then_some(*n)
         });
         assert!(
             found.is_some(),
@@ -472,33 +283,18 @@ fn curl_fetches_over_imap_and_pop3() {
 #[test]
 fn fetchmail_fetches_over_imap_and_pop3() {
     let up = upstream();
-    let proxy = start_proxy("", None);
+    let proxy = start_proxy(None);
     let dir = tempfile::tempdir().unwrap();
     let bob_pw = up.password(BOB);
     for (protocol, port, ssl) in [
         ("IMAP", proxy.port(IMAP[2]), "ssl"),
         ("POP3", proxy.port(POP3[1]), "sslproto 'tls1.2+'"),
     ] {
-        let (_, id, msg, path) = new_message(&dir, BOB, 0);
-        let out_path = dir.path().join("put.eml");
-        let put = Client {
-            port: proxy.port(IMAP[2]),
-            tls: "implicit",
-            auth: "LOGIN",
-            user: BOB,
-            password: &bob_pw,
-        }
-        .imap(
-            "roundtrip",
-            &[
-                "--keep",
-                "--message",
-                path.to_str().unwrap(),
-                "--message-id",
-                &id,
-                "--out",
-                out_path.to_str().unwrap(),
-            ],
+        let m = Message::write(dir.path(), "imap-pop3", BOB, 0);
+        let put = client(&proxy, IMAP, 2, "LOGIN", BOB, &bob_pw).roundtrip(
+            &m,
+            &dir.path().join("put.eml"),
+            true,
         );
         assert!(put.status.success(), "{}", text(&put));
         let mbox = dir.path().join(format!("{protocol}.mbox"));
@@ -516,18 +312,18 @@ fn fetchmail_fetches_over_imap_and_pop3() {
         std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
         std::fs::set_permissions(&rc, perms).unwrap();
         let out = run(
-            std::process::Command::new("fetchmail")
+            Command::new("fetchmail")
                 .arg("-f")
                 .arg(&rc)
                 .arg("--idfile")
                 .arg(dir.path().join(format!("{protocol}.ids")))
                 .args(["-v", "--nodetach"])
                 .env("HOME", dir.path()),
-            LIMIT,
+            CLIENT_LIMIT,
         );
         let got = std::fs::read(&mbox).unwrap_or_default();
         // fetchmail hands the MDA LF line endings and adds a Received header.
-        let want: Vec<u8> = String::from_utf8(msg)
+        let want: Vec<u8> = String::from_utf8(m.bytes)
             .unwrap()
             .replace("\r\n", "\n")
             .into_bytes();
@@ -541,15 +337,11 @@ fn fetchmail_fetches_over_imap_and_pop3() {
     }
 }
 
-fn plain_ir(user: &str, password: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
-}
-
 /// Refusals in IMAP and POP3 terms, and the proxy goes on serving.
 #[test]
 fn refusals_end_to_end() {
     let up = upstream();
-    let proxy = start_proxy("", None);
+    let proxy = start_proxy(None);
     let bob_pw = up.password(BOB);
     let cases = [
         ("reader@example.test", "wrong-password", "bad_credentials"),
@@ -579,14 +371,7 @@ fn refusals_end_to_end() {
         );
     }
     // Still serving.
-    let out = Client {
-        port: proxy.port(POP3[0]),
-        tls: "none",
-        auth: "USER",
-        user: BOB,
-        password: &bob_pw,
-    }
-    .pop3("login", &[]);
+    let out = client(&proxy, POP3, 0, "USER", BOB, &bob_pw).pop3("login", &[]);
     assert!(out.status.success(), "{}", text(&out));
 }
 
@@ -594,22 +379,17 @@ fn refusals_end_to_end() {
 #[test]
 fn temporary_failures_end_to_end() {
     let up = upstream();
-    let down = format!(
-        "imap = \"127.0.0.1:{p}\"\npop3 = \"127.0.0.1:{p}\"",
-        p = closed_port()
-    );
+    let down = format!("127.0.0.1:{}", closed_port());
+    let cfg = config(&imap_pop3_listeners().join("\n"), "");
     let proxies = [
         (
             "upstream down",
-            upstream_section_proxy(&down),
+            Proxy::start(&reroute(&reroute(&cfg, "imap", &down), "pop3", &down)),
             "upstream_unavailable",
         ),
         (
             "token endpoint down",
-            start_proxy(
-                "",
-                Some(&format!("http://127.0.0.1:{}/token", closed_port())),
-            ),
+            start_proxy(Some(&format!("http://127.0.0.1:{}/token", closed_port()))),
             "token_unavailable",
         ),
     ];
@@ -630,36 +410,15 @@ fn temporary_failures_end_to_end() {
     }
 }
 
-/// A proxy whose IMAP and POP3 upstreams are replaced by `section`.
-fn upstream_section_proxy(section: &str) -> Proxy {
-    let up = upstream();
-    let mut listeners = Vec::new();
-    for protocol in ["imap", "pop3"] {
-        for tls in TLS {
-            listeners.push(listener(protocol, tls, tls == "none"));
-        }
-    }
-    let cfg = config(up, "", &listeners.join("\n"), "")
-        .replace(
-            &format!("imap = \"localhost:{}\"", up.get("IMAPS_PORT")),
-            "",
-        )
-        .replace(
-            &format!("pop3 = \"localhost:{}\"", up.get("POP3S_PORT")),
-            section,
-        );
-    Proxy::start(&cfg)
-}
-
 /// IMAP before login: capabilities, literals, quoting, limits, pipelining.
 #[test]
 fn imap_commands_before_login() {
     let up = upstream();
-    let proxy = start_proxy("", None);
+    let proxy = start_proxy(None);
     let bob_pw = up.password(BOB);
 
     // Plaintext listener without opt-in: LOGINDISABLED, no AUTH=, refused.
-    let strict = Proxy::start(&config(up, "", &listener("imap", "none", false), ""));
+    let strict = Proxy::start(&config(&listener("imap", "none", false), ""));
     let mut c = Raw::connect(strict.port(0));
     let greeting = c.line();
     assert!(
@@ -715,15 +474,13 @@ fn imap_commands_before_login() {
     // then a pipelined SELECT in the same write: both answered in order.
     c.send(&format!("t9 LOGIN {{{}}}", BOB.len()));
     assert!(c.line().starts_with("+ "));
-    c.writer
-        .write_all(
-            format!(
-                "{BOB} {{{}+}}\r\n{bob_pw}\r\nt10 SELECT INBOX\r\n",
-                bob_pw.len()
-            )
-            .as_bytes(),
+    c.write(
+        format!(
+            "{BOB} {{{}+}}\r\n{bob_pw}\r\nt10 SELECT INBOX\r\n",
+            bob_pw.len()
         )
-        .unwrap();
+        .as_bytes(),
+    );
     let login = c.until("t9 ");
     assert!(login.starts_with("t9 OK [CAPABILITY IMAP4rev1"), "{login}");
     assert!(
@@ -756,7 +513,7 @@ fn imap_commands_before_login() {
 #[test]
 fn pop3_commands_before_login() {
     let up = upstream();
-    let proxy = start_proxy("", None);
+    let proxy = start_proxy(None);
     let bob_pw = up.password(BOB);
 
     let mut c = Raw::connect(proxy.port(POP3[1]));

@@ -2,150 +2,20 @@
 //! end: a real `redis-server` on a loopback port of its own, two or three
 //! oxbridge processes, the real test upstream. Token requests are counted
 //! by a forwarder in front of the IDP (this test's own, not the IDP's
-//! global stats, which other test runs share).
+//! global stats, which other tests share).
 
-mod common;
-
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
-const BOB: &str = "bob@example.test";
 const LOCAL_PASSWORD: &str = "delegated-local-pass";
-const LIMIT: Duration = Duration::from_secs(120);
-
-/// A `redis-server` of this test: its own port and directory, no
-/// persistence. Killed on drop.
-struct Redis {
-    port: u16,
-    password: Option<String>,
-    /// TLS only (the test upstream's certificate for `localhost`).
-    tls: bool,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        Redis::start_with(None, false)
-    }
-
-    /// With `requirepass` (AUTH in the URL), and/or TLS only.
-    fn start_with(password: Option<&str>, tls: bool) -> Redis {
-        let port = {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let mut r = Redis {
-            port,
-            password: password.map(String::from),
-            tls,
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        r.restart();
-        r
-    }
-
-    /// Start (again) on the same port.
-    fn restart(&mut self) {
-        let mut cmd = Command::new("redis-server");
-        if let Some(pw) = &self.password {
-            cmd.args(["--requirepass", pw]);
-        }
-        if self.tls {
-            let dir = upstream().get("OXB_UPSTREAM_DIR");
-            cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
-                .args(["--tls-cert-file", &format!("{dir}/tls/server.crt")])
-                .args(["--tls-key-file", &format!("{dir}/tls/server.key")])
-                .args(["--tls-auth-clients", "no"]);
-        } else {
-            cmd.args(["--port", &self.port.to_string()]);
-        }
-        let child = cmd
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (apt install redis-server)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.cli(&["PING"]) != "PONG" {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        let (scheme, host) = match self.tls {
-            true => ("rediss", "localhost"),
-            false => ("redis", "127.0.0.1"),
-        };
-        match &self.password {
-            Some(pw) => format!("{scheme}://:{pw}@{host}:{}/0", self.port),
-            None => format!("{scheme}://{host}:{}/", self.port),
-        }
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let mut cmd = Command::new("redis-cli");
-        if let Some(pw) = &self.password {
-            cmd.args(["--no-auth-warning", "-a", pw]);
-        }
-        if self.tls {
-            cmd.args(["--tls", "--cacert", upstream().ca()]);
-        }
-        let out = cmd
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// The IDP's token endpoint behind a counting forwarder: (token_url, count).
-fn counted_token_url(delay: Duration) -> (String, Arc<AtomicUsize>) {
-    let up = upstream();
-    let url = up.token_url().to_string();
-    let rest = url.strip_prefix("http://").unwrap();
-    let (authority, path) = rest.split_once('/').unwrap();
-    let (addr, count) = counting_forwarder(authority, delay);
-    (format!("http://{addr}/{path}"), count)
-}
 
 /// A config for replicas sharing `redis`: IMAP and SMTP listeners without
 /// TLS, the usual accounts plus `delegated@example.test` (refresh_token,
 /// mailbox bob), tokens from `token_url`.
 fn replica_config(redis: &Redis, key_file: &Path, token_url: &str, limits: &str) -> String {
-    let up = upstream();
-    let listeners = format!(
-        "{}\n{}",
-        listener("imap", "none", true),
-        listener("smtp", "none", true)
-    );
     let extra = format!(
         "[[account]]\nlogin = \"delegated@example.test\"\npassword_hash = \"{}\"\ngrant = \"refresh_token\"\nmailbox = \"{BOB}\"\n\n\
          [store]\nbackend = \"redis\"\nurl = \"{}\"\nkey_file = \"{}\"\n\n[limits]\n{limits}\n",
@@ -153,16 +23,15 @@ fn replica_config(redis: &Redis, key_file: &Path, token_url: &str, limits: &str)
         redis.url(),
         key_file.display()
     );
-    let idp = up.get("IDP_URL");
-    config(up, "", &listeners, &extra)
-        .replace(
-            &format!("token_url = \"{}\"", up.token_url()),
-            &format!("token_url = \"{token_url}\""),
-        )
-        .replace(
-            "[oauth]\n",
-            &format!("[oauth]\ndevice_code_url = \"{idp}/common/oauth2/v2.0/devicecode\"\n"),
-        )
+    let idp = upstream().get("IDP_URL");
+    with_token_url(
+        &config(&plain_listeners(&["imap", "smtp"]), &extra),
+        token_url,
+    )
+    .replace(
+        "[oauth]\n",
+        &format!("[oauth]\ndevice_code_url = \"{idp}/common/oauth2/v2.0/devicecode\"\n"),
+    )
 }
 
 fn key_file(dir: &Path) -> PathBuf {
@@ -172,20 +41,13 @@ fn key_file(dir: &Path) -> PathBuf {
     path
 }
 
-fn write_config(dir: &Path, cfg: &str) -> PathBuf {
-    let path = dir.join("oxbridge.toml");
-    std::fs::write(&path, cfg).unwrap();
-    path
-}
-
 /// An IMAP LOGIN through a replica; returns the tagged reply. With `hold`,
 /// the session stays open that long (a NOOP) before LOGOUT.
 fn imap_login(port: u16, user: &str, password: &str, hold: Duration) -> String {
     let mut c = Raw::connect(port);
     let greeting = c.line();
     assert!(greeting.starts_with("* OK"), "{greeting}");
-    c.send(&format!("a LOGIN \"{user}\" \"{password}\""));
-    let reply = c.until("a ");
+    let reply = c.imap_login(user, password);
     let tagged = reply.lines().last().unwrap_or("").to_string();
     if tagged.starts_with("a OK") {
         if !hold.is_zero() {
@@ -199,31 +61,46 @@ fn imap_login(port: u16, user: &str, password: &str, hold: Duration) -> String {
     tagged
 }
 
+/// The scanner's IMAP LOGIN through a replica, at once out again.
+fn scanner_login(port: u16) -> String {
+    imap_login(
+        port,
+        "scanner@example.test",
+        SCANNER_PASSWORD,
+        Duration::ZERO,
+    )
+}
+
+/// The delegated account's IMAP LOGIN through a replica.
+fn delegated_login(port: u16) -> String {
+    imap_login(
+        port,
+        "delegated@example.test",
+        LOCAL_PASSWORD,
+        Duration::ZERO,
+    )
+}
+
 /// `oxbridge login delegated@example.test` (device flow, auto-approved by
 /// the test IDP) into Redis.
 fn consent(cfg_path: &Path) {
-    let out = run(
-        Command::new(env!("CARGO_BIN_EXE_oxbridge"))
-            .args(["login", "delegated@example.test", "--config"])
-            .arg(cfg_path),
-        LIMIT,
-    );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = oxbridge(&["login", "delegated@example.test"], cfg_path);
+    let text = text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("in Redis."), "{text}");
 }
 
-fn logs(proxies: &[Proxy]) -> String {
-    proxies
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("--- replica {i}\n{}", p.logs()))
-        .collect::<Vec<_>>()
-        .join("\n")
+/// Wait (up to 20 s) until `count` moves past `before`.
+fn wait_for_request(
+    count: &std::sync::atomic::AtomicUsize,
+    before: usize,
+    logs: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count.load(Ordering::SeqCst) == before {
+        assert!(Instant::now() < deadline, "no refresh started\n{}", logs());
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// 300 devices at once, spread over three replicas, one account: the
@@ -243,14 +120,7 @@ fn three_hundred_logins_over_three_replicas_make_one_token_request() {
         let handles: Vec<_> = (0..300)
             .map(|i| {
                 let port = ports[i % 3];
-                scope.spawn(move || {
-                    imap_login(
-                        port,
-                        "scanner@example.test",
-                        SCANNER_PASSWORD,
-                        Duration::ZERO,
-                    )
-                })
+                scope.spawn(move || scanner_login(port))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -261,20 +131,20 @@ fn three_hundred_logins_over_three_replicas_make_one_token_request() {
         300,
         "{:?}\n{}",
         replies.iter().find(|r| !r.starts_with("a OK")),
-        logs(&proxies)
+        Proxy::all_logs(&proxies)
     );
     let requests = count.load(Ordering::SeqCst);
     eprintln!(
         "300 logins over 3 replicas in {:?}: {requests} token request(s)",
         started.elapsed()
     );
-    assert_eq!(requests, 1, "{}", logs(&proxies));
+    assert_eq!(requests, 1, "{}", Proxy::all_logs(&proxies));
     // The two replicas that did not ask used the token from Redis.
     let from_redis = proxies
         .iter()
         .filter(|p| p.logs().contains("access token from Redis"))
         .count();
-    assert!(from_redis >= 1, "{}", logs(&proxies));
+    assert!(from_redis >= 1, "{}", Proxy::all_logs(&proxies));
 }
 
 /// Per-mailbox limit 3 (IMAP) holds over two replicas, measured at the
@@ -285,11 +155,12 @@ fn mailbox_limit_holds_across_replicas() {
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path());
-    let forwarder = Forwarder::start(&format!("127.0.0.1:{}", up.imaps_port()), None);
+    let forwarder = Forwarder::start(&up.loopback("imap"), None);
     let limits = "imap_sessions_per_mailbox = 3\nmailbox_wait_s = 60";
-    let cfg = replica_config(&redis, &key, up.token_url(), limits).replace(
-        &format!("imap = \"localhost:{}\"", up.imaps_port()),
-        &format!("imap = \"localhost:{}\"", forwarder.addr.port()),
+    let cfg = reroute(
+        &replica_config(&redis, &key, up.token_url(), limits),
+        "imap",
+        &format!("localhost:{}", forwarder.addr.port()),
     );
     let proxies: Vec<Proxy> = (0..2).map(|_| Proxy::start(&cfg)).collect();
     let ports: Vec<u16> = proxies.iter().map(|p| p.port(0)).collect();
@@ -312,11 +183,11 @@ fn mailbox_limit_holds_across_replicas() {
     assert!(
         replies.iter().all(|r| r.starts_with("a OK")),
         "{replies:?}\n{}",
-        logs(&proxies)
+        Proxy::all_logs(&proxies)
     );
     let max = forwarder.max.load(Ordering::SeqCst);
     eprintln!("10 sessions over 2 replicas, limit 3: at most {max} upstream sessions at once");
-    assert_eq!(max, 3, "{}", logs(&proxies));
+    assert_eq!(max, 3, "{}", Proxy::all_logs(&proxies));
     // Every slot was given back.
     assert!(forwarder.wait_idle(Duration::from_secs(10)));
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -334,7 +205,6 @@ fn mailbox_limit_holds_across_replicas() {
 /// replica uses (the test IDP accepts each refresh token exactly once).
 #[test]
 fn a_rotated_refresh_token_is_used_by_the_other_replicas() {
-    let up = upstream();
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path());
@@ -353,16 +223,11 @@ fn a_rotated_refresh_token_is_used_by_the_other_replicas() {
             redis.cli(&["DEL", "oxbridge:at:refresh:delegated@example.test"]),
             if i == 0 { "0" } else { "1" }
         );
-        let reply = imap_login(
-            p.port(0),
-            "delegated@example.test",
-            LOCAL_PASSWORD,
-            Duration::ZERO,
-        );
+        let reply = delegated_login(p.port(0));
         assert!(
             reply.starts_with("a OK"),
             "replica {i}: {reply}\n{}",
-            logs(&proxies)
+            Proxy::all_logs(&proxies)
         );
         let now = redis.cli(&["GET", "oxbridge:rt:delegated@example.test"]);
         assert_ne!(now, last, "replica {i} did not rotate the refresh token");
@@ -370,76 +235,10 @@ fn a_rotated_refresh_token_is_used_by_the_other_replicas() {
     }
     assert_eq!(count.load(Ordering::SeqCst) - before, 3);
     assert!(
-        !logs(&proxies).contains("invalid_grant"),
+        !Proxy::all_logs(&proxies).contains("invalid_grant"),
         "{}",
-        logs(&proxies)
+        Proxy::all_logs(&proxies)
     );
-    let _ = up;
-}
-
-/// A token endpoint in front of the IDP that counts refresh requests and
-/// holds the first `holds` of them for `hold` and forwards it only if its client is still
-/// connected then (a replica killed meanwhile never reaches the IDP, as
-/// with a crash before the request left).
-fn holding_token_url(hold: Duration, holds: usize) -> (String, Arc<AtomicUsize>) {
-    let up = upstream();
-    let url = up.token_url().to_string();
-    let rest = url.strip_prefix("http://").unwrap();
-    let (authority, path) = rest.split_once('/').unwrap();
-    let authority = authority.to_string();
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr: SocketAddr = l.local_addr().unwrap();
-    let count = Arc::new(AtomicUsize::new(0));
-    let seen = count.clone();
-    std::thread::spawn(move || {
-        for mut client in l.incoming().flatten() {
-            let (authority, seen) = (authority.clone(), seen.clone());
-            std::thread::spawn(move || {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 16384];
-                client
-                    .set_read_timeout(Some(Duration::from_millis(200)))
-                    .unwrap();
-                // Headers and body (Content-Length).
-                loop {
-                    match client.read(&mut buf) {
-                        Ok(0) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                        Err(_) => {}
-                    }
-                    let text = String::from_utf8_lossy(&request).to_lowercase();
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let len: usize = text
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .map(|v| v.trim().parse().unwrap_or(0))
-                            .unwrap_or(0);
-                        if request.len() >= end + 4 + len {
-                            break;
-                        }
-                    }
-                }
-                // Only refreshes are held and counted (not the device flow's polls).
-                if String::from_utf8_lossy(&request).contains("grant_type=refresh_token")
-                    && seen.fetch_add(1, Ordering::SeqCst) < holds
-                {
-                    std::thread::sleep(hold);
-                }
-                client.set_nonblocking(true).unwrap();
-                if matches!(client.read(&mut buf), Ok(0)) {
-                    return; // the client died while held
-                }
-                client.set_nonblocking(false).unwrap();
-                let mut server = TcpStream::connect(&authority).unwrap();
-                let _ = server.write_all(&request);
-                let _ = server.shutdown(std::net::Shutdown::Write);
-                let mut answer = Vec::new();
-                let _ = server.read_to_end(&mut answer);
-                let _ = client.write_all(&answer);
-            });
-        }
-    });
-    (format!("http://{addr}/{path}"), count)
 }
 
 /// A replica killed while its refresh is under way (lease held, request
@@ -451,7 +250,7 @@ fn killing_a_replica_mid_refresh_keeps_the_refresh_token() {
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path());
-    let (token_url, count) = holding_token_url(Duration::from_secs(3), 1);
+    let (token_url, count) = counted_refresh_url(Duration::from_secs(3), 1);
     let cfg = replica_config(&redis, &key, &token_url, "");
     consent(&write_config(dir.path(), &cfg));
     let stored = redis.cli(&["GET", "oxbridge:rt:delegated@example.test"]);
@@ -459,28 +258,13 @@ fn killing_a_replica_mid_refresh_keeps_the_refresh_token() {
     let b = Proxy::start(&cfg);
     let before = count.load(Ordering::SeqCst);
     let port_a = a.port(0);
-    let victim = std::thread::spawn(move || {
-        imap_login(
-            port_a,
-            "delegated@example.test",
-            LOCAL_PASSWORD,
-            Duration::ZERO,
-        )
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while count.load(Ordering::SeqCst) == before {
-        assert!(
-            Instant::now() < deadline,
-            "no refresh started\n{}",
-            a.logs()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let victim = std::thread::spawn(move || delegated_login(port_a));
+    wait_for_request(&count, before, || a.logs());
     assert_eq!(
         redis.cli(&["EXISTS", "oxbridge:lease:refresh:delegated@example.test"]),
         "1"
     );
-    unsafe_kill_9(a.pid());
+    a.signal("KILL");
     assert!(!victim.join().unwrap().starts_with("a OK"));
     let deadline = Instant::now() + Duration::from_secs(5);
     while a.is_running() {
@@ -494,12 +278,7 @@ fn killing_a_replica_mid_refresh_keeps_the_refresh_token() {
     );
     // Replica B waits for the dead replica's lease to expire, then refreshes.
     let started = Instant::now();
-    let reply = imap_login(
-        b.port(0),
-        "delegated@example.test",
-        LOCAL_PASSWORD,
-        Duration::ZERO,
-    );
+    let reply = delegated_login(b.port(0));
     assert!(reply.starts_with("a OK"), "{reply}\n{}", b.logs());
     eprintln!("replica B logged in {:?} after the kill", started.elapsed());
     // The lease (10 s) expired and B took it.
@@ -515,10 +294,6 @@ fn killing_a_replica_mid_refresh_keeps_the_refresh_token() {
     assert!(!b.logs().contains("invalid_grant"), "{}", b.logs());
 }
 
-fn unsafe_kill_9(pid: u32) {
-    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-}
-
 /// Redis stops: sessions with a cached token go on, a new token is fetched
 /// by the replica alone, limits and throttling fall back to the replica's
 /// own, all with warnings; when Redis returns, the replicas use it again.
@@ -531,14 +306,10 @@ fn redis_down_degrades_then_recovers() {
     let key = key_file(dir.path());
     let cfg = replica_config(&redis, &key, up.token_url(), "");
     let proxies: Vec<Proxy> = (0..2).map(|_| Proxy::start(&cfg)).collect();
+    let logs = || Proxy::all_logs(&proxies);
     for p in &proxies {
-        let r = imap_login(
-            p.port(0),
-            "scanner@example.test",
-            SCANNER_PASSWORD,
-            Duration::ZERO,
-        );
-        assert!(r.starts_with("a OK"), "{r}\n{}", logs(&proxies));
+        let r = scanner_login(p.port(0));
+        assert!(r.starts_with("a OK"), "{r}\n{}", logs());
     }
     assert_eq!(redis.cli(&["EXISTS", "oxbridge:at:app"]), "1");
     // Sealed: no JWT (`eyJ...`) in clear.
@@ -549,27 +320,18 @@ fn redis_down_degrades_then_recovers() {
     // The cached app token keeps both replicas going.
     for p in &proxies {
         let t = Instant::now();
-        let r = imap_login(
-            p.port(0),
-            "scanner@example.test",
-            SCANNER_PASSWORD,
-            Duration::ZERO,
-        );
-        assert!(r.starts_with("a OK"), "{r}\n{}", logs(&proxies));
+        let r = scanner_login(p.port(0));
+        assert!(r.starts_with("a OK"), "{r}\n{}", logs());
         eprintln!("login with Redis down: {:?}", t.elapsed());
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
         p.wait_log(&["Redis unavailable; limiting upstream sessions per replica"]);
     }
     // A token nobody has cached: this replica asks alone.
-    let alice = up.password("alice@example.test");
-    let r = imap_login(
-        proxies[0].port(0),
-        "alice@example.test",
-        &alice,
-        Duration::ZERO,
-    );
-    assert!(r.starts_with("a OK"), "{r}\n{}", logs(&proxies));
-    proxies[0].wait_log(&["Redis unavailable; requesting the token without the other replicas"]);
+    let alice = up.password(ALICE);
+    let r = imap_login(proxies[0].port(0), ALICE, &alice, Duration::ZERO);
+    assert!(r.starts_with("a OK"), "{r}\n{}", logs());
+    proxies[0]
+        .wait_log(&["Redis unavailable; requesting the token without the other replicas"]);
     // A failed login is still counted (locally) and refused.
     let r = imap_login(
         proxies[1].port(0),
@@ -586,14 +348,14 @@ fn redis_down_degrades_then_recovers() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let r = imap_login(proxies[1].port(0), BOB, &bob, Duration::ZERO);
-        assert!(r.starts_with("a OK"), "{r}\n{}", logs(&proxies));
+        assert!(r.starts_with("a OK"), "{r}\n{}", logs());
         if redis.cli(&["EXISTS", "oxbridge:at:password:bob@example.test"]) == "1" {
             break;
         }
         assert!(
             Instant::now() < deadline,
             "the replica did not use Redis again\n{}",
-            logs(&proxies)
+            logs()
         );
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -601,19 +363,18 @@ fn redis_down_degrades_then_recovers() {
     let r = imap_login(proxies[0].port(0), BOB, &bob, Duration::ZERO);
     assert!(r.starts_with("a OK"), "{r}");
     proxies[0].wait_log(&["access token from Redis"]);
-    assert!(!logs(&proxies).contains("redis-pw-MARKER"));
+    assert!(!logs().contains("redis-pw-MARKER"));
 }
 
 /// Failed logins count over all replicas: failures on one replica lock the
 /// account out on the other, even for the right password.
 #[test]
 fn failed_logins_lock_out_across_replicas() {
-    let up = upstream();
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path());
     let limits = "login_delay_ms = 10\nlogin_lockout_failures = 3\nlogin_lockout_s = 60";
-    let cfg = replica_config(&redis, &key, up.token_url(), limits);
+    let cfg = replica_config(&redis, &key, upstream().token_url(), limits);
     let proxies: Vec<Proxy> = (0..2).map(|_| Proxy::start(&cfg)).collect();
     for i in 0..3 {
         let r = imap_login(
@@ -629,13 +390,8 @@ fn failed_logins_lock_out_across_replicas() {
         "1"
     );
     for p in &proxies {
-        let r = imap_login(
-            p.port(0),
-            "scanner@example.test",
-            SCANNER_PASSWORD,
-            Duration::ZERO,
-        );
-        assert!(r.starts_with("a NO"), "{r}\n{}", logs(&proxies));
+        let r = scanner_login(p.port(0));
+        assert!(r.starts_with("a NO"), "{r}\n{}", Proxy::all_logs(&proxies));
         p.wait_log(&["locked out after failed logins"]);
     }
 }
@@ -649,53 +405,31 @@ fn a_slow_refresh_keeps_its_lease() {
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path());
-    let (token_url, count) = holding_token_url(Duration::from_secs(12), 1);
+    let (token_url, count) = counted_refresh_url(Duration::from_secs(12), 1);
     let cfg = replica_config(&redis, &key, &token_url, "");
     consent(&write_config(dir.path(), &cfg));
     let proxies: Vec<Proxy> = (0..2).map(|_| Proxy::start(&cfg)).collect();
+    let logs = || Proxy::all_logs(&proxies);
     let before = count.load(Ordering::SeqCst);
     let replies: Vec<String> = std::thread::scope(|scope| {
-        let first = scope.spawn(|| {
-            imap_login(
-                proxies[0].port(0),
-                "delegated@example.test",
-                LOCAL_PASSWORD,
-                Duration::ZERO,
-            )
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while count.load(Ordering::SeqCst) == before {
-            assert!(Instant::now() < deadline, "no refresh started");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let second = scope.spawn(|| {
-            imap_login(
-                proxies[1].port(0),
-                "delegated@example.test",
-                LOCAL_PASSWORD,
-                Duration::ZERO,
-            )
-        });
+        let first = scope.spawn(|| delegated_login(proxies[0].port(0)));
+        wait_for_request(&count, before, String::new);
+        let second = scope.spawn(|| delegated_login(proxies[1].port(0)));
         vec![first.join().unwrap(), second.join().unwrap()]
     });
     assert!(
         replies.iter().all(|r| r.starts_with("a OK")),
         "{replies:?}\n{}",
-        logs(&proxies)
+        logs()
     );
     // Replica 0's timed-out attempt and its retry; nothing from replica 1.
     assert!(
         !proxies[1].logs().contains("access token obtained"),
         "{}",
-        logs(&proxies)
+        logs()
     );
     proxies[1].wait_log(&["access token from Redis"]);
-    assert_eq!(
-        count.load(Ordering::SeqCst) - before,
-        2,
-        "{}",
-        logs(&proxies)
-    );
+    assert_eq!(count.load(Ordering::SeqCst) - before, 2, "{}", logs());
 }
 
 /// `rediss://` with AUTH: the server's certificate is verified against the
@@ -708,12 +442,7 @@ fn tls_and_auth_to_redis() {
     let key = key_file(dir.path());
     let cfg = replica_config(&redis, &key, up.token_url(), "");
     let proxy = Proxy::start_with_env(&cfg, &[("SSL_CERT_FILE", up.ca())]);
-    let r = imap_login(
-        proxy.port(0),
-        "scanner@example.test",
-        SCANNER_PASSWORD,
-        Duration::ZERO,
-    );
+    let r = scanner_login(proxy.port(0));
     assert!(r.starts_with("a OK"), "{r}\n{}", proxy.logs());
     assert_eq!(redis.cli(&["EXISTS", "oxbridge:at:app"]), "1");
     proxy.wait_log(&["connected to the Redis store"]);
@@ -721,12 +450,7 @@ fn tls_and_auth_to_redis() {
 
     // A Redis whose certificate is not trusted is not used.
     let untrusted = Proxy::start(&cfg);
-    let r = imap_login(
-        untrusted.port(0),
-        "scanner@example.test",
-        SCANNER_PASSWORD,
-        Duration::ZERO,
-    );
+    let r = scanner_login(untrusted.port(0));
     assert!(r.starts_with("a OK"), "{r}\n{}", untrusted.logs());
     untrusted.wait_log(&["Redis unavailable"]);
     assert!(!untrusted.logs().contains("connected to the Redis store"));

@@ -5,82 +5,18 @@
 //! the others is, and the proxy's file descriptors and memory are back to
 //! where they were.
 
-mod common;
-
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
-use common::*;
+use crate::harness::*;
 
-const ALICE: &str = "alice@example.test";
 const SESSIONS: usize = 200;
 /// Rounds of SESSIONS concurrent sessions.
 const ROUNDS: usize = 5;
 
-/// A forwarder that cuts some connections after a random number of bytes
-/// towards the server (never after the server's reply is on its way, so a
-/// cut cannot turn an accepted message into a lost acknowledgement).
-fn chaos_forwarder(target: String, seed: u64) -> (u16, Arc<AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let cuts = Arc::new(AtomicUsize::new(0));
-    let counted = cuts.clone();
-    let rng = Arc::new(AtomicU64::new(seed));
-    std::thread::spawn(move || {
-        for client in l.incoming().flatten() {
-            let Ok(server) = TcpStream::connect(&target) else {
-                continue;
-            };
-            // xorshift, shared
-            let mut x = rng.load(Ordering::Relaxed);
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            rng.store(x, Ordering::Relaxed);
-            let cut_after = (x % 7 == 0).then_some((x >> 8) as usize % 6000);
-            if cut_after.is_some() {
-                counted.fetch_add(1, Ordering::SeqCst);
-            }
-            let (mut c_read, mut s_write) =
-                (client.try_clone().unwrap(), server.try_clone().unwrap());
-            let (mut s_read, mut c_write) =
-                (server.try_clone().unwrap(), client.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 16384];
-                let mut sent = 0usize;
-                loop {
-                    let n = match std::io::Read::read(&mut c_read, &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    if cut_after.is_some_and(|limit| sent + n > limit) {
-                        break;
-                    }
-                    sent += n;
-                    if s_write.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = server.shutdown(std::net::Shutdown::Both);
-                let _ = client.shutdown(std::net::Shutdown::Both);
-            });
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut s_read, &mut c_write);
-                let _ = c_write.shutdown(std::net::Shutdown::Both);
-            });
-        }
-    });
-    (port, cuts)
-}
-
-/// One SMTP device: Ok(true) when its message got 250.
+/// One SMTP device: true when its message got 250.
 fn smtp_device(port: u16, subject: &str) -> bool {
-    let ir = base64::engine::general_purpose::STANDARD
-        .encode(format!("\0scanner@example.test\0{SCANNER_PASSWORD}"));
+    let ir = plain_ir("scanner@example.test", SCANNER_PASSWORD);
     let mut c = Raw::connect(port);
     let steps = [
         ("EHLO soak".to_string(), "250"),
@@ -102,7 +38,7 @@ fn smtp_device(port: u16, subject: &str) -> bool {
         "From: {ALICE}\r\nTo: {ALICE}\r\nSubject: {subject}\r\n\r\n{}\r\n.\r\n",
         "soak line\r\n".repeat(50)
     );
-    if c.writer.write_all(body.as_bytes()).is_err() {
+    if std::io::Write::write_all(&mut c.writer, body.as_bytes()).is_err() {
         return false;
     }
     let accepted = c.reply().starts_with("250");
@@ -113,8 +49,9 @@ fn smtp_device(port: u16, subject: &str) -> bool {
 fn imap_device(port: u16) -> bool {
     let mut c = Raw::connect(port);
     c.line();
-    c.send(&format!("a LOGIN {ALICE} {}", upstream().password(ALICE)));
-    let ok = c.until("a ").contains("a OK");
+    let ok = c
+        .imap_login(ALICE, &upstream().password(ALICE))
+        .contains("a OK");
     c.send("b SELECT INBOX");
     let selected = c.until("b ").contains("b OK");
     c.send("c LOGOUT");
@@ -170,20 +107,10 @@ print(len(data[0].split()))
 
 #[test]
 fn soak_with_random_faults() {
-    let up = upstream();
-    let (chaos, cuts) = chaos_forwarder(
-        format!("127.0.0.1:{}", up.get("SUBMISSION_PORT")),
-        0x5eed_1234_abcd,
-    );
-    let listeners = ["smtp", "imap", "pop3"]
-        .map(|p| listener(p, "none", true))
-        .join("\n");
+    let (chaos, cuts) = chaos_forwarder(upstream().loopback("smtp"), 0x5eed_1234_abcd);
     let limits = "[limits]\nsmtp_sessions_per_mailbox = 300\nimap_sessions_per_mailbox = 300\npop3_sessions_per_mailbox = 300\n";
-    let cfg = config(up, "", &listeners, limits).replace(
-        &format!("smtp = \"{}\"", up.submission()),
-        &format!("smtp = \"localhost:{chaos}\""),
-    );
-    let proxy = Proxy::start(&cfg);
+    let cfg = config(&plain_listeners(&["smtp", "imap", "pop3"]), limits);
+    let proxy = Proxy::start(&reroute(&cfg, "smtp", &format!("localhost:{chaos}")));
     let (smtp, imap, pop3) = (proxy.port(0), proxy.port(1), proxy.port(2));
     // Warm up (tokens, capability probe), then take the baseline.
     assert!(imap_device(imap) && pop3_device(pop3));

@@ -1,100 +1,11 @@
 //! SMTP end to end: real clients (swaks, Python's smtplib) -> oxbridge ->
 //! real Postfix (STARTTLS, XOAUTH2 only) -> Dovecot, read back over IMAPS.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
-const SEND_LIMIT: Duration = Duration::from_secs(180);
-
-/// One message submission by a real client through the proxy.
-struct Submit<'a> {
-    port: u16,
-    /// "none", "starttls" or "implicit".
-    tls: &'a str,
-    mech: &'a str,
-    /// SASL initial response on the AUTH line (smtplib only; swaks sends
-    /// one for PLAIN and none for LOGIN).
-    initial_response: bool,
-    login: &'a str,
-    password: &'a str,
-    from: &'a str,
-    to: &'a str,
-    file: &'a std::path::Path,
-}
-
-impl Submit<'_> {
-    /// swaks ends DATA with CRLF "." itself, so it is given the message
-    /// without its last CRLF (the bytes on the wire are then exactly the file's).
-    fn swaks(&self) -> std::process::Output {
-        let data = std::fs::read(self.file).unwrap();
-        let trimmed = self.file.with_extension("swaks");
-        std::fs::write(&trimmed, data.strip_suffix(b"\r\n").unwrap_or(&data)).unwrap();
-        let mut cmd = std::process::Command::new("swaks");
-        cmd.args([
-            "--server",
-            "127.0.0.1",
-            "--port",
-            &self.port.to_string(),
-            "--ehlo",
-            "printer.test",
-        ])
-        .args([
-            "--auth",
-            self.mech,
-            "--auth-user",
-            self.login,
-            "--auth-password",
-            self.password,
-        ])
-        .args(["--from", self.from, "--to", self.to, "--timeout", "120"])
-        .arg("--data")
-        .arg(format!("@{}", trimmed.display()));
-        match self.tls {
-            "starttls" => {
-                cmd.arg("--tls");
-            }
-            "implicit" => {
-                cmd.arg("--tls-on-connect");
-            }
-            _ => {}
-        }
-        run(&mut cmd, SEND_LIMIT)
-    }
-
-    fn smtplib(&self) -> std::process::Output {
-        let mut cmd = python("smtp_send.py");
-        cmd.args(["--port", &self.port.to_string(), "--mech", self.mech])
-            .args(["--user", self.login, "--password", self.password])
-            .args(["--sender", self.from, "--rcpt", self.to])
-            .arg("--message")
-            .arg(self.file);
-        cmd.args(["--cafile", upstream().ca()]);
-        match self.tls {
-            "starttls" => {
-                cmd.arg("--starttls");
-            }
-            "implicit" => {
-                cmd.arg("--implicit-tls");
-            }
-            _ => {}
-        }
-        if !self.initial_response {
-            cmd.arg("--no-initial-response");
-        }
-        run(&mut cmd, SEND_LIMIT)
-    }
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+const TLS: [&str; 3] = ["none", "starttls", "implicit"];
 
 /// Both clients, both mechanisms, with and without an initial response, on
 /// a plaintext, a STARTTLS and an implicit-TLS listener: every message
@@ -102,15 +13,14 @@ fn text(o: &std::process::Output) -> String {
 #[test]
 fn clients_deliver_byte_identical_messages() {
     let up = upstream();
-    let listeners: Vec<String> = ["none", "starttls", "implicit"]
+    let listeners: Vec<String> = TLS
         .iter()
         .map(|tls| listener("smtp", tls, *tls == "none"))
         .collect();
-    let proxy = Proxy::start(&config(up, "", &listeners.join("\n"), ""));
-    let alice = "alice@example.test";
-    let alice_pw = up.password(alice);
+    let proxy = Proxy::start(&config(&listeners.join("\n"), ""));
+    let alice_pw = up.password(ALICE);
     let scanner = ("scanner@example.test", SCANNER_PASSWORD);
-    let user = (alice, alice_pw.as_str());
+    let user = (ALICE, alice_pw.as_str());
     let dir = tempfile::tempdir().unwrap();
 
     // (client, listener, mechanism, initial response, (login, password))
@@ -129,35 +39,25 @@ fn clients_deliver_byte_identical_messages() {
         ("smtplib", "implicit", "LOGIN", false, user),
     ];
     for (client, tls, mech, ir, (login, password)) in cases {
-        let tag = unique(&format!("{client}-{mech}-{tls}"));
-        let msg = message(alice, alice, &tag, 0);
-        let file = dir.path().join(format!("{tag}.eml"));
-        std::fs::write(&file, &msg).unwrap();
-        let port = proxy.port(
-            ["none", "starttls", "implicit"]
-                .iter()
-                .position(|t| *t == tls)
-                .unwrap(),
-        );
-        let submit = Submit {
-            port,
+        let m = Message::write(dir.path(), &format!("{client}-{mech}-{tls}"), ALICE, 0);
+        let port = proxy.port(TLS.iter().position(|t| *t == tls).unwrap());
+        let submit = Smtp {
             tls,
             mech,
             initial_response: ir,
             login,
             password,
-            from: alice,
-            to: alice,
-            file: &file,
+            ..Smtp::scanner(port)
         };
         let out = if client == "swaks" {
-            submit.swaks()
+            submit.swaks(&m.path)
         } else {
-            submit.smtplib()
+            submit.smtplib(&m.path)
         };
         assert!(
             out.status.success(),
-            "{tag} failed:\n{}\n--- proxy log ---\n{}",
+            "{} failed:\n{}\n--- proxy log ---\n{}",
+            m.tag,
             text(&out),
             proxy.logs()
         );
@@ -172,8 +72,7 @@ fn clients_deliver_byte_identical_messages() {
             assert!(t.contains("235 2.7.0"), "{t}");
             assert_eq!(t.contains("=== TLS started"), tls != "none", "{t}");
         }
-        let delivered = fetch_from_dovecot(alice, &format!("<{tag}@oxbridge.test>"));
-        assert_delivered_intact(&delivered, &msg);
+        assert_arrived(ALICE, &m.id, &m.bytes);
     }
     let ended = proxy.wait_log(&["session ended", "relayed"]);
     assert!(ended.contains("bytes_to_upstream"), "{ended}");
@@ -190,30 +89,17 @@ fn clients_deliver_byte_identical_messages() {
 /// A 20 MB attachment through STARTTLS arrives byte for byte.
 #[test]
 fn large_attachment_is_delivered_intact() {
-    let up = upstream();
-    let proxy = Proxy::start(&config(up, "", &listener("smtp", "starttls", false), ""));
-    let alice = "alice@example.test";
-    let tag = unique("large");
-    let msg = message(alice, alice, &tag, 20 * 1024 * 1024);
-    assert!(msg.len() > 20_000_000);
+    let proxy = Proxy::start(&config(&listener("smtp", "starttls", false), ""));
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("large.eml");
-    std::fs::write(&file, &msg).unwrap();
-    let out = Submit {
-        port: proxy.port(0),
+    let m = Message::write(dir.path(), "large", ALICE, 20 * 1024 * 1024);
+    assert!(m.bytes.len() > 20_000_000);
+    let out = Smtp {
         tls: "starttls",
-        mech: "PLAIN",
-        initial_response: true,
-        login: "scanner@example.test",
-        password: SCANNER_PASSWORD,
-        from: alice,
-        to: alice,
-        file: &file,
+        ..Smtp::scanner(proxy.port(0))
     }
-    .smtplib();
+    .smtplib(&m.path);
     assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
-    let delivered = fetch_from_dovecot(alice, &format!("<{tag}@oxbridge.test>"));
-    assert_delivered_intact(&delivered, &msg);
+    assert_arrived(ALICE, &m.id, &m.bytes);
     let line = proxy.wait_log(&["session ended", "relayed"]);
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert!(
@@ -227,17 +113,14 @@ fn large_attachment_is_delivered_intact() {
 /// proxy goes on serving.
 #[test]
 fn refusals_end_to_end() {
-    let up = upstream();
     let extra = format!(
         "[[account]]\nlogin = \"elsewhere@other.test\"\npassword_hash = \"{}\"\ngrant = \"client_credentials\"\nmailbox = \"scans@elsewhere.test\"\n",
         argon2_hash("elsewhere-pass")
     );
-    let proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), &extra));
+    let proxy = Proxy::start(&config(&listener("smtp", "none", true), &extra));
     let port = proxy.port(0);
-    let alice = "alice@example.test";
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("m.eml");
-    std::fs::write(&file, message(alice, alice, &unique("refused"), 0)).unwrap();
+    let refused = Message::write(dir.path(), "refused", ALICE, 0);
 
     let cases = [
         (
@@ -252,7 +135,7 @@ fn refusals_end_to_end() {
             "535 5.7.8",
             "bad_credentials",
         ),
-        (alice, "wrong-alice-password", "535 5.7.8", "invalid_grant"),
+        (ALICE, "wrong-alice-password", "535 5.7.8", "invalid_grant"),
         (
             "elsewhere@other.test",
             "elsewhere-pass",
@@ -261,18 +144,12 @@ fn refusals_end_to_end() {
         ),
     ];
     for (login, password, reply, log) in cases {
-        let out = Submit {
-            port,
-            tls: "none",
-            mech: "PLAIN",
-            initial_response: true,
+        let out = Smtp {
             login,
             password,
-            from: alice,
-            to: alice,
-            file: &file,
+            ..Smtp::scanner(port)
         }
-        .swaks();
+        .swaks(&refused.path);
         let t = text(&out);
         assert!(!out.status.success(), "{login} was accepted:\n{t}");
         assert!(t.contains(reply), "{login}: expected {reply}:\n{t}");
@@ -283,72 +160,54 @@ fn refusals_end_to_end() {
         );
     }
     // The same proxy still serves a correct login.
-    let tag = unique("after-refusals");
-    let msg = message(alice, alice, &tag, 0);
-    std::fs::write(&file, &msg).unwrap();
-    let out = Submit {
-        port,
-        tls: "none",
-        mech: "PLAIN",
-        initial_response: true,
-        login: "scanner@example.test",
-        password: SCANNER_PASSWORD,
-        from: alice,
-        to: alice,
-        file: &file,
-    }
-    .swaks();
+    let m = Message::write(dir.path(), "after-refusals", ALICE, 0);
+    let out = Smtp::scanner(port).swaks(&m.path);
     assert!(out.status.success(), "{}", text(&out));
-    assert_delivered_intact(
-        &fetch_from_dovecot(alice, &format!("<{tag}@oxbridge.test>")),
-        &msg,
-    );
+    assert_arrived(ALICE, &m.id, &m.bytes);
 }
 
-fn auth_reply(port: u16, login: &str, password: &str) -> String {
-    use base64::Engine;
+/// Connect, expect the greeting, and log in as the scanner: the AUTH reply.
+fn scanner_auth_reply(port: u16) -> String {
     let mut c = Raw::connect(port);
     assert!(c.reply().starts_with("220 "));
-    c.send("EHLO printer.test");
-    c.reply();
-    let ir = base64::engine::general_purpose::STANDARD.encode(format!("\0{login}\0{password}"));
-    c.send(&format!("AUTH PLAIN {ir}"));
-    c.reply()
+    c.smtp_login("scanner@example.test", SCANNER_PASSWORD)
 }
 
 /// A token endpoint that fails for now (503, 429, garbage) gives 454, not 535.
 #[test]
 fn token_endpoint_failures_are_temporary() {
-    let up = upstream();
     for response in [
         "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot json!",
     ] {
         let url = http_responder(response);
-        let cfg = config(up, "", &listener("smtp", "none", true), "").replace(up.token_url(), &url);
-        let proxy = Proxy::start(&cfg);
-        let r = auth_reply(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD);
+        let proxy = Proxy::start(&with_token_url(&config(&listener("smtp", "none", true), ""), &url));
+        let r = scanner_auth_reply(proxy.port(0));
         assert!(r.starts_with("454 4.7.0"), "{response:?} -> {r}\n{}", proxy.logs());
         proxy.wait_log(&["login failed", "token_unavailable"]);
     }
     // A token endpoint that cannot be reached at all.
     let url = format!("http://127.0.0.1:{}/token", closed_port());
-    let cfg = config(up, "", &listener("smtp", "none", true), "").replace(up.token_url(), &url);
-    let proxy = Proxy::start(&cfg);
-    let r = auth_reply(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD);
+    let proxy = Proxy::start(&with_token_url(
+        &config(&listener("smtp", "none", true), ""),
+        &url,
+    ));
+    let r = scanner_auth_reply(proxy.port(0));
     assert!(r.starts_with("454 4.7.0"), "{r}");
 }
 
 /// An upstream that is down: 454 to the device, and the proxy stays up.
 #[test]
 fn upstream_down_is_temporary() {
-    let up = upstream();
-    let cfg = config(up, "", &listener("smtp", "none", true), "")
-        .replace(&up.submission(), &format!("127.0.0.1:{}", closed_port()));
-    let mut proxy = Proxy::start(&cfg);
+    let cfg = config(&listener("smtp", "none", true), "");
+    let mut proxy = Proxy::start(&reroute(
+        &cfg,
+        "smtp",
+        &format!("127.0.0.1:{}", closed_port()),
+    ));
     for _ in 0..2 {
-        let r = auth_reply(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD);
+        let r = scanner_auth_reply(proxy.port(0));
         assert!(r.starts_with("454 4.7.0"), "{r}");
     }
     proxy.wait_log(&["login failed", "upstream_unavailable", "Connection refused"]);
@@ -359,10 +218,10 @@ fn upstream_down_is_temporary() {
 #[test]
 fn untrusted_upstream_certificate_is_refused() {
     let up = upstream();
-    let cfg = config(up, "", &listener("smtp", "none", true), "")
+    let cfg = config(&listener("smtp", "none", true), "")
         .replace(&format!("ca_file = \"{}\"", up.ca()), "");
     let proxy = Proxy::start(&cfg);
-    let r = auth_reply(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD);
+    let r = scanner_auth_reply(proxy.port(0));
     assert!(r.starts_with("454 4.7.0"), "{r}");
     let line = proxy.wait_log(&["login failed", "upstream_unavailable", "TLS"]);
     assert!(line.to_lowercase().contains("certificate"), "{line}");
@@ -373,14 +232,10 @@ fn untrusted_upstream_certificate_is_refused() {
 /// (localhost, 127.0.0.1, example.test) does not name.
 #[test]
 fn upstream_certificate_for_another_name_is_refused() {
-    let up = upstream();
-    let forwarder = Forwarder::start_on("127.0.0.2:0", &up.submission(), None, None);
-    let cfg = config(up, "", &listener("smtp", "none", true), "").replace(
-        &format!("smtp = \"{}\"", up.submission()),
-        &format!("smtp = \"{}\"", forwarder.addr),
-    );
-    let proxy = Proxy::start(&cfg);
-    let r = auth_reply(proxy.port(0), "scanner@example.test", SCANNER_PASSWORD);
+    let forwarder = Forwarder::start_on("127.0.0.2:0", &upstream().submission(), None, None);
+    let cfg = config(&listener("smtp", "none", true), "");
+    let proxy = Proxy::start(&reroute(&cfg, "smtp", &forwarder.addr.to_string()));
+    let r = scanner_auth_reply(proxy.port(0));
     assert!(r.starts_with("454 4.7.0"), "{r}");
     let line = proxy.wait_log(&["login failed", "upstream_unavailable", "TLS"]);
     assert!(
@@ -394,8 +249,7 @@ fn upstream_certificate_for_another_name_is_refused() {
 /// Without TLS and without `allow_plaintext_auth`, passwords are refused.
 #[test]
 fn plaintext_auth_needs_opt_in() {
-    let up = upstream();
-    let proxy = Proxy::start(&config(up, "", &listener("smtp", "none", false), ""));
+    let proxy = Proxy::start(&config(&listener("smtp", "none", false), ""));
     let mut c = Raw::connect(proxy.port(0));
     c.reply();
     c.send("EHLO printer.test");
@@ -415,8 +269,7 @@ fn plaintext_auth_needs_opt_in() {
 /// Commands before login, and what EHLO promises.
 #[test]
 fn commands_before_login() {
-    let up = upstream();
-    let proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), ""));
+    let proxy = Proxy::start(&config(&listener("smtp", "none", true), ""));
     let mut c = Raw::connect(proxy.port(0));
     assert!(c.reply().starts_with("220 "));
     c.send("AUTH LOGIN");
@@ -465,9 +318,7 @@ fn commands_before_login() {
     c.send("!!not-base64!!");
     assert!(c.reply().starts_with("501 5.5.2"));
     // A pre-auth BDAT chunk is consumed, not read as commands.
-    c.writer
-        .write_all(b"BDAT 12\r\nQUIT\r\nQUIT\r\nNOOP\r\n")
-        .unwrap();
+    c.write(b"BDAT 12\r\nQUIT\r\nQUIT\r\nNOOP\r\n");
     assert!(c.reply().starts_with("530 5.7.0"));
     assert!(c.reply().starts_with("250 "));
     c.send("QUIT");
@@ -478,58 +329,46 @@ fn commands_before_login() {
 /// the upstream's replies come back in order.
 #[test]
 fn pipelined_commands_after_auth_are_relayed() {
-    use base64::Engine;
-    let up = upstream();
-    let proxy = Proxy::start(&config(up, "", &listener("smtp", "none", true), ""));
+    let proxy = Proxy::start(&config(&listener("smtp", "none", true), ""));
     let mut c = Raw::connect(proxy.port(0));
     c.reply();
     c.send("EHLO printer.test");
     c.reply();
     let tag = unique("pipelined");
-    let ir = base64::engine::general_purpose::STANDARD
-        .encode(format!("\0scanner@example.test\0{SCANNER_PASSWORD}"));
-    let body = format!("From: alice@example.test\r\nTo: alice@example.test\r\nSubject: {tag}\r\nMessage-ID: <{tag}@oxbridge.test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\npipelined\r\n");
+    let ir = plain_ir("scanner@example.test", SCANNER_PASSWORD);
+    let body = short_message(ALICE, &tag, "pipelined");
     let all = format!("AUTH PLAIN {ir}\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n");
-    c.writer.write_all(all.as_bytes()).unwrap();
+    c.write(all.as_bytes());
     assert!(c.reply().starts_with("235 "));
     assert!(c.reply().starts_with("250 "));
     assert!(c.reply().starts_with("250 "));
     assert!(c.reply().starts_with("354 "));
-    c.writer
-        .write_all(format!("{body}.\r\nQUIT\r\n").as_bytes())
-        .unwrap();
+    c.write(format!("{body}.\r\nQUIT\r\n").as_bytes());
     assert!(c.reply().starts_with("250 "));
     assert!(c.reply().starts_with("221 "));
-    let delivered = fetch_from_dovecot("alice@example.test", &format!("<{tag}@oxbridge.test>"));
-    assert_delivered_intact(&delivered, body.as_bytes());
+    assert_arrived(ALICE, &message_id(&tag), body.as_bytes());
 }
 
 /// SIGTERM: sessions that have not logged in are told 421; exit status 0.
 #[test]
 fn shutdown_says_goodbye() {
-    use base64::Engine;
-    let up = upstream();
-    let listeners = format!(
-        "{}\n{}",
-        listener("smtp", "none", true),
-        listener("imap", "none", true)
-    );
-    let mut proxy = Proxy::start(&config(up, "", &listeners, "[limits]\ndrain_s = 1\n"));
+    let mut proxy = Proxy::start(&config(
+        &plain_listeners(&["smtp", "imap"]),
+        "[limits]\ndrain_s = 1\n",
+    ));
     // A device that has not logged in, one relayed over SMTP, one over IMAP.
     let mut waiting = Raw::connect(proxy.port(0));
     waiting.reply();
     let mut relayed = Raw::connect(proxy.port(0));
     relayed.reply();
-    relayed.send("EHLO x");
-    relayed.reply();
-    let ir = base64::engine::general_purpose::STANDARD
-        .encode(format!("\0scanner@example.test\0{SCANNER_PASSWORD}"));
-    relayed.send(&format!("AUTH PLAIN {ir}"));
-    assert!(relayed.reply().starts_with("235 "));
+    assert!(relayed
+        .smtp_login("scanner@example.test", SCANNER_PASSWORD)
+        .starts_with("235 "));
     let mut imap = Raw::connect(proxy.port(1));
     imap.line();
-    imap.send(&format!("a LOGIN scanner@example.test {SCANNER_PASSWORD}"));
-    assert!(imap.until("a ").contains("a OK"));
+    assert!(imap
+        .imap_login("scanner@example.test", SCANNER_PASSWORD)
+        .contains("a OK"));
     let started = std::time::Instant::now();
     let status = proxy.terminate();
     assert!(status.success(), "{status}");
@@ -549,54 +388,33 @@ fn shutdown_says_goodbye() {
     );
 }
 
-use std::io::Write;
-
 /// Ten devices logging in at once for one account cause one token request,
 /// and all ten messages arrive.
 #[test]
 fn concurrent_logins_share_one_token_request() {
     use std::sync::atomic::Ordering;
     let up = upstream();
-    let idp = up.get("IDP_URL").trim_start_matches("http://").to_string();
-    let (forwarder, requests) = counting_forwarder(&idp, Duration::from_millis(300));
-    let token_url = up.token_url().replace(&idp, &forwarder.to_string());
-    let cfg =
-        config(up, "", &listener("smtp", "none", true), "").replace(up.token_url(), &token_url);
-    let proxy = Proxy::start(&cfg);
-    let alice = "alice@example.test";
-    let alice_pw = up.password(alice);
+    let (token_url, requests) = counted_token_url(Duration::from_millis(300));
+    let proxy = Proxy::start(&with_token_url(
+        &config(&listener("smtp", "none", true), ""),
+        &token_url,
+    ));
+    let alice_pw = up.password(ALICE);
     let dir = tempfile::tempdir().unwrap();
     for (login, password) in [
         ("scanner@example.test", SCANNER_PASSWORD),
-        (alice, alice_pw.as_str()),
+        (ALICE, alice_pw.as_str()),
     ] {
         let before = requests.load(Ordering::SeqCst);
-        let tags: Vec<String> = (0..10).map(|i| unique(&format!("concurrent{i}"))).collect();
-        let outputs: Vec<_> = std::thread::scope(|scope| {
-            let handles: Vec<_> = tags
-                .iter()
-                .map(|tag| {
-                    let file = dir.path().join(format!("{tag}.eml"));
-                    std::fs::write(&file, message(alice, alice, tag, 0)).unwrap();
-                    let port = proxy.port(0);
-                    scope.spawn(move || {
-                        Submit {
-                            port,
-                            tls: "none",
-                            mech: "PLAIN",
-                            initial_response: true,
-                            login,
-                            password,
-                            from: alice,
-                            to: alice,
-                            file: &file,
-                        }
-                        .smtplib()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let messages: Vec<Message> = (0..10)
+            .map(|i| Message::write(dir.path(), &format!("concurrent{i}"), ALICE, 0))
+            .collect();
+        let submit = Smtp {
+            login,
+            password,
+            ..Smtp::scanner(proxy.port(0))
+        };
+        let outputs = submit.smtplib_at_once(&messages);
         for out in &outputs {
             assert!(out.status.success(), "{}\n{}", text(out), proxy.logs());
         }
@@ -606,8 +424,8 @@ fn concurrent_logins_share_one_token_request() {
             "token requests for {login}:\n{}",
             proxy.logs()
         );
-        for tag in &tags {
-            fetch_from_dovecot(alice, &format!("<{tag}@oxbridge.test>"));
+        for m in &messages {
+            fetch_from_dovecot(ALICE, &m.id);
         }
     }
 }

@@ -1,0 +1,17 @@
+//! What the end-to-end tests share, one file per concern; every area
+//! module takes it all with `use crate::harness::*`.
+
+mod clients;
+mod faults;
+mod metrics;
+mod proxy;
+mod redis;
+mod upstream;
+
+pub use self::redis::*;
+pub use crate::common::*;
+pub use clients::*;
+pub use faults::*;
+pub use metrics::*;
+pub use proxy::*;
+pub use upstream::*;

@@ -1,0 +1,27 @@
+//! The end-to-end tier, one test binary: real clients -> oxbridge (the
+//! debug binary, run as a process with a generated config) -> the test
+//! upstream (Dovecot, Postfix and a small OAuth identity provider on
+//! loopback, `tests/upstream/`), with fault injectors in between.
+//!
+//! Needs root on Debian: the first test starts the test upstream, which
+//! installs Dovecot and Postfix if they are missing; the tests also run
+//! swaks, curl, fetchmail, python3, openssl, redis-server and strace
+//! (`.ci/run` installs them all). The upstream uses fixed ports and
+//! `/tmp/oxbridge-upstream`, so run one e2e binary per machine at a time.
+//! `tests/README.md` has the commands; `cargo test --test e2e smtp::`
+//! runs one area.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod harness;
+
+mod devices;
+mod faults;
+mod imap_pop3;
+mod oauth;
+mod ops;
+mod redis;
+mod regression;
+mod secrets;
+mod smtp;
+mod soak;
