@@ -185,7 +185,9 @@ fn ip_address_as_sni_stays_out_of_the_default_log() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     let made = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
         .args(["-subj", "/CN=localhost", "-keyout"])
         .arg(&key)
         .arg("-out")
@@ -223,7 +225,7 @@ fn ip_address_as_sni_stays_out_of_the_default_log() {
             break digits;
         }
     };
-    let client = Command::new("openssl")
+    let mut client = Command::new("openssl")
         .args(["s_client", "-quiet", "-connect"])
         .arg(format!("127.0.0.1:{port}"))
         .args(["-servername", "127.0.0.1"])
@@ -233,10 +235,12 @@ fn ip_address_as_sni_stays_out_of_the_default_log() {
         .spawn()
         .unwrap();
     let mut greeting = String::new();
-    let mut reader = BufReader::new(client.stdout.unwrap());
+    let mut reader = BufReader::new(client.stdout.take().unwrap());
     reader.read_line(&mut greeting).unwrap();
     assert!(greeting.starts_with("* OK [CAPABILITY"), "{greeting:?}");
-    drop(client.stdin);
+    drop(client.stdin.take());
+    let _ = client.kill();
+    let _ = client.wait();
     // SIGTERM, then the rest of the log.
     let _ = Command::new("kill").arg(server.id().to_string()).status();
     let mut rest = String::new();

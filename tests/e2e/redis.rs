@@ -330,8 +330,7 @@ fn redis_down_degrades_then_recovers() {
     let alice = up.password(ALICE);
     let r = imap_login(proxies[0].port(0), ALICE, &alice, Duration::ZERO);
     assert!(r.starts_with("a OK"), "{r}\n{}", logs());
-    proxies[0]
-        .wait_log(&["Redis unavailable; requesting the token without the other replicas"]);
+    proxies[0].wait_log(&["Redis unavailable; requesting the token without the other replicas"]);
     // A failed login is still counted (locally) and refused.
     let r = imap_login(
         proxies[1].port(0),
