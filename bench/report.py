@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Render bench results (results.json) as the benchmark's table, with each
-target of issue 8 judged MET / NOT MET from the measured numbers.
+target of the performance goals judged MET / NOT MET from the measured numbers.
 
     python3 bench/report.py OUT/results.json
 """
@@ -320,7 +320,7 @@ def render(res):
                             f"{warm} token requests during the measured oxbridge logins"))
 
     out.append("")
-    out.append("TARGETS (issue 8)")
+    out.append("TARGETS (performance goals)")
     for name, ok, detail in targets:
         out.append(f"  [{verdict(ok):7}] {name}: {detail}")
     met = sum(1 for _, ok, _ in targets if ok)

@@ -1,4 +1,4 @@
-//! Configuration: the TOML types of `DESIGN.md`, their defaults, and
+//! Configuration: the TOML types, their defaults, and
 //! [`Config::load`], which reads, parses and validates one file.
 //!
 //! Owns: the types every other module reads (`crate::config::*`), the
