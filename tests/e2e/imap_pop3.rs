@@ -558,3 +558,42 @@ fn pop3_commands_before_login() {
     c.send("QUIT");
     assert!(c.line().starts_with("+OK"));
 }
+
+/// curl with `--sasl-authzid` (as Cyrus SASL clients with `-u`) sends an
+/// authorization identity that is not the login: a refused authorization
+/// in each protocol's own words, logged as a failed login; never `BAD`.
+#[test]
+fn foreign_authorization_identity_is_refused_by_protocol() {
+    let _up = upstream();
+    let proxy = start_proxy(None);
+    let urls = [
+        (
+            format!("imap://127.0.0.1:{}/INBOX", proxy.port(IMAP[0])),
+            "NO [AUTHORIZATIONFAILED]",
+        ),
+        (
+            format!("pop3://127.0.0.1:{}/", proxy.port(POP3[0])),
+            "-ERR [AUTH] Authorization failed",
+        ),
+        (
+            format!("smtp://127.0.0.1:{}/", proxy.port(SMTP)),
+            "535 5.7.8 Authentication failed: the authorization identity",
+        ),
+    ];
+    for (url, refusal) in urls {
+        let out = run(
+            Command::new("curl")
+                .args(["-sv", "--max-time", "30", "--login-options", "AUTH=PLAIN"])
+                .args(["--sasl-authzid", "boss@example.test", "-u"])
+                .arg(format!("reader@example.test:{READER_PASSWORD}"))
+                .args(["--mail-from", "reader@example.test", "--mail-rcpt", BOB])
+                .arg(&url),
+            CLIENT_LIMIT,
+        );
+        let said = text(&out);
+        assert!(!out.status.success(), "{url}: {said}");
+        assert!(said.contains(refusal), "{url}: {said}");
+        assert!(!said.contains(" BAD "), "{url}: {said}");
+    }
+    proxy.wait_log(&["login failed", "\"reason\":\"authorization\""]);
+}
