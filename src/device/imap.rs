@@ -56,18 +56,16 @@ impl Session {
         self.next_bytes(reply.to_bytes())
     }
 
-    fn next_bytes(&mut self, mut out: Vec<u8>) -> Step {
+    fn next_bytes(&mut self, out: Vec<u8>) -> Step {
         self.state = State::Command;
-        let Some(limit) = self.count.reached() else {
-            return Step::read(out);
-        };
-        let last = match limit {
-            Limit::Commands => Reply::TooManyCommands,
-            Limit::Errors => Reply::TooManyErrors,
-            Limit::AuthFailures => Reply::TooManyAuthFailures,
-        };
-        out.extend(last.to_bytes());
-        Step::close(out, limit.why())
+        self.count.step(out, |limit| {
+            match limit {
+                Limit::Commands => Reply::TooManyCommands,
+                Limit::Errors => Reply::TooManyErrors,
+                Limit::AuthFailures => Reply::TooManyAuthFailures,
+            }
+            .to_bytes()
+        })
     }
 
     fn error(&mut self, reply: Reply<'_>) -> Step {

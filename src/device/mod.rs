@@ -177,6 +177,18 @@ impl Limit {
 }
 
 impl Counters {
+    /// `out`, then the next command; or, once a limit is reached, `out` and
+    /// the protocol's goodbye for that limit, then the end of the session.
+    pub fn step(&self, mut out: Vec<u8>, goodbye: impl Fn(Limit) -> Vec<u8>) -> Step {
+        match self.reached() {
+            None => Step::read(out),
+            Some(limit) => {
+                out.extend(goodbye(limit));
+                Step::close(out, limit.why())
+            }
+        }
+    }
+
     /// The first limit reached, in the order the session checks them.
     pub fn reached(&self) -> Option<Limit> {
         if self.commands >= MAX_PREAUTH_COMMANDS {
