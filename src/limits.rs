@@ -3,8 +3,10 @@
 //! in a bounded queue until a session ends, instead of failing them there.
 //!
 //! One semaphore per (protocol, mailbox); a device waits at most
-//! `[limits] mailbox_wait_s`, and at most `mailbox_queue` devices wait for
-//! one mailbox at once. The permit lives as long as the relayed session.
+//! `[limits] mailbox_wait_s` (SMTP, 120 s) or `imap_mailbox_wait_s` /
+//! `pop3_mailbox_wait_s` (10 s: those sessions last hours, so a queue would
+//! only hold a device silently), and at most `mailbox_queue` devices wait
+//! for one mailbox at once. The permit lives as long as the relayed session.
 //!
 //! With the Redis backend, the count is over all replicas: a sorted set per
 //! (protocol, mailbox) whose members are `replica:slot` scored by their
@@ -63,7 +65,7 @@ struct Gate {
 
 pub struct MailboxLimits {
     per_protocol: [usize; 3],
-    wait: Duration,
+    wait: [Duration; 3],
     queue: usize,
     gates: Mutex<HashMap<(Protocol, String), Arc<Gate>>>,
     state: Arc<State>,
@@ -83,7 +85,7 @@ impl MailboxLimits {
         MailboxLimits {
             per_protocol: [Protocol::Smtp, Protocol::Imap, Protocol::Pop3]
                 .map(|p| limits.sessions_per_mailbox(p)),
-            wait: Duration::from_secs(limits.mailbox_wait_s),
+            wait: [Protocol::Smtp, Protocol::Imap, Protocol::Pop3].map(|p| limits.mailbox_wait(p)),
             queue: limits.mailbox_queue,
             gates: Mutex::new(HashMap::new()),
             state,
@@ -113,6 +115,7 @@ impl MailboxLimits {
         let limit = self.per_protocol[index(protocol)];
         let set = format!("{protocol}:{}", mailbox.to_lowercase());
         let gate = self.gate(protocol, mailbox);
+        let wait = self.wait[index(protocol)];
         let started = tokio::time::Instant::now();
         let mut pause = SLOT_POLL_FIRST;
         let mut queued = false;
@@ -130,7 +133,7 @@ impl MailboxLimits {
                     if queued {
                         gate.waiting.fetch_sub(1, Ordering::SeqCst);
                     }
-                    let left = self.wait.saturating_sub(started.elapsed());
+                    let left = wait.saturating_sub(started.elapsed());
                     return self
                         .acquire_local_within(protocol, mailbox, left)
                         .await
@@ -147,10 +150,10 @@ impl MailboxLimits {
                 }
                 queued = true;
             }
-            if started.elapsed() + pause > self.wait {
+            if started.elapsed() + pause > wait {
                 break Err(AuthError::Busy(format!(
                     "no free {protocol} session for {mailbox} within {} s",
-                    self.wait.as_secs()
+                    wait.as_secs()
                 )));
             }
             tokio::time::sleep(pause).await;
@@ -185,7 +188,7 @@ impl MailboxLimits {
             Ok(Ok(permit)) => Ok(permit),
             _ => Err(AuthError::Busy(format!(
                 "no free {protocol} session for {mailbox} within {} s",
-                self.wait.as_secs()
+                self.wait[index(protocol)].as_secs()
             ))),
         }
     }
@@ -234,7 +237,7 @@ mod tests {
             },
             Arc::new(State::File(None)),
         );
-        l.wait = Duration::from_millis(wait_ms);
+        l.wait = [Duration::from_millis(wait_ms); 3];
         l
     }
 
@@ -270,5 +273,34 @@ mod tests {
         assert!(matches!(err, AuthError::Busy(_)));
         // The waiter gives up after 200 ms.
         assert!(matches!(first.await.unwrap(), Err(AuthError::Busy(_))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn long_sessions_are_not_queued_for_long() {
+        let l = MailboxLimits::new(
+            &LimitsConfig {
+                smtp_sessions_per_mailbox: 1,
+                imap_sessions_per_mailbox: 1,
+                pop3_sessions_per_mailbox: 1,
+                ..Default::default()
+            },
+            Arc::new(State::File(None)),
+        );
+        let mut held = Vec::new();
+        for p in [Protocol::Smtp, Protocol::Imap, Protocol::Pop3] {
+            held.push(l.acquire(p, "m@x.test").await.unwrap());
+        }
+        for p in [Protocol::Imap, Protocol::Pop3] {
+            let started = tokio::time::Instant::now();
+            let err = l.acquire(p, "m@x.test").await.err().unwrap();
+            assert!(matches!(err, AuthError::Busy(_)), "{p}");
+            assert_eq!(started.elapsed(), Duration::from_secs(10), "{p}");
+        }
+        // SMTP keeps its long queue.
+        let smtp = tokio::time::timeout(
+            Duration::from_secs(60),
+            l.acquire(Protocol::Smtp, "m@x.test"),
+        );
+        assert!(smtp.await.is_err(), "still waiting after 60 s");
     }
 }

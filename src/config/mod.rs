@@ -50,6 +50,8 @@ pub const DEFAULT_SMTP_SESSIONS_PER_MAILBOX: usize = 3;
 pub const DEFAULT_IMAP_SESSIONS_PER_MAILBOX: usize = 20;
 pub const DEFAULT_POP3_SESSIONS_PER_MAILBOX: usize = 20;
 pub const DEFAULT_MAILBOX_WAIT_S: u64 = 120;
+/// IMAP and POP3 sessions last hours: a device is not kept waiting long.
+pub const DEFAULT_LONG_SESSION_MAILBOX_WAIT_S: u64 = 10;
 pub const DEFAULT_MAILBOX_QUEUE: usize = 100;
 pub const DEFAULT_LOGIN_DELAY_MS: u64 = 250;
 pub const DEFAULT_LOGIN_LOCKOUT_FAILURES: u32 = 10;
@@ -313,8 +315,12 @@ pub struct LimitsConfig {
     pub smtp_sessions_per_mailbox: usize,
     pub imap_sessions_per_mailbox: usize,
     pub pop3_sessions_per_mailbox: usize,
-    /// Seconds a device waits for a free upstream session before `421 4.3.2`.
+    /// Seconds an SMTP device waits for a free upstream session before `421 4.3.2`.
     pub mailbox_wait_s: u64,
+    /// The same for IMAP and POP3, whose sessions last hours: then
+    /// `NO [UNAVAILABLE]` / `-ERR [SYS/TEMP]`.
+    pub imap_mailbox_wait_s: u64,
+    pub pop3_mailbox_wait_s: u64,
     /// Devices that may wait for one mailbox at once; more are turned away.
     pub mailbox_queue: usize,
     /// Delay after a failed login, doubled with each further failure (max 4 s).
@@ -340,6 +346,8 @@ impl Default for LimitsConfig {
             imap_sessions_per_mailbox: DEFAULT_IMAP_SESSIONS_PER_MAILBOX,
             pop3_sessions_per_mailbox: DEFAULT_POP3_SESSIONS_PER_MAILBOX,
             mailbox_wait_s: DEFAULT_MAILBOX_WAIT_S,
+            imap_mailbox_wait_s: DEFAULT_LONG_SESSION_MAILBOX_WAIT_S,
+            pop3_mailbox_wait_s: DEFAULT_LONG_SESSION_MAILBOX_WAIT_S,
             mailbox_queue: DEFAULT_MAILBOX_QUEUE,
             login_delay_ms: DEFAULT_LOGIN_DELAY_MS,
             login_lockout_failures: DEFAULT_LOGIN_LOCKOUT_FAILURES,
@@ -356,6 +364,15 @@ impl LimitsConfig {
             Protocol::Imap => self.imap_sessions_per_mailbox,
             Protocol::Pop3 => self.pop3_sessions_per_mailbox,
         }
+    }
+
+    /// How long a device of `p` waits for a free upstream session.
+    pub fn mailbox_wait(&self, p: Protocol) -> std::time::Duration {
+        std::time::Duration::from_secs(match p {
+            Protocol::Smtp => self.mailbox_wait_s,
+            Protocol::Imap => self.imap_mailbox_wait_s,
+            Protocol::Pop3 => self.pop3_mailbox_wait_s,
+        })
     }
 }
 

@@ -76,7 +76,7 @@ fn authenticate_plain_both_ways_and_failures() {
             (L(format!("d AUTHENTICATE PLAIN {ir}").leak()), "", "login user@x.test as \"\""),
             (
                 Fail(AuthError::Busy("20".into())),
-                "d NO [UNAVAILABLE] Too many sessions for this mailbox at once, try again later\r\n",
+                "d NO [UNAVAILABLE] This mailbox has too many open sessions, try again later\r\n",
                 "read",
             ),
             (L("e LOGIN \"user@x.test\" \"p\\\"w\""), "", "login user@x.test as \"\""),

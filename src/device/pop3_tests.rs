@@ -64,7 +64,7 @@ fn auth_plain_both_ways_and_failures() {
             (L(format!("AUTH PLAIN {ir}").leak()), "", "login u@x.test as \"\""),
             (
                 Fail(AuthError::Busy("x".into())),
-                "-ERR [IN-USE] Too many sessions for this mailbox at once, try again later\r\n",
+                "-ERR [SYS/TEMP] This mailbox has too many open sessions, try again later\r\n",
                 "read",
             ),
             (

@@ -472,7 +472,7 @@ fn refused(r: Refusal) -> &'static str {
             "NO [UNAVAILABLE] Temporary authentication failure at the mail server"
         }
         Refusal::Busy => {
-            "NO [UNAVAILABLE] Too many sessions for this mailbox at once, try again later"
+            "NO [UNAVAILABLE] This mailbox has too many open sessions, try again later"
         }
         Refusal::Throttled => "NO [UNAVAILABLE] Too many failed logins; try again later",
     }

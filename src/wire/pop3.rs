@@ -195,9 +195,7 @@ fn refused(r: Refusal) -> &'static str {
         Refusal::UpstreamTemporary => {
             "-ERR [SYS/TEMP] Temporary authentication failure at the mail server"
         }
-        Refusal::Busy => {
-            "-ERR [IN-USE] Too many sessions for this mailbox at once, try again later"
-        }
+        Refusal::Busy => "-ERR [SYS/TEMP] This mailbox has too many open sessions, try again later",
         Refusal::Throttled => "-ERR [SYS/TEMP] Too many failed logins; try again later",
     }
 }

@@ -156,7 +156,7 @@ fn mailbox_limit_holds_across_replicas() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path());
     let forwarder = Forwarder::start(&up.loopback("imap"), None);
-    let limits = "imap_sessions_per_mailbox = 3\nmailbox_wait_s = 60";
+    let limits = "imap_sessions_per_mailbox = 3\nimap_mailbox_wait_s = 60";
     let cfg = reroute(
         &replica_config(&redis, &key, up.token_url(), limits),
         "imap",
