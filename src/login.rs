@@ -140,7 +140,10 @@ async fn upstream_login(
     client_name: &str,
 ) -> Result<Upstream, AuthError> {
     let slot = app.mailbox_limits.acquire(protocol, &id.mailbox).await?;
-    let (token, dialled) = tokio::join!(app.tokens.get(id), app.dialer.dial(protocol, client_name));
+    let (token, dialled) = tokio::join!(
+        app.tokens.get(id, protocol),
+        app.dialer.dial(protocol, client_name)
+    );
     let token = token?;
     let (mut conn, offered) = dialled?;
     let capabilities =
@@ -148,7 +151,7 @@ async fn upstream_login(
             Err(AuthError::UpstreamRefused(detail)) if !token.fresh => {
                 info!(upstream = %detail, "upstream refused a cached token; fetching a new one");
                 app.tokens.invalidate(id, &token.secret).await;
-                let token = app.tokens.get(id).await?;
+                let token = app.tokens.get(id, protocol).await?;
                 Dialer::xoauth2(protocol, &mut conn, &id.mailbox, &token.secret, &offered).await?
             }
             other => other?,

@@ -167,6 +167,17 @@ pub struct OAuthConfig {
     pub token_url: Option<String>,
     pub device_code_url: Option<String>,
     pub authorize_url: Option<String>,
+    /// IMAP and POP3 logins get a token with at least this long left (or
+    /// three quarters of its lifetime, for tokens that live shorter):
+    /// their sessions last hours, SMTP's seconds.
+    #[serde(default = "default_session_token_left_s")]
+    pub session_token_left_s: u64,
+}
+
+pub const DEFAULT_SESSION_TOKEN_LEFT_S: u64 = 2700;
+
+fn default_session_token_left_s() -> u64 {
+    DEFAULT_SESSION_TOKEN_LEFT_S
 }
 
 impl OAuthConfig {

@@ -186,6 +186,7 @@ impl Tokens {
             token: SecretString::from(response.access_token().secret().to_string()),
             refresh_at: now + lifetime.saturating_sub(refresh_margin(lifetime)),
             expires_at: now + lifetime,
+            lifetime,
             password_mac: None,
         })
     }

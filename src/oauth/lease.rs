@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use super::{Cached, Tokens, TOKEN_DEADLINE};
 use crate::accounts::Identity;
+use crate::config::Protocol;
 use crate::error::AuthError;
 use crate::state::{unix_ms, Alone};
 
@@ -39,6 +40,10 @@ struct ReplicaEntry {
     token: String,
     refresh_at_ms: u64,
     expires_at_ms: u64,
+    /// Missing in entries of older versions: then the time left counts
+    /// as the lifetime.
+    #[serde(default)]
+    lifetime_ms: u64,
     password_mac: Option<String>,
 }
 
@@ -49,15 +54,17 @@ fn hex(bytes: &[u8]) -> String {
 impl Tokens {
     /// A token for `id` when the local cache has none: from the replicas'
     /// cache, or requested under the lease, or (file backend, or Redis
-    /// unreachable) requested by this process alone. The flag says whether
-    /// it was requested now.
+    /// unreachable) requested by this process alone; a cached one only if
+    /// it serves a login of `protocol`. The flag says whether it was
+    /// requested now.
     pub(super) async fn obtain(
         &self,
         id: &Identity,
         key: &str,
         mac: Option<[u8; 32]>,
+        protocol: Protocol,
     ) -> Result<(Cached, bool), AuthError> {
-        let usable = |c: &Cached| Instant::now() < c.refresh_at && c.password_mac == mac;
+        let usable = |c: &Cached| self.serves(c, protocol, mac);
         let deadline = Instant::now() + TOKEN_DEADLINE;
         let mut pause = POLL_FIRST;
         let mut waited = false;
@@ -151,10 +158,15 @@ impl Tokens {
                 }
             }
         };
+        let lifetime = match e.lifetime_ms {
+            0 => Duration::from_millis(e.expires_at_ms.saturating_sub(now_ms)),
+            ms => Duration::from_millis(ms),
+        };
         Ok(Some(Cached {
             token: SecretString::from(e.token),
             refresh_at: at(e.refresh_at_ms),
             expires_at: at(e.expires_at_ms),
+            lifetime,
             password_mac,
         }))
     }
@@ -172,6 +184,7 @@ impl Tokens {
             token: c.token.expose_secret().to_string(),
             refresh_at_ms: now_ms + left(c.refresh_at).as_millis() as u64,
             expires_at_ms: now_ms + left(c.expires_at).as_millis() as u64,
+            lifetime_ms: c.lifetime.as_millis() as u64,
             password_mac: mac.map(|m| hex(&m)),
         };
         let bytes = serde_json::to_vec(&entry).expect("plain struct serializes");

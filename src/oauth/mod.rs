@@ -19,7 +19,11 @@
 //! Each cache entry sits behind its own async mutex: concurrent logins for
 //! one account wait for the single request under way. Tokens are renewed
 //! ahead of expiry (10-12 minutes early for hour-long tokens); a temporary
-//! failure while the cached token still works keeps using it.
+//! failure while the cached token still works keeps using it. IMAP and POP3
+//! sessions last hours, so their logins want more: a token with at least
+//! `[oauth] session_token_left_s` (45 min) left, or three quarters of its
+//! lifetime for shorter tokens ([`Tokens::session_need`]); an older cached
+//! token is replaced for everyone.
 
 pub mod assertion;
 pub mod consent;
@@ -71,18 +75,33 @@ pub fn refresh_margin(lifetime: Duration) -> Duration {
     REFRESH_MARGIN + jitter
 }
 
-/// An access token and whether it was just fetched (a cached one that the
-/// server refuses is worth one retry with a fresh one).
+/// An access token, whether it was just fetched (a cached one that the
+/// server refuses is worth one retry with a fresh one), and when it ends.
 pub struct Token {
     pub secret: SecretString,
     pub fresh: bool,
+    pub expires_at: Instant,
+    pub lifetime: Duration,
 }
 
 struct Cached {
     token: SecretString,
     refresh_at: Instant,
     expires_at: Instant,
+    /// As the endpoint said it (`expires_in`) when the token was issued.
+    lifetime: Duration,
     password_mac: Option<[u8; 32]>,
+}
+
+impl Cached {
+    fn token(&self, fresh: bool) -> Token {
+        Token {
+            secret: self.token.clone(),
+            fresh,
+            expires_at: self.expires_at,
+            lifetime: self.lifetime,
+        }
+    }
 }
 
 /// One account's cache entry; its mutex is held while its token is fetched.
@@ -100,6 +119,7 @@ pub struct Tokens {
     entries: Mutex<HashMap<String, Entry>>,
     mac_key: [u8; 32],
     backoff: Duration,
+    session_left: Duration,
 }
 
 impl Tokens {
@@ -128,6 +148,7 @@ impl Tokens {
             state,
             entries: Mutex::new(HashMap::new()),
             backoff: RETRY_BACKOFF,
+            session_left: Duration::from_secs(config.session_token_left_s),
         })
     }
 
@@ -169,38 +190,53 @@ impl Tokens {
         self.state.has_refresh_tokens()
     }
 
-    /// An access token for this identity: cached, or fetched now with every
-    /// concurrent caller for the same account waiting on this one request.
-    pub async fn get(&self, id: &Identity) -> Result<Token, AuthError> {
+    /// How much life a token of `lifetime` must have left for a login of
+    /// `protocol`: IMAP and POP3 `session_token_left_s` or three quarters
+    /// of the lifetime, whichever is less; SMTP nothing beyond the renewal
+    /// margin.
+    pub fn session_need(&self, protocol: Protocol, lifetime: Duration) -> Duration {
+        match protocol {
+            Protocol::Smtp => Duration::ZERO,
+            Protocol::Imap | Protocol::Pop3 => self.session_left.min(lifetime * 3 / 4),
+        }
+    }
+
+    /// Whether the cached `c` may serve a login of `protocol` with this
+    /// password MAC.
+    fn serves(&self, c: &Cached, protocol: Protocol, mac: Option<[u8; 32]>) -> bool {
+        let now = Instant::now();
+        now < c.refresh_at
+            && c.password_mac == mac
+            && c.expires_at.saturating_duration_since(now)
+                >= self.session_need(protocol, c.lifetime)
+    }
+
+    /// An access token for this identity and a login of `protocol`: cached,
+    /// or fetched now with every concurrent caller for the same account
+    /// waiting on this one request.
+    pub async fn get(&self, id: &Identity, protocol: Protocol) -> Result<Token, AuthError> {
         let key = Self::key(id);
         let entry = self.entry(&key);
         let mac = id.password.as_ref().map(|p| self.mac(p));
         let result = {
             let mut cached = entry.lock().await;
-            let now = Instant::now();
             match cached.as_ref() {
-                Some(c) if now < c.refresh_at && c.password_mac == mac => Ok(Token {
-                    secret: c.token.clone(),
-                    fresh: false,
-                }),
-                _ => match self.obtain(id, &key, mac).await {
+                Some(c) if self.serves(c, protocol, mac) => Ok(c.token(false)),
+                _ => match self.obtain(id, &key, mac, protocol).await {
                     Ok((c, fresh)) => {
-                        let secret = c.token.clone();
+                        let token = c.token(fresh);
                         *cached = Some(Cached {
                             password_mac: mac,
                             ..c
                         });
-                        Ok(Token { secret, fresh })
+                        Ok(token)
                     }
                     // A temporary failure while the old token still works:
                     // keep using it.
                     Err(e) if e.is_temporary() => match cached.as_ref() {
                         Some(c) if Instant::now() < c.expires_at && c.password_mac == mac => {
                             warn!(account = %id.account, error = %e, "token renewal failed; using the cached token until it expires");
-                            Ok(Token {
-                                secret: c.token.clone(),
-                                fresh: false,
-                            })
+                            Ok(c.token(false))
                         }
                         _ => Err(e),
                     },

@@ -147,13 +147,23 @@ async fn refresh_rotation_is_persisted_and_the_old_token_never_reused() {
     let (tokens, store) = with_store(&url, dir.path(), Some("rt-1"));
     let id = identity(Grant::RefreshToken, "acct@x.test", None);
     assert_eq!(
-        tokens.get(&id).await.unwrap().secret.expose_secret(),
+        tokens
+            .get(&id, Protocol::Smtp)
+            .await
+            .unwrap()
+            .secret
+            .expose_secret(),
         "at-1"
     );
     assert_eq!(stored(&store), "rt-2");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(
-        tokens.get(&id).await.unwrap().secret.expose_secret(),
+        tokens
+            .get(&id, Protocol::Smtp)
+            .await
+            .unwrap()
+            .secret
+            .expose_secret(),
         "at-2"
     );
     assert_eq!(stored(&store), "rt-3");
@@ -201,12 +211,22 @@ async fn redis_down_keeps_and_uses_the_rotated_refresh_token() {
     let tokens = tokens_in(&url, State::Redis(redis.clone()));
     let id = identity(Grant::RefreshToken, "acct@x.test", None);
     assert_eq!(
-        tokens.get(&id).await.unwrap().secret.expose_secret(),
+        tokens
+            .get(&id, Protocol::Smtp)
+            .await
+            .unwrap()
+            .secret
+            .expose_secret(),
         "at-1"
     );
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(
-        tokens.get(&id).await.unwrap().secret.expose_secret(),
+        tokens
+            .get(&id, Protocol::Smtp)
+            .await
+            .unwrap()
+            .secret
+            .expose_secret(),
         "at-2"
     );
     let bodies = bodies.lock().unwrap().clone();
@@ -235,7 +255,7 @@ async fn expiry_during_a_burst_refreshes_once() {
     let (tokens, _store) = with_store(&url, dir.path(), Some("rt-1"));
     let tokens = Arc::new(tokens);
     let id = identity(Grant::RefreshToken, "acct@x.test", None);
-    tokens.get(&id).await.unwrap();
+    tokens.get(&id, Protocol::Smtp).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut tasks = Vec::new();
     for _ in 0..100 {
@@ -243,7 +263,7 @@ async fn expiry_during_a_burst_refreshes_once() {
         tasks.push(tokio::spawn(async move {
             let id = identity(Grant::RefreshToken, "acct@x.test", None);
             tokens
-                .get(&id)
+                .get(&id, Protocol::Smtp)
                 .await
                 .map(|t| t.secret.expose_secret().to_string())
         }));
@@ -264,10 +284,10 @@ async fn endpoint_down_longer_than_the_token_life_then_back() {
     let (url, count) = endpoint(replies, Duration::ZERO).await;
     let (tokens, store) = with_store(&url, dir.path(), Some("rt-1"));
     let id = identity(Grant::RefreshToken, "acct@x.test", None);
-    tokens.get(&id).await.unwrap();
+    tokens.get(&id, Protocol::Smtp).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     for _ in 0..2 {
-        let err = tokens.get(&id).await.err().unwrap();
+        let err = tokens.get(&id, Protocol::Smtp).await.err().unwrap();
         assert!(err.is_temporary(), "{err}");
         assert_eq!(
             stored(&store),
@@ -277,7 +297,12 @@ async fn endpoint_down_longer_than_the_token_life_then_back() {
     }
     assert_eq!(count.load(Ordering::SeqCst), 1 + 2 * MAX_ATTEMPTS as usize);
     assert_eq!(
-        tokens.get(&id).await.unwrap().secret.expose_secret(),
+        tokens
+            .get(&id, Protocol::Smtp)
+            .await
+            .unwrap()
+            .secret
+            .expose_secret(),
         "at-2"
     );
     assert_eq!(stored(&store), "rt-3");
@@ -293,7 +318,10 @@ async fn invalid_grant_says_what_to_do_and_keeps_the_token() {
     let (url, _) = endpoint(vec![refused], Duration::ZERO).await;
     let (tokens, store) = with_store(&url, dir.path(), Some("rt-1"));
     let err = tokens
-        .get(&identity(Grant::RefreshToken, "acct@x.test", None))
+        .get(
+            &identity(Grant::RefreshToken, "acct@x.test", None),
+            Protocol::Smtp,
+        )
         .await
         .err()
         .unwrap();
@@ -307,7 +335,10 @@ async fn invalid_grant_says_what_to_do_and_keeps_the_token() {
 
     let (tokens, _) = with_store(&url, tempfile::tempdir().unwrap().path(), None);
     let err = tokens
-        .get(&identity(Grant::RefreshToken, "acct@x.test", None))
+        .get(
+            &identity(Grant::RefreshToken, "acct@x.test", None),
+            Protocol::Smtp,
+        )
         .await
         .err()
         .unwrap();
@@ -344,7 +375,10 @@ async fn certificate_credentials_send_an_assertion_not_a_secret() {
     .unwrap();
     let tokens = Tokens::new(&config, &[Protocol::Smtp], Arc::new(State::File(None))).unwrap();
     tokens
-        .get(&identity(Grant::ClientCredentials, "a@x.test", None))
+        .get(
+            &identity(Grant::ClientCredentials, "a@x.test", None),
+            Protocol::Smtp,
+        )
         .await
         .unwrap();
     let body = bodies.lock().unwrap()[0].clone();
@@ -363,7 +397,10 @@ async fn retry_after_is_honoured_within_bounds() {
     let tokens = tokens(&url);
     let t = std::time::Instant::now();
     tokens
-        .get(&identity(Grant::ClientCredentials, "a@x.test", None))
+        .get(
+            &identity(Grant::ClientCredentials, "a@x.test", None),
+            Protocol::Smtp,
+        )
         .await
         .unwrap();
     assert_eq!(count.load(Ordering::SeqCst), 2);
@@ -392,7 +429,7 @@ async fn concurrent_logins_make_one_request_then_hit_the_cache() {
         tasks.push(tokio::spawn(async move {
             let id = identity(Grant::ClientCredentials, &format!("dev{i}@x.test"), None);
             tokens
-                .get(&id)
+                .get(&id, Protocol::Smtp)
                 .await
                 .map(|t| t.secret.expose_secret().to_string())
         }));
@@ -402,7 +439,10 @@ async fn concurrent_logins_make_one_request_then_hit_the_cache() {
     }
     assert_eq!(count.load(Ordering::SeqCst), 1);
     let again = tokens
-        .get(&identity(Grant::ClientCredentials, "a@x.test", None))
+        .get(
+            &identity(Grant::ClientCredentials, "a@x.test", None),
+            Protocol::Smtp,
+        )
         .await
         .unwrap();
     assert!(!again.fresh);
@@ -414,12 +454,12 @@ async fn password_grant_cache_is_bound_to_the_password() {
     let (url, count) = endpoint(vec![ok("tok-a", 3600), ok("tok-b", 3600)], Duration::ZERO).await;
     let tokens = tokens(&url);
     let right = identity(Grant::Password, "u@x.test", Some("right"));
-    assert!(tokens.get(&right).await.unwrap().fresh);
-    assert!(!tokens.get(&right).await.unwrap().fresh);
+    assert!(tokens.get(&right, Protocol::Smtp).await.unwrap().fresh);
+    assert!(!tokens.get(&right, Protocol::Smtp).await.unwrap().fresh);
     assert_eq!(count.load(Ordering::SeqCst), 1);
     // Another password never gets the cached token: it goes to the endpoint.
     let other = identity(Grant::Password, "u@x.test", Some("other"));
-    let t = tokens.get(&other).await.unwrap();
+    let t = tokens.get(&other, Protocol::Smtp).await.unwrap();
     assert!(t.fresh);
     assert_eq!(t.secret.expose_secret(), "tok-b");
     assert_eq!(count.load(Ordering::SeqCst), 2);
@@ -430,9 +470,9 @@ async fn refused_cached_token_is_replaced() {
     let (url, count) = endpoint(vec![ok("tok-1", 3600), ok("tok-2", 3600)], Duration::ZERO).await;
     let tokens = tokens(&url);
     let id = identity(Grant::ClientCredentials, "a@x.test", None);
-    let first = tokens.get(&id).await.unwrap();
+    let first = tokens.get(&id, Protocol::Smtp).await.unwrap();
     tokens.invalidate(&id, &first.secret).await;
-    let second = tokens.get(&id).await.unwrap();
+    let second = tokens.get(&id, Protocol::Smtp).await.unwrap();
     assert_eq!(second.secret.expose_secret(), "tok-2");
     assert_eq!(count.load(Ordering::SeqCst), 2);
 }
@@ -443,12 +483,22 @@ async fn tokens_are_renewed_before_expiry() {
     let tokens = tokens(&url);
     let id = identity(Grant::ClientCredentials, "a@x.test", None);
     assert_eq!(
-        tokens.get(&id).await.unwrap().secret.expose_secret(),
+        tokens
+            .get(&id, Protocol::Smtp)
+            .await
+            .unwrap()
+            .secret
+            .expose_secret(),
         "short"
     );
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(
-        tokens.get(&id).await.unwrap().secret.expose_secret(),
+        tokens
+            .get(&id, Protocol::Smtp)
+            .await
+            .unwrap()
+            .secret
+            .expose_secret(),
         "next"
     );
     assert_eq!(count.load(Ordering::SeqCst), 2);
@@ -462,7 +512,10 @@ async fn failures_are_classified() {
     );
     let (url, _) = endpoint(vec![refused], Duration::ZERO).await;
     let err = tokens(&url)
-        .get(&identity(Grant::Password, "u@x.test", Some("pw-marker")))
+        .get(
+            &identity(Grant::Password, "u@x.test", Some("pw-marker")),
+            Protocol::Smtp,
+        )
         .await
         .err()
         .unwrap();
@@ -480,7 +533,10 @@ async fn failures_are_classified() {
     ] {
         let (url, _) = endpoint(vec![reply.clone()], Duration::ZERO).await;
         let err = tokens(&url)
-            .get(&identity(Grant::ClientCredentials, "a@x.test", None))
+            .get(
+                &identity(Grant::ClientCredentials, "a@x.test", None),
+                Protocol::Smtp,
+            )
             .await
             .err()
             .unwrap();
@@ -494,9 +550,75 @@ async fn a_temporary_failure_keeps_a_still_valid_token() {
     let (url, count) = endpoint(vec![ok("tok-1", 4), (503, String::new())], Duration::ZERO).await;
     let tokens = tokens(&url);
     let id = identity(Grant::ClientCredentials, "a@x.test", None);
-    tokens.get(&id).await.unwrap();
+    tokens.get(&id, Protocol::Smtp).await.unwrap();
     tokio::time::sleep(Duration::from_millis(3100)).await;
-    let t = tokens.get(&id).await.unwrap();
+    let t = tokens.get(&id, Protocol::Smtp).await.unwrap();
     assert_eq!(t.secret.expose_secret(), "tok-1");
     assert_eq!(count.load(Ordering::SeqCst), 1 + MAX_ATTEMPTS as usize);
+}
+
+#[tokio::test]
+async fn session_logins_get_a_token_with_three_quarters_of_its_life_left() {
+    // 4 s tokens: IMAP and POP3 need 3 s left, SMTP only the renewal margin.
+    let (url, count) = endpoint(
+        vec![ok("tok-1", 4), ok("tok-2", 4), ok("tok-3", 4)],
+        Duration::ZERO,
+    )
+    .await;
+    let tokens = tokens(&url);
+    let id = identity(Grant::ClientCredentials, "a@x.test", None);
+    let first = tokens.get(&id, Protocol::Imap).await.unwrap();
+    assert_eq!(first.lifetime, Duration::from_secs(4));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // 2.8 s left: enough for SMTP, not for a session.
+    let smtp = tokens.get(&id, Protocol::Smtp).await.unwrap();
+    assert_eq!(smtp.secret.expose_secret(), "tok-1");
+    let pop3 = tokens.get(&id, Protocol::Pop3).await.unwrap();
+    assert_eq!(pop3.secret.expose_secret(), "tok-2");
+    assert!(pop3.expires_at - Instant::now() >= Duration::from_secs(3));
+    // The newer token now serves everyone.
+    let smtp = tokens.get(&id, Protocol::Smtp).await.unwrap();
+    assert_eq!(smtp.secret.expose_secret(), "tok-2");
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn session_logins_want_the_configured_time_left() {
+    let (url, count) = endpoint(vec![ok("tok-1", 4), ok("tok-2", 4)], Duration::ZERO).await;
+    let mut tokens = tokens(&url);
+    assert_eq!(
+        tokens.session_need(Protocol::Imap, Duration::from_secs(3600)),
+        Duration::from_secs(2700)
+    );
+    assert_eq!(
+        tokens.session_need(Protocol::Imap, Duration::from_secs(600)),
+        Duration::from_secs(450)
+    );
+    assert_eq!(
+        tokens.session_need(Protocol::Smtp, Duration::from_secs(3600)),
+        Duration::ZERO
+    );
+    // 4 s tokens with 2 s configured (less than three quarters, 3 s):
+    // 1.5 s old still serves a session, 2.3 s old does not.
+    tokens.session_left = Duration::from_secs(2);
+    let id = identity(Grant::ClientCredentials, "a@x.test", None);
+    let get = |p| {
+        let (tokens, id) = (&tokens, &id);
+        async move {
+            tokens
+                .get(id, p)
+                .await
+                .unwrap()
+                .secret
+                .expose_secret()
+                .to_string()
+        }
+    };
+    assert_eq!(get(Protocol::Imap).await, "tok-1");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(get(Protocol::Imap).await, "tok-1");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(get(Protocol::Smtp).await, "tok-1");
+    assert_eq!(get(Protocol::Imap).await, "tok-2");
+    assert_eq!(count.load(Ordering::SeqCst), 2);
 }
