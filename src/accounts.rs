@@ -49,6 +49,7 @@ impl Account {
 
 /// Who a device turned out to be, once its credentials were accepted
 /// locally (or, for the `password` grant, are to be tried upstream).
+#[derive(Clone)]
 pub struct Identity {
     /// The account's `login` from the config (a pattern for `*@domain`).
     pub account: String,

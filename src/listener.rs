@@ -21,6 +21,8 @@ pub struct Listener {
     tls_acceptor: ArcSwapOption<TlsAcceptor>,
     pub allow_plaintext_auth: bool,
     pub proxy_protocol: bool,
+    /// IMAP: sessions move to a new upstream login before their token expires.
+    pub session_continuity: bool,
     max_connections: usize,
     slots: Arc<Semaphore>,
 }
@@ -50,6 +52,7 @@ impl Listener {
             tls_files,
             tls_acceptor: ArcSwapOption::new(tls_acceptor),
             allow_plaintext_auth: config.allow_plaintext_auth,
+            session_continuity: config.session_continuity.unwrap_or(true),
             proxy_protocol: config.proxy_protocol,
             max_connections: config.max_connections,
             slots: Arc::new(Semaphore::new(config.max_connections)),

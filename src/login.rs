@@ -1,9 +1,12 @@
 //! The one login path, for every protocol: throttle -> account (local
 //! password) -> mailbox slot -> token and dial at once -> XOAUTH2 -> one
 //! retry with a fresh token when the server refuses a cached one. Each
-//! outcome is logged once and counted; never a password.
+//! outcome is logged once and counted; never a password. An IMAP session
+//! that moves to a new upstream connection before its token expires logs
+//! in again through the same steps ([`renew`]), keeping its slot.
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -23,6 +26,10 @@ pub struct Upstream {
     pub capabilities: Vec<String>,
     /// The mailbox's session slot (see `limits`), held while the session lives.
     pub slot: Slot,
+    /// When the token this connection logged in with expires, and how long
+    /// it lived.
+    pub expires_at: Instant,
+    pub lifetime: Duration,
 }
 
 /// A login that went through: the upstream session and whose it is.
@@ -104,8 +111,12 @@ pub fn refused(protocol: Protocol, login: &str, error: &AuthError) {
 fn logged(protocol: Protocol, login: &str, result: &Result<LoggedIn, AuthError>) {
     crate::metrics::login(protocol, result.as_ref().err().map(AuthError::reason));
     match result {
-        Ok(LoggedIn { id, .. }) => {
-            info!(login = %login, account = %id.account, mailbox = %id.mailbox, grant = %id.grant, "authenticated; relaying")
+        Ok(LoggedIn { id, upstream }) => {
+            let token_left_s = upstream
+                .expires_at
+                .saturating_duration_since(Instant::now())
+                .as_secs();
+            info!(login = %login, account = %id.account, mailbox = %id.mailbox, grant = %id.grant, token_left_s, "authenticated; relaying")
         }
         Err(e) => log_failure(login, e),
     }
@@ -130,9 +141,32 @@ pub async fn check_login(
     Ok(id.mailbox.clone())
 }
 
-/// Take the mailbox's slot, fetch a token and dial at once, then log in
-/// with XOAUTH2; a cached token the server refuses is replaced by a fresh
-/// one and tried once more on the same connection.
+/// A new upstream connection for the session of `id`, which keeps the
+/// mailbox slot it holds: a token fresh enough for a long session, dial,
+/// XOAUTH2, as at login. Logged, not counted as a device login.
+pub async fn renew(app: &App, protocol: Protocol, id: &Identity) -> Result<Renewed, AuthError> {
+    let result = connect(app, protocol, id, "").await;
+    match &result {
+        Ok(r) => {
+            let left = r.expires_at.saturating_duration_since(Instant::now());
+            info!(account = %id.account, mailbox = %id.mailbox, token_left_s = left.as_secs(), "upstream login renewed")
+        }
+        Err(e) => {
+            warn!(account = %id.account, reason = e.reason(), error = %e, "upstream login renewal failed")
+        }
+    }
+    result
+}
+
+/// A logged-in upstream connection without a slot (see [`renew`]).
+pub struct Renewed {
+    pub conn: Conn,
+    pub capabilities: Vec<String>,
+    pub expires_at: Instant,
+    pub lifetime: Duration,
+}
+
+/// Take the mailbox's slot, then [`connect`].
 async fn upstream_login(
     app: &App,
     protocol: Protocol,
@@ -140,25 +174,45 @@ async fn upstream_login(
     client_name: &str,
 ) -> Result<Upstream, AuthError> {
     let slot = app.mailbox_limits.acquire(protocol, &id.mailbox).await?;
+    let r = connect(app, protocol, id, client_name).await?;
+    Ok(Upstream {
+        conn: r.conn,
+        capabilities: r.capabilities,
+        slot,
+        expires_at: r.expires_at,
+        lifetime: r.lifetime,
+    })
+}
+
+/// Fetch a token and dial at once, then log in with XOAUTH2; a cached
+/// token the server refuses is replaced by a fresh one and tried once more
+/// on the same connection.
+async fn connect(
+    app: &App,
+    protocol: Protocol,
+    id: &Identity,
+    client_name: &str,
+) -> Result<Renewed, AuthError> {
     let (token, dialled) = tokio::join!(
         app.tokens.get(id, protocol),
         app.dialer.dial(protocol, client_name)
     );
-    let token = token?;
+    let mut token = token?;
     let (mut conn, offered) = dialled?;
     let capabilities =
         match Dialer::xoauth2(protocol, &mut conn, &id.mailbox, &token.secret, &offered).await {
             Err(AuthError::UpstreamRefused(detail)) if !token.fresh => {
                 info!(upstream = %detail, "upstream refused a cached token; fetching a new one");
                 app.tokens.invalidate(id, &token.secret).await;
-                let token = app.tokens.get(id, protocol).await?;
+                token = app.tokens.get(id, protocol).await?;
                 Dialer::xoauth2(protocol, &mut conn, &id.mailbox, &token.secret, &offered).await?
             }
             other => other?,
         };
-    Ok(Upstream {
+    Ok(Renewed {
         conn,
         capabilities,
-        slot,
+        expires_at: token.expires_at,
+        lifetime: token.lifetime,
     })
 }

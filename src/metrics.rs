@@ -27,6 +27,10 @@ pub const BYTES: &str = "oxbridge_relayed_bytes_total";
 pub const RELOADS: &str = "oxbridge_config_reloads_total";
 pub const PASSWORD_VERIFICATIONS: &str = "oxbridge_password_verifications_total";
 pub const REDIS_ERRORS: &str = "oxbridge_redis_errors_total";
+pub const IMAP_SWAPS: &str = "oxbridge_imap_swaps_total";
+pub const IMAP_SWAP_SECONDS: &str = "oxbridge_imap_swap_duration_seconds";
+pub const IMAP_SWAP_REFUSALS: &str = "oxbridge_imap_swap_refusals_total";
+pub const UPSTREAM_EXPIRIES: &str = "oxbridge_upstream_expiries_total";
 
 /// Histogram buckets (seconds) for token requests and upstream connects.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -85,6 +89,23 @@ fn describe() {
         PASSWORD_VERIFICATIONS,
         "Argon2 password verifications run (a cached correct login runs none)"
     );
+    describe_counter!(
+        IMAP_SWAPS,
+        "IMAP sessions moved to a new upstream connection before their token expired"
+    );
+    describe_histogram!(
+        IMAP_SWAP_SECONDS,
+        Unit::Seconds,
+        "How long a device's IMAP session was held while it moved"
+    );
+    describe_counter!(
+        IMAP_SWAP_REFUSALS,
+        "IMAP sessions ended with a BYE before their token expired instead of moving, by reason"
+    );
+    describe_counter!(
+        UPSTREAM_EXPIRIES,
+        "Sessions the upstream ended because their token expired, by protocol"
+    );
 }
 
 /// Counts one open session while alive.
@@ -112,6 +133,23 @@ pub fn session_ended(protocol: Protocol, outcome: &'static str, to_upstream: u64
     if to_device > 0 {
         counter!(BYTES, "protocol" => p, "direction" => "to_device").increment(to_device);
     }
+}
+
+/// An IMAP session moved to a new upstream connection; the device waited
+/// `held` for it.
+pub fn imap_swap(held: Duration) {
+    counter!(IMAP_SWAPS).increment(1);
+    histogram!(IMAP_SWAP_SECONDS).record(held.as_secs_f64());
+}
+
+/// An IMAP session that could not move and was ended before its token.
+pub fn imap_swap_refused(reason: &'static str) {
+    counter!(IMAP_SWAP_REFUSALS, "reason" => reason).increment(1);
+}
+
+/// The upstream ended a session because its token expired.
+pub fn upstream_expiry(protocol: Protocol) {
+    counter!(UPSTREAM_EXPIRIES, "protocol" => protocol.as_str()).increment(1);
 }
 
 /// One login's result: `reason` is `None` on success.

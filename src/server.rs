@@ -22,7 +22,7 @@ use crate::app::{App, StartError};
 use crate::config::{Config, Protocol, TlsMode};
 use crate::device::{self, Context, Dialogue, Handoff, Ready};
 use crate::listener::{Listener, ListenerSlot};
-use crate::login::LoggedIn;
+use crate::login::{self, LoggedIn};
 use crate::net::conn::{Conn, Stream};
 use crate::net::tls::HANDSHAKE_TIMEOUT;
 use crate::wire::{self, Farewell};
@@ -328,7 +328,31 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
             let idle = Duration::from_secs(app.config.limits.idle_timeout_s);
             // The mailbox's slot is held until the relay ends.
             let _mailbox_slot = upstream.slot;
-            let r = relay::relay(device, upstream.conn, idle, protocol, ctx.abort.clone()).await;
+            let r = match protocol {
+                Protocol::Imap => {
+                    let expiry = relay::imap::Expiry {
+                        at: upstream.expires_at,
+                        lifetime: upstream.lifetime,
+                    };
+                    let renew = ctx.listener.session_continuity.then(|| {
+                        let (app, id) = (ctx.app.clone(), id.clone());
+                        Box::new(move || {
+                            let (app, id) = (app.clone(), id.clone());
+                            async move { login::renew(&app, Protocol::Imap, &id).await }
+                        }) as Box<dyn relay::imap::Renew>
+                    });
+                    relay::imap::relay(
+                        device,
+                        upstream.conn,
+                        expiry,
+                        idle,
+                        ctx.abort.clone(),
+                        renew,
+                    )
+                    .await
+                }
+                _ => relay::relay(device, upstream.conn, idle, protocol, ctx.abort.clone()).await,
+            };
             info!(
                 account = %id.account,
                 mailbox = %id.mailbox,

@@ -247,6 +247,9 @@ pub struct ListenerConfig {
     /// Connections this listener serves at once.
     #[serde(default = "default_listener_connections")]
     pub max_connections: usize,
+    /// IMAP only: move sessions to a new upstream login before their token
+    /// expires (default on).
+    pub session_continuity: Option<bool>,
 }
 
 fn default_listener_connections() -> usize {

@@ -144,6 +144,11 @@ fn listener(key: &str, l: &ListenerConfig) -> Result<(), String> {
     if l.max_connections == 0 {
         return Err(format!("{key}.max_connections: must be at least 1"));
     }
+    if l.session_continuity.is_some() && l.protocol != Protocol::Imap {
+        return Err(format!(
+            "{key}.session_continuity: only IMAP sessions move to a new login; remove it here"
+        ));
+    }
     Ok(())
 }
 

@@ -257,6 +257,15 @@ impl Conn {
     pub fn into_parts(self) -> (Stream, BytesMut) {
         (self.stream, self.buf)
     }
+
+    /// A connection again from [`Conn::into_parts`]: `buf` is read first.
+    pub fn from_parts(stream: Stream, buf: BytesMut) -> Conn {
+        Conn {
+            stream,
+            buf,
+            skipping: false,
+        }
+    }
 }
 
 #[cfg(test)]

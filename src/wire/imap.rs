@@ -311,6 +311,20 @@ pub enum Request<'a> {
     /// Cancel a SASL exchange.
     Cancel,
     Logout,
+    /// Moving a session: ENABLE what the device had enabled.
+    Enable(&'a [String]),
+    /// Moving a session: select the device's mailbox again.
+    Select {
+        mailbox: &'a [u8],
+        examine: bool,
+        condstore: bool,
+    },
+    /// Moving a session: the UIDs of the selected mailbox, in order.
+    UidSearchAll,
+    /// Moving a session: end the old connection's IDLE.
+    Done,
+    /// Moving a session: IDLE again, under the device's own tag.
+    Idle(&'a str),
 }
 
 impl Request<'_> {
@@ -322,6 +336,23 @@ impl Request<'_> {
             Request::Response(data) => data.to_string(),
             Request::Cancel => "*".into(),
             Request::Logout => format!("{TAG} LOGOUT"),
+            Request::Enable(exts) => format!("{TAG} ENABLE {}", exts.join(" ")),
+            Request::Select {
+                mailbox,
+                examine,
+                condstore,
+            } => {
+                let mut out =
+                    format!("{TAG} {} ", if *examine { "EXAMINE" } else { "SELECT" }).into_bytes();
+                out.extend_from_slice(&super::imap_view::quoted(mailbox));
+                if *condstore {
+                    out.extend_from_slice(b" (CONDSTORE)");
+                }
+                return super::line(&out);
+            }
+            Request::UidSearchAll => format!("{TAG} UID SEARCH ALL"),
+            Request::Done => "DONE".into(),
+            Request::Idle(tag) => format!("{tag} IDLE"),
         };
         super::line(text.as_bytes())
     }
@@ -399,6 +430,11 @@ pub enum Reply<'a> {
     TooManyAuthFailures,
     TooManyCommands,
     Farewell(Farewell),
+    /// After login: the session could not move to a fresh upstream login
+    /// before its token ran out, so it ends between responses.
+    LoginExpired,
+    /// After login, while a session moves: messages that arrived meanwhile.
+    Exists(usize),
 }
 
 impl Reply<'_> {
@@ -446,6 +482,8 @@ impl Reply<'_> {
             Reply::TooManyAuthFailures => "* BYE Too many failed logins".into(),
             Reply::TooManyCommands => "* BYE Too many commands without logging in".into(),
             Reply::Farewell(f) => return farewell(*f).to_vec(),
+            Reply::LoginExpired => "* BYE [UNAVAILABLE] Login expired, please log in again".into(),
+            Reply::Exists(n) => format!("* {n} EXISTS"),
         };
         super::line(text.as_bytes())
     }

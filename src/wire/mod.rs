@@ -4,6 +4,7 @@
 //! here, in one table per protocol, and every line ends in CRLF.
 
 pub mod imap;
+pub mod imap_view;
 pub mod pop3;
 pub mod sasl;
 pub mod smtp;

@@ -1,5 +1,6 @@
 //! The bridge: once the upstream login is done, bytes are copied both ways
-//! untouched until one side is done.
+//! untouched until one side is done. IMAP sessions go through [`imap`],
+//! which also follows them so that they outlive their token.
 //!
 //! Whatever either side had sent past its last parsed line (pipelined
 //! commands) is replayed first. The session ends when the upstream closes,
@@ -18,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Protocol;
 use crate::net::Conn;
 use crate::wire::{self, Farewell as Goodbye};
+
+pub mod imap;
 
 /// Size of each direction's copy buffer.
 pub const COPY_BUFFER: usize = 64 * 1024;

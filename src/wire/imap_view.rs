@@ -1,0 +1,513 @@
+//! IMAP after login, as the relay follows it to move a session onto a new
+//! upstream connection: [`Framer`] finds where each command or response
+//! ends in a byte stream (lines; literals are counted and skipped, never
+//! looked into or buffered), and [`View`] keeps what the device's session
+//! holds: the commands in flight, the selected mailbox and its
+//! UIDVALIDITY, the ENABLEd extensions, IDLE. Pure: no sockets, no time.
+
+use std::collections::VecDeque;
+
+use super::imap::{literal_suffix, parse_command, Arg};
+
+/// How much of a unit's first line is kept: enough for a tag, a command
+/// name and a mailbox name, or a status response's code.
+pub const HEAD: usize = 1024;
+/// Commands in flight that are followed; a device that pipelines more is
+/// not moved (its session ends at token expiry like any unmovable one).
+pub const MAX_IN_FLIGHT: usize = 1000;
+/// Bytes kept of a line's end, to see a literal's `{n}` there.
+const TAIL: usize = 24;
+
+/// One command or response: its first line (without CRLF, cut at
+/// [`HEAD`]), whether that was cut, whether literals followed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Unit {
+    pub head: Vec<u8>,
+    pub truncated: bool,
+    pub literal: bool,
+}
+
+/// Finds the ends of commands or responses in a stream.
+#[derive(Debug, Default)]
+pub struct Framer {
+    /// Literal bytes still to pass before the line goes on.
+    literal: u64,
+    unit: Unit,
+    first_line_done: bool,
+    tail: Vec<u8>,
+    /// Some bytes of the current unit have been seen.
+    mid: bool,
+}
+
+impl Framer {
+    /// Take bytes of `data` up to the end of the next unit: how many were
+    /// taken, and the unit if it ended there.
+    pub fn feed(&mut self, data: &[u8]) -> (usize, Option<Unit>) {
+        let mut i = 0;
+        loop {
+            if self.literal > 0 {
+                let take = (self.literal.min((data.len() - i) as u64)) as usize;
+                self.literal -= take as u64;
+                i += take;
+                if self.literal > 0 {
+                    return (i, None);
+                }
+            }
+            if i == data.len() {
+                return (i, None);
+            }
+            self.mid = true;
+            let Some(k) = memchr::memchr(b'\n', &data[i..]) else {
+                self.absorb(&data[i..]);
+                return (data.len(), None);
+            };
+            self.absorb(&data[i..i + k]);
+            i += k + 1;
+            self.end_line();
+            let tail = self.tail.strip_suffix(b"\r").unwrap_or(&self.tail);
+            if let Some((n, _)) = literal_suffix(tail) {
+                self.literal = n;
+                self.unit.literal = true;
+                self.tail.clear();
+                continue;
+            }
+            let unit = std::mem::take(&mut self.unit);
+            self.reset();
+            return (i, Some(unit));
+        }
+    }
+
+    /// Between two units: nothing of the next one seen yet.
+    pub fn at_boundary(&self) -> bool {
+        !self.mid
+    }
+
+    fn absorb(&mut self, seg: &[u8]) {
+        if !self.first_line_done {
+            let room = HEAD.saturating_sub(self.unit.head.len());
+            if seg.len() > room {
+                self.unit.truncated = true;
+            }
+            self.unit
+                .head
+                .extend_from_slice(&seg[..seg.len().min(room)]);
+        }
+        self.tail
+            .extend_from_slice(&seg[seg.len().saturating_sub(TAIL)..]);
+        let excess = self.tail.len().saturating_sub(TAIL);
+        self.tail.drain(..excess);
+    }
+
+    fn end_line(&mut self) {
+        if !self.first_line_done {
+            self.first_line_done = true;
+            if !self.unit.truncated && self.unit.head.last() == Some(&b'\r') {
+                self.unit.head.pop();
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.first_line_done = false;
+        self.tail.clear();
+        self.mid = false;
+    }
+}
+
+/// The mailbox a device has selected, to select again on a new connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selected {
+    pub mailbox: Vec<u8>,
+    pub examine: bool,
+    /// SELECT had parameters (CONDSTORE, QRESYNC): select with CONDSTORE
+    /// again, so that FETCH responses keep their MODSEQ.
+    pub condstore: bool,
+    pub uidvalidity: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    Select(Selected),
+    Deselect,
+    Enable(Vec<String>),
+    Idle,
+    Other,
+}
+
+/// What a response from upstream was, for the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// `* BYE`; `expired` when the server said the token ran out.
+    Bye { expired: bool },
+    /// `* n EXPUNGE` or `* VANISHED`.
+    Expunge,
+    /// `* n EXISTS`.
+    Exists(u64),
+    /// `* n FETCH`.
+    Fetch,
+    /// Anything else.
+    Other,
+}
+
+/// What the untagged response with this first line is.
+pub fn seen(head: &[u8]) -> Seen {
+    let Some(rest) = head.strip_prefix(b"* ") else {
+        return Seen::Other;
+    };
+    let upper = rest[..rest.len().min(64)].to_ascii_uppercase();
+    if upper.starts_with(b"BYE") {
+        let expired = memchr::memmem::find(head, b"AccessTokenExpired").is_some();
+        return Seen::Bye { expired };
+    }
+    if upper.starts_with(b"VANISHED") {
+        return Seen::Expunge;
+    }
+    let mut words = upper.split(|b| *b == b' ');
+    let number = words
+        .next()
+        .and_then(|w| std::str::from_utf8(w).ok())
+        .and_then(|w| w.parse::<u64>().ok());
+    match (number, words.next()) {
+        (Some(_), Some(b"EXPUNGE")) => Seen::Expunge,
+        (Some(n), Some(b"EXISTS")) => Seen::Exists(n),
+        (Some(_), Some(b"FETCH")) => Seen::Fetch,
+        _ => Seen::Other,
+    }
+}
+
+/// What the device's session holds, from its commands and their results.
+#[derive(Debug, Default)]
+pub struct View {
+    in_flight: VecDeque<(String, Kind)>,
+    pub selected: Option<Selected>,
+    /// UIDVALIDITY announced while a SELECT or EXAMINE is in flight.
+    pending_uidvalidity: Option<u32>,
+    pub enabled: Vec<String>,
+    /// The IDLE in flight has its `+`; `done`: the device sent DONE.
+    idling: bool,
+    done: bool,
+    /// Why this session cannot be moved, if it cannot.
+    pub unmovable: Option<&'static str>,
+}
+
+impl View {
+    /// A command the device sent upstream.
+    pub fn command(&mut self, unit: &Unit) {
+        if self.unmovable.is_some() {
+            return;
+        }
+        if self.idle_tag().is_some() && !self.done {
+            if unit.head.eq_ignore_ascii_case(b"DONE") {
+                self.done = true;
+            }
+            return;
+        }
+        let mut words = unit.head.splitn(3, |b| *b == b' ');
+        let tag = String::from_utf8_lossy(words.next().unwrap_or_default()).into_owned();
+        let name = words.next().unwrap_or_default().to_ascii_uppercase();
+        let kind = match name.as_slice() {
+            b"SELECT" | b"EXAMINE" => self.select(unit, name == b"EXAMINE"),
+            b"CLOSE" | b"UNSELECT" => Kind::Deselect,
+            b"ENABLE" => match parse_command(&unit.head) {
+                Ok(c) if !unit.truncated && !unit.literal => Kind::Enable(
+                    c.args
+                        .iter()
+                        .filter_map(Arg::astring)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect(),
+                ),
+                _ => return self.refuse("ENABLE not understood"),
+            },
+            b"IDLE" => {
+                self.idling = false;
+                self.done = false;
+                Kind::Idle
+            }
+            b"COMPRESS" => return self.refuse("COMPRESS"),
+            b"NOTIFY" => return self.refuse("NOTIFY"),
+            b"STARTTLS" => return self.refuse("STARTTLS"),
+            _ => Kind::Other,
+        };
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            return self.refuse("too many commands in flight");
+        }
+        self.in_flight.push_back((tag, kind));
+    }
+
+    fn select(&mut self, unit: &Unit, examine: bool) -> Kind {
+        let parsed = match parse_command(&unit.head) {
+            Ok(c) if !unit.truncated && !unit.literal => c,
+            // The mailbox name in a literal, or too long to keep.
+            _ => {
+                self.unmovable = Some("mailbox name not kept");
+                return Kind::Other;
+            }
+        };
+        match parsed.args.as_slice() {
+            [Arg::Atom(m) | Arg::Str(m), rest @ ..] => Kind::Select(Selected {
+                mailbox: m.clone(),
+                examine,
+                condstore: !rest.is_empty(),
+                uidvalidity: None,
+            }),
+            // The server will answer BAD; nothing changes.
+            _ => Kind::Other,
+        }
+    }
+
+    fn refuse(&mut self, why: &'static str) {
+        self.unmovable = Some(why);
+        self.in_flight.clear();
+    }
+
+    /// A response the upstream sent the device.
+    pub fn response(&mut self, unit: &Unit) -> Seen {
+        let head = unit.head.as_slice();
+        if head.starts_with(b"* ") {
+            if let Some(v) = uidvalidity(head) {
+                self.pending_uidvalidity = Some(v);
+            }
+            return seen(head);
+        }
+        if head.first() == Some(&b'+') {
+            if self.idle_tag().is_some() {
+                self.idling = true;
+            }
+            return Seen::Other;
+        }
+        let mut words = head.splitn(3, |b| *b == b' ');
+        let tag = words.next().unwrap_or_default();
+        let status = words.next().unwrap_or_default().to_ascii_uppercase();
+        let Some(at) = self.in_flight.iter().position(|(t, _)| t.as_bytes() == tag) else {
+            return Seen::Other;
+        };
+        let (_, kind) = self.in_flight.remove(at).expect("found");
+        let ok = status == b"OK";
+        match kind {
+            Kind::Select(mut s) if ok => {
+                s.uidvalidity = self.pending_uidvalidity.take();
+                self.selected = Some(s);
+            }
+            // A failed SELECT leaves no mailbox selected (RFC 3501 6.3.1).
+            Kind::Select(_) if status == b"NO" => self.selected = None,
+            Kind::Deselect if ok => self.selected = None,
+            Kind::Enable(exts) if ok => {
+                for e in exts {
+                    if !self.enabled.iter().any(|x| x.eq_ignore_ascii_case(&e)) {
+                        self.enabled.push(e);
+                    }
+                }
+            }
+            Kind::Idle => {
+                self.idling = false;
+                self.done = false;
+            }
+            _ => {}
+        }
+        Seen::Other
+    }
+
+    fn idle_tag(&self) -> Option<&str> {
+        match self.in_flight.back() {
+            Some((tag, Kind::Idle)) => Some(tag),
+            _ => None,
+        }
+    }
+
+    /// The session can move now: nothing in flight, or only an IDLE that
+    /// has its `+` and no DONE yet. Returns the IDLE's tag in that case.
+    pub fn quiet(&self) -> Option<Option<&str>> {
+        if self.unmovable.is_some() {
+            return None;
+        }
+        match self.in_flight.len() {
+            0 => Some(None),
+            1 if self.idling && !self.done => self.idle_tag().map(Some),
+            _ => None,
+        }
+    }
+}
+
+/// The UIDVALIDITY of a `* OK [UIDVALIDITY n]` line.
+pub fn uidvalidity(head: &[u8]) -> Option<u32> {
+    const CODE: &[u8] = b"* OK [UIDVALIDITY ";
+    let rest = head
+        .get(..CODE.len())
+        .filter(|p| p.eq_ignore_ascii_case(CODE))
+        .map(|_| &head[CODE.len()..])?;
+    let digits: Vec<u8> = rest
+        .iter()
+        .copied()
+        .take_while(u8::is_ascii_digit)
+        .collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+/// `* SEARCH` numbers of a response line, if it is one.
+pub fn search_numbers(line: &[u8]) -> Option<Vec<u32>> {
+    let rest = line
+        .get(..9)
+        .filter(|p| p.eq_ignore_ascii_case(b"* SEARCH "))
+        .map(|_| &line[9..])
+        .or_else(|| line.eq_ignore_ascii_case(b"* SEARCH").then_some(&b""[..]))?;
+    let mut out = Vec::new();
+    for word in rest.split(|b| *b == b' ').filter(|w| !w.is_empty()) {
+        // CONDSTORE may add "(MODSEQ n)" at the end.
+        if word.starts_with(b"(") {
+            break;
+        }
+        out.push(std::str::from_utf8(word).ok()?.parse().ok()?);
+    }
+    Some(out)
+}
+
+/// A mailbox name as an IMAP quoted string.
+pub fn quoted(name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len() + 2);
+    out.push(b'"');
+    for b in name {
+        if matches!(b, b'"' | b'\\') {
+            out.push(b'\\');
+        }
+        out.push(*b);
+    }
+    out.push(b'"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn units(framer: &mut Framer, data: &[u8]) -> Vec<(usize, Unit)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < data.len() {
+            let (n, unit) = framer.feed(&data[at..]);
+            at += n;
+            if let Some(u) = unit {
+                out.push((at, u));
+            }
+        }
+        out
+    }
+
+    fn unit(head: &str) -> Unit {
+        Unit {
+            head: head.as_bytes().to_vec(),
+            ..Unit::default()
+        }
+    }
+
+    #[test]
+    fn literals_are_skipped_whole_in_any_split() {
+        let stream = b"* 1 FETCH (BODY[] {12}\r\nab\r\n{3}\r\nxyz) UID 7)\r\na1 OK done\r\n";
+        for split in 1..stream.len() {
+            let mut f = Framer::default();
+            let mut got = units(&mut f, &stream[..split]);
+            let base = split;
+            for (at, u) in units(&mut f, &stream[split..]) {
+                got.push((base + at, u));
+            }
+            let ends: Vec<usize> = got.iter().map(|(at, _)| *at).collect();
+            assert_eq!(ends, vec![46, 58], "split at {split}");
+            assert_eq!(got[0].1.head, b"* 1 FETCH (BODY[] {12}");
+            assert!(got[0].1.literal);
+            assert_eq!(got[1].1.head, b"a1 OK done");
+            assert!(f.at_boundary());
+        }
+    }
+
+    #[test]
+    fn long_lines_keep_a_bounded_head() {
+        let mut f = Framer::default();
+        let mut line = b"* SEARCH".to_vec();
+        for i in 0..10_000 {
+            line.extend_from_slice(format!(" {i}").as_bytes());
+        }
+        line.extend_from_slice(b"\r\n");
+        let got = units(&mut f, &line);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1.head.len(), HEAD);
+        assert!(got[0].1.truncated);
+        assert!(f.tail.len() <= TAIL);
+    }
+
+    #[test]
+    fn select_idle_and_enable_are_followed() {
+        let mut v = View::default();
+        v.command(&unit("e ENABLE CONDSTORE"));
+        v.response(&unit("* ENABLED CONDSTORE"));
+        v.response(&unit("e OK Enabled"));
+        v.command(&unit("s SELECT \"Sent Items\" (CONDSTORE)"));
+        assert_eq!(v.quiet(), None);
+        v.response(&unit("* OK [UIDVALIDITY 1700000001] UIDs valid"));
+        v.response(&unit("s OK [READ-WRITE] Select completed"));
+        assert_eq!(v.enabled, vec!["CONDSTORE"]);
+        let s = v.selected.clone().unwrap();
+        assert_eq!(s.mailbox, b"Sent Items");
+        assert!(s.condstore && !s.examine);
+        assert_eq!(s.uidvalidity, Some(1700000001));
+        assert_eq!(v.quiet(), Some(None));
+        v.command(&unit("i IDLE"));
+        assert_eq!(v.quiet(), None, "no + yet");
+        v.response(&unit("+ idling"));
+        assert_eq!(v.quiet(), Some(Some("i")));
+        assert_eq!(v.response(&unit("* 5 EXISTS")), Seen::Exists(5));
+        assert_eq!(v.response(&unit("* 3 EXPUNGE")), Seen::Expunge);
+        v.command(&unit("DONE"));
+        assert_eq!(v.quiet(), None, "DONE sent");
+        v.response(&unit("i OK Idle completed"));
+        assert_eq!(v.quiet(), Some(None));
+        v.command(&unit("x EXAMINE INBOX"));
+        v.response(&unit("x NO [NONEXISTENT] no"));
+        assert_eq!(v.selected, None);
+    }
+
+    #[test]
+    fn what_cannot_be_moved_is_said() {
+        let mut v = View::default();
+        v.command(&Unit {
+            head: b"s SELECT {5}".to_vec(),
+            literal: true,
+            ..Unit::default()
+        });
+        assert_eq!(v.unmovable, Some("mailbox name not kept"));
+        assert_eq!(v.quiet(), None);
+        let mut v = View::default();
+        v.command(&unit("c COMPRESS DEFLATE"));
+        assert_eq!(v.unmovable, Some("COMPRESS"));
+        let mut v = View::default();
+        for i in 0..=MAX_IN_FLIGHT {
+            v.command(&unit(&format!("n{i} NOOP")));
+        }
+        assert_eq!(v.unmovable, Some("too many commands in flight"));
+    }
+
+    #[test]
+    fn responses_are_classified() {
+        let mut v = View::default();
+        assert_eq!(
+            v.response(&unit("* BYE Session invalidated - AccessTokenExpired")),
+            Seen::Bye { expired: true }
+        );
+        assert_eq!(
+            v.response(&unit("* BYE Logging out")),
+            Seen::Bye { expired: false }
+        );
+        assert_eq!(v.response(&unit("* VANISHED 4:7")), Seen::Expunge);
+        assert_eq!(v.response(&unit("* 12 EXPUNGE")), Seen::Expunge);
+        assert_eq!(
+            v.response(&unit("* 12 FETCH (FLAGS (\\Seen))")),
+            Seen::Fetch
+        );
+        assert_eq!(v.response(&unit("* 13 EXISTS")), Seen::Exists(13));
+        assert_eq!(uidvalidity(b"* OK [UIDVALIDITY 42] ok"), Some(42));
+        assert_eq!(uidvalidity(b"* OK [UIDNEXT 42] ok"), None);
+        assert_eq!(search_numbers(b"* SEARCH 3 9 12"), Some(vec![3, 9, 12]));
+        assert_eq!(search_numbers(b"* SEARCH"), Some(vec![]));
+        assert_eq!(search_numbers(b"* SEARCH 3 (MODSEQ 9)"), Some(vec![3]));
+        assert_eq!(search_numbers(b"* 3 EXISTS"), None);
+        assert_eq!(quoted(b"a \"b\\"), b"\"a \\\"b\\\\\"");
+    }
+}
