@@ -5,6 +5,7 @@
                         and redirects to redirect_uri (see authorize_deny)
   POST .../token        grant_type password | client_credentials | refresh_token |
                         authorization_code | urn:ietf:params:oauth:grant-type:device_code
+                        (tenant ttl-<N>, e.g. /ttl-90/oauth2/v2.0/token: N-second access tokens)
   POST .../devicecode   RFC 8628 device authorization (auto-approves, see config)
   POST /introspect      RFC 7662, called by Dovecot's oauth2 passdbs
                         (?for=dovecot-user or ?for=dovecot-app)
@@ -26,6 +27,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
 import sys
@@ -109,6 +111,13 @@ class OAuthError(Exception):
 
 def b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def tenant_ttl(path):
+    """N for a token URL whose tenant segment is ttl-<N> (/ttl-90/oauth2/v2.0/token), else None."""
+    parts = path.strip("/").split("/")
+    m = re.fullmatch(r"ttl-(\d{1,7})", parts[0]) if len(parts) > 1 else None
+    return int(m.group(1)) if m else None
 
 
 def mint(user, client_id, ttl=None, refresh=True):
@@ -204,7 +213,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def route(self, method, path, prm):
         if method == "POST" and path.endswith("/token"):
-            return self.token(prm)
+            return self.token(prm, tenant_ttl(path))
         if method == "POST" and path.endswith("/devicecode"):
             return self.devicecode(prm)
         if method == "GET" and path.endswith("/authorize"):
@@ -257,9 +266,10 @@ class Handler(BaseHTTPRequestHandler):
             raise OAuthError("invalid_client", status=401)
         return cid
 
-    def token(self, prm):
+    def token(self, prm, ttl=None):
+        """ttl: access token lifetime from the tenant segment (None: access_ttl)."""
         grant = prm.get("grant_type") or "missing"
-        self.note = " grant=%s" % grant
+        self.note = " grant=%s" % grant + ("" if ttl is None else " ttl=%d" % ttl)
         key = "device_code" if grant == DEVICE_GRANT else grant
         with LOCK:
             STATS["token_requests"] += 1
@@ -274,22 +284,22 @@ class Handler(BaseHTTPRequestHandler):
             if fail:
                 raise OAuthError(CONFIG["token_fail_error"], status=int(CONFIG["token_fail_status"]),
                                  description="injected failure (token_fail_count).")
-            self.reply(200, self.grant(grant, prm))
+            self.reply(200, self.grant(grant, prm, ttl))
         finally:
             with LOCK:
                 STATS["token_inflight"] -= 1
 
-    def grant(self, grant, prm):
+    def grant(self, grant, prm, ttl):
         if grant == "password":
             cid = self.client(prm)
             user = (prm.get("username") or "").lower()
             if USERS.get(user) is None or USERS[user] != prm.get("password"):
                 raise OAuthError("invalid_grant")
             self.note += " user=%s" % user
-            return mint(user, cid)
+            return mint(user, cid, ttl)
         if grant == "client_credentials":
             cid = self.client(prm, need_secret=True)
-            return mint(None, cid)
+            return mint(None, cid, ttl)
         if grant == "refresh_token":
             cid = self.client(prm)
             rt = prm.get("refresh_token") or ""
@@ -304,9 +314,9 @@ class Handler(BaseHTTPRequestHandler):
                 raise OAuthError("invalid_grant", description="The provided value for the "
                                  "'refresh_token' is not valid (unknown, revoked or already redeemed).")
             self.note += " user=%s" % rec["user"]
-            return mint(rec["user"], cid)
+            return mint(rec["user"], cid, ttl)
         if grant == "authorization_code":
-            return self.redeem_code(prm)
+            return self.redeem_code(prm, ttl)
         if grant == DEVICE_GRANT:
             cid = self.client(prm)
             dc = prm.get("device_code") or ""
@@ -328,7 +338,7 @@ class Handler(BaseHTTPRequestHandler):
                     raise OAuthError("authorization_pending")
                 del DEVICES[dc]
             self.note += " user=%s" % rec["user"]
-            return mint(rec["user"], cid)
+            return mint(rec["user"], cid, ttl)
         if grant == "missing":
             raise OAuthError("invalid_request", "grant_type")
         raise OAuthError("unsupported_grant_type", grant)
@@ -408,7 +418,7 @@ class Handler(BaseHTTPRequestHandler):
                            "scope": prm["scope"], "exp": now + CODE_TTL, "used": False}
         self.redirect(uri, [("code", code), ("state", state)])
 
-    def redeem_code(self, prm):
+    def redeem_code(self, prm, ttl=None):
         """grant_type=authorization_code: single use, bound to client, redirect_uri and PKCE."""
         cid = self.client(prm)
         code, uri, verifier = prm.get("code"), prm.get("redirect_uri"), prm.get("code_verifier") or ""
@@ -441,7 +451,7 @@ class Handler(BaseHTTPRequestHandler):
                                  "match the code_challenge supplied in the authorization request.")
             rec["used"] = True
         self.note += " user=%s" % rec["user"]
-        return mint(rec["user"], cid)
+        return mint(rec["user"], cid, ttl)
 
     # ---------------------------------------------------------------- /introspect
     def introspect(self, prm):
