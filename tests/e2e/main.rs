@@ -15,6 +15,7 @@
 mod common;
 mod harness;
 
+mod continuity;
 mod devices;
 mod faults;
 mod imap_pop3;

@@ -18,6 +18,27 @@ pub const CLIENT_LIMIT: Duration = Duration::from_secs(180);
 /// How long a hand-driven connection waits for a line.
 const READ_LIMIT: Duration = Duration::from_secs(60);
 
+/// The Node.js clients of `tests/clients/` (`npm ci` there, once).
+pub fn npm_clients() {
+    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let dir = repo().join("tests/clients");
+        if dir.join("node_modules/imapflow").is_dir() {
+            return;
+        }
+        let out = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .output()
+            .expect("npm (Debian: apt-get install nodejs npm)");
+        assert!(
+            out.status.success(),
+            "npm ci in tests/clients: {}",
+            text(&out)
+        );
+    });
+}
+
 pub fn python(script: &str) -> Command {
     let mut c = Command::new("python3");
     c.arg(repo().join("tests/clients").join(script));

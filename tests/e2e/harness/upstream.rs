@@ -87,6 +87,8 @@ pub fn upstream() -> &'static Upstream {
     UPSTREAM.get_or_init(|| {
         let out = Command::new("bash")
             .arg(repo().join("tests/upstream/start"))
+            // The Exchange-like front, on ports of its own (see continuity).
+            .env("OXB_EXPIRE_SESSIONS", "1")
             .stdin(Stdio::null())
             .output()
             .expect("run tests/upstream/start");
