@@ -12,14 +12,16 @@
 //! * `net`: bytes in and out, no protocol: streams, the bounded line reader,
 //!   TLS configurations, dialling out, the PROXY header.
 //! * `wire`: pure protocol code, no I/O: each protocol's commands,
-//!   receivers and every reply, worded in one table per protocol; SASL.
+//!   receivers and every reply, worded in one table per protocol; SASL;
+//!   the IMAP session as the relay follows it.
 //! * `device`: before login: one driver, and per protocol a state machine
 //!   that turns a command into a step (reply, start TLS, log in, close).
 //! * `login`: throttle -> account -> mailbox slot -> token and dial ->
 //!   XOAUTH2 -> one retry; `accounts`, `throttle`, `limits` serve it.
 //! * `upstream`: dial, greeting, STARTTLS and XOAUTH2 per protocol; the
 //!   SMTP capability cache. It never sees the whole app.
-//! * `relay`: after login, bytes both ways until the session ends.
+//! * `relay`: after login, bytes both ways until the session ends; IMAP
+//!   sessions move to a new upstream login before their token expires.
 //! * `app`: what every session shares. `config`: the TOML file and its
 //!   validation. `oauth`: where tokens come from. `state`: what is kept (on
 //!   disk, or in Redis for several replicas).
