@@ -71,6 +71,12 @@ impl Farewell {
         self.tail.drain(..excess);
     }
 
+    /// Whether the upstream's last words were that the token expired
+    /// (Exchange: `-ERR ... AccessTokenExpired` in POP3, `* BYE` in IMAP).
+    fn token_expired(&self) -> bool {
+        memchr::memmem::find(&self.tail, b"AccessTokenExpired").is_some()
+    }
+
     /// What to tell the device when the upstream went away: SMTP devices
     /// must hear a 4xx unless the server said goodbye (`221`) or the device
     /// had already ended the session, so that a message cut off in DATA is
@@ -125,6 +131,9 @@ where
         let n = match (read, &farewell) {
             (Ok(Ok(n)), _) if n > 0 => n,
             (Ok(result), Some(f)) => {
+                if f.token_expired() {
+                    crate::metrics::upstream_expiry(f.protocol);
+                }
                 let lost = f.on_upstream_loss(activity.device_done.load(Ordering::Relaxed));
                 if let Some(text) = lost {
                     let _ = write_within(&mut to, text, FAREWELL_WRITE).await;
@@ -335,6 +344,11 @@ mod tests {
         );
         assert!(f.on_upstream_loss(true).is_none());
         assert!(farewell(Protocol::Imap).on_upstream_loss(false).is_none());
+        let mut f = farewell(Protocol::Pop3);
+        f.remember(b"+OK 3 messages\r\n");
+        assert!(!f.token_expired());
+        f.remember(b"-ERR Session invalidated - AccessTokenExpired\r\n");
+        assert!(f.token_expired());
     }
 
     const WAIT: Duration = Duration::from_secs(5);

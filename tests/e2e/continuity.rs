@@ -408,3 +408,75 @@ fn logins_beyond_the_session_limit_are_refused_within_seconds() {
         c.write(b"DONE\r\n");
     }
 }
+
+/// With `session_continuity = false` the upstream ends IMAP sessions at
+/// token expiry, as it ends POP3 ones; the device reads the upstream's own
+/// words, and `/metrics` counts each expiry by protocol.
+#[test]
+fn upstream_expiries_are_passed_on_and_counted() {
+    let up = upstream();
+    let cfg = config(&plain_listeners(&["imap", "pop3"]), ADMIN).replacen(
+        "allow_plaintext_auth = true\n",
+        "allow_plaintext_auth = true\nsession_continuity = false\n",
+        1,
+    );
+    let cfg = reroute(
+        &cfg,
+        "imap",
+        &format!("localhost:{}", up.get("EXPIRY_IMAPS_PORT")),
+    );
+    let cfg = reroute(
+        &cfg,
+        "pop3",
+        &format!("localhost:{}", up.get("EXPIRY_POP3S_PORT")),
+    );
+    let proxy = Proxy::start(&with_token_url(
+        &cfg,
+        &up.token_url().replace("/common/", "/ttl-90/"),
+    ));
+    let password = up.password(BOB);
+    let mut imap = Raw::connect(proxy.port(0));
+    imap.line();
+    assert!(last(&imap.imap_login(BOB, &password)).starts_with("a OK"));
+    imap.send("i IDLE");
+    assert!(imap.line().starts_with("+ "));
+    let mut pop3 = Raw::connect(proxy.port(1));
+    pop3.line();
+    pop3.send(&format!("USER {BOB}"));
+    pop3.line();
+    pop3.send(&format!("PASS {password}"));
+    assert_eq!(pop3.line(), "+OK Logged in\r\n");
+    // The tokens had 67.5 to 90 s left; a read waits up to 60 s.
+    std::thread::sleep(Duration::from_secs(45));
+    let bye = loop {
+        let l = imap.line();
+        if !l.starts_with("* ") || l.starts_with("* BYE") {
+            break l;
+        }
+    };
+    assert_eq!(bye, "* BYE Session invalidated - AccessTokenExpired\r\n");
+    assert_eq!(imap.line(), "<closed>");
+    assert_eq!(
+        pop3.line(),
+        "-ERR Session invalidated - AccessTokenExpired\r\n"
+    );
+    assert_eq!(pop3.line(), "<closed>");
+    let m = scrape(proxy.admin_addr());
+    assert_eq!(
+        value(
+            &m,
+            "oxbridge_upstream_expiries_total",
+            &[("protocol", "imap")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "oxbridge_upstream_expiries_total",
+            &[("protocol", "pop3")]
+        ),
+        1.0
+    );
+    assert_eq!(value(&m, "oxbridge_imap_swaps_total", &[]), 0.0);
+}
