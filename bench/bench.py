@@ -7,13 +7,18 @@ workloads with bench-driver, writes OUT/results.json and prints the table
 (report.py). Every process it starts is stopped by its own handle at the end.
 """
 import argparse
+import asyncio
+import base64
+import datetime
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -40,6 +45,11 @@ PORTS = {
     "oxb_fake": {"imap": 31443, "pop3": 31410, "smtp": 31425},
     "oxb_scale": 31543,  # and up, one per process
     "oxb_tokens": 31643,
+    "oxb_swap": {"imap": 31743, "admin": 31744},
+    "oxb_swapfast": {"imap": 31745, "admin": 31746, "up": 31894},
+    "ep_swap": 31843,
+    "idleup": 31893,
+    "oxb_idlemem": 31943,
 }
 
 no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -128,11 +138,18 @@ def toml_str(s):
     return json.dumps(str(s))
 
 
-def oxbridge_config(path, state, upstream, ca, token_url, listeners, accounts, log_level="warn"):
+def oxbridge_config(path, state, upstream, ca, token_url, listeners, accounts, log_level="warn", log_format=None,
+                    admin=None):
     lines = [
         f"state_dir = {toml_str(state)}",
         "[log]",
         f'level = "{log_level}"',
+    ]
+    if log_format:
+        lines.append(f'format = "{log_format}"')
+    if admin:
+        lines += ["[admin]", f'listen = "127.0.0.1:{admin}"']
+    lines += [
         "[upstream]",
         f"smtp = {toml_str(upstream['smtp'])}",
         f"imap = {toml_str(upstream['imap'])}",
@@ -231,6 +248,692 @@ def make_fake_tls(out):
     return {k: os.path.join(d, f) for k, f in [("ca", "ca.crt"), ("cert", "server.crt"), ("key", "server.key")]}
 
 
+# ---------------------------------------------------------------- IMAP clients for the swap and idlemem workloads
+
+def imap_quote(s):
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Imap:
+    """A small blocking IMAP client, plain or implicit TLS, one session."""
+
+    def __init__(self, port, ca=None, timeout=30):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.local_port = raw.getsockname()[1]
+        if ca:
+            raw = ssl.create_default_context(cafile=ca).wrap_socket(raw, server_hostname="localhost")
+        self.sock = raw
+        self.buf = bytearray()
+        self.n = 0
+        self.greeting = self.line()
+
+    def line(self):
+        while True:
+            i = self.buf.find(b"\r\n")
+            if i >= 0:
+                out = bytes(self.buf[:i])
+                del self.buf[:i + 2]
+                return out
+            d = self.sock.recv(65536)
+            if not d:
+                raise ConnectionError("connection closed by the server")
+            self.buf += d
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def tag(self):
+        self.n += 1
+        return f"b{self.n}"
+
+    def command(self, text, literal=None):
+        """Send a command; return (its tagged line, the untagged lines before it)."""
+        tag = self.tag()
+        if literal is None:
+            self.send(f"{tag} {text}\r\n".encode())
+        else:  # LITERAL+
+            self.send(f"{tag} {text} {{{len(literal)}+}}\r\n".encode() + literal + b"\r\n")
+        untagged = []
+        while True:
+            ln = self.line()
+            if ln.startswith(tag.encode() + b" "):
+                return ln, untagged
+            if ln.startswith(b"+"):  # an error challenge (XOAUTH2): answer it empty
+                self.send(b"\r\n")
+            untagged.append(ln)
+
+    def ok(self, text, literal=None):
+        ln, untagged = self.command(text, literal)
+        if ln.split(b" ", 2)[1:2] != [b"OK"]:
+            raise RuntimeError(f"{text.split()[0]}: {ln.decode(errors='replace')}")
+        return untagged
+
+    def login(self, user, password=None, token=None):
+        if token:
+            ir = base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode()).decode()
+            self.ok(f"AUTHENTICATE XOAUTH2 {ir}")
+        else:
+            self.ok(f"LOGIN {imap_quote(user)} {imap_quote(password)}")
+
+    def close(self):
+        try:
+            self.sock.settimeout(5)
+            self.command("LOGOUT")
+        except (OSError, ConnectionError, RuntimeError):
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+EXISTS_RE = re.compile(rb"\* (\d+) EXISTS")
+
+
+def sleep_until(t):
+    while True:
+        d = t - time.time()
+        if d <= 0:
+            return
+        time.sleep(min(d, 0.5))
+
+
+def swap_client(argv):
+    """One device of the swap workload, in a process of its own (no GIL shared
+    with the others); prints one JSON object. Times are epoch seconds."""
+    ap = argparse.ArgumentParser(prog="bench.py swap-client")
+    ap.add_argument("--role", choices=["idle", "noop", "append"], required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--ca")
+    ap.add_argument("--user", required=True)
+    ap.add_argument("--password")
+    ap.add_argument("--token-file")
+    ap.add_argument("--folder", default="INBOX")
+    ap.add_argument("--start-at", type=float, default=0)
+    ap.add_argument("--end-at", type=float, required=True)
+    ap.add_argument("--period-ms", type=float, default=75)
+    ap.add_argument("--gap-ms", type=float, default=0)
+    ap.add_argument("--burst-at", default="", help="append: epoch times at which bursts start (comma-separated)")
+    ap.add_argument("--burst-secs", type=float, default=2)
+    ap.add_argument("--burst-ms", type=float, default=1, help="append: the period inside a burst")
+    a = ap.parse_args(argv)
+    token = open(a.token_file).read().strip() if a.token_file else None
+    sleep_until(a.start_at)
+    r = {"role": a.role}
+    try:
+        c = Imap(a.port, a.ca)
+        r["local_port"] = c.local_port
+        c.login(a.user, a.password, token)
+        r["login_at"] = time.time()
+        if a.role == "append":
+            st = c.ok(f"STATUS {a.folder} (MESSAGES)")
+            m = re.search(rb"MESSAGES (\d+)", b" ".join(st))
+            r["count0"] = int(m.group(1)) if m else 0
+            r["ok_at"], r["errors"] = [], []
+            bursts = [float(x) for x in a.burst_at.split(",") if x]
+
+            def next_at(t):
+                dense = any(b <= t < b + a.burst_secs for b in bursts)
+                nxt = t + (a.burst_ms if dense else a.period_ms) / 1000
+                return nxt if dense else min([nxt] + [b for b in bursts if t < b < nxt])
+
+            k = 0
+            at = r["login_at"] + 0.2
+            while True:
+                if k:
+                    at = next_at(at)
+                if at >= a.end_at:
+                    break
+                sleep_until(at)
+                k += 1
+                msg = (f"From: bench@example.test\r\nTo: {a.user}\r\nSubject: swap bench {k}\r\n"
+                       f"Message-ID: <swap-{k}-{at:.3f}@bench.invalid>\r\n\r\nmessage {k}\r\n").encode()
+                ln, _ = c.command(f"APPEND {a.folder}", msg)
+                if ln.split(b" ", 2)[1:2] == [b"OK"]:
+                    r["ok_at"].append(round(time.time(), 6))
+                else:
+                    r["errors"].append(ln.decode(errors="replace"))
+                    break  # message numbers would no longer follow the count
+        else:
+            sel = c.ok(f"SELECT {a.folder}")
+            r["exists0"] = max([int(m.group(1)) for m in map(EXISTS_RE.match, sel) if m] or [0])
+        if a.role == "noop":
+            r["t"], r["rtt_ms"] = [], []
+            while time.time() < a.end_at:
+                t0 = time.time()
+                ln, _ = c.command("NOOP")
+                t1 = time.time()
+                if ln.split(b" ", 2)[1:2] != [b"OK"]:
+                    r["error"] = ln.decode(errors="replace")
+                    break
+                r["t"].append(round(t0, 6))
+                r["rtt_ms"].append(round((t1 - t0) * 1000, 3))
+                if a.gap_ms:
+                    time.sleep(a.gap_ms / 1000)
+        if a.role == "idle":
+            tag = c.tag()
+            c.send(f"{tag} IDLE\r\n".encode())
+            ev = r["exists"] = []
+            while True:
+                ln = c.line()
+                if ln.startswith(b"+"):
+                    break
+                m = EXISTS_RE.match(ln)
+                if m:
+                    ev.append((round(time.time(), 6), int(m.group(1))))
+            r["idle_at"] = time.time()
+            while True:
+                left = a.end_at - time.time()
+                if left <= 0:
+                    break
+                c.sock.settimeout(left)
+                try:
+                    ln = c.line()
+                except TimeoutError:
+                    break
+                t = time.time()
+                m = EXISTS_RE.match(ln)
+                if m:
+                    ev.append((round(t, 6), int(m.group(1))))
+                elif ln.startswith(b"* BYE"):
+                    r["bye"] = {"at": t, "line": ln.decode(errors="replace")}
+                    break
+            if "bye" not in r:  # still there: DONE gets the server's own completion
+                c.sock.settimeout(10)
+                c.send(b"DONE\r\n")
+                while True:
+                    ln = c.line()
+                    if ln.startswith(tag.encode() + b" "):
+                        r["done"] = ln.decode(errors="replace")
+                        break
+                    m = EXISTS_RE.match(ln)
+                    if m:
+                        ev.append((round(time.time(), 6), int(m.group(1))))
+        if "bye" not in r:
+            c.close()
+        else:
+            try:  # the server closes after its BYE
+                c.sock.settimeout(5)
+                while c.sock.recv(4096):
+                    pass
+                r["closed_after_bye"] = True
+            except OSError:
+                pass
+    except (OSError, ConnectionError, RuntimeError) as e:
+        r["error"] = f"{type(e).__name__}: {e}"
+        r["error_at"] = time.time()
+    print(json.dumps(r))
+
+
+def parse_log_time(s):
+    """RFC 3339 (tracing's JSON timestamps, any number of fraction digits) to epoch seconds."""
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", s)
+    if not m:
+        return None
+    base = datetime.datetime.fromisoformat(m.group(1) + ("+00:00" if m.group(3) == "Z" else m.group(3)))
+    return base.timestamp() + (float("0." + m.group(2)) if m.group(2) else 0.0)
+
+
+def oxbridge_swaps(logfile):
+    """The 'IMAP session moved' lines of an oxbridge JSON log: end time, held_ms, device port."""
+    swaps, refusals = [], []
+    with open(logfile, errors="replace") as f:
+        for line in f:
+            if not line.startswith("{"):
+                continue
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            msg = e.get("message") or e.get("fields", {}).get("message", "")
+            peer = (e.get("span") or {}).get("peer") or next(
+                (s.get("peer") for s in e.get("spans", []) if s.get("peer")), "")
+            port = int(peer.rsplit(":", 1)[1]) if ":" in peer else None
+            if msg.startswith("IMAP session moved to a new upstream login"):
+                swaps.append({"end": parse_log_time(e.get("timestamp", "")), "held_ms": e.get("held_ms"),
+                              "token_left_s": e.get("token_left_s"), "port": port})
+            elif "could not move" in msg:
+                refusals.append({"at": e.get("timestamp"), "reason": e.get("reason"), "port": port})
+    return swaps, refusals
+
+
+def metric_lines(url, prefixes):
+    try:
+        with no_proxy.open(url, timeout=5) as r:
+            text = r.read().decode()
+    except OSError as e:
+        return [f"unavailable: {e}"]
+    return [ln for ln in text.splitlines() if ln.startswith(prefixes)]
+
+
+def idle_delays(append, idle):
+    """Per message appended while this session was in IDLE: (APPEND OK time,
+    ms from it to the first `* n EXISTS` with n >= its number, or None if
+    none came)."""
+    ev = sorted(idle.get("exists", []))
+    out, j, best, last = [], 0, 0, None
+    c0 = append.get("count0", 0)
+    since = idle.get("idle_at") or float("inf")
+    for k, ok_at in enumerate(append.get("ok_at", []), start=1):
+        seq = c0 + k
+        while j < len(ev) and best < seq:
+            best = max(best, ev[j][1])
+            last = ev[j][0]
+            j += 1
+        if ok_at >= since:
+            out.append((ok_at, round((last - ok_at) * 1000, 3) if best >= seq else None))
+    return out
+
+
+def idle_stats(app, cl, swaps, pre, post):
+    """The swap workload's numbers for one IDLE device (see README.md)."""
+    mine = [s for s in swaps if s["port"] == cl.get("local_port") and s["end"]]
+    ended = cl.get("bye") or ({"at": cl.get("error_at"), "line": cl["error"]} if cl.get("error") else None)
+    until = ended["at"] if ended and ended.get("at") else float("inf")
+    pairs = [(t, x) for t, x in idle_delays(app, cl) if t < until - 0.5]
+    missing = sum(1 for _, x in pairs if x is None)
+    pairs = [(t, x) for t, x in pairs if x is not None]
+    hold = lambda s: (s["held_ms"] or 0) / 1000
+    wins = [(s["end"] - hold(s) - pre, s["end"] + post) for s in mine]
+    far = [(s["end"] - hold(s) - 1.0, s["end"] + 1.0) for s in mine]
+    per_swap = []
+    for s, (a, b) in zip(mine, wins):
+        ds = [x for t, x in pairs if a <= t <= b]
+        # appended during the hold (held_ms is in whole ms: up to 1 ms more)
+        hs = [x for t, x in pairs if s["end"] - hold(s) - 0.001 <= t <= s["end"]]
+        per_swap.append({"held_ms": s["held_ms"], "at": s["end"], "messages": len(ds),
+                         "max_ms": max(ds) if ds else None, "delays_ms": ds if len(ds) <= 20 else None,
+                         "in_hold": len(hs), "in_hold_max_ms": max(hs) if hs else None})
+    in_win = [x for t, x in pairs if any(a <= t <= b for a, b in wins)]
+    base = [x for t, x in pairs if not any(a <= t <= b for a, b in far)]
+    return {
+        "login_at": cl.get("login_at"), "swaps": per_swap, "baseline_n": len(base),
+        "baseline_p50_ms": report.pct(base, 50), "baseline_p99_ms": report.pct(base, 99),
+        "baseline_max_ms": max(base) if base else None,
+        "swap_n": len(in_win), "swap_p50_ms": report.pct(in_win, 50), "swap_max_ms": max(in_win) if in_win else None,
+        "messages": len(pairs), "no_exists": missing, "done": cl.get("done"),
+        "ended": ({"line": ended["line"], "after_s": round(ended["at"] - cl["login_at"], 2)
+                   if ended.get("at") and cl.get("login_at") else None} if ended else None),
+        "error": cl.get("error"),
+    }
+
+
+def held_mean_ms(metrics):
+    """Mean hold from the oxbridge_imap_swap_duration_seconds histogram."""
+    v = {}
+    for m in metrics:
+        parts = m.split()
+        if len(parts) == 2 and parts[0] in ("oxbridge_imap_swap_duration_seconds_sum",
+                                            "oxbridge_imap_swap_duration_seconds_count"):
+            v[parts[0].rsplit("_", 1)[1]] = float(parts[1])
+    return round(v["sum"] / v["count"] * 1000, 3) if v.get("count") else None
+
+
+def swap_workload(args, up, out, procs, N, phc, real, ca, real_token, ftls):
+    front = up.get("EXPIRY_IMAPS_PORT")
+    if not front:
+        return {"failed": "the test upstream runs without its session-expiry front (OXB_EXPIRE_SESSIONS=1)"}
+    front = int(front)
+    ttl, secs = N["swap_ttl"], N["swap_secs"]
+    ttl_url = f"{up['IDP_URL']}/ttl-{ttl}/oauth2/v2.0/token"
+    P, F = PORTS["oxb_swap"], PORTS["oxb_swapfast"]
+    accounts = [{"login": u, "password_hash": phc, "grant": "client_credentials"} for u in USERS]
+    # oxbridge with the front as its IMAP upstream (Dovecot behind it)
+    cfg = os.path.join(out, "oxbridge-swap.toml")
+    oxbridge_config(cfg, os.path.join(out, "state-swap"),
+                    {"imap": f"localhost:{front}", "pop3": f"localhost:{real['pop3']}",
+                     "smtp": f"localhost:{real['smtp']}"}, ca, ttl_url, [("imap", P["imap"])], accounts,
+                    log_level="info", log_format="json", admin=P["admin"])
+    procs.start("oxbridge-swap", [args.oxbridge, "run", "--config", cfg], wait_ports=[P["imap"], P["admin"]])
+    # and one with the in-memory upstream, which announces new messages at once
+    # (Dovecot batches its IDLE notifications, 0.5 s after the first change)
+    procs.start("idleup-swap", [sys.executable, os.path.abspath(__file__), "idle-upstream", "--port", F["up"],
+                                "--cert", ftls["cert"], "--key", ftls["key"]], wait_ports=[F["up"]])
+    fcfg = os.path.join(out, "oxbridge-swapfast.toml")
+    oxbridge_config(fcfg, os.path.join(out, "state-swapfast"),
+                    {"imap": f"localhost:{F['up']}", "pop3": f"localhost:{real['pop3']}",
+                     "smtp": f"localhost:{real['smtp']}"}, ftls["ca"], ttl_url, [("imap", F["imap"])], accounts,
+                    log_level="info", log_format="json", admin=F["admin"])
+    procs.start("oxbridge-swapfast", [args.oxbridge, "run", "--config", fcfg], wait_ports=[F["imap"], F["admin"]])
+    ep_port = None
+    if args.emailproxy:
+        epcfg = os.path.join(out, "emailproxy-swap.config")
+        emailproxy_config(epcfg, [("imap", PORTS["ep_swap"], "127.0.0.1", front)], [(USERS[0], ttl_url)])
+        procs.start("emailproxy-swap", [args.emailproxy, "--no-gui", "--config-file", epcfg,
+                                        "--log-file", os.path.join(out, "emailproxy-swap-own.log")],
+                    env={"SSL_CERT_FILE": ca, "no_proxy": "*", "NO_PROXY": "*"}, wait_ports=[PORTS["ep_swap"]])
+        ep_port = PORTS["ep_swap"]
+    folder = "bench-swap"
+    c = Imap(real["imap"], ca)
+    c.login(USERS[0], token=open(real_token).read().strip())
+    c.command(f"CREATE {folder}")  # NO if it is there already
+    c.close()
+    # a direct client holds a token of the same lifetime, straight from the IDP
+    dtok = http(ttl_url, {"grant_type": "client_credentials", "client_id": "test-app",
+                          "client_secret": "test-app-secret", "scope": SCOPE})["access_token"]
+    dtok_file = os.path.join(out, f"direct-token-ttl{ttl}")
+    with open(dtok_file, "w") as f:
+        f.write(dtok)
+
+    t0 = time.time() + 0.5
+    end = t0 + secs
+    at = lambda d: f"{t0 + d:.3f}"
+    me = [sys.executable, os.path.abspath(__file__), "swap-client"]
+    idle = lambda port, *more: ["--role", "idle", "--port", port, "--user", USERS[0], "--folder", folder,
+                                "--end-at", f"{end:.3f}", *more]
+    append_end = f"{end - 1.0:.3f}"  # the last messages get announced before the devices stop
+    # The instant upstream's appender sends a message every swap_burst_ms for
+    # swap_burst_secs around each expected swap of its IDLE device (about
+    # 3/4 of a token lifetime after its login, then every 3/4), so that some
+    # arrive during the hold, which lasts about a millisecond.
+    lead = ttl * 3 / 4
+    bursts = ",".join(f"{t0 + N['swap_instant_delay'] + lead * (i + 1) - N['swap_burst_secs'] / 2:.3f}"
+                      for i in range(int((secs - N["swap_instant_delay"]) // lead)))
+    # The three oxbridge sessions log in at different times, so that their
+    # swaps (~15 s after login, then every ~15 s) do not coincide: both
+    # oxbridge processes fetch their own app-only token at the first login.
+    roles = {
+        "append": ["--role", "append", "--port", real["imap"], "--ca", ca, "--token-file", real_token,
+                   "--user", USERS[0], "--folder", folder, "--start-at", at(0), "--end-at", append_end,
+                   "--period-ms", N["swap_append_ms"]],
+        "idle-oxbridge": idle(P["imap"], "--password", PASSWORD, "--start-at", at(0)),
+        "idle-direct": idle(front, "--ca", ca, "--token-file", dtok_file, "--start-at", at(0)),
+        "noop-oxbridge": ["--role", "noop", "--port", P["imap"], "--user", USERS[1], "--password", PASSWORD,
+                          "--start-at", at(N["swap_noop_delay"]), "--end-at", f"{end:.3f}",
+                          "--gap-ms", N["swap_noop_gap_ms"]],
+        "append-instant": ["--role", "append", "--port", F["up"], "--ca", ftls["ca"], "--token-file", real_token,
+                           "--user", USERS[0], "--folder", folder, "--start-at", at(0), "--end-at", append_end,
+                           "--period-ms", N["swap_append_ms"], "--burst-ms", N["swap_burst_ms"],
+                           "--burst-secs", N["swap_burst_secs"], "--burst-at", bursts],
+        "idle-instant": idle(F["imap"], "--password", PASSWORD, "--start-at", at(N["swap_instant_delay"])),
+    }
+    if ep_port:
+        roles["idle-emailproxy"] = idle(ep_port, "--password", PASSWORD, "--start-at", at(0))
+    log(f"swap: {secs} s with {ttl}-s tokens; through oxbridge to the expiry front (:{front}, Dovecot): an IDLE "
+        f"device and a NOOP device; IDLE devices direct{' and through emailproxy' if ep_port else ''}; through "
+        f"oxbridge to an in-memory upstream: an IDLE device; an APPEND every {N['swap_append_ms']} ms to each")
+    pids = {n: procs.procs[n].pid for n in ("oxbridge-swap", "oxbridge-swapfast")}
+    cpu0 = {n: proc_cpu(p) for n, p in pids.items()}
+    running = {name: subprocess.Popen(me + [str(x) for x in argv], stdout=subprocess.PIPE,
+                                      stderr=open(os.path.join(out, f"swap-{name}.log"), "ab"))
+               for name, argv in roles.items()}
+    got = {}
+    for name, p in running.items():
+        try:
+            o, _ = p.communicate(timeout=secs + 60)
+            got[name] = json.loads(o.decode().strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
+            p.kill()
+            got[name] = {"error": f"no result: {e}"}
+    want = ("oxbridge_imap_swap", "oxbridge_upstream_expiries_total")
+    metrics = metric_lines(f"http://127.0.0.1:{P['admin']}/metrics", want)
+    fmetrics = metric_lines(f"http://127.0.0.1:{F['admin']}/metrics", want)
+    cpu = {n: proc_cpu(p) for n, p in pids.items()}
+    for name in ("oxbridge-swap", "oxbridge-swapfast", "idleup-swap", "emailproxy-swap"):
+        procs.stop(name)
+    swaps, refusals = oxbridge_swaps(os.path.join(out, "oxbridge-swap.log"))
+    fswaps, frefusals = oxbridge_swaps(os.path.join(out, "oxbridge-swapfast.log"))
+    front_expired = 0
+    if up.get("FRONT_LOG") and os.path.exists(up["FRONT_LOG"]):
+        with open(up["FRONT_LOG"], errors="replace") as f:
+            for line in f:
+                m = re.search(r"event=expired .*?at=([\d.]+)", line)
+                if m and t0 - 1 <= float(m.group(1)) <= end + 2:
+                    front_expired += 1
+
+    pre, post = N["swap_window_before_ms"] / 1000, N["swap_window_after_ms"] / 1000
+    app, fapp = got.get("append", {}), got.get("append-instant", {})
+    r = {"ttl_s": ttl, "secs": secs, "append_ms": N["swap_append_ms"], "noop_gap_ms": N["swap_noop_gap_ms"],
+         "noop_delay_s": N["swap_noop_delay"], "instant_delay_s": N["swap_instant_delay"],
+         "burst_ms": N["swap_burst_ms"], "burst_secs": N["swap_burst_secs"],
+         "window_before_ms": N["swap_window_before_ms"], "window_after_ms": N["swap_window_after_ms"],
+         "appended": len(app.get("ok_at", [])), "append_errors": app.get("errors") or app.get("error"),
+         "appended_instant": len(fapp.get("ok_at", [])),
+         "append_instant_errors": fapp.get("errors") or fapp.get("error"),
+         "metrics": metrics, "metrics_instant": fmetrics,
+         "held_mean_ms": held_mean_ms(metrics), "held_mean_instant_ms": held_mean_ms(fmetrics),
+         "refusals": refusals + frefusals, "front_expired": front_expired,
+         "oxbridge_cpu_s": {n: None if cpu[n] is None or cpu0[n] is None else round(cpu[n] - cpu0[n], 3)
+                            for n in pids},
+         "idle": {}, "idle_instant": None, "noop": {}}
+    for name in [n for n in roles if n.startswith("idle-") and n != "idle-instant"]:
+        r["idle"][name.split("-", 1)[1]] = idle_stats(app, got[name], swaps, pre, post)
+    r["idle_instant"] = idle_stats(fapp, got["idle-instant"], fswaps, pre, post)
+    cl = got.get("noop-oxbridge", {})
+    mine = [s for s in swaps if s["port"] == cl.get("local_port") and s["end"]]
+    ts, rtt = cl.get("t", []), cl.get("rtt_ms", [])
+    per_swap = []
+    for s in mine:
+        # the hold: from the pause (held_ms before the log line; whole ms, so
+        # up to 1 ms more) to the log line
+        a, b = s["end"] - ((s["held_ms"] or 0) + 1) / 1000, s["end"]
+        over = [x for t, x in zip(ts, rtt) if t <= b and t + x / 1000 >= a]
+        near = [x for t, x in zip(ts, rtt) if a - pre <= t <= b + post]
+        per_swap.append({"held_ms": s["held_ms"], "at": s["end"], "overlapping": len(over),
+                         "max_overlapping_ms": max(over) if over else None,
+                         "max_near_ms": max(near) if near else None})
+    r["noop"]["oxbridge"] = {
+        "n": len(rtt), "p50_ms": report.pct(rtt, 50), "p99_ms": report.pct(rtt, 99), "p999_ms": report.pct(rtt, 99.9),
+        "max_ms": max(rtt) if rtt else None, "swaps": per_swap, "error": cl.get("error"),
+        "secs": round(ts[-1] - ts[0], 1) if ts else None,
+    }
+    return r
+
+
+def proc_cpu(pid):
+    """utime + stime of a process, in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read().rsplit(")", 1)[1].split()
+        return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- an in-memory IMAPS upstream that IDLEs
+
+def idle_upstream(argv):
+    """A minimal IMAPS upstream (fakeup has no IDLE) for the idlemem workload
+    and the swap workload's instant-notification path: any XOAUTH2 login, one
+    mailbox shared by every session and every name (one message at the
+    start), SELECT/EXAMINE, STATUS, APPEND (which announces `* n EXISTS` at
+    once to every session that has the mailbox selected, in IDLE or not),
+    IDLE until DONE, UID SEARCH, NOOP, LOGOUT; anything else gets OK."""
+    ap = argparse.ArgumentParser(prog="bench.py idle-upstream")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--cert", required=True)
+    ap.add_argument("--key", required=True)
+    a = ap.parse_args(argv)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(a.cert, a.key)
+    caps = b"IMAP4rev1 SASL-IR LITERAL+ ID IDLE ENABLE UIDPLUS"
+    literal = re.compile(rb"\{(\d+)(\+?)\}\r?\n$")
+    box = {"n": 1}
+    selected = set()
+
+    async def session(r, w):
+        try:
+            w.write(b"* OK [CAPABILITY " + caps + b" AUTH=XOAUTH2] idleup ready\r\n")
+            while True:
+                line = await r.readline()
+                if not line:
+                    break
+                parts = line.split()
+                if len(parts) < 2:
+                    w.write(b"* BAD empty command\r\n")
+                    continue
+                tag, cmd = parts[0], parts[1].upper()
+                if cmd == b"AUTHENTICATE":
+                    if len(parts) < 4:
+                        w.write(b"+ \r\n")
+                        await w.drain()
+                        await r.readline()
+                    w.write(tag + b" OK [CAPABILITY " + caps + b"] Logged in\r\n")
+                elif cmd == b"CAPABILITY":
+                    w.write(b"* CAPABILITY " + caps + b" AUTH=XOAUTH2\r\n" + tag + b" OK Capability completed\r\n")
+                elif cmd in (b"SELECT", b"EXAMINE"):
+                    n = box["n"]
+                    w.write(b"* FLAGS (\\Seen \\Deleted)\r\n* %d EXISTS\r\n* 0 RECENT\r\n"
+                            b"* OK [UIDVALIDITY 1] UIDs valid\r\n* OK [UIDNEXT %d] Predicted next UID\r\n"
+                            % (n, n + 1) + tag + b" OK [READ-WRITE] Select completed\r\n")
+                    selected.add(w)
+                elif cmd == b"STATUS":
+                    w.write(b"* STATUS %s (MESSAGES %d)\r\n" % (parts[2] if len(parts) > 2 else b"INBOX", box["n"])
+                            + tag + b" OK Status completed\r\n")
+                elif cmd == b"APPEND":
+                    m = literal.search(line)
+                    if m:
+                        if not m.group(2):
+                            w.write(b"+ Ready for literal data\r\n")
+                            await w.drain()
+                        await r.readexactly(int(m.group(1)))
+                        await r.readline()
+                    box["n"] += 1
+                    n = box["n"]
+                    for o in list(selected):
+                        if o is not w:
+                            o.write(b"* %d EXISTS\r\n" % n)
+                    w.write(tag + b" OK [APPENDUID 1 %d] Append completed\r\n" % n)
+                elif cmd == b"IDLE":
+                    w.write(b"+ idling\r\n")
+                    await w.drain()
+                    if not await r.readline():
+                        break
+                    w.write(tag + b" OK Idle completed\r\n")
+                elif cmd == b"UID" and len(parts) > 2 and parts[2].upper() == b"SEARCH":
+                    w.write(b"* SEARCH " + b" ".join(b"%d" % i for i in range(1, box["n"] + 1)) + b"\r\n"
+                            + tag + b" OK Search completed\r\n")
+                elif cmd == b"LOGOUT":
+                    w.write(b"* BYE idleup logging out\r\n" + tag + b" OK Logout completed\r\n")
+                    await w.drain()
+                    break
+                else:
+                    w.write(tag + b" OK " + cmd + b" completed\r\n")
+                await w.drain()
+        except (OSError, ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            selected.discard(w)
+            w.close()
+
+    async def serve():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        srv = await asyncio.start_server(session, "127.0.0.1", a.port, ssl=ctx, backlog=4096)
+        async with srv:
+            await stop.wait()
+
+    asyncio.run(serve())
+
+
+async def idle_sessions(port, creds, n, conc, timeout):
+    """Open n IMAP sessions (LOGIN, SELECT INBOX, IDLE) and hold them in IDLE.
+    Returns the held sessions, the errors and the time all took."""
+    sem = asyncio.Semaphore(conc)
+    held, errors = [], []
+
+    async def until(r, prefix):
+        while True:
+            ln = await r.readline()
+            if not ln:
+                raise ConnectionError("connection closed")
+            if ln.startswith(prefix):
+                return ln
+
+    async def one(i):
+        user, pw = creds[i % len(creds)]
+        async with sem:
+            try:
+                r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+
+                async def steps():
+                    await r.readline()
+                    w.write(f"a LOGIN {imap_quote(user)} {imap_quote(pw)}\r\n".encode())
+                    if not (await until(r, b"a ")).startswith(b"a OK"):
+                        raise RuntimeError("LOGIN refused")
+                    w.write(b"b SELECT INBOX\r\n")
+                    if not (await until(r, b"b ")).startswith(b"b OK"):
+                        raise RuntimeError("SELECT refused")
+                    w.write(b"c IDLE\r\n")
+                    await until(r, b"+")
+
+                await asyncio.wait_for(steps(), timeout)
+                held.append((r, w))
+            except (OSError, ConnectionError, RuntimeError, asyncio.TimeoutError) as e:
+                errors.append(f"{type(e).__name__}: {e}")
+
+    t = time.time()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return held, errors, time.time() - t
+
+
+async def idle_release(held, timeout=30):
+    """DONE on each held session (counting the tagged OKs), then LOGOUT."""
+    async def one(r, w):
+        try:
+            w.write(b"DONE\r\n")
+            ln = await asyncio.wait_for(r.readline(), timeout)
+            while ln and not ln.startswith(b"c "):
+                ln = await asyncio.wait_for(r.readline(), timeout)
+            ok = ln.startswith(b"c OK")
+            w.write(b"d LOGOUT\r\n")
+            await asyncio.wait_for(w.drain(), 5)
+            return ok
+        except (OSError, ConnectionError, asyncio.TimeoutError):
+            return False
+        finally:
+            w.close()
+
+    return sum(await asyncio.gather(*(one(r, w) for r, w in held)))
+
+
+def idlemem_workload(args, out, procs, N, upstream_fake, ftls, fake_token_url):
+    n = N["idle_sessions"]
+    up_port, port = PORTS["idleup"], PORTS["oxb_idlemem"]
+    procs.start("idleup", [sys.executable, os.path.abspath(__file__), "idle-upstream", "--port", up_port,
+                           "--cert", ftls["cert"], "--key", ftls["key"]], wait_ports=[up_port], nofile=1 << 20)
+    cfg = os.path.join(out, "oxbridge-idlemem.toml")
+    oxbridge_config(cfg, os.path.join(out, "state-idlemem"), dict(upstream_fake, imap=f"localhost:{up_port}"),
+                    ftls["ca"], fake_token_url, [("imap", port)], [{"login": "*@example.test", "grant": "password"}])
+    p = procs.start("oxbridge-idlemem", [args.oxbridge, "run", "--config", cfg], wait_ports=[port], nofile=1 << 20)
+    creds = [(f"user{i}@example.test", f"user{i}-password") for i in range(10)]
+    fresh = rss_kib(p.pid)
+
+    async def run():
+        # warm: one session per account, in and out of IDLE (token cache, buffers)
+        for i in range(len(creds)):
+            h, e, _ = await idle_sessions(port, creds[i:i + 1], 1, 1, 15)
+            await idle_release(h)
+            if e:
+                return {"failed": f"warm-up session: {e[0]}"}
+        await asyncio.sleep(1)
+        rss0, fds0 = rss_kib(p.pid), proc_fds(p.pid)
+        log(f"idlemem: {n} IMAP sessions held in IDLE through oxbridge ({args.oxbridge})")
+        held, errors, took = await idle_sessions(port, creds, n, 100, 60)
+        await asyncio.sleep(2)
+        rss1, fds1 = rss_kib(p.pid), proc_fds(p.pid)
+        alive = await idle_release(held)
+        return {"sessions": n, "held": len(held), "errors": len(errors), "error_samples": sorted(set(errors))[:3],
+                "establish_s": round(took, 2), "rss_fresh_kib": fresh, "rss0_kib": rss0, "rss1_kib": rss1,
+                "rss_per_session_kib": round((rss1 - rss0) / len(held), 2) if held else None,
+                "fds_added": None if fds0 is None or fds1 is None else fds1 - fds0, "done_ok": alive}
+
+    r = asyncio.run(run())
+    r["binary"] = args.oxbridge
+    procs.stop("oxbridge-idlemem")
+    procs.stop("idleup")
+    return r
+
+
+def proc_fds(pid):
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--upstream", required=True, help="state dir of the test upstream (upstream.json)")
@@ -240,8 +943,9 @@ def main():
     ap.add_argument("--emailproxy", help="emailproxy executable (omit to skip that path)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="small counts, for trying the script out")
-    ap.add_argument("--only", default="login,bulk,fastlogin,fastbulk,scale,argon2,tokens")
+    ap.add_argument("--only", default="login,bulk,fastlogin,fastbulk,scale,argon2,tokens,swap,idlemem")
     ap.add_argument("--sessions", type=int, default=10000)
+    ap.add_argument("--idle-sessions", type=int, default=1000, help="IMAP sessions held in IDLE (idlemem)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     only = set(args.only.split(","))
@@ -254,11 +958,19 @@ def main():
         "fast_reps_fetch": 5 if q else 50, "fast_reps_data": 3 if q else 20, "ep_fast_reps": 2 if q else 6,
         "sessions": min(args.sessions, 1000) if q else args.sessions,
         "token_logins": 200 if q else 1000, "token_accounts": 10, "argon2_accounts": 8 if q else 20,
+        # swap: tokens of swap_ttl s; the IDLE device's session moves at ~15, 30, 45 s, the NOOP
+        # device's (logged in swap_noop_delay s later) at ~22, 37, 52 s, the instant-upstream IDLE
+        # device's (swap_instant_delay s later) at ~18.5, 33.5, 48.5 s
+        "swap_ttl": 20, "swap_secs": 56, "swap_append_ms": 75, "swap_noop_delay": 7, "swap_noop_gap_ms": 0,
+        "swap_instant_delay": 3.5, "swap_burst_ms": 1, "swap_burst_secs": 2,
+        "swap_window_before_ms": 250, "swap_window_after_ms": 50,
+        "idle_sessions": min(args.idle_sessions, 300) if q else args.idle_sessions,
     }
     up = json.load(open(os.path.join(args.upstream, "upstream.json")))
     res = {"machine": machine(), "params": N, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "oxbridge_commit": subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                                             capture_output=True, text=True).stdout.strip()}
+                                             capture_output=True, text=True).stdout.strip(),
+           "oxbridge_binary": os.path.abspath(args.oxbridge)}
     for name, ports in PORTS.items():
         for p in (ports.values() if isinstance(ports, dict) else [ports]):
             if port_open(p):
@@ -445,6 +1157,14 @@ def run_all(args, up, res, N, only, procs):
         procs.stop("emailproxy")
     procs.stop("oxbridge-real")
 
+    # ---------------------------------------------------------------- sessions moving before their token expires
+    if "swap" in only:
+        res["swap"] = swap_workload(args, up, out, procs, N, phc, real, ca, real_token, ftls)
+
+    # ---------------------------------------------------------------- memory of sessions held in IDLE
+    if "idlemem" in only:
+        res["idlemem"] = idlemem_workload(args, out, procs, N, upstream_fake, ftls, fake_token_url)
+
     # ---------------------------------------------------------------- scale
     if "scale" in only:
         n = N["sessions"]
@@ -529,4 +1249,9 @@ def run_all(args, up, res, N, only, procs):
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["swap-client"]:
+        swap_client(sys.argv[2:])
+    elif sys.argv[1:2] == ["idle-upstream"]:
+        idle_upstream(sys.argv[2:])
+    else:
+        main()

@@ -121,7 +121,8 @@ def verdict(ok):
 def render(res):
     out = []
     m = res.get("machine", {})
-    out.append(f"oxbridge benchmark  {res.get('started', '')}  oxbridge {res.get('oxbridge_commit', '?')}")
+    out.append(f"oxbridge benchmark  {res.get('started', '')}  oxbridge {res.get('oxbridge_commit', '?')}"
+               + (f" (binary {res['oxbridge_binary']})" if res.get("oxbridge_binary") else ""))
     out.append(f"machine: {m.get('nproc')} CPUs ({m.get('cpu')}), {m.get('mem_gib')} GiB, {m.get('kernel')}, "
                f"open-files hard limit {m.get('nofile_hard')}; load average {m.get('loadavg_start', '?')} at the "
                f"start, {m.get('loadavg_end', '?')} at the end")
@@ -319,6 +320,121 @@ def render(res):
             targets.append(("no token request on a warm cache (all oxbridge login runs)", warm == 0,
                             f"{warm} token requests during the measured oxbridge logins"))
 
+
+    # ------------------------------------------------------------------ swap
+    W = res.get("swap")
+    if W:
+        out.append("")
+        out.append(f"SWAP: IMAP sessions moved to a new upstream login before their token expires "
+                   f"({W.get('ttl_s')}-s tokens, {W.get('secs')} s; oxbridge only: direct and emailproxy cannot "
+                   f"move a session)")
+        if W.get("failed"):
+            out.append(f"  failed: {W['failed']}")
+        else:
+            out.append(f"  IDLE devices on one folder while another session APPENDs a message every {W['append_ms']}"
+                       f" ms; delay = the APPEND's tagged OK to the device's * n EXISTS. Upstream: the test "
+                       f"upstream's Exchange-like front (Dovecot; {W['appended']} messages through Dovecot's own "
+                       f"port), or an in-memory upstream that announces each message at once "
+                       f"({W['appended_instant']} messages: also one every {W.get('burst_ms')} ms for "
+                       f"{W.get('burst_secs')} s around each expected swap, so that some arrive during the hold)")
+            rows = []
+            lines = []
+            I = dict(W.get("idle", {}))
+            entries = [(f"{p}, Dovecot", p, I[p]) for p in PATHS if p in I]
+            if W.get("idle_instant"):
+                entries.append(("oxbridge, instant upstream", "oxbridge", W["idle_instant"]))
+            for label, path, x in entries:
+                ox = path == "oxbridge"
+                sw = x["swaps"]
+                end = x.get("ended")
+                if end:
+                    fate = f"ended by upstream after {f(end.get('after_s'), 1)} s: {end['line']}"
+                elif x.get("done"):
+                    fate = f"alive at the end; DONE -> {x['done'].split(' ', 1)[1].split(' (')[0]}"
+                else:
+                    fate = x.get("error") or "?"
+                d = lambda a, b: f(x[a] - x[b], 1) if ox and x.get(a) is not None and x.get(b) is not None else "n/a"
+                rows.append([label, len(sw) if ox else "n/a",
+                             ", ".join(str(s["held_ms"]) for s in sw) if ox and sw else "n/a",
+                             x["messages"], f(x["baseline_p50_ms"], 2), f(x["baseline_p99_ms"], 2),
+                             f(x["baseline_max_ms"], 2), f(x["swap_p50_ms"], 2) if ox else "n/a",
+                             f(x["swap_max_ms"], 2) if ox else "n/a", d("swap_max_ms", "baseline_p50_ms"),
+                             d("swap_max_ms", "baseline_max_ms"), x["no_exists"], fate])
+                if ox:
+                    for i, s in enumerate(sw, 1):
+                        ds = s.get("delays_ms")
+                        lines.append(f"  {label}, swap {i}: held {s['held_ms']} ms; {s['messages']} messages in its "
+                                     f"window, max {f(s['max_ms'], 2)} ms"
+                                     + (" (" + ", ".join(f(v, 1) for v in ds) + ")" if ds else "")
+                                     + f"; {s.get('in_hold', 0)} appended during the hold"
+                                     + (f", max {f(s['in_hold_max_ms'], 2)} ms" if s.get("in_hold") else ""))
+            out.append(table(["IDLE device", "swaps", "held_ms", "msgs", "base p50 ms", "p99", "max",
+                              "swap p50 ms", "max", "swap max - base p50", "- base max", "lost", "session"], rows,
+                             ["<"] + [">"] * 11 + ["<"]))
+            out += lines
+            out.append(f"  held_ms: oxbridge's log, whole ms (mean from its histogram: {f(W.get('held_mean_ms'), 2)} "
+                       f"ms Dovecot path incl. the NOOP device, {f(W.get('held_mean_instant_ms'), 2)} ms instant); "
+                       f"base = messages appended more than 1 s from any swap of that session; swap = appended from "
+                       f"{W['window_before_ms']} ms before a hold to {W['window_after_ms']} ms after it; lost = never "
+                       f"announced while the session lasted. Dovecot announces changes to an IDLE session 0.5 s "
+                       f"after the first one (NOTIFY_DELAY_MSECS), so its delays spread over 0-500 ms and only "
+                       f"'- base max' shows a stall there; the instant upstream shows it against the p50")
+            nn = W.get("noop", {}).get("oxbridge")
+            if nn:
+                gap = W.get("noop_gap_ms") or 0
+                out.append("")
+                out.append(f"  NOOP device through oxbridge to the front (Dovecot): NOOPs "
+                           f"{'back to back' if not gap else f'{gap} ms apart'} for {f(nn.get('secs'), 1)} s, logged "
+                           f"in {W.get('noop_delay_s')} s after the IDLE device so that their swaps do not coincide")
+                rows = [[nn["n"], f(nn["p50_ms"], 3), f(nn["p99_ms"], 3), f(nn["p999_ms"], 3), f(nn["max_ms"], 2),
+                         len(nn["swaps"]), ", ".join(str(s["held_ms"]) for s in nn["swaps"]) or "-",
+                         ", ".join(f"{s['overlapping']}" for s in nn["swaps"]) or "-",
+                         ", ".join(f(s["max_overlapping_ms"], 2) for s in nn["swaps"]) or "-",
+                         nn.get("error") or "none"]]
+                out.append(table(["NOOPs", "p50 ms", "p99", "p99.9", "max", "swaps", "held_ms",
+                                  "NOOPs in hold", "max RTT in hold ms", "error"], rows, [">"] * 9 + ["<"]))
+                out.append("  NOOPs in hold: NOOPs in flight at some moment of a swap's hold (held_ms + 1 ms before "
+                           "the log line); direct and emailproxy: n/a (no swap: the front ends their sessions at "
+                           "token expiry, as the IDLE table shows)")
+            for key, label in (("metrics", "Dovecot path"), ("metrics_instant", "instant path")):
+                if W.get(key):
+                    out.append(f"  /metrics ({label}): " + "; ".join(m for m in W[key] if not m.startswith("#")
+                                                                      and "_bucket" not in m))
+            cpu = W.get("oxbridge_cpu_s") or {}
+            out.append(f"  the front ended {W.get('front_expired')} session(s) at token expiry during the run; "
+                       f"oxbridge refused {len(W.get('refusals') or [])} move(s); oxbridge CPU over the run: "
+                       + ", ".join(f"{k} {f(v, 2)} s" for k, v in cpu.items()))
+            ox, fx = I.get("oxbridge"), W.get("idle_instant")
+            good = lambda x: x and len(x["swaps"]) >= 3 and not x.get("ended") and x.get("swap_max_ms") is not None
+            e1 = ox["swap_max_ms"] - ox["baseline_max_ms"] if good(ox) else None
+            e2 = fx["swap_max_ms"] - fx["baseline_p50_ms"] if good(fx) else None
+            noop_max = max([s["max_overlapping_ms"] or 0 for s in nn["swaps"]] or [0]) if nn else None
+            ok = (e1 is not None and e1 < 50 and e2 is not None and e2 < 50 and nn is not None
+                  and len(nn["swaps"]) >= 3 and not nn.get("error") and noop_max < 50)
+            targets.append(("IMAP session moves: >= 3 swaps per device, none ended, stall < 50 ms", ok,
+                            f"IDLE (Dovecot) {len(ox['swaps']) if ox else 0} swaps, swap max - base max "
+                            f"{f(e1, 1)} ms; IDLE (instant) {len(fx['swaps']) if fx else 0} swaps, swap max - base "
+                            f"p50 {f(e2, 1)} ms; NOOP {len(nn['swaps']) if nn else 0} swaps, max RTT in a hold "
+                            f"{f(noop_max, 2)} ms"))
+
+    # ------------------------------------------------------------------ idlemem
+    M = res.get("idlemem")
+    if M:
+        out.append("")
+        out.append(f"IDLE MEMORY: {M.get('sessions')} IMAP sessions logged in, SELECTed and held in IDLE through "
+                   f"oxbridge (in-memory IDLE-capable upstream)")
+        if M.get("failed"):
+            out.append(f"  failed: {M['failed']}")
+        else:
+            rows = [[M["held"], M["errors"], f(M["establish_s"], 2), f(M["rss_fresh_kib"] / 1024, 1),
+                     f(M["rss0_kib"] / 1024, 1), f(M["rss1_kib"] / 1024, 1), f(M["rss_per_session_kib"], 1),
+                     M["done_ok"], M["fds_added"]]]
+            out.append(table(["in IDLE", "errors", "all up in s", "RSS fresh MiB", "RSS warm MiB", "RSS held MiB",
+                              "KiB/session", "DONE answered", "fds added"], rows, [">"] * 9))
+            out.append(f"  KiB/session = (RSS held - RSS warm) / sessions in IDLE; warm = after one IDLE session per "
+                       f"account; binary {M.get('binary')}")
+            for s in M.get("error_samples") or []:
+                out.append(f"  error seen: {s}")
     out.append("")
     out.append("TARGETS (performance goals)")
     for name, ok, detail in targets:
