@@ -21,8 +21,17 @@ const BYE: &str = "* BYE [UNAVAILABLE] Login expired, please log in again\r\n";
 /// A proxy with plain IMAP and POP3 listeners whose upstream is the
 /// Exchange-like front and whose tokens live 90 s.
 fn expiring_proxy() -> Proxy {
+    expiring_proxy_with("")
+}
+
+/// [`expiring_proxy`] with `imap_listener` added to its IMAP listener.
+fn expiring_proxy_with(imap_listener: &str) -> Proxy {
     let up = upstream();
-    let cfg = config(&plain_listeners(&["imap", "pop3"]), ADMIN);
+    let cfg = config(&plain_listeners(&["imap", "pop3"]), ADMIN).replacen(
+        "allow_plaintext_auth = true\n",
+        &format!("allow_plaintext_auth = true\n{imap_listener}"),
+        1,
+    );
     let cfg = reroute(
         &cfg,
         "imap",
@@ -415,25 +424,7 @@ fn logins_beyond_the_session_limit_are_refused_within_seconds() {
 #[test]
 fn upstream_expiries_are_passed_on_and_counted() {
     let up = upstream();
-    let cfg = config(&plain_listeners(&["imap", "pop3"]), ADMIN).replacen(
-        "allow_plaintext_auth = true\n",
-        "allow_plaintext_auth = true\nsession_continuity = false\n",
-        1,
-    );
-    let cfg = reroute(
-        &cfg,
-        "imap",
-        &format!("localhost:{}", up.get("EXPIRY_IMAPS_PORT")),
-    );
-    let cfg = reroute(
-        &cfg,
-        "pop3",
-        &format!("localhost:{}", up.get("EXPIRY_POP3S_PORT")),
-    );
-    let proxy = Proxy::start(&with_token_url(
-        &cfg,
-        &up.token_url().replace("/common/", "/ttl-90/"),
-    ));
+    let proxy = expiring_proxy_with("session_continuity = false\n");
     let password = up.password(BOB);
     let mut imap = Raw::connect(proxy.port(0));
     imap.line();
