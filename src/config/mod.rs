@@ -26,11 +26,6 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/oxbridge";
 pub const DEFAULT_UPSTREAM_SMTP: &str = "smtp.office365.com:587";
 pub const DEFAULT_UPSTREAM_IMAP: &str = "outlook.office365.com:993";
 pub const DEFAULT_UPSTREAM_POP3: &str = "outlook.office365.com:995";
-pub const DEFAULT_TOKEN_URL: &str = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token";
-pub const DEFAULT_DEVICE_CODE_URL: &str =
-    "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode";
-pub const DEFAULT_AUTHORIZE_URL: &str =
-    "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize";
 /// The `{tenant}` of the endpoints when `oauth.tenant` is not given.
 pub const DEFAULT_TENANT: &str = "organizations";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -121,35 +116,93 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    #[serde(default = "default_smtp")]
-    pub smtp: String,
-    #[serde(default = "default_imap")]
-    pub imap: String,
-    #[serde(default = "default_pop3")]
-    pub pop3: String,
+    /// Unset: the host of `[oauth] cloud` ([`UpstreamConfig::address`]).
+    pub smtp: Option<String>,
+    pub imap: Option<String>,
+    pub pop3: Option<String>,
     pub ca_file: Option<PathBuf>,
-}
-
-impl Default for UpstreamConfig {
-    fn default() -> Self {
-        UpstreamConfig {
-            smtp: default_smtp(),
-            imap: default_imap(),
-            pop3: default_pop3(),
-            ca_file: None,
-        }
-    }
+    /// Copied from `[oauth] cloud` when the config is parsed.
+    #[serde(skip)]
+    pub cloud: Cloud,
 }
 
 impl UpstreamConfig {
+    /// The `host:port` of `protocol`'s server: as configured, else the
+    /// cloud's.
     pub fn address(&self, protocol: Protocol) -> &str {
-        match protocol {
+        let set = match protocol {
             Protocol::Smtp => &self.smtp,
             Protocol::Imap => &self.imap,
             Protocol::Pop3 => &self.pop3,
+        };
+        set.as_deref()
+            .unwrap_or_else(|| self.cloud.upstream(protocol))
+    }
+}
+
+/// Microsoft's clouds: each has its own sign-in authority, its own
+/// Exchange Online resource (the token scopes' host) and its own mail
+/// hosts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cloud {
+    /// Microsoft 365 worldwide (and GCC, which signs in here too).
+    #[default]
+    Global,
+    /// Microsoft 365 GCC High.
+    Usgov,
+    /// Microsoft 365 DoD.
+    UsgovDod,
+    /// Microsoft 365 operated by 21Vianet.
+    China,
+}
+
+impl Cloud {
+    /// Where tokens come from: `{authority}/{tenant}/oauth2/v2.0/...`.
+    pub fn authority(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://login.microsoftonline.com",
+            Cloud::Usgov | Cloud::UsgovDod => "https://login.microsoftonline.us",
+            Cloud::China => "https://login.partner.microsoftonline.cn",
+        }
+    }
+
+    /// The resource of delegated scopes (`{resource}/IMAP.AccessAsUser.All`).
+    pub fn delegated_resource(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://outlook.office.com",
+            _ => self.app_resource(),
+        }
+    }
+
+    /// The resource of the app-only scope (`{resource}/.default`).
+    pub fn app_resource(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://outlook.office365.com",
+            Cloud::Usgov => "https://outlook.office365.us",
+            Cloud::UsgovDod => "https://outlook-dod.office365.us",
+            Cloud::China => "https://partner.outlook.cn",
+        }
+    }
+
+    /// The default `[upstream]` address of `protocol`.
+    pub fn upstream(self, protocol: Protocol) -> &'static str {
+        match (self, protocol) {
+            (Cloud::Global, Protocol::Smtp) => DEFAULT_UPSTREAM_SMTP,
+            (Cloud::Global, Protocol::Imap) => DEFAULT_UPSTREAM_IMAP,
+            (Cloud::Global, Protocol::Pop3) => DEFAULT_UPSTREAM_POP3,
+            (Cloud::Usgov, Protocol::Smtp) => "smtp.office365.us:587",
+            (Cloud::Usgov, Protocol::Imap) => "outlook.office365.us:993",
+            (Cloud::Usgov, Protocol::Pop3) => "outlook.office365.us:995",
+            (Cloud::UsgovDod, Protocol::Smtp) => "outlook-dod.office365.us:587",
+            (Cloud::UsgovDod, Protocol::Imap) => "outlook-dod.office365.us:993",
+            (Cloud::UsgovDod, Protocol::Pop3) => "outlook-dod.office365.us:995",
+            (Cloud::China, Protocol::Smtp) => "smtp.partner.outlook.cn:587",
+            (Cloud::China, Protocol::Imap) => "partner.outlook.cn:993",
+            (Cloud::China, Protocol::Pop3) => "partner.outlook.cn:995",
         }
     }
 }
@@ -167,6 +220,9 @@ pub struct OAuthConfig {
     pub token_url: Option<String>,
     pub device_code_url: Option<String>,
     pub authorize_url: Option<String>,
+    /// Sets the authority, the scopes' resource and the upstream hosts.
+    #[serde(default)]
+    pub cloud: Cloud,
     /// IMAP and POP3 logins get a token with at least this long left (or
     /// three quarters of its lifetime, for tokens that live shorter):
     /// their sessions last hours, SMTP's seconds.
@@ -181,22 +237,27 @@ fn default_session_token_left_s() -> u64 {
 }
 
 impl OAuthConfig {
-    fn endpoint(&self, explicit: &Option<String>, default: &str) -> String {
-        let template = explicit.as_deref().unwrap_or(default);
+    /// An endpoint: as configured, else the cloud's authority's; with
+    /// `{tenant}` filled in.
+    fn endpoint(&self, explicit: &Option<String>, name: &str) -> String {
+        let template = match explicit {
+            Some(url) => url.clone(),
+            None => format!("{}/{{tenant}}/oauth2/v2.0/{name}", self.cloud.authority()),
+        };
         template.replace("{tenant}", self.tenant.as_deref().unwrap_or(DEFAULT_TENANT))
     }
 
     /// The token endpoint, with `{tenant}` filled in.
     pub fn token_url(&self) -> String {
-        self.endpoint(&self.token_url, DEFAULT_TOKEN_URL)
+        self.endpoint(&self.token_url, "token")
     }
 
     pub fn device_code_url(&self) -> String {
-        self.endpoint(&self.device_code_url, DEFAULT_DEVICE_CODE_URL)
+        self.endpoint(&self.device_code_url, "devicecode")
     }
 
     pub fn authorize_url(&self) -> String {
-        self.endpoint(&self.authorize_url, DEFAULT_AUTHORIZE_URL)
+        self.endpoint(&self.authorize_url, "authorize")
     }
 }
 
@@ -422,15 +483,6 @@ fn default_state_dir() -> PathBuf {
 fn default_log_level() -> String {
     DEFAULT_LOG_LEVEL.into()
 }
-fn default_smtp() -> String {
-    DEFAULT_UPSTREAM_SMTP.into()
-}
-fn default_imap() -> String {
-    DEFAULT_UPSTREAM_IMAP.into()
-}
-fn default_pop3() -> String {
-    DEFAULT_UPSTREAM_POP3.into()
-}
 
 /// Which file `--config` means: the flag, then `$OXBRIDGE_CONFIG` (clap
 /// fills the flag from it), then the first of [`DEFAULT_CONFIG_PATHS`] that
@@ -508,7 +560,9 @@ impl Config {
 
     /// Parse and validate TOML text; the error names the key.
     pub fn parse(text: &str) -> Result<Config, String> {
-        let config: Config = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
+        config.upstream.cloud = config.oauth.cloud;
         config.validate()?;
         Ok(config)
     }

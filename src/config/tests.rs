@@ -33,8 +33,8 @@ grant = "client_credentials"
 #[test]
 fn minimal_config_parses_with_defaults() {
     let c = Config::parse(&base("")).unwrap();
-    assert_eq!(c.upstream.smtp, DEFAULT_UPSTREAM_SMTP);
-    assert_eq!(c.upstream.imap, DEFAULT_UPSTREAM_IMAP);
+    assert_eq!(c.upstream.address(Protocol::Smtp), DEFAULT_UPSTREAM_SMTP);
+    assert_eq!(c.upstream.address(Protocol::Imap), DEFAULT_UPSTREAM_IMAP);
     assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
     assert_eq!(c.log.format, LogFormat::Text);
     assert_eq!(c.oauth.token_url(), "http://127.0.0.1:1/token");
@@ -51,6 +51,102 @@ fn tenant_fills_the_default_endpoints() {
         c.oauth.token_url(),
         "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
     );
+}
+
+/// Each cloud's documented sign-in authority, Exchange Online resource
+/// and mail hosts; explicit URLs and `[upstream]` addresses still win.
+#[test]
+fn cloud_presets_set_authority_scopes_and_hosts() {
+    use crate::oauth::{app_scope, delegated_scopes};
+    let cases = [
+        (
+            "global",
+            "https://login.microsoftonline.com",
+            "https://outlook.office.com",
+            "https://outlook.office365.com/.default",
+            [
+                "smtp.office365.com:587",
+                "outlook.office365.com:993",
+                "outlook.office365.com:995",
+            ],
+        ),
+        (
+            "usgov",
+            "https://login.microsoftonline.us",
+            "https://outlook.office365.us",
+            "https://outlook.office365.us/.default",
+            [
+                "smtp.office365.us:587",
+                "outlook.office365.us:993",
+                "outlook.office365.us:995",
+            ],
+        ),
+        (
+            "usgov-dod",
+            "https://login.microsoftonline.us",
+            "https://outlook-dod.office365.us",
+            "https://outlook-dod.office365.us/.default",
+            [
+                "outlook-dod.office365.us:587",
+                "outlook-dod.office365.us:993",
+                "outlook-dod.office365.us:995",
+            ],
+        ),
+        (
+            "china",
+            "https://login.partner.microsoftonline.cn",
+            "https://partner.outlook.cn",
+            "https://partner.outlook.cn/.default",
+            [
+                "smtp.partner.outlook.cn:587",
+                "partner.outlook.cn:993",
+                "partner.outlook.cn:995",
+            ],
+        ),
+    ];
+    for (cloud, authority, resource, app, hosts) in cases {
+        let text = base("").replace(
+            "token_url = \"http://127.0.0.1:1/token\"",
+            &format!("tenant = \"contoso\"\ncloud = \"{cloud}\""),
+        );
+        let c = Config::parse(&text).unwrap_or_else(|e| panic!("{cloud}: {e}"));
+        for (url, name) in [
+            (c.oauth.token_url(), "token"),
+            (c.oauth.device_code_url(), "devicecode"),
+            (c.oauth.authorize_url(), "authorize"),
+        ] {
+            assert_eq!(
+                url,
+                format!("{authority}/contoso/oauth2/v2.0/{name}"),
+                "{cloud}"
+            );
+        }
+        assert_eq!(app_scope(c.oauth.cloud), app, "{cloud}");
+        assert_eq!(
+            delegated_scopes(
+                c.oauth.cloud,
+                &[Protocol::Smtp, Protocol::Imap, Protocol::Pop3]
+            ),
+            [
+                format!("{resource}/IMAP.AccessAsUser.All"),
+                format!("{resource}/POP.AccessAsUser.All"),
+                format!("{resource}/SMTP.Send"),
+            ],
+            "{cloud}"
+        );
+        let protocols = [Protocol::Smtp, Protocol::Imap, Protocol::Pop3];
+        for (p, host) in protocols.into_iter().zip(hosts) {
+            assert_eq!(c.upstream.address(p), host, "{cloud} {p}");
+        }
+    }
+    let text = base("[upstream]\nimap = \"imap.example.test:993\"")
+        .replace("[oauth]", "[oauth]\ncloud = \"china\"");
+    let c = Config::parse(&text).unwrap();
+    assert_eq!(c.oauth.token_url(), "http://127.0.0.1:1/token");
+    assert_eq!(c.upstream.address(Protocol::Imap), "imap.example.test:993");
+    assert_eq!(c.upstream.address(Protocol::Pop3), "partner.outlook.cn:995");
+    let err = Config::parse(&base("").replace("[oauth]", "[oauth]\ncloud = \"mars\"")).unwrap_err();
+    assert!(err.contains("cloud") && err.contains("mars"), "{err}");
 }
 
 #[test]

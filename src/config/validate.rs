@@ -71,10 +71,11 @@ fn oauth(o: &OAuthConfig) -> Result<(), String> {
 /// `[upstream]`: three `host:port` addresses and an optional CA file.
 fn upstream(u: &UpstreamConfig) -> Result<(), String> {
     for (key, addr) in [
-        ("upstream.smtp", &u.smtp),
-        ("upstream.imap", &u.imap),
-        ("upstream.pop3", &u.pop3),
+        ("upstream.smtp", Protocol::Smtp),
+        ("upstream.imap", Protocol::Imap),
+        ("upstream.pop3", Protocol::Pop3),
     ] {
+        let addr = u.address(addr);
         split_host_port(addr).map_err(|e| format!("{key}: {e}"))?;
     }
     if let Some(ca) = &u.ca_file {

@@ -44,10 +44,11 @@ pub struct Request<'a> {
 
 impl Request<'_> {
     fn scopes(&self) -> Vec<Scope> {
-        let mut scopes: Vec<Scope> = delegated_scopes(&self.config.protocols())
-            .into_iter()
-            .map(Scope::new)
-            .collect();
+        let mut scopes: Vec<Scope> =
+            delegated_scopes(self.config.oauth.cloud, &self.config.protocols())
+                .into_iter()
+                .map(Scope::new)
+                .collect();
         scopes.push(Scope::new(OFFLINE_SCOPE.to_string()));
         scopes
     }

@@ -1,7 +1,7 @@
 //! The token requests, one per grant, against the configured token
 //! endpoint, and what their failures mean.
 //!
-//! * `client_credentials` asks for [`APP_SCOPE`], with the app's secret or
+//! * `client_credentials` asks for [`app_scope`], with the app's secret or
 //!   a certificate assertion; `password` and `refresh_token` ask for the
 //!   delegated scopes of the listeners' protocols (`refresh_token` also
 //!   [`OFFLINE_SCOPE`], so that a rotated refresh token comes back).
@@ -26,7 +26,7 @@ use super::assertion;
 use super::http::{self, HttpError};
 use super::{refresh_margin, Cached, Tokens, TOKEN_DEADLINE};
 use crate::accounts::Identity;
-use crate::config::{Grant, OAuthConfig, Protocol};
+use crate::config::{Cloud, Grant, OAuthConfig, Protocol};
 use crate::error::AuthError;
 use crate::state::StateError;
 
@@ -38,25 +38,31 @@ pub const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Lifetime assumed when the endpoint does not say (`expires_in`).
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
-/// The app-only scope for `client_credentials` (Exchange Online).
-pub const APP_SCOPE: &str = "https://outlook.office365.com/.default";
 /// Asked for with delegated scopes so that a refresh token is returned.
 pub const OFFLINE_SCOPE: &str = "offline_access";
 
-/// The delegated scope for one protocol (Exchange Online).
-pub fn delegated_scope(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Smtp => "https://outlook.office.com/SMTP.Send",
-        Protocol::Imap => "https://outlook.office.com/IMAP.AccessAsUser.All",
-        Protocol::Pop3 => "https://outlook.office.com/POP.AccessAsUser.All",
-    }
+/// The app-only scope for `client_credentials` in `cloud`
+/// (`https://outlook.office365.com/.default` worldwide).
+pub fn app_scope(cloud: Cloud) -> String {
+    format!("{}/.default", cloud.app_resource())
+}
+
+/// The delegated scope for one protocol in `cloud`
+/// (`https://outlook.office.com/IMAP.AccessAsUser.All` worldwide).
+pub fn delegated_scope(cloud: Cloud, p: Protocol) -> String {
+    let permission = match p {
+        Protocol::Smtp => "SMTP.Send",
+        Protocol::Imap => "IMAP.AccessAsUser.All",
+        Protocol::Pop3 => "POP.AccessAsUser.All",
+    };
+    format!("{}/{permission}", cloud.delegated_resource())
 }
 
 /// The delegated scopes for these protocols, sorted, without duplicates.
-pub fn delegated_scopes(protocols: &[Protocol]) -> Vec<String> {
+pub fn delegated_scopes(cloud: Cloud, protocols: &[Protocol]) -> Vec<String> {
     let mut scopes: Vec<String> = protocols
         .iter()
-        .map(|p| delegated_scope(*p).to_string())
+        .map(|p| delegated_scope(cloud, *p))
         .collect();
     scopes.sort();
     scopes.dedup();
@@ -127,7 +133,7 @@ impl Tokens {
                 let mut request = self
                     .client
                     .exchange_client_credentials()
-                    .add_scope(Scope::new(APP_SCOPE.to_string()));
+                    .add_scope(Scope::new(self.app_scope.clone()));
                 if let Some(a) = &self.assertion {
                     let jwt = a
                         .jwt(&self.client_id, &self.token_url)

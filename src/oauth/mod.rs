@@ -47,7 +47,7 @@ use crate::state::State;
 use assertion::ClientAssertion;
 use grant::OAuthClient;
 pub use grant::{
-    classify, client, delegated_scope, delegated_scopes, first_line, APP_SCOPE,
+    app_scope, classify, client, delegated_scope, delegated_scopes, first_line,
     DEFAULT_TOKEN_LIFETIME, MAX_ATTEMPTS, MAX_RETRY_AFTER, OFFLINE_SCOPE, RETRY_BACKOFF,
 };
 use http::Http;
@@ -115,6 +115,7 @@ pub struct Tokens {
     assertion: Option<ClientAssertion>,
     http: Http,
     delegated_scopes: Vec<String>,
+    app_scope: String,
     state: Arc<State>,
     entries: Mutex<HashMap<String, Entry>>,
     mac_key: [u8; 32],
@@ -143,7 +144,8 @@ impl Tokens {
             token_url: config.token_url(),
             assertion,
             http: Http::new()?,
-            delegated_scopes: delegated_scopes(protocols),
+            delegated_scopes: delegated_scopes(config.cloud, protocols),
+            app_scope: app_scope(config.cloud),
             mac_key: state.agreed_key(PASSWORD_MAC_PURPOSE),
             state,
             entries: Mutex::new(HashMap::new()),

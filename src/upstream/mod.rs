@@ -42,9 +42,9 @@ impl Dialer {
             .map_err(|e| format!("upstream.ca_file: {e}"))?;
         Ok(Dialer {
             tls,
-            smtp: upstream.smtp.clone(),
-            imap: upstream.imap.clone(),
-            pop3: upstream.pop3.clone(),
+            smtp: upstream.address(Protocol::Smtp).to_string(),
+            imap: upstream.address(Protocol::Imap).to_string(),
+            pop3: upstream.address(Protocol::Pop3).to_string(),
             smtp_keywords: Default::default(),
         })
     }
