@@ -16,6 +16,19 @@ struct Known {
 const KNOWN: &[Known] = &[
     // Exchange Online, SMTP.
     Known {
+        needle: "SmtpClientAuthentication is disabled for the Tenant",
+        fix: "SMTP AUTH is disabled for the whole tenant (535 5.7.139): enable it with \
+              `Set-TransportConfig -SmtpClientAuthenticationDisabled $false`, or leave it off \
+              and enable it only for this mailbox (`Set-CASMailbox -Identity <mailbox> \
+              -SmtpClientAuthenticationDisabled $false`)",
+    },
+    Known {
+        needle: "SmtpClientAuthentication is disabled for the Mailbox",
+        fix: "SMTP AUTH is disabled for this mailbox (535 5.7.139): enable it with \
+              `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false` (a \
+              value of $true on the mailbox wins over the tenant's setting)",
+    },
+    Known {
         needle: "5.7.139",
         fix: "SMTP AUTH is disabled for the tenant or by security defaults. Enable it for the tenant \
               with `Set-TransportConfig -SmtpClientAuthenticationDisabled $false`, or for this mailbox \
@@ -35,6 +48,19 @@ const KNOWN: &[Known] = &[
               must carry SMTP permission: delegated `SMTP.Send` (grant admin consent in Entra > App \
               registrations > API permissions), or for client_credentials the application \
               permission `SMTP.SendAsApp` with admin consent",
+    },
+    Known {
+        needle: "5.7.60",
+        fix: "the mailbox may not send as the message's From address (550 5.7.60): set the \
+              device's sender to the mailbox, or grant it `Add-RecipientPermission -Identity \
+              <from address> -Trustee <mailbox> -AccessRights SendAs` (for a shared mailbox also \
+              `Add-MailboxPermission ... -AccessRights FullAccess`)",
+    },
+    Known {
+        needle: "5.5.105",
+        fix: "a High Volume Email account sends to recipients inside the organization only \
+              (550 5.5.105): send to external addresses through an ordinary mailbox (another \
+              [[account]]), or keep the device's recipients internal",
     },
     Known {
         needle: "SendAsDenied",
@@ -121,8 +147,24 @@ const KNOWN: &[Known] = &[
     },
     Known {
         needle: "AADSTS53003",
-        fix: "a Conditional Access policy blocked the sign-in: see Entra admin center > Sign-in \
-              logs for the policy, and exclude oxbridge's sign-ins from it",
+        fix: "a Conditional Access policy blocked the sign-in (many tenants block the device code \
+              flow this way): for `oxbridge login`, consent with `oxbridge login <account> --paste` \
+              (or `--browser`) instead; otherwise see Entra admin center > Sign-in logs for the \
+              policy and exclude oxbridge's sign-ins from it",
+    },
+    Known {
+        needle: "AADSTS700025",
+        fix: "the app is a public client, which must not send a secret: remove client_secret and \
+              client_secret_file from [oauth] for delegated grants, or make the app confidential \
+              (App registrations > <app> > Authentication > Allow public client flows: No) and \
+              keep the secret",
+    },
+    Known {
+        needle: "AADSTS7000229",
+        fix: "the app has no service principal (enterprise application) in this tenant: have an \
+              administrator grant admin consent to the app in this tenant (Entra admin center > \
+              App registrations > <app> > API permissions > Grant admin consent), or create it \
+              with `New-MgServicePrincipal -AppId <client_id>`",
     },
     Known {
         needle: "AADSTS7000218",
@@ -221,6 +263,10 @@ mod tests {
             ("550 5.7.30 Basic authentication is not supported for Client Submission.", "SMTP.SendAsApp"),
             ("554 5.2.252 SendAsDenied; scans@contoso.com not allowed to send as x@y", "Add-RecipientPermission"),
             ("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded", "smtp_sessions_per_mailbox"),
+            ("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information.", "a value of $true on the mailbox"),
+            ("535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be authenticated successfully.", "security defaults"),
+            ("550 5.7.60 SMTP; Client does not have permissions to send as this sender.", "Add-RecipientPermission"),
+            ("550 5.5.105 High Volume Email only allows sending to internal recipients.", "High Volume Email"),
             ("NO User is authenticated but not connected.", "-ImapEnabled $true"),
         ];
         for (reply, expect) in cases {
@@ -237,6 +283,9 @@ mod tests {
             ("invalid_grant: AADSTS65001: The user or administrator has not consented", "Grant admin consent"),
             ("invalid_grant: AADSTS50076: Due to a configuration change made by your administrator, you must use multi-factor authentication", "MFA"),
             ("invalid_grant: AADSTS700082: The refresh token has expired", "oxbridge login"),
+            ("invalid_grant: AADSTS53003: Access has been blocked by Conditional Access policies.", "--paste"),
+            ("invalid_client: AADSTS700025: Client is public so neither 'client_assertion' nor 'client_secret' should be presented.", "remove client_secret"),
+            ("unauthorized_client: AADSTS7000229: The client application 00000000-0000-0000-0000-000000000000 is missing service principal in the tenant.", "New-MgServicePrincipal"),
             ("invalid_grant: something else", "oxbridge login"),
         ];
         for (detail, expect) in cases {

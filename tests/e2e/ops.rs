@@ -276,6 +276,9 @@ fn check_diagnoses_exchange_refusals() {
         ("imap", "auth", "NO User is authenticated but not connected.", "-ImapEnabled $true"),
         ("pop3", "auth", "-ERR User is authenticated but not connected.", "-PopEnabled $true"),
         ("imap", "auth", "NO AUTHENTICATE failed.", "IMAP.AccessAsApp"),
+        ("smtp", "auth", "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information.", "a value of $true on the mailbox"),
+        ("smtp", "mail", "550 5.7.60 SMTP; Client does not have permissions to send as this sender.", "-AccessRights SendAs"),
+        ("smtp", "mail", "550 5.5.105 High Volume Email only allows sending to internal recipients.", "High Volume Email"),
     ];
     for (protocol, stage, reply, fix) in cases {
         let fake = Fake::start(protocol, stage, reply);
@@ -299,6 +302,39 @@ fn check_diagnoses_exchange_refusals() {
         .smtp_login("scanner@example.test", SCANNER_PASSWORD)
         .starts_with("535 5.7.8"));
     proxy.wait_log(&["login failed", "5.7.139", "Set-TransportConfig"]);
+}
+
+/// Entra's refusals at the token endpoint, as its JSON says them, each
+/// end in `oxbridge check` with their fix.
+#[test]
+fn check_diagnoses_entra_refusals() {
+    // (status, error, error_description, a piece of the fix)
+    let cases = [
+        (401, "invalid_client", "AADSTS700025: Client is public so neither 'client_assertion' nor 'client_secret' should be presented.", "remove client_secret"),
+        (400, "unauthorized_client", "AADSTS7000229: The client application 00000000-0000-0000-0000-000000000000 is missing service principal in the tenant 11111111-1111-1111-1111-111111111111.", "New-MgServicePrincipal"),
+        (400, "invalid_grant", "AADSTS53003: Access has been blocked by Conditional Access policies. The access policy does not allow token issuance.", "--paste"),
+    ];
+    for (status, error, description, fix) in cases {
+        let body = serde_json::json!({
+            "error": error,
+            "error_description": description,
+            "error_codes": [description[6..].split(':').next().unwrap().parse::<u64>().unwrap()],
+        })
+        .to_string();
+        let endpoint = crate::common::FakeHttp::start(move |_, _| (status, body.clone()));
+        let cfg = config(&listener("smtp", "none", true), "").replace(
+            &format!("token_url = \"{}\"", upstream().token_url()),
+            &format!("token_url = \"{}/t/oauth2/v2.0/token\"", endpoint.base),
+        );
+        let out = oxbridge_check(&cfg);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{description}: {t}");
+        let line = t
+            .lines()
+            .find(|l| l.starts_with("scanner@example.test smtp: FAILED"))
+            .unwrap_or_else(|| panic!("{description}: no FAILED line:\n{t}"));
+        assert!(line.contains(fix), "{description}:\n{line}");
+    }
 }
 
 #[test]
