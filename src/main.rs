@@ -43,6 +43,15 @@ enum Command {
         /// With --browser: the loopback port for the redirect (default: any free port).
         #[arg(long, default_value_t = 0, requires = "browser")]
         port: u16,
+        /// Authorization code with PKCE where device code is blocked and no
+        /// browser reaches this host: open the printed URL anywhere, then
+        /// paste back the address the browser was sent to.
+        #[arg(long, conflicts_with = "browser")]
+        paste: bool,
+        /// With --paste: the redirect URI registered for the app (default:
+        /// the cloud's https://login.../common/oauth2/nativeclient).
+        #[arg(long, requires = "paste")]
+        redirect_uri: Option<String>,
     },
     /// Read a password from stdin and print its Argon2id hash for `password_hash`.
     HashPassword,
@@ -108,11 +117,18 @@ fn main() -> ExitCode {
             config,
             browser,
             port,
-        } => login(
-            config::resolve_path(config),
-            &account,
-            browser.then_some(port),
-        ),
+            paste,
+            redirect_uri,
+        } => {
+            let flow = if browser {
+                Flow::Browser(port)
+            } else if paste {
+                Flow::Paste(redirect_uri)
+            } else {
+                Flow::DeviceCode
+            };
+            login(config::resolve_path(config), &account, flow)
+        }
         Command::HashPassword => hash_password(),
         Command::Check { config, offline } => check(config::resolve_path(config), offline),
         Command::Healthcheck { config } => healthcheck(config::resolve_path(config)),
@@ -174,8 +190,17 @@ fn healthcheck(path: PathBuf) -> ExitCode {
     }
 }
 
+/// How `oxbridge login` asks for consent.
+enum Flow {
+    DeviceCode,
+    /// The loopback port (0: any).
+    Browser(u16),
+    /// The redirect URI, if not the cloud's default.
+    Paste(Option<String>),
+}
+
 /// `oxbridge login`: consent, then the refresh token into the store.
-fn login(path: PathBuf, account: &str, browser_port: Option<u16>) -> ExitCode {
+fn login(path: PathBuf, account: &str, flow: Flow) -> ExitCode {
     let config = match load_config(&path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -218,9 +243,14 @@ fn login(path: PathBuf, account: &str, browser_port: Option<u16>) -> ExitCode {
     };
     let mut out = std::io::stdout();
     let result = runtime.block_on(async {
-        let token = match browser_port {
-            Some(port) => consent::browser_flow(&request, port, &mut out).await,
-            None => consent::device_flow(&request, &mut out).await,
+        let token = match flow {
+            Flow::Browser(port) => consent::browser_flow(&request, port, &mut out).await,
+            Flow::Paste(redirect) => {
+                let redirect = redirect.unwrap_or_else(|| consent::paste_redirect(&config));
+                let mut input = std::io::BufReader::new(std::io::stdin());
+                consent::paste_flow(&request, &redirect, &mut input, &mut out).await
+            }
+            Flow::DeviceCode => consent::device_flow(&request, &mut out).await,
         }?;
         state
             .save_refresh(&entry.login, &token)

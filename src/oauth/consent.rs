@@ -8,17 +8,23 @@
 //! * `--browser`: authorization code with PKCE (S256) on a loopback
 //!   redirect `http://localhost:PORT/`; the URL is printed, no browser is
 //!   started, so it works over SSH with `ssh -L PORT:127.0.0.1:PORT`.
+//! * `--paste`: authorization code with PKCE where neither of those works
+//!   (Conditional Access blocks device code, no browser reaches the
+//!   host): the operator opens the URL in any browser, signs in, and
+//!   pastes back the address the browser was sent to (by default the
+//!   cloud's `.../common/oauth2/nativeclient` page). An address whose
+//!   `state` is not this request's is refused and another is read.
 //!
 //! Both ask for the delegated scopes of the protocols that have listeners,
 //! plus `offline_access`.
 
-use std::io::Write;
+use std::io::{BufRead, Read, Write};
 use std::time::Duration;
 
 use oauth2::{
     AuthUrl, AuthorizationCode, CsrfToken, DeviceAuthorizationUrl, DeviceCodeErrorResponseType,
-    PkceCodeChallenge, RedirectUrl, RequestTokenError, Scope, StandardDeviceAuthorizationResponse,
-    TokenResponse,
+    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RequestTokenError, Scope,
+    StandardDeviceAuthorizationResponse, TokenResponse,
 };
 use secrecy::SecretString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,8 +36,20 @@ use crate::config::Config;
 
 /// How long the browser flow waits for the redirect.
 pub const BROWSER_TIMEOUT: Duration = Duration::from_secs(600);
-/// The longest redirect request read from the browser.
+/// The longest redirect request read from the browser, and the longest
+/// pasted address.
 const MAX_REDIRECT_REQUEST: usize = 16 * 1024;
+/// Pasted addresses read before `--paste` gives up.
+const MAX_PASTES: usize = 5;
+
+/// The redirect URI of `--paste` unless one is given: the cloud's page
+/// for native clients, which Entra offers for public client apps.
+pub fn paste_redirect(config: &Config) -> String {
+    format!(
+        "{}/common/oauth2/nativeclient",
+        config.oauth.cloud.authority()
+    )
+}
 
 /// What the consent is for.
 pub struct Request<'a> {
@@ -118,20 +136,15 @@ pub async fn device_flow(
     refresh_token_of(&response)
 }
 
-/// Authorization code with PKCE on a loopback redirect. Instructions go to
-/// `out`; `port` 0 picks a free port.
-pub async fn browser_flow(
+/// The authorization-code client for `redirect`, the URL to open, our
+/// `state`, and the PKCE verifier for the code exchange.
+fn authorization(
     req: &Request<'_>,
-    port: u16,
-    out: &mut (dyn Write + Send),
-) -> Result<SecretString, String> {
+    redirect: &str,
+) -> Result<(CodeClient, String, CsrfToken, PkceCodeVerifier), String> {
     let oauth = &req.config.oauth;
-    let listener = TcpListener::bind(("127.0.0.1", port))
-        .await
-        .map_err(|e| format!("cannot listen on 127.0.0.1:{port} for the redirect: {e}"))?;
-    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let redirect =
-        RedirectUrl::new(format!("http://localhost:{port}/")).map_err(|e| e.to_string())?;
+        RedirectUrl::new(redirect.to_string()).map_err(|e| format!("redirect URI: {e}"))?;
     let auth_url =
         AuthUrl::new(oauth.authorize_url()).map_err(|e| format!("oauth.authorize_url: {e}"))?;
     let client = super::client(oauth)?
@@ -144,6 +157,45 @@ pub async fn browser_flow(
         .add_extra_param("login_hint", req.mailbox)
         .set_pkce_challenge(challenge)
         .url();
+    Ok((client, url.to_string(), state, verifier))
+}
+
+type CodeClient = oauth2::basic::BasicClient<
+    oauth2::EndpointSet,
+    oauth2::EndpointNotSet,
+    oauth2::EndpointNotSet,
+    oauth2::EndpointNotSet,
+    oauth2::EndpointSet,
+>;
+
+/// Redeem `code` with the PKCE `verifier`: the refresh token.
+async fn exchange(
+    client: &CodeClient,
+    code: String,
+    verifier: PkceCodeVerifier,
+) -> Result<SecretString, String> {
+    let http = Http::new()?;
+    let response = client
+        .exchange_code(AuthorizationCode::new(code))
+        .set_pkce_verifier(verifier)
+        .request_async(&http)
+        .await
+        .map_err(|e| format!("code exchange failed: {}", classify(e)))?;
+    refresh_token_of(&response)
+}
+
+/// Authorization code with PKCE on a loopback redirect. Instructions go to
+/// `out`; `port` 0 picks a free port.
+pub async fn browser_flow(
+    req: &Request<'_>,
+    port: u16,
+    out: &mut (dyn Write + Send),
+) -> Result<SecretString, String> {
+    let listener = TcpListener::bind(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("cannot listen on 127.0.0.1:{port} for the redirect: {e}"))?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let (client, url, state, verifier) = authorization(req, &format!("http://localhost:{port}/"))?;
     let _ = writeln!(
         out,
         "To let oxbridge use {} for {}, open this URL in a browser and sign in as {}:\n\n    {url}\n\nThe browser is sent back to http://localhost:{port}/ (over SSH: ssh -L {port}:127.0.0.1:{port} this-host). Waiting...",
@@ -153,14 +205,100 @@ pub async fn browser_flow(
     let code = tokio::time::timeout(BROWSER_TIMEOUT, wait_for_code(&listener, state.secret()))
         .await
         .map_err(|_| format!("no redirect within {} s", BROWSER_TIMEOUT.as_secs()))??;
-    let http = Http::new()?;
-    let response = client
-        .exchange_code(AuthorizationCode::new(code))
-        .set_pkce_verifier(verifier)
-        .request_async(&http)
-        .await
-        .map_err(|e| format!("code exchange failed: {}", classify(e)))?;
-    refresh_token_of(&response)
+    exchange(&client, code, verifier).await
+}
+
+/// Authorization code with PKCE, the redirect pasted back: the URL is
+/// printed to `out`, the address the browser ended on is read from
+/// `input`, one line at a time.
+pub async fn paste_flow(
+    req: &Request<'_>,
+    redirect: &str,
+    input: &mut (dyn BufRead + Send),
+    out: &mut (dyn Write + Send),
+) -> Result<SecretString, String> {
+    let (client, url, state, verifier) = authorization(req, redirect)?;
+    let _ = writeln!(
+        out,
+        "To let oxbridge use {} for {}, open this URL in any browser and sign in as {}:\n\n    {url}\n\nThe browser then ends on a page under {redirect} (it may show an error or stay blank: that is expected). Copy the whole address from the address bar and paste it here:",
+        req.mailbox, req.account, req.mailbox
+    );
+    let _ = out.flush();
+    for _ in 0..MAX_PASTES {
+        let Some(line) = read_bounded_line(input)? else {
+            return Err("no address was pasted".into());
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let answer = oauth2::url::Url::parse(line)
+            .map(|u| redirect_answer(&u, state.secret()))
+            .unwrap_or(Answer::NotOurs("that is not an address"));
+        match answer {
+            Answer::Code(code) => return exchange(&client, code, verifier).await,
+            Answer::Refused(why) => return Err(why),
+            Answer::NotOurs(why) => {
+                let _ = writeln!(
+                    out,
+                    "Refused: {why}. Paste the address the browser was sent to after this sign-in:"
+                );
+                let _ = out.flush();
+            }
+        }
+    }
+    Err(format!("no valid address in {MAX_PASTES} attempts"))
+}
+
+/// One line of at most [`MAX_REDIRECT_REQUEST`] bytes; None at the end of
+/// the input.
+fn read_bounded_line(input: &mut (dyn BufRead + Send)) -> Result<Option<String>, String> {
+    let mut line = Vec::new();
+    let n = input
+        .take(MAX_REDIRECT_REQUEST as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("cannot read the pasted address: {e}"))?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.len() > MAX_REDIRECT_REQUEST {
+        return Err(format!(
+            "the pasted address is longer than {MAX_REDIRECT_REQUEST} bytes"
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(&line).into_owned()))
+}
+
+/// What a redirect says to the request with `state`.
+enum Answer {
+    Code(String),
+    /// The provider's `error` (consent declined, policy): the flow ends.
+    Refused(String),
+    /// Not the answer to this request: another may come.
+    NotOurs(&'static str),
+}
+
+fn redirect_answer(url: &oauth2::url::Url, state: &str) -> Answer {
+    let query: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+    let get = |k: &str| {
+        query
+            .iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.clone())
+    };
+    if get("state").as_deref() != Some(state) {
+        return Answer::NotOurs("its state is not this sign-in's (a stray or forged address)");
+    }
+    if let Some(error) = get("error") {
+        let description = get("error_description")
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default();
+        return Answer::Refused(format!("the provider answered {error}{description}"));
+    }
+    match get("code") {
+        Some(code) => Answer::Code(code),
+        None => Answer::NotOurs("it carries no code"),
+    }
 }
 
 /// Serve the redirect: the first request that carries our `state` ends the
@@ -183,48 +321,37 @@ async fn wait_for_code(listener: &TcpListener, state: &str) -> Result<String, St
             .next()
             .and_then(|l| l.split(' ').nth(1))
             .unwrap_or("");
-        let query: Vec<(String, String)> =
-            oauth2::url::Url::parse(&format!("http://localhost{target}"))
-                .map(|u| u.query_pairs().into_owned().collect())
-                .unwrap_or_default();
-        let get = |k: &str| {
-            query
-                .iter()
-                .find(|(name, _)| name == k)
-                .map(|(_, v)| v.clone())
-        };
-        if get("state").as_deref() != Some(state) {
-            let _ = respond(
-                &mut stream,
-                400,
-                "This is not the redirect oxbridge is waiting for.",
-            )
-            .await;
-            continue;
+        let answer = oauth2::url::Url::parse(&format!("http://localhost{target}"))
+            .map(|u| redirect_answer(&u, state))
+            .unwrap_or(Answer::NotOurs("not an address"));
+        match answer {
+            Answer::NotOurs(_) => {
+                let _ = respond(
+                    &mut stream,
+                    400,
+                    "This is not the redirect oxbridge is waiting for.",
+                )
+                .await;
+            }
+            Answer::Refused(why) => {
+                let _ = respond(
+                    &mut stream,
+                    200,
+                    "Consent was not given. You can close this window.",
+                )
+                .await;
+                return Err(why);
+            }
+            Answer::Code(code) => {
+                let _ = respond(
+                    &mut stream,
+                    200,
+                    "oxbridge has the consent. You can close this window.",
+                )
+                .await;
+                return Ok(code);
+            }
         }
-        if let Some(error) = get("error") {
-            let _ = respond(
-                &mut stream,
-                200,
-                "Consent was not given. You can close this window.",
-            )
-            .await;
-            let description = get("error_description")
-                .map(|d| format!(": {d}"))
-                .unwrap_or_default();
-            return Err(format!("the provider answered {error}{description}"));
-        }
-        let Some(code) = get("code") else {
-            let _ = respond(&mut stream, 400, "The redirect carries no code.").await;
-            continue;
-        };
-        let _ = respond(
-            &mut stream,
-            200,
-            "oxbridge has the consent. You can close this window.",
-        )
-        .await;
-        return Ok(code);
     }
 }
 

@@ -4,7 +4,7 @@
 //! through IMAP and POP3; rotated refresh tokens survive a restart; a shared
 //! mailbox is opened with `login\shared@domain`.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::Ordering;
@@ -72,6 +72,115 @@ fn send_and_read(proxy: &Proxy, login: &str, dir: &Path) {
     let out = dir.join(format!("{}.pop3", m.tag));
     let read = Client::new(proxy.port(2), login, LOCAL_PASSWORD).retr(&m.id, &out, true);
     read_back("POP3", &read, &out);
+}
+
+/// `oxbridge login --paste`: curl plays a browser on another machine (it
+/// does not follow the redirect; its Location is the address the operator
+/// copies). A forged address (another state) is refused and the real one
+/// then consents; with only a forged one, nothing is stored.
+#[test]
+fn paste_consent_refuses_a_forged_address_then_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cfg_path = write_config(dir.path(), &oauth_config(&state));
+    let redirect = "https://login.example.test/common/oauth2/nativeclient";
+    let start = |account: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_oxbridge"))
+            .args([
+                "login",
+                account,
+                "--paste",
+                "--redirect-uri",
+                redirect,
+                "--config",
+            ])
+            .arg(&cfg_path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let url = loop {
+            let line = lines.next().expect("the authorize URL is printed").unwrap();
+            if line.trim().starts_with("http") && line.contains("/authorize?") {
+                break line.trim().to_string();
+            }
+        };
+        let head = run(
+            Command::new("curl").args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{redirect_url}",
+                "--max-time",
+                "30",
+                &url,
+            ]),
+            CLIENT_LIMIT,
+        );
+        let location = String::from_utf8_lossy(&head.stdout).to_string();
+        assert!(
+            location.starts_with(&format!("{redirect}?code=")),
+            "{location}"
+        );
+        (child, lines, location)
+    };
+    let forge = |location: &str| {
+        let state = location
+            .split("state=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap();
+        location.replace(&format!("state={state}"), "state=forged-by-someone-else")
+    };
+
+    let (mut child, mut lines, location) = start("browser@example.test");
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{}", forge(&location)).unwrap();
+    let refused = loop {
+        let line = lines.next().expect("a refusal is printed").unwrap();
+        if line.starts_with("Refused:") {
+            break line;
+        }
+    };
+    assert_eq!(
+        refused,
+        "Refused: its state is not this sign-in's (a stray or forged address). Paste the address the browser was sent to after this sign-in:"
+    );
+    writeln!(stdin, "{location}").unwrap();
+    drop(stdin);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().unwrap().success(), "{rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.starts_with("Stored the refresh token for browser@example.test")),
+        "{rest:?}"
+    );
+
+    // Only a forged address: the command fails and stores nothing.
+    let (mut child, lines, location) = start("device@example.test");
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{}", forge(&location)).unwrap();
+    drop(stdin);
+    drop(lines);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "oxbridge: login for device@example.test failed: no address was pasted\n"
+    );
+
+    // The pasted consent works; the other account still has none.
+    let proxy = Proxy::start(&std::fs::read_to_string(&cfg_path).unwrap());
+    send_and_read(&proxy, "browser@example.test", dir.path());
+    let mut c = Raw::connect(proxy.port(1));
+    c.line();
+    c.send(&format!("a LOGIN device@example.test {LOCAL_PASSWORD}"));
+    assert!(c.line().starts_with("a NO [AUTHENTICATIONFAILED]"));
 }
 
 #[test]
