@@ -5,7 +5,8 @@
                         and redirects to redirect_uri (see authorize_deny)
   POST .../token        grant_type password | client_credentials | refresh_token |
                         authorization_code | urn:ietf:params:oauth:grant-type:device_code
-                        (tenant ttl-<N>, e.g. /ttl-90/oauth2/v2.0/token: N-second access tokens)
+                        (tenant ttl-<N>, e.g. /ttl-90/oauth2/v2.0/token: N-second access tokens;
+                        tenant idle-<N>: refresh tokens die after N s unused, AADSTS700082)
   POST .../devicecode   RFC 8628 device authorization (auto-approves, see config)
   POST /introspect      RFC 7662, called by Dovecot's oauth2 passdbs
                         (?for=dovecot-user or ?for=dovecot-app)
@@ -120,7 +121,15 @@ def tenant_ttl(path):
     return int(m.group(1)) if m else None
 
 
-def mint(user, client_id, ttl=None, refresh=True):
+def tenant_idle(path):
+    """N for a token URL whose tenant segment is idle-<N>: refresh tokens issued there die
+    after N seconds unused (Entra's inactivity rule, AADSTS700082, in seconds), else None."""
+    parts = path.strip("/").split("/")
+    m = re.fullmatch(r"idle-(\d{1,7})", parts[0]) if len(parts) > 1 else None
+    return int(m.group(1)) if m else None
+
+
+def mint(user, client_id, ttl=None, refresh=True, idle=None):
     """A JWT-looking opaque access token (+ refresh token for delegated grants)."""
     ttl = CONFIG["access_ttl"] if ttl is None else int(ttl)
     now = int(time.time())
@@ -141,7 +150,7 @@ def mint(user, client_id, ttl=None, refresh=True):
         ACCESS[token] = {"user": user, "app": not user, "exp": now + ttl}
         if user and refresh:
             rt = "rt." + secrets.token_urlsafe(40)
-            REFRESH[rt] = {"user": user, "client_id": client_id}
+            REFRESH[rt] = {"user": user, "client_id": client_id, "idle": idle, "issued": now}
             resp["refresh_token"] = rt
     return resp
 
@@ -213,7 +222,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def route(self, method, path, prm):
         if method == "POST" and path.endswith("/token"):
-            return self.token(prm, tenant_ttl(path))
+            return self.token(prm, tenant_ttl(path), tenant_idle(path))
         if method == "POST" and path.endswith("/devicecode"):
             return self.devicecode(prm)
         if method == "GET" and path.endswith("/authorize"):
@@ -266,8 +275,10 @@ class Handler(BaseHTTPRequestHandler):
             raise OAuthError("invalid_client", status=401)
         return cid
 
-    def token(self, prm, ttl=None):
-        """ttl: access token lifetime from the tenant segment (None: access_ttl)."""
+    def token(self, prm, ttl=None, idle=None):
+        """ttl: access token lifetime from the tenant segment (None: access_ttl); idle: the
+        refresh tokens' inactivity limit from the tenant segment (None: none)."""
+        self.idle = idle
         grant = prm.get("grant_type") or "missing"
         self.note = " grant=%s" % grant + ("" if ttl is None else " ttl=%d" % ttl)
         key = "device_code" if grant == DEVICE_GRANT else grant
@@ -296,7 +307,7 @@ class Handler(BaseHTTPRequestHandler):
             if USERS.get(user) is None or USERS[user] != prm.get("password"):
                 raise OAuthError("invalid_grant")
             self.note += " user=%s" % user
-            return mint(user, cid, ttl)
+            return mint(user, cid, ttl, idle=self.idle)
         if grant == "client_credentials":
             cid = self.client(prm, need_secret=True)
             return mint(None, cid, ttl)
@@ -313,8 +324,15 @@ class Handler(BaseHTTPRequestHandler):
             if rec is None or rec["client_id"] != cid:
                 raise OAuthError("invalid_grant", description="The provided value for the "
                                  "'refresh_token' is not valid (unknown, revoked or already redeemed).")
+            if rec.get("idle") is not None and time.time() - rec["issued"] > rec["idle"]:
+                self.note += " inactive"
+                raise OAuthError("invalid_grant", code=700082, description="The refresh token has "
+                                 "expired due to inactivity. The token was issued on %s and was "
+                                 "inactive for %d seconds." % (
+                                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec["issued"])),
+                                     rec["idle"]))
             self.note += " user=%s" % rec["user"]
-            return mint(rec["user"], cid, ttl)
+            return mint(rec["user"], cid, ttl, idle=rec.get("idle"))
         if grant == "authorization_code":
             return self.redeem_code(prm, ttl)
         if grant == DEVICE_GRANT:
@@ -338,7 +356,7 @@ class Handler(BaseHTTPRequestHandler):
                     raise OAuthError("authorization_pending")
                 del DEVICES[dc]
             self.note += " user=%s" % rec["user"]
-            return mint(rec["user"], cid, ttl)
+            return mint(rec["user"], cid, ttl, idle=self.idle)
         if grant == "missing":
             raise OAuthError("invalid_request", "grant_type")
         raise OAuthError("unsupported_grant_type", grant)
@@ -451,7 +469,7 @@ class Handler(BaseHTTPRequestHandler):
                                  "match the code_challenge supplied in the authorization request.")
             rec["used"] = True
         self.note += " user=%s" % rec["user"]
-        return mint(rec["user"], cid, ttl)
+        return mint(rec["user"], cid, ttl, idle=self.idle)
 
     # ---------------------------------------------------------------- /introspect
     def introspect(self, prm):
