@@ -200,6 +200,16 @@ impl Accounts {
         }
     }
 
+    /// The logins of the `refresh_token` accounts, whose refresh tokens are
+    /// kept alive.
+    pub fn refresh_token_logins(&self) -> Vec<String> {
+        self.accounts
+            .iter()
+            .filter(|a| a.grant == Grant::RefreshToken && !a.login.starts_with("*@"))
+            .map(|a| a.login.clone())
+            .collect()
+    }
+
     /// The identity of an exact account without a password check: for
     /// `[[relay]]` rules, whose devices are trusted by network.
     pub fn identity(&self, login: &str) -> Result<Identity, AuthError> {

@@ -31,6 +31,9 @@ pub const IMAP_SWAPS: &str = "oxbridge_imap_swaps_total";
 pub const IMAP_SWAP_SECONDS: &str = "oxbridge_imap_swap_duration_seconds";
 pub const IMAP_SWAP_REFUSALS: &str = "oxbridge_imap_swap_refusals_total";
 pub const UPSTREAM_EXPIRIES: &str = "oxbridge_upstream_expiries_total";
+pub const KEEPALIVES: &str = "oxbridge_refresh_keepalives_total";
+pub const REFRESH_LAST_SUCCESS: &str = "oxbridge_refresh_token_last_success_timestamp_seconds";
+pub const ACCESS_EXPIRY: &str = "oxbridge_access_token_expiry_timestamp_seconds";
 
 /// Histogram buckets (seconds) for token requests and upstream connects.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -101,6 +104,18 @@ fn describe() {
     describe_counter!(
         IMAP_SWAP_REFUSALS,
         "IMAP sessions ended with a BYE before their token expired instead of moving, by reason"
+    );
+    describe_counter!(
+        KEEPALIVES,
+        "Background refresh-token exchanges against inactivity expiry, by result"
+    );
+    describe_gauge!(
+        REFRESH_LAST_SUCCESS,
+        "When this process last exchanged the account's refresh token (Unix time)"
+    );
+    describe_gauge!(
+        ACCESS_EXPIRY,
+        "When the account's current access token expires (Unix time); app for client_credentials"
     );
     describe_counter!(
         UPSTREAM_EXPIRIES,
@@ -178,6 +193,20 @@ pub fn redis_error(what: &'static str) {
 pub fn token_request(grant: &'static str, result: &'static str, elapsed: Duration) {
     counter!(TOKEN_REQUESTS, "grant" => grant, "result" => result).increment(1);
     histogram!(TOKEN_SECONDS, "grant" => grant).record(elapsed.as_secs_f64());
+}
+
+pub fn keepalive(result: &'static str) {
+    counter!(KEEPALIVES, "result" => result).increment(1);
+}
+
+/// A new access token for `account` (a refresh_token account, or `app`),
+/// valid until `expires_unix_s`; `refreshed` when a refresh token earned it.
+pub fn token_health(account: &str, refreshed: bool, expires_unix_s: f64) {
+    gauge!(ACCESS_EXPIRY, "account" => account.to_string()).set(expires_unix_s);
+    if refreshed {
+        let now = crate::state::unix_ms() as f64 / 1000.0;
+        gauge!(REFRESH_LAST_SUCCESS, "account" => account.to_string()).set(now);
+    }
 }
 
 pub fn upstream_connected(protocol: Protocol, elapsed: Duration) {

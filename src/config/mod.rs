@@ -228,6 +228,17 @@ pub struct OAuthConfig {
     /// their sessions last hours, SMTP's seconds.
     #[serde(default = "default_session_token_left_s")]
     pub session_token_left_s: u64,
+    /// Each `refresh_token` account's refresh token is exchanged at least
+    /// this often (jittered), so that Entra's inactivity limit (90 days)
+    /// never ends it while its device is idle; 0 turns it off.
+    #[serde(default = "default_refresh_keepalive_s")]
+    pub refresh_keepalive_s: u64,
+}
+
+pub const DEFAULT_REFRESH_KEEPALIVE_S: u64 = 7 * 24 * 3600;
+
+fn default_refresh_keepalive_s() -> u64 {
+    DEFAULT_REFRESH_KEEPALIVE_S
 }
 
 pub const DEFAULT_SESSION_TOKEN_LEFT_S: u64 = 2700;

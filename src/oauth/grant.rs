@@ -97,6 +97,19 @@ impl Tokens {
                 Ok(c) => {
                     info!(account = %id.account, grant = %id.grant, attempt, elapsed_ms = started.elapsed().as_millis() as u64, "access token obtained");
                     crate::metrics::token_request(id.grant.as_str(), "ok", started.elapsed());
+                    let expires = crate::state::unix_ms() as f64 / 1000.0
+                        + c.expires_at
+                            .saturating_duration_since(Instant::now())
+                            .as_secs_f64();
+                    match id.grant {
+                        Grant::RefreshToken => {
+                            crate::metrics::token_health(&id.account, true, expires)
+                        }
+                        Grant::ClientCredentials => {
+                            crate::metrics::token_health("app", false, expires)
+                        }
+                        Grant::Password => {}
+                    }
                     return Ok(c);
                 }
                 Err(e) => e,

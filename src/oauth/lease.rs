@@ -63,8 +63,9 @@ impl Tokens {
         key: &str,
         mac: Option<[u8; 32]>,
         protocol: Protocol,
+        fresh: bool,
     ) -> Result<(Cached, bool), AuthError> {
-        let usable = |c: &Cached| self.serves(c, protocol, mac);
+        let usable = |c: &Cached| !fresh && self.serves(c, protocol, mac);
         let deadline = Instant::now() + TOKEN_DEADLINE;
         let mut pause = POLL_FIRST;
         let mut waited = false;

@@ -121,6 +121,7 @@ pub struct Tokens {
     mac_key: [u8; 32],
     backoff: Duration,
     session_left: Duration,
+    keepalive: Duration,
 }
 
 impl Tokens {
@@ -151,6 +152,7 @@ impl Tokens {
             entries: Mutex::new(HashMap::new()),
             backoff: RETRY_BACKOFF,
             session_left: Duration::from_secs(config.session_token_left_s),
+            keepalive: Duration::from_secs(config.refresh_keepalive_s),
         })
     }
 
@@ -224,7 +226,7 @@ impl Tokens {
             let mut cached = entry.lock().await;
             match cached.as_ref() {
                 Some(c) if self.serves(c, protocol, mac) => Ok(c.token(false)),
-                _ => match self.obtain(id, &key, mac, protocol).await {
+                _ => match self.obtain(id, &key, mac, protocol, false).await {
                     Ok((c, fresh)) => {
                         let token = c.token(fresh);
                         *cached = Some(Cached {
@@ -251,6 +253,46 @@ impl Tokens {
             self.forget_if_empty(&key);
         }
         result
+    }
+
+    /// How often refresh tokens are exchanged at the least (zero: never).
+    pub fn keepalive(&self) -> Duration {
+        self.keepalive
+    }
+
+    /// Exchange the refresh token of `id` now, unless another replica did
+    /// within the keep-alive period: true if this process did. With Redis
+    /// the period is a lease (`keepalive:` key) that the winner keeps until
+    /// it expires; a failed exchange gives it back so that another try
+    /// can come soon. The new access token goes into the cache.
+    pub async fn keep_alive(&self, id: &Identity) -> Result<bool, AuthError> {
+        let key = Self::key(id);
+        let gate = format!("keepalive:{key}");
+        let fence = match self.state.lease(&gate, self.keepalive).await {
+            Ok(Some(fence)) => Some(fence),
+            Ok(None) => return Ok(false),
+            Err(alone) => {
+                if let Some(e) = alone.failure() {
+                    warn!(account = %id.account, error = %e, "Redis unavailable; keeping the refresh token alive without the other replicas");
+                    crate::metrics::redis_error("keepalive");
+                }
+                None
+            }
+        };
+        let entry = self.entry(&key);
+        let mut cached = entry.lock().await;
+        match self.obtain(id, &key, None, Protocol::Smtp, true).await {
+            Ok((c, _)) => {
+                *cached = Some(c);
+                Ok(true)
+            }
+            Err(e) => {
+                if let Some(fence) = fence {
+                    let _ = self.state.release_lease(&gate, &fence).await;
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Forget a cached token the server refused, so the next login fetches
