@@ -316,7 +316,10 @@ class Handler(BaseHTTPRequestHandler):
             rt = prm.get("refresh_token") or ""
             with LOCK:  # strict rotation: a refresh token works exactly once
                 rec = REFRESH.pop(rt, None)
-                if rec is None and rt in USED_REFRESH:
+                if rec is not None and rec.get("idle") is not None \
+                        and time.time() - rec["issued"] > rec["idle"]:
+                    REFRESH[rt] = rec  # dead of inactivity, and stays so
+                elif rec is None and rt in USED_REFRESH:
                     STATS["refresh_reuse_rejected"] += 1
                     self.note += " reuse"
                 elif rec is not None and rec["client_id"] == cid:
