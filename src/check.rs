@@ -2,16 +2,22 @@
 //! listener, a real token request and a real upstream XOAUTH2 login, one
 //! line each: OK, or the failure and what the administrator should do.
 //!
+//! A `refresh_token` account first gets a line of its token times as they
+//! stood before the check (which refreshes the token itself): when it was
+//! consented, how old the stored refresh token is, the last refresh, and
+//! when the access token expires.
+//!
 //! Accounts that cannot be checked without a device's password (the
 //! `password` grant, `*@domain` patterns without a fixed mailbox) are
 //! listed as SKIPPED and do not fail the check.
 
 use std::io::Write;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::app::App;
 use crate::config::{Config, Grant};
 use crate::error::AuthError;
+use crate::state::TokenHealth;
 use crate::{diagnose, login};
 
 /// Run every check; `Ok(true)` when none failed.
@@ -33,6 +39,13 @@ pub async fn run(config: Config, out: &mut impl Write) -> Result<bool, String> {
             };
             writeln!(out, "{login}: SKIPPED ({why})").map_err(|e| e.to_string())?;
             continue;
+        }
+        if account.grant == Grant::RefreshToken {
+            let line = match app.tokens.times(login).await {
+                Ok(times) => times_line(login, &times, crate::state::unix_ms() / 1000),
+                Err(e) => format!("{login}: token times unknown: {e}"),
+            };
+            writeln!(out, "{line}").map_err(|e| e.to_string())?;
         }
         for &protocol in &protocols {
             let started = Instant::now();
@@ -60,5 +73,98 @@ fn failure_line(login: &str, protocol: &str, e: &AuthError) -> String {
     match diagnose::advice(e) {
         Some(fix) => format!("{login} {protocol}: FAILED: {e}. Fix: {fix}"),
         None => format!("{login} {protocol}: FAILED: {e}"),
+    }
+}
+
+/// Entra ends a refresh token unused this long (seconds).
+const INACTIVITY_LIMIT_S: u64 = 90 * 24 * 3600;
+/// A refresh token older than this gets a warning.
+const WARN_AGE_S: u64 = 60 * 24 * 3600;
+
+/// `login: tokens: ...`, the recorded times as of Unix second `now`.
+fn times_line(login: &str, t: &TokenHealth, now: u64) -> String {
+    let Some(issued) = t.issued else {
+        return format!("{login}: tokens: no times recorded yet (they are from the next `oxbridge login` or refresh on)");
+    };
+    let mut parts = Vec::new();
+    if let Some(at) = t.consented {
+        parts.push(format!("consented {}", when(at, now)));
+    }
+    parts.push(format!("refresh token issued {}", when(issued, now)));
+    parts.push(match t.refreshed {
+        Some(at) => format!("last refresh {}", when(at, now)),
+        None => "no refresh yet".into(),
+    });
+    if let Some(at) = t.access_expires {
+        parts.push(format!("access token expires {}", when(at, now)));
+    }
+    let age = now.saturating_sub(issued);
+    let mut line = format!("{login}: tokens: {}", parts.join("; "));
+    if age >= WARN_AGE_S {
+        line.push_str(&format!(
+            "; WARNING: the refresh token was last renewed {} days ago and ends after {} days unused: keep oxbridge running with [oauth] refresh_keepalive_s, or run `oxbridge login {login}`",
+            age / 86_400,
+            INACTIVITY_LIMIT_S / 86_400
+        ));
+    }
+    line
+}
+
+/// `2026-12-03T07:30:00Z (3d 2h ago)` or `(in 58m)`.
+fn when(at: u64, now: u64) -> String {
+    let stamp = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(at));
+    match at.cmp(&now) {
+        std::cmp::Ordering::Greater => format!("{stamp} (in {})", span(at - now)),
+        std::cmp::Ordering::Equal => format!("{stamp} (now)"),
+        std::cmp::Ordering::Less => format!("{stamp} ({} ago)", span(now - at)),
+    }
+}
+
+/// A span to two units: `3d 2h`, `2h 5m`, `58m`, `40s`.
+fn span(s: u64) -> String {
+    let (d, h, m) = (s / 86_400, s / 3600 % 24, s / 60 % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, m) => format!("{m}m"),
+        (0, h, m) => format!("{h}h {m}m"),
+        (d, h, _) => format!("{d}d {h}h"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_times_read_as_dates_ages_and_a_warning_when_old() {
+        let day = 86_400;
+        let now = 1_796_000_000; // 2026-11-30T00:53:20Z
+        let t = TokenHealth {
+            consented: Some(now - 70 * day),
+            issued: Some(now - 3 * day - 7200),
+            refreshed: Some(now - 3 * day - 7200),
+            access_expires: Some(now - 3 * day - 3600 + 59),
+        };
+        assert_eq!(
+            times_line("a@x.test", &t, now),
+            "a@x.test: tokens: consented 2026-09-21T00:53:20Z (70d 0h ago); \
+             refresh token issued 2026-11-26T22:53:20Z (3d 2h ago); \
+             last refresh 2026-11-26T22:53:20Z (3d 2h ago); \
+             access token expires 2026-11-26T23:54:19Z (3d 0h ago)"
+        );
+        let old = TokenHealth {
+            issued: Some(now - 61 * day),
+            refreshed: None,
+            access_expires: Some(now + 3000),
+            ..t
+        };
+        let line = times_line("a@x.test", &old, now);
+        assert!(
+            line.contains("no refresh yet; access token expires 2026-11-30T01:43:20Z (in 50m)"),
+            "{line}"
+        );
+        assert!(line.ends_with("; WARNING: the refresh token was last renewed 61 days ago and ends after 90 days unused: keep oxbridge running with [oauth] refresh_keepalive_s, or run `oxbridge login a@x.test`"), "{line}");
+        assert!(times_line("a@x.test", &TokenHealth::default(), now)
+            .starts_with("a@x.test: tokens: no times recorded yet"));
     }
 }

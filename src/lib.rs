@@ -53,4 +53,4 @@ pub mod wire;
 pub use accounts::hash_password;
 pub use app::{open_store, StartError};
 pub use server::{run, Control};
-pub use state::State;
+pub use state::{Event, State};

@@ -14,6 +14,7 @@ use tracing::info;
 
 use oxbridge::config::{self, Config, Grant, LogFormat};
 use oxbridge::oauth::consent;
+use oxbridge::Event;
 
 /// Keeps password-only mail clients working against OAuth-only mail servers.
 #[derive(Parser)]
@@ -255,7 +256,9 @@ fn login(path: PathBuf, account: &str, flow: Flow) -> ExitCode {
         state
             .save_refresh(&entry.login, &token)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        state.note(&entry.login, Event::Consented).await;
+        Ok::<(), String>(())
     });
     match result {
         Ok(()) => {

@@ -32,6 +32,7 @@ pub const IMAP_SWAP_SECONDS: &str = "oxbridge_imap_swap_duration_seconds";
 pub const IMAP_SWAP_REFUSALS: &str = "oxbridge_imap_swap_refusals_total";
 pub const UPSTREAM_EXPIRIES: &str = "oxbridge_upstream_expiries_total";
 pub const KEEPALIVES: &str = "oxbridge_refresh_keepalives_total";
+pub const REFRESH_ISSUED: &str = "oxbridge_refresh_token_issued_timestamp_seconds";
 pub const REFRESH_LAST_SUCCESS: &str = "oxbridge_refresh_token_last_success_timestamp_seconds";
 pub const ACCESS_EXPIRY: &str = "oxbridge_access_token_expiry_timestamp_seconds";
 
@@ -110,8 +111,12 @@ fn describe() {
         "Background refresh-token exchanges against inactivity expiry, by result"
     );
     describe_gauge!(
+        REFRESH_ISSUED,
+        "When the account's stored refresh token was issued (Unix time); its age counts toward the provider's inactivity limit"
+    );
+    describe_gauge!(
         REFRESH_LAST_SUCCESS,
-        "When this process last exchanged the account's refresh token (Unix time)"
+        "When the account's refresh token last earned an access token (Unix time)"
     );
     describe_gauge!(
         ACCESS_EXPIRY,
@@ -199,14 +204,23 @@ pub fn keepalive(result: &'static str) {
     counter!(KEEPALIVES, "result" => result).increment(1);
 }
 
-/// A new access token for `account` (a refresh_token account, or `app`),
-/// valid until `expires_unix_s`; `refreshed` when a refresh token earned it.
-pub fn token_health(account: &str, refreshed: bool, expires_unix_s: f64) {
-    gauge!(ACCESS_EXPIRY, "account" => account.to_string()).set(expires_unix_s);
-    if refreshed {
-        let now = crate::state::unix_ms() as f64 / 1000.0;
-        gauge!(REFRESH_LAST_SUCCESS, "account" => account.to_string()).set(now);
+/// A `refresh_token` account's token times (see [`crate::state::TokenHealth`]).
+pub fn token_times(account: &str, times: &crate::state::TokenHealth) {
+    let series = [
+        (REFRESH_ISSUED, times.issued),
+        (REFRESH_LAST_SUCCESS, times.refreshed),
+        (ACCESS_EXPIRY, times.access_expires),
+    ];
+    for (name, at) in series {
+        if let Some(at) = at {
+            gauge!(name, "account" => account.to_string()).set(at as f64);
+        }
     }
+}
+
+/// The app's (`client_credentials`) new access token expires at this Unix second.
+pub fn app_token_expiry(at: u64) {
+    gauge!(ACCESS_EXPIRY, "account" => "app").set(at as f64);
 }
 
 pub fn upstream_connected(protocol: Protocol, elapsed: Duration) {

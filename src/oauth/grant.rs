@@ -28,6 +28,7 @@ use super::{refresh_margin, Cached, Tokens, TOKEN_DEADLINE};
 use crate::accounts::Identity;
 use crate::config::{Cloud, Grant, OAuthConfig, Protocol};
 use crate::error::AuthError;
+use crate::state::Event;
 use crate::state::StateError;
 
 /// Attempts for one token when the failures are temporary.
@@ -97,19 +98,6 @@ impl Tokens {
                 Ok(c) => {
                     info!(account = %id.account, grant = %id.grant, attempt, elapsed_ms = started.elapsed().as_millis() as u64, "access token obtained");
                     crate::metrics::token_request(id.grant.as_str(), "ok", started.elapsed());
-                    let expires = crate::state::unix_ms() as f64 / 1000.0
-                        + c.expires_at
-                            .saturating_duration_since(Instant::now())
-                            .as_secs_f64();
-                    match id.grant {
-                        Grant::RefreshToken => {
-                            crate::metrics::token_health(&id.account, true, expires)
-                        }
-                        Grant::ClientCredentials => {
-                            crate::metrics::token_health("app", false, expires)
-                        }
-                        Grant::Password => {}
-                    }
                     return Ok(c);
                 }
                 Err(e) => e,
@@ -196,10 +184,19 @@ impl Tokens {
             }
             (error, retry_after)
         })?;
-        if let Some(old) = &stored_refresh {
-            self.save_rotated(id, old, &response).await?;
-        }
         let lifetime = response.expires_in().unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        let access_expires = crate::state::unix_ms() / 1000 + lifetime.as_secs();
+        if let Some(old) = &stored_refresh {
+            let rotated = self.save_rotated(id, old, &response).await?;
+            let event = Event::Refreshed {
+                access_expires,
+                rotated,
+            };
+            let times = self.state.note(&id.account, event).await;
+            crate::metrics::token_times(&id.account, &times);
+        } else if id.grant == Grant::ClientCredentials {
+            crate::metrics::app_token_expiry(access_expires);
+        }
         let now = Instant::now();
         Ok(Cached {
             token: SecretString::from(response.access_token().secret().to_string()),
@@ -232,22 +229,24 @@ impl Tokens {
         }
     }
 
-    /// Save a rotated refresh token before its access token is used.
+    /// Save a rotated refresh token before its access token is used: true
+    /// if a new one came.
     async fn save_rotated(
         &self,
         id: &Identity,
         old: &SecretString,
         response: &BasicTokenResponse,
-    ) -> Result<(), (AuthError, Option<Duration>)> {
+    ) -> Result<bool, (AuthError, Option<Duration>)> {
         let Some(new) = response.refresh_token() else {
-            return Ok(());
+            return Ok(false);
         };
         if new.secret() == old.expose_secret() {
-            return Ok(());
+            return Ok(false);
         }
         self.state
             .keep_rotated(&id.account, &SecretString::from(new.secret().to_string()))
             .await
+            .map(|()| true)
             .map_err(|e| {
                 error!(account = %id.account, error = %e, "cannot save the rotated refresh token");
                 (

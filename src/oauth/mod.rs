@@ -255,6 +255,11 @@ impl Tokens {
         result
     }
 
+    /// The recorded token times of a `refresh_token` account.
+    pub async fn times(&self, account: &str) -> Result<crate::state::TokenHealth, String> {
+        self.state.health(account).await.map_err(|e| e.to_string())
+    }
+
     /// How often refresh tokens are exchanged at the least (zero: never).
     pub fn keepalive(&self) -> Duration {
         self.keepalive

@@ -119,6 +119,39 @@ impl FileStore {
         Ok(())
     }
 
+    /// The token-health record of `account` (times only, not sealed).
+    pub fn load_health(&self, account: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let path = self.path(account).with_extension("health");
+        match File::open(&path) {
+            Ok(f) => {
+                let mut data = Vec::new();
+                f.take(super::health::MAX_RECORD)
+                    .read_to_end(&mut data)
+                    .map_err(|e| err(path.display(), e))?;
+                Ok(Some(data))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(err(path.display(), e)),
+        }
+    }
+
+    /// Replace the token-health record of `account` (temp file and rename,
+    /// without the refresh token's fsyncs: losing one costs a line of
+    /// `oxbridge check`, never a login).
+    pub fn save_health(&self, account: &str, record: &[u8]) -> Result<(), StateError> {
+        let path = self.path(account).with_extension("health");
+        let temp = path.with_extension(format!("health-{}", std::process::id()));
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(PRIVATE_FILE_MODE)
+            .open(&temp)
+            .and_then(|mut f| f.write_all(record))
+            .map_err(|e| err(temp.display(), e))?;
+        fs::rename(&temp, &path).map_err(|e| err(path.display(), e))
+    }
+
     /// First half of [`FileStore::save`]: the new content, durable, beside
     /// the old file.
     fn write_temp(&self, account: &str, token: &SecretString) -> Result<PathBuf, StateError> {
@@ -157,6 +190,27 @@ mod tests {
             &KeySource::File(dir.join("state/store.key")),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn health_records_round_trip_beside_the_token_privately() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        assert!(s.load_health("a@x.test").unwrap().is_none());
+        s.save_health("a@x.test", br#"{"issued":5}"#).unwrap();
+        s.save_health("A@x.test", br#"{"issued":6}"#).unwrap();
+        assert_eq!(
+            s.load_health("a@X.test").unwrap().unwrap(),
+            br#"{"issued":6}"#
+        );
+        assert!(s.load("a@x.test").unwrap().is_none(), "not a token file");
+        let files: Vec<_> = fs::read_dir(dir.path().join("state/tokens"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let mode = fs::metadata(&files[0]).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]

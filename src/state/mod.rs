@@ -19,6 +19,7 @@
 //! caller warns and counts it in `oxbridge_redis_errors_total`).
 
 pub mod file;
+pub mod health;
 pub mod redis;
 pub mod seal;
 
@@ -29,6 +30,7 @@ use secrecy::SecretString;
 
 use crate::config::{Config, Grant, StoreBackend};
 pub use file::FileStore;
+pub use health::{Event, TokenHealth};
 pub use redis::RedisStore;
 use seal::{KeySource, KEY_LEN};
 
@@ -182,6 +184,40 @@ impl State {
                 Ok(())
             }
         }
+    }
+
+    // ------------------------------------------------------------ token health
+
+    /// The token times of `account` (default when none are recorded).
+    pub async fn health(&self, account: &str) -> Result<TokenHealth, StateError> {
+        let bytes = match self {
+            State::File(Some(store)) => store.load_health(account)?,
+            State::File(None) => return Err(StateError::NoTokenStore),
+            State::Redis(r) => r.get_health(account).await?,
+        };
+        Ok(bytes.map_or_else(TokenHealth::default, |b| TokenHealth::from_bytes(&b)))
+    }
+
+    /// Record `event` for `account` now. A record that cannot be read or
+    /// written is a warning: it only feeds `oxbridge check` and `/metrics`.
+    /// Returns the record as it now stands.
+    pub async fn note(&self, account: &str, event: Event) -> TokenHealth {
+        let now = unix_ms() / 1000;
+        let record = self
+            .health(account)
+            .await
+            .unwrap_or_default()
+            .after(event, now);
+        let bytes = record.to_bytes();
+        let written = match self {
+            State::File(Some(store)) => store.save_health(account, &bytes),
+            State::File(None) => Ok(()),
+            State::Redis(r) => r.set_health(account, &bytes).await,
+        };
+        if let Err(e) = written {
+            tracing::warn!(%account, error = %e, "cannot record the token times");
+        }
+        record
     }
 
     // ------------------------------------------------------- access-token cache

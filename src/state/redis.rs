@@ -391,6 +391,17 @@ impl RedisStore {
         lock(&self.pending).len()
     }
 
+    /// The token-health record of `account`.
+    pub async fn get_health(&self, account: &str) -> Result<Option<Vec<u8>>, StateError> {
+        self.get_sealed(&self.key("health", account)).await
+    }
+
+    /// Replace the token-health record of `account` (no expiry).
+    pub async fn set_health(&self, account: &str, record: &[u8]) -> Result<(), StateError> {
+        self.set_sealed(&self.key("health", account), record, None)
+            .await
+    }
+
     // ------------------------------------------------------- access-token cache
 
     /// A cached access-token entry (opaque bytes, sealed).

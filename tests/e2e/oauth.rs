@@ -308,3 +308,121 @@ fn shared_mailbox_with_backslash_login() {
         text(&out)
     );
 }
+
+/// The refresh token inactivity limit (AADSTS700082) at the test IDP,
+/// seconds, for the keep-alive tests (an `idle-N` tenant).
+const IDLE_S: u64 = 6;
+
+/// A token URL whose refresh tokens die after [`IDLE_S`] unused.
+fn idle_tenant(token_url: &str) -> String {
+    let idle = token_url.replacen("/common/", &format!("/idle-{IDLE_S}/"), 1);
+    assert_ne!(idle, token_url, "no tenant segment in {token_url}");
+    idle
+}
+
+/// Two consents of one account, each in its own state_dir, against an IDP
+/// whose refresh tokens die after 6 s unused. The proxy that keeps its
+/// token alive (every 2 s) still logs in after four such windows, as does
+/// a new process that only has what it persisted, and `oxbridge check`
+/// shows fresh token times; the consent left without keep-alive is refused
+/// with AADSTS700082 and its fix.
+#[test]
+fn keep_alive_outlasts_the_refresh_token_inactivity_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (token_url, refreshes) = counted_refresh_url(Duration::ZERO, 0);
+    let token_url = idle_tenant(&token_url);
+    let setup = |name: &str, keepalive_s: u64| {
+        let home = dir.path().join(name);
+        std::fs::create_dir_all(&home).unwrap();
+        let cfg = with_token_url(&oauth_config(&home.join("state")), &token_url).replacen(
+            "[oauth]\n",
+            &format!("[oauth]\nrefresh_keepalive_s = {keepalive_s}\n"),
+            1,
+        );
+        write_config(&home, &format!("{cfg}\n{ADMIN}"))
+    };
+    let kept = setup("kept", 2);
+    let left = setup("left", 0);
+    for cfg in [&kept, &left] {
+        let out = oxbridge(&["login", "device@example.test"], cfg);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let config_of = |path: &Path| std::fs::read_to_string(path).unwrap();
+    let mut keeper = Proxy::start(&config_of(&kept));
+    let idle = Proxy::start(&config_of(&left));
+    let before = refreshes.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(4 * IDLE_S));
+
+    // About one refresh per 2 s, each one counted and timed in /metrics.
+    let made = refreshes.load(Ordering::SeqCst) - before;
+    let m = scrape(keeper.admin_addr());
+    let ok = value(&m, "oxbridge_refresh_keepalives_total", &[("result", "ok")]);
+    assert!(
+        (8..=13).contains(&made) && ok as usize == made,
+        "{made} refreshes, {ok} counted\n{}",
+        keeper.logs()
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let account = [("account", "device@example.test")];
+    for (name, low, high) in [
+        ("oxbridge_refresh_token_issued_timestamp_seconds", -4.0, 1.0),
+        (
+            "oxbridge_refresh_token_last_success_timestamp_seconds",
+            -4.0,
+            1.0,
+        ),
+        (
+            "oxbridge_access_token_expiry_timestamp_seconds",
+            3000.0,
+            3700.0,
+        ),
+    ] {
+        let at = value(&m, name, &account) - now;
+        assert!((low..=high).contains(&at), "{name}: {at} s from now");
+    }
+    assert!(keeper.terminate().success());
+
+    // What the keeper persisted still works, read by new processes.
+    let left_check = text(&oxbridge(&["check"], &left)).to_string();
+    let kept_check = text(&oxbridge(&["check"], &setup("kept", 0))).to_string();
+    let line = |lines: &str, prefix: &str| {
+        lines
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix}\n{lines}"))
+            .to_string()
+    };
+    let times = line(&kept_check, "device@example.test: tokens: consented ");
+    assert!(
+        times.contains("; refresh token issued ") && times.contains("; last refresh "),
+        "{times}"
+    );
+    let imap = line(&kept_check, "device@example.test imap: ");
+    assert!(
+        imap.starts_with("device@example.test imap: OK"),
+        "{kept_check}"
+    );
+    let fresh = Proxy::start(&config_of(&kept));
+    let mut c = Raw::connect(fresh.port(1));
+    c.line();
+    c.send(&format!("a LOGIN device@example.test {LOCAL_PASSWORD}"));
+    let reply = c.line();
+    assert!(reply.starts_with("a OK"), "{reply}\n{}", fresh.logs());
+
+    // The consent nobody kept alive died of inactivity.
+    let times = line(&left_check, "device@example.test: tokens: consented ");
+    assert!(times.contains("; no refresh yet"), "{times}");
+    let failed = line(&left_check, "device@example.test imap: FAILED");
+    assert!(
+        failed.contains("AADSTS700082") && failed.contains("oxbridge login device@example.test"),
+        "{failed}"
+    );
+    let mut c = Raw::connect(idle.port(1));
+    c.line();
+    c.send(&format!("a LOGIN device@example.test {LOCAL_PASSWORD}"));
+    assert!(c.line().starts_with("a NO [AUTHENTICATIONFAILED]"));
+    idle.wait_log(&["login failed", "AADSTS700082"]);
+}

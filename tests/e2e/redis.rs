@@ -454,3 +454,50 @@ fn tls_and_auth_to_redis() {
     untrusted.wait_log(&["Redis unavailable"]);
     assert!(!untrusted.logs().contains("connected to the Redis store"));
 }
+
+/// Three replicas keeping one account's refresh token alive every 2 s,
+/// against an IDP whose refresh tokens die after 6 s unused: one refresh
+/// per period in all (the keepalive lease), not one per replica, and the
+/// token still works through each replica at the end.
+#[test]
+fn three_replicas_keep_a_refresh_token_alive_with_one_refresh_per_period() {
+    const PERIOD_S: usize = 2;
+    const RUN_S: usize = 16;
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let (token_url, count) = counted_refresh_url(Duration::ZERO, 0);
+    let idle_url = token_url.replacen("/common/", "/idle-6/", 1);
+    assert_ne!(idle_url, token_url);
+    let cfg = replica_config(&redis, &key, &idle_url, "").replacen(
+        "[oauth]\n",
+        &format!("[oauth]\nrefresh_keepalive_s = {PERIOD_S}\n"),
+        1,
+    );
+    consent(&write_config(dir.path(), &cfg));
+    let before = count.load(Ordering::SeqCst);
+    let proxies: Vec<Proxy> = (0..3).map(|_| Proxy::start(&cfg)).collect();
+    std::thread::sleep(Duration::from_secs(RUN_S as u64));
+    let made = count.load(Ordering::SeqCst) - before;
+    // One per period makes 8 in 16 s (a little fewer: a period starts when
+    // the lease ends and a replica next looks); each replica on its own
+    // would make 24.
+    let per_period = RUN_S / PERIOD_S;
+    assert!(
+        (per_period - 3..=per_period + 1).contains(&made),
+        "{made} refreshes in {RUN_S} s\n{}",
+        Proxy::all_logs(&proxies)
+    );
+    for (i, p) in proxies.iter().enumerate() {
+        redis.cli(&["DEL", "oxbridge:at:refresh:delegated@example.test"]);
+        let reply = delegated_login(p.port(0));
+        assert!(
+            reply.starts_with("a OK"),
+            "replica {i}: {reply}\n{}",
+            Proxy::all_logs(&proxies)
+        );
+    }
+    let logs = Proxy::all_logs(&proxies);
+    assert!(!logs.contains("invalid_grant"), "{logs}");
+    assert!(logs.contains("refresh token kept alive"), "{logs}");
+}
