@@ -166,5 +166,9 @@ mod tests {
         assert!(line.ends_with("; WARNING: the refresh token was last renewed 61 days ago and ends after 90 days unused: keep oxbridge running with [oauth] refresh_keepalive_s, or run `oxbridge login a@x.test`"), "{line}");
         assert!(times_line("a@x.test", &TokenHealth::default(), now)
             .starts_with("a@x.test: tokens: no times recorded yet"));
+        assert_eq!(
+            [span(40), span(61), span(3 * 3600 + 125), when(now, now)],
+            ["40s", "1m", "3h 2m", "2026-11-30T00:53:20Z (now)"].map(String::from)
+        );
     }
 }

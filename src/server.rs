@@ -96,13 +96,7 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
             let _ = probe_app.dialer.smtp_capabilities().await;
         });
     }
-    if !app.tokens.keepalive().is_zero()
-        && app
-            .config
-            .accounts
-            .iter()
-            .any(|a| a.grant == crate::config::Grant::RefreshToken)
-    {
+    if !app.tokens.keepalive().is_zero() && !app.accounts().refresh_token_logins().is_empty() {
         tokio::spawn(keep_refresh_tokens_alive(
             app.clone(),
             control.shutdown.clone(),

@@ -28,8 +28,7 @@ use super::{refresh_margin, Cached, Tokens, TOKEN_DEADLINE};
 use crate::accounts::Identity;
 use crate::config::{Cloud, Grant, OAuthConfig, Protocol};
 use crate::error::AuthError;
-use crate::state::Event;
-use crate::state::StateError;
+use crate::state::{Event, StateError};
 
 /// Attempts for one token when the failures are temporary.
 pub const MAX_ATTEMPTS: u32 = 3;
