@@ -287,6 +287,7 @@ mod tests {
             }),
             mailbox: mailbox.map(String::from),
             allow_shared: Vec::new(),
+            allowed_senders: Vec::new(),
         }
     }
 

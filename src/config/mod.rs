@@ -18,7 +18,10 @@ use ipnet::IpNet;
 use secrecy::SecretString;
 use serde::Deserialize;
 
+mod spool;
 mod validate;
+
+pub use spool::{Delivery, SpoolConfig};
 
 /// Where `--config` looks when neither it nor `$OXBRIDGE_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATHS: [&str; 2] = ["./oxbridge.toml", "/etc/oxbridge/oxbridge.toml"];
@@ -82,6 +85,8 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub spool: SpoolConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -322,6 +327,9 @@ pub struct ListenerConfig {
     /// IMAP only: move sessions to a new upstream login before their token
     /// expires (default on).
     pub session_continuity: Option<bool>,
+    /// SMTP only: live relay, or store and forward.
+    #[serde(default)]
+    pub delivery: Delivery,
 }
 
 fn default_listener_connections() -> usize {
@@ -363,6 +371,10 @@ pub struct AccountConfig {
     /// `login\shared@domain` (exact addresses or `*@domain`).
     #[serde(default)]
     pub allow_shared: Vec<String>,
+    /// Envelope senders a spooled message may have (exact or `*@domain`);
+    /// empty: any, and the upstream decides.
+    #[serde(default)]
+    pub allowed_senders: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -518,6 +530,11 @@ impl Config {
             .unwrap_or_else(|| self.state_dir.join(DEFAULT_STORE_KEY_FILE))
     }
 
+    /// Whether any SMTP listener spools (the delivery worker runs).
+    pub fn spools(&self) -> bool {
+        self.listeners.iter().any(|l| l.delivery == Delivery::Spool)
+    }
+
     /// The protocols that have listeners (what delegated tokens are asked for).
     pub fn protocols(&self) -> Vec<Protocol> {
         let mut p: Vec<Protocol> = self.listeners.iter().map(|l| l.protocol).collect();
@@ -534,7 +551,7 @@ impl Config {
             format!("{a:?}") != format!("{b:?}")
         }
         let mut changed = Vec::new();
-        let sections: [(&'static str, bool); 8] = [
+        let sections: [(&'static str, bool); 9] = [
             ("state_dir", self.state_dir != new.state_dir),
             ("log", differs(&self.log, &new.log)),
             ("admin", differs(&self.admin, &new.admin)),
@@ -543,6 +560,7 @@ impl Config {
             ("listener", differs(&self.listeners, &new.listeners)),
             ("store", differs(&self.store, &new.store)),
             ("limits", differs(&self.limits, &new.limits)),
+            ("spool", differs(&self.spool, &new.spool)),
         ];
         for (name, d) in sections {
             if d {

@@ -12,8 +12,9 @@ use ipnet::IpNet;
 use secrecy::ExposeSecret;
 
 use super::{
-    split_host_port, AccountConfig, Config, Grant, LimitsConfig, ListenerConfig, LogConfig,
-    OAuthConfig, Protocol, RelayConfig, StoreBackend, StoreConfig, TlsMode, UpstreamConfig,
+    split_host_port, AccountConfig, Config, Delivery, Grant, LimitsConfig, ListenerConfig, LogConfig,
+    OAuthConfig, Protocol, RelayConfig, SpoolConfig, StoreBackend, StoreConfig, TlsMode,
+    UpstreamConfig,
 };
 
 /// The levels `log.level` accepts (`RUST_LOG` takes full filter directives).
@@ -32,6 +33,7 @@ pub fn validate(c: &Config) -> Result<(), String> {
     accounts(&c.accounts, &c.oauth)?;
     relays(&c.relays, &c.accounts, &c.listeners)?;
     limits(&c.limits)?;
+    spool(&c.spool)?;
     store(&c.store)
 }
 
@@ -145,6 +147,11 @@ fn listener(key: &str, l: &ListenerConfig) -> Result<(), String> {
     if l.max_connections == 0 {
         return Err(format!("{key}.max_connections: must be at least 1"));
     }
+    if l.delivery == Delivery::Spool && l.protocol != Protocol::Smtp {
+        return Err(format!(
+            "{key}.delivery: only SMTP listeners can spool; remove it here"
+        ));
+    }
     if l.session_continuity.is_some() && l.protocol != Protocol::Imap {
         return Err(format!(
             "{key}.session_continuity: only IMAP sessions move to a new login; remove it here"
@@ -211,6 +218,9 @@ fn account(key: &str, a: &AccountConfig, oauth: &OAuthConfig) -> Result<(), Stri
             "{key}.grant: refresh_token needs one consenting user per account; a *@domain login cannot have one"
         ));
     }
+    for sender in &a.allowed_senders {
+        validate_address_or_pattern(sender).map_err(|e| format!("{key}.allowed_senders: {e}"))?;
+    }
     for shared in &a.allow_shared {
         validate_address_or_pattern(shared).map_err(|e| format!("{key}.allow_shared: {e}"))?;
     }
@@ -275,6 +285,27 @@ fn relay(key: &str, r: &RelayConfig, accounts: &[AccountConfig]) -> Result<(), S
 }
 
 /// `[limits]`: no bound is zero, and a command line fits RFC 5321's.
+/// `[spool]`: every bound at least 1, retries that grow.
+fn spool(s: &SpoolConfig) -> Result<(), String> {
+    if !(s.max_age_h.is_finite() && s.max_age_h > 0.0) {
+        return Err("spool.max_age_h: must be more than 0".into());
+    }
+    for (key, value) in [
+        ("spool.max_message_bytes", s.max_message_bytes),
+        ("spool.max_recipients", s.max_recipients as u64),
+        ("spool.messages_per_minute", u64::from(s.messages_per_minute)),
+        ("spool.retry_min_s", s.retry_min_s),
+    ] {
+        if value == 0 {
+            return Err(format!("{key}: must be at least 1"));
+        }
+    }
+    if s.retry_max_s < s.retry_min_s {
+        return Err("spool.retry_max_s: must be at least spool.retry_min_s".into());
+    }
+    Ok(())
+}
+
 fn limits(l: &LimitsConfig) -> Result<(), String> {
     for (key, value) in [
         ("limits.max_connections", l.max_connections),
