@@ -208,6 +208,14 @@ pub fn fix(error: &AuthError) -> Option<&'static str> {
         | AuthError::UpstreamTemporary(d)
         | AuthError::UpstreamUnavailable(d) => d.as_str(),
         AuthError::Busy(_) | AuthError::BadCredentials(_) | AuthError::Throttled(_) => return None,
+        AuthError::CannotSpool(_) => {
+            return Some(
+                "a listener with delivery = \"spool\" sends later, without the device's \
+                 password, so grant = \"password\" accounts cannot use it: give the device an \
+                 account with client_credentials or refresh_token, or a listener with \
+                 delivery = \"session\"",
+            )
+        }
         AuthError::Authorization(_) => {
             return Some(
                 "the device sent a SASL authorization identity other than its user name \

@@ -36,6 +36,10 @@ pub enum AuthError {
     /// Too many failed logins from this address or for this account.
     #[error("throttled: {0}")]
     Throttled(&'static str),
+    /// The account's grant cannot send later: a spooling listener keeps
+    /// no password, and the `password` grant needs one for each token.
+    #[error("cannot spool: {0}")]
+    CannotSpool(&'static str),
 }
 
 impl AuthError {
@@ -64,6 +68,7 @@ impl AuthError {
             AuthError::UpstreamTemporary(_) => "upstream_temporary",
             AuthError::Busy(_) => "mailbox_busy",
             AuthError::Throttled(_) => "throttled",
+            AuthError::CannotSpool(_) => "cannot_spool",
         }
     }
 
@@ -80,6 +85,7 @@ impl AuthError {
             AuthError::UpstreamTemporary(_) => Refusal::UpstreamTemporary,
             AuthError::Busy(_) => Refusal::Busy,
             AuthError::Throttled(_) => Refusal::Throttled,
+            AuthError::CannotSpool(_) => Refusal::CannotSpool,
         }
     }
 }

@@ -513,6 +513,7 @@ fn refused(r: Refusal) -> &'static str {
             "NO [UNAVAILABLE] This mailbox has too many open sessions, try again later"
         }
         Refusal::Throttled => "NO [UNAVAILABLE] Too many failed logins; try again later",
+        Refusal::CannotSpool => "NO [AUTHENTICATIONFAILED] Authentication failed",
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod imap;
 pub mod imap_view;
+pub mod message;
 pub mod pop3;
 pub mod sasl;
 pub mod smtp;
@@ -36,6 +37,8 @@ pub enum Refusal {
     Busy,
     /// Too many failed logins from this address or for this account.
     Throttled,
+    /// The account cannot send through a spooling listener.
+    CannotSpool,
 }
 
 /// What the server side says when it ends a session on its own.

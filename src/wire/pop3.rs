@@ -197,6 +197,7 @@ fn refused(r: Refusal) -> &'static str {
         }
         Refusal::Busy => "-ERR [SYS/TEMP] This mailbox has too many open sessions, try again later",
         Refusal::Throttled => "-ERR [SYS/TEMP] Too many failed logins; try again later",
+        Refusal::CannotSpool => "-ERR [AUTH] Authentication failed",
     }
 }
 

@@ -195,6 +195,46 @@ pub fn mail_from_address(line: &[u8]) -> Option<String> {
     Some(addr.to_lowercase())
 }
 
+/// The path and parameters of `MAIL FROM:<path> params` (`prefix` is
+/// `"MAIL FROM:"`) or `RCPT TO:<path> params`: the address as given,
+/// without its brackets (empty for the null sender), and each parameter
+/// upper-cased up to its `=`. `None` when the syntax is wrong.
+pub fn parse_path(line: &[u8], prefix: &str) -> Option<(String, Vec<String>)> {
+    let text = std::str::from_utf8(line).ok()?;
+    let head = text.get(..prefix.len())?;
+    if !head.eq_ignore_ascii_case(prefix) {
+        return None;
+    }
+    let rest = text[prefix.len()..].trim_start();
+    let rest = rest.strip_prefix('<')?;
+    let end = rest.find('>')?;
+    let address = &rest[..end];
+    if address.contains(['<', ' ', '\r', '\n']) {
+        return None;
+    }
+    // A source route (`<@a,@b:user@c>`) is dropped, as RFC 5321 allows.
+    let address = match address.split_once(':') {
+        Some((route, addr)) if route.starts_with('@') => addr,
+        _ => address,
+    };
+    let params = rest[end + 1..]
+        .split(' ')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => format!("{}={v}", k.to_ascii_uppercase()),
+            None => p.to_ascii_uppercase(),
+        })
+        .collect();
+    Some((address.to_string(), params))
+}
+
+/// Whether `address` looks like `local@domain` (what a recipient must be).
+pub fn is_mailbox(address: &str) -> bool {
+    address
+        .rsplit_once('@')
+        .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
+}
+
 /// Whether a relay rule lets `sender` through: any, when the list is empty.
 pub fn sender_allowed(allowed: &[String], sender: &str) -> bool {
     allowed.is_empty()
@@ -297,6 +337,26 @@ pub enum Reply<'a> {
     Bye,
     Unrecognized,
     LineTooLong,
+    // After login on a spooling listener, where oxbridge takes the message.
+    SenderOk,
+    RecipientOk,
+    StartData,
+    /// A BDAT chunk other than the last, taken.
+    ChunkTaken(u64),
+    /// The message is on disk, under this id.
+    Queued(&'a str),
+    NeedMail,
+    NestedMail,
+    NoRecipients,
+    BadSender,
+    BadRecipient,
+    UnknownParameter,
+    TooBig,
+    TooManyRecipients,
+    SenderNotAllowedForLogin,
+    NotStored,
+    AlreadyAuthenticated,
+    DataTimeout,
     TooManyErrors,
     TooManyAuthFailures,
     TooManyCommands,
@@ -338,6 +398,8 @@ impl Reply<'_> {
             }
             Reply::Helo { host, name } => return text(format!("250 {host} Hello {name}")),
             Reply::Challenge(data) => return text(format!("334 {data}")),
+            Reply::ChunkTaken(n) => return text(format!("250 2.0.0 {n} octets received")),
+            Reply::Queued(id) => return text(format!("250 2.0.0 Ok: queued as {id}")),
             Reply::Ok => "250 2.0.0 OK",
             Reply::ReadyForTls => "220 2.0.0 Ready to start TLS",
             Reply::TlsActive => "503 5.5.1 TLS already active",
@@ -367,6 +429,21 @@ impl Reply<'_> {
             Reply::Bye => "221 2.0.0 Bye",
             Reply::Unrecognized => "500 5.5.2 Command unrecognized",
             Reply::LineTooLong => "500 5.5.6 Line too long",
+            Reply::SenderOk => "250 2.1.0 Sender OK",
+            Reply::RecipientOk => "250 2.1.5 Recipient OK",
+            Reply::StartData => "354 End data with <CR><LF>.<CR><LF>",
+            Reply::NeedMail => "503 5.5.1 Send MAIL first",
+            Reply::NestedMail => "503 5.5.1 Sender already given",
+            Reply::NoRecipients => "554 5.5.1 No valid recipients",
+            Reply::BadSender => "501 5.1.7 Bad sender address syntax",
+            Reply::BadRecipient => "501 5.1.3 Bad recipient address syntax",
+            Reply::UnknownParameter => "555 5.5.4 Unsupported MAIL or RCPT parameter",
+            Reply::TooBig => "552 5.3.4 Message size exceeds fixed maximum message size",
+            Reply::TooManyRecipients => "452 4.5.3 Too many recipients",
+            Reply::SenderNotAllowedForLogin => "550 5.7.1 Sender address not allowed for this login",
+            Reply::NotStored => "451 4.3.0 Could not store the message, try again later",
+            Reply::AlreadyAuthenticated => "503 5.5.1 Already authenticated",
+            Reply::DataTimeout => "421 4.4.2 Timeout waiting for the message, closing connection",
             Reply::TooManyErrors => "421 4.7.0 Too many errors, closing connection",
             Reply::TooManyAuthFailures => "421 4.7.0 Too many failed logins, closing connection",
             Reply::TooManyCommands => {
@@ -405,6 +482,9 @@ fn refused(r: Refusal) -> &'static str {
         }
         Refusal::Busy => "421 4.3.2 Too many sessions for this mailbox at once, try again later",
         Refusal::Throttled => "454 4.7.0 Too many failed logins; try again later",
+        Refusal::CannotSpool => {
+            "535 5.7.8 Authentication failed: this account cannot send through this port"
+        }
     }
 }
 
@@ -539,6 +619,24 @@ mod tests {
             kw.iter().filter(|k| *k != "CHUNKING").cloned().collect();
         assert!(!promises_hold(&told, &without_chunking));
         assert!(promises_hold(&["SIZE 10".into()], &["SIZE".into()]));
+    }
+
+    #[test]
+    fn paths_and_parameters() {
+        let p = |l: &str, pre| parse_path(l.as_bytes(), pre);
+        assert_eq!(
+            p("MAIL FROM:<Scan@Contoso.com> body=8bitmime SIZE=10", "MAIL FROM:"),
+            Some(("Scan@Contoso.com".into(), vec!["BODY=8bitmime".into(), "SIZE=10".into()]))
+        );
+        assert_eq!(p("mail from: <>", "MAIL FROM:"), Some((String::new(), vec![])));
+        assert_eq!(
+            p("RCPT TO:<@relay.example:bob@b.example>", "RCPT TO:"),
+            Some(("bob@b.example".into(), vec![]))
+        );
+        assert_eq!(p("RCPT TO:bob@b", "RCPT TO:"), None);
+        assert_eq!(p("RCPT TO:<a b@c>", "RCPT TO:"), None);
+        assert_eq!(p("MAIL FROM:<a@b>", "RCPT TO:"), None);
+        assert!(is_mailbox("a@b") && !is_mailbox("postmaster") && !is_mailbox("@b"));
     }
 
     #[test]
