@@ -45,6 +45,7 @@ pub mod net;
 pub mod oauth;
 mod relay;
 mod server;
+mod spool;
 mod state;
 mod throttle;
 mod upstream;
