@@ -34,6 +34,8 @@ struct Account {
     mailbox: Option<String>,
     /// Lower-cased addresses or `*@domain` patterns.
     allow_shared: Vec<String>,
+    /// Envelope senders of spooled messages (empty: any).
+    allowed_senders: Vec<String>,
 }
 
 impl Account {
@@ -105,6 +107,7 @@ impl Accounts {
                 password_hash: c.password_hash.clone(),
                 mailbox: c.mailbox.clone(),
                 allow_shared: c.allow_shared.iter().map(|a| a.to_lowercase()).collect(),
+                allowed_senders: c.allowed_senders.clone(),
             });
         }
         let dummy = SecretString::from("oxbridge-dummy-password".to_string());
@@ -226,6 +229,34 @@ impl Accounts {
                 "relay account missing or with grant = password",
             )),
         }
+    }
+
+    /// The envelope senders `account` may use on a spooling listener
+    /// (empty: any).
+    pub fn allowed_senders(&self, account: &str) -> Vec<String> {
+        self.find(&account.to_lowercase())
+            .map(|a| a.allowed_senders.clone())
+            .unwrap_or_default()
+    }
+
+    /// The identity a spooled message is sent with: its account (by the
+    /// config's login) and the mailbox it was taken for, if the account
+    /// still exists and may still send as that mailbox.
+    pub fn spooled_identity(&self, account: &str, mailbox: &str) -> Result<Identity, AuthError> {
+        let mut id = self.identity(account).map_err(|_| {
+            AuthError::BadCredentials("the spooled message's account is no longer configured")
+        })?;
+        let own = id.mailbox.eq_ignore_ascii_case(mailbox);
+        let shared = self
+            .find(&id.login)
+            .is_some_and(|a| a.may_open(&mailbox.to_lowercase()));
+        if !own && !shared {
+            return Err(AuthError::Authorization(format!(
+                "account {account} may no longer send as {mailbox}"
+            )));
+        }
+        id.mailbox = mailbox.to_string();
+        Ok(id)
     }
 
     fn mac(&self, account: &str, password: &SecretString) -> [u8; 32] {

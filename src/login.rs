@@ -83,6 +83,72 @@ pub async fn login(
     result
 }
 
+/// A login on a spooling listener: throttle -> account (local password),
+/// and nothing upstream; the delivery worker logs in when it sends. The
+/// `password` grant cannot be spooled: its tokens need the device's
+/// password, which is never kept.
+pub async fn local_login(
+    app: &App,
+    creds: Credentials,
+    peer: SocketAddr,
+) -> Result<Identity, AuthError> {
+    let login = creds.login.clone();
+    let result = async {
+        app.throttle
+            .check(peer.ip(), &login)
+            .await
+            .map_err(AuthError::Throttled)?;
+        let id = app
+            .accounts()
+            .authenticate(&creds.login, creds.password)
+            .await;
+        match &id {
+            Err(AuthError::BadCredentials(_)) => {
+                tokio::time::sleep(app.throttle.failure(peer.ip(), &login).await).await
+            }
+            Ok(_) => app.throttle.success(peer.ip(), &login).await,
+            Err(_) => {}
+        }
+        match id {
+            Ok(id) if id.grant == Grant::Password => Err(AuthError::CannotSpool(
+                "grant = \"password\" needs the device's password for every token",
+            )),
+            other => other,
+        }
+    }
+    .await;
+    spooling(&login, &result);
+    result
+}
+
+/// A `[[relay]]` rule's device on a spooling listener: the rule's account,
+/// nothing upstream.
+pub fn local_relay(app: &App, account: &str) -> Result<Identity, AuthError> {
+    let result = app.accounts().identity(account);
+    spooling(&format!("relay as {account}"), &result);
+    result
+}
+
+fn spooling(login: &str, result: &Result<Identity, AuthError>) {
+    crate::metrics::login(Protocol::Smtp, result.as_ref().err().map(AuthError::reason));
+    match result {
+        Ok(id) => {
+            info!(login = %login, account = %id.account, mailbox = %id.mailbox, grant = %id.grant, "authenticated; spooling")
+        }
+        Err(e) => log_failure(login, e),
+    }
+}
+
+/// The delivery worker's login for a spooled message: the mailbox's SMTP
+/// slot, a token, dial and XOAUTH2, as for a device.
+pub async fn delivery_login(app: &App, id: &Identity) -> Result<Upstream, AuthError> {
+    let result = upstream_login(app, Protocol::Smtp, id, &app.hostname).await;
+    if let Err(e) = &result {
+        warn!(account = %id.account, mailbox = %id.mailbox, reason = e.reason(), error = %e, "delivery login failed");
+    }
+    result
+}
+
 /// Log in upstream as a `[[relay]]` rule's account, for a device that
 /// cannot authenticate (its network is the credential).
 pub async fn relay_login(

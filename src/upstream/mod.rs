@@ -9,6 +9,8 @@ mod imap;
 mod pop3;
 mod smtp;
 
+pub use smtp::Sent;
+
 use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
@@ -120,6 +122,24 @@ impl Dialer {
         }
     }
 
+    /// Send a spooled message on a logged-in SMTP connection (see
+    /// `smtp::send_message`).
+    pub async fn send_message(
+        conn: &mut Conn,
+        sender: &str,
+        params: &[String],
+        recipients: &[String],
+        message: &std::path::Path,
+        before_end: impl FnOnce() -> std::io::Result<()>,
+    ) -> Result<smtp::Sent, AuthError> {
+        smtp::send_message(conn, sender, params, recipients, message, before_end).await
+    }
+
+    /// End an SMTP session politely.
+    pub async fn quit_smtp(conn: &mut Conn) {
+        smtp::quit(conn).await
+    }
+
     /// The EHLO keywords a device may be told: the last known upstream
     /// EHLO, probing once if nothing is known.
     pub async fn smtp_capabilities(&self) -> Vec<String> {
@@ -136,7 +156,12 @@ async fn send(conn: &mut Conn, data: &[u8]) -> Result<(), AuthError> {
 
 /// Read one upstream line before login, bounded in length and time.
 async fn read_line(conn: &mut Conn) -> Result<Vec<u8>, AuthError> {
-    conn.read_line(MAX_REPLY_LINE, REPLY_TIMEOUT)
+    read_line_within(conn, REPLY_TIMEOUT).await
+}
+
+/// [`read_line`], waiting at most `wait`.
+async fn read_line_within(conn: &mut Conn, wait: Duration) -> Result<Vec<u8>, AuthError> {
+    conn.read_line(MAX_REPLY_LINE, wait)
         .await
         .map_err(|e| AuthError::UpstreamUnavailable(format!("reading reply: {e}")))
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use secrecy::{ExposeSecret, SecretString};
 use tracing::warn;
 
-use super::{read_line, send, unavailable, Dialer, MAX_REPLY_LINES};
+use super::{read_line_within, send, unavailable, Dialer, MAX_REPLY_LINES, REPLY_TIMEOUT};
 use crate::error::AuthError;
 use crate::net::{dial, Conn};
 use crate::wire::sasl;
@@ -26,9 +26,14 @@ const PROBE_NAME: &str = "oxbridge";
 
 /// Read one reply, bounded in line length, line count and time.
 async fn read_reply(conn: &mut Conn) -> Result<ServerReply, AuthError> {
+    read_reply_within(conn, REPLY_TIMEOUT).await
+}
+
+/// [`read_reply`], each line waited for at most `wait`.
+async fn read_reply_within(conn: &mut Conn, wait: Duration) -> Result<ServerReply, AuthError> {
     let mut lines = Vec::new();
     loop {
-        let line = read_line(conn).await?;
+        let line = read_line_within(conn, wait).await?;
         let (code, last, text) = parse_reply_line(&line).ok_or_else(|| {
             AuthError::UpstreamUnavailable(format!(
                 "malformed reply {:?}",
@@ -203,4 +208,87 @@ async fn probe(dialer: &Dialer) -> Result<Vec<String>, AuthError> {
     let (mut conn, keywords) = dial(dialer, PROBE_NAME).await?;
     let _ = send(&mut conn, &Request::Quit.to_bytes()).await;
     Ok(keywords)
+}
+
+/// How long the server may take to answer the end of a message (RFC 5321
+/// 4.5.3.2.6: ten minutes).
+pub const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bytes of a spooled message read and sent at once.
+const SEND_CHUNK: usize = 64 * 1024;
+
+/// What the server said to one message: to MAIL, to each RCPT, and to
+/// its end (none when no recipient was taken).
+#[derive(Debug)]
+pub struct Sent {
+    pub mail: ServerReply,
+    pub recipients: Vec<(String, ServerReply)>,
+    pub data: Option<ServerReply>,
+}
+
+/// Send one message on a logged-in connection: RSET, MAIL, each RCPT,
+/// DATA and the message read from `message`, dot-stuffed. `before_end`
+/// runs just before the final dot is sent. An error means the connection
+/// failed; the server's refusals are in [`Sent`].
+pub(super) async fn send_message(
+    conn: &mut Conn,
+    sender: &str,
+    params: &[String],
+    recipients: &[String],
+    message: &std::path::Path,
+    before_end: impl FnOnce() -> std::io::Result<()>,
+) -> Result<Sent, AuthError> {
+    use tokio::io::AsyncReadExt;
+    let rset = command(conn, Request::Rset).await?;
+    if rset.code / 100 != 2 {
+        return Err(AuthError::UpstreamTemporary(format!(
+            "RSET: {}",
+            rset.summary()
+        )));
+    }
+    let mail = command(conn, Request::MailFromWith(sender, params)).await?;
+    let mut sent = Sent {
+        mail,
+        recipients: Vec::new(),
+        data: None,
+    };
+    if sent.mail.code / 100 != 2 {
+        return Ok(sent);
+    }
+    for r in recipients {
+        let reply = command(conn, Request::RcptTo(r)).await?;
+        sent.recipients.push((r.clone(), reply));
+    }
+    if !sent.recipients.iter().any(|(_, r)| r.code / 100 == 2) {
+        return Ok(sent);
+    }
+    let go = command(conn, Request::Data).await?;
+    if go.code != 354 {
+        sent.data = Some(go);
+        return Ok(sent);
+    }
+    let io = |e: std::io::Error| {
+        AuthError::UpstreamTemporary(format!("reading the spooled message: {e}"))
+    };
+    let mut file = tokio::fs::File::open(message).await.map_err(io)?;
+    let mut writer = crate::wire::message::DataWriter::default();
+    let mut buf = vec![0u8; SEND_CHUNK];
+    let mut out = Vec::with_capacity(SEND_CHUNK + SEND_CHUNK / 8);
+    loop {
+        let n = file.read(&mut buf).await.map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        out.clear();
+        writer.stuff(&buf[..n], &mut out);
+        send(conn, &out).await?;
+    }
+    before_end().map_err(io)?;
+    send(conn, &writer.finish()).await?;
+    sent.data = Some(read_reply_within(conn, DATA_END_TIMEOUT).await?);
+    Ok(sent)
+}
+
+/// End a session: QUIT, without waiting long for the answer.
+pub(super) async fn quit(conn: &mut Conn) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), command(conn, Request::Quit)).await;
 }
