@@ -8,6 +8,7 @@ use arc_swap::ArcSwap;
 
 use crate::accounts::Accounts;
 use crate::config::{Config, Grant, RelayConfig};
+use crate::spool::Spool;
 use crate::state::{FileStore, State, StateError};
 use crate::upstream::Dialer;
 use crate::{limits, oauth, throttle};
@@ -26,6 +27,8 @@ pub struct App {
     pub throttle: throttle::Throttle,
     /// The name oxbridge gives itself in greetings.
     pub hostname: String,
+    /// The SMTP spool, when a listener has `delivery = "spool"`.
+    pub spool: Option<Arc<Spool>>,
 }
 
 /// A start-up failure: the message names what is wrong.
@@ -42,7 +45,17 @@ impl App {
         let mailbox_limits = limits::MailboxLimits::new(&config.limits, state.clone());
         let throttle = throttle::Throttle::new(&config.limits, state);
         let dialer = Dialer::new(&config.upstream).map_err(StartError)?;
+        let spool = match config.spools() {
+            true => Some(Arc::new(Spool::open(&config).map_err(|e| {
+                StartError(format!(
+                    "spool.dir: cannot open {}: {e}",
+                    config.spool.dir(&config.state_dir).display()
+                ))
+            })?)),
+            false => None,
+        };
         Ok(App {
+            spool,
             accounts: ArcSwap::from_pointee(Accounts::new(&config.accounts)),
             relays: ArcSwap::from_pointee(config.relays.clone()),
             tokens,

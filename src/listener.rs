@@ -9,7 +9,7 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{ListenerConfig, Protocol, TlsMode};
+use crate::config::{Delivery, ListenerConfig, Protocol, TlsMode};
 
 /// One `[[listener]]`, ready to serve.
 pub struct Listener {
@@ -23,6 +23,8 @@ pub struct Listener {
     pub proxy_protocol: bool,
     /// IMAP: sessions move to a new upstream login before their token expires.
     pub session_continuity: bool,
+    /// SMTP: live relay, or store and forward.
+    pub delivery: Delivery,
     max_connections: usize,
     slots: Arc<Semaphore>,
 }
@@ -53,6 +55,7 @@ impl Listener {
             tls_acceptor: ArcSwapOption::new(tls_acceptor),
             allow_plaintext_auth: config.allow_plaintext_auth,
             session_continuity: config.session_continuity.unwrap_or(true),
+            delivery: config.delivery,
             proxy_protocol: config.proxy_protocol,
             max_connections: config.max_connections,
             slots: Arc::new(Semaphore::new(config.max_connections)),

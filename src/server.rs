@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::app::{App, StartError};
-use crate::config::{Config, Protocol, TlsMode};
+use crate::config::{Config, Delivery, Protocol, TlsMode};
 use crate::device::{self, Context, Dialogue, Handoff, Ready};
 use crate::listener::{Listener, ListenerSlot};
 use crate::login::{self, LoggedIn};
@@ -88,13 +88,20 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
         .config
         .listeners
         .iter()
-        .any(|l| l.protocol == Protocol::Smtp)
+        .any(|l| l.protocol == Protocol::Smtp && l.delivery == Delivery::Session)
     {
         let probe_app = app.clone();
         tokio::spawn(async move {
             // Learn the upstream's EHLO ahead of the first device.
             let _ = probe_app.dialer.smtp_capabilities().await;
         });
+    }
+    if let Some(spool) = &app.spool {
+        tokio::spawn(crate::spool::deliver::run(
+            app.clone(),
+            spool.clone(),
+            control.shutdown.clone(),
+        ));
     }
     if !app.tokens.keepalive().is_zero() && !app.accounts().refresh_token_logins().is_empty() {
         tokio::spawn(keep_refresh_tokens_alive(
@@ -380,6 +387,10 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
         Protocol::Smtp => Box::new(device::smtp::Session::new(
             context,
             app.relay_rule(peer.ip()),
+            match ctx.listener.delivery {
+                Delivery::Spool => app.spool.as_ref().map(|s| s.keywords()),
+                Delivery::Session => None,
+            },
         )),
         Protocol::Imap => Box::new(device::imap::Session::new(context)),
         Protocol::Pop3 => Box::new(device::pop3::Session::new(context)),
@@ -440,6 +451,45 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
                 "session ended"
             );
             crate::metrics::session_ended(protocol, "relayed", r.to_upstream, r.to_device);
+        }
+        Handoff::Spool(device) => {
+            let Some(spool) = app.spool.clone() else {
+                return;
+            };
+            let (account, mailbox) = (device.id.account.clone(), device.id.mailbox.clone());
+            let rules = crate::spool::intake::Rules {
+                max_bytes: spool.config.max_message_bytes,
+                max_recipients: spool.config.max_recipients,
+                allowed_senders: match device.relay {
+                    true => app
+                        .relay_rule(peer.ip())
+                        .map(|r| r.allowed_senders)
+                        .unwrap_or_default(),
+                    false => app.accounts().allowed_senders(&device.id.account),
+                },
+            };
+            let limits = &app.config.limits;
+            let served = crate::spool::intake::serve(
+                &spool,
+                app.hostname.clone(),
+                rules,
+                *device,
+                limits.max_line,
+                Duration::from_secs(limits.preauth_timeout_s),
+                &ctx.abort,
+            )
+            .await;
+            info!(
+                account = %account,
+                mailbox = %mailbox,
+                outcome = "spooled",
+                end = served.end,
+                messages = served.messages,
+                bytes = served.bytes,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "session ended"
+            );
+            crate::metrics::session_ended(protocol, "spooled", served.bytes, 0);
         }
         Handoff::Closed(why) => {
             crate::metrics::session_ended(protocol, "closed", 0, 0);

@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::accounts::Identity;
 use crate::app::App;
 use crate::error::AuthError;
 use crate::listener::Listener;
@@ -219,6 +220,8 @@ pub fn refuse_authorization(login: String, authzid: &str) -> Step {
 pub enum Handoff {
     /// Logged in upstream: relay from here.
     Relay(Box<Ready>),
+    /// Logged in on a spooling listener: oxbridge takes the messages.
+    Spool(Box<crate::spool::intake::Device>),
     /// The session is over (QUIT/LOGOUT, timeout, limits, shutdown, closed).
     Closed(&'static str),
 }
@@ -247,7 +250,10 @@ pub async fn drive(
         first_line: true,
     };
     let protocol = listener.protocol;
+    let spooling = listener.delivery == crate::config::Delivery::Spool;
     let mut logged_in: Option<LoggedIn> = None;
+    // On a spooling listener: who logged in (nothing upstream yet).
+    let mut local: Option<(Identity, bool, String)> = None;
     let mut step = session.greeting();
     loop {
         if !step.reply.is_empty() && device.conn.send(&step.reply, device.timeout).await.is_err() {
@@ -285,6 +291,29 @@ pub async fn drive(
                 let keywords = app.dialer.smtp_capabilities().await;
                 session.on(Input::Capabilities(&keywords))
             }
+            Then::Login(request) if spooling => {
+                let (result, relay, helo) = match request {
+                    Login::Password { creds, client_name } => (
+                        login::local_login(app, creds, peer).await,
+                        false,
+                        client_name,
+                    ),
+                    Login::Relay {
+                        account,
+                        client_name,
+                    } => (login::local_relay(app, &account), true, client_name),
+                };
+                match result {
+                    Ok(id) => {
+                        local = Some((id, relay, helo));
+                        let keywords = app.spool.as_ref().map(|s| s.keywords()).unwrap_or_default();
+                        session.on(Input::LoggedIn {
+                            capabilities: &keywords,
+                        })
+                    }
+                    Err(e) => session.on(Input::LoginFailed(&e)),
+                }
+            }
             Then::Login(request) => {
                 let result = match request {
                     Login::Password { creds, client_name } => {
@@ -310,6 +339,19 @@ pub async fn drive(
                 login::refused(protocol, &login, &error);
                 session.on(Input::LoginFailed(&error))
             }
+            Then::Relay { replay } if spooling => {
+                let Some((id, relay, helo)) = local.take() else {
+                    return Handoff::Closed("spool without a login");
+                };
+                device.conn.unread(&replay);
+                return Handoff::Spool(Box::new(crate::spool::intake::Device {
+                    conn: device.conn,
+                    id,
+                    relay,
+                    helo,
+                    peer,
+                }));
+            }
             Then::Relay { replay } => {
                 let Some(login) = logged_in.take() else {
                     return Handoff::Closed("relay without a login");
@@ -326,6 +368,7 @@ pub async fn drive(
         // offers what the device was told) is closed here.
         if !matches!(step.then, Then::Relay { .. }) {
             logged_in = None;
+            local = None;
         }
     }
 }

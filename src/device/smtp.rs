@@ -59,17 +59,25 @@ pub struct Session {
     helo: Option<String>,
     /// EHLO keywords the device was told (what the upstream must honour).
     told: Vec<String>,
+    /// On a spooling listener: oxbridge's own EHLO keywords (it takes the
+    /// message itself, so the upstream's do not matter).
+    spool_keywords: Option<Vec<String>>,
     state: State,
     count: Counters,
 }
 
 impl Session {
-    pub fn new(ctx: Context, relay: Option<RelayConfig>) -> Session {
+    pub fn new(
+        ctx: Context,
+        relay: Option<RelayConfig>,
+        spool_keywords: Option<Vec<String>>,
+    ) -> Session {
         Session {
             ctx,
             relay,
             helo: None,
             told: Vec::new(),
+            spool_keywords,
             state: State::Command,
             count: Counters::default(),
         }
@@ -120,7 +128,10 @@ impl Session {
         match parse_command(line) {
             Command::Ehlo(name) => {
                 self.state = State::Ehlo(name.to_string());
-                Step::then(Then::Capabilities)
+                match self.spool_keywords.clone() {
+                    Some(keywords) => self.on(Input::Capabilities(&keywords)),
+                    None => Step::then(Then::Capabilities),
+                }
             }
             Command::Helo(name) => {
                 let name = wire::sanitize(name);

@@ -9,12 +9,12 @@ const REQUIRED: &str = "530 5.7.0 Authentication required\r\n";
 
 /// A session on a plain-text port that offers STARTTLS.
 fn starttls_port() -> Session {
-    Session::new(context(false, true, false), None)
+    Session::new(context(false, true, false), None, None)
 }
 
 /// A session on an implicit-TLS port.
 fn tls_port() -> Session {
-    Session::new(context(true, false, false), None)
+    Session::new(context(true, false, false), None, None)
 }
 
 fn relay_port(allowed: &[&str]) -> Session {
@@ -23,7 +23,7 @@ fn relay_port(allowed: &[&str]) -> Session {
         account: "scanner@x.test".into(),
         allowed_senders: allowed.iter().map(|s| s.to_string()).collect(),
     };
-    Session::new(context(false, false, false), Some(rule))
+    Session::new(context(false, false, false), Some(rule), None)
 }
 
 #[test]
@@ -150,7 +150,7 @@ fn sasl_cancel_garbage_and_unknown_mechanisms() {
 #[test]
 fn housekeeping_commands() {
     run(
-        &mut Session::new(context(false, false, true), None),
+        &mut Session::new(context(false, false, true), None, None),
         GREETING,
         &[
             (L("NOOP"), "250 2.0.0 OK\r\n", "read"),

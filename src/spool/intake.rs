@@ -1,0 +1,569 @@
+//! A device's SMTP dialogue after login on a spooling listener. oxbridge
+//! answers MAIL, RCPT, DATA and BDAT itself and says `250` only once the
+//! message is in the queue. What it can decide alone is refused at once:
+//! a sender the login may not use, too many recipients, a message too big.
+//!
+//! [`Intake`] is the state machine (tested byte for byte without a
+//! socket); [`serve`] drives it: it reads with bounds and time limits,
+//! streams the message into a queue draft and commits it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::queue::{self, Draft, Envelope};
+use super::Spool;
+use crate::accounts::Identity;
+use crate::net::{Conn, LineError};
+use crate::wire::message::DataReader;
+use crate::wire::smtp::{self as wire, parse_command, parse_path, Command, Reply};
+use crate::wire::Farewell;
+
+/// Unrecognised or malformed commands before the connection is closed.
+pub const MAX_ERRORS: usize = 10;
+/// Message bytes gathered before they are written to the draft.
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// What the device may do, from `[spool]` and its account.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub max_bytes: u64,
+    pub max_recipients: usize,
+    /// Empty: any sender.
+    pub allowed_senders: Vec<String>,
+}
+
+/// The message being described.
+#[derive(Debug, Default)]
+struct Transaction {
+    sender: String,
+    params: Vec<String>,
+    recipients: Vec<String>,
+    /// BDAT chunks have been taken (DATA may not follow).
+    chunked: bool,
+    /// Bytes of the chunks so far.
+    chunk_bytes: u64,
+    /// A chunk made the message too big: the rest is read and dropped.
+    too_big: bool,
+}
+
+/// The dialogue's inputs. No `Debug`: a line is the device's.
+pub enum Input<'a> {
+    Line(&'a [u8]),
+    TooLong,
+    /// DATA's end was read; `too_big`: the message was over the limit.
+    DataEnd {
+        too_big: bool,
+    },
+    /// A BDAT chunk was read (kept, or dropped when not wanted).
+    Chunk,
+    /// The message is in the queue under this id, or could not be stored.
+    Stored(Result<&'a str, ()>),
+    Timeout,
+    Shutdown,
+}
+
+/// What the driver does after writing a step's reply.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Then {
+    Read,
+    /// Read DATA's body into a new draft, up to `max` bytes.
+    ReadData {
+        max: u64,
+    },
+    /// Read a BDAT chunk: into the draft when `keep`, else drop it.
+    ReadChunk {
+        size: u64,
+        keep: bool,
+    },
+    /// Commit the draft with this envelope.
+    Store(Box<Stored>),
+    Close(&'static str),
+}
+
+/// The envelope of a message to commit.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub sender: String,
+    pub params: Vec<String>,
+    pub recipients: Vec<String>,
+}
+
+pub struct Step {
+    pub reply: Vec<u8>,
+    pub then: Then,
+}
+
+impl Step {
+    fn read(reply: Reply<'_>) -> Step {
+        Step {
+            reply: reply.to_bytes(),
+            then: Then::Read,
+        }
+    }
+
+    fn close(reply: Reply<'_>, why: &'static str) -> Step {
+        Step {
+            reply: reply.to_bytes(),
+            then: Then::Close(why),
+        }
+    }
+}
+
+/// The dialogue of one logged-in device.
+pub struct Intake {
+    host: String,
+    keywords: Vec<String>,
+    rules: Rules,
+    tx: Option<Transaction>,
+    errors: usize,
+    /// The reply owed once a dropped BDAT chunk has been read.
+    after_chunk: Option<Reply<'static>>,
+    /// The chunk being read is the last one (`BDAT n LAST`), and its size.
+    last_chunk: bool,
+    chunk_size: u64,
+}
+
+impl Intake {
+    pub fn new(host: String, keywords: Vec<String>, rules: Rules) -> Intake {
+        Intake {
+            host,
+            keywords,
+            rules,
+            tx: None,
+            errors: 0,
+            after_chunk: None,
+            last_chunk: false,
+            chunk_size: 0,
+        }
+    }
+
+    fn error(&mut self, reply: Reply<'_>) -> Step {
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            return Step::close(Reply::TooManyErrors, "too many errors");
+        }
+        Step::read(reply)
+    }
+
+    pub fn on(&mut self, input: Input<'_>) -> Step {
+        match input {
+            Input::Line(line) => self.command(line),
+            Input::TooLong => self.error(Reply::LineTooLong),
+            Input::DataEnd { too_big } => {
+                let tx = self.tx.take().unwrap_or_default();
+                if too_big {
+                    return Step::read(Reply::TooBig);
+                }
+                self.store(tx)
+            }
+            Input::Chunk => self.chunk_read(),
+            Input::Stored(Ok(id)) => Step::read(Reply::Queued(id)),
+            Input::Stored(Err(())) => Step::read(Reply::NotStored),
+            Input::Timeout => Step::close(Reply::Timeout, "idle timeout"),
+            Input::Shutdown => Step::close(Reply::Farewell(Farewell::Shutdown), "shutdown"),
+        }
+    }
+
+    fn store(&mut self, tx: Transaction) -> Step {
+        Step {
+            reply: Vec::new(),
+            then: Then::Store(Box::new(Stored {
+                sender: tx.sender,
+                params: tx.params,
+                recipients: tx.recipients,
+            })),
+        }
+    }
+
+    fn command(&mut self, line: &[u8]) -> Step {
+        match parse_command(line) {
+            Command::Ehlo(name) => {
+                self.tx = None;
+                let name = wire::sanitize(name);
+                Step::read(Reply::Ehlo {
+                    host: &self.host,
+                    name: &name,
+                    keywords: &self.keywords,
+                    starttls: false,
+                    auth: true,
+                })
+            }
+            Command::Helo(name) => {
+                self.tx = None;
+                let name = wire::sanitize(name);
+                Step::read(Reply::Helo {
+                    host: &self.host,
+                    name: &name,
+                })
+            }
+            Command::Mail => self.mail(line),
+            Command::Rcpt => self.rcpt(line),
+            Command::Data => self.data(),
+            Command::Bdat(size) => self.bdat(line, size),
+            Command::Rset => {
+                self.tx = None;
+                Step::read(Reply::Ok)
+            }
+            Command::Noop => Step::read(Reply::Ok),
+            Command::Help => Step::read(Reply::Help),
+            Command::Vrfy => Step::read(Reply::CannotVrfy),
+            Command::Auth { .. } => Step::read(Reply::AlreadyAuthenticated),
+            Command::StartTls => Step::read(Reply::NoStartTls),
+            Command::Quit => Step::close(Reply::Bye, "quit"),
+            Command::Unknown => self.error(Reply::Unrecognized),
+        }
+    }
+
+    fn mail(&mut self, line: &[u8]) -> Step {
+        if self.tx.is_some() {
+            return Step::read(Reply::NestedMail);
+        }
+        let Some((sender, params)) = parse_path(line, "MAIL FROM:") else {
+            return self.error(Reply::BadSender);
+        };
+        let mut kept = Vec::new();
+        for p in params {
+            let (key, value) = p.split_once('=').unwrap_or((p.as_str(), ""));
+            match key {
+                "SIZE" => match value.parse::<u64>() {
+                    Ok(n) if n > self.rules.max_bytes => return Step::read(Reply::TooBig),
+                    Ok(_) => {}
+                    Err(_) => return self.error(Reply::UnknownParameter),
+                },
+                "BODY" if value.eq_ignore_ascii_case("8BITMIME") => {
+                    kept.push("BODY=8BITMIME".to_string())
+                }
+                "BODY" if value.eq_ignore_ascii_case("7BIT") => {}
+                // RFC 4954: the AUTH parameter may be ignored.
+                "AUTH" => {}
+                _ => return self.error(Reply::UnknownParameter),
+            }
+        }
+        if !sender.is_empty()
+            && !self.rules.allowed_senders.is_empty()
+            && !wire::sender_allowed(&self.rules.allowed_senders, &sender.to_lowercase())
+        {
+            warn!(sender = %sender, "spool refused: sender not allowed for this login");
+            return Step::read(Reply::SenderNotAllowedForLogin);
+        }
+        self.tx = Some(Transaction {
+            sender,
+            params: kept,
+            ..Default::default()
+        });
+        Step::read(Reply::SenderOk)
+    }
+
+    fn rcpt(&mut self, line: &[u8]) -> Step {
+        let max = self.rules.max_recipients;
+        let Some(tx) = self.tx.as_mut() else {
+            return Step::read(Reply::NeedMail);
+        };
+        let Some((rcpt, params)) = parse_path(line, "RCPT TO:") else {
+            return self.error(Reply::BadRecipient);
+        };
+        if !wire::is_mailbox(&rcpt) {
+            return self.error(Reply::BadRecipient);
+        }
+        if !params.is_empty() {
+            return self.error(Reply::UnknownParameter);
+        }
+        if tx.recipients.len() >= max {
+            return Step::read(Reply::TooManyRecipients);
+        }
+        tx.recipients.push(rcpt);
+        Step::read(Reply::RecipientOk)
+    }
+
+    fn data(&mut self) -> Step {
+        match &self.tx {
+            None => Step::read(Reply::NeedMail),
+            Some(tx) if tx.recipients.is_empty() => Step::read(Reply::NoRecipients),
+            Some(tx) if tx.chunked => Step::read(Reply::NestedMail),
+            Some(_) => Step {
+                reply: Reply::StartData.to_bytes(),
+                then: Then::ReadData {
+                    max: self.rules.max_bytes,
+                },
+            },
+        }
+    }
+
+    fn bdat(&mut self, line: &[u8], size: Option<u64>) -> Step {
+        let Some(size) = size else {
+            return self.error(Reply::Unrecognized);
+        };
+        let last = std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| l.split_whitespace().nth(2))
+            .is_some_and(|w| w.eq_ignore_ascii_case("LAST"));
+        self.last_chunk = last;
+        self.chunk_size = size;
+        let drop_with = match &self.tx {
+            None => Some(Reply::NeedMail),
+            Some(tx) if tx.recipients.is_empty() => Some(Reply::NoRecipients),
+            _ => None,
+        };
+        if let Some(reply) = drop_with {
+            self.after_chunk = Some(reply);
+            return Step {
+                reply: Vec::new(),
+                then: Then::ReadChunk { size, keep: false },
+            };
+        }
+        let max = self.rules.max_bytes;
+        let tx = self.tx.as_mut().expect("checked above");
+        tx.chunked = true;
+        tx.chunk_bytes = tx.chunk_bytes.saturating_add(size);
+        tx.too_big |= tx.chunk_bytes > max;
+        Step {
+            reply: Vec::new(),
+            then: Then::ReadChunk {
+                size,
+                keep: !tx.too_big,
+            },
+        }
+    }
+
+    /// A message is being sent in BDAT chunks (its draft is kept).
+    pub fn chunking(&self) -> bool {
+        self.tx.as_ref().is_some_and(|t| t.chunked)
+    }
+
+    fn chunk_read(&mut self) -> Step {
+        if let Some(reply) = self.after_chunk.take() {
+            return Step::read(reply);
+        }
+        let last = self.last_chunk;
+        let Some(tx) = self.tx.as_mut() else {
+            return Step::read(Reply::NeedMail);
+        };
+        if !last {
+            return Step::read(if tx.too_big {
+                Reply::TooBig
+            } else {
+                Reply::ChunkTaken(self.chunk_size)
+            });
+        }
+        let tx = self.tx.take().expect("checked above");
+        if tx.too_big {
+            return Step::read(Reply::TooBig);
+        }
+        self.store(tx)
+    }
+}
+
+/// A logged-in device on a spooling listener.
+pub struct Device {
+    pub conn: Conn,
+    pub id: Identity,
+    /// Logged in by a `[[relay]]` rule.
+    pub relay: bool,
+    pub helo: String,
+    pub peer: SocketAddr,
+}
+
+/// How a spooled session went.
+pub struct Served {
+    pub messages: u32,
+    pub bytes: u64,
+    pub end: &'static str,
+}
+
+/// Take the device's messages until it quits, fails or is told goodbye.
+pub async fn serve(
+    spool: &Arc<Spool>,
+    host: String,
+    rules: Rules,
+    mut device: Device,
+    max_line: usize,
+    timeout: Duration,
+    stop: &CancellationToken,
+) -> Served {
+    let mut intake = Intake::new(host, spool.keywords(), rules);
+    let mut served = Served {
+        messages: 0,
+        bytes: 0,
+        end: "",
+    };
+    let mut draft: Option<Draft> = None;
+    let mut step = Step {
+        reply: Vec::new(),
+        then: Then::Read,
+    };
+    loop {
+        if !step.reply.is_empty() && device.conn.send(&step.reply, timeout).await.is_err() {
+            served.end = "device write failed";
+            return served;
+        }
+        step = match step.then {
+            Then::Read => {
+                let line = tokio::select! {
+                    line = device.conn.read_line(max_line, timeout) => Some(line),
+                    _ = stop.cancelled() => None,
+                };
+                match line {
+                    None => intake.on(Input::Shutdown),
+                    Some(Ok(line)) => intake.on(Input::Line(&line)),
+                    Some(Err(LineError::TooLong(_))) => intake.on(Input::TooLong),
+                    Some(Err(LineError::Timeout(_))) => intake.on(Input::Timeout),
+                    Some(Err(e)) => {
+                        served.end = e.reason();
+                        return served;
+                    }
+                }
+            }
+            Then::ReadData { max } => {
+                let mut d = match spool.queue.draft() {
+                    Ok(d) => d,
+                    Err(e) => {
+                        warn!(error = %e, "cannot start a message in the spool");
+                        let _ = device
+                            .conn
+                            .send(&Reply::NotStored.to_bytes(), timeout)
+                            .await;
+                        served.end = "spool unavailable";
+                        return served;
+                    }
+                };
+                match read_data(&mut device.conn, &mut d, max, timeout).await {
+                    Ok(too_big) => {
+                        draft = Some(d);
+                        intake.on(Input::DataEnd { too_big })
+                    }
+                    Err(LineError::Timeout(_)) => Step::close(Reply::DataTimeout, "data timeout"),
+                    Err(LineError::Io(e)) if e.kind() != std::io::ErrorKind::ConnectionReset => {
+                        warn!(error = %e, "cannot write a message to the spool");
+                        Step::close(Reply::NotStored, "spool write failed")
+                    }
+                    Err(e) => {
+                        served.end = e.reason();
+                        return served;
+                    }
+                }
+            }
+            Then::ReadChunk { size, keep } => {
+                if keep && draft.is_none() {
+                    draft = spool.queue.draft().ok();
+                }
+                let result = match draft.as_mut().filter(|_| keep) {
+                    Some(d) => read_chunk(&mut device.conn, d, size, timeout).await,
+                    None => device.conn.discard(size, timeout).await,
+                };
+                match result {
+                    Ok(()) => intake.on(Input::Chunk),
+                    Err(LineError::Timeout(_)) => Step::close(Reply::DataTimeout, "data timeout"),
+                    Err(e) => {
+                        served.end = e.reason();
+                        return served;
+                    }
+                }
+            }
+            Then::Store(stored) => {
+                let Some(d) = draft.take() else {
+                    served.end = "store without a message";
+                    return served;
+                };
+                let size = d.size;
+                let envelope = Envelope {
+                    id: String::new(),
+                    account: device.id.account.clone(),
+                    mailbox: device.id.mailbox.clone(),
+                    relay: device.relay,
+                    sender: stored.sender,
+                    recipients: stored.recipients,
+                    params: stored.params,
+                    received_at: queue::now(),
+                    client: device.peer.ip().to_string(),
+                    helo: device.helo.clone(),
+                    size,
+                    report: false,
+                };
+                let rcpts = envelope.recipients.len();
+                match tokio::task::spawn_blocking(move || d.commit(envelope)).await {
+                    Ok(Ok(id)) => {
+                        info!(id = %id, size, recipients = rcpts, account = %device.id.account, "message spooled");
+                        crate::metrics::spooled(size);
+                        served.messages += 1;
+                        served.bytes += size;
+                        spool.queued(&id);
+                        intake.on(Input::Stored(Ok(&id)))
+                    }
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "cannot commit a message to the spool");
+                        intake.on(Input::Stored(Err(())))
+                    }
+                    Err(_) => intake.on(Input::Stored(Err(()))),
+                }
+            }
+            Then::Close(why) => {
+                served.end = why;
+                return served;
+            }
+        };
+        if !matches!(step.then, Then::Store(_) | Then::ReadChunk { .. }) && !intake.chunking() {
+            draft = None;
+        }
+    }
+}
+
+/// Read DATA's body into `draft` up to `max` bytes; past that, read on
+/// to its end and drop it. Returns whether the message was too big.
+async fn read_data(
+    conn: &mut Conn,
+    draft: &mut Draft,
+    max: u64,
+    timeout: Duration,
+) -> Result<bool, LineError> {
+    let mut reader = DataReader::default();
+    let mut out = Vec::with_capacity(WRITE_BATCH + 4096);
+    let mut too_big = false;
+    loop {
+        if conn.buffered().is_empty() {
+            conn.fill_within(timeout).await?;
+        }
+        let input = conn.buffered();
+        let end = reader.feed(input, &mut out);
+        let consumed = end.unwrap_or(input.len());
+        conn.consume(consumed);
+        if !too_big && draft.size + out.len() as u64 > max {
+            too_big = true;
+        }
+        if too_big {
+            out.clear();
+        } else if out.len() >= WRITE_BATCH || end.is_some() {
+            draft.write(&out)?;
+            out.clear();
+        }
+        if end.is_some() {
+            return Ok(too_big);
+        }
+    }
+}
+
+/// Read a BDAT chunk of `size` bytes into `draft`.
+async fn read_chunk(
+    conn: &mut Conn,
+    draft: &mut Draft,
+    mut size: u64,
+    timeout: Duration,
+) -> Result<(), LineError> {
+    while size > 0 {
+        if conn.buffered().is_empty() {
+            conn.fill_within(timeout).await?;
+        }
+        let take = (conn.buffered().len() as u64).min(size) as usize;
+        draft.write(&conn.buffered()[..take])?;
+        conn.consume(take);
+        size -= take as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "intake_tests.rs"]
+mod tests;

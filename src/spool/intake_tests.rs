@@ -1,0 +1,224 @@
+//! The spooling dialogue, byte for byte.
+
+use super::*;
+
+fn intake() -> Intake {
+    Intake::new(
+        "proxy.test".into(),
+        vec!["SIZE 1000".into(), "8BITMIME".into()],
+        Rules {
+            max_bytes: 1000,
+            max_recipients: 2,
+            allowed_senders: vec!["scan@contoso.test".into(), "*@scans.test".into()],
+        },
+    )
+}
+
+fn show(step: &Step) -> (String, String) {
+    let then = match &step.then {
+        Then::Read => "read".to_string(),
+        Then::ReadData { max } => format!("data {max}"),
+        Then::ReadChunk { size, keep } => format!("chunk {size} {keep}"),
+        Then::Store(s) => format!("store {} -> {:?} {:?}", s.sender, s.recipients, s.params),
+        Then::Close(why) => format!("close: {why}"),
+    };
+    (String::from_utf8_lossy(&step.reply).into_owned(), then)
+}
+
+fn line(i: &mut Intake, l: &str) -> (String, String) {
+    show(&i.on(Input::Line(l.as_bytes())))
+}
+
+fn pair(reply: &str, then: &str) -> (String, String) {
+    (reply.to_string(), then.to_string())
+}
+
+#[test]
+fn a_message_by_data_is_stored_then_acknowledged_with_its_id() {
+    let mut i = intake();
+    assert_eq!(
+        line(&mut i, "EHLO printer"),
+        pair(
+            "250-proxy.test Hello printer\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-AUTH PLAIN LOGIN\r\n250 AUTH=PLAIN LOGIN\r\n",
+            "read"
+        )
+    );
+    assert_eq!(
+        line(
+            &mut i,
+            "MAIL FROM:<Scan@Contoso.test> BODY=8BITMIME SIZE=500"
+        ),
+        pair("250 2.1.0 Sender OK\r\n", "read")
+    );
+    assert_eq!(
+        line(&mut i, "RCPT TO:<a@b.test>"),
+        pair("250 2.1.5 Recipient OK\r\n", "read")
+    );
+    assert_eq!(
+        line(&mut i, "DATA"),
+        pair("354 End data with <CR><LF>.<CR><LF>\r\n", "data 1000")
+    );
+    assert_eq!(
+        show(&i.on(Input::DataEnd { too_big: false })),
+        pair(
+            "",
+            "store Scan@Contoso.test -> [\"a@b.test\"] [\"BODY=8BITMIME\"]"
+        )
+    );
+    assert_eq!(
+        show(&i.on(Input::Stored(Ok("19ade7c3f10ab12")))),
+        pair("250 2.0.0 Ok: queued as 19ade7c3f10ab12\r\n", "read")
+    );
+    // The transaction is over: a new one starts with MAIL.
+    assert_eq!(
+        line(&mut i, "RCPT TO:<a@b.test>"),
+        pair("503 5.5.1 Send MAIL first\r\n", "read")
+    );
+    assert_eq!(
+        line(&mut i, "QUIT"),
+        pair("221 2.0.0 Bye\r\n", "close: quit")
+    );
+}
+
+#[test]
+fn what_can_be_decided_here_is_refused_at_once() {
+    let mut i = intake();
+    assert_eq!(
+        line(&mut i, "MAIL FROM:<boss@contoso.test>"),
+        pair(
+            "550 5.7.1 Sender address not allowed for this login\r\n",
+            "read"
+        )
+    );
+    assert_eq!(
+        line(&mut i, "MAIL FROM:<a@scans.test> SIZE=1001"),
+        pair(
+            "552 5.3.4 Message size exceeds fixed maximum message size\r\n",
+            "read"
+        )
+    );
+    assert_eq!(
+        line(&mut i, "MAIL FROM:<a@scans.test> RET=FULL"),
+        pair("555 5.5.4 Unsupported MAIL or RCPT parameter\r\n", "read")
+    );
+    assert_eq!(
+        line(&mut i, "DATA"),
+        pair("503 5.5.1 Send MAIL first\r\n", "read")
+    );
+    assert_eq!(
+        line(&mut i, "MAIL FROM:<>"),
+        pair("250 2.1.0 Sender OK\r\n", "read")
+    );
+    assert_eq!(
+        line(&mut i, "MAIL FROM:<a@scans.test>"),
+        pair("503 5.5.1 Sender already given\r\n", "read")
+    );
+    assert_eq!(
+        line(&mut i, "DATA"),
+        pair("554 5.5.1 No valid recipients\r\n", "read")
+    );
+    assert_eq!(
+        line(&mut i, "RCPT TO:<postmaster>"),
+        pair("501 5.1.3 Bad recipient address syntax\r\n", "read")
+    );
+    for r in ["a@b.test", "c@d.test"] {
+        line(&mut i, &format!("RCPT TO:<{r}>"));
+    }
+    assert_eq!(
+        line(&mut i, "RCPT TO:<e@f.test>"),
+        pair("452 4.5.3 Too many recipients\r\n", "read")
+    );
+    assert_eq!(
+        line(&mut i, "DATA"),
+        pair("354 End data with <CR><LF>.<CR><LF>\r\n", "data 1000")
+    );
+    assert_eq!(
+        show(&i.on(Input::DataEnd { too_big: true })),
+        pair(
+            "552 5.3.4 Message size exceeds fixed maximum message size\r\n",
+            "read"
+        )
+    );
+    assert_eq!(
+        show(&i.on(Input::Stored(Err(())))),
+        pair(
+            "451 4.3.0 Could not store the message, try again later\r\n",
+            "read"
+        )
+    );
+    assert_eq!(
+        line(&mut i, "AUTH PLAIN AGEAYg=="),
+        pair("503 5.5.1 Already authenticated\r\n", "read")
+    );
+}
+
+#[test]
+fn bdat_chunks_are_kept_until_the_last_and_dropped_without_a_transaction() {
+    let mut i = intake();
+    assert_eq!(line(&mut i, "BDAT 5 LAST"), pair("", "chunk 5 false"));
+    assert!(!i.chunking());
+    assert_eq!(
+        show(&i.on(Input::Chunk)),
+        pair("503 5.5.1 Send MAIL first\r\n", "read")
+    );
+    line(&mut i, "MAIL FROM:<scan@contoso.test>");
+    line(&mut i, "RCPT TO:<a@b.test>");
+    assert_eq!(line(&mut i, "BDAT 10"), pair("", "chunk 10 true"));
+    assert!(i.chunking());
+    assert_eq!(
+        show(&i.on(Input::Chunk)),
+        pair("250 2.0.0 10 octets received\r\n", "read")
+    );
+    assert_eq!(
+        line(&mut i, "DATA"),
+        pair("503 5.5.1 Sender already given\r\n", "read")
+    );
+    assert_eq!(line(&mut i, "BDAT 3 last"), pair("", "chunk 3 true"));
+    assert_eq!(
+        show(&i.on(Input::Chunk)),
+        pair("", "store scan@contoso.test -> [\"a@b.test\"] []")
+    );
+    // Too big: the chunk is dropped, the message refused at its end.
+    line(&mut i, "MAIL FROM:<scan@contoso.test>");
+    line(&mut i, "RCPT TO:<a@b.test>");
+    assert_eq!(line(&mut i, "BDAT 2000 LAST"), pair("", "chunk 2000 false"));
+    assert_eq!(
+        show(&i.on(Input::Chunk)),
+        pair(
+            "552 5.3.4 Message size exceeds fixed maximum message size\r\n",
+            "read"
+        )
+    );
+}
+
+#[test]
+fn errors_timeouts_and_shutdown_end_the_session_in_smtp() {
+    let mut i = intake();
+    for _ in 0..MAX_ERRORS - 1 {
+        assert_eq!(
+            line(&mut i, "XYZZY"),
+            pair("500 5.5.2 Command unrecognized\r\n", "read")
+        );
+    }
+    assert_eq!(
+        line(&mut i, "XYZZY"),
+        pair(
+            "421 4.7.0 Too many errors, closing connection\r\n",
+            "close: too many errors"
+        )
+    );
+    assert_eq!(
+        show(&intake().on(Input::Timeout)),
+        pair(
+            "421 4.4.2 Timeout waiting for a command, closing connection\r\n",
+            "close: idle timeout"
+        )
+    );
+    assert_eq!(
+        show(&intake().on(Input::Shutdown)),
+        pair(
+            "421 4.3.2 Service shutting down, try again later\r\n",
+            "close: shutdown"
+        )
+    );
+}
