@@ -25,6 +25,9 @@
 //! * `app`: what every session shares. `config`: the TOML file and its
 //!   validation. `oauth`: where tokens come from. `state`: what is kept (on
 //!   disk, or in Redis for several replicas).
+//! * `spool`: SMTP store and forward: a spooling listener's dialogue after
+//!   login, the on-disk queue, the delivery worker, delivery reports and
+//!   `oxbridge queue`.
 //! * `error`, `diagnose`: why a login failed, and what to do about it.
 //!   `metrics`, `admin`, `autodiscover`, `check`: what operators see.
 
@@ -54,4 +57,5 @@ pub mod wire;
 pub use accounts::hash_password;
 pub use app::{open_store, StartError};
 pub use server::{run, Control};
+pub use spool::cli::{run as queue, Action as QueueAction};
 pub use state::{Event, State};

@@ -65,12 +65,36 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// The SMTP spool: what waits, why, and what to do with it.
+    Queue {
+        #[command(subcommand)]
+        action: QueueCommand,
+        #[arg(long, env = "OXBRIDGE_CONFIG", global = true)]
+        config: Option<PathBuf>,
+    },
     /// Exit 0 if the running server's `/healthz` answers (for container
     /// health checks, where there is no curl).
     Healthcheck {
         #[arg(long, env = "OXBRIDGE_CONFIG")]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Every waiting message and dead letter, one line each.
+    List,
+    /// One message: envelope, attempts, last error, headers.
+    Show { id: String },
+    /// Try a message now (a dead letter goes back to the queue), or all.
+    Retry {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove a message without delivering it; its sender is not told.
+    Drop { id: String },
 }
 
 /// Exit status for a runtime failure.
@@ -133,6 +157,32 @@ fn main() -> ExitCode {
         Command::HashPassword => hash_password(),
         Command::Check { config, offline } => check(config::resolve_path(config), offline),
         Command::Healthcheck { config } => healthcheck(config::resolve_path(config)),
+        Command::Queue { action, config } => queue(config::resolve_path(config), action),
+    }
+}
+
+/// `oxbridge queue`: print what was asked for; exit 1 on failure.
+fn queue(path: PathBuf, action: QueueCommand) -> ExitCode {
+    let config = match load_config(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let action = match action {
+        QueueCommand::List => oxbridge::QueueAction::List,
+        QueueCommand::Show { id } => oxbridge::QueueAction::Show(id),
+        QueueCommand::Retry { all: true, .. } => oxbridge::QueueAction::RetryAll,
+        QueueCommand::Retry { id, .. } => oxbridge::QueueAction::Retry(id.unwrap_or_default()),
+        QueueCommand::Drop { id } => oxbridge::QueueAction::Drop(id),
+    };
+    match oxbridge::queue(&config, action) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("oxbridge queue: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
     }
 }
 

@@ -35,6 +35,16 @@ pub const KEEPALIVES: &str = "oxbridge_refresh_keepalives_total";
 pub const REFRESH_ISSUED: &str = "oxbridge_refresh_token_issued_timestamp_seconds";
 pub const REFRESH_LAST_SUCCESS: &str = "oxbridge_refresh_token_last_success_timestamp_seconds";
 pub const ACCESS_EXPIRY: &str = "oxbridge_access_token_expiry_timestamp_seconds";
+pub const SPOOL_ACCEPTED: &str = "oxbridge_spool_accepted_total";
+pub const SPOOL_ACCEPTED_BYTES: &str = "oxbridge_spool_accepted_bytes_total";
+pub const SPOOL_MESSAGES: &str = "oxbridge_spool_messages";
+pub const SPOOL_OLDEST: &str = "oxbridge_spool_oldest_message_age_seconds";
+pub const SPOOL_DEAD: &str = "oxbridge_spool_dead_messages";
+pub const SPOOL_DELIVERIES: &str = "oxbridge_spool_deliveries_total";
+pub const SPOOL_RETRIES: &str = "oxbridge_spool_retries_total";
+pub const SPOOL_BOUNCES: &str = "oxbridge_spool_bounces_total";
+pub const SPOOL_DEAD_LETTERS: &str = "oxbridge_spool_dead_letters_total";
+pub const SPOOL_DUPLICATES: &str = "oxbridge_spool_possible_duplicates_total";
 
 /// Histogram buckets (seconds) for token requests and upstream connects.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -122,6 +132,42 @@ fn describe() {
         ACCESS_EXPIRY,
         "When the account's current access token expires (Unix time); app for client_credentials"
     );
+    describe_counter!(SPOOL_ACCEPTED, "Messages taken into the spool (250 given)");
+    describe_counter!(
+        SPOOL_ACCEPTED_BYTES,
+        Unit::Bytes,
+        "Bytes of messages taken into the spool"
+    );
+    describe_gauge!(SPOOL_MESSAGES, "Messages waiting in the spool");
+    describe_gauge!(
+        SPOOL_OLDEST,
+        Unit::Seconds,
+        "Age of the oldest message waiting in the spool"
+    );
+    describe_gauge!(
+        SPOOL_DEAD,
+        "Messages in the spool's dead-letter folder (see oxbridge queue list)"
+    );
+    describe_counter!(
+        SPOOL_DELIVERIES,
+        "Spooled messages handed upstream, by result (delivered, deferred, bounced)"
+    );
+    describe_counter!(
+        SPOOL_RETRIES,
+        "Delivery attempts of spooled messages after the first"
+    );
+    describe_counter!(
+        SPOOL_BOUNCES,
+        "Delivery status notifications sent to senders, by why (refused, expired)"
+    );
+    describe_counter!(
+        SPOOL_DEAD_LETTERS,
+        "Messages moved to the dead-letter folder (neither delivered nor reported)"
+    );
+    describe_counter!(
+        SPOOL_DUPLICATES,
+        "Messages sent again after a restart that may have been delivered already"
+    );
     describe_counter!(
         UPSTREAM_EXPIRIES,
         "Sessions the upstream ended because their token expired, by protocol"
@@ -153,6 +199,39 @@ pub fn session_ended(protocol: Protocol, outcome: &'static str, to_upstream: u64
     if to_device > 0 {
         counter!(BYTES, "protocol" => p, "direction" => "to_device").increment(to_device);
     }
+}
+
+/// A message was taken into the spool.
+pub fn spooled(bytes: u64) {
+    counter!(SPOOL_ACCEPTED).increment(1);
+    counter!(SPOOL_ACCEPTED_BYTES).increment(bytes);
+}
+
+/// The spool now: messages waiting, the oldest one's age, dead letters.
+pub fn spool_depth(waiting: usize, oldest_age_s: u64, dead: usize) {
+    gauge!(SPOOL_MESSAGES).set(waiting as f64);
+    gauge!(SPOOL_OLDEST).set(oldest_age_s as f64);
+    gauge!(SPOOL_DEAD).set(dead as f64);
+}
+
+/// One delivery attempt of a spooled message ended.
+pub fn spool_delivery(result: &'static str, retry: bool) {
+    counter!(SPOOL_DELIVERIES, "result" => result).increment(1);
+    if retry {
+        counter!(SPOOL_RETRIES).increment(1);
+    }
+}
+
+pub fn spool_bounce(why: &'static str) {
+    counter!(SPOOL_BOUNCES, "why" => why).increment(1);
+}
+
+pub fn spool_dead_letter() {
+    counter!(SPOOL_DEAD_LETTERS).increment(1);
+}
+
+pub fn spool_possible_duplicate() {
+    counter!(SPOOL_DUPLICATES).increment(1);
 }
 
 /// An IMAP session moved to a new upstream connection; the device waited

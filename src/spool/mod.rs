@@ -3,4 +3,62 @@
 //! and sent upstream later with retries ([`deliver`]); what cannot be
 //! delivered goes back to its sender as a report ([`dsn`]).
 
+pub mod cli;
+pub mod deliver;
+pub mod dsn;
+pub mod intake;
 pub mod queue;
+
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+use crate::config::SpoolConfig;
+use queue::Queue;
+
+/// The spool every spooling listener and the delivery worker share.
+pub struct Spool {
+    pub queue: Queue,
+    pub config: SpoolConfig,
+    /// Messages taken since the worker last looked.
+    arrivals: Mutex<Vec<String>>,
+    wake: Notify,
+}
+
+impl Spool {
+    /// Open the spool directory of `config` (created 0700).
+    pub fn open(config: &crate::config::Config) -> std::io::Result<Spool> {
+        let dir = config.spool.dir(&config.state_dir);
+        Ok(Spool {
+            queue: Queue::open(&dir)?,
+            config: config.spool.clone(),
+            arrivals: Mutex::default(),
+            wake: Notify::new(),
+        })
+    }
+
+    /// What a spooling listener offers in EHLO: its own extensions, since
+    /// oxbridge itself takes the message.
+    pub fn keywords(&self) -> Vec<String> {
+        vec![
+            format!("SIZE {}", self.config.max_message_bytes),
+            "8BITMIME".into(),
+            "PIPELINING".into(),
+            "CHUNKING".into(),
+            "ENHANCEDSTATUSCODES".into(),
+        ]
+    }
+
+    /// A message entered the queue: wake the worker.
+    pub fn queued(&self, id: &str) {
+        self.arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(id.to_string());
+        self.wake.notify_one();
+    }
+
+    fn take_arrivals(&self) -> Vec<String> {
+        std::mem::take(&mut *self.arrivals.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}

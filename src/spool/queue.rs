@@ -33,8 +33,11 @@ const SENDING: &str = "sending";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope {
     pub id: String,
-    /// The login the device used, or the `[[relay]]` rule's account.
-    pub login: String,
+    /// The `[[account]]` (its `login` in the config) the message is sent
+    /// as: the device's, or the `[[relay]]` rule's.
+    pub account: String,
+    /// The XOAUTH2 user it is sent as (a shared mailbox, or the account's).
+    pub mailbox: String,
     /// Taken from a device on a `[[relay]]` network, without a password.
     #[serde(default)]
     pub relay: bool,
@@ -147,7 +150,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 fn bad_id(id: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, format!("{id:?} is not a message id"))
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{id:?} is not a message id"),
+    )
 }
 
 impl Queue {
@@ -332,7 +338,10 @@ pub struct Draft {
 impl Draft {
     /// Append to the message (blocking: call from a blocking task).
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let file = self.file.as_mut().ok_or_else(|| io::Error::other("closed"))?;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("closed"))?;
         file.write_all(bytes)?;
         self.size += bytes.len() as u64;
         Ok(())
@@ -375,7 +384,8 @@ mod tests {
     fn envelope() -> Envelope {
         Envelope {
             id: String::new(),
-            login: "scanner@contoso.test".into(),
+            account: "scanner@contoso.test".into(),
+            mailbox: "scanner@contoso.test".into(),
             relay: false,
             sender: "scanner@contoso.test".into(),
             recipients: vec!["a@b.test".into(), "c@d.test".into()],
@@ -396,9 +406,12 @@ mod tests {
         d.write(b"Subject: x\r\n\r\nhi\r\n").unwrap();
         assert!(q.ids(Place::Queue).unwrap().is_empty());
         let id = d.commit(envelope()).unwrap();
-        assert_eq!(q.ids(Place::Queue).unwrap(), [id.clone()]);
+        assert_eq!(q.ids(Place::Queue).unwrap(), std::slice::from_ref(&id));
         let (env, status) = q.load(Place::Queue, &id).unwrap();
-        assert_eq!((env.size, env.id.as_str(), status.attempts), (18, id.as_str(), 0));
+        assert_eq!(
+            (env.size, env.id.as_str(), status.attempts),
+            (18, id.as_str(), 0)
+        );
         assert_eq!(
             fs::read(q.message_path(Place::Queue, &id)).unwrap(),
             b"Subject: x\r\n\r\nhi\r\n"
@@ -435,7 +448,7 @@ mod tests {
         assert_eq!(q.find(&id), Some(Place::Queue));
         let (_, status) = q.load(Place::Queue, &id).unwrap();
         assert_eq!((status.attempts, status.dead_because), (0, None));
-        assert_eq!(q.take_retry_requests(), [id.clone()]);
+        assert_eq!(q.take_retry_requests(), std::slice::from_ref(&id));
         assert!(q.take_retry_requests().is_empty());
         q.retire(Place::Queue, &id).unwrap();
         assert_eq!(q.find(&id), None);
