@@ -12,8 +12,8 @@ use ipnet::IpNet;
 use secrecy::ExposeSecret;
 
 use super::{
-    split_host_port, AccountConfig, Config, Delivery, Grant, LimitsConfig, ListenerConfig, LogConfig,
-    OAuthConfig, Protocol, RelayConfig, SpoolConfig, StoreBackend, StoreConfig, TlsMode,
+    split_host_port, AccountConfig, Config, Delivery, Grant, LimitsConfig, ListenerConfig,
+    LogConfig, OAuthConfig, Protocol, RelayConfig, SpoolConfig, StoreBackend, StoreConfig, TlsMode,
     UpstreamConfig,
 };
 
@@ -293,7 +293,10 @@ fn spool(s: &SpoolConfig) -> Result<(), String> {
     for (key, value) in [
         ("spool.max_message_bytes", s.max_message_bytes),
         ("spool.max_recipients", s.max_recipients as u64),
-        ("spool.messages_per_minute", u64::from(s.messages_per_minute)),
+        (
+            "spool.messages_per_minute",
+            u64::from(s.messages_per_minute),
+        ),
         ("spool.retry_min_s", s.retry_min_s),
     ] {
         if value == 0 {

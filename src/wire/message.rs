@@ -205,7 +205,10 @@ mod tests {
         let wire = b"Subject: x\r\n\r\n..dot\r\n.x\r\nend\r\n.\r\nQUIT\r\n";
         for step in 1..wire.len() {
             let (msg, rest) = read(wire, step);
-            assert_eq!(msg, b"Subject: x\r\n\r\n.dot\r\nx\r\nend\r\n", "step {step}");
+            assert_eq!(
+                msg, b"Subject: x\r\n\r\n.dot\r\nx\r\nend\r\n",
+                "step {step}"
+            );
             assert_eq!(rest.as_deref(), Some(&b"QUIT\r\n"[..]), "step {step}");
         }
         assert_eq!(read(b".\r\n", 1), (Vec::new(), Some(Vec::new())));
@@ -234,8 +237,7 @@ mod tests {
             }
             wire.extend(w.finish());
             assert_eq!(
-                wire,
-                b"..a\r\nb.\r\n...c\r\nbare\n..d\r\n..\r\n.\r\n",
+                wire, b"..a\r\nb.\r\n...c\r\nbare\n..d\r\n..\r\n.\r\n",
                 "step {step}"
             );
             let (back, rest) = read(&wire, step);

@@ -269,6 +269,10 @@ pub enum Request<'a> {
     /// The empty line that answers an XOAUTH2 error challenge.
     Empty,
     MailFrom(&'a str),
+    /// `MAIL FROM:<address>` with parameters (a spooled message's).
+    MailFromWith(&'a str, &'a [String]),
+    RcptTo(&'a str),
+    Data,
     Rset,
     Quit,
 }
@@ -281,6 +285,16 @@ impl Request<'_> {
             Request::AuthXoauth2(ir) => format!("AUTH XOAUTH2 {ir}"),
             Request::Empty => String::new(),
             Request::MailFrom(address) => format!("MAIL FROM:<{address}>"),
+            Request::MailFromWith(address, params) => {
+                let mut t = format!("MAIL FROM:<{address}>");
+                for p in params.iter() {
+                    t.push(' ');
+                    t.push_str(p);
+                }
+                t
+            }
+            Request::RcptTo(address) => format!("RCPT TO:<{address}>"),
+            Request::Data => "DATA".into(),
             Request::Rset => "RSET".into(),
             Request::Quit => "QUIT".into(),
         };
@@ -440,7 +454,9 @@ impl Reply<'_> {
             Reply::UnknownParameter => "555 5.5.4 Unsupported MAIL or RCPT parameter",
             Reply::TooBig => "552 5.3.4 Message size exceeds fixed maximum message size",
             Reply::TooManyRecipients => "452 4.5.3 Too many recipients",
-            Reply::SenderNotAllowedForLogin => "550 5.7.1 Sender address not allowed for this login",
+            Reply::SenderNotAllowedForLogin => {
+                "550 5.7.1 Sender address not allowed for this login"
+            }
             Reply::NotStored => "451 4.3.0 Could not store the message, try again later",
             Reply::AlreadyAuthenticated => "503 5.5.1 Already authenticated",
             Reply::DataTimeout => "421 4.4.2 Timeout waiting for the message, closing connection",
@@ -625,10 +641,19 @@ mod tests {
     fn paths_and_parameters() {
         let p = |l: &str, pre| parse_path(l.as_bytes(), pre);
         assert_eq!(
-            p("MAIL FROM:<Scan@Contoso.com> body=8bitmime SIZE=10", "MAIL FROM:"),
-            Some(("Scan@Contoso.com".into(), vec!["BODY=8bitmime".into(), "SIZE=10".into()]))
+            p(
+                "MAIL FROM:<Scan@Contoso.com> body=8bitmime SIZE=10",
+                "MAIL FROM:"
+            ),
+            Some((
+                "Scan@Contoso.com".into(),
+                vec!["BODY=8bitmime".into(), "SIZE=10".into()]
+            ))
         );
-        assert_eq!(p("mail from: <>", "MAIL FROM:"), Some((String::new(), vec![])));
+        assert_eq!(
+            p("mail from: <>", "MAIL FROM:"),
+            Some((String::new(), vec![]))
+        );
         assert_eq!(
             p("RCPT TO:<@relay.example:bob@b.example>", "RCPT TO:"),
             Some(("bob@b.example".into(), vec![]))
