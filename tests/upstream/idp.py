@@ -7,14 +7,18 @@
                         authorization_code | urn:ietf:params:oauth:grant-type:device_code
                         (tenant ttl-<N>, e.g. /ttl-90/oauth2/v2.0/token: N-second access tokens;
                         tenant idle-<N>: refresh tokens die after N s unused, AADSTS700082)
+                        client_credentials with scope https://graph.microsoft.com/.default:
+                        a Microsoft Graph token (roles Mail.Send + Mail.ReadWrite; tenant
+                        nomailsend: no Mail.Send, tenant mailsendonly: no Mail.ReadWrite)
   POST .../devicecode   RFC 8628 device authorization (auto-approves, see config)
   POST /introspect      RFC 7662, called by Dovecot's oauth2 passdbs
-                        (?for=dovecot-user or ?for=dovecot-app)
+                        (?for=dovecot-user or ?for=dovecot-app) and by graph.py (?for=graph)
   GET  /health
   GET  /admin/stats     POST /admin/stats/reset
   GET|POST /admin/config                 runtime knobs (JSON object, see CONFIG)
   POST /admin/revoke    {"user": ..} | {"token": ..} | {"all": true}
   POST /admin/issue     {"user": .., "expires_in": n} | {"app": true}
+                        | {"app": true, "scope": GRAPH_SCOPE, "roles": [..]}
   GET  /admin/device    device codes not yet redeemed: user_code, user, polls, state
   POST /admin/device/approve {"user_code": .., "user": ..}   (user optional)
   POST /admin/device/deny    {"user_code": ..}
@@ -43,6 +47,11 @@ USER_SCOPE = ("https://outlook.office.com/IMAP.AccessAsUser.All "
               "https://outlook.office.com/POP.AccessAsUser.All "
               "https://outlook.office.com/SMTP.Send offline_access")
 APP_SCOPE = "https://outlook.office365.com/.default"
+GRAPH_RESOURCE = "https://graph.microsoft.com"
+GRAPH_SCOPE = GRAPH_RESOURCE + "/.default"
+GRAPH_ROLES = ["Mail.ReadWrite", "Mail.Send"]  # application permissions of test-app on Graph
+# tenant segment -> the Graph application roles its client_credentials tokens carry
+GRAPH_TENANT_ROLES = {"nomailsend": ["Mail.ReadWrite"], "mailsendonly": ["Mail.Send"]}
 CLIENTS = {"test-client": None, "test-app": "test-app-secret"}  # client_id -> secret
 
 CONFIG = {  # runtime knobs, changed with POST /admin/config
@@ -71,11 +80,15 @@ AADSTS = {  # error -> (code, description), like Entra's
     "slow_down": (50000, "OAuth 2.0 device flow error. Polling too fast: slow down "
                          "(add 5 seconds to the interval)."),
     "temporarily_unavailable": (90033, "A transient error has occurred. Please try again."),
+    "invalid_scope": (1002012, "The provided value for scope %s is not valid. Client credential "
+                               "flows must have a scope value with /.default suffixed to the "
+                               "resource identifier (application ID URI)."),
 }
 
 USERS = {}        # lower-case email -> password
 LOCK = threading.Lock()
-ACCESS = {}       # access token -> {"user": str|None, "app": bool, "exp": float}
+ACCESS = {}       # access token -> {"user": str|None, "app": bool, "exp": float,
+                  #   "aud": "outlook"|"graph", "roles": [str] (Graph app tokens)}
 REFRESH = {}      # refresh token -> {"user": str, "client_id": str}  (deleted when used)
 DEVICES = {}      # device_code -> {"user": str, "client_id": str, "polls": int, "exp": float,
                   #   "user_code": str, "state": pending|approved|denied|expired,
@@ -93,7 +106,7 @@ def reset_stats():
     STATS.clear()
     STATS.update(token_requests=0, grant_requests={}, token_inflight=0,
                  token_inflight_max=0, introspect_requests=0, authorize_requests=0,
-                 refresh_reuse_rejected=0)
+                 refresh_reuse_rejected=0, graph_introspect_requests=0)
 
 
 def log(msg):
@@ -129,14 +142,38 @@ def tenant_idle(path):
     return int(m.group(1)) if m else None
 
 
-def mint(user, client_id, ttl=None, refresh=True, idle=None):
-    """A JWT-looking opaque access token (+ refresh token for delegated grants)."""
+def tenant_graph_roles(path):
+    """The Graph roles for app tokens issued under this token URL's tenant segment."""
+    parts = path.strip("/").split("/")
+    tenant = parts[0].lower() if len(parts) > 1 else ""
+    return list(GRAPH_TENANT_ROLES.get(tenant, GRAPH_ROLES))
+
+
+def graph_scope(scope):
+    """True if a client_credentials scope asks for Microsoft Graph. Any other scope (or none)
+    gets the Exchange Online app token, as before. Graph scopes other than /.default are
+    refused like Entra does (AADSTS1002012)."""
+    names = [s for s in (scope or "").split() if s.lower().startswith(GRAPH_RESOURCE + "/")]
+    if not names:
+        return False
+    bad = [s for s in names if s.lower() != GRAPH_SCOPE]
+    if bad:
+        raise OAuthError("invalid_scope", bad[0])
+    return True
+
+
+def mint(user, client_id, ttl=None, refresh=True, idle=None, graph_roles=None):
+    """A JWT-looking opaque access token (+ refresh token for delegated grants).
+    graph_roles (a list, app tokens only): a Microsoft Graph token with those roles."""
     ttl = CONFIG["access_ttl"] if ttl is None else int(ttl)
     now = int(time.time())
-    claims = {"aud": "https://outlook.office.com", "appid": client_id, "iat": now,
-              "exp": now + ttl, "jti": uuid.uuid4().hex}
+    graph = graph_roles is not None and not user
+    claims = {"aud": GRAPH_RESOURCE if graph else "https://outlook.office.com", "appid": client_id,
+              "iat": now, "exp": now + ttl, "jti": uuid.uuid4().hex}
     if user:
         claims.update(upn=user, scp="IMAP.AccessAsUser.All POP.AccessAsUser.All SMTP.Send")
+    elif graph:
+        claims["roles"] = list(graph_roles)
     else:
         claims["roles"] = ["IMAP.AccessAsApp", "POP.AccessAsApp", "SMTP.SendAsApp"]
     head = b64url(b'{"typ":"JWT","alg":"RS256"}')
@@ -144,10 +181,11 @@ def mint(user, client_id, ttl=None, refresh=True, idle=None):
     pad = CONFIG["access_token_min_len"] - len(token)
     if pad > 0:  # Exchange's tokens are 1.5-3 KB; keep it base64url-looking
         token += b64url(secrets.token_bytes(pad))[:pad]
-    resp = {"token_type": "Bearer", "scope": USER_SCOPE if user else APP_SCOPE,
+    resp = {"token_type": "Bearer", "scope": USER_SCOPE if user else GRAPH_SCOPE if graph else APP_SCOPE,
             "expires_in": ttl, "ext_expires_in": ttl, "access_token": token}
     with LOCK:
-        ACCESS[token] = {"user": user, "app": not user, "exp": now + ttl}
+        ACCESS[token] = {"user": user, "app": not user, "exp": now + ttl,
+                         "aud": "graph" if graph else "outlook", "roles": claims.get("roles", [])}
         if user and refresh:
             rt = "rt." + secrets.token_urlsafe(40)
             REFRESH[rt] = {"user": user, "client_id": client_id, "idle": idle, "issued": now}
@@ -222,6 +260,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def route(self, method, path, prm):
         if method == "POST" and path.endswith("/token"):
+            self.graph_roles = tenant_graph_roles(path)
             return self.token(prm, tenant_ttl(path), tenant_idle(path))
         if method == "POST" and path.endswith("/devicecode"):
             return self.devicecode(prm)
@@ -246,7 +285,12 @@ class Handler(BaseHTTPRequestHandler):
             return self.admin_revoke(prm)
         if path == "/admin/issue" and method == "POST":
             if prm.get("app"):
-                return self.reply(200, mint(None, "test-app", prm.get("expires_in")))
+                roles = None
+                if graph_scope(prm.get("scope")):
+                    roles = prm.get("roles", GRAPH_ROLES)
+                    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+                        return self.reply(400, {"error": "roles must be a list of strings"})
+                return self.reply(200, mint(None, "test-app", prm.get("expires_in"), graph_roles=roles))
             user = (prm.get("user") or "").lower()
             if user not in USERS:
                 return self.reply(400, {"error": "unknown user"})
@@ -310,6 +354,9 @@ class Handler(BaseHTTPRequestHandler):
             return mint(user, cid, ttl, idle=self.idle)
         if grant == "client_credentials":
             cid = self.client(prm, need_secret=True)
+            if graph_scope(prm.get("scope")):
+                self.note += " resource=graph roles=%s" % ",".join(self.graph_roles)
+                return mint(None, cid, ttl, graph_roles=self.graph_roles)
             return mint(None, cid, ttl)
         if grant == "refresh_token":
             cid = self.client(prm)
@@ -477,6 +524,8 @@ class Handler(BaseHTTPRequestHandler):
     # ---------------------------------------------------------------- /introspect
     def introspect(self, prm):
         purpose = prm.get("for", "")
+        if purpose == "graph":
+            return self.introspect_graph(prm)
         with LOCK:
             STATS["introspect_requests"] += 1
             fail = CONFIG["introspect_fail_count"] > 0
@@ -487,8 +536,10 @@ class Handler(BaseHTTPRequestHandler):
         if fail:
             self.note += " injected failure"
             return self.reply(500, {"error": "server_error"})
-        if rec is None or rec["exp"] <= time.time() or \
+        if rec is None or rec["exp"] <= time.time() or rec.get("aud") == "graph" or \
                 (purpose == "dovecot-user" and rec["app"]) or (purpose == "dovecot-app" and not rec["app"]):
+            # a Graph token is for https://graph.microsoft.com only: Exchange's IMAP, POP and
+            # SMTP refuse it like any other token of the wrong audience
             self.note += " active=false"
             return self.reply(200, {"active": False})
         # The app passdb compares only the domain (%Ld) of the login name with
@@ -497,6 +548,27 @@ class Handler(BaseHTTPRequestHandler):
         username = "*@" + domain if rec["app"] else rec["user"]
         self.note += " active=true user=%s" % username
         self.reply(200, {"active": True, "username": username, "exp": int(rec["exp"]),
+                         "token_type": "Bearer"})
+
+    def introspect_graph(self, prm):
+        """For graph.py: what the token is, so that graph.py can answer like Graph does (wrong
+        audience, expired, missing role). Not subject to introspect_fail_count, and counted
+        apart (graph_introspect_requests), so Dovecot's knobs and counters stay as they were."""
+        with LOCK:
+            STATS["graph_introspect_requests"] += 1
+            rec = ACCESS.get(prm.get("token") or "")
+            rec = dict(rec) if rec else None
+        self.note = " for=graph"
+        if rec is None:
+            self.note += " active=false reason=unknown"
+            return self.reply(200, {"active": False, "reason": "unknown"})
+        if rec["exp"] <= time.time():
+            self.note += " active=false reason=expired"
+            return self.reply(200, {"active": False, "reason": "expired", "exp": int(rec["exp"])})
+        aud = GRAPH_RESOURCE if rec.get("aud") == "graph" else "https://outlook.office.com"
+        self.note += " active=true aud=%s" % aud
+        self.reply(200, {"active": True, "aud": aud, "app": rec["app"], "username": rec["user"],
+                         "roles": rec.get("roles", []), "exp": int(rec["exp"]),
                          "token_type": "Bearer"})
 
     # ---------------------------------------------------------------- admin
