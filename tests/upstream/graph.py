@@ -24,9 +24,12 @@ POST /admin/sessions/expire. See README.md.
 One JSON object per line goes to stderr (start sends it to $S/log/graph.log): one per
 request, plus "event" lines. Tokens are never logged (paths are logged without the query).
 
+With --milter SOCKET it also serves a Postfix milter that refuses, at the end of DATA, any
+message to sendas-denied@<domain> with Exchange's 554 5.2.252 SendAsDenied.
+
   graph.py --port 29443 --cert server.crt --key server.key --idp http://127.0.0.1:28080 \\
       --users "alice@example.test bob@example.test" --lmtp $S/dovecot/run/lmtp \\
-      --pidfile graph.pid
+      --milter $S/run/milter.sock --pidfile graph.pid
 """
 
 import argparse
@@ -44,7 +47,9 @@ import secrets
 import signal
 import smtplib
 import socket
+import socketserver
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -68,6 +73,7 @@ SOCKET_TIMEOUT = 30          # per socket operation, TLS handshake included
 IDP_TIMEOUT = 10
 LMTP_TIMEOUT = 120
 GRAPH_RESOURCE = "https://graph.microsoft.com"
+SEND_ASDENIED_LOCAL = "sendas-denied"
 
 CONFIG = {  # runtime knobs, POST /admin/config
     "upload_session_ttl": 7200,      # seconds an uploadUrl stays valid (expirationDateTime)
@@ -93,7 +99,8 @@ HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def reset_stats():
     STATS.clear()
     STATS.update(requests=0, by_status={}, sent=0, delivered=0, discarded=0, rejected=0,
-                 throttled=0, drafts_created=0, sessions_created=0, uploads_completed=0)
+                 throttled=0, drafts_created=0, sessions_created=0, uploads_completed=0,
+                 milter_rejects=0)
 
 
 def log(obj):
@@ -1028,6 +1035,91 @@ class Server(ThreadingHTTPServer):
         event("connection_error", error=repr(exc)[:300])
 
 
+# ---------------------------------------------------------------- Postfix milter (SendAsDenied)
+SMFIP = {"NOCONNECT": 0x1, "NOHELO": 0x2, "NOMAIL": 0x4, "NORCPT": 0x8, "NOBODY": 0x10, "NOHDRS": 0x20,
+         "NOEOH": 0x40, "NR_HDR": 0x80, "NOUNKNOWN": 0x100, "NODATA": 0x200, "NR_CONN": 0x1000,
+         "NR_HELO": 0x2000, "NR_MAIL": 0x4000, "NR_RCPT": 0x8000, "NR_DATA": 0x10000,
+         "NR_UNKN": 0x20000, "NR_EOH": 0x40000, "NR_BODY": 0x80000}
+MILTER_WANT = sum(SMFIP[k] for k in ("NOCONNECT", "NOHELO", "NOBODY", "NOHDRS", "NOEOH", "NOUNKNOWN",
+                                     "NODATA", "NR_MAIL", "NR_RCPT"))
+# command -> the protocol flag that says "no reply expected" (None: never a reply)
+MILTER_NOREPLY = {b"C": "NR_CONN", b"H": "NR_HELO", b"M": "NR_MAIL", b"R": "NR_RCPT", b"T": "NR_DATA",
+                  b"L": "NR_HDR", b"N": "NR_EOH", b"B": "NR_BODY", b"U": "NR_UNKN"}
+
+
+class MilterHandler(socketserver.StreamRequestHandler):
+    """Sendmail milter protocol (v2-v6), just enough to refuse at end of DATA a message with the
+    recipient sendas-denied@<domain>, like Exchange refuses a submission it may not send as:
+
+      554 5.2.252 SendAsDenied; <login> not allowed to send as <sender>; STOREDRV.Submission.
+      Exception:SendAsDeniedException.MapiExceptionSendAsDenied   (one line)
+
+    Everything else gets "continue". It asks Postfix for nothing but MAIL and RCPT (no replies)
+    and the end of the message, so it never sees headers or bodies."""
+    timeout = 3600
+
+    def handle(self):
+        flags, macros, sender, rcpts = 0, {}, "", []
+        while True:
+            head = self.rfile.read(4)
+            if len(head) < 4:
+                return
+            (n,) = struct.unpack("!I", head)
+            if n < 1 or n > 1024 * 1024:
+                return
+            pkt = self.rfile.read(n)
+            if len(pkt) < n:
+                return
+            cmd, data = pkt[:1], pkt[1:]
+            args = [a.decode("utf-8", "replace") for a in data.split(b"\0")]
+            if cmd == b"O":
+                ver, _, offered = struct.unpack("!III", data[:12])
+                flags = MILTER_WANT & offered
+                self.reply(b"O", struct.pack("!III", min(ver, 6), 0, flags))
+            elif cmd == b"D":
+                it = iter(data[1:].split(b"\0"))
+                for k, v in zip(it, it):
+                    macros[k.decode("utf-8", "replace")] = v.decode("utf-8", "replace")
+            elif cmd in (b"A", b"K"):
+                sender, rcpts = "", []
+            elif cmd == b"Q":
+                return
+            elif cmd == b"E":
+                denied = [r for r in rcpts if r.lower() == "%s@%s" % (SEND_ASDENIED_LOCAL, DOMAIN)]
+                if denied:
+                    login = macros.get("{auth_authen}") or sender
+                    text = ("554 5.2.252 SendAsDenied; %s not allowed to send as %s; STOREDRV.Submission."
+                            "Exception:SendAsDeniedException.MapiExceptionSendAsDenied" % (login, sender or login))
+                    text = re.sub(r"[%\r\n\x00]", "", text)
+                    self.reply(b"y", text.encode() + b"\0")
+                    with LOCK:
+                        STATS["milter_rejects"] += 1
+                    event("milter", action="reject", sender=sender, login=login, rcpts=rcpts[:20],
+                          reply=text)
+                else:
+                    self.reply(b"c")
+                sender, rcpts = "", []
+            else:
+                if cmd == b"M":
+                    sender, rcpts = args[0].strip().strip("<>") if args else "", []
+                elif cmd == b"R" and args:
+                    rcpts.append(args[0].strip().strip("<>"))
+                nr = MILTER_NOREPLY.get(cmd)
+                if nr is None or not flags & SMFIP[nr]:
+                    self.reply(b"c")
+
+    def reply(self, cmd, data=b""):
+        self.wfile.write(struct.pack("!I", len(data) + 1) + cmd + data)
+        self.wfile.flush()
+
+
+class MilterServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        event("milter_error", error=repr(sys.exc_info()[1])[:300])
+
+
 # ---------------------------------------------------------------- main
 def main():
     global ARGS, DOMAIN, BASE_URL
@@ -1038,6 +1130,7 @@ def main():
     ap.add_argument("--idp", required=True, help="the test IDP, e.g. http://127.0.0.1:28080")
     ap.add_argument("--users", required=True, help="mailbox addresses, space-separated")
     ap.add_argument("--lmtp", required=True, help="Dovecot's LMTP socket")
+    ap.add_argument("--milter", help="also serve the SendAsDenied milter on this unix socket")
     ap.add_argument("--pidfile")
     ARGS = ap.parse_args()
     ARGS.idp = ARGS.idp.rstrip("/")
@@ -1052,6 +1145,15 @@ def main():
     tls.load_cert_chain(ARGS.cert, ARGS.key)
     srv = Server(("127.0.0.1", ARGS.port), Handler)
     srv.tls = tls
+    milter = None
+    if ARGS.milter:
+        try:
+            os.unlink(ARGS.milter)
+        except FileNotFoundError:
+            pass
+        milter = MilterServer(ARGS.milter, MilterHandler)
+        os.chmod(ARGS.milter, 0o666)  # Postfix's smtpd runs as user postfix
+        threading.Thread(target=milter.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
     if ARGS.pidfile:
         with open(ARGS.pidfile + ".tmp", "w") as f:
             f.write("%d\n" % os.getpid())
@@ -1059,8 +1161,10 @@ def main():
 
     def stop(*_):
         threading.Thread(target=srv.shutdown).start()
+        if milter:
+            threading.Thread(target=milter.shutdown).start()
     signal.signal(signal.SIGTERM, stop)
-    event("listening", url=BASE_URL + "/v1.0", pid=os.getpid())
+    event("listening", url=BASE_URL + "/v1.0", pid=os.getpid(), milter=ARGS.milter)
     try:
         srv.serve_forever(poll_interval=0.2)
     finally:
@@ -1069,6 +1173,11 @@ def main():
                 mine = f.read().strip() == str(os.getpid())
             if mine:
                 os.unlink(ARGS.pidfile)
+        if ARGS.milter:
+            try:
+                os.unlink(ARGS.milter)
+            except OSError:
+                pass
         event("stopped")
 
 
