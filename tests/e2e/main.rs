@@ -26,3 +26,4 @@ mod regression;
 mod secrets;
 mod smtp;
 mod soak;
+mod spool;

@@ -90,41 +90,7 @@ impl Forwarder {
         let (open, max) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (o, m) = (open.clone(), max.clone());
         serve(l, target.to_string(), move |client, server| {
-            // The proxy closes a session before it opens the next one, but
-            // the threads below notice that close a moment later: give
-            // them that moment before counting the newcomer. (A session
-            // that really overlaps lives far longer than this.)
-            std::thread::sleep(Duration::from_millis(50));
-            let now = o.fetch_add(1, Ordering::SeqCst) + 1;
-            m.fetch_max(now, Ordering::SeqCst);
-            let ((mut c_read, mut c_write), (mut s_read, mut s_write)) =
-                (both(&client), both(&server));
-            // Counted closed at the first end of either side, before
-            // anyone can learn of it (and open the next connection).
-            let done = Arc::new(AtomicBool::new(false));
-            let close = {
-                let o = o.clone();
-                move || {
-                    if !done.swap(true, Ordering::SeqCst) {
-                        o.fetch_sub(1, Ordering::SeqCst);
-                    }
-                }
-            };
-            let close_too = close.clone();
-            spawn(move || {
-                pump(&mut c_read, &mut s_write, cut_after, |_| {});
-                // Cut both ways at once.
-                close();
-                let _ = server.shutdown(Shutdown::Both);
-                let _ = client.shutdown(Shutdown::Both);
-            });
-            spawn(move || {
-                if pump(&mut s_read, &mut c_write, cut_down_after, |_| {}) {
-                    let _ = s_read.shutdown(Shutdown::Both);
-                }
-                close_too();
-                let _ = c_write.shutdown(Shutdown::Both);
-            });
+            forward_counted(client, server, &o, &m, cut_after, cut_down_after)
         });
         Forwarder { addr, open, max }
     }
@@ -143,6 +109,122 @@ impl Forwarder {
             std::thread::sleep(Duration::from_millis(50));
         }
         false
+    }
+}
+
+/// Forward one connection both ways, counting it open in `open` (and the
+/// peak in `max`), cutting it after so many bytes either way.
+fn forward_counted(
+    client: TcpStream,
+    server: TcpStream,
+    open: &Arc<AtomicUsize>,
+    max: &Arc<AtomicUsize>,
+    cut_after: Option<usize>,
+    cut_down_after: Option<usize>,
+) {
+    // The proxy closes a session before it opens the next one, but the
+    // threads below notice that close a moment later: give them that
+    // moment before counting the newcomer. (A session that really
+    // overlaps lives far longer than this.)
+    std::thread::sleep(Duration::from_millis(50));
+    let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+    max.fetch_max(now, Ordering::SeqCst);
+    let ((mut c_read, mut c_write), (mut s_read, mut s_write)) = (both(&client), both(&server));
+    // Counted closed at the first end of either side, before anyone can
+    // learn of it (and open the next connection).
+    let done = Arc::new(AtomicBool::new(false));
+    let close = {
+        let o = open.clone();
+        move || {
+            if !done.swap(true, Ordering::SeqCst) {
+                o.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    };
+    let close_too = close.clone();
+    spawn(move || {
+        pump(&mut c_read, &mut s_write, cut_after, |_| {});
+        // Cut both ways at once.
+        close();
+        let _ = server.shutdown(Shutdown::Both);
+        let _ = client.shutdown(Shutdown::Both);
+    });
+    spawn(move || {
+        if pump(&mut s_read, &mut c_write, cut_down_after, |_| {}) {
+            let _ = s_read.shutdown(Shutdown::Both);
+        }
+        close_too();
+        let _ = c_write.shutdown(Shutdown::Both);
+    });
+}
+
+/// A server that is down, then started: a counting forwarder to `target`
+/// whose port refuses connections until [`Outage::up`], as a stopped
+/// Postfix's would.
+pub struct Outage {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    max: Arc<AtomicUsize>,
+}
+
+impl Outage {
+    /// Down at first.
+    pub fn start(target: &str) -> Outage {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let up = Arc::new(AtomicBool::new(false));
+        let (open, max) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (u, o, m, target) = (up.clone(), open.clone(), max.clone(), target.to_string());
+        spawn(move || {
+            let mut listener: Option<TcpListener> = None;
+            let mut sessions: Vec<TcpStream> = Vec::new();
+            loop {
+                if !u.load(Ordering::SeqCst) {
+                    listener = None;
+                    for s in sessions.drain(..) {
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                let l = match &listener {
+                    Some(l) => l,
+                    None => match TcpListener::bind(addr) {
+                        Ok(l) => {
+                            l.set_nonblocking(true).unwrap();
+                            listener.insert(l)
+                        }
+                        Err(_) => {
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        }
+                    },
+                };
+                match l.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        if let Ok(server) = TcpStream::connect(&target) {
+                            sessions.push(client.try_clone().unwrap());
+                            let (o, m) = (o.clone(), m.clone());
+                            spawn(move || forward_counted(client, server, &o, &m, None, None));
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Outage { addr, up, max }
+    }
+
+    pub fn up(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// The most connections that were open at once.
+    pub fn peak(&self) -> usize {
+        self.max.load(Ordering::SeqCst)
     }
 }
 
