@@ -129,12 +129,36 @@ pub struct UpstreamConfig {
     pub imap: Option<String>,
     pub pop3: Option<String>,
     pub ca_file: Option<PathBuf>,
+    /// How SMTP mail of `client_credentials` accounts leaves: SMTP, or
+    /// Microsoft Graph's sendMail (where SMTP AUTH is off).
+    #[serde(default)]
+    pub send: SendVia,
+    /// Microsoft Graph's address; unset: the cloud's
+    /// (`https://graph.microsoft.com/v1.0`).
+    pub graph: Option<String>,
     /// Copied from `[oauth] cloud` when the config is parsed.
     #[serde(skip)]
     pub cloud: Cloud,
 }
 
+/// The way an account's SMTP mail reaches Exchange Online.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendVia {
+    #[default]
+    Smtp,
+    /// `POST /users/{mailbox}/sendMail` with an app-only Graph token.
+    Graph,
+}
+
 impl UpstreamConfig {
+    /// Microsoft Graph's base URL.
+    pub fn graph_url(&self) -> String {
+        self.graph
+            .clone()
+            .unwrap_or_else(|| format!("{}/v1.0", self.cloud.graph_resource()))
+    }
+
     /// The `host:port` of `protocol`'s server: as configured, else the
     /// cloud's.
     pub fn address(&self, protocol: Protocol) -> &str {
@@ -190,6 +214,16 @@ impl Cloud {
             Cloud::Usgov => "https://outlook.office365.us",
             Cloud::UsgovDod => "https://outlook-dod.office365.us",
             Cloud::China => "https://partner.outlook.cn",
+        }
+    }
+
+    /// Microsoft Graph's resource (`{resource}/.default`, `{resource}/v1.0`).
+    pub fn graph_resource(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://graph.microsoft.com",
+            Cloud::Usgov => "https://graph.microsoft.us",
+            Cloud::UsgovDod => "https://dod-graph.microsoft.us",
+            Cloud::China => "https://microsoftgraph.chinacloudapi.cn",
         }
     }
 
@@ -371,6 +405,9 @@ pub struct AccountConfig {
     /// `login\shared@domain` (exact addresses or `*@domain`).
     #[serde(default)]
     pub allow_shared: Vec<String>,
+    /// How this account's SMTP mail leaves; default `[upstream] send`
+    /// for `client_credentials` accounts, else SMTP.
+    pub send: Option<SendVia>,
     /// Envelope senders a spooled message may have (exact or `*@domain`);
     /// empty: any, and the upstream decides.
     #[serde(default)]

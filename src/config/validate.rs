@@ -13,8 +13,8 @@ use secrecy::ExposeSecret;
 
 use super::{
     split_host_port, AccountConfig, Config, Delivery, Grant, LimitsConfig, ListenerConfig,
-    LogConfig, OAuthConfig, Protocol, RelayConfig, SpoolConfig, StoreBackend, StoreConfig, TlsMode,
-    UpstreamConfig,
+    LogConfig, OAuthConfig, Protocol, RelayConfig, SendVia, SpoolConfig, StoreBackend, StoreConfig,
+    TlsMode, UpstreamConfig,
 };
 
 /// The levels `log.level` accepts (`RUST_LOG` takes full filter directives).
@@ -79,6 +79,13 @@ fn upstream(u: &UpstreamConfig) -> Result<(), String> {
     ] {
         let addr = u.address(addr);
         split_host_port(addr).map_err(|e| format!("{key}: {e}"))?;
+    }
+    if let Some(url) = &u.graph {
+        if !url.starts_with("https://") {
+            return Err(format!(
+                "upstream.graph: {url:?} must be an https:// URL (oxbridge never sends mail unencrypted)"
+            ));
+        }
     }
     if let Some(ca) = &u.ca_file {
         if !ca.is_file() {
@@ -216,6 +223,11 @@ fn account(key: &str, a: &AccountConfig, oauth: &OAuthConfig) -> Result<(), Stri
     if a.grant == Grant::RefreshToken && a.login.starts_with("*@") {
         return Err(format!(
             "{key}.grant: refresh_token needs one consenting user per account; a *@domain login cannot have one"
+        ));
+    }
+    if a.send == Some(SendVia::Graph) && a.grant != Grant::ClientCredentials {
+        return Err(format!(
+            "{key}.send: \"graph\" sends with an app-only token and needs grant = \"client_credentials\" (application permission Mail.Send)"
         ));
     }
     for sender in &a.allowed_senders {

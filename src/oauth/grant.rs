@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 
 use super::assertion;
 use super::http::{self, HttpError};
-use super::{refresh_margin, Cached, Tokens, TOKEN_DEADLINE};
+use super::{refresh_margin, Audience, Cached, Tokens, TOKEN_DEADLINE};
 use crate::accounts::Identity;
 use crate::config::{Cloud, Grant, OAuthConfig, Protocol};
 use crate::error::AuthError;
@@ -45,6 +45,12 @@ pub const OFFLINE_SCOPE: &str = "offline_access";
 /// (`https://outlook.office365.com/.default` worldwide).
 pub fn app_scope(cloud: Cloud) -> String {
     format!("{}/.default", cloud.app_resource())
+}
+
+/// The app-only scope of Microsoft Graph in `cloud`, for `sendMail`
+/// (application permission Mail.Send).
+pub fn graph_scope(cloud: Cloud) -> String {
+    format!("{}/.default", cloud.graph_resource())
 }
 
 /// The delegated scope for one protocol in `cloud`
@@ -89,11 +95,15 @@ pub fn client(config: &OAuthConfig) -> Result<OAuthClient, String> {
 
 impl Tokens {
     /// One token, retrying temporary failures with backoff.
-    pub(super) async fn request(&self, id: &Identity) -> Result<Cached, AuthError> {
+    pub(super) async fn request(
+        &self,
+        id: &Identity,
+        audience: Audience,
+    ) -> Result<Cached, AuthError> {
         let started = Instant::now();
         let mut attempt = 1;
         loop {
-            let (error, retry_after) = match self.request_once(id).await {
+            let (error, retry_after) = match self.request_once(id, audience).await {
                 Ok(c) => {
                     info!(account = %id.account, grant = %id.grant, attempt, elapsed_ms = started.elapsed().as_millis() as u64, "access token obtained");
                     crate::metrics::token_request(id.grant.as_str(), "ok", started.elapsed());
@@ -124,7 +134,11 @@ impl Tokens {
 
     /// One request to the token endpoint. A temporary failure carries the
     /// server's Retry-After, if any.
-    async fn request_once(&self, id: &Identity) -> Result<Cached, (AuthError, Option<Duration>)> {
+    async fn request_once(
+        &self,
+        id: &Identity,
+        audience: Audience,
+    ) -> Result<Cached, (AuthError, Option<Duration>)> {
         let http = &self.http;
         let scopes = || self.delegated_scopes.iter().cloned().map(Scope::new);
         let mut stored_refresh = None;
@@ -133,7 +147,10 @@ impl Tokens {
                 let mut request = self
                     .client
                     .exchange_client_credentials()
-                    .add_scope(Scope::new(self.app_scope.clone()));
+                    .add_scope(Scope::new(match audience {
+                        Audience::Mail => self.app_scope.clone(),
+                        Audience::Graph => self.graph_scope.clone(),
+                    }));
                 if let Some(a) = &self.assertion {
                     let jwt = a
                         .jwt(&self.client_id, &self.token_url)

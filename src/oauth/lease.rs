@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use secrecy::{ExposeSecret, SecretString};
 use tracing::{info, warn};
 
-use super::{Cached, Tokens, TOKEN_DEADLINE};
+use super::{Audience, Cached, Tokens, TOKEN_DEADLINE};
 use crate::accounts::Identity;
 use crate::config::Protocol;
 use crate::error::AuthError;
@@ -64,6 +64,7 @@ impl Tokens {
         mac: Option<[u8; 32]>,
         protocol: Protocol,
         fresh: bool,
+        audience: Audience,
     ) -> Result<(Cached, bool), AuthError> {
         let usable = |c: &Cached| !fresh && self.serves(c, protocol, mac);
         let deadline = Instant::now() + TOKEN_DEADLINE;
@@ -76,7 +77,7 @@ impl Tokens {
                     return Ok((c, false));
                 }
                 Ok(_) => {}
-                Err(e) => return self.alone(id, e).await,
+                Err(e) => return self.alone(id, e, audience).await,
             }
             match self.state.lease(key, LEASE).await {
                 Ok(Some(fence)) => {
@@ -87,7 +88,7 @@ impl Tokens {
                             return Ok((c, false));
                         }
                     }
-                    let request = self.request(id);
+                    let request = self.request(id, audience);
                     tokio::pin!(request);
                     let result = loop {
                         tokio::select! {
@@ -122,18 +123,23 @@ impl Tokens {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(POLL_MAX);
                 }
-                Err(e) => return self.alone(id, e).await,
+                Err(e) => return self.alone(id, e, audience).await,
             }
         }
     }
 
     /// The replicas could not be asked: request without them.
-    async fn alone(&self, id: &Identity, alone: Alone) -> Result<(Cached, bool), AuthError> {
+    async fn alone(
+        &self,
+        id: &Identity,
+        alone: Alone,
+        audience: Audience,
+    ) -> Result<(Cached, bool), AuthError> {
         if let Some(e) = alone.failure() {
             warn!(account = %id.account, error = %e, "Redis unavailable; requesting the token without the other replicas");
             crate::metrics::redis_error("token");
         }
-        Ok((self.request(id).await?, true))
+        Ok((self.request(id, audience).await?, true))
     }
 
     /// The replicas' cached token of `key`; None if there is none or it does

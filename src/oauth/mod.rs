@@ -104,6 +104,14 @@ impl Cached {
     }
 }
 
+/// What a token is for: the mail protocols (Exchange Online's resource),
+/// or Microsoft Graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    Mail,
+    Graph,
+}
+
 /// One account's cache entry; its mutex is held while its token is fetched.
 type Entry = Arc<tokio::sync::Mutex<Option<Cached>>>;
 
@@ -116,6 +124,7 @@ pub struct Tokens {
     http: Http,
     delegated_scopes: Vec<String>,
     app_scope: String,
+    graph_scope: String,
     state: Arc<State>,
     entries: Mutex<HashMap<String, Entry>>,
     mac_key: [u8; 32],
@@ -147,6 +156,7 @@ impl Tokens {
             http: Http::new()?,
             delegated_scopes: delegated_scopes(config.cloud, protocols),
             app_scope: app_scope(config.cloud),
+            graph_scope: grant::graph_scope(config.cloud),
             mac_key: state.agreed_key(PASSWORD_MAC_PURPOSE),
             state,
             entries: Mutex::new(HashMap::new()),
@@ -219,14 +229,38 @@ impl Tokens {
     /// or fetched now with every concurrent caller for the same account
     /// waiting on this one request.
     pub async fn get(&self, id: &Identity, protocol: Protocol) -> Result<Token, AuthError> {
-        let key = Self::key(id);
+        self.get_for(id, protocol, Audience::Mail).await
+    }
+
+    /// An app-only token for Microsoft Graph (`client_credentials` with
+    /// the Graph scope), cached and single-flight like the others.
+    pub async fn graph(&self, id: &Identity) -> Result<Token, AuthError> {
+        if id.grant != Grant::ClientCredentials {
+            return Err(AuthError::TokenRefused(format!(
+                "account {} sends through Microsoft Graph, which needs grant = \"client_credentials\"",
+                id.account
+            )));
+        }
+        self.get_for(id, Protocol::Smtp, Audience::Graph).await
+    }
+
+    async fn get_for(
+        &self,
+        id: &Identity,
+        protocol: Protocol,
+        audience: Audience,
+    ) -> Result<Token, AuthError> {
+        let key = match audience {
+            Audience::Mail => Self::key(id),
+            Audience::Graph => "graph".to_string(),
+        };
         let entry = self.entry(&key);
         let mac = id.password.as_ref().map(|p| self.mac(p));
         let result = {
             let mut cached = entry.lock().await;
             match cached.as_ref() {
                 Some(c) if self.serves(c, protocol, mac) => Ok(c.token(false)),
-                _ => match self.obtain(id, &key, mac, protocol, false).await {
+                _ => match self.obtain(id, &key, mac, protocol, false, audience).await {
                     Ok((c, fresh)) => {
                         let token = c.token(fresh);
                         *cached = Some(Cached {
@@ -286,7 +320,10 @@ impl Tokens {
         };
         let entry = self.entry(&key);
         let mut cached = entry.lock().await;
-        match self.obtain(id, &key, None, Protocol::Smtp, true).await {
+        match self
+            .obtain(id, &key, None, Protocol::Smtp, true, Audience::Mail)
+            .await
+        {
             Ok((c, _)) => {
                 *cached = Some(c);
                 Ok(true)

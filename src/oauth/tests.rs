@@ -414,6 +414,7 @@ fn identity(grant: Grant, login: &str, password: Option<&str>) -> Identity {
         mailbox: login.into(),
         grant,
         password: password.map(|p| SecretString::from(p.to_string())),
+        graph: false,
     }
 }
 
