@@ -68,6 +68,27 @@ const KNOWN: &[Known] = &[
               the device's sender to the mailbox, or grant it `Add-RecipientPermission -Identity \
               <from address> -Trustee <mailbox> -AccessRights SendAs`",
     },
+    // Microsoft Graph (accounts with send = "graph").
+    Known {
+        needle: "ErrorAccessDenied",
+        fix: "Microsoft Graph refused to send for this mailbox (403 ErrorAccessDenied): give the app the \
+              Microsoft Graph application permission Mail.Send with admin consent (Entra admin center > \
+              App registrations > the app > API permissions > Add > Microsoft Graph > Application \
+              permissions > Mail.Send > Grant admin consent), or with RBAC for Applications assign it \
+              `New-ManagementRoleAssignment -App <app id> -Role \"Application Mail.Send\" \
+              -CustomResourceScope <scope>` covering the mailbox",
+    },
+    Known {
+        needle: "Invalid audience",
+        fix: "Microsoft Graph refused the token as not meant for it (401 Invalid audience): the token must \
+              be asked for with the scope https://graph.microsoft.com/.default; check [oauth] token_url \
+              and cloud, and that [upstream] graph is the Graph of the same cloud",
+    },
+    Known {
+        needle: "InvalidAuthenticationToken",
+        fix: "Microsoft Graph refused the app's token (401): check [oauth] tenant and client_id, and that \
+              the app has the Microsoft Graph application permission Mail.Send with admin consent",
+    },
     Known {
         needle: "4.3.2",
         fix: "Exchange Online allows 3 concurrent SMTP connections per mailbox (432 4.3.2): keep \

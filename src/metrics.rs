@@ -35,6 +35,7 @@ pub const KEEPALIVES: &str = "oxbridge_refresh_keepalives_total";
 pub const REFRESH_ISSUED: &str = "oxbridge_refresh_token_issued_timestamp_seconds";
 pub const REFRESH_LAST_SUCCESS: &str = "oxbridge_refresh_token_last_success_timestamp_seconds";
 pub const ACCESS_EXPIRY: &str = "oxbridge_access_token_expiry_timestamp_seconds";
+pub const GRAPH_REQUESTS: &str = "oxbridge_graph_requests_total";
 pub const SPOOL_ACCEPTED: &str = "oxbridge_spool_accepted_total";
 pub const SPOOL_ACCEPTED_BYTES: &str = "oxbridge_spool_accepted_bytes_total";
 pub const SPOOL_MESSAGES: &str = "oxbridge_spool_messages";
@@ -132,6 +133,10 @@ fn describe() {
         ACCESS_EXPIRY,
         "When the account's current access token expires (Unix time); app for client_credentials"
     );
+    describe_counter!(
+        GRAPH_REQUESTS,
+        "Requests to Microsoft Graph, by result (ok, error, throttled: waited out)"
+    );
     describe_counter!(SPOOL_ACCEPTED, "Messages taken into the spool (250 given)");
     describe_counter!(
         SPOOL_ACCEPTED_BYTES,
@@ -199,6 +204,10 @@ pub fn session_ended(protocol: Protocol, outcome: &'static str, to_upstream: u64
     if to_device > 0 {
         counter!(BYTES, "protocol" => p, "direction" => "to_device").increment(to_device);
     }
+}
+
+pub fn graph_request(result: &'static str) {
+    counter!(GRAPH_REQUESTS, "result" => result).increment(1);
 }
 
 /// A message was taken into the spool.

@@ -49,6 +49,11 @@ pub fn server_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor,
 
 /// The one client config for upstream: system roots plus `ca_file`.
 pub fn upstream_connector(ca_file: Option<&Path>) -> Result<TlsConnector, String> {
+    Ok(TlsConnector::from(Arc::new(upstream_config(ca_file)?)))
+}
+
+/// [`upstream_connector`]'s configuration, for HTTPS clients (Microsoft Graph).
+pub fn upstream_config(ca_file: Option<&Path>) -> Result<ClientConfig, String> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
@@ -72,5 +77,5 @@ pub fn upstream_connector(ca_file: Option<&Path>) -> Result<TlsConnector, String
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(config)
 }

@@ -5,6 +5,7 @@
 //! client config, the addresses, what the SMTP server offers) and nothing of
 //! the rest of the app.
 
+pub mod graph;
 mod imap;
 mod pop3;
 mod smtp;

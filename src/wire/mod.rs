@@ -3,6 +3,7 @@
 //! every byte oxbridge writes to a device or an upstream server is worded
 //! here, in one table per protocol, and every line ends in CRLF.
 
+pub mod graph;
 pub mod imap;
 pub mod imap_view;
 pub mod message;

@@ -371,6 +371,11 @@ pub enum Reply<'a> {
     NotStored,
     AlreadyAuthenticated,
     DataTimeout,
+    /// Microsoft Graph took the message (a session listener's Graph account).
+    SentByGraph,
+    GraphTemporary,
+    GraphAuth,
+    GraphRefused,
     TooManyErrors,
     TooManyAuthFailures,
     TooManyCommands,
@@ -459,6 +464,14 @@ impl Reply<'_> {
             }
             Reply::NotStored => "451 4.3.0 Could not store the message, try again later",
             Reply::AlreadyAuthenticated => "503 5.5.1 Already authenticated",
+            Reply::SentByGraph => "250 2.0.0 Ok: sent through Microsoft Graph",
+            Reply::GraphTemporary => {
+                "451 4.4.0 Microsoft Graph did not take the message, try again later"
+            }
+            Reply::GraphAuth => {
+                "451 4.7.0 Microsoft Graph refused oxbridge's token; the message was not sent, try again later"
+            }
+            Reply::GraphRefused => "554 5.6.0 Microsoft Graph refused the message",
             Reply::DataTimeout => "421 4.4.2 Timeout waiting for the message, closing connection",
             Reply::TooManyErrors => "421 4.7.0 Too many errors, closing connection",
             Reply::TooManyAuthFailures => "421 4.7.0 Too many failed logins, closing connection",
