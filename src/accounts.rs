@@ -21,7 +21,7 @@ use argon2::Argon2;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Semaphore;
 
-use crate::config::{AccountConfig, Grant};
+use crate::config::{AccountConfig, Grant, SendVia};
 use crate::error::AuthError;
 
 /// Argon2 checks running at once; more wait, so logins cannot exhaust the CPU.
@@ -36,6 +36,8 @@ struct Account {
     allow_shared: Vec<String>,
     /// Envelope senders of spooled messages (empty: any).
     allowed_senders: Vec<String>,
+    /// SMTP mail leaves through Microsoft Graph.
+    graph: bool,
 }
 
 impl Account {
@@ -62,6 +64,8 @@ pub struct Identity {
     pub grant: Grant,
     /// The device's password, kept only for the `password` grant.
     pub password: Option<SecretString>,
+    /// SMTP mail of this account leaves through Microsoft Graph.
+    pub graph: bool,
 }
 
 pub struct Accounts {
@@ -91,7 +95,8 @@ pub fn hash_password(password: &SecretString) -> Result<String, String> {
 }
 
 impl Accounts {
-    pub fn new(configs: &[AccountConfig]) -> Accounts {
+    /// The accounts of the config; `default_send` is `[upstream] send`.
+    pub fn new(default_send: SendVia, configs: &[AccountConfig]) -> Accounts {
         let mut accounts = Vec::new();
         let mut exact = HashMap::new();
         let mut domains = HashMap::new();
@@ -108,6 +113,11 @@ impl Accounts {
                 mailbox: c.mailbox.clone(),
                 allow_shared: c.allow_shared.iter().map(|a| a.to_lowercase()).collect(),
                 allowed_senders: c.allowed_senders.clone(),
+                graph: match (c.send, c.grant) {
+                    (Some(via), _) => via == SendVia::Graph,
+                    (None, Grant::ClientCredentials) => default_send == SendVia::Graph,
+                    (None, _) => false,
+                },
             });
         }
         let dummy = SecretString::from("oxbridge-dummy-password".to_string());
@@ -163,6 +173,7 @@ impl Accounts {
                     login,
                     grant: a.grant,
                     password: Some(password),
+                    graph: a.graph,
                 });
             }
             Some(a) if shared_ok => a
@@ -197,6 +208,7 @@ impl Accounts {
                 login,
                 grant: a.grant,
                 password: None,
+                graph: a.graph,
             }),
             Some(_) => Err(AuthError::BadCredentials("wrong password")),
             None => Err(AuthError::BadCredentials("unknown user")),
@@ -224,11 +236,20 @@ impl Accounts {
                 login,
                 grant: a.grant,
                 password: None,
+                graph: a.graph,
             }),
             _ => Err(AuthError::BadCredentials(
                 "relay account missing or with grant = password",
             )),
         }
+    }
+
+    /// Whether the account a device logs in as (`login`, or
+    /// `login\\shared@domain`) sends its SMTP mail through Microsoft Graph.
+    pub fn sends_via_graph(&self, login: &str) -> bool {
+        let login = login.trim().to_lowercase();
+        let base = login.split_once('\\').map_or(login.as_str(), |(b, _)| b);
+        self.find(base).is_some_and(|a| a.graph)
     }
 
     /// The envelope senders `account` may use on a spooling listener
@@ -319,6 +340,7 @@ mod tests {
             mailbox: mailbox.map(String::from),
             allow_shared: Vec::new(),
             allowed_senders: Vec::new(),
+            send: None,
         }
     }
 
@@ -328,21 +350,24 @@ mod tests {
 
     #[tokio::test]
     async fn exact_pattern_and_failures() {
-        let accounts = Accounts::new(&[
-            account(
-                "Scanner@Example.test",
-                Grant::ClientCredentials,
-                Some("right"),
-                Some("scans@example.test"),
-            ),
-            account("*@example.test", Grant::Password, None, None),
-            account(
-                "*@other.test",
-                Grant::ClientCredentials,
-                Some("domainpw"),
-                None,
-            ),
-        ]);
+        let accounts = Accounts::new(
+            SendVia::Smtp,
+            &[
+                account(
+                    "Scanner@Example.test",
+                    Grant::ClientCredentials,
+                    Some("right"),
+                    Some("scans@example.test"),
+                ),
+                account("*@example.test", Grant::Password, None, None),
+                account(
+                    "*@other.test",
+                    Grant::ClientCredentials,
+                    Some("domainpw"),
+                    None,
+                ),
+            ],
+        );
         let id = accounts
             .authenticate("scanner@example.TEST", pw("right"))
             .await
@@ -391,7 +416,10 @@ mod tests {
             Some("scans@x.test"),
         );
         scanner.allow_shared = vec!["Reception@x.test".into(), "*@shared.x.test".into()];
-        let accounts = Accounts::new(&[scanner, account("*@x.test", Grant::Password, None, None)]);
+        let accounts = Accounts::new(
+            SendVia::Smtp,
+            &[scanner, account("*@x.test", Grant::Password, None, None)],
+        );
         let id = accounts
             .authenticate("scanner@x.test\\reception@x.test", pw("pw"))
             .await
@@ -427,12 +455,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_repeated_correct_login_skips_argon2() {
-        let accounts = Accounts::new(&[account(
-            "a@x.test",
-            Grant::ClientCredentials,
-            Some("right"),
-            None,
-        )]);
+        let accounts = Accounts::new(
+            SendVia::Smtp,
+            &[account(
+                "a@x.test",
+                Grant::ClientCredentials,
+                Some("right"),
+                None,
+            )],
+        );
         let t = std::time::Instant::now();
         accounts
             .authenticate("a@x.test", pw("right"))
@@ -456,12 +487,15 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_user_costs_a_hash_too() {
-        let accounts = Accounts::new(&[account(
-            "a@x.test",
-            Grant::ClientCredentials,
-            Some("p"),
-            None,
-        )]);
+        let accounts = Accounts::new(
+            SendVia::Smtp,
+            &[account(
+                "a@x.test",
+                Grant::ClientCredentials,
+                Some("p"),
+                None,
+            )],
+        );
         let t = std::time::Instant::now();
         let _ = accounts.authenticate("a@x.test", pw("bad")).await;
         let known = t.elapsed();

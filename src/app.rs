@@ -10,6 +10,7 @@ use crate::accounts::Accounts;
 use crate::config::{Config, Grant, RelayConfig};
 use crate::spool::Spool;
 use crate::state::{FileStore, State, StateError};
+use crate::upstream::graph::Graph;
 use crate::upstream::Dialer;
 use crate::{limits, oauth, throttle};
 
@@ -29,6 +30,8 @@ pub struct App {
     pub hostname: String,
     /// The SMTP spool, when a listener has `delivery = "spool"`.
     pub spool: Option<Arc<Spool>>,
+    /// Microsoft Graph, for accounts whose mail leaves that way.
+    pub graph: Graph,
 }
 
 /// A start-up failure: the message names what is wrong.
@@ -54,9 +57,15 @@ impl App {
             })?)),
             false => None,
         };
+        let graph = Graph::new(
+            &config.upstream.graph_url(),
+            config.upstream.ca_file.as_deref(),
+        )
+        .map_err(StartError)?;
         Ok(App {
             spool,
-            accounts: ArcSwap::from_pointee(Accounts::new(&config.accounts)),
+            graph,
+            accounts: ArcSwap::from_pointee(Accounts::new(config.upstream.send, &config.accounts)),
             relays: ArcSwap::from_pointee(config.relays.clone()),
             tokens,
             dialer,
@@ -93,7 +102,8 @@ impl App {
             return Err("the first refresh_token account needs a restart (the token store is opened at start)".into());
         }
         let ignored = self.config.restart_only_changes(&new);
-        self.accounts.store(Arc::new(Accounts::new(&new.accounts)));
+        self.accounts
+            .store(Arc::new(Accounts::new(new.upstream.send, &new.accounts)));
         self.relays.store(Arc::new(new.relays));
         Ok(ignored)
     }

@@ -453,13 +453,15 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
             crate::metrics::session_ended(protocol, "relayed", r.to_upstream, r.to_device);
         }
         Handoff::Spool(device) => {
-            let Some(spool) = app.spool.clone() else {
-                return;
+            let sink = match (&app.spool, ctx.listener.delivery) {
+                (Some(spool), Delivery::Spool) => crate::spool::intake::Sink::Spool(spool.clone()),
+                _ => crate::spool::intake::Sink::Graph(ctx.app.clone()),
             };
             let (account, mailbox) = (device.id.account.clone(), device.id.mailbox.clone());
+            let config = &app.config.spool;
             let rules = crate::spool::intake::Rules {
-                max_bytes: spool.config.max_message_bytes,
-                max_recipients: spool.config.max_recipients,
+                max_bytes: config.max_message_bytes,
+                max_recipients: config.max_recipients,
                 allowed_senders: match device.relay {
                     true => app
                         .relay_rule(peer.ip())
@@ -469,16 +471,14 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
                 },
             };
             let limits = &app.config.limits;
-            let served = crate::spool::intake::serve(
-                &spool,
-                app.hostname.clone(),
+            let setup = crate::spool::intake::Setup {
+                host: app.hostname.clone(),
+                keywords: crate::spool::keywords(config),
                 rules,
-                *device,
-                limits.max_line,
-                Duration::from_secs(limits.preauth_timeout_s),
-                &ctx.abort,
-            )
-            .await;
+                max_line: limits.max_line,
+                timeout: Duration::from_secs(limits.preauth_timeout_s),
+            };
+            let served = crate::spool::intake::serve(sink, setup, *device, &ctx.abort).await;
             info!(
                 account = %account,
                 mailbox = %mailbox,

@@ -291,7 +291,7 @@ pub async fn drive(
                 let keywords = app.dialer.smtp_capabilities().await;
                 session.on(Input::Capabilities(&keywords))
             }
-            Then::Login(request) if spooling => {
+            Then::Login(request) if spooling || takes_itself(app, &request) => {
                 let (result, relay, helo) = match request {
                     Login::Password { creds, client_name } => (
                         login::local_login(app, creds, peer).await,
@@ -306,7 +306,13 @@ pub async fn drive(
                 match result {
                     Ok(id) => {
                         local = Some((id, relay, helo));
-                        let keywords = app.spool.as_ref().map(|s| s.keywords()).unwrap_or_default();
+                        // What the device was told in EHLO: the spool's
+                        // own offer, or on a session listener the
+                        // upstream's (which the session keeps to).
+                        let keywords = match spooling {
+                            true => crate::spool::keywords(&app.config.spool),
+                            false => app.dialer.smtp_capabilities().await,
+                        };
                         session.on(Input::LoggedIn {
                             capabilities: &keywords,
                         })
@@ -339,7 +345,7 @@ pub async fn drive(
                 login::refused(protocol, &login, &error);
                 session.on(Input::LoginFailed(&error))
             }
-            Then::Relay { replay } if spooling => {
+            Then::Relay { replay } if local.is_some() => {
                 let Some((id, relay, helo)) = local.take() else {
                     return Handoff::Closed("spool without a login");
                 };
@@ -370,6 +376,15 @@ pub async fn drive(
             logged_in = None;
             local = None;
         }
+    }
+}
+
+/// Whether oxbridge takes this login's messages itself on a session
+/// listener: its account sends through Microsoft Graph, not SMTP.
+fn takes_itself(app: &App, request: &Login) -> bool {
+    match request {
+        Login::Password { creds, .. } => app.accounts().sends_via_graph(&creds.login),
+        Login::Relay { account, .. } => app.accounts().sends_via_graph(account),
     }
 }
 

@@ -26,6 +26,7 @@ use super::queue::{self, Envelope, Place, Queue, Status};
 use super::Spool;
 use crate::app::App;
 use crate::error::AuthError;
+use crate::upstream::graph::GraphError;
 use crate::upstream::{Dialer, Sent};
 use crate::wire::smtp::ServerReply;
 
@@ -238,6 +239,13 @@ async fn deliver(app: &App, spool: &Spool, pace: &Pace, ids: Vec<String>) -> Vec
     let identity = app
         .accounts()
         .spooled_identity(&first.account, &first.mailbox);
+    if let Some(id) = identity.as_ref().ok().filter(|id| id.graph) {
+        for (mid, env, status) in todo {
+            let next = through_graph(app, spool, pace, id, env, status).await;
+            results.push((mid, next));
+        }
+        return results;
+    }
     let login = match identity {
         Ok(id) => crate::login::delivery_login(app, &id).await,
         Err(e) => Err(e),
@@ -317,6 +325,78 @@ async fn deliver(app: &App, spool: &Spool, pace: &Pace, ids: Vec<String>) -> Vec
         Dialer::quit_smtp(&mut upstream.conn).await;
     }
     results
+}
+
+/// Send one message through Microsoft Graph (its account's way out).
+async fn through_graph(
+    app: &App,
+    spool: &Spool,
+    pace: &Pace,
+    id: &crate::accounts::Identity,
+    env: Envelope,
+    status: Status,
+) -> Next {
+    paced(
+        pace,
+        &env.mailbox.to_lowercase(),
+        spool.config.messages_per_minute,
+    )
+    .await;
+    let retry = status.attempts > 0;
+    let pending: Vec<String> = env.pending(&status).cloned().collect();
+    let path = spool.queue.message_path(Place::Queue, &env.id);
+    let message = match blocking(move || std::fs::read(path)).await {
+        Ok(m) => m,
+        Err(e) => {
+            return defer(
+                spool,
+                &env.id,
+                status,
+                format!("reading the message: {e}"),
+                retry,
+            )
+            .await
+        }
+    };
+    let token = match app.tokens.graph(id).await {
+        Ok(t) => t,
+        Err(e) => return defer(spool, &env.id, status, e.to_string(), retry).await,
+    };
+    if let Err(e) = spool.queue.mark_sending(&env.id) {
+        return defer(spool, &env.id, status, format!("spool: {e}"), retry).await;
+    }
+    let sent = app
+        .graph
+        .send(&token.secret, &env.mailbox, &message, &pending)
+        .await;
+    let mid = env.id.clone();
+    let next = match sent {
+        Ok(()) => {
+            crate::metrics::spool_delivery("delivered", retry);
+            let outcome = Outcome {
+                delivered: pending,
+                ..Default::default()
+            };
+            apply(app, spool, env, status, outcome).await
+        }
+        Err(GraphError::Refused(why)) => {
+            crate::metrics::spool_delivery("refused", retry);
+            let outcome = Outcome {
+                refused: pending
+                    .into_iter()
+                    .map(|r| Failure {
+                        recipient: r,
+                        reply: why.clone(),
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            apply(app, spool, env, status, outcome).await
+        }
+        Err(e) => defer(spool, &env.id, status, e.to_string(), retry).await,
+    };
+    spool.queue.clear_sending(&mid);
+    next
 }
 
 /// The fate of each pending recipient after one attempt.

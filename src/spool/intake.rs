@@ -17,7 +17,10 @@ use tracing::{info, warn};
 use super::queue::{self, Draft, Envelope};
 use super::Spool;
 use crate::accounts::Identity;
+use crate::app::App;
+use crate::error::AuthError;
 use crate::net::{Conn, LineError};
+use crate::upstream::graph::GraphError;
 use crate::wire::message::DataReader;
 use crate::wire::smtp::{self as wire, parse_command, parse_path, Command, Reply};
 use crate::wire::Farewell;
@@ -238,8 +241,10 @@ impl Intake {
                     kept.push("BODY=8BITMIME".to_string())
                 }
                 "BODY" if value.eq_ignore_ascii_case("7BIT") => {}
-                // RFC 4954: the AUTH parameter may be ignored.
-                "AUTH" => {}
+                "SMTPUTF8" => kept.push("SMTPUTF8".to_string()),
+                // RFC 4954: the AUTH parameter may be ignored. DSN's
+                // (RET, ENVID) too: oxbridge reports failures itself.
+                "AUTH" | "RET" | "ENVID" => {}
                 _ => return self.error(Reply::UnknownParameter),
             }
         }
@@ -269,7 +274,8 @@ impl Intake {
         if !wire::is_mailbox(&rcpt) {
             return self.error(Reply::BadRecipient);
         }
-        if !params.is_empty() {
+        let dsn = |p: &String| p.starts_with("NOTIFY=") || p.starts_with("ORCPT=");
+        if !params.iter().all(dsn) {
             return self.error(Reply::UnknownParameter);
         }
         if tx.recipients.len() >= max {
@@ -367,6 +373,39 @@ pub struct Device {
     pub peer: SocketAddr,
 }
 
+/// Where a taken message goes.
+pub enum Sink {
+    /// The spool: `250` once it is on disk; the worker delivers it.
+    Spool(Arc<Spool>),
+    /// Microsoft Graph, at once: `250` once Graph took it.
+    Graph(Arc<App>),
+}
+
+/// A message being read: into a spool draft, or into memory for Graph.
+enum Body {
+    Draft(Draft),
+    Memory(Vec<u8>),
+}
+
+impl Body {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Body::Draft(d) => d.write(bytes),
+            Body::Memory(m) => {
+                m.extend_from_slice(bytes);
+                Ok(())
+            }
+        }
+    }
+
+    fn size(&self) -> u64 {
+        match self {
+            Body::Draft(d) => d.size,
+            Body::Memory(m) => m.len() as u64,
+        }
+    }
+}
+
 /// How a spooled session went.
 pub struct Served {
     pub messages: u32,
@@ -374,23 +413,41 @@ pub struct Served {
     pub end: &'static str,
 }
 
+/// What the session needs besides the device.
+pub struct Setup {
+    pub host: String,
+    /// What EHLO offers after login.
+    pub keywords: Vec<String>,
+    pub rules: Rules,
+    pub max_line: usize,
+    pub timeout: Duration,
+}
+
 /// Take the device's messages until it quits, fails or is told goodbye.
 pub async fn serve(
-    spool: &Arc<Spool>,
-    host: String,
-    rules: Rules,
+    sink: Sink,
+    setup: Setup,
     mut device: Device,
-    max_line: usize,
-    timeout: Duration,
     stop: &CancellationToken,
 ) -> Served {
-    let mut intake = Intake::new(host, spool.keywords(), rules);
+    let Setup {
+        host,
+        keywords,
+        rules,
+        max_line,
+        timeout,
+    } = setup;
+    let mut intake = Intake::new(host, keywords, rules);
     let mut served = Served {
         messages: 0,
         bytes: 0,
         end: "",
     };
-    let mut draft: Option<Draft> = None;
+    let new_body = |sink: &Sink| match sink {
+        Sink::Spool(spool) => spool.queue.draft().map(Body::Draft),
+        Sink::Graph(_) => Ok(Body::Memory(Vec::new())),
+    };
+    let mut body: Option<Body> = None;
     let mut step = Step {
         reply: Vec::new(),
         then: Then::Read,
@@ -418,8 +475,8 @@ pub async fn serve(
                 }
             }
             Then::ReadData { max } => {
-                let mut d = match spool.queue.draft() {
-                    Ok(d) => d,
+                let mut b = match new_body(&sink) {
+                    Ok(b) => b,
                     Err(e) => {
                         warn!(error = %e, "cannot start a message in the spool");
                         let _ = device
@@ -430,9 +487,9 @@ pub async fn serve(
                         return served;
                     }
                 };
-                match read_data(&mut device.conn, &mut d, max, timeout).await {
+                match read_data(&mut device.conn, &mut b, max, timeout).await {
                     Ok(too_big) => {
-                        draft = Some(d);
+                        body = Some(b);
                         intake.on(Input::DataEnd { too_big })
                     }
                     Err(LineError::Timeout(_)) => Step::close(Reply::DataTimeout, "data timeout"),
@@ -447,11 +504,11 @@ pub async fn serve(
                 }
             }
             Then::ReadChunk { size, keep } => {
-                if keep && draft.is_none() {
-                    draft = spool.queue.draft().ok();
+                if keep && body.is_none() {
+                    body = new_body(&sink).ok();
                 }
-                let result = match draft.as_mut().filter(|_| keep) {
-                    Some(d) => read_chunk(&mut device.conn, d, size, timeout).await,
+                let result = match body.as_mut().filter(|_| keep) {
+                    Some(b) => read_chunk(&mut device.conn, b, size, timeout).await,
                     None => device.conn.discard(size, timeout).await,
                 };
                 match result {
@@ -464,40 +521,31 @@ pub async fn serve(
                 }
             }
             Then::Store(stored) => {
-                let Some(d) = draft.take() else {
+                let Some(b) = body.take() else {
                     served.end = "store without a message";
                     return served;
                 };
-                let size = d.size;
-                let envelope = Envelope {
-                    id: String::new(),
-                    account: device.id.account.clone(),
-                    mailbox: device.id.mailbox.clone(),
-                    relay: device.relay,
-                    sender: stored.sender,
-                    recipients: stored.recipients,
-                    params: stored.params,
-                    received_at: queue::now(),
-                    client: device.peer.ip().to_string(),
-                    helo: device.helo.clone(),
-                    size,
-                    report: false,
-                };
-                let rcpts = envelope.recipients.len();
-                match tokio::task::spawn_blocking(move || d.commit(envelope)).await {
-                    Ok(Ok(id)) => {
-                        info!(id = %id, size, recipients = rcpts, account = %device.id.account, "message spooled");
-                        crate::metrics::spooled(size);
-                        served.messages += 1;
-                        served.bytes += size;
-                        spool.queued(&id);
-                        intake.on(Input::Stored(Ok(&id)))
+                let size = b.size();
+                match (b, &sink) {
+                    (Body::Draft(d), Sink::Spool(spool)) => {
+                        match commit(spool, d, *stored, &device).await {
+                            Ok(id) => {
+                                served.messages += 1;
+                                served.bytes += size;
+                                intake.on(Input::Stored(Ok(&id)))
+                            }
+                            Err(()) => intake.on(Input::Stored(Err(()))),
+                        }
                     }
-                    Ok(Err(e)) => {
-                        warn!(error = %e, "cannot commit a message to the spool");
-                        intake.on(Input::Stored(Err(())))
+                    (Body::Memory(m), Sink::Graph(app)) => {
+                        let reply = send_now(app, &device.id, &m, &stored.recipients).await;
+                        if reply == Reply::SentByGraph {
+                            served.messages += 1;
+                            served.bytes += size;
+                        }
+                        Step::read(reply)
                     }
-                    Err(_) => intake.on(Input::Stored(Err(()))),
+                    _ => intake.on(Input::Stored(Err(()))),
                 }
             }
             Then::Close(why) => {
@@ -506,7 +554,84 @@ pub async fn serve(
             }
         };
         if !matches!(step.then, Then::Store(_) | Then::ReadChunk { .. }) && !intake.chunking() {
-            draft = None;
+            body = None;
+        }
+    }
+}
+
+/// Commit a draft to the spool; the id, or `Err` when it could not be.
+async fn commit(
+    spool: &Arc<Spool>,
+    draft: Draft,
+    stored: Stored,
+    device: &Device,
+) -> Result<String, ()> {
+    let size = draft.size;
+    let envelope = Envelope {
+        id: String::new(),
+        account: device.id.account.clone(),
+        mailbox: device.id.mailbox.clone(),
+        relay: device.relay,
+        sender: stored.sender,
+        recipients: stored.recipients,
+        params: stored.params,
+        received_at: queue::now(),
+        client: device.peer.ip().to_string(),
+        helo: device.helo.clone(),
+        size,
+        report: false,
+    };
+    let rcpts = envelope.recipients.len();
+    match tokio::task::spawn_blocking(move || draft.commit(envelope)).await {
+        Ok(Ok(id)) => {
+            info!(id = %id, size, recipients = rcpts, account = %device.id.account, "message spooled");
+            crate::metrics::spooled(size);
+            spool.queued(&id);
+            Ok(id)
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot commit a message to the spool");
+            Err(())
+        }
+        Err(_) => Err(()),
+    }
+}
+
+/// Send a message through Microsoft Graph now; the device's reply.
+async fn send_now(
+    app: &App,
+    id: &Identity,
+    message: &[u8],
+    recipients: &[String],
+) -> Reply<'static> {
+    let result = match app.tokens.graph(id).await {
+        Ok(token) => {
+            app.graph
+                .send(&token.secret, &id.mailbox, message, recipients)
+                .await
+        }
+        Err(e) if e.is_temporary() => Err(GraphError::Temporary(e.to_string())),
+        Err(e) => Err(GraphError::Auth(e.to_string())),
+    };
+    match result {
+        Ok(()) => {
+            info!(account = %id.account, mailbox = %id.mailbox, size = message.len(), recipients = recipients.len(), "sent through Microsoft Graph");
+            Reply::SentByGraph
+        }
+        Err(e) => {
+            match crate::diagnose::advice(&AuthError::UpstreamRefused(e.to_string())) {
+                Some(fix) => {
+                    warn!(account = %id.account, mailbox = %id.mailbox, error = %e, fix, "Microsoft Graph did not take the message")
+                }
+                None => {
+                    warn!(account = %id.account, mailbox = %id.mailbox, error = %e, "Microsoft Graph did not take the message")
+                }
+            }
+            match e {
+                GraphError::Temporary(_) => Reply::GraphTemporary,
+                GraphError::Auth(_) => Reply::GraphAuth,
+                GraphError::Refused(_) => Reply::GraphRefused,
+            }
         }
     }
 }
@@ -515,7 +640,7 @@ pub async fn serve(
 /// to its end and drop it. Returns whether the message was too big.
 async fn read_data(
     conn: &mut Conn,
-    draft: &mut Draft,
+    draft: &mut Body,
     max: u64,
     timeout: Duration,
 ) -> Result<bool, LineError> {
@@ -530,7 +655,7 @@ async fn read_data(
         let end = reader.feed(input, &mut out);
         let consumed = end.unwrap_or(input.len());
         conn.consume(consumed);
-        if !too_big && draft.size + out.len() as u64 > max {
+        if !too_big && draft.size() + out.len() as u64 > max {
             too_big = true;
         }
         if too_big {
@@ -548,7 +673,7 @@ async fn read_data(
 /// Read a BDAT chunk of `size` bytes into `draft`.
 async fn read_chunk(
     conn: &mut Conn,
-    draft: &mut Draft,
+    draft: &mut Body,
     mut size: u64,
     timeout: Duration,
 ) -> Result<(), LineError> {

@@ -98,7 +98,7 @@ fn what_can_be_decided_here_is_refused_at_once() {
         )
     );
     assert_eq!(
-        line(&mut i, "MAIL FROM:<a@scans.test> RET=FULL"),
+        line(&mut i, "MAIL FROM:<a@scans.test> XFOO=1"),
         pair("555 5.5.4 Unsupported MAIL or RCPT parameter\r\n", "read")
     );
     assert_eq!(

@@ -16,6 +16,18 @@ use tokio::sync::Notify;
 use crate::config::SpoolConfig;
 use queue::Queue;
 
+/// What EHLO offers once oxbridge takes messages itself (a spooling
+/// listener, or an account that sends through Microsoft Graph).
+pub fn keywords(config: &SpoolConfig) -> Vec<String> {
+    vec![
+        format!("SIZE {}", config.max_message_bytes),
+        "8BITMIME".into(),
+        "PIPELINING".into(),
+        "CHUNKING".into(),
+        "ENHANCEDSTATUSCODES".into(),
+    ]
+}
+
 /// The spool every spooling listener and the delivery worker share.
 pub struct Spool {
     pub queue: Queue,
@@ -40,13 +52,7 @@ impl Spool {
     /// What a spooling listener offers in EHLO: its own extensions, since
     /// oxbridge itself takes the message.
     pub fn keywords(&self) -> Vec<String> {
-        vec![
-            format!("SIZE {}", self.config.max_message_bytes),
-            "8BITMIME".into(),
-            "PIPELINING".into(),
-            "CHUNKING".into(),
-            "ENHANCEDSTATUSCODES".into(),
-        ]
+        keywords(&self.config)
     }
 
     /// A message entered the queue: wake the worker.
