@@ -18,6 +18,7 @@ mod harness;
 mod continuity;
 mod devices;
 mod faults;
+mod graph;
 mod imap_pop3;
 mod oauth;
 mod ops;
