@@ -7,6 +7,9 @@
 //! consented, how old the stored refresh token is, the last refresh, and
 //! when the access token expires.
 //!
+//! An account that sends through Microsoft Graph gets a Graph token
+//! instead of an SMTP login.
+//!
 //! Accounts that cannot be checked without a device's password (the
 //! `password` grant, `*@domain` patterns without a fixed mailbox) are
 //! listed as SKIPPED and do not fail the check.
@@ -15,7 +18,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::app::App;
-use crate::config::{Config, Grant};
+use crate::config::{Config, Grant, Protocol};
 use crate::error::AuthError;
 use crate::state::TokenHealth;
 use crate::{diagnose, login};
@@ -50,6 +53,16 @@ pub async fn run(config: Config, out: &mut impl Write) -> Result<bool, String> {
         for &protocol in &protocols {
             let started = Instant::now();
             let result = match app.accounts().identity(login) {
+                // Graph has no call that proves Mail.Send without sending:
+                // the token is what can be checked.
+                Ok(id) if protocol == Protocol::Smtp && id.graph => {
+                    app.tokens.graph(&id).await.map(|_| {
+                        format!(
+                            "{}, Microsoft Graph token; Mail.Send shows with the first message",
+                            id.mailbox
+                        )
+                    })
+                }
                 Ok(id) => login::check_login(&app, protocol, &id).await,
                 Err(e) => Err(e),
             };

@@ -183,6 +183,17 @@ fn a_429_with_retry_after_is_waited_out() {
         sent.0 - throttled.0
     );
     assert_eq!(metric(&proxy, "oxbridge_graph_requests_total"), 2.0);
+    // `oxbridge check` gets the Graph account a Graph token, not an SMTP login.
+    let check = oxbridge(&["check"], &proxy.config_path());
+    let line = text(&check)
+        .lines()
+        .find(|l| l.starts_with("graph-scanner@example.test smtp: "))
+        .map(str::to_string)
+        .unwrap_or_else(|| text(&check));
+    assert!(
+        line.starts_with("graph-scanner@example.test smtp: OK (alice@example.test, Microsoft Graph token; Mail.Send shows with the first message, "),
+        "{line}"
+    );
 }
 
 /// A Graph token without the Mail.Send permission: the device gets a
