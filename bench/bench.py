@@ -50,6 +50,7 @@ PORTS = {
     "ep_swap": 31843,
     "idleup": 31893,
     "oxb_idlemem": 31943,
+    "oxb_spool": {"session": 32025, "spool": 32026, "admin": 32027},
 }
 
 no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -934,6 +935,68 @@ def proc_fds(pid):
         return None
 
 
+def delivered_count(admin):
+    """oxbridge_spool_deliveries_total{result="delivered"} from /metrics."""
+    total = 0.0
+    for line in metric_lines(f"http://127.0.0.1:{admin}/metrics", ("oxbridge_spool_deliveries_total",)):
+        if 'result="delivered"' in line and not line.startswith("unavailable"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def spool_workload(args, out, procs, N, phc, real, ca, token_url, real_token, ep_ports, ep_pid):
+    """Messages per second through one SMTP session: straight to Postfix,
+    through an oxbridge session listener (live relay), into an oxbridge
+    spooling listener (accepted: 250 once on disk; delivered: until the
+    worker has handed all of them to Postfix), and through emailproxy."""
+    P = PORTS["oxb_spool"]
+    cfg = os.path.join(out, "oxbridge-spool.toml")
+    oxbridge_config(cfg, os.path.join(out, "state-spool"), {p: f"localhost:{real[p]}" for p in real}, ca, token_url,
+                    [("smtp", P["session"]), ("smtp", P["spool"])],
+                    [{"login": u, "password_hash": phc, "grant": "client_credentials"} for u in USERS],
+                    admin=P["admin"])
+    text = open(cfg).read()
+    mark = f'listen = "127.0.0.1:{P["spool"]}"\n'
+    text = text.replace(mark, mark + 'delivery = "spool"\n')
+    # Exchange allows 30 a minute per mailbox; the benchmark measures the ceiling.
+    text += "[spool]\nmessages_per_minute = 1000000\nretry_min_s = 1\n"
+    with open(cfg, "w") as f:
+        f.write(text)
+    p = procs.start("oxbridge-spool", [args.oxbridge, "run", "--config", cfg], wait_ports=[P["session"], P["spool"]])
+    user = f"{USERS[0]}:{PASSWORD}"
+    size, reps = N["spool_size"], N["spool_reps"]
+    paths = {
+        "direct": ["--mode", "direct", "--addr", f"127.0.0.1:{real['smtp']}", "--ca", ca, "--token-file", real_token],
+        "session": ["--mode", "plain", "--addr", f"127.0.0.1:{P['session']}"],
+        "spool": ["--mode", "plain", "--addr", f"127.0.0.1:{P['spool']}"],
+    }
+    if ep_ports:
+        paths["emailproxy"] = ["--mode", "plain", "--addr", f"127.0.0.1:{ep_ports['smtp']}"]
+    res = {"size": size, "reps": reps, "paths": {}}
+    try:
+        for r in range(N["spool_rounds"]):
+            for path, spec in paths.items():
+                log(f"spool {path} round {r + 1}: {reps} x {size} bytes in one session")
+                before = delivered_count(P["admin"]) if path == "spool" else 0
+                t0 = time.time()
+                x = driver(args, "bulk", "--proto", "smtp", *spec, "--users", user,
+                           "--pid", {"session": p.pid, "spool": p.pid, "emailproxy": ep_pid}.get(path) or 0,
+                           "--size", size, "--reps", reps, "--from", USERS[0], "--rcpt", "sink@discard.invalid")
+                taken = time.time() - t0
+                run = {"accepted_s": sum(x.get("secs", [])) or None, "wall_s": taken, "failed": x.get("failed"),
+                       "cpu_s": x.get("cpu_s")}
+                if path == "spool" and not x.get("failed"):
+                    deadline = time.time() + 300
+                    while delivered_count(P["admin"]) < before + reps and time.time() < deadline:
+                        time.sleep(0.05)
+                    run["delivered_s"] = time.time() - t0
+                    run["delivered"] = delivered_count(P["admin"]) - before
+                res["paths"].setdefault(path, []).append(run)
+    finally:
+        procs.stop("oxbridge-spool")
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--upstream", required=True, help="state dir of the test upstream (upstream.json)")
@@ -943,7 +1006,7 @@ def main():
     ap.add_argument("--emailproxy", help="emailproxy executable (omit to skip that path)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="small counts, for trying the script out")
-    ap.add_argument("--only", default="login,bulk,fastlogin,fastbulk,scale,argon2,tokens,swap,idlemem")
+    ap.add_argument("--only", default="login,bulk,fastlogin,fastbulk,spool,scale,argon2,tokens,swap,idlemem")
     ap.add_argument("--sessions", type=int, default=10000)
     ap.add_argument("--idle-sessions", type=int, default=1000, help="IMAP sessions held in IDLE (idlemem)")
     args = ap.parse_args()
@@ -965,6 +1028,8 @@ def main():
         "swap_instant_delay": 3.5, "swap_burst_ms": 1, "swap_burst_secs": 2,
         "swap_window_before_ms": 250, "swap_window_after_ms": 50,
         "idle_sessions": min(args.idle_sessions, 300) if q else args.idle_sessions,
+        # spool: messages of spool_size bytes, spool_reps per path and round
+        "spool_size": 100_000, "spool_reps": 30 if q else 100, "spool_rounds": 1 if q else 3,
     }
     up = json.load(open(os.path.join(args.upstream, "upstream.json")))
     res = {"machine": machine(), "params": N, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -1152,6 +1217,12 @@ def run_all(args, up, res, N, only, procs):
 
             res["fastbulk"] = bulk_runs(fpaths, fpids, f"user0@example.test:{PASSWORD}", fsizes, "fastbulk")
         procs.stop("oxbridge-fake")
+
+    # ---------------------------------------------------------------- SMTP store and forward
+    if "spool" in only:
+        eps = {"smtp": PORTS["ep_real"]["smtp"]} if ep else None
+        res["spool"] = spool_workload(args, out, procs, N, phc, real, ca, token_url, real_token, eps,
+                                      ep.pid if ep else None)
 
     if ep:  # emailproxy is done: free the CPU
         procs.stop("emailproxy")

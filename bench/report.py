@@ -417,6 +417,28 @@ def render(res):
                             f"p50 {f(e2, 1)} ms; NOOP {len(nn['swaps']) if nn else 0} swaps, max RTT in a hold "
                             f"{f(noop_max, 2)} ms"))
 
+    # ------------------------------------------------------------------ spool
+    S = res.get("spool")
+    if S:
+        out.append("")
+        out.append(f"SMTP STORE AND FORWARD: {S['reps']} messages of {S['size']} bytes in one session, per path "
+                   f"and round (real Postfix; messages per second, median of the rounds)")
+        rate, deliver = {}, {}
+        for path in ("direct", "session", "spool", "emailproxy"):
+            runs = [r for r in S["paths"].get(path, []) if not r.get("failed") and r.get("accepted_s")]
+            if runs:
+                rate[path] = pct([S["reps"] / r["accepted_s"] for r in runs], 50)
+                deliver[path] = pct([S["reps"] / r["delivered_s"] for r in runs if r.get("delivered_s")], 50)
+        names = {"direct": "direct to Postfix", "session": "oxbridge, live relay",
+                 "spool": "oxbridge, spool", "emailproxy": "emailproxy"}
+        versus = lambda x, base: f"{x / rate[base]:.2f}x" if rate.get(base) else "-"
+        rows = [[names[p], f(r, 1), f(deliver[p], 1), versus(r, "direct"), versus(r, "emailproxy")]
+                for p, r in rate.items()]
+        out.append(table(["path", "accepted/s", "delivered/s", "vs direct", "vs emailproxy"], rows,
+                         ["<", ">", ">", ">", ">"]))
+        out.append("  accepted: the device's 250s; delivered (spool): until the worker had sent every message "
+                   "upstream (one upstream session, no pacing)")
+
     # ------------------------------------------------------------------ idlemem
     M = res.get("idlemem")
     if M:
