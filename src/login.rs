@@ -48,76 +48,77 @@ pub async fn login(
     peer: SocketAddr,
 ) -> Result<LoggedIn, AuthError> {
     let login = creds.login.clone();
-    let result = async {
-        app.throttle
-            .check(peer.ip(), &login)
+    let result = guarded(app, creds, peer, |id| async move {
+        upstream_login(app, protocol, &id, client_name)
             .await
-            .map_err(AuthError::Throttled)?;
-        let id = app
-            .accounts()
-            .authenticate(&creds.login, creds.password)
-            .await;
-        // A wrong local password, or one the token endpoint refused for the
-        // password grant, counts against the address and the account.
-        let password_grant = id.as_ref().is_ok_and(|id| id.grant == Grant::Password);
-        let result = match id {
-            Ok(id) => upstream_login(app, protocol, &id, client_name)
-                .await
-                .map(|upstream| LoggedIn { upstream, id }),
-            Err(e) => Err(e),
-        };
-        match &result {
-            Err(AuthError::BadCredentials(_)) => {
-                tokio::time::sleep(app.throttle.failure(peer.ip(), &login).await).await
-            }
-            Err(AuthError::TokenRefused(_)) if password_grant => {
-                tokio::time::sleep(app.throttle.failure(peer.ip(), &login).await).await
-            }
-            Ok(_) => app.throttle.success(peer.ip(), &login).await,
-            Err(_) => {}
-        }
-        result
-    }
+            .map(|upstream| LoggedIn { upstream, id })
+    })
     .await;
     logged(protocol, &login, &result);
     result
 }
 
-/// A login on a spooling listener: throttle -> account (local password),
-/// and nothing upstream; the delivery worker logs in when it sends. The
-/// `password` grant cannot be spooled: its tokens need the device's
-/// password, which is never kept.
+/// A login on a spooling listener (or of an account that sends through
+/// Microsoft Graph): throttle -> account (local password), and nothing
+/// upstream; mail is sent later. The `password` grant cannot be spooled:
+/// its tokens need the device's password, which is never kept.
 pub async fn local_login(
     app: &App,
     creds: Credentials,
     peer: SocketAddr,
 ) -> Result<Identity, AuthError> {
     let login = creds.login.clone();
-    let result = async {
-        app.throttle
-            .check(peer.ip(), &login)
-            .await
-            .map_err(AuthError::Throttled)?;
-        let id = app
-            .accounts()
-            .authenticate(&creds.login, creds.password)
-            .await;
-        match &id {
-            Err(AuthError::BadCredentials(_)) => {
-                tokio::time::sleep(app.throttle.failure(peer.ip(), &login).await).await
-            }
-            Ok(_) => app.throttle.success(peer.ip(), &login).await,
-            Err(_) => {}
-        }
-        match id {
-            Ok(id) if id.grant == Grant::Password => Err(AuthError::CannotSpool(
+    let result = guarded(app, creds, peer, |id| async move {
+        match id.grant {
+            Grant::Password => Err(AuthError::CannotSpool(
                 "grant = \"password\" needs the device's password for every token",
             )),
-            other => other,
+            _ => Ok(id),
         }
-    }
+    })
     .await;
     spooling(&login, &result);
+    result
+}
+
+/// The throttle around a login: refused while locked out; the device's
+/// credentials checked, then `then`; a wrong local password (or one the
+/// token endpoint refused for the `password` grant) counts against the
+/// address and the account, a success clears them.
+async fn guarded<T, F, Fut>(
+    app: &App,
+    creds: Credentials,
+    peer: SocketAddr,
+    then: F,
+) -> Result<T, AuthError>
+where
+    F: FnOnce(Identity) -> Fut,
+    Fut: std::future::Future<Output = Result<T, AuthError>>,
+{
+    let login = creds.login.clone();
+    app.throttle
+        .check(peer.ip(), &login)
+        .await
+        .map_err(AuthError::Throttled)?;
+    let id = app
+        .accounts()
+        .authenticate(&creds.login, creds.password)
+        .await;
+    let password_grant = id.as_ref().is_ok_and(|id| id.grant == Grant::Password);
+    let result = match id {
+        Ok(id) => then(id).await,
+        Err(e) => Err(e),
+    };
+    match &result {
+        Err(AuthError::BadCredentials(_)) => {
+            tokio::time::sleep(app.throttle.failure(peer.ip(), &login).await).await
+        }
+        Err(AuthError::TokenRefused(_)) if password_grant => {
+            tokio::time::sleep(app.throttle.failure(peer.ip(), &login).await).await
+        }
+        Ok(_) => app.throttle.success(peer.ip(), &login).await,
+        Err(_) => {}
+    }
     result
 }
 

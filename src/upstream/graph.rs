@@ -138,6 +138,24 @@ impl Graph {
         }
     }
 
+    /// POST `body` to `url` with the token, waiting out throttling.
+    async fn post(
+        &self,
+        url: &str,
+        token: &SecretString,
+        content_type: &'static str,
+        body: &str,
+    ) -> Result<Answer, GraphError> {
+        self.call(|| {
+            self.http
+                .post(url)
+                .bearer_auth(token.expose_secret())
+                .header("content-type", content_type)
+                .body(body.to_string())
+        })
+        .await
+    }
+
     fn url(&self, mailbox: &str, tail: &str) -> String {
         format!("{}/users/{mailbox}{tail}", self.base)
     }
@@ -154,27 +172,15 @@ impl Graph {
         match wire::plan(&message).map_err(GraphError::Refused)? {
             Plan::Whole(mime) => {
                 let url = self.url(mailbox, "/sendMail");
-                self.call(|| {
-                    self.http
-                        .post(&url)
-                        .bearer_auth(token.expose_secret())
-                        .header("content-type", "text/plain")
-                        .body(mime.clone())
-                })
-                .await?
-                .expect(202, "sendMail")?;
+                self.post(&url, token, "text/plain", &mime)
+                    .await?
+                    .expect(202, "sendMail")?;
                 Ok(())
             }
             Plan::Draft { mime, attachments } => {
                 let url = self.url(mailbox, "/messages");
                 let draft = self
-                    .call(|| {
-                        self.http
-                            .post(&url)
-                            .bearer_auth(token.expose_secret())
-                            .header("content-type", "text/plain")
-                            .body(mime.clone())
-                    })
+                    .post(&url, token, "text/plain", &mime)
                     .await?
                     .expect(201, "create draft")?;
                 let id = draft.json("id").ok_or_else(|| {
@@ -208,15 +214,9 @@ impl Graph {
             if a.bytes.len() < wire::MIN_UPLOAD_SESSION {
                 let url = self.url(mailbox, &format!("/messages/{id}/attachments"));
                 let body = wire::small_attachment(a);
-                self.call(|| {
-                    self.http
-                        .post(&url)
-                        .bearer_auth(token.expose_secret())
-                        .header("content-type", "application/json")
-                        .body(body.clone())
-                })
-                .await?
-                .expect(201, "add attachment")?;
+                self.post(&url, token, "application/json", &body)
+                    .await?
+                    .expect(201, "add attachment")?;
                 continue;
             }
             let url = self.url(
@@ -225,13 +225,7 @@ impl Graph {
             );
             let body = wire::upload_session(a);
             let session = self
-                .call(|| {
-                    self.http
-                        .post(&url)
-                        .bearer_auth(token.expose_secret())
-                        .header("content-type", "application/json")
-                        .body(body.clone())
-                })
+                .post(&url, token, "application/json", &body)
                 .await?
                 .expect(201, "create upload session")?;
             let upload = session
