@@ -373,3 +373,60 @@ fn a_message_past_its_maximum_age_comes_back_to_the_sender() {
         1.0
     );
 }
+
+/// No password or client secret reaches the spool's files, `oxbridge
+/// queue` or the log (at trace level), while a message waits and after it
+/// is delivered.
+#[test]
+fn no_secret_reaches_the_spool_its_commands_or_the_log() {
+    let up = upstream();
+    let outage = Outage::start(&up.loopback("smtp"));
+    let state = tempfile::tempdir().unwrap();
+    let cfg = spool_config("127.0.0.1:0", &outage.addr.to_string(), state.path(), FAST);
+    let secret = up.get("APP_CLIENT_SECRET").to_string();
+    let proxy = Proxy::start_with_env(&cfg, &[("RUST_LOG", "trace")]);
+    let dir = tempfile::tempdir().unwrap();
+    let m = Message::write(dir.path(), "spool-secrets", ALICE, 0);
+    let out = Smtp::scanner(proxy.port(0)).swaks(&m.path);
+    assert!(out.status.success(), "{}", text(&out));
+    let queued = text(&out)
+        .lines()
+        .find_map(|l| l.split("queued as ").nth(1).map(str::to_string))
+        .expect("a queue id in the 250");
+    let mut seen = String::new();
+    let spool_files = || {
+        let mut all = String::new();
+        for place in ["queue", "dead", "tmp", "retry"] {
+            for entry in walk(&state.path().join("spool").join(place)) {
+                all.push_str(&String::from_utf8_lossy(&std::fs::read(entry).unwrap_or_default()));
+            }
+        }
+        all
+    };
+    seen.push_str(&spool_files());
+    assert!(seen.contains("\"sender\": \"alice@example.test\""), "spool files not read: {seen}");
+    for args in [vec!["queue", "list"], vec!["queue", "show", &queued]] {
+        seen.push_str(&text(&oxbridge(&args, &proxy.config_path())));
+    }
+    outage.up();
+    assert_arrived(ALICE, &m.id, &m.bytes);
+    seen.push_str(&proxy.logs());
+    seen.push_str(&spool_files());
+    for (what, value) in [("local password", SCANNER_PASSWORD), ("client secret", secret.as_str())] {
+        assert!(!seen.contains(value), "the {what} leaked");
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
