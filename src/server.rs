@@ -454,8 +454,8 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
         }
         Handoff::Spool(device) => {
             let sink = match (&app.spool, ctx.listener.delivery) {
-                (Some(spool), Delivery::Spool) => crate::spool::intake::Sink::Spool(spool.clone()),
-                _ => crate::spool::intake::Sink::Graph(ctx.app.clone()),
+                (Some(spool), Delivery::Spool) => crate::spool::serve::Sink::Spool(spool.clone()),
+                _ => crate::spool::serve::Sink::Graph(ctx.app.clone()),
             };
             let (account, mailbox) = (device.id.account.clone(), device.id.mailbox.clone());
             let config = &app.config.spool;
@@ -471,14 +471,14 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
                 },
             };
             let limits = &app.config.limits;
-            let setup = crate::spool::intake::Setup {
+            let setup = crate::spool::serve::Setup {
                 host: app.hostname.clone(),
                 keywords: crate::spool::keywords(config),
                 rules,
                 max_line: limits.max_line,
                 timeout: Duration::from_secs(limits.preauth_timeout_s),
             };
-            let served = crate::spool::intake::serve(sink, setup, *device, &ctx.abort).await;
+            let served = crate::spool::serve::serve(sink, setup, *device, &ctx.abort).await;
             info!(
                 account = %account,
                 mailbox = %mailbox,

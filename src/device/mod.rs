@@ -221,7 +221,7 @@ pub enum Handoff {
     /// Logged in upstream: relay from here.
     Relay(Box<Ready>),
     /// Logged in on a spooling listener: oxbridge takes the messages.
-    Spool(Box<crate::spool::intake::Device>),
+    Spool(Box<crate::spool::serve::Device>),
     /// The session is over (QUIT/LOGOUT, timeout, limits, shutdown, closed).
     Closed(&'static str),
 }
@@ -350,7 +350,7 @@ pub async fn drive(
                     return Handoff::Closed("spool without a login");
                 };
                 device.conn.unread(&replay);
-                return Handoff::Spool(Box::new(crate::spool::intake::Device {
+                return Handoff::Spool(Box::new(crate::spool::serve::Device {
                     conn: device.conn,
                     id,
                     relay,

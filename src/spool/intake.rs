@@ -3,32 +3,16 @@
 //! message is in the queue. What it can decide alone is refused at once:
 //! a sender the login may not use, too many recipients, a message too big.
 //!
-//! [`Intake`] is the state machine (tested byte for byte without a
-//! socket); [`serve`] drives it: it reads with bounds and time limits,
-//! streams the message into a queue draft and commits it.
+//! [`Intake`] is the state machine, tested byte for byte without a
+//! socket; `serve.rs` drives it.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use tracing::warn;
 
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
-
-use super::queue::{self, Draft, Envelope};
-use super::Spool;
-use crate::accounts::Identity;
-use crate::app::App;
-use crate::error::AuthError;
-use crate::net::{Conn, LineError};
-use crate::upstream::graph::GraphError;
-use crate::wire::message::DataReader;
 use crate::wire::smtp::{self as wire, parse_command, parse_path, Command, Reply};
 use crate::wire::Farewell;
 
 /// Unrecognised or malformed commands before the connection is closed.
 pub const MAX_ERRORS: usize = 10;
-/// Message bytes gathered before they are written to the draft.
-const WRITE_BATCH: usize = 256 * 1024;
 
 /// What the device may do, from `[spool]` and its account.
 #[derive(Debug, Clone)]
@@ -101,14 +85,14 @@ pub struct Step {
 }
 
 impl Step {
-    fn read(reply: Reply<'_>) -> Step {
+    pub(super) fn read(reply: Reply<'_>) -> Step {
         Step {
             reply: reply.to_bytes(),
             then: Then::Read,
         }
     }
 
-    fn close(reply: Reply<'_>, why: &'static str) -> Step {
+    pub(super) fn close(reply: Reply<'_>, why: &'static str) -> Step {
         Step {
             reply: reply.to_bytes(),
             then: Then::Close(why),
@@ -361,332 +345,6 @@ impl Intake {
         }
         self.store(tx)
     }
-}
-
-/// A logged-in device on a spooling listener.
-pub struct Device {
-    pub conn: Conn,
-    pub id: Identity,
-    /// Logged in by a `[[relay]]` rule.
-    pub relay: bool,
-    pub helo: String,
-    pub peer: SocketAddr,
-}
-
-/// Where a taken message goes.
-pub enum Sink {
-    /// The spool: `250` once it is on disk; the worker delivers it.
-    Spool(Arc<Spool>),
-    /// Microsoft Graph, at once: `250` once Graph took it.
-    Graph(Arc<App>),
-}
-
-/// A message being read: into a spool draft, or into memory for Graph.
-enum Body {
-    Draft(Draft),
-    Memory(Vec<u8>),
-}
-
-impl Body {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        match self {
-            Body::Draft(d) => d.write(bytes),
-            Body::Memory(m) => {
-                m.extend_from_slice(bytes);
-                Ok(())
-            }
-        }
-    }
-
-    fn size(&self) -> u64 {
-        match self {
-            Body::Draft(d) => d.size,
-            Body::Memory(m) => m.len() as u64,
-        }
-    }
-}
-
-/// How a spooled session went.
-pub struct Served {
-    pub messages: u32,
-    pub bytes: u64,
-    pub end: &'static str,
-}
-
-/// What the session needs besides the device.
-pub struct Setup {
-    pub host: String,
-    /// What EHLO offers after login.
-    pub keywords: Vec<String>,
-    pub rules: Rules,
-    pub max_line: usize,
-    pub timeout: Duration,
-}
-
-/// Take the device's messages until it quits, fails or is told goodbye.
-pub async fn serve(
-    sink: Sink,
-    setup: Setup,
-    mut device: Device,
-    stop: &CancellationToken,
-) -> Served {
-    let Setup {
-        host,
-        keywords,
-        rules,
-        max_line,
-        timeout,
-    } = setup;
-    let mut intake = Intake::new(host, keywords, rules);
-    let mut served = Served {
-        messages: 0,
-        bytes: 0,
-        end: "",
-    };
-    let new_body = |sink: &Sink| match sink {
-        Sink::Spool(spool) => spool.queue.draft().map(Body::Draft),
-        Sink::Graph(_) => Ok(Body::Memory(Vec::new())),
-    };
-    let mut body: Option<Body> = None;
-    let mut step = Step {
-        reply: Vec::new(),
-        then: Then::Read,
-    };
-    loop {
-        if !step.reply.is_empty() && device.conn.send(&step.reply, timeout).await.is_err() {
-            served.end = "device write failed";
-            return served;
-        }
-        step = match step.then {
-            Then::Read => {
-                let line = tokio::select! {
-                    line = device.conn.read_line(max_line, timeout) => Some(line),
-                    _ = stop.cancelled() => None,
-                };
-                match line {
-                    None => intake.on(Input::Shutdown),
-                    Some(Ok(line)) => intake.on(Input::Line(&line)),
-                    Some(Err(LineError::TooLong(_))) => intake.on(Input::TooLong),
-                    Some(Err(LineError::Timeout(_))) => intake.on(Input::Timeout),
-                    Some(Err(e)) => {
-                        served.end = e.reason();
-                        return served;
-                    }
-                }
-            }
-            Then::ReadData { max } => {
-                let mut b = match new_body(&sink) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        warn!(error = %e, "cannot start a message in the spool");
-                        let _ = device
-                            .conn
-                            .send(&Reply::NotStored.to_bytes(), timeout)
-                            .await;
-                        served.end = "spool unavailable";
-                        return served;
-                    }
-                };
-                match read_data(&mut device.conn, &mut b, max, timeout).await {
-                    Ok(too_big) => {
-                        body = Some(b);
-                        intake.on(Input::DataEnd { too_big })
-                    }
-                    Err(LineError::Timeout(_)) => Step::close(Reply::DataTimeout, "data timeout"),
-                    Err(LineError::Io(e)) if e.kind() != std::io::ErrorKind::ConnectionReset => {
-                        warn!(error = %e, "cannot write a message to the spool");
-                        Step::close(Reply::NotStored, "spool write failed")
-                    }
-                    Err(e) => {
-                        served.end = e.reason();
-                        return served;
-                    }
-                }
-            }
-            Then::ReadChunk { size, keep } => {
-                if keep && body.is_none() {
-                    body = new_body(&sink).ok();
-                }
-                let result = match body.as_mut().filter(|_| keep) {
-                    Some(b) => read_chunk(&mut device.conn, b, size, timeout).await,
-                    None => device.conn.discard(size, timeout).await,
-                };
-                match result {
-                    Ok(()) => intake.on(Input::Chunk),
-                    Err(LineError::Timeout(_)) => Step::close(Reply::DataTimeout, "data timeout"),
-                    Err(e) => {
-                        served.end = e.reason();
-                        return served;
-                    }
-                }
-            }
-            Then::Store(stored) => {
-                let Some(b) = body.take() else {
-                    served.end = "store without a message";
-                    return served;
-                };
-                let size = b.size();
-                match (b, &sink) {
-                    (Body::Draft(d), Sink::Spool(spool)) => {
-                        match commit(spool, d, *stored, &device).await {
-                            Ok(id) => {
-                                served.messages += 1;
-                                served.bytes += size;
-                                intake.on(Input::Stored(Ok(&id)))
-                            }
-                            Err(()) => intake.on(Input::Stored(Err(()))),
-                        }
-                    }
-                    (Body::Memory(m), Sink::Graph(app)) => {
-                        let reply = send_now(app, &device.id, &m, &stored.recipients).await;
-                        if reply == Reply::SentByGraph {
-                            served.messages += 1;
-                            served.bytes += size;
-                        }
-                        Step::read(reply)
-                    }
-                    _ => intake.on(Input::Stored(Err(()))),
-                }
-            }
-            Then::Close(why) => {
-                served.end = why;
-                return served;
-            }
-        };
-        if !matches!(step.then, Then::Store(_) | Then::ReadChunk { .. }) && !intake.chunking() {
-            body = None;
-        }
-    }
-}
-
-/// Commit a draft to the spool; the id, or `Err` when it could not be.
-async fn commit(
-    spool: &Arc<Spool>,
-    draft: Draft,
-    stored: Stored,
-    device: &Device,
-) -> Result<String, ()> {
-    let size = draft.size;
-    let envelope = Envelope {
-        id: String::new(),
-        account: device.id.account.clone(),
-        mailbox: device.id.mailbox.clone(),
-        relay: device.relay,
-        sender: stored.sender,
-        recipients: stored.recipients,
-        params: stored.params,
-        received_at: queue::now(),
-        client: device.peer.ip().to_string(),
-        helo: device.helo.clone(),
-        size,
-        report: false,
-    };
-    let rcpts = envelope.recipients.len();
-    match tokio::task::spawn_blocking(move || draft.commit(envelope)).await {
-        Ok(Ok(id)) => {
-            info!(id = %id, size, recipients = rcpts, account = %device.id.account, "message spooled");
-            crate::metrics::spooled(size);
-            spool.queued(&id);
-            Ok(id)
-        }
-        Ok(Err(e)) => {
-            warn!(error = %e, "cannot commit a message to the spool");
-            Err(())
-        }
-        Err(_) => Err(()),
-    }
-}
-
-/// Send a message through Microsoft Graph now; the device's reply.
-async fn send_now(
-    app: &App,
-    id: &Identity,
-    message: &[u8],
-    recipients: &[String],
-) -> Reply<'static> {
-    let result = match app.tokens.graph(id).await {
-        Ok(token) => {
-            app.graph
-                .send(&token.secret, &id.mailbox, message, recipients)
-                .await
-        }
-        Err(e) if e.is_temporary() => Err(GraphError::Temporary(e.to_string())),
-        Err(e) => Err(GraphError::Auth(e.to_string())),
-    };
-    match result {
-        Ok(()) => {
-            info!(account = %id.account, mailbox = %id.mailbox, size = message.len(), recipients = recipients.len(), "sent through Microsoft Graph");
-            Reply::SentByGraph
-        }
-        Err(e) => {
-            match crate::diagnose::advice(&AuthError::UpstreamRefused(e.to_string())) {
-                Some(fix) => {
-                    warn!(account = %id.account, mailbox = %id.mailbox, error = %e, fix, "Microsoft Graph did not take the message")
-                }
-                None => {
-                    warn!(account = %id.account, mailbox = %id.mailbox, error = %e, "Microsoft Graph did not take the message")
-                }
-            }
-            match e {
-                GraphError::Temporary(_) => Reply::GraphTemporary,
-                GraphError::Auth(_) => Reply::GraphAuth,
-                GraphError::Refused(_) => Reply::GraphRefused,
-            }
-        }
-    }
-}
-
-/// Read DATA's body into `draft` up to `max` bytes; past that, read on
-/// to its end and drop it. Returns whether the message was too big.
-async fn read_data(
-    conn: &mut Conn,
-    draft: &mut Body,
-    max: u64,
-    timeout: Duration,
-) -> Result<bool, LineError> {
-    let mut reader = DataReader::default();
-    let mut out = Vec::with_capacity(WRITE_BATCH + 4096);
-    let mut too_big = false;
-    loop {
-        if conn.buffered().is_empty() {
-            conn.fill_within(timeout).await?;
-        }
-        let input = conn.buffered();
-        let end = reader.feed(input, &mut out);
-        let consumed = end.unwrap_or(input.len());
-        conn.consume(consumed);
-        if !too_big && draft.size() + out.len() as u64 > max {
-            too_big = true;
-        }
-        if too_big {
-            out.clear();
-        } else if out.len() >= WRITE_BATCH || end.is_some() {
-            draft.write(&out)?;
-            out.clear();
-        }
-        if end.is_some() {
-            return Ok(too_big);
-        }
-    }
-}
-
-/// Read a BDAT chunk of `size` bytes into `draft`.
-async fn read_chunk(
-    conn: &mut Conn,
-    draft: &mut Body,
-    mut size: u64,
-    timeout: Duration,
-) -> Result<(), LineError> {
-    while size > 0 {
-        if conn.buffered().is_empty() {
-            conn.fill_within(timeout).await?;
-        }
-        let take = (conn.buffered().len() as u64).min(size) as usize;
-        draft.write(&conn.buffered()[..take])?;
-        conn.consume(take);
-        size -= take as u64;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,13 +1,17 @@
 //! SMTP store and forward, for listeners with `delivery = "spool"`: the
-//! device's message is taken here ([`intake`]), kept on disk ([`queue`])
-//! and sent upstream later with retries ([`deliver`]); what cannot be
-//! delivered goes back to its sender as a report ([`dsn`]).
+//! device's message is taken here ([`intake`], driven by [`serve`]), kept
+//! on disk ([`queue`])
+//! and sent upstream later with retries ([`deliver`]); after each attempt
+//! `settle` records what became of it, and what cannot be delivered goes
+//! back to its sender as a report ([`dsn`]).
 
 pub mod cli;
 pub mod deliver;
 pub mod dsn;
 pub mod intake;
 pub mod queue;
+pub mod serve;
+mod settle;
 
 use std::sync::Mutex;
 
