@@ -398,13 +398,18 @@ fn no_secret_reaches_the_spool_its_commands_or_the_log() {
         let mut all = String::new();
         for place in ["queue", "dead", "tmp", "retry"] {
             for entry in walk(&state.path().join("spool").join(place)) {
-                all.push_str(&String::from_utf8_lossy(&std::fs::read(entry).unwrap_or_default()));
+                all.push_str(&String::from_utf8_lossy(
+                    &std::fs::read(entry).unwrap_or_default(),
+                ));
             }
         }
         all
     };
     seen.push_str(&spool_files());
-    assert!(seen.contains("\"sender\": \"alice@example.test\""), "spool files not read: {seen}");
+    assert!(
+        seen.contains("\"sender\": \"alice@example.test\""),
+        "spool files not read: {seen}"
+    );
     for args in [vec!["queue", "list"], vec!["queue", "show", &queued]] {
         seen.push_str(&text(&oxbridge(&args, &proxy.config_path())));
     }
@@ -412,7 +417,10 @@ fn no_secret_reaches_the_spool_its_commands_or_the_log() {
     assert_arrived(ALICE, &m.id, &m.bytes);
     seen.push_str(&proxy.logs());
     seen.push_str(&spool_files());
-    for (what, value) in [("local password", SCANNER_PASSWORD), ("client secret", secret.as_str())] {
+    for (what, value) in [
+        ("local password", SCANNER_PASSWORD),
+        ("client secret", secret.as_str()),
+    ] {
         assert!(!seen.contains(value), "the {what} leaked");
     }
 }
