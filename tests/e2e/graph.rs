@@ -191,7 +191,7 @@ fn a_429_with_retry_after_is_waited_out() {
         .map(str::to_string)
         .unwrap_or_else(|| text(&check));
     assert!(
-        line.starts_with("graph-scanner@example.test smtp: OK (alice@example.test, Microsoft Graph token; Mail.Send shows with the first message, "),
+        line.starts_with("graph-scanner@example.test smtp: OK (mailbox alice@example.test, Microsoft Graph token; Mail.Send shows with the first message, "),
         "{line}"
     );
 }
