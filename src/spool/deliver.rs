@@ -138,14 +138,15 @@ fn learn(queue: &Queue, index: &mut HashMap<String, Due>, id: &str, at: Option<u
 /// When each mailbox last had a message sent.
 type Pace = Arc<Mutex<HashMap<String, Instant>>>;
 
-/// Wait until `mailbox` may have its next message.
-async fn paced(pace: &Pace, mailbox: &str, per_minute: u32) {
-    let gap = Duration::from_secs(60) / per_minute.max(1);
+/// Wait until the mailbox of `env` may have its next message.
+async fn paced(pace: &Pace, spool: &Spool, env: &Envelope) {
+    let mailbox = env.mailbox.to_lowercase();
+    let gap = Duration::from_secs(60) / spool.config.messages_per_minute.max(1);
     let wait = {
         let mut last = pace.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let next = last.get(mailbox).map_or(now, |t| (*t + gap).max(now));
-        last.insert(mailbox.to_string(), next);
+        let next = last.get(&mailbox).map_or(now, |t| (*t + gap).max(now));
+        last.insert(mailbox, next);
         next - now
     };
     if !wait.is_zero() {
@@ -227,12 +228,7 @@ async fn deliver(app: &App, spool: &Spool, pace: &Pace, ids: Vec<String>) -> Vec
             results.push((id, Next::At(queue::now())));
             continue;
         }
-        paced(
-            pace,
-            &env.mailbox.to_lowercase(),
-            spool.config.messages_per_minute,
-        )
-        .await;
+        paced(pace, spool, &env).await;
         let retry = status.attempts > 0;
         let pending: Vec<String> = env.pending(&status).cloned().collect();
         let path = spool.queue.message_path(Place::Queue, &id);
@@ -293,12 +289,7 @@ async fn through_graph(
     env: Envelope,
     status: Status,
 ) -> Next {
-    paced(
-        pace,
-        &env.mailbox.to_lowercase(),
-        spool.config.messages_per_minute,
-    )
-    .await;
+    paced(pace, spool, &env).await;
     let retry = status.attempts > 0;
     let pending: Vec<String> = env.pending(&status).cloned().collect();
     let path = spool.queue.message_path(Place::Queue, &env.id);

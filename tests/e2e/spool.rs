@@ -43,6 +43,14 @@ fn inbox_ids(user: &str, search: &str) -> HashMap<String, usize> {
     ids
 }
 
+/// The spool id in a client's output (`250 2.0.0 Ok: queued as ID`).
+fn queue_id(out: &std::process::Output) -> String {
+    text(out)
+        .lines()
+        .find_map(|l| l.split("queued as ").nth(1).map(str::to_string))
+        .expect("a queue id in the 250")
+}
+
 /// Wait until the proxy's spool is empty (its gauge reads 0 after deliveries).
 fn wait_spool_empty(proxy: &Proxy, limit: Duration) {
     let deadline = Instant::now() + limit;
@@ -295,10 +303,7 @@ fn a_permanent_refusal_comes_back_to_the_sender_with_the_fix() {
     }
     .swaks(&m.path);
     assert!(out.status.success(), "{}", text(&out));
-    let queued = text(&out)
-        .lines()
-        .find_map(|l| l.split("queued as ").nth(1).map(str::to_string))
-        .expect("a queue id in the 250");
+    let queued = queue_id(&out);
     let report = fetch_from_dovecot(ALICE, &format!("<{queued}.report@"));
     let report = String::from_utf8_lossy(&report).into_owned();
     for want in [
@@ -336,10 +341,7 @@ fn a_message_past_its_maximum_age_comes_back_to_the_sender() {
     let m = Message::write(dir.path(), "expired", ALICE, 0);
     let out = Smtp::scanner(proxy.port(0)).swaks(&m.path);
     assert!(out.status.success(), "{}", text(&out));
-    let queued = text(&out)
-        .lines()
-        .find_map(|l| l.split("queued as ").nth(1).map(str::to_string))
-        .expect("a queue id in the 250");
+    let queued = queue_id(&out);
     let show = oxbridge(&["queue", "show", &queued], &proxy.config_path());
     let shown = text(&show);
     assert!(show.status.success(), "{shown}");
@@ -389,10 +391,7 @@ fn no_secret_reaches_the_spool_its_commands_or_the_log() {
     let m = Message::write(dir.path(), "spool-secrets", ALICE, 0);
     let out = Smtp::scanner(proxy.port(0)).swaks(&m.path);
     assert!(out.status.success(), "{}", text(&out));
-    let queued = text(&out)
-        .lines()
-        .find_map(|l| l.split("queued as ").nth(1).map(str::to_string))
-        .expect("a queue id in the 250");
+    let queued = queue_id(&out);
     let mut seen = String::new();
     let spool_files = || {
         let mut all = String::new();
