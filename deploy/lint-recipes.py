@@ -238,6 +238,8 @@ def file_keys(cfg: dict) -> list[tuple[str, str]]:
             out.append((f"oauth.{k}", oauth[k]))
     if "ca_file" in cfg.get("upstream", {}):
         out.append(("upstream.ca_file", cfg["upstream"]["ca_file"]))
+    if "token_file" in cfg.get("admin", {}):
+        out.append(("admin.token_file", cfg["admin"]["token_file"]))
     for i, l in enumerate(cfg.get("listener", [])):
         for k in ("cert_file", "key_file"):
             if k in l:
@@ -583,6 +585,7 @@ def write_configs(out: Path) -> None:
             continue
         stand_in = {
             "oauth.client_secret_file": files / "secret",
+            "admin.token_file": files / "secret",
             "oauth.client_certificate_file": files / "cert-and-key.pem",
             "upstream.ca_file": files / "cert.pem",
             "store.key_file": files / "store.key",

@@ -119,6 +119,12 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// A file holding the bearer token that `/` and `/metrics` require;
+    /// needed when `listen` is not a loopback address.
+    pub token_file: Option<PathBuf>,
+    /// Read from `token_file` by [`Config::load`].
+    #[serde(skip)]
+    pub token: Option<SecretString>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -650,6 +656,22 @@ impl Config {
             }
             self.oauth.client_secret = Some(SecretString::from(secret.to_string()));
         }
+        if let Some(admin) = &mut self.admin {
+            if let Some(path) = &admin.token_file {
+                let token = std::fs::read_to_string(path).map_err(|e| {
+                    format!("admin.token_file: cannot read {}: {e}", path.display())
+                })?;
+                let token = token.trim();
+                if token.len() < MIN_ADMIN_TOKEN {
+                    return Err(format!(
+                        "admin.token_file: {} holds {} characters; use at least {MIN_ADMIN_TOKEN} (for example `openssl rand -hex 32`)",
+                        path.display(),
+                        token.len()
+                    ));
+                }
+                admin.token = Some(SecretString::from(token.to_string()));
+            }
+        }
         Ok(())
     }
 
@@ -659,6 +681,9 @@ impl Config {
         validate::validate(self)
     }
 }
+
+/// The shortest admin bearer token accepted.
+pub const MIN_ADMIN_TOKEN: usize = 16;
 
 /// Split `host:port` (`[v6]:port` too) into its parts.
 pub fn split_host_port(addr: &str) -> Result<(&str, u16), String> {

@@ -187,6 +187,38 @@ fn client_secret_from_a_file() {
 }
 
 #[test]
+fn an_admin_listener_off_loopback_needs_a_token_file() {
+    let admin = |listen: &str, extra: &str| format!("[admin]\nlisten = \"{listen}\"\n{extra}\n");
+    for loopback in ["127.0.0.1:9090", "[::1]:9090"] {
+        Config::parse(&base(&admin(loopback, ""))).unwrap();
+    }
+    let err = Config::parse(&base(&admin("0.0.0.0:9090", ""))).unwrap_err();
+    assert!(
+        err.starts_with(
+            "admin.token_file: required when admin.listen (0.0.0.0:9090) is not a loopback address"
+        ),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    let path = dir.path().join("c.toml");
+    let line = format!("token_file = \"{}\"", token.display());
+    std::fs::write(&path, base(&admin("0.0.0.0:9090", &line))).unwrap();
+    std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+    let c = Config::load(&path).unwrap();
+    let loaded = c.admin.as_ref().unwrap().token.as_ref().unwrap();
+    assert_eq!(loaded.expose_secret(), "0123456789abcdef0123");
+    assert!(!format!("{:?}", c.admin).contains("0123456789abcdef0123"));
+    std::fs::write(&token, "short\n").unwrap();
+    let err = Config::load(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("admin.token_file") && err.contains("holds 5 characters; use at least 16"),
+        "{err}"
+    );
+}
+
+#[test]
 fn debug_output_hides_secrets() {
     let c = Config::parse(&base("")).unwrap();
     let dbg = format!("{c:?}");

@@ -12,9 +12,9 @@ use ipnet::IpNet;
 use secrecy::ExposeSecret;
 
 use super::{
-    split_host_port, AccountConfig, Config, Delivery, Grant, LimitsConfig, ListenerConfig,
-    LogConfig, OAuthConfig, Protocol, RelayConfig, SendVia, SpoolConfig, StoreBackend, StoreConfig,
-    TlsMode, UpstreamConfig,
+    split_host_port, AccountConfig, AdminConfig, Config, Delivery, Grant, LimitsConfig,
+    ListenerConfig, LogConfig, OAuthConfig, Protocol, RelayConfig, SendVia, SpoolConfig,
+    StoreBackend, StoreConfig, TlsMode, UpstreamConfig,
 };
 
 /// The levels `log.level` accepts (`RUST_LOG` takes full filter directives).
@@ -27,6 +27,7 @@ pub const MAX_KEY_PREFIX_LEN: usize = 64;
 /// Check a parsed configuration; the error starts with the key.
 pub fn validate(c: &Config) -> Result<(), String> {
     oauth(&c.oauth)?;
+    admin(c.admin.as_ref())?;
     upstream(&c.upstream)?;
     log(&c.log)?;
     listeners(&c.listeners)?;
@@ -35,6 +36,17 @@ pub fn validate(c: &Config) -> Result<(), String> {
     limits(&c.limits)?;
     spool(&c.spool)?;
     store(&c.store)
+}
+
+/// `[admin]`: off loopback, the status page and the metrics need a token.
+fn admin(a: Option<&AdminConfig>) -> Result<(), String> {
+    match a {
+        Some(a) if !a.listen.ip().is_loopback() && a.token_file.is_none() => Err(format!(
+            "admin.token_file: required when admin.listen ({}) is not a loopback address: the status page and /metrics name accounts and mailboxes",
+            a.listen
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// `[oauth]`: a client id, at most one inline secret source, usable URLs,
