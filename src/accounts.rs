@@ -68,6 +68,16 @@ pub struct Identity {
     pub graph: bool,
 }
 
+/// What the status page shows of an account: nothing secret.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub login: String,
+    pub grant: Grant,
+    /// Unset: the login itself (each user's own for a `*@domain` pattern).
+    pub mailbox: Option<String>,
+    pub graph: bool,
+}
+
 pub struct Accounts {
     accounts: Vec<Account>,
     exact: HashMap<String, usize>,
@@ -213,6 +223,29 @@ impl Accounts {
             Some(_) => Err(AuthError::BadCredentials("wrong password")),
             None => Err(AuthError::BadCredentials("unknown user")),
         }
+    }
+
+    /// Each configured account as the status page lists it, in config order.
+    pub fn summaries(&self) -> Vec<Summary> {
+        self.accounts
+            .iter()
+            .map(|a| Summary {
+                login: a.login.clone(),
+                grant: a.grant,
+                mailbox: a.mailbox.clone(),
+                graph: a.graph,
+            })
+            .collect()
+    }
+
+    /// The configured account (its `login` in the config) that a device's
+    /// login name belongs to, whether or not its password is right.
+    pub fn account_of(&self, login: &str) -> Option<String> {
+        let login = login.trim().to_lowercase();
+        let base = login
+            .split_once('\\')
+            .map_or(login.as_str(), |(base, _)| base);
+        self.find(base).map(|a| a.login.clone())
     }
 
     /// The logins of the `refresh_token` accounts, whose refresh tokens are

@@ -1,9 +1,14 @@
-//! The admin HTTP endpoint (`[admin] listen`): `/healthz` (the process
-//! answers), `/readyz` (listeners bound, token endpoint reachable, not
-//! shutting down), `/metrics` (Prometheus text) and POX Autodiscover
-//! (`POST /autodiscover/autodiscover.xml`). It carries no secret: the
-//! metrics have no account names, Autodiscover echoes only the address
-//! it was asked about.
+//! The admin HTTP endpoint (`[admin] listen`): `/` (the status page),
+//! `/healthz` (the process answers), `/readyz` (listeners bound, token
+//! endpoint reachable, not shutting down), `/metrics` (Prometheus text)
+//! and POX Autodiscover (`POST /autodiscover/autodiscover.xml`).
+//!
+//! It carries no secret. The status page and the metrics name accounts
+//! and mailboxes, so with `[admin] token_file` (required off loopback)
+//! they answer only a request that carries that token, as
+//! `Authorization: Bearer` or as the password of HTTP Basic (which a
+//! browser asks for). The probes and Autodiscover stay open: kubelets and
+//! mail clients carry no token, and they learn nothing about accounts.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +25,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
+use axum::middleware::{self, Next};
+use base64::Engine as _;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+
 use crate::app::App;
+use crate::status::{self, Bound};
 use crate::{autodiscover, metrics};
 
 /// A token endpoint contact younger than this decides readiness.
@@ -32,15 +43,25 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 struct Admin {
     app: Arc<App>,
     endpoints: Arc<Vec<autodiscover::Endpoint>>,
+    listeners: Arc<Vec<Bound>>,
+    /// Unix second the process started.
+    started: u64,
+    /// SHA-256 of `[admin] token_file`'s token, compared with the
+    /// request's (so the comparison takes the same time for any guess).
+    token: Option<[u8; 32]>,
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
 }
 
 fn router(admin: Admin) -> Router {
+    let guarded = Router::new()
+        .route("/", get(status_page))
+        .route("/metrics", get(render_metrics))
+        .route_layer(middleware::from_fn_with_state(admin.clone(), authorized));
     Router::new()
+        .merge(guarded)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
         .route("/autodiscover/autodiscover.xml", post(autodiscover))
         .route("/Autodiscover/Autodiscover.xml", post(autodiscover))
         .layer(DefaultBodyLimit::max(autodiscover::MAX_REQUEST))
@@ -53,12 +74,22 @@ pub async fn serve(
     socket: TcpListener,
     app: Arc<App>,
     endpoints: Vec<autodiscover::Endpoint>,
+    listeners: Vec<Bound>,
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
 ) {
+    let token = app
+        .config
+        .admin
+        .as_ref()
+        .and_then(|a| a.token.as_ref())
+        .map(digest);
     let admin = Admin {
         app,
         endpoints: Arc::new(endpoints),
+        listeners: Arc::new(listeners),
+        started: status::board::now(),
+        token,
         metrics,
         shutdown,
     };
@@ -67,27 +98,99 @@ pub async fn serve(
     }
 }
 
-async fn readyz(State(admin): State<Admin>) -> Response {
-    let not_ready = |why: &str| {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {why}\n"),
-        )
+fn digest(token: &SecretString) -> [u8; 32] {
+    Sha256::digest(token.expose_secret().as_bytes()).into()
+}
+
+/// The token a request carries: `Authorization: Bearer T`, or HTTP Basic
+/// with T as the password (any user name).
+fn presented(headers: &HeaderMap) -> Option<SecretString> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(SecretString::from(rest.to_string()));
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .ok()?;
+        let pair = String::from_utf8(decoded).ok()?;
+        let (_, password) = pair.split_once(':')?;
+        return Some(SecretString::from(password.to_string()));
+    }
+    None
+}
+
+/// The status page and the metrics answer only the configured token.
+async fn authorized(
+    State(admin): State<Admin>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let Some(expected) = admin.token else {
+        return next.run(request).await;
     };
+    if presented(request.headers()).is_some_and(|t| digest(&t) == expected) {
+        return next.run(request).await;
+    }
+    debug!(path = %request.uri().path(), "admin request without the right token");
+    (
+        StatusCode::UNAUTHORIZED,
+        [(
+            header::WWW_AUTHENTICATE,
+            "Bearer realm=\"oxbridge\", Basic realm=\"oxbridge\", charset=\"UTF-8\"",
+        )],
+        "401 the admin token is required (Authorization: Bearer, or the password of HTTP Basic)\n",
+    )
+        .into_response()
+}
+
+/// Why oxbridge is not ready, if it is not.
+async fn not_ready(admin: &Admin) -> Option<&'static str> {
     if admin.shutdown.is_cancelled() {
-        return not_ready("shutting down").into_response();
+        return Some("shutting down");
     }
     if !metrics::are_listeners_bound() {
-        return not_ready("listeners not bound yet").into_response();
+        return Some("listeners not bound yet");
     }
     let reached = match metrics::token_endpoint_recent(READY_TOKEN_AGE) {
         Some(reached) => reached,
         None => probe_token_endpoint(&admin.app.config.oauth.token_url()).await,
     };
-    if !reached {
-        return not_ready("token endpoint unreachable").into_response();
+    (!reached).then_some("token endpoint unreachable")
+}
+
+async fn readyz(State(admin): State<Admin>) -> Response {
+    match not_ready(&admin).await {
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
+        None => (StatusCode::OK, "ready\n").into_response(),
     }
-    (StatusCode::OK, "ready\n").into_response()
+}
+
+/// Headers of the status page: nothing loads from elsewhere, nothing is
+/// kept by caches or shown in a frame.
+const PAGE_POLICY: &str =
+    "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+
+async fn status_page(State(admin): State<Admin>) -> Response {
+    let not_ready = not_ready(&admin).await.map(str::to_string);
+    let view = status::gather(&admin.app, &admin.listeners, admin.started, not_ready).await;
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        status::page::render(&view),
+    )
+        .into_response()
 }
 
 /// Can a TCP connection to the token endpoint be opened? The answer is
@@ -194,7 +297,39 @@ pub fn probe_health(address: SocketAddr) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::host_name;
+    use super::{digest, host_name, presented};
+    use axum::http::{header, HeaderMap, HeaderValue};
+    use secrecy::{ExposeSecret, SecretString};
+
+    fn with_auth(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn the_token_comes_as_bearer_or_as_the_basic_password() {
+        let token = |h: &HeaderMap| presented(h).map(|t| t.expose_secret().to_string());
+        assert_eq!(
+            token(&with_auth("Bearer 0123456789abcdef")).as_deref(),
+            Some("0123456789abcdef")
+        );
+        assert_eq!(
+            token(&with_auth("bearer  0123456789abcdef ")).as_deref(),
+            Some("0123456789abcdef")
+        );
+        // "admin:0123456789abcdef"
+        assert_eq!(
+            token(&with_auth("Basic YWRtaW46MDEyMzQ1Njc4OWFiY2RlZg==")).as_deref(),
+            Some("0123456789abcdef")
+        );
+        assert_eq!(token(&with_auth("Basic !!!")), None);
+        assert_eq!(token(&with_auth("Digest x")), None);
+        assert_eq!(token(&HeaderMap::new()), None);
+        let right = SecretString::from("0123456789abcdef".to_string());
+        let wrong = SecretString::from("0123456789abcdeF".to_string());
+        assert_ne!(digest(&right), digest(&wrong));
+    }
 
     #[test]
     fn host_header_forms() {

@@ -29,7 +29,8 @@
 //!   login, the on-disk queue, the delivery worker, delivery reports and
 //!   `oxbridge queue`.
 //! * `error`, `diagnose`: why a login failed, and what to do about it.
-//!   `metrics`, `admin`, `autodiscover`, `check`: what operators see.
+//!   `metrics`, `admin`, `status` (the page at `/`), `autodiscover`,
+//!   `check`: what operators see.
 
 mod accounts;
 pub mod admin;
@@ -50,6 +51,7 @@ mod relay;
 mod server;
 mod spool;
 mod state;
+mod status;
 mod throttle;
 mod upstream;
 pub mod wire;

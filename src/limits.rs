@@ -39,9 +39,15 @@ pub const SLOT_POLL_FIRST: Duration = Duration::from_millis(25);
 pub const SLOT_POLL_MAX: Duration = Duration::from_millis(500);
 
 /// One upstream session of a mailbox, held until dropped.
-pub enum Slot {
-    /// A permit of this process's semaphore.
-    Local(OwnedSemaphorePermit),
+pub struct Slot {
+    hold: Hold,
+    /// Counts the session on the status page while it is held.
+    gate: Arc<Gate>,
+}
+
+enum Hold {
+    /// A permit of this process's semaphore, given back when dropped.
+    Local { _permit: OwnedSemaphorePermit },
     /// A member of the replicas' set; dropping it stops the heartbeat,
     /// which then removes the member.
     Replicas(CancellationToken),
@@ -49,10 +55,21 @@ pub enum Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Slot::Replicas(stop) = self {
+        self.gate.in_use.fetch_sub(1, Ordering::SeqCst);
+        if let Hold::Replicas(stop) = &self.hold {
             stop.cancel();
         }
     }
+}
+
+/// A mailbox's upstream sessions held by this process, for the status page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxUse {
+    pub protocol: Protocol,
+    pub mailbox: String,
+    pub sessions: usize,
+    pub waiting: usize,
+    pub limit: usize,
 }
 
 /// Idle entries are swept once the map holds this many.
@@ -61,6 +78,7 @@ const SWEEP_AT: usize = 1024;
 struct Gate {
     sessions: Arc<Semaphore>,
     waiting: AtomicUsize,
+    in_use: AtomicUsize,
 }
 
 pub struct MailboxLimits {
@@ -104,6 +122,7 @@ impl MailboxLimits {
                 Arc::new(Gate {
                     sessions: Arc::new(Semaphore::new(max)),
                     waiting: AtomicUsize::new(0),
+                    in_use: AtomicUsize::new(0),
                 })
             })
             .clone()
@@ -111,7 +130,50 @@ impl MailboxLimits {
 
     /// A session slot for this mailbox, waiting in line if all are taken:
     /// over all replicas, or in this process when the state counts alone.
+    /// A wait and a refusal are counted (`oxbridge_mailbox_full_total`).
     pub async fn acquire(&self, protocol: Protocol, mailbox: &str) -> Result<Slot, AuthError> {
+        let gate = self.gate(protocol, mailbox);
+        match self.hold(protocol, mailbox).await {
+            Ok((hold, waited)) => {
+                if waited {
+                    crate::metrics::mailbox_full(protocol, mailbox, "waited");
+                }
+                gate.in_use.fetch_add(1, Ordering::SeqCst);
+                Ok(Slot { hold, gate })
+            }
+            Err(e) => {
+                crate::metrics::mailbox_full(protocol, mailbox, "refused");
+                Err(e)
+            }
+        }
+    }
+
+    /// The mailboxes with sessions held or devices waiting in this
+    /// process, busiest first.
+    pub fn in_use(&self) -> Vec<MailboxUse> {
+        let gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        let mut used: Vec<MailboxUse> = gates
+            .iter()
+            .map(|((protocol, mailbox), g)| MailboxUse {
+                protocol: *protocol,
+                mailbox: mailbox.clone(),
+                sessions: g.in_use.load(Ordering::SeqCst),
+                waiting: g.waiting.load(Ordering::SeqCst),
+                limit: self.per_protocol[index(*protocol)],
+            })
+            .filter(|u| u.sessions > 0 || u.waiting > 0)
+            .collect();
+        used.sort_by(|a, b| {
+            (b.sessions + b.waiting)
+                .cmp(&(a.sessions + a.waiting))
+                .then_with(|| a.mailbox.cmp(&b.mailbox))
+                .then_with(|| a.protocol.as_str().cmp(b.protocol.as_str()))
+        });
+        used
+    }
+
+    /// The slot itself, and whether the device had to wait for it.
+    async fn hold(&self, protocol: Protocol, mailbox: &str) -> Result<(Hold, bool), AuthError> {
         let limit = self.per_protocol[index(protocol)];
         let set = format!("{protocol}:{}", mailbox.to_lowercase());
         let gate = self.gate(protocol, mailbox);
@@ -122,7 +184,10 @@ impl MailboxLimits {
         let result = loop {
             match self.state.acquire_slot(&set, limit, SLOT_LIFE).await {
                 Ok(Some(member)) => {
-                    break Ok(Slot::Replicas(heartbeat(self.state.clone(), set, member)))
+                    break Ok((
+                        Hold::Replicas(heartbeat(self.state.clone(), set, member)),
+                        queued,
+                    ))
                 }
                 Ok(None) => {}
                 Err(alone) => {
@@ -137,7 +202,9 @@ impl MailboxLimits {
                     return self
                         .acquire_local_within(protocol, mailbox, left)
                         .await
-                        .map(Slot::Local);
+                        .map(|(permit, waited)| {
+                            (Hold::Local { _permit: permit }, waited || queued)
+                        });
                 }
             }
             if !queued {
@@ -170,10 +237,10 @@ impl MailboxLimits {
         protocol: Protocol,
         mailbox: &str,
         wait: Duration,
-    ) -> Result<OwnedSemaphorePermit, AuthError> {
+    ) -> Result<(OwnedSemaphorePermit, bool), AuthError> {
         let gate = self.gate(protocol, mailbox);
         if let Ok(permit) = gate.sessions.clone().try_acquire_owned() {
-            return Ok(permit);
+            return Ok((permit, false));
         }
         if gate.waiting.fetch_add(1, Ordering::SeqCst) >= self.queue {
             gate.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -185,7 +252,7 @@ impl MailboxLimits {
         let result = tokio::time::timeout(wait, gate.sessions.clone().acquire_owned()).await;
         gate.waiting.fetch_sub(1, Ordering::SeqCst);
         match result {
-            Ok(Ok(permit)) => Ok(permit),
+            Ok(Ok(permit)) => Ok((permit, true)),
             _ => Err(AuthError::Busy(format!(
                 "no free {protocol} session for {mailbox} within {} s",
                 self.wait[index(protocol)].as_secs()
@@ -257,6 +324,29 @@ mod tests {
         assert!(!waiter.is_finished());
         drop(a);
         assert!(waiter.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_status_page_sees_held_sessions_and_waiting_devices() {
+        let l = Arc::new(limits(1, 2000, 10));
+        assert_eq!(l.in_use(), vec![]);
+        let held = l.acquire(Protocol::Smtp, "M@x.test").await.unwrap();
+        let waiter = {
+            let l = l.clone();
+            tokio::spawn(async move { l.acquire(Protocol::Smtp, "m@x.test").await.is_ok() })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seen = |sessions, waiting| MailboxUse {
+            protocol: Protocol::Smtp,
+            mailbox: "m@x.test".into(),
+            sessions,
+            waiting,
+            limit: 1,
+        };
+        assert_eq!(l.in_use(), vec![seen(1, 1)]);
+        drop(held);
+        assert!(waiter.await.unwrap());
+        assert_eq!(l.in_use(), vec![]);
     }
 
     #[tokio::test]

@@ -77,6 +77,15 @@ impl Listener {
         })
     }
 
+    /// Devices connected now, and the most this listener admits.
+    pub fn sessions(&self) -> (usize, usize) {
+        let free = self.slots.available_permits();
+        (
+            self.max_connections.saturating_sub(free),
+            self.max_connections,
+        )
+    }
+
     /// Read the certificate and key again. On any error the old ones stay.
     pub fn reload_tls(&self) -> Result<(), String> {
         if let Some((cert, key)) = &self.tls_files {

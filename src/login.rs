@@ -54,7 +54,7 @@ pub async fn login(
             .map(|upstream| LoggedIn { upstream, id })
     })
     .await;
-    logged(protocol, &login, &result);
+    logged(app, protocol, peer, &login, &login, &result);
     result
 }
 
@@ -77,7 +77,7 @@ pub async fn local_login(
         }
     })
     .await;
-    spooling(&login, &result);
+    spooling(app, peer, &login, &login, &result);
     result
 }
 
@@ -124,19 +124,30 @@ where
 
 /// A `[[relay]]` rule's device on a spooling listener: the rule's account,
 /// nothing upstream.
-pub fn local_relay(app: &App, account: &str) -> Result<Identity, AuthError> {
+pub fn local_relay(app: &App, account: &str, peer: SocketAddr) -> Result<Identity, AuthError> {
     let result = app.accounts().identity(account);
-    spooling(&format!("relay as {account}"), &result);
+    spooling(app, peer, &format!("relay as {account}"), account, &result);
     result
 }
 
-fn spooling(login: &str, result: &Result<Identity, AuthError>) {
-    crate::metrics::login(Protocol::Smtp, result.as_ref().err().map(AuthError::reason));
+/// `label` is what the log calls the login; `name`, the account it claims.
+fn spooling(
+    app: &App,
+    peer: SocketAddr,
+    label: &str,
+    name: &str,
+    result: &Result<Identity, AuthError>,
+) {
+    let account = match result {
+        Ok(id) => Some(id.account.clone()),
+        Err(_) => app.accounts().account_of(name),
+    };
+    count(Protocol::Smtp, peer, account, result.as_ref().err());
     match result {
         Ok(id) => {
-            info!(login = %login, account = %id.account, mailbox = %id.mailbox, grant = %id.grant, "authenticated; spooling")
+            info!(login = %label, account = %id.account, mailbox = %id.mailbox, grant = %id.grant, "authenticated; spooling")
         }
-        Err(e) => log_failure(login, e),
+        Err(e) => log_failure(label, e),
     }
 }
 
@@ -156,6 +167,7 @@ pub async fn relay_login(
     app: &App,
     account: &str,
     client_name: &str,
+    peer: SocketAddr,
 ) -> Result<LoggedIn, AuthError> {
     let result = async {
         let id = app.accounts().identity(account)?;
@@ -163,29 +175,67 @@ pub async fn relay_login(
         Ok(LoggedIn { upstream, id })
     }
     .await;
-    logged(Protocol::Smtp, &format!("relay as {account}"), &result);
+    logged(
+        app,
+        Protocol::Smtp,
+        peer,
+        &format!("relay as {account}"),
+        account,
+        &result,
+    );
     result
 }
 
 /// A login refused before it was tried (a SASL authorization identity that
 /// is not the login), or after (the upstream no longer offers what the
 /// device was told): logged and counted like any failed login.
-pub fn refused(protocol: Protocol, login: &str, error: &AuthError) {
-    crate::metrics::login(protocol, Some(error.reason()));
+pub fn refused(app: &App, protocol: Protocol, peer: SocketAddr, login: &str, error: &AuthError) {
+    count(
+        protocol,
+        peer,
+        app.accounts().account_of(login),
+        Some(error),
+    );
     log_failure(login, error);
 }
 
-fn logged(protocol: Protocol, login: &str, result: &Result<LoggedIn, AuthError>) {
-    crate::metrics::login(protocol, result.as_ref().err().map(AuthError::reason));
+/// Count a device login: in the metrics (per configured account too) and
+/// on the status page's board.
+fn count(protocol: Protocol, peer: SocketAddr, account: Option<String>, error: Option<&AuthError>) {
+    crate::metrics::login(protocol, error.map(AuthError::reason));
+    if let Some(account) = &account {
+        crate::metrics::account_login(account, protocol, error.is_none());
+    }
+    crate::status::board::login(
+        protocol,
+        peer.ip().to_canonical(),
+        account.as_deref(),
+        error.map_or(Ok(()), Err),
+    );
+}
+
+fn logged(
+    app: &App,
+    protocol: Protocol,
+    peer: SocketAddr,
+    label: &str,
+    name: &str,
+    result: &Result<LoggedIn, AuthError>,
+) {
+    let account = match result {
+        Ok(done) => Some(done.id.account.clone()),
+        Err(_) => app.accounts().account_of(name),
+    };
+    count(protocol, peer, account, result.as_ref().err());
     match result {
         Ok(LoggedIn { id, upstream }) => {
             let token_left_s = upstream
                 .expires_at
                 .saturating_duration_since(Instant::now())
                 .as_secs();
-            info!(login = %login, account = %id.account, mailbox = %id.mailbox, grant = %id.grant, token_left_s, "authenticated; relaying")
+            info!(login = %label, account = %id.account, mailbox = %id.mailbox, grant = %id.grant, token_left_s, "authenticated; relaying")
         }
-        Err(e) => log_failure(login, e),
+        Err(e) => log_failure(label, e),
     }
 }
 

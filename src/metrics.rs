@@ -19,6 +19,9 @@ pub const SESSIONS: &str = "oxbridge_sessions_total";
 pub const SESSIONS_ACTIVE: &str = "oxbridge_sessions_active";
 pub const LOGINS: &str = "oxbridge_logins_total";
 pub const AUTH_FAILURES: &str = "oxbridge_auth_failures_total";
+pub const ACCOUNT_LOGINS: &str = "oxbridge_account_logins_total";
+pub const MAILBOX_FULL: &str = "oxbridge_mailbox_full_total";
+pub const TOKEN_ENDPOINT_REACHABLE: &str = "oxbridge_token_endpoint_reachable";
 pub const THROTTLED: &str = "oxbridge_throttled_logins_total";
 pub const TOKEN_REQUESTS: &str = "oxbridge_token_requests_total";
 pub const TOKEN_SECONDS: &str = "oxbridge_token_request_duration_seconds";
@@ -71,6 +74,18 @@ fn describe() {
         "Operations that fell back to this replica alone because Redis failed, by what"
     );
     describe_gauge!(SESSIONS_ACTIVE, "Device sessions open now, by protocol");
+    describe_counter!(
+        ACCOUNT_LOGINS,
+        "Device logins per configured account (its login as in the config), protocol and result"
+    );
+    describe_counter!(
+        MAILBOX_FULL,
+        "Logins that found their mailbox at its upstream session limit: waited (then got a session) or refused"
+    );
+    describe_gauge!(
+        TOKEN_ENDPOINT_REACHABLE,
+        "1 if the last contact with the token endpoint got an HTTP answer, 0 if it could not be reached"
+    );
     describe_counter!(LOGINS, "Device logins, by protocol and result");
     describe_counter!(
         AUTH_FAILURES,
@@ -273,6 +288,21 @@ pub fn login(protocol: Protocol, reason: Option<&'static str>) {
 }
 
 /// A login refused (`locked_out`) or slowed (`delayed`) by the throttle.
+/// A device login attributed to a configured account (`account` is its
+/// `login` in the config; logins of unknown users are not counted here).
+pub fn account_login(account: &str, protocol: Protocol, ok: bool) {
+    let result = if ok { "ok" } else { "failed" };
+    counter!(ACCOUNT_LOGINS, "account" => account.to_string(), "protocol" => protocol.as_str(), "result" => result)
+        .increment(1);
+}
+
+/// A login found `mailbox` at its session limit; `outcome` is `waited`
+/// or `refused`.
+pub fn mailbox_full(protocol: Protocol, mailbox: &str, outcome: &'static str) {
+    counter!(MAILBOX_FULL, "protocol" => protocol.as_str(), "mailbox" => mailbox.to_lowercase(), "outcome" => outcome)
+        .increment(1);
+}
+
 pub fn throttled(kind: &'static str) {
     counter!(THROTTLED, "kind" => kind).increment(1);
 }
@@ -339,6 +369,7 @@ pub fn are_listeners_bound() -> bool {
 /// Record whether a request reached the token endpoint (an HTTP answer of
 /// any status counts as reached; a network error does not).
 pub fn token_endpoint_contact(reached: bool) {
+    gauge!(TOKEN_ENDPOINT_REACHABLE).set(if reached { 1.0 } else { 0.0 });
     *TOKEN_ENDPOINT.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), reached));
 }
 

@@ -75,10 +75,20 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
             .map_err(|e| StartError(format!("admin.listen: cannot bind {}: {e}", admin.listen)))?;
         let local = socket.local_addr().map_err(|e| StartError(e.to_string()))?;
         info!(address = %local, "admin endpoint listening");
+        let shown = bound
+            .iter()
+            .map(|(socket, listener)| crate::status::Bound {
+                address: socket
+                    .local_addr()
+                    .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+                listener: listener.clone(),
+            })
+            .collect();
         tokio::spawn(admin::serve(
             socket,
             app.clone(),
             endpoints,
+            shown,
             metrics,
             control.shutdown.clone(),
         ));

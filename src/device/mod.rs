@@ -301,7 +301,7 @@ pub async fn drive(
                     Login::Relay {
                         account,
                         client_name,
-                    } => (login::local_relay(app, &account), true, client_name),
+                    } => (login::local_relay(app, &account, peer), true, client_name),
                 };
                 match result {
                     Ok(id) => {
@@ -328,7 +328,7 @@ pub async fn drive(
                     Login::Relay {
                         account,
                         client_name,
-                    } => login::relay_login(app, &account, &client_name).await,
+                    } => login::relay_login(app, &account, &client_name, peer).await,
                 };
                 match result {
                     Ok(done) => {
@@ -342,7 +342,7 @@ pub async fn drive(
                 }
             }
             Then::Refuse { login, error } => {
-                login::refused(protocol, &login, &error);
+                login::refused(app, protocol, peer, &login, &error);
                 session.on(Input::LoginFailed(&error))
             }
             Then::Relay { replay } if local.is_some() => {

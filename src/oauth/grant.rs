@@ -93,6 +93,16 @@ pub fn client(config: &OAuthConfig) -> Result<OAuthClient, String> {
     Ok(client)
 }
 
+/// Whose token the status page shows a request under: the app's shared
+/// token (Exchange or Graph) for `client_credentials`, else the account's.
+fn board_key(id: &Identity, audience: Audience) -> String {
+    match (audience, id.grant) {
+        (Audience::Graph, _) => "graph".to_string(),
+        (_, Grant::ClientCredentials) => "app".to_string(),
+        _ => id.account.clone(),
+    }
+}
+
 impl Tokens {
     /// One token, retrying temporary failures with backoff.
     pub(super) async fn request(
@@ -107,6 +117,8 @@ impl Tokens {
                 Ok(c) => {
                     info!(account = %id.account, grant = %id.grant, attempt, elapsed_ms = started.elapsed().as_millis() as u64, "access token obtained");
                     crate::metrics::token_request(id.grant.as_str(), "ok", started.elapsed());
+                    let expires = crate::status::board::unix_of(c.expires_at);
+                    crate::status::board::token(&board_key(id, audience), Ok(expires));
                     return Ok(c);
                 }
                 Err(e) => e,
@@ -125,6 +137,7 @@ impl Tokens {
                     "refused"
                 };
                 crate::metrics::token_request(id.grant.as_str(), result, started.elapsed());
+                crate::status::board::token(&board_key(id, audience), Err(&error));
                 return Err(error);
             }
             tokio::time::sleep(pause).await;

@@ -1,0 +1,204 @@
+//! What the status page knows that neither the config nor a live count
+//! tells: the last login failures with their diagnosis, and each
+//! account's latest login and token. Recorded as things happen (like the
+//! metrics, one board per process). Nothing secret goes in: the errors are
+//! the texts the log carries, and a user name is kept only when it is a
+//! configured account (a device may type its password into the user field).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::config::Protocol;
+use crate::error::AuthError;
+
+/// Login failures kept for the page, newest first.
+pub const MAX_FAILURES: usize = 20;
+/// Accounts and token keys remembered at most (configured accounts only,
+/// so this is a safety bound).
+const MAX_RECORDS: usize = 10_000;
+
+/// One refused login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Unix seconds.
+    pub at: u64,
+    pub protocol: Protocol,
+    pub peer: IpAddr,
+    /// The configured account the login belongs to; None: no such account.
+    pub account: Option<String>,
+    pub reason: &'static str,
+    pub error: String,
+    pub fix: Option<&'static str>,
+}
+
+/// An account's latest logins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Logins {
+    pub last_ok: Option<u64>,
+    pub last_failure: Option<u64>,
+    /// Failures since the last success.
+    pub failing: u64,
+}
+
+/// The latest token request of one token key (an account, or the app's
+/// shared `client_credentials` token).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Unix seconds of the last token obtained, and when it expires.
+    pub obtained: Option<u64>,
+    pub expires: Option<u64>,
+    /// The last failure, if it came after the last success.
+    pub error: Option<(u64, String)>,
+}
+
+#[derive(Default)]
+struct Board {
+    failures: VecDeque<Failure>,
+    logins: HashMap<String, Logins>,
+    tokens: HashMap<String, TokenRecord>,
+}
+
+static BOARD: Mutex<Option<Board>> = Mutex::new(None);
+
+fn with<T>(f: impl FnOnce(&mut Board) -> T) -> T {
+    let mut board = BOARD.lock().unwrap_or_else(|e| e.into_inner());
+    f(board.get_or_insert_with(Board::default))
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The Unix second of a monotonic instant (in the future or past).
+pub fn unix_of(at: Instant) -> u64 {
+    let t = Instant::now();
+    match at.checked_duration_since(t) {
+        Some(ahead) => now() + ahead.as_secs(),
+        None => now().saturating_sub(t.duration_since(at).as_secs()),
+    }
+}
+
+/// A device login: `account` is the configured account it belongs to.
+pub fn login(
+    protocol: Protocol,
+    peer: IpAddr,
+    account: Option<&str>,
+    result: Result<(), &AuthError>,
+) {
+    let at = now();
+    with(|b| {
+        if let Some(account) = account {
+            if b.logins.len() < MAX_RECORDS || b.logins.contains_key(account) {
+                let entry = b.logins.entry(account.to_string()).or_default();
+                match result {
+                    Ok(()) => {
+                        entry.last_ok = Some(at);
+                        entry.failing = 0;
+                    }
+                    Err(_) => {
+                        entry.last_failure = Some(at);
+                        entry.failing += 1;
+                    }
+                }
+            }
+        }
+        if let Err(e) = result {
+            b.failures.push_front(Failure {
+                at,
+                protocol,
+                peer,
+                account: account.map(str::to_string),
+                reason: e.reason(),
+                error: e.to_string(),
+                fix: crate::diagnose::fix(e),
+            });
+            b.failures.truncate(MAX_FAILURES);
+        }
+    })
+}
+
+/// A token request of `key` ended: the token's expiry (Unix seconds), or
+/// the error.
+pub fn token(key: &str, result: Result<u64, &AuthError>) {
+    let at = now();
+    with(|b| {
+        if b.tokens.len() >= MAX_RECORDS && !b.tokens.contains_key(key) {
+            return;
+        }
+        let entry = b.tokens.entry(key.to_string()).or_default();
+        match result {
+            Ok(expires) => {
+                entry.obtained = Some(at);
+                entry.expires = Some(expires);
+                entry.error = None;
+            }
+            Err(e) => entry.error = Some((at, e.to_string())),
+        }
+    })
+}
+
+/// The last login failures, newest first.
+pub fn failures() -> Vec<Failure> {
+    with(|b| b.failures.iter().cloned().collect())
+}
+
+/// An account's latest logins.
+pub fn logins(account: &str) -> Logins {
+    with(|b| b.logins.get(account).cloned().unwrap_or_default())
+}
+
+/// The latest token request of `key`.
+pub fn token_record(key: &str) -> TokenRecord {
+    with(|b| b.tokens.get(key).cloned().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_bounded_newest_first_and_successes_reset_the_count() {
+        let peer: IpAddr = "192.0.2.7".parse().unwrap();
+        let account = "board-test@example.test";
+        for _ in 0..MAX_FAILURES + 5 {
+            login(
+                Protocol::Smtp,
+                peer,
+                Some(account),
+                Err(&AuthError::BadCredentials("wrong password")),
+            );
+        }
+        login(
+            Protocol::Imap,
+            peer,
+            None,
+            Err(&AuthError::TokenUnavailable("timed out".into())),
+        );
+        let failures = failures();
+        assert_eq!(failures.len(), MAX_FAILURES);
+        assert_eq!(failures[0].protocol, Protocol::Imap);
+        assert_eq!(failures[0].account, None);
+        assert_eq!(failures[1].account.as_deref(), Some(account));
+        assert_eq!(logins(account).failing, MAX_FAILURES as u64 + 5);
+        login(Protocol::Smtp, peer, Some(account), Ok(()));
+        let after = logins(account);
+        assert_eq!(after.failing, 0);
+        assert!(after.last_ok.is_some() && after.last_failure.is_some());
+    }
+
+    #[test]
+    fn a_token_success_clears_the_last_error() {
+        let key = "board-test-token";
+        token(key, Err(&AuthError::TokenRefused("AADSTS7000215".into())));
+        assert!(token_record(key).error.is_some());
+        token(key, Ok(now() + 3600));
+        let record = token_record(key);
+        assert_eq!(record.error, None);
+        assert!(record.expires.unwrap() >= now() + 3599);
+    }
+}

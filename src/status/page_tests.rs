@@ -1,0 +1,189 @@
+use super::*;
+use crate::config::Protocol;
+
+const NOW: u64 = 1_800_000_000;
+
+fn view() -> View {
+    View {
+        version: "9.9.9",
+        host: "mail-gw".into(),
+        now: NOW,
+        started: NOW - 3 * 3600 - 120,
+        not_ready: None,
+        listeners: vec![ListenerRow {
+            protocol: "smtp",
+            address: "0.0.0.0:587".into(),
+            tls: "STARTTLS",
+            delivery: Some("spool"),
+            sessions: 2,
+            max: 1000,
+        }],
+        accounts: vec![AccountRow {
+            login: "scanner@contoso.test".into(),
+            grant: "client_credentials",
+            mailbox: "scans@contoso.test".into(),
+            sends: "SMTP",
+            token: TokenView {
+                access_expires: Some(NOW + 3000),
+                obtained: Some(NOW - 600),
+                ..TokenView::default()
+            },
+            logins: Logins {
+                last_ok: Some(NOW - 30),
+                last_failure: None,
+                failing: 0,
+            },
+            sessions: vec![("smtp", 3, 3)],
+        }],
+        mailboxes: vec![MailboxUse {
+            protocol: Protocol::Smtp,
+            mailbox: "scans@contoso.test".into(),
+            sessions: 3,
+            waiting: 1,
+            limit: 3,
+        }],
+        replicas: false,
+        failures: vec![Failure {
+            at: NOW - 65,
+            protocol: Protocol::Imap,
+            peer: "192.0.2.9".parse().unwrap(),
+            account: Some("<script>alert(1)</script>@x".into()),
+            reason: "token_refused",
+            error: "token endpoint refused: AADSTS7000215 & more".into(),
+            fix: Some("Renew the client secret"),
+        }],
+        spool: Some(SpoolView {
+            waiting: 4,
+            dead: 1,
+            oldest_age: Some(7200),
+            rows: vec![SpoolRow {
+                id: "20261203T101010-abc".into(),
+                age: 7200,
+                from: "scans@contoso.test".into(),
+                to: "boss@contoso.test (+1)".into(),
+                attempts: 5,
+                last_error: "421 4.3.2 try later".into(),
+            }],
+        }),
+    }
+}
+
+#[test]
+fn the_page_refreshes_itself_fits_a_phone_and_runs_no_script() {
+    let html = render(&view());
+    assert!(html.starts_with("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"));
+    assert!(
+        html.contains("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">")
+    );
+    assert!(html.contains("<meta http-equiv=\"refresh\" content=\"10\">"));
+    assert!(!html.to_lowercase().contains("<script"), "{html}");
+    assert!(html.contains("<title>oxbridge on mail-gw</title>"));
+    assert!(html.contains("version 9.9.9 · up 3h 2m"));
+    assert!(html.contains("<span class=\"ok\">ready</span>"));
+}
+
+#[test]
+fn every_section_says_what_it_holds() {
+    let html = render(&view());
+    for fragment in [
+        "<td>smtp</td><td><code>0.0.0.0:587</code></td><td>STARTTLS</td><td>spool</td><td class=\"num\">2 / 1000</td>",
+        "<td><code>scanner@contoso.test</code></td><td>client_credentials</td><td>scans@contoso.test</td>",
+        "<span class=\"ok\">valid for 50m, obtained 10m ago</span>",
+        "<span class=\"ok\">last login 30s ago</span>",
+        "<span class=\"pill bad\">smtp 3/3</span>",
+        "<td>scans@contoso.test</td><td>smtp</td><td class=\"num\"><span class=\"bad\">3 / 3</span></td><td class=\"num\">1</td>",
+        "<td>1m ago</td><td>imap</td><td><code>192.0.2.9</code></td>",
+        "<span class=\"bad\">token_refused</span>: token endpoint refused: AADSTS7000215 &amp; more<br><span class=\"fix\">Fix: Renew the client secret</span>",
+        "4 waiting, the oldest for 2h · <span class=\"bad\">1 dead letters</span>",
+        "<td><code>20261203T101010-abc</code></td><td class=\"num\">2h</td><td>scans@contoso.test</td><td>boss@contoso.test (+1)</td><td class=\"num\">5</td><td>421 4.3.2 try later</td>",
+    ] {
+        assert!(html.contains(fragment), "missing {fragment}\nin {html}");
+    }
+}
+
+#[test]
+fn text_from_devices_and_servers_is_escaped() {
+    let html = render(&view());
+    assert!(html.contains("<code>&lt;script&gt;alert(1)&lt;/script&gt;@x</code>"));
+}
+
+#[test]
+fn empty_sections_say_so_and_not_ready_is_marked() {
+    let mut v = view();
+    v.accounts.clear();
+    v.mailboxes.clear();
+    v.failures.clear();
+    v.spool = None;
+    v.not_ready = Some("token endpoint unreachable".into());
+    let html = render(&v);
+    assert!(html.contains("<span class=\"bad\">not ready: token endpoint unreachable</span>"));
+    assert!(html.contains("No [[account]] in the configuration."));
+    assert!(html.contains("No upstream session open."));
+    assert!(html.contains("None since start."));
+    assert!(!html.contains("SMTP queue"));
+}
+
+#[test]
+fn token_verdicts() {
+    let failing = TokenView {
+        access_expires: Some(NOW + 100),
+        error: Some((NOW, "AADSTS700082: refresh token expired".into())),
+        refresh_token: true,
+        ..TokenView::default()
+    };
+    assert_eq!(
+        failing.verdict(NOW),
+        (
+            Health::Bad,
+            "failing: AADSTS700082: refresh token expired".into()
+        )
+    );
+    let idle = TokenView {
+        refresh_token: true,
+        refresh_issued: Some(NOW - 40 * 86400),
+        refreshed: Some(NOW - 31 * 86400),
+        ..TokenView::default()
+    };
+    assert_eq!(
+        idle.verdict(NOW),
+        (
+            Health::Warn,
+            "refresh token unused for 31d; it ends after 90 days unused".into()
+        )
+    );
+    let never = TokenView {
+        refresh_token: true,
+        ..TokenView::default()
+    };
+    assert_eq!(never.verdict(NOW).0, Health::Bad);
+    let expired = TokenView {
+        access_expires: Some(NOW - 90),
+        ..TokenView::default()
+    };
+    assert_eq!(
+        expired.verdict(NOW),
+        (
+            Health::Unknown,
+            "expired 1m ago; renewed at the next login".into()
+        )
+    );
+    assert_eq!(
+        TokenView::default().verdict(NOW).1,
+        "none yet; fetched at the first login"
+    );
+}
+
+#[test]
+fn spans_read_like_a_person_would_say_them() {
+    for (secs, text) in [
+        (0, "0s"),
+        (59, "59s"),
+        (61, "1m"),
+        (3600, "1h"),
+        (3660, "1h 1m"),
+        (86400, "1d"),
+        (90000, "1d 1h"),
+    ] {
+        assert_eq!(span(secs), text);
+    }
+}
