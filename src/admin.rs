@@ -135,15 +135,22 @@ async fn authorized(
         return next.run(request).await;
     }
     debug!(path = %request.uri().path(), "admin request without the right token");
-    (
+    let mut refusal = (
         StatusCode::UNAUTHORIZED,
-        [(
-            header::WWW_AUTHENTICATE,
-            "Bearer realm=\"oxbridge\", Basic realm=\"oxbridge\", charset=\"UTF-8\"",
-        )],
         "401 the admin token is required (Authorization: Bearer, or the password of HTTP Basic)\n",
     )
-        .into_response()
+        .into_response();
+    // Basic first and on a line of its own: that is the one browsers parse.
+    for challenge in [
+        "Basic realm=\"oxbridge\", charset=\"UTF-8\"",
+        "Bearer realm=\"oxbridge\"",
+    ] {
+        refusal.headers_mut().append(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static(challenge),
+        );
+    }
+    refusal
 }
 
 /// Why oxbridge is not ready, if it is not.

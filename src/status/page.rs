@@ -115,7 +115,7 @@ impl TokenView {
     /// The token's state in a word or two, and its mark.
     pub fn verdict(&self, now: u64) -> (Health, String) {
         if let Some((_, error)) = &self.error {
-            return (Health::Bad, format!("failing: {error}"));
+            return (Health::Bad, format!("last request failed: {error}"));
         }
         let last_use = self.refreshed.max(self.refresh_issued);
         if self.refresh_token {
@@ -199,7 +199,11 @@ th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #ddd;vertical
 th{background:#f0f0f0;font-weight:600;white-space:nowrap}td.num{text-align:right;white-space:nowrap}\
 .ok{color:#176f2c}.warn{color:#8a5a00}.bad{color:#b00020;font-weight:600}.unknown{color:#555}\
 .pill{display:inline-block;padding:.05rem .45rem;border-radius:.6rem;font-size:.8rem;border:1px solid currentColor}\
-.fix{color:#333;font-size:.85rem}code{font-size:.85rem}p.none{color:#555;margin:.2rem 0}";
+.fix{color:#333;font-size:.85rem}code{font-size:.85rem;word-break:break-all}p.none{color:#555;margin:.2rem 0}\
+@media (max-width:40rem){thead{display:none}table,tbody,tr,td{display:block}table{background:none}\
+tr{background:#fff;border:1px solid #ddd;border-radius:.3rem;margin:0 0 .6rem}\
+td,td.num{border-bottom:1px solid #eee;text-align:left;white-space:normal}\
+td::before{content:attr(data-label);display:block;font-size:.72rem;color:#666;text-transform:uppercase;letter-spacing:.03em}}";
 
 /// The whole page.
 pub fn render(v: &View) -> String {
@@ -246,9 +250,9 @@ fn listeners(v: &View) -> Markup {
             tbody {
                 @for l in &v.listeners {
                     tr {
-                        td { (l.protocol) } td { code { (l.address) } } td { (l.tls) }
-                        td { (l.delivery.unwrap_or("-")) }
-                        td.num { (l.sessions) " / " (l.max) }
+                        td data-label="protocol" { (l.protocol) } td data-label="address" { code { (l.address) } } td data-label="TLS" { (l.tls) }
+                        td data-label="delivery" { (l.delivery.unwrap_or("-")) }
+                        td.num data-label="sessions" { (l.sessions) " / " (l.max) }
                     }
                 }
             }
@@ -271,18 +275,18 @@ fn accounts(v: &View) -> Markup {
                         @let (token_health, token_text) = a.token.verdict(v.now);
                         @let (login_health, login_text) = a.logins.verdict(v.now);
                         tr {
-                            td { code { (a.login) } }
-                            td { (a.grant) @if a.sends != "SMTP" { br; small { "sends through " (a.sends) } } }
-                            td { (a.mailbox) }
-                            td { (mark(token_health, &token_text)) }
-                            td {
+                            td data-label="login" { code { (a.login) } }
+                            td data-label="grant" { (a.grant) @if a.sends != "SMTP" { br; small { "sends through " (a.sends) } } }
+                            td data-label="mailbox" { (a.mailbox) }
+                            td data-label="access token" { (mark(token_health, &token_text)) }
+                            td data-label="refresh token" {
                                 @if a.token.refresh_token {
                                     "issued " (ago(v.now, a.token.refresh_issued)) br;
                                     "last refresh " (ago(v.now, a.token.refreshed))
                                 } @else { "-" }
                             }
-                            td { (mark(login_health, &login_text)) }
-                            td {
+                            td data-label="device logins" { (mark(login_health, &login_text)) }
+                            td data-label="upstream sessions" {
                                 @for (protocol, sessions, limit) in &a.sessions {
                                     @let full = sessions >= limit;
                                     span class=(if full { "pill bad" } else { "pill" }) { (protocol) " " (sessions) "/" (limit) } " "
@@ -315,9 +319,9 @@ fn mailboxes(v: &View) -> Markup {
                     @for m in &v.mailboxes {
                         @let health = if m.waiting > 0 { Health::Bad } else if m.sessions >= m.limit { Health::Warn } else { Health::Ok };
                         tr {
-                            td { (m.mailbox) } td { (m.protocol.as_str()) }
-                            td.num { (mark(health, &format!("{} / {}", m.sessions, m.limit))) }
-                            td.num { (m.waiting) }
+                            td data-label="mailbox" { (m.mailbox) } td data-label="protocol" { (m.protocol.as_str()) }
+                            td.num data-label="sessions / limit" { (mark(health, &format!("{} / {}", m.sessions, m.limit))) }
+                            td.num data-label="devices waiting" { (m.waiting) }
                         }
                     }
                 }
@@ -336,11 +340,11 @@ fn failures(v: &View) -> Markup {
                 tbody {
                     @for f in &v.failures {
                         tr {
-                            td { (span(v.now.saturating_sub(f.at))) " ago" }
-                            td { (f.protocol.as_str()) }
-                            td { code { (f.peer) } }
-                            td { @match &f.account { Some(a) => code { (a) }, None => span.unknown { "no such account" } } }
-                            td {
+                            td data-label="when" { (span(v.now.saturating_sub(f.at))) " ago" }
+                            td data-label="protocol" { (f.protocol.as_str()) }
+                            td data-label="device" { code { (f.peer) } }
+                            td data-label="account" { @match &f.account { Some(a) => code { (a) }, None => span.unknown { "no such account" } } }
+                            td data-label="what went wrong" {
                                 span.bad { (f.reason) } ": " (f.error)
                                 @if let Some(fix) = f.fix { br; span.fix { "Fix: " (fix) } }
                             }
@@ -368,8 +372,8 @@ fn queue(s: &SpoolView) -> Markup {
                 tbody {
                     @for r in &s.rows {
                         tr {
-                            td { code { (r.id) } } td.num { (span(r.age)) } td { (r.from) } td { (r.to) }
-                            td.num { (r.attempts) } td { (r.last_error) }
+                            td data-label="id" { code { (r.id) } } td.num data-label="age" { (span(r.age)) } td data-label="from" { (r.from) } td data-label="to" { (r.to) }
+                            td.num data-label="tries" { (r.attempts) } td data-label="last error" { (r.last_error) }
                         }
                     }
                 }

@@ -86,16 +86,16 @@ fn the_page_refreshes_itself_fits_a_phone_and_runs_no_script() {
 fn every_section_says_what_it_holds() {
     let html = render(&view());
     for fragment in [
-        "<td>smtp</td><td><code>0.0.0.0:587</code></td><td>STARTTLS</td><td>spool</td><td class=\"num\">2 / 1000</td>",
-        "<td><code>scanner@contoso.test</code></td><td>client_credentials</td><td>scans@contoso.test</td>",
+        "<td data-label=\"protocol\">smtp</td><td data-label=\"address\"><code>0.0.0.0:587</code></td><td data-label=\"TLS\">STARTTLS</td><td data-label=\"delivery\">spool</td><td class=\"num\" data-label=\"sessions\">2 / 1000</td>",
+        "<td data-label=\"login\"><code>scanner@contoso.test</code></td><td data-label=\"grant\">client_credentials</td><td data-label=\"mailbox\">scans@contoso.test</td>",
         "<span class=\"ok\">valid for 50m, obtained 10m ago</span>",
         "<span class=\"ok\">last login 30s ago</span>",
         "<span class=\"pill bad\">smtp 3/3</span>",
-        "<td>scans@contoso.test</td><td>smtp</td><td class=\"num\"><span class=\"bad\">3 / 3</span></td><td class=\"num\">1</td>",
-        "<td>1m ago</td><td>imap</td><td><code>192.0.2.9</code></td>",
+        "<td data-label=\"mailbox\">scans@contoso.test</td><td data-label=\"protocol\">smtp</td><td class=\"num\" data-label=\"sessions / limit\"><span class=\"bad\">3 / 3</span></td><td class=\"num\" data-label=\"devices waiting\">1</td>",
+        "<td data-label=\"when\">1m ago</td><td data-label=\"protocol\">imap</td><td data-label=\"device\"><code>192.0.2.9</code></td>",
         "<span class=\"bad\">token_refused</span>: token endpoint refused: AADSTS7000215 &amp; more<br><span class=\"fix\">Fix: Renew the client secret</span>",
         "4 waiting, the oldest for 2h · <span class=\"bad\">1 dead letters</span>",
-        "<td><code>20261203T101010-abc</code></td><td class=\"num\">2h</td><td>scans@contoso.test</td><td>boss@contoso.test (+1)</td><td class=\"num\">5</td><td>421 4.3.2 try later</td>",
+        "<td data-label=\"id\"><code>20261203T101010-abc</code></td><td class=\"num\" data-label=\"age\">2h</td><td data-label=\"from\">scans@contoso.test</td><td data-label=\"to\">boss@contoso.test (+1)</td><td class=\"num\" data-label=\"tries\">5</td><td data-label=\"last error\">421 4.3.2 try later</td>",
     ] {
         assert!(html.contains(fragment), "missing {fragment}\nin {html}");
     }
@@ -135,7 +135,7 @@ fn token_verdicts() {
         failing.verdict(NOW),
         (
             Health::Bad,
-            "failing: AADSTS700082: refresh token expired".into()
+            "last request failed: AADSTS700082: refresh token expired".into()
         )
     );
     let idle = TokenView {

@@ -28,3 +28,4 @@ mod secrets;
 mod smtp;
 mod soak;
 mod spool;
+mod status;

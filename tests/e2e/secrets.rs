@@ -1,6 +1,6 @@
 //! No password, access token, refresh token or client secret reaches a log
-//! line (at trace level, libraries included), a reply to a device, or the
-//! `Debug` output of the configuration: full sessions with marker values,
+//! line (at trace level, libraries included), a reply to a device, the
+//! metrics, the status page, or the `Debug` output of the configuration: full sessions with marker values,
 //! then a search for every marker.
 
 use std::process::{Command, Output};
@@ -110,6 +110,9 @@ fn no_secret_reaches_logs_replies_or_debug() {
     // What the admin endpoint and `oxbridge check` print count as replies.
     let (_, metrics) = curl(proxy.admin_addr(), "/metrics");
     assert!(metrics.contains("oxbridge_sessions_total"));
+    let (_, page) = curl(proxy.admin_addr(), "/");
+    assert!(page.contains("Last login failures"), "{page}");
+    let metrics = metrics + &page;
     let check = oxbridge(&["check"], &cfg_path);
     assert!(
         text(&check).contains("delegated@example.test smtp: OK"),
