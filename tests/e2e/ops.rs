@@ -83,9 +83,19 @@ fn metrics_health_readiness_and_json_logs() {
         );
     }
     assert_eq!(value(&after, "oxbridge_sessions_active", &[]), 0.0);
-    // No account name or secret in the metrics.
+    // Logins per configured account: scanner's IMAP login and its wrong
+    // SMTP password.
+    for (protocol, result) in [("imap", "ok"), ("smtp", "failed")] {
+        let labels = [
+            ("account", "scanner@example.test"),
+            ("protocol", protocol),
+            ("result", result),
+        ];
+        assert_eq!(delta("oxbridge_account_logins_total", &labels), 1.0);
+    }
+    // No secret in the metrics.
     let (_, body) = curl(admin, "/metrics");
-    assert!(!body.contains("scanner@example.test") && !body.contains(SCANNER_PASSWORD));
+    assert!(!body.contains(SCANNER_PASSWORD));
 
     // Every log line is one JSON object with timestamp, level and message.
     let logs = proxy.logs();
