@@ -111,7 +111,7 @@ fn ten_devices_share_three_upstream_sessions() {
     let max_open = forwarder.max.clone();
     let cfg = config(
         &listener("smtp", "none", true),
-        "[limits]\nsmtp_sessions_per_mailbox = 3\n",
+        &format!("{ADMIN}[limits]\nsmtp_sessions_per_mailbox = 3\n"),
     );
     let proxy = Proxy::start(&reroute(
         &cfg,
@@ -142,6 +142,22 @@ fn ten_devices_share_three_upstream_sessions() {
     }
     let max = max_open.load(Ordering::SeqCst);
     assert!(max == 3, "the upstream saw {max} sessions at once");
+    // The waits are counted for the alert on saturated mailboxes.
+    let full = |outcome| {
+        let labels = [
+            ("protocol", "smtp"),
+            ("mailbox", ALICE),
+            ("outcome", outcome),
+        ];
+        value(
+            &scrape(proxy.admin_addr()),
+            "oxbridge_mailbox_full_total",
+            &labels,
+        )
+    };
+    let waited = full("waited");
+    assert!((5.0..=7.0).contains(&waited), "{waited} devices waited");
+    assert_eq!(full("refused"), 0.0);
 }
 
 fn proxy_v2(source: [u8; 4], port: u16) -> Vec<u8> {
