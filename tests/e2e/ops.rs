@@ -109,6 +109,7 @@ fn metrics_health_readiness_and_json_logs() {
     }
 
     // A proxy whose token endpoint is down is alive but not ready.
+    let first_admin = admin;
     let down = with_token_url(
         &config(&listener("smtp", "none", true), ADMIN),
         &format!("http://127.0.0.1:{}/token", closed_port()),
@@ -119,6 +120,9 @@ fn metrics_health_readiness_and_json_logs() {
     let (status, body) = curl(admin, "/readyz");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("token endpoint unreachable"), "{body}");
+    let reachable = |admin| value(&scrape(admin), "oxbridge_token_endpoint_reachable", &[]);
+    assert_eq!(reachable(admin), 0.0);
+    assert_eq!(reachable(first_admin), 1.0);
 }
 
 #[test]
