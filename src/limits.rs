@@ -133,7 +133,7 @@ impl MailboxLimits {
     /// A wait and a refusal are counted (`oxbridge_mailbox_full_total`).
     pub async fn acquire(&self, protocol: Protocol, mailbox: &str) -> Result<Slot, AuthError> {
         let gate = self.gate(protocol, mailbox);
-        match self.hold(protocol, mailbox).await {
+        match self.hold(protocol, mailbox, &gate).await {
             Ok((hold, waited)) => {
                 if waited {
                     crate::metrics::mailbox_full(protocol, mailbox, "waited");
@@ -173,10 +173,14 @@ impl MailboxLimits {
     }
 
     /// The slot itself, and whether the device had to wait for it.
-    async fn hold(&self, protocol: Protocol, mailbox: &str) -> Result<(Hold, bool), AuthError> {
+    async fn hold(
+        &self,
+        protocol: Protocol,
+        mailbox: &str,
+        gate: &Gate,
+    ) -> Result<(Hold, bool), AuthError> {
         let limit = self.per_protocol[index(protocol)];
         let set = format!("{protocol}:{}", mailbox.to_lowercase());
-        let gate = self.gate(protocol, mailbox);
         let wait = self.wait[index(protocol)];
         let started = tokio::time::Instant::now();
         let mut pause = SLOT_POLL_FIRST;
@@ -200,7 +204,7 @@ impl MailboxLimits {
                     }
                     let left = wait.saturating_sub(started.elapsed());
                     return self
-                        .acquire_local_within(protocol, mailbox, left)
+                        .acquire_local_within(protocol, mailbox, gate, left)
                         .await
                         .map(|(permit, waited)| {
                             (Hold::Local { _permit: permit }, waited || queued)
@@ -236,9 +240,9 @@ impl MailboxLimits {
         &self,
         protocol: Protocol,
         mailbox: &str,
+        gate: &Gate,
         wait: Duration,
     ) -> Result<(OwnedSemaphorePermit, bool), AuthError> {
-        let gate = self.gate(protocol, mailbox);
         if let Ok(permit) = gate.sessions.clone().try_acquire_owned() {
             return Ok((permit, false));
         }
