@@ -138,11 +138,7 @@ fn spooling(
     name: &str,
     result: &Result<Identity, AuthError>,
 ) {
-    let account = match result {
-        Ok(id) => Some(id.account.clone()),
-        Err(_) => app.accounts().account_of(name),
-    };
-    count(Protocol::Smtp, peer, account, result.as_ref().err());
+    count(app, Protocol::Smtp, peer, name, result.as_ref());
     match result {
         Ok(id) => {
             info!(login = %label, account = %id.account, mailbox = %id.mailbox, grant = %id.grant, "authenticated; spooling")
@@ -190,18 +186,24 @@ pub async fn relay_login(
 /// is not the login), or after (the upstream no longer offers what the
 /// device was told): logged and counted like any failed login.
 pub fn refused(app: &App, protocol: Protocol, peer: SocketAddr, login: &str, error: &AuthError) {
-    count(
-        protocol,
-        peer,
-        app.accounts().account_of(login),
-        Some(error),
-    );
+    count(app, protocol, peer, login, Err(error));
     log_failure(login, error);
 }
 
 /// Count a device login: in the metrics (per configured account too) and
-/// on the status page's board.
-fn count(protocol: Protocol, peer: SocketAddr, account: Option<String>, error: Option<&AuthError>) {
+/// on the status page's board. The account is the one that logged in, or
+/// the one `name` claims.
+fn count(
+    app: &App,
+    protocol: Protocol,
+    peer: SocketAddr,
+    name: &str,
+    outcome: Result<&Identity, &AuthError>,
+) {
+    let (account, error) = match outcome {
+        Ok(id) => (Some(id.account.clone()), None),
+        Err(e) => (app.accounts().account_of(name), Some(e)),
+    };
     crate::metrics::login(protocol, error.map(AuthError::reason));
     if let Some(account) = &account {
         crate::metrics::account_login(account, protocol, error.is_none());
@@ -222,11 +224,13 @@ fn logged(
     name: &str,
     result: &Result<LoggedIn, AuthError>,
 ) {
-    let account = match result {
-        Ok(done) => Some(done.id.account.clone()),
-        Err(_) => app.accounts().account_of(name),
-    };
-    count(protocol, peer, account, result.as_ref().err());
+    count(
+        app,
+        protocol,
+        peer,
+        name,
+        result.as_ref().map(|done| &done.id),
+    );
     match result {
         Ok(LoggedIn { id, upstream }) => {
             let token_left_s = upstream
