@@ -72,12 +72,7 @@ fn size(bytes: u64) -> String {
 
 fn one_line(env: &Envelope, status: &Status, place: Place) -> String {
     let t = now();
-    let pending: Vec<&String> = env.pending(status).collect();
-    let to = match pending.as_slice() {
-        [] => "-".to_string(),
-        [one] => one.to_string(),
-        [first, rest @ ..] => format!("{first} (+{})", rest.len()),
-    };
+    let to = env.pending_summary(status);
     let next = match place {
         Place::Dead => "dead".to_string(),
         Place::Queue if status.next_attempt_at <= t => "now".to_string(),

@@ -80,6 +80,17 @@ impl Envelope {
             .iter()
             .filter(|r| !status.done.iter().any(|d| d.eq_ignore_ascii_case(r)))
     }
+
+    /// The recipients still to deliver to, in a few words: `-`, `a@x`,
+    /// or `a@x (+2)`.
+    pub fn pending_summary(&self, status: &Status) -> String {
+        let pending: Vec<&String> = self.pending(status).collect();
+        match pending.as_slice() {
+            [] => "-".to_string(),
+            [one] => one.to_string(),
+            [first, rest @ ..] => format!("{first} (+{})", rest.len()),
+        }
+    }
 }
 
 /// Where a message is.

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use crate::config::Protocol;
 use crate::error::AuthError;
@@ -67,12 +67,8 @@ fn with<T>(f: impl FnOnce(&mut Board) -> T) -> T {
     f(board.get_or_insert_with(Board::default))
 }
 
-pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+/// Unix seconds now (the spool's clock).
+pub use crate::spool::queue::now;
 
 /// The Unix second of a monotonic instant (in the future or past).
 pub fn unix_of(at: Instant) -> u64 {

@@ -149,20 +149,13 @@ fn spool_view(queue: &Queue, now: u64) -> SpoolView {
     let rows = loaded
         .iter()
         .take(QUEUE_ROWS)
-        .map(|(env, status)| {
-            let pending: Vec<&String> = env.pending(status).collect();
-            SpoolRow {
-                id: env.id.clone(),
-                age: now.saturating_sub(env.received_at),
-                from: env.sender.clone(),
-                to: match pending.as_slice() {
-                    [] => "-".to_string(),
-                    [one] => one.to_string(),
-                    [first, rest @ ..] => format!("{first} (+{})", rest.len()),
-                },
-                attempts: status.attempts,
-                last_error: status.last_error.clone().unwrap_or_default(),
-            }
+        .map(|(env, status)| SpoolRow {
+            id: env.id.clone(),
+            age: now.saturating_sub(env.received_at),
+            from: env.sender.clone(),
+            to: env.pending_summary(status),
+            attempts: status.attempts,
+            last_error: status.last_error.clone().unwrap_or_default(),
         })
         .collect();
     SpoolView {
