@@ -20,6 +20,7 @@ mod devices;
 mod faults;
 mod graph;
 mod imap_pop3;
+mod matrix;
 mod oauth;
 mod ops;
 mod redis;

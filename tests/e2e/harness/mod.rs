@@ -1,6 +1,7 @@
 //! What the end-to-end tests share, one file per concern; every area
 //! module takes it all with `use crate::harness::*`.
 
+mod cells;
 mod clients;
 mod faults;
 mod metrics;
@@ -10,6 +11,7 @@ mod upstream;
 
 pub use self::redis::*;
 pub use crate::common::*;
+pub use cells::*;
 pub use clients::*;
 pub use faults::*;
 pub use metrics::*;
