@@ -46,6 +46,12 @@ enum Kind {
     RelayToPattern,
     /// A `[[relay]]` rule whose account has `grant = "password"`.
     RelayToPassword,
+    /// `[[relay]]` rules in a config with no SMTP listener.
+    RelayWithoutSmtp,
+    /// `*@example.test` with `grant = "refresh_token"`.
+    RefreshTokenPattern,
+    /// `*@example.test` with a `mailbox`.
+    PatternWithMailbox,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -173,6 +179,11 @@ const CELLS: &[Cell] = &[
     // whose grant needs none.
     c(RelayToPattern,  Session, ViaSmtp,  Smtp, RefusedAtLoad("relay[0].account")),
     c(RelayToPassword, Session, ViaSmtp,  Smtp, RefusedAtLoad("relay[0].account")),
+    // Relaying is SMTP only.
+    c(RelayWithoutSmtp, Session, ViaSmtp, Imap, RefusedAtLoad("relay[0]")),
+    // A pattern is many users: no one user's consent, no one mailbox.
+    c(RefreshTokenPattern, Session, ViaSmtp, Smtp, RefusedAtLoad("account[3].grant")),
+    c(PatternWithMailbox,  Session, ViaSmtp, Smtp, RefusedAtLoad("account[3].mailbox")),
 ];
 
 /// The matrix accounts' local passwords.
@@ -181,6 +192,7 @@ const OWNER_PASSWORD: &str = "matrix-owner-pass";
 const RELAY_PASSWORD: &str = "matrix-relay-pass";
 const PATTERN_PASSWORD: &str = "matrix-pattern-pass";
 const RELAY_NETWORK_ADDRESS: &str = "127.0.0.2";
+const RELAY_ACCOUNT: &str = "matrix-relay@example.test";
 
 /// Cells at once: enough to keep the run short, few enough for a small
 /// machine.
@@ -252,9 +264,13 @@ fn world_listeners(spool_on: Option<&str>) -> String {
 /// Fast retries for the spooling listener's worker.
 const SPOOL: &str = "[spool]\nretry_min_s = 1\nretry_max_s = 2\nmessages_per_minute = 6000\n";
 
-/// A config with the matrix accounts and the relay rule for 127.0.0.2;
+/// The pattern account's grant (and other keys) in the worlds.
+const PATTERN_KEYS: &str = "grant = \"client_credentials\"";
+
+/// A config with the matrix accounts (account[3] the pattern, with
+/// `pattern_keys`) and a relay rule for 127.0.0.2 as `relay_account`;
 /// with `graph`, every client_credentials account sends through Graph.
-fn matrix_config(listeners: &str, graph: bool, relay_account: &str) -> String {
+fn matrix_config(listeners: &str, graph: bool, relay_account: &str, pattern_keys: &str) -> String {
     let up = upstream();
     let send = match graph {
         true => format!("send = \"graph\"\ngraph = \"{}\"\n", up.get("GRAPH_URL")),
@@ -262,7 +278,7 @@ fn matrix_config(listeners: &str, graph: bool, relay_account: &str) -> String {
     };
     let account = |login: &str, password: &str, rest: &str| {
         format!(
-            "[[account]]\nlogin = \"{login}\"\npassword_hash = \"{}\"\ngrant = \"client_credentials\"\n{rest}\n",
+            "[[account]]\nlogin = \"{login}\"\npassword_hash = \"{}\"\n{rest}\n",
             argon2_hash(password)
         )
     };
@@ -304,19 +320,19 @@ account = "{relay_account}"
         exact = account(
             "matrix-exact@example.test",
             EXACT_PASSWORD,
-            &format!("mailbox = \"{ALICE}\"")
+            &format!("{PATTERN_KEYS}\nmailbox = \"{ALICE}\"")
         ),
         owner = account(
             "matrix-owner@example.test",
             OWNER_PASSWORD,
-            &format!("mailbox = \"{ALICE}\"\nallow_shared = [\"{BOB}\"]")
+            &format!("{PATTERN_KEYS}\nmailbox = \"{ALICE}\"\nallow_shared = [\"{BOB}\"]")
         ),
         relay = account(
             "matrix-relay@example.test",
             RELAY_PASSWORD,
-            &format!("mailbox = \"{ALICE}\"")
+            &format!("{PATTERN_KEYS}\nmailbox = \"{ALICE}\"")
         ),
-        pattern = account("*@example.test", PATTERN_PASSWORD, ""),
+        pattern = account("*@example.test", PATTERN_PASSWORD, pattern_keys),
     )
 }
 
@@ -343,12 +359,30 @@ fn refused_config(cell: &Cell) -> String {
     let graph = cell.sending == ViaGraph;
     match cell.kind {
         PasswordPattern => password_config(&listeners, graph),
-        RelayToPattern => matrix_config(&listeners, graph, "*@example.test"),
+        RelayToPattern => matrix_config(&listeners, graph, "*@example.test", PATTERN_KEYS),
+        RefreshTokenPattern => matrix_config(
+            &listeners,
+            graph,
+            RELAY_ACCOUNT,
+            "grant = \"refresh_token\"",
+        ),
+        PatternWithMailbox => matrix_config(
+            &listeners,
+            graph,
+            RELAY_ACCOUNT,
+            &format!("{PATTERN_KEYS}\nmailbox = \"{ALICE}\""),
+        ),
+        RelayWithoutSmtp => matrix_config(
+            &listener("imap", "none", true),
+            graph,
+            RELAY_ACCOUNT,
+            PATTERN_KEYS,
+        ),
         RelayToPassword => format!(
             "{}\n[[account]]\nlogin = \"carol@example.test\"\ngrant = \"password\"\n",
-            matrix_config(&listeners, graph, "carol@example.test")
+            matrix_config(&listeners, graph, "carol@example.test", PATTERN_KEYS)
         ),
-        _ => matrix_config(&listeners, graph, "matrix-relay@example.test"),
+        _ => matrix_config(&listeners, graph, RELAY_ACCOUNT, PATTERN_KEYS),
     }
 }
 
@@ -604,10 +638,17 @@ fn every_combination_works_or_is_refused_at_load() {
     let dir = tempfile::tempdir().unwrap();
     let run_tag = unique("matrix");
     let listeners = world_listeners(None);
-    let relay_account = "matrix-relay@example.test";
     let worlds = std::thread::scope(|s| {
-        let smtp = s.spawn(|| World::start(matrix_config(&listeners, false, relay_account)));
-        let graph = s.spawn(|| World::start(matrix_config(&listeners, true, relay_account)));
+        let smtp = s.spawn(|| {
+            World::start(matrix_config(
+                &listeners,
+                false,
+                RELAY_ACCOUNT,
+                PATTERN_KEYS,
+            ))
+        });
+        let graph =
+            s.spawn(|| World::start(matrix_config(&listeners, true, RELAY_ACCOUNT, PATTERN_KEYS)));
         let password = s.spawn(|| World::start(password_config(&listeners, false)));
         Worlds {
             smtp: smtp.join().unwrap(),
