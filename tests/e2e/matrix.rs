@@ -221,7 +221,7 @@ impl Cell {
             Exact => "matrix-exact@example.test".into(),
             Pattern => BOB.into(),
             Shared => format!("matrix-owner@example.test\\{BOB}"),
-            Relay => "matrix-relay@example.test".into(),
+            Relay => RELAY_ACCOUNT.into(),
             _ => ALICE.into(),
         }
     }
@@ -328,7 +328,7 @@ account = "{relay_account}"
             &format!("{PATTERN_KEYS}\nmailbox = \"{ALICE}\"\nallow_shared = [\"{BOB}\"]")
         ),
         relay = account(
-            "matrix-relay@example.test",
+            RELAY_ACCOUNT,
             RELAY_PASSWORD,
             &format!("{PATTERN_KEYS}\nmailbox = \"{ALICE}\"")
         ),
