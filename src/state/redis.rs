@@ -36,7 +36,7 @@ use redis::AsyncCommands;
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 
 use super::seal::{OpenError, Seal, KEY_LEN, REDIS_MAGIC};
-use super::{unix_ms, StateError};
+use super::StateError;
 use scripts::{ACQUIRE_SLOT, FAILURE, RELEASE, RENEW_LEASE, RENEW_SLOT};
 
 /// The longest any one Redis operation may take before it counts as a failure.
@@ -89,6 +89,11 @@ fn redis_err(e: redis::RedisError) -> StateError {
     // The error text of a connection failure names host and port, never
     // the password of the URL.
     StateError::Redis(e.to_string())
+}
+
+/// A slot's life in whole milliseconds, at least one.
+fn millis(d: Duration) -> u64 {
+    (d.as_millis() as u64).max(1)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -430,38 +435,31 @@ impl RedisStore {
 
     // ---------------------------------------------------------- session slots
 
-    /// Try to take one of `limit` slots of `set` until `expiry`: the member
-    /// that holds it (this replica's), or None if all are taken.
+    /// Try to take one of `limit` slots of `set` for `expiry` (measured by
+    /// Redis's clock): the member that holds it (this replica's), or None
+    /// if all are taken.
     pub async fn acquire_slot(
         &self,
         set: &str,
         limit: usize,
         expiry: Duration,
     ) -> Result<Option<String>, StateError> {
-        let now = unix_ms();
         let member = format!("{}:{:016x}", self.replica, rand::random::<u64>());
         let mut script = self.acquire_slot.key(self.key("slots", set));
-        script
-            .arg(now)
-            .arg(now + expiry.as_millis() as u64)
-            .arg(limit)
-            .arg(&member);
+        script.arg(millis(expiry)).arg(limit).arg(&member);
         Ok((self.invoke(&script).await? == 1).then_some(member))
     }
 
-    /// Push a held slot's expiry out; false if it is gone (expired).
+    /// Push a held slot's expiry out to `expiry` from now (Redis's now);
+    /// false if it is gone (expired).
     pub async fn renew_slot(
         &self,
         set: &str,
         member: &str,
         expiry: Duration,
     ) -> Result<bool, StateError> {
-        let now = unix_ms();
         let mut script = self.renew_slot.key(self.key("slots", set));
-        script
-            .arg(now)
-            .arg(now + expiry.as_millis() as u64)
-            .arg(member);
+        script.arg(millis(expiry)).arg(member);
         Ok(self.invoke(&script).await? == 1)
     }
 

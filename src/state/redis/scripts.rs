@@ -15,25 +15,46 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0";
 
-/// Take a session slot: drop expired members, then add ours if fewer than
-/// the limit are held. KEYS[1] set; ARGV: now ms, expiry ms, limit, member.
-pub(super) const ACQUIRE_SLOT: &str = r"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
-  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) - tonumber(ARGV[1]))
-  return 1
-end
-return 0";
+/// Redis's clock in milliseconds, as a script's first line: slot expiry
+/// is measured by the one clock every replica shares, never by a
+/// replica's own (one running ahead would see every other replica's slots
+/// as expired and take them; one running behind would hold its own past
+/// their time). Scripts are replicated by their effects (Redis 5 and
+/// later), so reading the time before writing is allowed.
+macro_rules! redis_now {
+    () => {
+        "local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"
+    };
+}
 
-/// Keep a held slot alive (only if it is still there).
-pub(super) const RENEW_SLOT: &str = r"
-local n = redis.call('ZADD', KEYS[1], 'XX', 'CH', ARGV[2], ARGV[3])
-if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) - tonumber(ARGV[1]))
+/// Take a session slot: drop expired members, then add ours if fewer than
+/// the limit are held. KEYS[1] set; ARGV: life ms, limit, member.
+pub(super) const ACQUIRE_SLOT: &str = concat!(
+    redis_now!(),
+    r"local life = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + life, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], life)
   return 1
 end
-return n";
+return 0"
+);
+
+/// Keep a held slot alive for another life (only if it is still there).
+/// KEYS[1] set; ARGV: life ms, member.
+pub(super) const RENEW_SLOT: &str = concat!(
+    redis_now!(),
+    r"local life = tonumber(ARGV[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  redis.call('ZADD', KEYS[1], 'XX', now + life, ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], life)
+  return 1
+end
+return 0"
+);
 
 /// Count a failure: KEYS fail, lock; ARGV window ms, lockout failures,
 /// lockout ms. Returns the failures in the window.
