@@ -282,6 +282,10 @@ pub struct ListenerConfig {
     pub allow_plaintext_auth: bool,
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// With `proxy_protocol`: the load balancers (networks or addresses)
+    /// whose PROXY header is believed; connections from anywhere else are
+    /// closed unread.
+    pub proxy_from: Option<Vec<String>>,
     /// Connections this listener serves at once.
     #[serde(default = "default_listener_connections")]
     pub max_connections: usize,
@@ -291,6 +295,24 @@ pub struct ListenerConfig {
     /// SMTP only: live relay, or store and forward.
     #[serde(default)]
     pub delivery: Delivery,
+}
+
+impl ListenerConfig {
+    /// `proxy_from`, parsed (validated at load).
+    pub fn proxy_from_networks(&self) -> Vec<IpNet> {
+        self.proxy_from
+            .iter()
+            .flatten()
+            .filter_map(|n| parse_network(n))
+            .collect()
+    }
+}
+
+/// A network (`10.0.0.0/24`) or one address (`10.0.0.5`, `2001:db8::5`).
+pub fn parse_network(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
 }
 
 fn default_listener_connections() -> usize {
