@@ -1,6 +1,7 @@
 //! One `[[listener]]`: its protocol and rules (TLS mode, plaintext
-//! passwords, PROXY header and the load balancers allowed to send it), the TLS acceptor that a reload can replace,
-//! and the slots that bound its connections.
+//! passwords, PROXY header and the load balancers allowed to send it), the
+//! TLS acceptor that a reload can replace, and the slots that bound its
+//! connections.
 
 use std::path::PathBuf;
 use std::sync::Arc;
