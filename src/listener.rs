@@ -1,6 +1,7 @@
 //! One `[[listener]]`: its protocol and rules (TLS mode, plaintext
-//! passwords, PROXY header), the TLS acceptor that a reload can replace,
-//! and the slots that bound its connections.
+//! passwords, PROXY header and the load balancers allowed to send it), the
+//! TLS acceptor that a reload can replace, and the slots that bound its
+//! connections.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Delivery, ListenerConfig, Protocol, TlsMode};
+use crate::net::proxy_protocol::TrustedProxies;
 
 /// One `[[listener]]`, ready to serve.
 pub struct Listener {
@@ -20,7 +22,9 @@ pub struct Listener {
     tls_files: Option<(PathBuf, PathBuf)>,
     tls_acceptor: ArcSwapOption<TlsAcceptor>,
     pub allow_plaintext_auth: bool,
-    pub proxy_protocol: bool,
+    /// With `proxy_protocol`: the load balancers whose PROXY header is
+    /// read; a connection from any other peer is closed unread.
+    pub proxy_from: Option<TrustedProxies>,
     /// IMAP: sessions move to a new upstream login before their token expires.
     pub session_continuity: bool,
     /// SMTP: live relay, or store and forward.
@@ -56,7 +60,9 @@ impl Listener {
             allow_plaintext_auth: config.allow_plaintext_auth,
             session_continuity: config.session_continuity.unwrap_or(true),
             delivery: config.delivery,
-            proxy_protocol: config.proxy_protocol,
+            proxy_from: config
+                .proxy_protocol
+                .then(|| TrustedProxies::new(config.proxy_from_networks())),
             max_connections: config.max_connections,
             slots: Arc::new(Semaphore::new(config.max_connections)),
         })

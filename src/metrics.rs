@@ -49,6 +49,7 @@ pub const SPOOL_RETRIES: &str = "oxbridge_spool_retries_total";
 pub const SPOOL_BOUNCES: &str = "oxbridge_spool_bounces_total";
 pub const SPOOL_DEAD_LETTERS: &str = "oxbridge_spool_dead_letters_total";
 pub const SPOOL_DUPLICATES: &str = "oxbridge_spool_possible_duplicates_total";
+pub const PROXY_UNTRUSTED: &str = "oxbridge_proxy_untrusted_total";
 
 /// Histogram buckets (seconds) for token requests and upstream connects.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -189,6 +190,10 @@ fn describe() {
         "Messages sent again after a restart that may have been delivered already"
     );
     describe_counter!(
+        PROXY_UNTRUSTED,
+        "Connections closed unread on a proxy_protocol listener: their peer is not in proxy_from"
+    );
+    describe_counter!(
         UPSTREAM_EXPIRIES,
         "Sessions the upstream ended because their token expired, by protocol"
     );
@@ -219,6 +224,12 @@ pub fn session_ended(protocol: Protocol, outcome: &'static str, to_upstream: u64
     if to_device > 0 {
         counter!(BYTES, "protocol" => p, "direction" => "to_device").increment(to_device);
     }
+}
+
+/// A connection to a `proxy_protocol` listener from outside its
+/// `proxy_from`, closed unread.
+pub fn proxy_untrusted(listener: std::net::SocketAddr) {
+    counter!(PROXY_UNTRUSTED, "listener" => listener.to_string()).increment(1);
 }
 
 pub fn graph_request(result: &'static str) {

@@ -24,6 +24,7 @@ use crate::device::{self, Context, Dialogue, Handoff, Ready};
 use crate::listener::{Listener, ListenerSlot};
 use crate::login::{self, LoggedIn};
 use crate::net::conn::{Conn, Stream};
+use crate::net::proxy_protocol::TrustedPeer;
 use crate::net::tls::HANDSHAKE_TIMEOUT;
 use crate::wire::{self, Farewell};
 use crate::{admin, autodiscover, relay};
@@ -302,6 +303,9 @@ struct Ctx {
 }
 
 async fn accept_loop(ctx: Ctx, socket: TcpListener, sessions: TaskTracker) {
+    let local = socket
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     loop {
         let (tcp, peer) = tokio::select! {
             r = socket.accept() => match r {
@@ -315,9 +319,22 @@ async fn accept_loop(ctx: Ctx, socket: TcpListener, sessions: TaskTracker) {
             },
             _ = ctx.stop.cancelled() => return,
         };
+        // Behind a load balancer, only the balancer may speak first: from
+        // anyone else a PROXY header could claim any client address.
+        let balancer = match &ctx.listener.proxy_from {
+            None => None,
+            Some(trusted) => match trusted.check(peer) {
+                Some(balancer) => Some(balancer),
+                None => {
+                    warn!(listener = %local, peer = %peer, "connection from an untrusted peer closed unread: PROXY headers are believed only from proxy_from");
+                    crate::metrics::proxy_untrusted(local);
+                    continue;
+                }
+            },
+        };
         let _ = tcp.set_nodelay(true);
         let span = info_span!("session", protocol = %ctx.listener.protocol, peer = %peer, client = tracing::field::Empty);
-        sessions.spawn(session(ctx.clone(), tcp, peer).instrument(span));
+        sessions.spawn(session(ctx.clone(), tcp, peer, balancer).instrument(span));
     }
 }
 
@@ -333,7 +350,9 @@ fn admit(ctx: &Ctx) -> Result<(ListenerSlot, OwnedSemaphorePermit), String> {
     Ok((listener, global))
 }
 
-async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
+/// One device's session; `balancer` is set on a `proxy_protocol` listener
+/// (the peer was found in `proxy_from`), and only then is a header read.
+async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Option<TrustedPeer>) {
     let started = Instant::now();
     let protocol = ctx.listener.protocol;
     let _slots = match admit(&ctx) {
@@ -349,8 +368,8 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
         }
     };
     let _active = crate::metrics::ActiveSession::new(protocol);
-    if ctx.listener.proxy_protocol {
-        match crate::net::proxy_protocol::read(&tcp, peer).await {
+    if let Some(balancer) = balancer {
+        match crate::net::proxy_protocol::read(&tcp, balancer).await {
             Ok(client) => {
                 peer = client;
                 tracing::Span::current().record("client", tracing::field::display(client));

@@ -83,6 +83,17 @@ fn config_errors_name_file_and_key() {
             ),
             "account[1].password_hash",
         ),
+        (
+            example.replace("# proxy_protocol = false ", "proxy_protocol = true\n# "),
+            "listener[0].proxy_from: required with proxy_protocol = true",
+        ),
+        (
+            example.replace(
+                "# proxy_from = [\"10.0.0.0/24\"]",
+                "proxy_from = [\"10.0.0.0/24\"]",
+            ),
+            "listener[0].proxy_from: only used with proxy_protocol = true",
+        ),
     ] {
         let path = write(&dir, &broken);
         let out = oxbridge()

@@ -3,7 +3,9 @@
 //!
 //! Owns: the types every other module reads (`crate::config::*`), the
 //! default of every key, and where `--config` looks. The checks serde cannot
-//! make live in `validate.rs`, one function per section.
+//! make live in `validate.rs`, one function per section; `[limits]` in
+//! `limits.rs`, `[spool]` in `spool.rs`, the clouds' endpoints in
+//! `cloud.rs`, and the secrets read from files in `secrets.rs`.
 //!
 //! Promises: unknown keys and sections are an error (`deny_unknown_fields`);
 //! a [`ConfigError`] names the file, the key and what is wrong; secrets
@@ -18,9 +20,21 @@ use ipnet::IpNet;
 use secrecy::SecretString;
 use serde::Deserialize;
 
+mod cloud;
+mod limits;
+mod secrets;
 mod spool;
 mod validate;
 
+pub use cloud::Cloud;
+pub use limits::{
+    LimitsConfig, DEFAULT_DRAIN_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_IMAP_SESSIONS_PER_MAILBOX,
+    DEFAULT_LOGIN_DELAY_MS, DEFAULT_LOGIN_LOCKOUT_FAILURES, DEFAULT_LOGIN_LOCKOUT_S,
+    DEFAULT_LONG_SESSION_MAILBOX_WAIT_S, DEFAULT_MAILBOX_QUEUE, DEFAULT_MAILBOX_WAIT_S,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_LINE, DEFAULT_POP3_SESSIONS_PER_MAILBOX,
+    DEFAULT_PREAUTH_TIMEOUT_S, DEFAULT_SMTP_SESSIONS_PER_MAILBOX,
+};
+pub use secrets::MIN_ADMIN_TOKEN;
 pub use spool::{Delivery, SpoolConfig};
 
 /// Where `--config` looks when neither it nor `$OXBRIDGE_CONFIG` is given.
@@ -36,25 +50,6 @@ pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_STORE_KEY_FILE: &str = "store.key";
 /// `max_connections` of one `[[listener]]`.
 pub const DEFAULT_LISTENER_MAX_CONNECTIONS: usize = 1000;
-
-// The defaults of `[limits]`, key by key.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 2000;
-pub const DEFAULT_PREAUTH_TIMEOUT_S: u64 = 300;
-/// Over IMAP IDLE's 29 minutes (RFC 2177), so an idling client is not cut.
-pub const DEFAULT_IDLE_TIMEOUT_S: u64 = 31 * 60;
-pub const DEFAULT_MAX_LINE: usize = 4096;
-/// Exchange Online's limit of concurrent SMTP sessions per mailbox.
-pub const DEFAULT_SMTP_SESSIONS_PER_MAILBOX: usize = 3;
-pub const DEFAULT_IMAP_SESSIONS_PER_MAILBOX: usize = 20;
-pub const DEFAULT_POP3_SESSIONS_PER_MAILBOX: usize = 20;
-pub const DEFAULT_MAILBOX_WAIT_S: u64 = 120;
-/// IMAP and POP3 sessions last hours: a device is not kept waiting long.
-pub const DEFAULT_LONG_SESSION_MAILBOX_WAIT_S: u64 = 10;
-pub const DEFAULT_MAILBOX_QUEUE: usize = 100;
-pub const DEFAULT_LOGIN_DELAY_MS: u64 = 250;
-pub const DEFAULT_LOGIN_LOCKOUT_FAILURES: u32 = 10;
-pub const DEFAULT_LOGIN_LOCKOUT_S: u64 = 900;
-pub const DEFAULT_DRAIN_S: u64 = 30;
 
 /// A configuration error: which file, which key, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -178,80 +173,6 @@ impl UpstreamConfig {
     }
 }
 
-/// Microsoft's clouds: each has its own sign-in authority, its own
-/// Exchange Online resource (the token scopes' host) and its own mail
-/// hosts.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Cloud {
-    /// Microsoft 365 worldwide (and GCC, which signs in here too).
-    #[default]
-    Global,
-    /// Microsoft 365 GCC High.
-    Usgov,
-    /// Microsoft 365 DoD.
-    UsgovDod,
-    /// Microsoft 365 operated by 21Vianet.
-    China,
-}
-
-impl Cloud {
-    /// Where tokens come from: `{authority}/{tenant}/oauth2/v2.0/...`.
-    pub fn authority(self) -> &'static str {
-        match self {
-            Cloud::Global => "https://login.microsoftonline.com",
-            Cloud::Usgov | Cloud::UsgovDod => "https://login.microsoftonline.us",
-            Cloud::China => "https://login.partner.microsoftonline.cn",
-        }
-    }
-
-    /// The resource of delegated scopes (`{resource}/IMAP.AccessAsUser.All`).
-    pub fn delegated_resource(self) -> &'static str {
-        match self {
-            Cloud::Global => "https://outlook.office.com",
-            _ => self.app_resource(),
-        }
-    }
-
-    /// The resource of the app-only scope (`{resource}/.default`).
-    pub fn app_resource(self) -> &'static str {
-        match self {
-            Cloud::Global => "https://outlook.office365.com",
-            Cloud::Usgov => "https://outlook.office365.us",
-            Cloud::UsgovDod => "https://outlook-dod.office365.us",
-            Cloud::China => "https://partner.outlook.cn",
-        }
-    }
-
-    /// Microsoft Graph's resource (`{resource}/.default`, `{resource}/v1.0`).
-    pub fn graph_resource(self) -> &'static str {
-        match self {
-            Cloud::Global => "https://graph.microsoft.com",
-            Cloud::Usgov => "https://graph.microsoft.us",
-            Cloud::UsgovDod => "https://dod-graph.microsoft.us",
-            Cloud::China => "https://microsoftgraph.chinacloudapi.cn",
-        }
-    }
-
-    /// The default `[upstream]` address of `protocol`.
-    pub fn upstream(self, protocol: Protocol) -> &'static str {
-        match (self, protocol) {
-            (Cloud::Global, Protocol::Smtp) => DEFAULT_UPSTREAM_SMTP,
-            (Cloud::Global, Protocol::Imap) => DEFAULT_UPSTREAM_IMAP,
-            (Cloud::Global, Protocol::Pop3) => DEFAULT_UPSTREAM_POP3,
-            (Cloud::Usgov, Protocol::Smtp) => "smtp.office365.us:587",
-            (Cloud::Usgov, Protocol::Imap) => "outlook.office365.us:993",
-            (Cloud::Usgov, Protocol::Pop3) => "outlook.office365.us:995",
-            (Cloud::UsgovDod, Protocol::Smtp) => "outlook-dod.office365.us:587",
-            (Cloud::UsgovDod, Protocol::Imap) => "outlook-dod.office365.us:993",
-            (Cloud::UsgovDod, Protocol::Pop3) => "outlook-dod.office365.us:995",
-            (Cloud::China, Protocol::Smtp) => "smtp.partner.outlook.cn:587",
-            (Cloud::China, Protocol::Imap) => "partner.outlook.cn:993",
-            (Cloud::China, Protocol::Pop3) => "partner.outlook.cn:995",
-        }
-    }
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuthConfig {
@@ -361,6 +282,10 @@ pub struct ListenerConfig {
     pub allow_plaintext_auth: bool,
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// With `proxy_protocol`: the load balancers (networks or addresses)
+    /// whose PROXY header is believed; connections from anywhere else are
+    /// closed unread.
+    pub proxy_from: Option<Vec<String>>,
     /// Connections this listener serves at once.
     #[serde(default = "default_listener_connections")]
     pub max_connections: usize,
@@ -370,6 +295,24 @@ pub struct ListenerConfig {
     /// SMTP only: live relay, or store and forward.
     #[serde(default)]
     pub delivery: Delivery,
+}
+
+impl ListenerConfig {
+    /// `proxy_from`, parsed (validated at load).
+    pub fn proxy_from_networks(&self) -> Vec<IpNet> {
+        self.proxy_from
+            .iter()
+            .flatten()
+            .filter_map(|n| parse_network(n))
+            .collect()
+    }
+}
+
+/// A network (`10.0.0.0/24`) or one address (`10.0.0.5`, `2001:db8::5`).
+pub fn parse_network(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
 }
 
 fn default_listener_connections() -> usize {
@@ -437,83 +380,6 @@ impl RelayConfig {
             .iter()
             .filter_map(|n| n.parse().ok())
             .collect()
-    }
-}
-
-/// Bounds on connections, time and input; every one has a default.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Connections served at once over all listeners.
-    pub max_connections: usize,
-    /// Seconds a device may be silent before it has logged in.
-    pub preauth_timeout_s: u64,
-    /// Seconds a relayed session may be silent both ways (IMAP IDLE needs 30 min).
-    pub idle_timeout_s: u64,
-    /// Longest command line before login, in bytes.
-    pub max_line: usize,
-    /// Upstream sessions at once per mailbox (Exchange Online allows 3 for SMTP).
-    pub smtp_sessions_per_mailbox: usize,
-    pub imap_sessions_per_mailbox: usize,
-    pub pop3_sessions_per_mailbox: usize,
-    /// Seconds an SMTP device waits for a free upstream session before `421 4.3.2`.
-    pub mailbox_wait_s: u64,
-    /// The same for IMAP and POP3, whose sessions last hours: then
-    /// `NO [UNAVAILABLE]` / `-ERR [SYS/TEMP]`.
-    pub imap_mailbox_wait_s: u64,
-    pub pop3_mailbox_wait_s: u64,
-    /// Devices that may wait for one mailbox at once; more are turned away.
-    pub mailbox_queue: usize,
-    /// Delay after a failed login, doubled with each further failure (max 4 s).
-    pub login_delay_ms: u64,
-    /// Failed logins (per client address, and per account) within 15 minutes
-    /// that lock it out.
-    pub login_lockout_failures: u32,
-    /// How long a lockout lasts.
-    pub login_lockout_s: u64,
-    /// Seconds relayed sessions may run on after SIGTERM before they are
-    /// told goodbye and closed.
-    pub drain_s: u64,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            preauth_timeout_s: DEFAULT_PREAUTH_TIMEOUT_S,
-            idle_timeout_s: DEFAULT_IDLE_TIMEOUT_S,
-            max_line: DEFAULT_MAX_LINE,
-            smtp_sessions_per_mailbox: DEFAULT_SMTP_SESSIONS_PER_MAILBOX,
-            imap_sessions_per_mailbox: DEFAULT_IMAP_SESSIONS_PER_MAILBOX,
-            pop3_sessions_per_mailbox: DEFAULT_POP3_SESSIONS_PER_MAILBOX,
-            mailbox_wait_s: DEFAULT_MAILBOX_WAIT_S,
-            imap_mailbox_wait_s: DEFAULT_LONG_SESSION_MAILBOX_WAIT_S,
-            pop3_mailbox_wait_s: DEFAULT_LONG_SESSION_MAILBOX_WAIT_S,
-            mailbox_queue: DEFAULT_MAILBOX_QUEUE,
-            login_delay_ms: DEFAULT_LOGIN_DELAY_MS,
-            login_lockout_failures: DEFAULT_LOGIN_LOCKOUT_FAILURES,
-            login_lockout_s: DEFAULT_LOGIN_LOCKOUT_S,
-            drain_s: DEFAULT_DRAIN_S,
-        }
-    }
-}
-
-impl LimitsConfig {
-    pub fn sessions_per_mailbox(&self, p: Protocol) -> usize {
-        match p {
-            Protocol::Smtp => self.smtp_sessions_per_mailbox,
-            Protocol::Imap => self.imap_sessions_per_mailbox,
-            Protocol::Pop3 => self.pop3_sessions_per_mailbox,
-        }
-    }
-
-    /// How long a device of `p` waits for a free upstream session.
-    pub fn mailbox_wait(&self, p: Protocol) -> std::time::Duration {
-        std::time::Duration::from_secs(match p {
-            Protocol::Smtp => self.mailbox_wait_s,
-            Protocol::Imap => self.imap_mailbox_wait_s,
-            Protocol::Pop3 => self.pop3_mailbox_wait_s,
-        })
     }
 }
 
@@ -639,51 +505,12 @@ impl Config {
         Ok(config)
     }
 
-    fn load_secret_files(&mut self) -> Result<(), String> {
-        if let Some(path) = &self.oauth.client_secret_file {
-            let secret = std::fs::read_to_string(path).map_err(|e| {
-                format!(
-                    "oauth.client_secret_file: cannot read {}: {e}",
-                    path.display()
-                )
-            })?;
-            let secret = secret.trim();
-            if secret.is_empty() {
-                return Err(format!(
-                    "oauth.client_secret_file: {} is empty",
-                    path.display()
-                ));
-            }
-            self.oauth.client_secret = Some(SecretString::from(secret.to_string()));
-        }
-        if let Some(admin) = &mut self.admin {
-            if let Some(path) = &admin.token_file {
-                let token = std::fs::read_to_string(path).map_err(|e| {
-                    format!("admin.token_file: cannot read {}: {e}", path.display())
-                })?;
-                let token = token.trim();
-                if token.len() < MIN_ADMIN_TOKEN {
-                    return Err(format!(
-                        "admin.token_file: {} holds {} characters; use at least {MIN_ADMIN_TOKEN} (for example `openssl rand -hex 32`)",
-                        path.display(),
-                        token.len()
-                    ));
-                }
-                admin.token = Some(SecretString::from(token.to_string()));
-            }
-        }
-        Ok(())
-    }
-
     /// The checks serde cannot make (`validate.rs`, one function per
     /// section). Each error starts with the key.
     pub fn validate(&self) -> Result<(), String> {
         validate::validate(self)
     }
 }
-
-/// The shortest admin bearer token accepted.
-pub const MIN_ADMIN_TOKEN: usize = 16;
 
 /// Split `host:port` (`[v6]:port` too) into its parts.
 pub fn split_host_port(addr: &str) -> Result<(&str, u16), String> {

@@ -12,9 +12,9 @@ use ipnet::IpNet;
 use secrecy::ExposeSecret;
 
 use super::{
-    split_host_port, AccountConfig, AdminConfig, Config, Delivery, Grant, LimitsConfig,
-    ListenerConfig, LogConfig, OAuthConfig, Protocol, RelayConfig, SendVia, SpoolConfig,
-    StoreBackend, StoreConfig, TlsMode, UpstreamConfig,
+    parse_network, split_host_port, AccountConfig, AdminConfig, Config, Delivery, Grant,
+    LimitsConfig, ListenerConfig, LogConfig, OAuthConfig, Protocol, RelayConfig, SendVia,
+    SpoolConfig, StoreBackend, StoreConfig, TlsMode, UpstreamConfig,
 };
 
 /// The levels `log.level` accepts (`RUST_LOG` takes full filter directives).
@@ -171,12 +171,36 @@ fn listener(key: &str, l: &ListenerConfig) -> Result<(), String> {
             "{key}.delivery: only SMTP listeners can spool; remove it here"
         ));
     }
+    proxy_from(key, l)?;
     if l.session_continuity.is_some() && l.protocol != Protocol::Imap {
         return Err(format!(
             "{key}.session_continuity: only IMAP sessions move to a new login; remove it here"
         ));
     }
     Ok(())
+}
+
+/// A listener's `proxy_from`: required with `proxy_protocol` (anyone else
+/// could claim any client address), refused without it.
+fn proxy_from(key: &str, l: &ListenerConfig) -> Result<(), String> {
+    match (l.proxy_protocol, &l.proxy_from) {
+        (true, None) => Err(format!(
+            "{key}.proxy_from: required with proxy_protocol = true: list the load balancers whose PROXY header is believed, like [\"10.0.0.0/24\"]"
+        )),
+        (true, Some(list)) if list.is_empty() => Err(format!(
+            "{key}.proxy_from: list at least one load balancer network"
+        )),
+        (true, Some(list)) => match list.iter().find(|n| parse_network(n).is_none()) {
+            Some(bad) => Err(format!(
+                "{key}.proxy_from: {bad:?} is not a network like 10.0.0.0/24 or an address"
+            )),
+            None => Ok(()),
+        },
+        (false, Some(_)) => Err(format!(
+            "{key}.proxy_from: only used with proxy_protocol = true; remove it here"
+        )),
+        (false, None) => Ok(()),
+    }
 }
 
 /// `[[account]]`: at least one, each valid, no login twice (case-insensitive).
@@ -457,94 +481,4 @@ fn validate_address(addr: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::tests::{base, HASH};
-    use super::super::{Config, StoreBackend};
-
-    #[test]
-    fn redis_store_needs_a_url_and_an_explicit_key() {
-        let store = |body: &str| Config::parse(&base(&format!("\n[store]\n{body}")));
-        let ok = store(
-            "backend = \"redis\"\nurl = \"rediss://:pw-marker@redis.internal:6380/2\"\nkey_env = \"K\"\nkey_prefix = \"ox1:\"",
-        )
-        .unwrap();
-        assert_eq!(ok.store.backend, StoreBackend::Redis);
-        assert!(!format!("{:?}", ok.store).contains("pw-marker"));
-        for (body, key) in [
-            ("backend = \"redis\"\nkey_env = \"K\"", "store.url: needed"),
-            (
-                "backend = \"redis\"\nurl = \"http://x\"\nkey_env = \"K\"",
-                "store.url: must start with",
-            ),
-            (
-                "backend = \"redis\"\nurl = \"redis://x:6379\"",
-                "store.key_file: with backend = \"redis\"",
-            ),
-            ("url = \"redis://x:6379\"", "store.url: only used"),
-            ("key_prefix = \"a:\"", "store.key_prefix: only used"),
-        ] {
-            let err = store(body).unwrap_err().to_string();
-            assert!(err.contains(key), "{body}: {err}");
-            assert!(!err.contains("pw-marker"));
-        }
-        let err =
-            store("backend = \"redis\"\nurl = \"redis://:pw-marker@x:notaport\"\nkey_env = \"K\"")
-                .unwrap_err()
-                .to_string();
-        assert!(
-            err.contains("store.url") && !err.contains("pw-marker"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn tls_listener_needs_cert() {
-        let err =
-            Config::parse(&base("").replace("tls = \"none\"", "tls = \"starttls\"")).unwrap_err();
-        assert_eq!(
-            err,
-            "listener[0].cert_file: required when tls = \"starttls\""
-        );
-    }
-
-    #[test]
-    fn password_grant_refuses_a_hash_and_others_need_one() {
-        let err = Config::parse(&base("").replace("client_credentials", "password")).unwrap_err();
-        assert!(
-            err.starts_with("account[0].password_hash: not used"),
-            "{err}"
-        );
-        let text = base("").replace(&format!("password_hash = \"{HASH}\"\n"), "");
-        let err = Config::parse(&text).unwrap_err();
-        assert!(
-            err.starts_with("account[0].password_hash: required"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn bad_hash_is_named() {
-        let err = Config::parse(&base("").replace(HASH, "plain-text")).unwrap_err();
-        assert!(
-            err.starts_with("account[0].password_hash: not a PHC string"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn bad_upstream_is_named() {
-        let err =
-            Config::parse(&format!("[upstream]\nsmtp = \"nohostport\"\n{}", base(""))).unwrap_err();
-        assert!(err.starts_with("upstream.smtp:"), "{err}");
-    }
-
-    #[test]
-    fn duplicate_login_and_bad_pattern_are_named() {
-        let dup = "[[account]]\nlogin = \"SCANNER@example.test\"\ngrant = \"password\"\n";
-        let err = Config::parse(&base(dup)).unwrap_err();
-        assert!(err.starts_with("account[1].login:"), "{err}");
-        let pat = "[[account]]\nlogin = \"a*@example.test\"\ngrant = \"password\"\n";
-        let err = Config::parse(&base(pat)).unwrap_err();
-        assert!(err.starts_with("account[1].login:"), "{err}");
-    }
-}
+mod tests;

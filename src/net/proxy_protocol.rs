@@ -3,11 +3,20 @@
 //!
 //! [`parse`] is a plain function over the bytes received so far (the `ppp`
 //! crate does the decoding); [`read`] reads a header off a connection,
-//! bounded in size and time, without consuming what follows it. [`looks_like_header`] spots a header sent to a
-//! listener that does not expect one.
+//! bounded in size and time, without consuming what follows it.
+//! [`looks_like_header`] spots a header sent to a listener that does not
+//! expect one.
+//!
+//! Promises: a header is read only from a [`TrustedPeer`], a connection
+//! whose real TCP peer is inside the listener's `proxy_from`; only
+//! [`TrustedProxies::check`] makes one. Anyone else could claim any
+//! address (one inside a `[[relay]]` network, or a new one per guess past
+//! the login throttle), so their connections are closed unread.
 
 use std::net::SocketAddr;
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 use ppp::v2::Command;
 use ppp::{HeaderResult, PartialResult};
@@ -22,6 +31,33 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const PEEK_PAUSE: Duration = Duration::from_millis(5);
 /// The v2 signature.
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// The load balancers whose PROXY header a listener believes: its
+/// `proxy_from` networks.
+#[derive(Debug, Clone)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+/// A connection's real TCP peer, found inside `proxy_from`: the only kind
+/// of peer whose PROXY header [`read`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrustedPeer(SocketAddr);
+
+impl TrustedProxies {
+    pub fn new(networks: Vec<IpNet>) -> TrustedProxies {
+        TrustedProxies(networks)
+    }
+
+    /// `peer` as a trusted load balancer, or None: then nothing may be
+    /// read from the connection. An IPv4 peer on an IPv6 socket
+    /// (`::ffff:10.0.0.5`) is checked as the IPv4 address it is.
+    pub fn check(&self, peer: SocketAddr) -> Option<TrustedPeer> {
+        let ip = peer.ip().to_canonical();
+        self.0
+            .iter()
+            .any(|n| n.contains(&ip))
+            .then_some(TrustedPeer(peer))
+    }
+}
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
@@ -91,10 +127,11 @@ pub fn looks_like_header(first: &[u8]) -> bool {
             && V2_SIGNATURE.starts_with(&first[..first.len().min(12)])
 }
 
-/// Read the header a load balancer must send first, and no byte more (with
-/// implicit TLS the handshake follows it); returns the client's address (or
-/// `peer` for LOCAL/UNKNOWN headers).
-pub async fn read(tcp: &TcpStream, peer: SocketAddr) -> Result<SocketAddr, String> {
+/// Read the header a trusted load balancer must send first, and no byte
+/// more (with implicit TLS the handshake follows it); returns the client's
+/// address (or the balancer's own for LOCAL/UNKNOWN headers: health checks).
+pub async fn read(tcp: &TcpStream, balancer: TrustedPeer) -> Result<SocketAddr, String> {
+    let peer = balancer.0;
     let deadline = tokio::time::Instant::now() + HEADER_TIMEOUT;
     let mut buf = vec![0u8; MAX_HEADER];
     let mut seen = 0;
@@ -207,6 +244,38 @@ mod tests {
         let mut bad = v2(1, 0x11, &addr);
         bad[12] = 0x31;
         assert!(matches!(parse(&bad), Parsed::Invalid(_)));
+    }
+
+    #[test]
+    fn only_peers_inside_proxy_from_are_trusted() {
+        let trusted = TrustedProxies::new(vec![
+            "10.0.0.0/24".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+            "192.168.1.7/32".parse().unwrap(),
+        ]);
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for inside in [
+            "10.0.0.9:4000",
+            "[2001:db8::5]:4000",
+            "192.168.1.7:1",
+            "[::ffff:10.0.0.200]:4000",
+        ] {
+            assert_eq!(
+                trusted.check(at(inside)),
+                Some(TrustedPeer(at(inside))),
+                "{inside}"
+            );
+        }
+        for outside in [
+            "10.0.1.9:4000",
+            "127.0.0.1:4000",
+            "192.168.1.8:1",
+            "[::1]:4000",
+            "[::ffff:10.0.1.1]:4000",
+        ] {
+            assert_eq!(trusted.check(at(outside)), None, "{outside}");
+        }
+        assert_eq!(TrustedProxies::new(vec![]).check(at("10.0.0.9:1")), None);
     }
 
     #[test]

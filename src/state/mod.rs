@@ -79,7 +79,9 @@ pub enum State {
     Redis(Arc<RedisStore>),
 }
 
-/// Milliseconds since the Unix epoch: the clock the replicas agree on.
+/// Milliseconds since the Unix epoch by this machine's clock. Nothing
+/// that replicas must agree on is measured with it: Redis slots expire by
+/// Redis's own clock.
 pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -23,6 +23,8 @@
 //!   with the token), `lease:<cache key>` refresh lease,
 //!   `slots:<protocol>:<mailbox>` sorted set of held upstream sessions,
 //!   `fail:` / `lock:` throttle counters.
+//! * What must happen in one step (compare and delete, take a slot, count a
+//!   failure) is a Lua script, in `redis/scripts.rs`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +36,8 @@ use redis::AsyncCommands;
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 
 use super::seal::{OpenError, Seal, KEY_LEN, REDIS_MAGIC};
-use super::{unix_ms, StateError};
+use super::StateError;
+use scripts::{ACQUIRE_SLOT, FAILURE, RELEASE, RENEW_LEASE, RENEW_SLOT};
 
 /// The longest any one Redis operation may take before it counts as a failure.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -52,49 +55,7 @@ const FENCE_BYTES: usize = 16;
 /// The longest a connection attempt may back off between its retries (ms).
 const MAX_CONNECT_DELAY_MS: u64 = 200;
 
-/// Release a lease only if it still holds our fencing value.
-const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0";
-
-/// Extend a lease only if it still holds our fencing value.
-const RENEW_LEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0";
-
-/// Take a session slot: drop expired members, then add ours if fewer than
-/// the limit are held. KEYS[1] set; ARGV: now ms, expiry ms, limit, member.
-const ACQUIRE_SLOT: &str = r"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
-  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) - tonumber(ARGV[1]))
-  return 1
-end
-return 0";
-
-/// Keep a held slot alive (only if it is still there).
-const RENEW_SLOT: &str = r"
-local n = redis.call('ZADD', KEYS[1], 'XX', 'CH', ARGV[2], ARGV[3])
-if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) - tonumber(ARGV[1]))
-  return 1
-end
-return n";
-
-/// Count a failure: KEYS fail, lock; ARGV window ms, lockout failures,
-/// lockout ms. Returns the failures in the window.
-const FAILURE: &str = r"
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-if n >= tonumber(ARGV[2]) then
-  redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
-end
-return n";
+mod scripts;
 
 /// The replicas' state in one Redis.
 pub struct RedisStore {
@@ -128,6 +89,11 @@ fn redis_err(e: redis::RedisError) -> StateError {
     // The error text of a connection failure names host and port, never
     // the password of the URL.
     StateError::Redis(e.to_string())
+}
+
+/// A slot's life in whole milliseconds, at least one.
+fn millis(d: Duration) -> u64 {
+    (d.as_millis() as u64).max(1)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -469,38 +435,31 @@ impl RedisStore {
 
     // ---------------------------------------------------------- session slots
 
-    /// Try to take one of `limit` slots of `set` until `expiry`: the member
-    /// that holds it (this replica's), or None if all are taken.
+    /// Try to take one of `limit` slots of `set` for `expiry` (measured by
+    /// Redis's clock): the member that holds it (this replica's), or None
+    /// if all are taken.
     pub async fn acquire_slot(
         &self,
         set: &str,
         limit: usize,
         expiry: Duration,
     ) -> Result<Option<String>, StateError> {
-        let now = unix_ms();
         let member = format!("{}:{:016x}", self.replica, rand::random::<u64>());
         let mut script = self.acquire_slot.key(self.key("slots", set));
-        script
-            .arg(now)
-            .arg(now + expiry.as_millis() as u64)
-            .arg(limit)
-            .arg(&member);
+        script.arg(millis(expiry)).arg(limit).arg(&member);
         Ok((self.invoke(&script).await? == 1).then_some(member))
     }
 
-    /// Push a held slot's expiry out; false if it is gone (expired).
+    /// Push a held slot's expiry out to `expiry` from now (Redis's now);
+    /// false if it is gone (expired).
     pub async fn renew_slot(
         &self,
         set: &str,
         member: &str,
         expiry: Duration,
     ) -> Result<bool, StateError> {
-        let now = unix_ms();
         let mut script = self.renew_slot.key(self.key("slots", set));
-        script
-            .arg(now)
-            .arg(now + expiry.as_millis() as u64)
-            .arg(member);
+        script.arg(millis(expiry)).arg(member);
         Ok(self.invoke(&script).await? == 1)
     }
 

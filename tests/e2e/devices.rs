@@ -176,7 +176,7 @@ fn proxy_v2(source: [u8; 4], port: u16) -> Vec<u8> {
 #[test]
 fn proxy_protocol_headers_shape_relay_decisions() {
     let listeners = format!(
-        "{}proxy_protocol = true\n\n{}",
+        "{}proxy_protocol = true\nproxy_from = [\"127.0.0.1\"]\n\n{}",
         listener("smtp", "none", true),
         listener("smtp", "none", true)
     );
@@ -381,4 +381,70 @@ fn brute_force_is_throttled_then_locked_out() {
     // Another account from another address is not affected.
     let r = auth_from(port, "127.0.0.3", ALICE, &up.password(ALICE));
     assert!(r.starts_with("235 "), "{r}");
+}
+
+/// A PROXY header is believed only from a load balancer in the listener's
+/// `proxy_from` (here 127.0.0.3): anyone else who reaches a
+/// `proxy_protocol` listener and names an address inside a `[[relay]]`
+/// network must not send as the relay account. Their connection is closed
+/// before anything is read, logged and counted; the balancer's relays.
+#[test]
+fn a_proxy_header_from_an_untrusted_peer_is_never_believed() {
+    let listeners = format!(
+        "{}proxy_protocol = true\nproxy_from = [\"127.0.0.3/32\"]\n",
+        listener("smtp", "none", true)
+    );
+    let proxy = Proxy::start(&config(&listeners, &format!("{ADMIN}{RELAY}")));
+    let port = proxy.port(0);
+    let header = b"PROXY TCP4 127.0.0.2 127.0.0.1 40000 587\r\n";
+
+    // From 127.0.0.1, not a trusted balancer: closed, nothing relayed.
+    let mut c = Raw::connect_from(port, "127.0.0.1");
+    c.write(header);
+    let greeting = c.reply();
+    if greeting.starts_with("220 ") {
+        c.send("EHLO attacker.test");
+        c.reply();
+        c.send(&format!("MAIL FROM:<{ALICE}>"));
+        let r = c.reply();
+        panic!(
+            "an untrusted peer's PROXY header was believed: MAIL FROM answered {r:?}\n{}",
+            proxy.logs()
+        );
+    }
+    assert_eq!(greeting, "<closed>", "{}", proxy.logs());
+    let line = proxy.wait_log(&["untrusted peer", "\"peer\":\"127.0.0.1:"]);
+    assert!(line.contains("\"level\":\"WARN\""), "{line}");
+    assert!(line.contains(&format!(":{port}")), "{line}");
+    let untrusted = scrape(proxy.admin_addr());
+    let port_label = format!("127.0.0.1:{port}");
+    assert_eq!(
+        value(
+            &untrusted,
+            "oxbridge_proxy_untrusted_total",
+            &[("listener", port_label.as_str())]
+        ),
+        1.0
+    );
+    // A peer that says nothing at all is closed unread too.
+    let mut quiet = Raw::connect_from(port, "127.0.0.1");
+    assert_eq!(quiet.line(), "<closed>");
+
+    // From the balancer, 127.0.0.3: the header decides, and it relays.
+    let tag = unique("trusted-balancer");
+    let mut c = Raw::connect_from(port, "127.0.0.3");
+    c.write(header);
+    assert!(c.reply().starts_with("220 "), "{}", proxy.logs());
+    c.send("EHLO lb.test");
+    c.reply();
+    c.send(&format!("MAIL FROM:<{ALICE}>"));
+    let r = c.reply();
+    assert!(r.starts_with("250 "), "{r}\n{}", proxy.logs());
+    c.rcpt_data(ALICE);
+    let body = short_message(ALICE, &tag, "via a trusted balancer");
+    c.write(format!("{body}.\r\nQUIT\r\n").as_bytes());
+    assert!(c.reply().starts_with("250 "));
+    assert_arrived(ALICE, &message_id(&tag), body.as_bytes());
+    proxy.wait_log(&["session ended", "\"client\":\"127.0.0.2:40000\""]);
+    assert_eq!(metric(&proxy, "oxbridge_proxy_untrusted_total"), 2.0);
 }

@@ -501,3 +501,82 @@ fn three_replicas_keep_a_refresh_token_alive_with_one_refresh_per_period() {
     assert!(!logs.contains("invalid_grant"), "{logs}");
     assert!(logs.contains("refresh token kept alive"), "{logs}");
 }
+
+/// Slots expire by Redis's clock, not by each replica's. A replica whose
+/// clock runs ten minutes ahead must not take the slot another replica
+/// holds (to it, every other replica's slot looks long expired), and the
+/// slot of a replica ten minutes behind must not look expired to the
+/// others: either way the mailbox limit of one holds, measured at the
+/// upstream.
+#[test]
+fn replicas_whose_clocks_are_off_keep_the_mailbox_limit() {
+    let up = upstream();
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let forwarder = Forwarder::start(&up.loopback("imap"), None);
+    let limits = "imap_sessions_per_mailbox = 1\nimap_mailbox_wait_s = 2";
+    let cfg = reroute(
+        &replica_config(&redis, &key, up.token_url(), limits),
+        "imap",
+        &format!("localhost:{}", forwarder.addr.port()),
+    );
+    let skewed = |offset: &str| {
+        let env = skewed_clock(offset);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Proxy::start_with_env(&cfg, &env)
+    };
+    let on_time = Proxy::start(&cfg);
+    let ahead = skewed("+10m");
+    let behind = skewed("-10m");
+    // The skew is real: each replica's own log lines are stamped off.
+    let stamp = |p: &Proxy| -> std::time::SystemTime {
+        let line = p.wait_log(&["\"timestamp\""]);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        humantime::parse_rfc3339_weak(v["timestamp"].as_str().unwrap().trim_end_matches('Z'))
+            .unwrap()
+    };
+    for (early, late) in [(&on_time, &ahead), (&behind, &on_time)] {
+        let skew = stamp(late).duration_since(stamp(early)).unwrap_or_default();
+        assert!(
+            skew > Duration::from_secs(500),
+            "clock not skewed: {skew:?}"
+        );
+    }
+
+    for (name, holder, other) in [("ahead", &on_time, &ahead), ("behind", &behind, &on_time)] {
+        // `holder` holds the mailbox's only slot ...
+        let mut held = Raw::connect(holder.port(0));
+        assert!(held.line().starts_with("* OK"));
+        let r = held.imap_login("scanner@example.test", SCANNER_PASSWORD);
+        assert!(
+            r.lines().last().unwrap_or("").starts_with("a OK"),
+            "{name}: {r}"
+        );
+        // ... so `other` waits its 2 s and turns the device away.
+        let r = imap_login(
+            other.port(0),
+            "scanner@example.test",
+            SCANNER_PASSWORD,
+            Duration::ZERO,
+        );
+        let at_once = forwarder.max.load(Ordering::SeqCst);
+        assert!(
+            r.starts_with("a NO"),
+            "{name}: a held slot was taken ({at_once} upstream sessions at once): {r}\n{}\n{}",
+            holder.logs(),
+            other.logs()
+        );
+        assert_eq!(at_once, 1, "{name}");
+        held.send("b LOGOUT");
+        held.until("b ");
+        // Once it is free, `other` takes it.
+        let r = imap_login(
+            other.port(0),
+            "scanner@example.test",
+            SCANNER_PASSWORD,
+            Duration::ZERO,
+        );
+        assert!(r.starts_with("a OK"), "{name}: {r}");
+    }
+}

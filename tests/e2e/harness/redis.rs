@@ -115,3 +115,20 @@ impl Drop for Redis {
         self.stop();
     }
 }
+
+/// Where Debian's `libfaketime` puts its library (`apt install libfaketime`).
+const LIBFAKETIME: [&str; 2] = [
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+];
+
+/// The environment that runs a process with its wall clock `offset` away
+/// from the machine's (libfaketime's syntax: `+10m`, `-1h`): a replica on a
+/// host whose clock is off.
+pub fn skewed_clock(offset: &str) -> Vec<(&'static str, String)> {
+    let lib = LIBFAKETIME
+        .iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("libfaketime (apt install libfaketime)");
+    vec![("LD_PRELOAD", lib.to_string()), ("FAKETIME", offset.into())]
+}

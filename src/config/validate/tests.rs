@@ -1,0 +1,130 @@
+//! The validator's tests: each check's error names its key.
+
+use super::super::tests::{base, HASH};
+use super::super::{Config, StoreBackend};
+
+#[test]
+fn redis_store_needs_a_url_and_an_explicit_key() {
+    let store = |body: &str| Config::parse(&base(&format!("\n[store]\n{body}")));
+    let ok = store(
+        "backend = \"redis\"\nurl = \"rediss://:pw-marker@redis.internal:6380/2\"\nkey_env = \"K\"\nkey_prefix = \"ox1:\"",
+    )
+    .unwrap();
+    assert_eq!(ok.store.backend, StoreBackend::Redis);
+    assert!(!format!("{:?}", ok.store).contains("pw-marker"));
+    for (body, key) in [
+        ("backend = \"redis\"\nkey_env = \"K\"", "store.url: needed"),
+        (
+            "backend = \"redis\"\nurl = \"http://x\"\nkey_env = \"K\"",
+            "store.url: must start with",
+        ),
+        (
+            "backend = \"redis\"\nurl = \"redis://x:6379\"",
+            "store.key_file: with backend = \"redis\"",
+        ),
+        ("url = \"redis://x:6379\"", "store.url: only used"),
+        ("key_prefix = \"a:\"", "store.key_prefix: only used"),
+    ] {
+        let err = store(body).unwrap_err().to_string();
+        assert!(err.contains(key), "{body}: {err}");
+        assert!(!err.contains("pw-marker"));
+    }
+    let err =
+        store("backend = \"redis\"\nurl = \"redis://:pw-marker@x:notaport\"\nkey_env = \"K\"")
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("store.url") && !err.contains("pw-marker"),
+        "{err}"
+    );
+}
+
+#[test]
+fn proxy_protocol_needs_proxy_from_and_only_it() {
+    let with = |keys: &str| {
+        Config::parse(&base("").replace(
+            "allow_plaintext_auth = true\n",
+            &format!("allow_plaintext_auth = true\n{keys}\n"),
+        ))
+    };
+    let ok = with(
+        "proxy_protocol = true\nproxy_from = [\"10.0.0.0/24\", \"192.168.1.7\", \"2001:db8::/32\"]",
+    )
+    .unwrap();
+    assert_eq!(ok.listeners[0].proxy_from_networks().len(), 3);
+    for (keys, want) in [
+        (
+            "proxy_protocol = true",
+            "listener[0].proxy_from: required with proxy_protocol = true",
+        ),
+        (
+            "proxy_protocol = true\nproxy_from = []",
+            "listener[0].proxy_from: list at least one",
+        ),
+        (
+            "proxy_protocol = true\nproxy_from = [\"10.0.0.0/33\"]",
+            "listener[0].proxy_from: \"10.0.0.0/33\" is not a network",
+        ),
+        (
+            "proxy_from = [\"10.0.0.0/24\"]",
+            "listener[0].proxy_from: only used with proxy_protocol = true",
+        ),
+        (
+            "proxy_protocol = false\nproxy_from = [\"10.0.0.0/24\"]",
+            "listener[0].proxy_from: only used with proxy_protocol = true",
+        ),
+    ] {
+        let err = with(keys).unwrap_err();
+        assert!(err.starts_with(want), "{keys}: {err}");
+    }
+}
+
+#[test]
+fn tls_listener_needs_cert() {
+    let err = Config::parse(&base("").replace("tls = \"none\"", "tls = \"starttls\"")).unwrap_err();
+    assert_eq!(
+        err,
+        "listener[0].cert_file: required when tls = \"starttls\""
+    );
+}
+
+#[test]
+fn password_grant_refuses_a_hash_and_others_need_one() {
+    let err = Config::parse(&base("").replace("client_credentials", "password")).unwrap_err();
+    assert!(
+        err.starts_with("account[0].password_hash: not used"),
+        "{err}"
+    );
+    let text = base("").replace(&format!("password_hash = \"{HASH}\"\n"), "");
+    let err = Config::parse(&text).unwrap_err();
+    assert!(
+        err.starts_with("account[0].password_hash: required"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_hash_is_named() {
+    let err = Config::parse(&base("").replace(HASH, "plain-text")).unwrap_err();
+    assert!(
+        err.starts_with("account[0].password_hash: not a PHC string"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_upstream_is_named() {
+    let err =
+        Config::parse(&format!("[upstream]\nsmtp = \"nohostport\"\n{}", base(""))).unwrap_err();
+    assert!(err.starts_with("upstream.smtp:"), "{err}");
+}
+
+#[test]
+fn duplicate_login_and_bad_pattern_are_named() {
+    let dup = "[[account]]\nlogin = \"SCANNER@example.test\"\ngrant = \"password\"\n";
+    let err = Config::parse(&base(dup)).unwrap_err();
+    assert!(err.starts_with("account[1].login:"), "{err}");
+    let pat = "[[account]]\nlogin = \"a*@example.test\"\ngrant = \"password\"\n";
+    let err = Config::parse(&base(pat)).unwrap_err();
+    assert!(err.starts_with("account[1].login:"), "{err}");
+}
