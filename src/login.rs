@@ -259,7 +259,7 @@ pub async fn check_login(
 ) -> Result<String, AuthError> {
     let mut upstream = upstream_login(app, protocol, id, "oxbridge-check").await?;
     Dialer::check_and_leave(protocol, &mut upstream.conn, &id.mailbox).await?;
-    Ok(id.mailbox.clone())
+    Ok(id.mailbox.to_string())
 }
 
 /// A new upstream connection for the session of `id`, which keeps the

@@ -1,0 +1,101 @@
+//! Who a device is: a login must be a plain mailbox before it can match a
+//! `*@domain` account (nothing a device types may reach the XOAUTH2
+//! string).
+
+use crate::harness::*;
+
+/// The local password of the `*@other.test` and `*@example.test`
+/// client_credentials accounts below.
+const DOMAIN_PW: &str = "domain-local-pass";
+
+/// Failed logins cost little and never lock loopback out: these tests
+/// fail many logins on purpose.
+const LENIENT: &str = "[limits]\nlogin_delay_ms = 1\nlogin_lockout_failures = 1000\n";
+
+/// Logins a device might send to slip past a `*@other.test` pattern: the
+/// review's case first (it logged in upstream as bob), then CR/LF, the
+/// characters that change a URL path, a quoted local part and two `@`.
+const HOSTILE: &[&str] = &[
+    "bob@example.test\x01x=y@other.test",
+    "bob@example.test\x01auth=Bearer x\x01\x01@other.test",
+    "bob@example.test\r\nx@other.test",
+    "bob@example.test\nx@other.test",
+    "bob@example.test/x@other.test",
+    "bob%example.test@other.test",
+    "bob?x=1@other.test",
+    "bob#x@other.test",
+    "bob\\x@other.test",
+    "\"bob@example.test\"@other.test",
+    "bob@example.test@other.test",
+    "bob @other.test",
+    "bob\x7f@other.test",
+];
+
+/// The usual config with `*@other.test` (client_credentials, a local
+/// password: an app token works for any mailbox) and lenient throttling.
+fn other_domain_config(listeners: &str) -> String {
+    let extra = format!(
+        "[[account]]\nlogin = \"*@other.test\"\npassword_hash = \"{}\"\ngrant = \"client_credentials\"\n\n{ADMIN}\n{LENIENT}",
+        argon2_hash(DOMAIN_PW)
+    );
+    config(listeners, &extra)
+}
+
+/// `s` with its control characters visible, for assertion messages.
+fn shown(s: &str) -> String {
+    s.escape_debug().to_string()
+}
+
+#[test]
+fn smtp_refuses_a_login_with_control_bytes_against_a_domain_pattern() {
+    let proxy = Proxy::start(&other_domain_config(&listener("smtp", "none", true)));
+    let mut answers = Vec::new();
+    for login in HOSTILE {
+        let mut c = Raw::connect(proxy.port(0));
+        c.reply();
+        let reply = c.smtp_login(login, DOMAIN_PW);
+        answers.push((shown(login), reply.trim_end().to_string()));
+    }
+    let wrong: Vec<_> = answers
+        .iter()
+        .filter(|(_, reply)| !reply.starts_with("535 5.7.8 "))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "logins not refused with 535 5.7.8: {wrong:#?}\n{}",
+        proxy.logs()
+    );
+}
+
+#[test]
+fn imap_and_pop3_refuse_a_login_with_control_bytes_against_a_domain_pattern() {
+    let listeners = format!(
+        "{}\n{}",
+        listener("imap", "none", true),
+        listener("pop3", "none", true)
+    );
+    let proxy = Proxy::start(&other_domain_config(&listeners));
+    let mut wrong = Vec::new();
+    for login in HOSTILE {
+        let ir = plain_ir(login, DOMAIN_PW);
+        let mut imap = Raw::connect(proxy.port(0));
+        imap.line();
+        imap.send(&format!("a AUTHENTICATE PLAIN {ir}"));
+        let reply = imap.until("a ");
+        if !reply.contains("a NO [AUTHENTICATIONFAILED]") {
+            wrong.push(("imap", shown(login), reply));
+        }
+        let mut pop3 = Raw::connect(proxy.port(1));
+        pop3.line();
+        pop3.send(&format!("AUTH PLAIN {ir}"));
+        let reply = pop3.line();
+        if !reply.starts_with("-ERR [AUTH]") {
+            wrong.push(("pop3", shown(login), reply));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "logins not refused: {wrong:#?}\n{}",
+        proxy.logs()
+    );
+}
