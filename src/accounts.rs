@@ -344,16 +344,38 @@ impl Accounts {
     }
 
     /// The identity a spooled message is sent with: its account (by the
-    /// config's login) and the mailbox it was taken for, if the account
-    /// still exists and may still send as that mailbox.
+    /// config's login, exact or `*@domain`) and the mailbox it was taken
+    /// for, if the account still exists and may still send as that mailbox
+    /// by the rules of a login: its own mailbox (for a pattern, any mailbox
+    /// of its domain) or one of its `allow_shared`.
     pub fn spooled_identity(&self, account: &str, mailbox: &str) -> Result<Identity, AuthError> {
-        let mut id = self.identity(account).map_err(|_| {
-            AuthError::BadCredentials("the spooled message's account is no longer configured")
-        })?;
+        let gone =
+            || AuthError::BadCredentials("the spooled message's account is no longer configured");
         let mailbox = Mailbox::parse(mailbox).map_err(|e| {
             AuthError::Authorization(format!("the spooled message's mailbox is not one ({e})"))
         })?;
-        let own = id.mailbox.eq_ignore_ascii_case(&mailbox);
+        let (mut id, own) = match account.to_lowercase().strip_prefix("*@") {
+            None => {
+                let id = self.identity(account).map_err(|_| gone())?;
+                let own = id.mailbox.eq_ignore_ascii_case(&mailbox);
+                (id, own)
+            }
+            Some(domain) => {
+                let a = self
+                    .by_account(account)
+                    .filter(|a| a.grant != Grant::Password)
+                    .ok_or_else(gone)?;
+                let id = Identity {
+                    account: a.login.clone(),
+                    login: mailbox.to_lowercase(),
+                    mailbox: mailbox.clone(),
+                    grant: a.grant,
+                    password: None,
+                    graph: a.graph,
+                };
+                (id, mailbox.in_domain(domain))
+            }
+        };
         let shared = self
             .by_account(&id.account)
             .is_some_and(|a| a.may_open(&mailbox));

@@ -278,3 +278,47 @@ async fn both_halves_of_a_shared_login_must_be_mailboxes() {
         .unwrap();
     assert_eq!(id.mailbox.as_str(), "a@x.test");
 }
+
+#[test]
+fn spooled_mail_of_a_pattern_account_resolves_like_a_login() {
+    let mut shared = account("*@other.test", Grant::ClientCredentials, Some("p"), None);
+    shared.allow_shared = vec!["reception@shared.test".into()];
+    let accounts = Accounts::new(
+        SendVia::Graph,
+        &[
+            shared,
+            account("*@example.test", Grant::Password, None, None),
+        ],
+    );
+    let id = accounts
+        .spooled_identity("*@other.test", "bob@other.test")
+        .unwrap();
+    assert_eq!(
+        (id.account.as_str(), id.mailbox.as_str(), id.grant, id.graph),
+        (
+            "*@other.test",
+            "bob@other.test",
+            Grant::ClientCredentials,
+            true
+        )
+    );
+    let id = accounts
+        .spooled_identity("*@Other.test", "reception@shared.test")
+        .unwrap();
+    assert_eq!(id.mailbox.as_str(), "reception@shared.test");
+    // Another domain, a hostile mailbox, a password-grant pattern, a pattern gone.
+    assert!(matches!(
+        accounts.spooled_identity("*@other.test", "ceo@example.test"),
+        Err(AuthError::Authorization(_))
+    ));
+    assert!(accounts
+        .spooled_identity("*@other.test", "bob@example.test\x01x@other.test")
+        .is_err());
+    assert!(accounts
+        .spooled_identity("*@example.test", "bob@example.test")
+        .is_err());
+    assert!(matches!(
+        accounts.spooled_identity("*@gone.test", "bob@gone.test"),
+        Err(AuthError::BadCredentials(_))
+    ));
+}

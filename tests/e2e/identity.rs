@@ -1,6 +1,7 @@
 //! Who a device is: a login must be a plain mailbox before it can match a
 //! `*@domain` account (nothing a device types may reach the XOAUTH2
-//! string).
+//! string), and a `*@domain` account's spooled mail is delivered like any
+//! other.
 
 use crate::harness::*;
 
@@ -98,4 +99,42 @@ fn imap_and_pop3_refuse_a_login_with_control_bytes_against_a_domain_pattern() {
         "logins not refused: {wrong:#?}\n{}",
         proxy.logs()
     );
+}
+
+/// A spooling listener and a `*@example.test` client_credentials account:
+/// bob's message, taken with a 250, arrives in bob's mailbox.
+#[test]
+fn spooled_mail_of_a_domain_pattern_account_is_delivered() {
+    let state = tempfile::tempdir().unwrap();
+    let listener = listener("smtp", "none", true) + "delivery = \"spool\"\n";
+    let spool = "[spool]\nretry_min_s = 1\nretry_max_s = 2\nmessages_per_minute = 6000\n";
+    let cfg = config(&listener, &format!("{ADMIN}\n{spool}"));
+    let pattern = "login = \"*@example.test\"\ngrant = \"password\"";
+    assert!(cfg.contains(pattern));
+    let cfg = cfg.replace(
+        pattern,
+        &format!(
+            "login = \"*@example.test\"\npassword_hash = \"{}\"\ngrant = \"client_credentials\"",
+            argon2_hash(DOMAIN_PW)
+        ),
+    );
+    let proxy = Proxy::start(&with_state_dir(&cfg, state.path()));
+    let dir = tempfile::tempdir().unwrap();
+    let m = Message::write(dir.path(), "pattern-spool", BOB, 0);
+    let out = Smtp {
+        login: BOB,
+        password: DOMAIN_PW,
+        from: BOB,
+        to: BOB,
+        ..Smtp::scanner(proxy.port(0))
+    }
+    .smtplib(&m.path);
+    assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
+    match read_from_dovecot(BOB, &m.id, "30") {
+        Ok(delivered) => assert_delivered_intact(&delivered, &m.bytes),
+        Err(e) => panic!(
+            "the spooled message did not reach bob: {e}\n{}",
+            proxy.logs()
+        ),
+    }
 }
