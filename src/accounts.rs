@@ -8,10 +8,11 @@
 //! reaches an XOAUTH2 string, a URL or a header. Argon2id verification runs
 //! on the blocking pool, at most [`MAX_CONCURRENT_VERIFIES`] at once, and
 //! an unknown login is checked against a dummy hash so that it costs the
-//! same as a wrong password.
+//! same as a wrong password. [`Accounts::describe`] is how a login appears
+//! in the log: a device may type its password into the user field.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -276,6 +277,45 @@ impl Accounts {
         }
     }
 
+    /// How a device's login appears in the log: the configured account it
+    /// belongs to (for a `*@domain` pattern, the user's mailbox), with the
+    /// shared mailbox it asks for. A login no account covers may be a
+    /// password typed into the wrong field: it is shown only as a short
+    /// keyed fingerprint (the same login gives the same one while the
+    /// process lives, and it cannot be turned back), with its domain when
+    /// that is a configured one and, when it is no mailbox, why not.
+    pub fn describe(&self, login: &str) -> String {
+        let (base, shared) = split(login);
+        if let Some((account, own)) = self.find(&base) {
+            let who = match (account.login.starts_with("*@"), own) {
+                (true, Some(m)) => m.to_string(),
+                _ => account.login.clone(),
+            };
+            return match shared.map(|s| Mailbox::parse(&s)) {
+                None => who,
+                Some(Ok(m)) => format!("{who}\\{m}"),
+                Some(Err(e)) => format!("{who}\\(not a mailbox: {e})"),
+            };
+        }
+        let print = fingerprint(login.trim());
+        match Mailbox::parse(&base) {
+            Ok(m) if self.serves_domain(m.domain()) => {
+                format!("unknown user at {} #{print}", m.domain())
+            }
+            Ok(_) => format!("unknown user #{print}"),
+            Err(e) => format!("not a mailbox ({e}) #{print}"),
+        }
+    }
+
+    /// Whether some account's login (exact or pattern) is in `domain`.
+    fn serves_domain(&self, domain: &str) -> bool {
+        self.domains.contains_key(domain)
+            || self
+                .exact
+                .keys()
+                .any(|l| l.rsplit_once('@').is_some_and(|(_, d)| d == domain))
+    }
+
     /// Whether some `[[account]]` (exact or `*@domain`) covers this login.
     pub fn matches(&self, login: &str) -> bool {
         self.find(&login.trim().to_lowercase()).is_some()
@@ -428,6 +468,18 @@ impl Accounts {
         .await
         .unwrap_or(false)
     }
+}
+
+/// Eight hex digits of an HMAC of `text` under a random key of this
+/// process, which never leaves it: the same text gives the same digits
+/// until a restart, and nothing can be learnt from them without the key.
+fn fingerprint(text: &str) -> String {
+    static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+    let key = KEY.get_or_init(rand::random);
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    mac.update(text.as_bytes());
+    let digest = mac.finalize().into_bytes();
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

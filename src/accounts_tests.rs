@@ -322,3 +322,62 @@ fn spooled_mail_of_a_pattern_account_resolves_like_a_login() {
         Err(AuthError::BadCredentials(_))
     ));
 }
+
+#[test]
+fn the_log_names_accounts_never_an_unknown_login() {
+    let accounts = other_domain();
+    assert_eq!(accounts.describe("Bob@Other.test"), "bob@other.test");
+    assert_eq!(accounts.describe("PRINTER"), "printer");
+    assert_eq!(
+        accounts.describe("printer\\Reception@x.test"),
+        "printer\\reception@x.test"
+    );
+    assert!(accounts
+        .describe("printer\\hunter2")
+        .starts_with("printer\\(not a mailbox"));
+    for (typed, starts) in [
+        (
+            "hunter2-typed-as-login",
+            "not a mailbox (not exactly one @) #",
+        ),
+        ("hunter2@typed", "unknown user #"),
+        (
+            "hunter2@example.test\x01",
+            "not a mailbox (a control character) #",
+        ),
+        (
+            "bob@example.test\x01x=y@other.test",
+            "not a mailbox (a control character) #",
+        ),
+        (
+            "hunter2\\x@other.test",
+            "not a mailbox (not exactly one @) #",
+        ),
+    ] {
+        let shown = accounts.describe(typed);
+        assert!(shown.starts_with(starts), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("x=y"),
+            "{shown}"
+        );
+        assert!(!shown.contains(char::is_control), "{shown:?}");
+        assert_eq!(shown, accounts.describe(typed), "stable");
+    }
+    assert_ne!(accounts.describe("hunter2"), accounts.describe("hunter3"));
+    // A mailbox no account covers, in a domain an exact account lives in.
+    assert!(accounts
+        .describe("nobody@example.test")
+        .starts_with("nobody@example.test"));
+    let exact_only = Accounts::new(
+        SendVia::Smtp,
+        &[account(
+            "a@x.test",
+            Grant::ClientCredentials,
+            Some("p"),
+            None,
+        )],
+    );
+    assert!(exact_only
+        .describe("zz@x.test")
+        .starts_with("unknown user at x.test #"));
+}

@@ -29,7 +29,8 @@ pub enum SaslError {
     TooLong,
     /// The authorization identity names someone other than the login
     /// (Cyrus SASL clients send one with `-u`): a refused authorization.
-    #[error("authorization identity {authzid:?} differs from the login {login:?}")]
+    /// Neither is in the text: a device may type its password into either.
+    #[error("the authorization identity differs from the login")]
     Authzid { login: String, authzid: String },
     #[error("authentication canceled")]
     Canceled,
@@ -242,6 +243,11 @@ mod tests {
     fn errors_never_carry_the_password() {
         let e = decode_plain(b"\0u\0secret-pw\0x").err().unwrap();
         assert!(!e.to_string().contains("secret-pw"));
+        // A password typed as the authorization identity or the login.
+        let e = decode_plain(b"typed-pw\0typed-login\0pw").err().unwrap();
+        assert!(matches!(e, SaslError::Authzid { .. }));
+        assert!(!e.to_string().contains("typed-pw"));
+        assert!(!e.to_string().contains("typed-login"));
         let e = xoauth2(
             "u@x.test",
             &SecretString::from("secret-tok\x01".to_string()),

@@ -66,6 +66,7 @@ fn smtp_refuses_a_login_with_control_bytes_against_a_domain_pattern() {
         "logins not refused with 535 5.7.8: {wrong:#?}\n{}",
         proxy.logs()
     );
+    assert_no_raw_login_in_logs(&proxy);
 }
 
 #[test]
@@ -99,6 +100,17 @@ fn imap_and_pop3_refuse_a_login_with_control_bytes_against_a_domain_pattern() {
         "logins not refused: {wrong:#?}\n{}",
         proxy.logs()
     );
+    assert_no_raw_login_in_logs(&proxy);
+}
+
+/// The hostile logins' distinctive parts never reach the log, raw or as
+/// JSON escapes (a login that is no account's may be a password).
+fn assert_no_raw_login_in_logs(proxy: &Proxy) {
+    let logs = proxy.logs();
+    for needle in ["x=y@other.test", "\\u0001", "bob%example", "bob?x", "bob#x"] {
+        assert!(!logs.contains(needle), "{needle:?} in the log:\n{logs}");
+    }
+    assert!(logs.contains("login failed"), "{logs}");
 }
 
 /// A spooling listener and a `*@example.test` client_credentials account:
