@@ -316,11 +316,6 @@ impl Accounts {
                 .any(|l| l.rsplit_once('@').is_some_and(|(_, d)| d == domain))
     }
 
-    /// Whether some `[[account]]` (exact or `*@domain`) covers this login.
-    pub fn matches(&self, login: &str) -> bool {
-        self.find(&login.trim().to_lowercase()).is_some()
-    }
-
     /// Each configured account as the status page lists it, in config order.
     pub fn summaries(&self) -> Vec<Summary> {
         self.accounts

@@ -1,7 +1,9 @@
 //! Who a device is: a login must be a plain mailbox before it can match a
 //! `*@domain` account (nothing a device types may reach the XOAUTH2
-//! string), and a `*@domain` account's spooled mail is delivered like any
-//! other.
+//! string), a `*@domain` account's spooled mail is delivered like any
+//! other, and unauthenticated Autodiscover tells nothing about accounts.
+
+use std::process::Command;
 
 use crate::harness::*;
 
@@ -148,5 +150,63 @@ fn spooled_mail_of_a_domain_pattern_account_is_delivered() {
             "the spooled message did not reach bob: {e}\n{}",
             proxy.logs()
         ),
+    }
+}
+
+/// POX Autodiscover, unauthenticated: the answer for a configured account
+/// and for an address no account covers are the same but for the address.
+#[test]
+fn autodiscover_answers_alike_for_configured_and_unknown_addresses() {
+    let listeners = format!(
+        "{}{}",
+        listener("imap", "implicit", false),
+        listener("smtp", "starttls", false)
+    );
+    let proxy = Proxy::start(&config(&listeners, ADMIN));
+    let url = format!(
+        "http://{}/autodiscover/autodiscover.xml",
+        proxy.admin_addr()
+    );
+    let ask = |email: &str| {
+        let body = format!(
+            "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<Autodiscover xmlns=\"http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006\"><Request><EMailAddress>{email}</EMailAddress><AcceptableResponseSchema>http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a</AcceptableResponseSchema></Request></Autodiscover>"
+        );
+        let out = run(
+            Command::new("curl").args([
+                "-sS",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                "Content-Type: text/xml; charset=utf-8",
+                "-H",
+                "Host: mail.example.test",
+                "--data-binary",
+                &body,
+                &url,
+            ]),
+            CLIENT_LIMIT,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        // The error form carries the time of day; nothing else may differ.
+        String::from_utf8_lossy(&out.stdout)
+            .replace(email, "ADDRESS")
+            .lines()
+            .filter(|l| !l.contains("<Error Time="))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // An exact account, a user of the *@example.test pattern, and addresses
+    // no account covers, in a configured domain and outside any.
+    let known = ask("scanner@example.test");
+    assert!(known.ends_with("\n200"), "{known}");
+    assert!(known.contains("<LoginName>ADDRESS</LoginName>"), "{known}");
+    for other in [
+        "printer7@example.test",
+        "ceo@elsewhere.test",
+        "nobody@unknown.test",
+    ] {
+        assert_eq!(ask(other), known, "{other} answered differently");
     }
 }
