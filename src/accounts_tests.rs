@@ -208,7 +208,7 @@ fn other_domain() -> Accounts {
 #[tokio::test]
 async fn a_pattern_takes_only_a_mailbox_of_its_domain() {
     let accounts = other_domain();
-    // The review's case: it matched *@other.test and logged in as bob.
+    // Once matched *@other.test, and its \x01 made the upstream log in as bob.
     for login in [
         "bob@example.test\x01x=y@other.test",
         "bob@example.test\r\nx@other.test",

@@ -15,9 +15,10 @@ const DOMAIN_PW: &str = "domain-local-pass";
 /// fail many logins on purpose.
 const LENIENT: &str = "[limits]\nlogin_delay_ms = 1\nlogin_lockout_failures = 1000\n";
 
-/// Logins a device might send to slip past a `*@other.test` pattern: the
-/// review's case first (it logged in upstream as bob), then CR/LF, the
-/// characters that change a URL path, a quoted local part and two `@`.
+/// Logins a device might send to slip past a `*@other.test` pattern: first
+/// a `\x01` that once ended XOAUTH2's `user=` early (the upstream logged
+/// in as bob), then CR/LF, the characters that change a URL path, a quoted
+/// local part and two `@`.
 const HOSTILE: &[&str] = &[
     "bob@example.test\x01x=y@other.test",
     "bob@example.test\x01auth=Bearer x\x01\x01@other.test",
