@@ -245,13 +245,8 @@ async fn autodiscover(State(admin): State<Admin>, headers: HeaderMap, body: Byte
     let Some(address) = autodiscover::requested_address(&body) else {
         return xml(StatusCode::OK, autodiscover::error(600, "Invalid Request"));
     };
-    if !admin.app.accounts().matches(&address) {
-        debug!(address = %address, "autodiscover: no account matches");
-        return xml(
-            StatusCode::OK,
-            autodiscover::error(500, "The e-mail address cannot be found."),
-        );
-    }
+    // Whether an account covers the address is not looked up: the answer
+    // would tell an unauthenticated caller which addresses are configured.
     let server = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())

@@ -2,12 +2,17 @@
 //! and clients that look their settings up: the request names an e-mail
 //! address, the response describes oxbridge's own IMAP, POP3 and SMTP
 //! listeners for it. Plain functions over bytes; `admin` serves them.
+//!
+//! The answer does not depend on the accounts: any address that is a
+//! [`Mailbox`] gets the same settings, so that an unauthenticated caller
+//! cannot learn which addresses are configured.
 
 use quick_xml::escape::escape;
 use quick_xml::events::Event;
 use quick_xml::Reader;
 
 use crate::config::{Protocol, TlsMode};
+use crate::mailbox::Mailbox;
 
 /// A listener as a client sees it: the port is the bound one.
 #[derive(Debug, Clone, Copy)]
@@ -26,8 +31,8 @@ pub const MAX_REQUEST: usize = 16 * 1024;
 /// The longest e-mail address accepted (RFC 5321's path limit).
 const MAX_ADDRESS: usize = 254;
 
-/// The `EMailAddress` of a POX request, if it has one that looks like an address.
-pub fn requested_address(body: &[u8]) -> Option<String> {
+/// The `EMailAddress` of a POX request, if it has one that is a [`Mailbox`].
+pub fn requested_address(body: &[u8]) -> Option<Mailbox> {
     let mut reader = Reader::from_reader(body);
     let mut in_address = false;
     let mut buf = Vec::new();
@@ -36,13 +41,12 @@ pub fn requested_address(body: &[u8]) -> Option<String> {
             Event::Start(e) => in_address = e.local_name().as_ref() == b"EMailAddress",
             Event::Text(t) if in_address => {
                 let text = t.decode().ok()?;
-                let address = quick_xml::escape::unescape(&text).ok()?.trim().to_string();
-                let valid = address.len() <= MAX_ADDRESS
-                    && address
-                        .split_once('@')
-                        .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty() && !d.contains('@'))
-                    && !address.chars().any(|c| c.is_whitespace() || c.is_control());
-                return valid.then_some(address);
+                let address = quick_xml::escape::unescape(&text).ok()?;
+                let address = address.trim();
+                if address.len() > MAX_ADDRESS {
+                    return None;
+                }
+                return Mailbox::parse(address).ok();
             }
             Event::End(_) => in_address = false,
             Event::Eof => return None,
@@ -124,8 +128,7 @@ pub fn settings(address: &str, server: &str, listeners: &[Endpoint]) -> String {
     )
 }
 
-/// A POX error response: `500` for an address oxbridge does not serve,
-/// `600` for a request it cannot read.
+/// A POX error response: `600` for a request it cannot read.
 pub fn error(code: u16, message: &str) -> String {
     let message = escape(message);
     let time = chrono_free_time();
@@ -177,6 +180,21 @@ mod tests {
             requested_address(REQUEST.as_bytes()).as_deref(),
             Some("scanner@contoso.com")
         );
+        for bad in [
+            "a/b@x.test",
+            "a@x.test\u{1}",
+            "a b@x.test",
+            "\"a\"@x.test",
+            "a@b@x.test",
+        ] {
+            let body = format!("<a><EMailAddress>{bad}</EMailAddress></a>");
+            assert_eq!(requested_address(body.as_bytes()), None, "{bad:?}");
+        }
+        let long = format!(
+            "<a><EMailAddress>{}@x.test</EMailAddress></a>",
+            "a".repeat(250)
+        );
+        assert_eq!(requested_address(long.as_bytes()), None);
         assert_eq!(requested_address(b"<Autodiscover/>"), None);
         assert_eq!(requested_address(b"not xml at all <<<"), None);
         assert_eq!(

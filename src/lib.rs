@@ -18,6 +18,8 @@
 //!   that turns a command into a step (reply, start TLS, log in, close).
 //! * `login`: throttle -> account -> mailbox slot -> token and dial ->
 //!   XOAUTH2 -> one retry; `accounts`, `throttle`, `limits` serve it.
+//!   `mailbox`: the checked address a device's login becomes, which is all
+//!   that goes upstream.
 //! * `upstream`: dial, greeting, STARTTLS and XOAUTH2 per protocol; the
 //!   SMTP capability cache. It never sees the whole app.
 //! * `relay`: after login, bytes both ways until the session ends; IMAP
@@ -44,6 +46,7 @@ mod error;
 mod limits;
 mod listener;
 mod login;
+pub mod mailbox;
 mod metrics;
 pub mod net;
 pub mod oauth;

@@ -54,7 +54,8 @@ pub async fn login(
             .map(|upstream| LoggedIn { upstream, id })
     })
     .await;
-    logged(app, protocol, peer, &login, &login, &result);
+    let label = app.accounts().describe(&login);
+    logged(app, protocol, peer, &label, &login, &result);
     result
 }
 
@@ -77,7 +78,8 @@ pub async fn local_login(
         }
     })
     .await;
-    spooling(app, peer, &login, &login, &result);
+    let label = app.accounts().describe(&login);
+    spooling(app, peer, &label, &login, &result);
     result
 }
 
@@ -187,7 +189,7 @@ pub async fn relay_login(
 /// device was told): logged and counted like any failed login.
 pub fn refused(app: &App, protocol: Protocol, peer: SocketAddr, login: &str, error: &AuthError) {
     count(app, protocol, peer, login, Err(error));
-    log_failure(login, error);
+    log_failure(&app.accounts().describe(login), error);
 }
 
 /// Count a device login: in the metrics (per configured account too) and
@@ -259,7 +261,7 @@ pub async fn check_login(
 ) -> Result<String, AuthError> {
     let mut upstream = upstream_login(app, protocol, id, "oxbridge-check").await?;
     Dialer::check_and_leave(protocol, &mut upstream.conn, &id.mailbox).await?;
-    Ok(id.mailbox.clone())
+    Ok(id.mailbox.to_string())
 }
 
 /// A new upstream connection for the session of `id`, which keeps the

@@ -5,6 +5,7 @@
 //! A target fails on a panic, or on a property that does not hold.
 
 use oxbridge::config::Config;
+use oxbridge::mailbox::Mailbox;
 use oxbridge::net::proxy_protocol;
 use oxbridge::wire::{imap, pop3, sasl, smtp};
 
@@ -30,6 +31,9 @@ const SEEDS: &[&[u8]] = &[
     b"AUTH PLAIN",
     b"\0user@x.test\0password",
     b"authz\0user\0pw",
+    b"scanner@example.test\\reception@example.test",
+    b"bob@example.test\x01x=y@other.test",
+    b"j\xc3\xb6s\xc3\xa9.o'brien+x@b\xc3\xbccher.example",
     b"PROXY TCP4 192.168.10.7 10.0.0.1 51000 587\r\n",
     b"PROXY TCP6 2001:db8::1 2001:db8::2 4000 25\r\n",
     b"\r\n\r\n\0\r\nQUIT\n\x21\x11\0\x0c\xc0\xa8\x0a\x07\x0a\0\0\x01\xc7\x38\x02\x4b",
@@ -125,6 +129,22 @@ target!(proxy_header, |input| {
 target!(config_text, |input| {
     if let Ok(text) = std::str::from_utf8(input) {
         let _ = Config::parse(text);
+    }
+});
+
+target!(mailbox_parse, |input| {
+    if let Ok(text) = std::str::from_utf8(input) {
+        if let Ok(m) = Mailbox::parse(text) {
+            assert_eq!(m.as_str(), text);
+            assert_eq!(format!("{}@{}", m.local(), m.domain()), text);
+            assert_eq!(text.matches('@').count(), 1);
+            assert!(!m.local().is_empty() && m.local().len() <= 64);
+            assert!(!m.domain().is_empty() && m.domain().len() <= 255);
+            assert!(!text.contains(|c: char| c.is_control() || c.is_whitespace()));
+            assert!(!text.contains(['/', '?', '#', '\\', '%', '"']));
+            let token = secrecy::SecretString::from("t0ken".to_string());
+            assert!(sasl::xoauth2(&m, &token).is_ok());
+        }
     }
 });
 

@@ -355,7 +355,7 @@ fn identity(grant: Grant, login: &str, password: Option<&str>) -> Identity {
     Identity {
         account: login.into(),
         login: login.into(),
-        mailbox: login.into(),
+        mailbox: crate::mailbox::Mailbox::parse(login).unwrap(),
         grant,
         password: password.map(|p| SecretString::from(p.to_string())),
         graph: false,

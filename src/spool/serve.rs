@@ -231,7 +231,7 @@ async fn commit(
     let envelope = Envelope {
         id: String::new(),
         account: device.id.account.clone(),
-        mailbox: device.id.mailbox.clone(),
+        mailbox: device.id.mailbox.to_string(),
         relay: device.relay,
         sender: stored.sender,
         recipients: stored.recipients,

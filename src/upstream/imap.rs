@@ -5,8 +5,9 @@
 use secrecy::{ExposeSecret, SecretString};
 use tokio_rustls::TlsConnector;
 
-use super::{read_line, send, unavailable, MAX_REPLY_LINES, REPLY_TIMEOUT};
+use super::{initial_response, read_line, send, unavailable, MAX_REPLY_LINES, REPLY_TIMEOUT};
 use crate::error::AuthError;
+use crate::mailbox::Mailbox;
 use crate::net::{dial, Conn};
 use crate::wire::imap::{capabilities_in, literal_suffix, tagged, Request};
 use crate::wire::{printable, sasl};
@@ -73,11 +74,11 @@ pub(super) async fn dial(tls: &TlsConnector, addr: &str) -> Result<(Conn, Vec<St
 /// `AUTHENTICATE XOAUTH2`; returns the capabilities after login.
 pub(super) async fn auth_xoauth2(
     conn: &mut Conn,
-    mailbox: &str,
+    mailbox: &Mailbox,
     token: &SecretString,
     greeting_caps: &[String],
 ) -> Result<Vec<String>, AuthError> {
-    let ir = sasl::xoauth2(mailbox, token);
+    let ir = initial_response(mailbox, token)?;
     let sasl_ir = greeting_caps
         .iter()
         .any(|c| c.eq_ignore_ascii_case("SASL-IR"));

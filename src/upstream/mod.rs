@@ -19,6 +19,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::{Protocol, UpstreamConfig};
 use crate::error::AuthError;
+use crate::mailbox::Mailbox;
 use crate::net::Conn;
 
 /// How long the upstream may take for one reply (an XOAUTH2 check included).
@@ -88,7 +89,7 @@ impl Dialer {
     pub async fn xoauth2(
         protocol: Protocol,
         conn: &mut Conn,
-        mailbox: &str,
+        mailbox: &Mailbox,
         token: &SecretString,
         capabilities: &[String],
     ) -> Result<Vec<String>, AuthError> {
@@ -108,7 +109,7 @@ impl Dialer {
     pub async fn check_and_leave(
         protocol: Protocol,
         conn: &mut Conn,
-        mailbox: &str,
+        mailbox: &Mailbox,
     ) -> Result<(), AuthError> {
         match protocol {
             Protocol::Smtp => smtp::check_sender(conn, mailbox).await,
@@ -146,6 +147,14 @@ impl Dialer {
     pub async fn smtp_capabilities(&self) -> Vec<String> {
         self.smtp_keywords.get(self).await
     }
+}
+
+/// The XOAUTH2 initial response for `mailbox` (see `wire::sasl::xoauth2`,
+/// which refuses control characters in either field). A token that cannot
+/// be carried is the token endpoint's fault: nothing is sent.
+fn initial_response(mailbox: &Mailbox, token: &SecretString) -> Result<SecretString, AuthError> {
+    crate::wire::sasl::xoauth2(mailbox.as_str(), token)
+        .map_err(|e| AuthError::TokenRefused(format!("the token cannot be sent: {e}")))
 }
 
 /// Write to the upstream, bounded in time.

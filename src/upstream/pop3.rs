@@ -5,8 +5,9 @@
 use secrecy::{ExposeSecret, SecretString};
 use tokio_rustls::TlsConnector;
 
-use super::{read_line, send, unavailable};
+use super::{initial_response, read_line, send, unavailable};
 use crate::error::AuthError;
+use crate::mailbox::Mailbox;
 use crate::net::{dial, Conn};
 use crate::wire::pop3::{is_continuation, Request};
 use crate::wire::{printable, sasl};
@@ -27,15 +28,15 @@ pub(super) async fn dial(tls: &TlsConnector, addr: &str) -> Result<Conn, AuthErr
 /// `AUTH XOAUTH2`, `+`, the base64 line.
 pub(super) async fn auth_xoauth2(
     conn: &mut Conn,
-    mailbox: &str,
+    mailbox: &Mailbox,
     token: &SecretString,
 ) -> Result<(), AuthError> {
+    let ir = initial_response(mailbox, token)?;
     send(conn, &Request::AuthXoauth2.to_bytes()).await?;
     let go = read_line(conn).await?;
     if !is_continuation(&go) {
         return Err(refusal(&go, None));
     }
-    let ir = sasl::xoauth2(mailbox, token);
     send(conn, &Request::Response(ir.expose_secret()).to_bytes()).await?;
     let mut reply = read_line(conn).await?;
     let mut challenge = None;

@@ -10,6 +10,7 @@ use tracing::warn;
 
 use super::{read_line_within, send, unavailable, Dialer, MAX_REPLY_LINES, REPLY_TIMEOUT};
 use crate::error::AuthError;
+use crate::mailbox::Mailbox;
 use crate::net::{dial, Conn};
 use crate::wire::sasl;
 use crate::wire::smtp::{
@@ -106,10 +107,10 @@ pub(super) async fn dial(
 /// `AUTH XOAUTH2` on a dialled connection.
 pub(super) async fn auth_xoauth2(
     conn: &mut Conn,
-    mailbox: &str,
+    mailbox: &Mailbox,
     token: &SecretString,
 ) -> Result<(), AuthError> {
-    let ir = sasl::xoauth2(mailbox, token);
+    let ir = super::initial_response(mailbox, token)?;
     let mut reply = command(conn, Request::AuthXoauth2(ir.expose_secret())).await?;
     let mut challenge = None;
     if reply.code == 334 {
@@ -138,7 +139,7 @@ pub(super) async fn auth_xoauth2(
 
 /// `oxbridge check`, after login: would the server take mail from the
 /// mailbox? `MAIL FROM`, then `RSET` and `QUIT`; nothing is sent.
-pub(super) async fn check_sender(conn: &mut Conn, mailbox: &str) -> Result<(), AuthError> {
+pub(super) async fn check_sender(conn: &mut Conn, mailbox: &Mailbox) -> Result<(), AuthError> {
     let reply = command(conn, Request::MailFrom(mailbox)).await?;
     let result = match reply.code {
         200..=299 => Ok(()),

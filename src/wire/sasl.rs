@@ -29,10 +29,15 @@ pub enum SaslError {
     TooLong,
     /// The authorization identity names someone other than the login
     /// (Cyrus SASL clients send one with `-u`): a refused authorization.
-    #[error("authorization identity {authzid:?} differs from the login {login:?}")]
+    /// Neither is in the text: a device may type its password into either.
+    #[error("the authorization identity differs from the login")]
     Authzid { login: String, authzid: String },
     #[error("authentication canceled")]
     Canceled,
+    /// A field of an XOAUTH2 string would hold a control character (its
+    /// separator is `\x01`) or the token a space: nothing is sent.
+    #[error("a control character or space where XOAUTH2 cannot carry one")]
+    Unsafe,
 }
 
 /// Decode one base64 line a client sent in a SASL exchange. `*` cancels.
@@ -83,13 +88,21 @@ pub fn utf8(bytes: &[u8]) -> Result<String, SaslError> {
 }
 
 /// The base64 `XOAUTH2` initial response:
-/// `base64("user=" mailbox "\x01auth=Bearer " token "\x01\x01")`.
-pub fn xoauth2(mailbox: &str, token: &SecretString) -> SecretString {
-    let raw = format!(
-        "user={mailbox}\x01auth=Bearer {}\x01\x01",
-        token.expose_secret()
-    );
-    SecretString::from(B64.encode(raw))
+/// `base64("user=" user "\x01auth=Bearer " token "\x01\x01")`. Refused
+/// ([`SaslError::Unsafe`]) when the user is empty or holds a control
+/// character, or the token is empty or holds a control character or a
+/// space: either would let one field end early and another begin.
+pub fn xoauth2(user: &str, token: &SecretString) -> Result<SecretString, SaslError> {
+    let token = token.expose_secret();
+    let control = |c: char| c.is_control();
+    if user.is_empty() || user.contains(control) {
+        return Err(SaslError::Unsafe);
+    }
+    if token.is_empty() || token.contains(|c: char| control(c) || c.is_whitespace()) {
+        return Err(SaslError::Unsafe);
+    }
+    let raw = format!("user={user}\x01auth=Bearer {token}\x01\x01");
+    Ok(SecretString::from(B64.encode(raw)))
 }
 
 /// What an XOAUTH2 error challenge says, e.g.
@@ -143,8 +156,36 @@ mod tests {
     #[test]
     fn xoauth2_matches_the_documented_example() {
         let token = SecretString::from("EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA".to_string());
-        let s = xoauth2("test@contoso.onmicrosoft.com", &token);
+        let s = xoauth2("test@contoso.onmicrosoft.com", &token).unwrap();
         assert_eq!(s.expose_secret(), SEED);
+    }
+
+    #[test]
+    fn xoauth2_refuses_fields_that_would_end_early() {
+        let token = SecretString::from("EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA".to_string());
+        for user in [
+            "bob@example.test\x01x=y@other.test",
+            "bob@example.test\x01auth=Bearer stolen\x01\x01",
+            "bob@x.test\r\nA1 LOGOUT",
+            "bob@x.test\n",
+            "bob\0@x.test",
+            "bob\x7f@x.test",
+            "bob\u{85}@x.test",
+            "",
+        ] {
+            assert_eq!(
+                xoauth2(user, &token).err(),
+                Some(SaslError::Unsafe),
+                "{:?}",
+                user.escape_debug()
+            );
+        }
+        for token in ["tok\x01user=x", "tok en", "tok\r\n", "tok\t", ""] {
+            let token = SecretString::from(token.to_string());
+            assert_eq!(xoauth2("bob@x.test", &token).err(), Some(SaslError::Unsafe));
+        }
+        // Non-ASCII letters are no control characters.
+        assert!(xoauth2("jösé@bücher.example", &token).is_ok());
     }
 
     #[test]
@@ -202,5 +243,15 @@ mod tests {
     fn errors_never_carry_the_password() {
         let e = decode_plain(b"\0u\0secret-pw\0x").err().unwrap();
         assert!(!e.to_string().contains("secret-pw"));
+        // A password typed as the authorization identity or the login.
+        let e = decode_plain(b"typed-pw\0typed-login\0pw").err().unwrap();
+        assert!(matches!(e, SaslError::Authzid { .. }));
+        assert!(!e.to_string().contains("typed-pw"));
+        assert!(!e.to_string().contains("typed-login"));
+        let e = xoauth2(
+            "u@x.test",
+            &SecretString::from("secret-tok\x01".to_string()),
+        );
+        assert!(!e.err().unwrap().to_string().contains("secret-tok"));
     }
 }

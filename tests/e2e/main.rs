@@ -19,6 +19,7 @@ mod continuity;
 mod devices;
 mod faults;
 mod graph;
+mod identity;
 mod imap_pop3;
 mod matrix;
 mod oauth;

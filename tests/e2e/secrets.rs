@@ -160,3 +160,63 @@ fn no_secret_reaches_logs_replies_or_debug() {
         "the XOAUTH2 string reached the log"
     );
 }
+
+/// A device may type its password into the user field, or into SASL
+/// PLAIN's authorization identity: over SMTP, IMAP and POP3, neither the
+/// log (at trace level) nor the status page shows it, raw or in base64.
+#[test]
+fn a_password_typed_as_the_login_or_the_authzid_is_not_logged_or_shown() {
+    let (as_login, as_authzid) = (marker("LOGIN"), marker("AUTHZID"));
+    let extra = format!("{ADMIN}\n[limits]\nlogin_delay_ms = 1\n");
+    let cfg = config(&plain_listeners(&["smtp", "imap", "pop3"]), &extra);
+    let proxy = Proxy::start_with_env(&cfg, &[("RUST_LOG", "trace")]);
+    let (smtp, imap, pop3) = (proxy.port(0), proxy.port(1), proxy.port(2));
+    let with_authzid = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{as_authzid}\0scanner@example.test\0{SCANNER_PASSWORD}"
+    ));
+    let mut replies = Vec::new();
+    let mut c = Raw::connect(smtp);
+    c.reply();
+    replies.push(c.smtp_login(&as_login, SCANNER_PASSWORD));
+    c.send(&format!("AUTH PLAIN {with_authzid}"));
+    replies.push(c.reply());
+    let mut c = Raw::connect(imap);
+    c.line();
+    replies.push(c.imap_login(&as_login, SCANNER_PASSWORD));
+    c.send(&format!("b AUTHENTICATE PLAIN {with_authzid}"));
+    replies.push(c.until("b "));
+    let mut c = Raw::connect(pop3);
+    c.line();
+    c.send(&format!("USER {as_login}"));
+    c.line();
+    c.send(&format!("PASS {SCANNER_PASSWORD}"));
+    replies.push(c.line());
+    c.send(&format!("AUTH PLAIN {with_authzid}"));
+    replies.push(c.line());
+    for r in &replies {
+        assert!(
+            r.contains("535 ") || r.contains(" NO ") || r.starts_with("-ERR"),
+            "a login went through: {replies:#?}"
+        );
+    }
+    let (_, page) = curl(proxy.admin_addr(), "/");
+    assert!(page.contains("Last login failures"), "{page}");
+    let logs = proxy.logs();
+    assert!(logs.contains("login failed"), "{logs}");
+    let typed_login_b64 = plain_ir(&as_login, SCANNER_PASSWORD);
+    for (what, value) in [
+        ("login", as_login.as_str()),
+        ("authzid", as_authzid.as_str()),
+        ("login in base64", &typed_login_b64[4..28]),
+        ("authzid in base64", &with_authzid[..24]),
+    ] {
+        assert!(
+            !logs.contains(value),
+            "the password typed as the {what} reached the log:\n{logs}"
+        );
+        assert!(
+            !page.contains(value),
+            "the password typed as the {what} reached the status page"
+        );
+    }
+}

@@ -1,0 +1,383 @@
+use super::*;
+
+fn account(
+    login: &str,
+    grant: Grant,
+    password: Option<&str>,
+    mailbox: Option<&str>,
+) -> AccountConfig {
+    AccountConfig {
+        login: login.into(),
+        grant,
+        password_hash: password.map(|p| {
+            SecretString::from(hash_password(&SecretString::from(p.to_string())).unwrap())
+        }),
+        mailbox: mailbox.map(String::from),
+        allow_shared: Vec::new(),
+        allowed_senders: Vec::new(),
+        send: None,
+    }
+}
+
+fn pw(s: &str) -> SecretString {
+    SecretString::from(s.to_string())
+}
+
+#[tokio::test]
+async fn exact_pattern_and_failures() {
+    let accounts = Accounts::new(
+        SendVia::Smtp,
+        &[
+            account(
+                "Scanner@Example.test",
+                Grant::ClientCredentials,
+                Some("right"),
+                Some("scans@example.test"),
+            ),
+            account("*@example.test", Grant::Password, None, None),
+            account(
+                "*@other.test",
+                Grant::ClientCredentials,
+                Some("domainpw"),
+                None,
+            ),
+        ],
+    );
+    let id = accounts
+        .authenticate("scanner@example.TEST", pw("right"))
+        .await
+        .unwrap();
+    assert_eq!(id.mailbox, "scans@example.test");
+    assert_eq!(id.grant, Grant::ClientCredentials);
+    assert!(id.password.is_none());
+
+    let err = accounts
+        .authenticate("scanner@example.test", pw("wrong"))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, AuthError::BadCredentials("wrong password")));
+
+    let id = accounts
+        .authenticate("Anyone@example.test", pw("whatever"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (id.mailbox.as_str(), id.grant),
+        ("anyone@example.test", Grant::Password)
+    );
+    assert_eq!(id.password.unwrap().expose_secret(), "whatever");
+
+    let id = accounts
+        .authenticate("x@other.test", pw("domainpw"))
+        .await
+        .unwrap();
+    assert_eq!(id.mailbox, "x@other.test");
+
+    let err = accounts
+        .authenticate("nobody@nowhere.test", pw("right"))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, AuthError::BadCredentials("unknown user")));
+}
+
+#[tokio::test]
+async fn shared_mailboxes_need_allow_shared() {
+    let mut scanner = account(
+        "scanner@x.test",
+        Grant::ClientCredentials,
+        Some("pw"),
+        Some("scans@x.test"),
+    );
+    scanner.allow_shared = vec!["Reception@x.test".into(), "*@shared.x.test".into()];
+    let accounts = Accounts::new(
+        SendVia::Smtp,
+        &[scanner, account("*@x.test", Grant::Password, None, None)],
+    );
+    let id = accounts
+        .authenticate("scanner@x.test\\reception@x.test", pw("pw"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (id.login.as_str(), id.mailbox.as_str()),
+        ("scanner@x.test", "reception@x.test")
+    );
+    let id = accounts
+        .authenticate("scanner@x.test\\hr@shared.x.test", pw("pw"))
+        .await
+        .unwrap();
+    assert_eq!(id.mailbox, "hr@shared.x.test");
+    let err = accounts
+        .authenticate("scanner@x.test\\ceo@x.test", pw("pw"))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(
+        err,
+        AuthError::BadCredentials("shared mailbox not allowed for this account")
+    ));
+    assert!(accounts
+        .authenticate("scanner@x.test\\reception@x.test", pw("bad"))
+        .await
+        .is_err());
+    // A password-grant account without allow_shared cannot open others' mailboxes.
+    assert!(accounts
+        .authenticate("u@x.test\\ceo@x.test", pw("any"))
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn a_repeated_correct_login_skips_argon2() {
+    let accounts = Accounts::new(
+        SendVia::Smtp,
+        &[account(
+            "a@x.test",
+            Grant::ClientCredentials,
+            Some("right"),
+            None,
+        )],
+    );
+    let t = std::time::Instant::now();
+    accounts
+        .authenticate("a@x.test", pw("right"))
+        .await
+        .unwrap();
+    let first = t.elapsed();
+    let t = std::time::Instant::now();
+    accounts
+        .authenticate("a@x.test", pw("right"))
+        .await
+        .unwrap();
+    let again = t.elapsed();
+    assert!(again * 10 < first, "first {first:?}, again {again:?}");
+    // A wrong password is still checked in full, and refused.
+    assert!(accounts
+        .authenticate("a@x.test", pw("wrong"))
+        .await
+        .is_err());
+    assert_eq!(accounts.verified.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn unknown_user_costs_a_hash_too() {
+    let accounts = Accounts::new(
+        SendVia::Smtp,
+        &[account(
+            "a@x.test",
+            Grant::ClientCredentials,
+            Some("p"),
+            None,
+        )],
+    );
+    let t = std::time::Instant::now();
+    let _ = accounts.authenticate("a@x.test", pw("bad")).await;
+    let known = t.elapsed();
+    let t = std::time::Instant::now();
+    let _ = accounts.authenticate("zz@x.test", pw("bad")).await;
+    let unknown = t.elapsed();
+    // Both run one Argon2 verification; neither is near-instant.
+    assert!(
+        unknown * 4 > known,
+        "unknown {unknown:?} vs known {known:?}"
+    );
+}
+
+fn other_domain() -> Accounts {
+    Accounts::new(
+        SendVia::Smtp,
+        &[
+            account(
+                "*@other.test",
+                Grant::ClientCredentials,
+                Some("domainpw"),
+                None,
+            ),
+            account("*@example.test", Grant::Password, None, None),
+            account(
+                "printer",
+                Grant::ClientCredentials,
+                Some("pw"),
+                Some("scans@example.test"),
+            ),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn a_pattern_takes_only_a_mailbox_of_its_domain() {
+    let accounts = other_domain();
+    // Once matched *@other.test, and its \x01 made the upstream log in as bob.
+    for login in [
+        "bob@example.test\x01x=y@other.test",
+        "bob@example.test\r\nx@other.test",
+        "bob@example.test\0x@other.test",
+        "bob@example.test/x@other.test",
+        "bob@example.test@other.test",
+        "bob%example.test@other.test",
+        "bob?x@other.test",
+        "bob#x@other.test",
+        "\"bob@example.test\"@other.test",
+        "bob@sub.other.test",
+        "bob@other.test.evil",
+    ] {
+        let err = accounts
+            .authenticate(login, pw("domainpw"))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{:?} logged in", login.escape_debug()));
+        assert!(
+            matches!(err, AuthError::BadCredentials(_)),
+            "{:?}: {err}",
+            login.escape_debug()
+        );
+        assert_eq!(accounts.account_of(login), None);
+        assert!(!accounts.sends_via_graph(login));
+    }
+    // A password-grant pattern carries no hostile name to the token endpoint.
+    assert!(accounts
+        .authenticate("x\x01y@example.test", pw("any"))
+        .await
+        .is_err());
+    let id = accounts
+        .authenticate(" Bob@Other.TEST ", pw("domainpw"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (id.mailbox.as_str(), id.login.as_str()),
+        ("bob@other.test", "bob@other.test")
+    );
+    // An exact login need not be an address when its account names a mailbox.
+    let id = accounts.authenticate("PRINTER", pw("pw")).await.unwrap();
+    assert_eq!(id.mailbox.as_str(), "scans@example.test");
+}
+
+#[tokio::test]
+async fn both_halves_of_a_shared_login_must_be_mailboxes() {
+    let mut scanner = account("scanner@x.test", Grant::ClientCredentials, Some("pw"), None);
+    scanner.allow_shared = vec!["*@x.test".into()];
+    let accounts = Accounts::new(SendVia::Smtp, &[scanner]);
+    for login in [
+        "scanner@x.test\\a\x01b@x.test",
+        "scanner@x.test\\a/b@x.test",
+        "scanner@x.test\\a@x.test\\b@x.test",
+        "scanner@x.test\\\"a@y\"@x.test",
+        "scanner@x.test\\",
+        "scanner@x.test\x01\\a@x.test",
+    ] {
+        assert!(
+            accounts.authenticate(login, pw("pw")).await.is_err(),
+            "{:?}",
+            login.escape_debug()
+        );
+    }
+    let id = accounts
+        .authenticate("scanner@x.test\\a@x.test", pw("pw"))
+        .await
+        .unwrap();
+    assert_eq!(id.mailbox.as_str(), "a@x.test");
+}
+
+#[test]
+fn spooled_mail_of_a_pattern_account_resolves_like_a_login() {
+    let mut shared = account("*@other.test", Grant::ClientCredentials, Some("p"), None);
+    shared.allow_shared = vec!["reception@shared.test".into()];
+    let accounts = Accounts::new(
+        SendVia::Graph,
+        &[
+            shared,
+            account("*@example.test", Grant::Password, None, None),
+        ],
+    );
+    let id = accounts
+        .spooled_identity("*@other.test", "bob@other.test")
+        .unwrap();
+    assert_eq!(
+        (id.account.as_str(), id.mailbox.as_str(), id.grant, id.graph),
+        (
+            "*@other.test",
+            "bob@other.test",
+            Grant::ClientCredentials,
+            true
+        )
+    );
+    let id = accounts
+        .spooled_identity("*@Other.test", "reception@shared.test")
+        .unwrap();
+    assert_eq!(id.mailbox.as_str(), "reception@shared.test");
+    // Another domain, a hostile mailbox, a password-grant pattern, a pattern gone.
+    assert!(matches!(
+        accounts.spooled_identity("*@other.test", "ceo@example.test"),
+        Err(AuthError::Authorization(_))
+    ));
+    assert!(accounts
+        .spooled_identity("*@other.test", "bob@example.test\x01x@other.test")
+        .is_err());
+    assert!(accounts
+        .spooled_identity("*@example.test", "bob@example.test")
+        .is_err());
+    assert!(matches!(
+        accounts.spooled_identity("*@gone.test", "bob@gone.test"),
+        Err(AuthError::BadCredentials(_))
+    ));
+}
+
+#[test]
+fn the_log_names_accounts_never_an_unknown_login() {
+    let accounts = other_domain();
+    assert_eq!(accounts.describe("Bob@Other.test"), "bob@other.test");
+    assert_eq!(accounts.describe("PRINTER"), "printer");
+    assert_eq!(
+        accounts.describe("printer\\Reception@x.test"),
+        "printer\\reception@x.test"
+    );
+    assert!(accounts
+        .describe("printer\\hunter2")
+        .starts_with("printer\\(not a mailbox"));
+    for (typed, starts) in [
+        (
+            "hunter2-typed-as-login",
+            "not a mailbox (not exactly one @) #",
+        ),
+        ("hunter2@typed", "unknown user #"),
+        (
+            "hunter2@example.test\x01",
+            "not a mailbox (a control character) #",
+        ),
+        (
+            "bob@example.test\x01x=y@other.test",
+            "not a mailbox (a control character) #",
+        ),
+        (
+            "hunter2\\x@other.test",
+            "not a mailbox (not exactly one @) #",
+        ),
+    ] {
+        let shown = accounts.describe(typed);
+        assert!(shown.starts_with(starts), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("x=y"),
+            "{shown}"
+        );
+        assert!(!shown.contains(char::is_control), "{shown:?}");
+        assert_eq!(shown, accounts.describe(typed), "stable");
+    }
+    assert_ne!(accounts.describe("hunter2"), accounts.describe("hunter3"));
+    // A mailbox no account covers, in a domain an exact account lives in.
+    assert!(accounts
+        .describe("nobody@example.test")
+        .starts_with("nobody@example.test"));
+    let exact_only = Accounts::new(
+        SendVia::Smtp,
+        &[account(
+            "a@x.test",
+            Grant::ClientCredentials,
+            Some("p"),
+            None,
+        )],
+    );
+    assert!(exact_only
+        .describe("zz@x.test")
+        .starts_with("unknown user at x.test #"));
+}
