@@ -32,6 +32,20 @@ pub fn literal_suffix(line: &[u8]) -> Option<(u64, bool)> {
     Some((std::str::from_utf8(digits).ok()?.parse().ok()?, sync))
 }
 
+/// A mailbox name as an IMAP quoted string.
+fn quoted(name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len() + 2);
+    out.push(b'"');
+    for b in name {
+        if matches!(b, b'"' | b'\\') {
+            out.push(b'\\');
+        }
+        out.push(*b);
+    }
+    out.push(b'"');
+    out
+}
+
 /// One argument of a command.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Arg {
@@ -344,7 +358,7 @@ impl Request<'_> {
             } => {
                 let mut out =
                     format!("{TAG} {} ", if *examine { "EXAMINE" } else { "SELECT" }).into_bytes();
-                out.extend_from_slice(&super::imap_view::quoted(mailbox));
+                out.extend_from_slice(&quoted(mailbox));
                 if *condstore {
                     out.extend_from_slice(b" (CONDSTORE)");
                 }
@@ -616,6 +630,11 @@ mod tests {
             ["IMAP4rev1", "IDLE"]
         );
         assert_eq!(capabilities_in(b"* OK Dovecot ready."), None);
+    }
+
+    #[test]
+    fn mailbox_names_are_quoted() {
+        assert_eq!(quoted(b"a \"b\\"), b"\"a \\\"b\\\\\"");
     }
 
     #[test]

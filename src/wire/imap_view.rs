@@ -361,20 +361,6 @@ pub fn search_numbers(line: &[u8]) -> Option<Vec<u32>> {
     Some(out)
 }
 
-/// A mailbox name as an IMAP quoted string.
-pub fn quoted(name: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(name.len() + 2);
-    out.push(b'"');
-    for b in name {
-        if matches!(b, b'"' | b'\\') {
-            out.push(b'\\');
-        }
-        out.push(*b);
-    }
-    out.push(b'"');
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,6 +494,5 @@ mod tests {
         assert_eq!(search_numbers(b"* SEARCH"), Some(vec![]));
         assert_eq!(search_numbers(b"* SEARCH 3 (MODSEQ 9)"), Some(vec![3]));
         assert_eq!(search_numbers(b"* 3 EXISTS"), None);
-        assert_eq!(quoted(b"a \"b\\"), b"\"a \\\"b\\\\\"");
     }
 }
