@@ -5,6 +5,7 @@
 
 pub mod graph;
 pub mod imap;
+mod imap_reply;
 pub mod imap_view;
 pub mod message;
 pub mod pop3;
