@@ -18,7 +18,9 @@
 //! in a literal, a command that does not finish in time, the new login
 //! failing, an expunge in between), it ends with `* BYE` at a response
 //! boundary a few seconds before the token runs out, never in the middle
-//! of a response.
+//! of a response. A device is held only while a quiet point can come: if
+//! none comes within [`QUIET_WAIT`] of silence (or [`QUIET_MAX`] in all),
+//! the device goes on and its session ends with that `* BYE`.
 //!
 //! Timing, for a token of lifetime L: the new login starts L/4 (at most 5
 //! minutes) before expiry; the session ends L/15 (at most 30 s, at least
@@ -51,6 +53,13 @@ mod swap;
 
 /// The whole move, while the device is held.
 const SWAP_TIME: Duration = Duration::from_secs(15);
+/// A device held for a move goes on without it when nothing moved either
+/// way for this long and the session is still not at a quiet point...
+const QUIET_WAIT: Duration = Duration::from_secs(5);
+/// ... or when it has been held this long.
+const QUIET_MAX: Duration = Duration::from_secs(30);
+/// How often a held device's wait is checked.
+const QUIET_POLL: Duration = Duration::from_secs(1);
 /// A failed new login is tried again this much later (until the deadline).
 const RENEW_RETRY: Duration = Duration::from_secs(5);
 
@@ -102,6 +111,10 @@ struct Control {
     bye: bool,
     /// The device-to-upstream pump has stopped between two commands.
     up_parked: bool,
+    /// The upstream refused the literal the device's command was waiting
+    /// to send: that command is over, and the device's next byte starts a
+    /// new one.
+    literal_refused: bool,
 }
 
 /// What both pumps share.
@@ -138,8 +151,6 @@ enum Stop {
 }
 
 enum Up {
-    /// Stopped between two commands, for a move.
-    Parked,
     /// The device half-closed.
     Closed,
     Failed(&'static str),
@@ -152,7 +163,8 @@ enum Down {
 }
 
 /// Device to upstream: forward commands, note each in the view, stop
-/// between two commands when a move is due.
+/// between two commands when a move is due and wait there until the move
+/// is done (this future is then dropped) or given up.
 async fn up_pump(
     from: &mut ReadHalf<Stream>,
     to: &mut WriteHalf<Stream>,
@@ -162,12 +174,21 @@ async fn up_pump(
     changes: &mut watch::Receiver<Control>,
 ) -> Up {
     loop {
+        if shared.control.borrow().literal_refused {
+            framer.cancel_literal();
+            shared.control.send_modify(|c| c.literal_refused = false);
+        }
         let mut at = 0;
         while at < pending.len() && !(framer.at_boundary() && shared.control.borrow().pause) {
             let (n, unit) = framer.feed(&pending[at..]);
             at += n;
-            if let Some(unit) = unit {
-                shared.view().command(&unit);
+            match unit {
+                Some(unit) => shared.view().command(&unit),
+                None => {
+                    if let Some(head) = framer.awaits_literal() {
+                        shared.view().literal_announced(head);
+                    }
+                }
             }
         }
         if at > 0 {
@@ -180,7 +201,13 @@ async fn up_pump(
         }
         if framer.at_boundary() && shared.control.borrow().pause {
             shared.control.send_modify(|c| c.up_parked = true);
-            return Up::Parked;
+            while shared.control.borrow().pause {
+                if changes.changed().await.is_err() {
+                    return Up::Failed("relay stopped");
+                }
+            }
+            shared.control.send_modify(|c| c.up_parked = false);
+            continue;
         }
         pending.reserve(COPY_BUFFER);
         tokio::select! {
@@ -225,8 +252,12 @@ async fn down_pump(
             let (n, unit) = framer.feed(&pending[at..]);
             at += n;
             if let Some(unit) = unit {
-                if shared.view().response(&unit) == (Seen::Bye { expired: true }) {
-                    crate::metrics::upstream_expiry(Protocol::Imap);
+                match shared.view().response(&unit) {
+                    Seen::Bye { expired: true } => crate::metrics::upstream_expiry(Protocol::Imap),
+                    Seen::LiteralRefused => {
+                        shared.control.send_modify(|c| c.literal_refused = true)
+                    }
+                    _ => {}
                 }
             }
         }
@@ -367,7 +398,7 @@ pub async fn relay(
                         }
                     },
                     u = &mut up, if !up_done => match u {
-                        Up::Parked | Up::Closed => up_done = true,
+                        Up::Closed => up_done = true,
                         Up::Failed(why) => break Some(why),
                     },
                     _ = tokio::time::sleep_until(next_try), if moving && preparing.is_none() && prepared.is_none() && !bye && !shared.activity.device_done.load(Ordering::Relaxed) => {
@@ -398,6 +429,22 @@ pub async fn relay(
                                 refusal = why;
                                 next_try = tokio::time::Instant::now() + RENEW_RETRY;
                             }
+                        }
+                    }
+                    _ = tokio::time::sleep(QUIET_POLL), if prepared.is_some() => {
+                        let held = paused_at.map(|t| t.elapsed()).unwrap_or_default();
+                        let stalled = shared.activity.idle_for() >= QUIET_WAIT || held >= QUIET_MAX;
+                        if shared.control.borrow().up_parked && stalled {
+                            // No quiet point in sight (an answer the view
+                            // waits for may never come): let the device go
+                            // on, and end its session with the BYE instead.
+                            shared.control.send_modify(|c| c.pause = false);
+                            if let Some(p) = prepared.take() {
+                                logout(p.renewed.conn);
+                            }
+                            refusal = "no quiet point";
+                            next_try = bye_at + Duration::from_secs(3600);
+                            warn!(held_ms = held.as_millis() as u64, "IMAP session not moved: no quiet point came; it ends before its token expires");
                         }
                     }
                     _ = tokio::time::sleep_until(bye_at), if moving && !bye => {

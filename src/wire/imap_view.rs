@@ -32,6 +32,9 @@ pub struct Unit {
 pub struct Framer {
     /// Literal bytes still to pass before the line goes on.
     literal: u64,
+    /// The last line announced a synchronising literal (`{n}`), and
+    /// nothing after it has been taken yet: the sender waits for `+`.
+    sync: bool,
     unit: Unit,
     first_line_done: bool,
     tail: Vec<u8>,
@@ -42,7 +45,13 @@ pub struct Framer {
 impl Framer {
     /// Take bytes of `data` up to the end of the next unit: how many were
     /// taken, and the unit if it ended there.
+    ///
+    /// After a line that announces a synchronising literal it stops, so
+    /// that the caller can see [`Framer::awaits_literal`].
     pub fn feed(&mut self, data: &[u8]) -> (usize, Option<Unit>) {
+        if !data.is_empty() {
+            self.sync = false;
+        }
         let mut i = 0;
         loop {
             if self.literal > 0 {
@@ -65,10 +74,14 @@ impl Framer {
             i += k + 1;
             self.end_line();
             let tail = self.tail.strip_suffix(b"\r").unwrap_or(&self.tail);
-            if let Some((n, _)) = literal_suffix(tail) {
+            if let Some((n, sync)) = literal_suffix(tail) {
                 self.literal = n;
                 self.unit.literal = true;
                 self.tail.clear();
+                if sync {
+                    self.sync = true;
+                    return (i, None);
+                }
                 continue;
             }
             let unit = std::mem::take(&mut self.unit);
@@ -80,6 +93,22 @@ impl Framer {
     /// Between two units: nothing of the next one seen yet.
     pub fn at_boundary(&self) -> bool {
         !self.mid
+    }
+
+    /// The first line of the command whose synchronising literal the
+    /// sender waits to be asked for, if that is where the stream stands.
+    pub fn awaits_literal(&self) -> Option<&[u8]> {
+        self.sync.then_some(self.unit.head.as_slice())
+    }
+
+    /// The command whose literal was awaited ended without it (the server
+    /// refused it with a tagged answer instead of `+`): what comes next is
+    /// a new command.
+    pub fn cancel_literal(&mut self) {
+        self.literal = 0;
+        self.sync = false;
+        self.unit = Unit::default();
+        self.reset();
     }
 
     fn absorb(&mut self, seg: &[u8]) {
@@ -145,6 +174,11 @@ pub enum Seen {
     Exists(u64),
     /// `* n FETCH`.
     Fetch,
+    /// `* BAD`.
+    Bad,
+    /// The tagged end of a command whose synchronising literal the server
+    /// refused: the literal will not come.
+    LiteralRefused,
     /// Anything else.
     Other,
 }
@@ -161,6 +195,9 @@ pub fn seen(head: &[u8]) -> Seen {
     }
     if upper.starts_with(b"VANISHED") {
         return Seen::Expunge;
+    }
+    if upper == b"BAD" || upper.starts_with(b"BAD ") {
+        return Seen::Bad;
     }
     let mut words = upper.split(|b| *b == b' ');
     let number = words
@@ -188,11 +225,16 @@ pub struct View {
     done: bool,
     /// Why this session cannot be moved, if it cannot.
     pub unmovable: Option<&'static str>,
+    /// The tag of a command waiting for the server's `+` before sending
+    /// its literal (`*` when the tag is not valid: the server then answers
+    /// with an untagged `* BAD`).
+    literal_wait: Option<String>,
 }
 
 impl View {
     /// A command the device sent upstream.
     pub fn command(&mut self, unit: &Unit) {
+        self.literal_wait = None;
         if self.unmovable.is_some() {
             return;
         }
@@ -203,7 +245,13 @@ impl View {
             return;
         }
         let mut words = unit.head.splitn(3, |b| *b == b' ');
-        let tag = String::from_utf8_lossy(words.next().unwrap_or_default()).into_owned();
+        let tag = words.next().unwrap_or_default();
+        if !valid_tag(tag) {
+            // A blank line or a bad tag: the server answers `* BAD` and
+            // nothing it could be waited for by.
+            return;
+        }
+        let tag = String::from_utf8_lossy(tag).into_owned();
         let name = words.next().unwrap_or_default().to_ascii_uppercase();
         let kind = match name.as_slice() {
             b"SELECT" | b"EXAMINE" => self.select(unit, name == b"EXAMINE"),
@@ -255,6 +303,16 @@ impl View {
         }
     }
 
+    /// The device sent a line that ends in a synchronising literal and
+    /// waits for the server's `+` (`head` is the command so far).
+    pub fn literal_announced(&mut self, head: &[u8]) {
+        let tag = head.split(|b| *b == b' ').next().unwrap_or_default();
+        self.literal_wait = Some(match valid_tag(tag) {
+            true => String::from_utf8_lossy(tag).into_owned(),
+            false => "*".into(),
+        });
+    }
+
     fn refuse(&mut self, why: &'static str) {
         self.unmovable = Some(why);
         self.in_flight.clear();
@@ -263,6 +321,10 @@ impl View {
     /// A response the upstream sent the device.
     pub fn response(&mut self, unit: &Unit) -> Seen {
         let head = unit.head.as_slice();
+        if self.literal_wait.as_deref() == Some("*") && seen(head) == Seen::Bad {
+            self.literal_wait = None;
+            return Seen::LiteralRefused;
+        }
         if head.starts_with(b"* ") {
             if let Some(v) = uidvalidity(head) {
                 self.pending_uidvalidity = Some(v);
@@ -270,6 +332,9 @@ impl View {
             return seen(head);
         }
         if head.first() == Some(&b'+') {
+            if self.literal_wait.take().is_some() {
+                return Seen::Other;
+            }
             if self.idle_tag().is_some() {
                 self.idling = true;
             }
@@ -279,6 +344,14 @@ impl View {
         let tag = words.next().unwrap_or_default();
         let status = words.next().unwrap_or_default().to_ascii_uppercase();
         let Some(at) = self.in_flight.iter().position(|(t, _)| t.as_bytes() == tag) else {
+            if self
+                .literal_wait
+                .as_deref()
+                .is_some_and(|t| t.as_bytes() == tag)
+            {
+                self.literal_wait = None;
+                return Seen::LiteralRefused;
+            }
             return Seen::Other;
         };
         let (_, kind) = self.in_flight.remove(at).expect("found");
@@ -317,7 +390,7 @@ impl View {
     /// The session can move now: nothing in flight, or only an IDLE that
     /// has its `+` and no DONE yet. Returns the IDLE's tag in that case.
     pub fn quiet(&self) -> Option<Option<&str>> {
-        if self.unmovable.is_some() {
+        if self.unmovable.is_some() || self.literal_wait.is_some() {
             return None;
         }
         match self.in_flight.len() {
@@ -326,6 +399,15 @@ impl View {
             _ => None,
         }
     }
+}
+
+/// Whether a command's first word is a tag a server answers with (RFC
+/// 3501: astring characters but `+`).
+fn valid_tag(tag: &[u8]) -> bool {
+    !tag.is_empty()
+        && tag
+            .iter()
+            .all(|b| *b > b' ' && *b < 0x7f && !b"(){%*\"\\+".contains(b))
 }
 
 /// The UIDVALIDITY of a `* OK [UIDVALIDITY n]` line.
@@ -448,6 +530,93 @@ mod tests {
         v.command(&unit("x EXAMINE INBOX"));
         v.response(&unit("x NO [NONEXISTENT] no"));
         assert_eq!(v.selected, None);
+    }
+
+    #[test]
+    fn lines_without_a_tag_are_not_in_flight() {
+        let mut v = View::default();
+        for line in ["", " ", "a{b NOOP", "+ NOOP", "\u{1}x NOOP"] {
+            v.command(&unit(line));
+            assert_eq!(v.quiet(), Some(None), "{line:?}");
+        }
+        assert_eq!(v.response(&unit("* BAD Error in IMAP tag")), Seen::Bad);
+        v.command(&unit("DONE"));
+        assert_eq!(v.quiet(), None, "a tag, answered with a tag");
+        v.response(&unit("DONE BAD Unknown command"));
+        assert_eq!(v.quiet(), Some(None));
+    }
+
+    /// A device's stream through the framer and the view, as the relay
+    /// feeds them.
+    fn device_sends(f: &mut Framer, v: &mut View, data: &[u8]) {
+        let mut at = 0;
+        while at < data.len() {
+            let (n, unit) = f.feed(&data[at..]);
+            at += n;
+            match unit {
+                Some(u) => v.command(&u),
+                None => {
+                    if let Some(head) = f.awaits_literal() {
+                        v.literal_announced(head);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_literal_ends_its_command() {
+        let (mut f, mut v) = (Framer::default(), View::default());
+        device_sends(&mut f, &mut v, b"n0 NOOP\r\nl APPEND Nowhere {5}\r\n");
+        assert_eq!(f.awaits_literal(), Some(&b"l APPEND Nowhere {5}"[..]));
+        assert!(!f.at_boundary());
+        assert_eq!(v.quiet(), None);
+        assert_eq!(v.response(&unit("n0 OK NOOP completed")), Seen::Other);
+        assert_eq!(
+            v.response(&unit("l NO [TRYCREATE] Mailbox doesn't exist")),
+            Seen::LiteralRefused
+        );
+        f.cancel_literal();
+        assert!(f.at_boundary());
+        assert_eq!(v.quiet(), Some(None));
+        device_sends(&mut f, &mut v, b"n NOOP\r\n");
+        assert_eq!(v.quiet(), None);
+        v.response(&unit("n OK NOOP completed"));
+        assert_eq!(v.quiet(), Some(None));
+    }
+
+    #[test]
+    fn an_accepted_literal_is_followed_to_its_end() {
+        let (mut f, mut v) = (Framer::default(), View::default());
+        device_sends(&mut f, &mut v, b"s SELECT {5}\r\n");
+        assert!(f.awaits_literal().is_some());
+        assert_eq!(v.response(&unit("+ OK")), Seen::Other);
+        assert_eq!(v.unmovable, None);
+        device_sends(&mut f, &mut v, b"INBOX\r\n");
+        assert!(f.at_boundary());
+        assert_eq!(f.awaits_literal(), None);
+        assert_eq!(v.unmovable, Some("mailbox name not kept"));
+        // LITERAL+ never waits.
+        let (mut f, mut v) = (Framer::default(), View::default());
+        device_sends(&mut f, &mut v, b"a APPEND INBOX {3+}\r\n");
+        assert_eq!(f.awaits_literal(), None);
+        device_sends(&mut f, &mut v, b"abc\r\n");
+        assert_eq!(v.quiet(), None);
+        v.response(&unit("a OK appended"));
+        assert_eq!(v.quiet(), Some(None));
+    }
+
+    #[test]
+    fn a_literal_after_a_bad_tag_is_refused_untagged() {
+        let (mut f, mut v) = (Framer::default(), View::default());
+        device_sends(&mut f, &mut v, b"a{b APPEND INBOX {5}\r\n");
+        assert_eq!(v.quiet(), None);
+        assert_eq!(
+            v.response(&unit("* BAD Error in IMAP tag")),
+            Seen::LiteralRefused
+        );
+        f.cancel_literal();
+        assert_eq!(v.quiet(), Some(None));
     }
 
     #[test]
