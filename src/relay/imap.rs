@@ -38,17 +38,17 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub use self::renew::{Renew, Renewer};
 use self::swap::{logout, prepare, swap, Held, Prepared};
 use super::{write_within, Activity, Relayed, COPY_BUFFER, DEVICE_CLOSED, FAREWELL_WRITE};
 use crate::config::Protocol;
-use crate::error::AuthError;
-use crate::login::Renewed;
 use crate::net::stream::Stream;
 use crate::net::Conn;
 use crate::wire::imap::Reply;
 use crate::wire::imap_view::{Framer, Seen, View};
 use crate::wire::{self, Farewell};
 
+mod renew;
 mod swap;
 
 /// The whole move, while the device is held.
@@ -62,24 +62,6 @@ const QUIET_MAX: Duration = Duration::from_secs(30);
 const QUIET_POLL: Duration = Duration::from_secs(1);
 /// A failed new login is tried again this much later (until the deadline).
 const RENEW_RETRY: Duration = Duration::from_secs(5);
-
-/// Logs in again upstream for this session (see [`crate::login::renew`]).
-pub trait Renew: Send {
-    fn renew(&mut self) -> Renewing;
-}
-
-/// A new login under way.
-pub type Renewing = Pin<Box<dyn Future<Output = Result<Renewed, AuthError>> + Send>>;
-
-impl<F, Fut> Renew for F
-where
-    F: FnMut() -> Fut + Send,
-    Fut: Future<Output = Result<Renewed, AuthError>> + Send + 'static,
-{
-    fn renew(&mut self) -> Renewing {
-        Box::pin(self())
-    }
-}
 
 /// When the upstream token of a connection expires and how long it lived.
 #[derive(Debug, Clone, Copy)]
@@ -424,6 +406,13 @@ pub async fn relay(
                                 prepared = Some(p);
                                 paused_at = Some(Instant::now());
                                 shared.control.send_modify(|c| c.pause = true);
+                            }
+                            Err(why) if why == renew::REVOKED => {
+                                // No new login for a removed or changed
+                                // account: the BYE now, between responses.
+                                refusal = why;
+                                bye = true;
+                                shared.control.send_modify(|c| c.bye = true);
                             }
                             Err(why) => {
                                 refusal = why;

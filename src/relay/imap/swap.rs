@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use super::renew::REVOKED;
 use crate::error::AuthError;
 use crate::login::Renewed;
 use crate::net::{Conn, LineError};
@@ -51,7 +52,10 @@ pub async fn prepare(
     enabled: Vec<String>,
     selected: Option<Selected>,
 ) -> Result<Prepared, &'static str> {
-    let mut renewed = login.await.map_err(|_| "new login failed")?;
+    let mut renewed = login.await.map_err(|e| match e {
+        AuthError::BadCredentials(REVOKED) => REVOKED,
+        _ => "new login failed",
+    })?;
     let restored = restore(&mut renewed.conn, enabled, selected).await?;
     Ok(Prepared { renewed, restored })
 }
