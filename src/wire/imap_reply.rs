@@ -35,6 +35,9 @@ pub enum Request<'a> {
     Logout,
     /// Moving a session: ENABLE what the device had enabled.
     Enable(&'a [String]),
+    /// Moving a session: close the mailbox the device no longer has open
+    /// (without expunging, unlike CLOSE).
+    Unselect,
     /// Moving a session: select the device's mailbox again.
     Select {
         mailbox: &'a [u8],
@@ -59,6 +62,7 @@ impl Request<'_> {
             Request::Cancel => "*".into(),
             Request::Logout => format!("{TAG} LOGOUT"),
             Request::Enable(exts) => format!("{TAG} ENABLE {}", exts.join(" ")),
+            Request::Unselect => format!("{TAG} UNSELECT"),
             Request::Select {
                 mailbox,
                 examine,
@@ -250,6 +254,24 @@ pub(super) fn farewell(f: Farewell) -> &'static [u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_of_a_move() {
+        assert_eq!(Request::Unselect.to_bytes(), b"oxb1 UNSELECT\r\n");
+        assert_eq!(
+            Request::Enable(&["CONDSTORE".into()]).to_bytes(),
+            b"oxb1 ENABLE CONDSTORE\r\n"
+        );
+        assert_eq!(
+            Request::Select {
+                mailbox: b"Sent \"x\"",
+                examine: true,
+                condstore: true
+            }
+            .to_bytes(),
+            b"oxb1 EXAMINE \"Sent \\\"x\\\"\" (CONDSTORE)\r\n"
+        );
+    }
 
     #[test]
     fn mailbox_names_are_quoted() {

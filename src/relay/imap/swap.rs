@@ -38,6 +38,8 @@ pub struct Restored {
     selected: Option<Selected>,
     /// The UIDVALIDITY the new connection announced.
     uidvalidity: Option<u32>,
+    /// The server offers UNSELECT (RFC 3691).
+    unselect: bool,
 }
 
 /// A new upstream connection, logged in and set up like the device's.
@@ -56,45 +58,115 @@ pub async fn prepare(
         AuthError::BadCredentials(REVOKED) => REVOKED,
         _ => "new login failed",
     })?;
-    let restored = restore(&mut renewed.conn, enabled, selected).await?;
+    let mut restored = Restored {
+        unselect: renewed
+            .capabilities
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case("UNSELECT")),
+        ..Restored::default()
+    };
+    restore(
+        &mut renewed.conn,
+        &mut restored,
+        &enabled,
+        selected.as_ref(),
+    )
+    .await?;
     Ok(Prepared { renewed, restored })
 }
 
-/// ENABLE and SELECT (or EXAMINE) on `conn` as the device did.
+/// One command that brings a new connection closer to the device's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Unselect,
+    Enable(Vec<String>),
+    Select(Selected),
+}
+
+/// The commands that take a connection set up as `has` to the device's
+/// state: the extensions it enabled (only ever added), then its mailbox
+/// selected, or none. ENABLE is sent with no mailbox selected (RFC 5161),
+/// so a selected one is closed first; closing is UNSELECT, never CLOSE
+/// (which would expunge), and a server without UNSELECT cannot be moved
+/// where that is needed.
+fn plan(
+    has: &Restored,
+    enabled: &[String],
+    selected: Option<&Selected>,
+) -> Result<Vec<Step>, &'static str> {
+    let mut steps = Vec::new();
+    let mut open = has.selected.as_ref();
+    let missing: Vec<String> = enabled
+        .iter()
+        .filter(|e| !has.enabled.iter().any(|h| h.eq_ignore_ascii_case(e)))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        if open.is_some() {
+            steps.push(Step::Unselect);
+            open = None;
+        }
+        steps.push(Step::Enable(missing));
+    }
+    match selected {
+        Some(s) if open != Some(s) => steps.push(Step::Select(s.clone())),
+        None if open.is_some() => steps.push(Step::Unselect),
+        _ => {}
+    }
+    if steps.contains(&Step::Unselect) && !has.unselect {
+        return Err("no UNSELECT to close the mailbox with");
+    }
+    Ok(steps)
+}
+
+/// Bring `conn`, set up as `has`, to the device's state (see [`plan`]).
 async fn restore(
     conn: &mut Conn,
-    enabled: Vec<String>,
-    selected: Option<Selected>,
-) -> Result<Restored, &'static str> {
-    if !enabled.is_empty() {
-        send(conn, &Request::Enable(&enabled)).await?;
-        until_tagged(conn, |_, _| Ok(())).await?;
-    }
-    let mut uidvalidity = None;
-    if let Some(s) = &selected {
-        send(
-            conn,
-            &Request::Select {
-                mailbox: &s.mailbox,
-                examine: s.examine,
-                condstore: s.condstore,
-            },
-        )
-        .await?;
-        until_tagged(conn, |head, _| {
-            if let Some(v) = self::uidvalidity(head) {
-                uidvalidity = Some(v);
+    has: &mut Restored,
+    enabled: &[String],
+    selected: Option<&Selected>,
+) -> Result<(), &'static str> {
+    for step in plan(has, enabled, selected)? {
+        match step {
+            Step::Unselect => {
+                send(conn, &Request::Unselect).await?;
+                until_tagged(conn, |_, _| Ok(())).await?;
+                has.selected = None;
+                has.uidvalidity = None;
             }
-            Ok(())
-        })
-        .await
-        .map_err(|_| "mailbox not selectable again")?;
+            Step::Enable(exts) => {
+                send(conn, &Request::Enable(&exts)).await?;
+                until_tagged(conn, |_, _| Ok(())).await?;
+                has.enabled.extend(exts);
+            }
+            Step::Select(s) => {
+                // Whatever was selected is closed, even if this fails.
+                has.selected = None;
+                has.uidvalidity = None;
+                send(
+                    conn,
+                    &Request::Select {
+                        mailbox: &s.mailbox,
+                        examine: s.examine,
+                        condstore: s.condstore,
+                    },
+                )
+                .await?;
+                let mut uidvalidity = None;
+                until_tagged(conn, |head, _| {
+                    if let Some(v) = self::uidvalidity(head) {
+                        uidvalidity = Some(v);
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(|_| "mailbox not selectable again")?;
+                has.selected = Some(s);
+                has.uidvalidity = uidvalidity;
+            }
+        }
     }
-    Ok(Restored {
-        enabled,
-        selected,
-        uidvalidity,
-    })
+    Ok(())
 }
 
 /// Move the held session from `old` to `new`; on success the device has
@@ -112,9 +184,7 @@ pub async fn swap(
         enabled,
         selected,
     } = held;
-    if restored.enabled != enabled || restored.selected != selected {
-        *restored = restore(new, enabled, selected.clone()).await?;
-    }
+    restore(new, restored, &enabled, selected.as_ref()).await?;
     let mut to_device = Vec::new();
     if let Some(tag) = &idle_tag {
         send(old, &Request::Done).await?;
@@ -284,4 +354,100 @@ pub fn logout(mut conn: Conn) {
             .await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inbox() -> Selected {
+        Selected {
+            mailbox: b"INBOX".to_vec(),
+            examine: false,
+            condstore: false,
+            uidvalidity: Some(7),
+        }
+    }
+
+    fn has(enabled: &[&str], selected: Option<Selected>) -> Restored {
+        Restored {
+            enabled: enabled.iter().map(|e| e.to_string()).collect(),
+            selected,
+            uidvalidity: Some(7),
+            unselect: true,
+        }
+    }
+
+    fn exts(e: &[&str]) -> Vec<String> {
+        e.iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn a_fresh_connection_enables_before_it_selects() {
+        let fresh = Restored {
+            unselect: true,
+            ..Restored::default()
+        };
+        assert_eq!(
+            plan(&fresh, &exts(&["CONDSTORE"]), Some(&inbox())),
+            Ok(vec![
+                Step::Enable(exts(&["CONDSTORE"])),
+                Step::Select(inbox())
+            ])
+        );
+        assert_eq!(plan(&fresh, &[], None), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_mailbox_the_device_closed_is_closed() {
+        assert_eq!(
+            plan(&has(&[], Some(inbox())), &[], None),
+            Ok(vec![Step::Unselect])
+        );
+        let mut no_unselect = has(&[], Some(inbox()));
+        no_unselect.unselect = false;
+        assert!(plan(&no_unselect, &[], None).is_err());
+    }
+
+    #[test]
+    fn enable_is_never_sent_with_a_mailbox_selected() {
+        // Enabled after the device closed its mailbox.
+        assert_eq!(
+            plan(&has(&[], Some(inbox())), &exts(&["CONDSTORE"]), None),
+            Ok(vec![Step::Unselect, Step::Enable(exts(&["CONDSTORE"]))])
+        );
+        // ... and then selected it again.
+        assert_eq!(
+            plan(
+                &has(&["QRESYNC"], Some(inbox())),
+                &exts(&["qresync", "CONDSTORE"]),
+                Some(&inbox())
+            ),
+            Ok(vec![
+                Step::Unselect,
+                Step::Enable(exts(&["CONDSTORE"])),
+                Step::Select(inbox())
+            ])
+        );
+    }
+
+    #[test]
+    fn nothing_is_sent_for_what_holds_already() {
+        assert_eq!(
+            plan(
+                &has(&["CONDSTORE"], Some(inbox())),
+                &exts(&["CONDSTORE"]),
+                Some(&inbox())
+            ),
+            Ok(vec![])
+        );
+        let sent = Selected {
+            mailbox: b"Sent Items".to_vec(),
+            ..inbox()
+        };
+        assert_eq!(
+            plan(&has(&[], Some(inbox())), &[], Some(&sent)),
+            Ok(vec![Step::Select(sent)])
+        );
+    }
 }
