@@ -45,7 +45,8 @@ use crate::config::Protocol;
 use crate::net::stream::Stream;
 use crate::net::Conn;
 use crate::wire::imap::Reply;
-use crate::wire::imap_view::{Framer, Seen, View};
+use crate::wire::imap_frame::Framer;
+use crate::wire::imap_view::{Seen, View};
 use crate::wire::{self, Farewell};
 
 mod renew;

@@ -5,6 +5,7 @@
 
 pub mod graph;
 pub mod imap;
+pub mod imap_frame;
 mod imap_reply;
 pub mod imap_view;
 pub mod message;
