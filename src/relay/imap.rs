@@ -51,6 +51,8 @@ use crate::wire::{self, Farewell};
 
 mod renew;
 mod swap;
+#[cfg(test)]
+mod tests;
 
 /// The whole move, while the device is held.
 const SWAP_TIME: Duration = Duration::from_secs(15);
@@ -424,7 +426,10 @@ pub async fn relay(
                     _ = tokio::time::sleep(QUIET_POLL), if prepared.is_some() => {
                         let held = paused_at.map(|t| t.elapsed()).unwrap_or_default();
                         let stalled = shared.activity.idle_for() >= QUIET_WAIT || held >= QUIET_MAX;
-                        if shared.control.borrow().up_parked && stalled {
+                        // Quiet: the pump towards the device parks (or has
+                        // parked, and is writing its last bytes).
+                        let quiet = shared.view().quiet().is_some();
+                        if shared.control.borrow().up_parked && stalled && !quiet {
                             // No quiet point in sight (an answer the view
                             // waits for may never come): let the device go
                             // on, and end its session with the BYE instead.
