@@ -96,12 +96,14 @@ fn small(id: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The front's `event=login` lines since `since` (epoch seconds), as
-/// (lifetime_s, left_s, proto).
+/// The front's `event=login` lines of Bob's since `since` (epoch seconds),
+/// as (lifetime_s, left_s, proto). (Tests with other token lifetimes use
+/// other mailboxes.)
 fn front_logins(since: f64) -> Vec<(f64, f64, String)> {
     let log = std::fs::read_to_string(upstream().get("FRONT_LOG")).unwrap();
+    let bob = format!(" user={BOB} ");
     log.lines()
-        .filter(|l| l.contains("event=login"))
+        .filter(|l| l.contains("event=login") && l.contains(&bob))
         .filter_map(|l| {
             let field = |k: &str| {
                 l.split(' ')

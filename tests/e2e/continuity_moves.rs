@@ -3,7 +3,8 @@
 //! the upstream answers without a tag (a blank line) or whose literal it
 //! refuses never hold the device; and an account removed or given another
 //! password by a reload ends its sessions at the next move with the BYE
-//! instead of moving them.
+//! instead of moving them. Alice's mailbox only: the tests of
+//! `continuity` check the lifetimes of Bob's logins at the front.
 
 use std::time::{Duration, Instant};
 
@@ -92,7 +93,7 @@ fn still_works_after_expiry(c: &mut Raw, proxy: &Proxy, login: Instant) {
 #[test]
 fn a_blank_line_does_not_hold_the_device_at_a_move() {
     let proxy = short_token_proxy();
-    let (mut c, login) = logged_in(&proxy, BOB, &upstream().password(BOB));
+    let (mut c, login) = logged_in(&proxy, ALICE, &upstream().password(ALICE));
     c.send("s SELECT INBOX");
     assert!(last(&c.until("s ")).starts_with("s OK"));
     c.write(b"\r\n");
@@ -110,7 +111,7 @@ fn a_blank_line_does_not_hold_the_device_at_a_move() {
 #[test]
 fn a_refused_literal_does_not_hold_the_device_at_a_move() {
     let proxy = short_token_proxy();
-    let (mut c, login) = logged_in(&proxy, BOB, &upstream().password(BOB));
+    let (mut c, login) = logged_in(&proxy, ALICE, &upstream().password(ALICE));
     let folder = unique("no-such-folder");
     c.send(&format!("l APPEND \"{folder}\" {{5}}"));
     let refused = c.line();
@@ -217,7 +218,7 @@ fn an_unrelated_reload_lets_the_session_move() {
     assert!(last(&c.until("s ")).starts_with("s OK"));
     reload(&proxy, |cfg| {
         format!(
-            "{cfg}\n[[account]]\nlogin = \"printer@other.test\"\npassword_hash = \"{}\"\ngrant = \"client_credentials\"\nmailbox = \"bob@example.test\"\n",
+            "{cfg}\n[[account]]\nlogin = \"printer@other.test\"\npassword_hash = \"{}\"\ngrant = \"client_credentials\"\nmailbox = \"alice@example.test\"\n",
             argon2_hash("printer-password")
         )
     });
