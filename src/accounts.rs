@@ -424,6 +424,29 @@ impl Accounts {
         Ok(id)
     }
 
+    /// What a session logged in as `id` depends on in this config: a
+    /// digest of its account's login, grant and password hash, if that
+    /// account still takes `id`'s login and may still open its mailbox.
+    /// An IMAP session moves to a new login only while this is unchanged.
+    pub fn stamp(&self, id: &Identity) -> Option<[u8; 32]> {
+        use sha2::Digest;
+        let a = self.find(&id.login).filter(|a| a.login == id.account)?;
+        let own = a.mailbox.as_deref().unwrap_or(&id.login);
+        let mailbox = id.mailbox.to_lowercase();
+        if !own.eq_ignore_ascii_case(&mailbox) && !a.may_open(&mailbox) {
+            return None;
+        }
+        let mut digest = Sha256::new();
+        for part in [a.login.as_str(), a.grant.as_str()] {
+            digest.update(part.as_bytes());
+            digest.update([0]);
+        }
+        if let Some(hash) = &a.password_hash {
+            digest.update(hash.expose_secret().as_bytes());
+        }
+        Some(digest.finalize().into())
+    }
+
     fn mac(&self, account: &str, password: &SecretString) -> [u8; 32] {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.mac_key).expect("any key length");
         mac.update(account.as_bytes());

@@ -22,7 +22,7 @@ use crate::app::{App, StartError};
 use crate::config::{Config, Delivery, Protocol, TlsMode};
 use crate::device::{self, Context, Dialogue, Handoff, Ready};
 use crate::listener::{Listener, ListenerSlot};
-use crate::login::{self, LoggedIn};
+use crate::login::LoggedIn;
 use crate::net::conn::{Conn, Stream};
 use crate::net::proxy_protocol::TrustedPeer;
 use crate::net::tls::HANDSHAKE_TIMEOUT;
@@ -424,6 +424,9 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Optio
         Protocol::Imap => Box::new(device::imap::Session::new(context)),
         Protocol::Pop3 => Box::new(device::pop3::Session::new(context)),
     };
+    // The accounts before the login: a moving IMAP session checks that its
+    // account did not change while the device logged in.
+    let accounts = (protocol == Protocol::Imap).then(|| app.accounts());
     // Boxed: the login's state (parsers, token and upstream futures) is
     // freed when it ends instead of staying in every relayed session's task.
     let handoff = Box::pin(device::drive(
@@ -449,13 +452,15 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Optio
                         at: upstream.expires_at,
                         lifetime: upstream.lifetime,
                     };
-                    let renew = ctx.listener.session_continuity.then(|| {
-                        let (app, id) = (ctx.app.clone(), id.clone());
-                        Box::new(move || {
-                            let (app, id) = (app.clone(), id.clone());
-                            async move { login::renew(&app, Protocol::Imap, &id).await }
-                        }) as Box<dyn relay::imap::Renew>
-                    });
+                    let renew = match (ctx.listener.session_continuity, accounts) {
+                        (true, Some(before)) => Some(Box::new(relay::imap::Renewer::new(
+                            ctx.app.clone(),
+                            id.clone(),
+                            &before,
+                        ))
+                            as Box<dyn relay::imap::Renew>),
+                        _ => None,
+                    };
                     relay::imap::relay(
                         device,
                         upstream.conn,

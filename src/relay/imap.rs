@@ -18,7 +18,9 @@
 //! in a literal, a command that does not finish in time, the new login
 //! failing, an expunge in between), it ends with `* BYE` at a response
 //! boundary a few seconds before the token runs out, never in the middle
-//! of a response.
+//! of a response. A device is held only while a quiet point can come: if
+//! none comes within [`QUIET_WAIT`] of silence (or [`QUIET_MAX`] in all),
+//! the device goes on and its session ends with that `* BYE`.
 //!
 //! Timing, for a token of lifetime L: the new login starts L/4 (at most 5
 //! minutes) before expiry; the session ends L/15 (at most 30 s, at least
@@ -36,45 +38,33 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub use self::renew::{Renew, Renewer};
+use self::swap::{logout, prepare, swap, Held, Prepared};
 use super::{write_within, Activity, Relayed, COPY_BUFFER, DEVICE_CLOSED, FAREWELL_WRITE};
 use crate::config::Protocol;
-use crate::error::AuthError;
-use crate::login::Renewed;
 use crate::net::stream::Stream;
-use crate::net::{Conn, LineError};
-use crate::wire::imap::{literal_suffix, tagged, Reply, Request};
-use crate::wire::imap_view::{search_numbers, seen, uidvalidity, Framer, Seen, Selected, View};
+use crate::net::Conn;
+use crate::wire::imap::Reply;
+use crate::wire::imap_frame::Framer;
+use crate::wire::imap_view::{Seen, View};
 use crate::wire::{self, Farewell};
 
-/// How long the new connection's commands and the old one's last answers
-/// may take, each.
-const SWAP_REPLY: Duration = Duration::from_secs(10);
+mod renew;
+mod swap;
+#[cfg(test)]
+mod tests;
+
 /// The whole move, while the device is held.
 const SWAP_TIME: Duration = Duration::from_secs(15);
+/// A device held for a move goes on without it when nothing moved either
+/// way for this long and the session is still not at a quiet point...
+const QUIET_WAIT: Duration = Duration::from_secs(5);
+/// ... or when it has been held this long.
+const QUIET_MAX: Duration = Duration::from_secs(30);
+/// How often a held device's wait is checked.
+const QUIET_POLL: Duration = Duration::from_secs(1);
 /// A failed new login is tried again this much later (until the deadline).
 const RENEW_RETRY: Duration = Duration::from_secs(5);
-/// Largest response read while moving (a `* SEARCH` of ~1 million UIDs).
-const MAX_SWAP_RESPONSE: usize = 8 * 1024 * 1024;
-/// The old connection gets this long to answer LOGOUT.
-const LOGOUT_WAIT: Duration = Duration::from_secs(5);
-
-/// Logs in again upstream for this session (see [`crate::login::renew`]).
-pub trait Renew: Send {
-    fn renew(&mut self) -> Renewing;
-}
-
-/// A new login under way.
-pub type Renewing = Pin<Box<dyn Future<Output = Result<Renewed, AuthError>> + Send>>;
-
-impl<F, Fut> Renew for F
-where
-    F: FnMut() -> Fut + Send,
-    Fut: Future<Output = Result<Renewed, AuthError>> + Send + 'static,
-{
-    fn renew(&mut self) -> Renewing {
-        Box::pin(self())
-    }
-}
 
 /// When the upstream token of a connection expires and how long it lived.
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +96,10 @@ struct Control {
     bye: bool,
     /// The device-to-upstream pump has stopped between two commands.
     up_parked: bool,
+    /// The upstream refused the literal the device's command was waiting
+    /// to send: that command is over, and the device's next byte starts a
+    /// new one.
+    literal_refused: bool,
 }
 
 /// What both pumps share.
@@ -142,8 +136,6 @@ enum Stop {
 }
 
 enum Up {
-    /// Stopped between two commands, for a move.
-    Parked,
     /// The device half-closed.
     Closed,
     Failed(&'static str),
@@ -156,7 +148,8 @@ enum Down {
 }
 
 /// Device to upstream: forward commands, note each in the view, stop
-/// between two commands when a move is due.
+/// between two commands when a move is due and wait there until the move
+/// is done (this future is then dropped) or given up.
 async fn up_pump(
     from: &mut ReadHalf<Stream>,
     to: &mut WriteHalf<Stream>,
@@ -166,12 +159,21 @@ async fn up_pump(
     changes: &mut watch::Receiver<Control>,
 ) -> Up {
     loop {
+        if shared.control.borrow().literal_refused {
+            framer.cancel_literal();
+            shared.control.send_modify(|c| c.literal_refused = false);
+        }
         let mut at = 0;
         while at < pending.len() && !(framer.at_boundary() && shared.control.borrow().pause) {
             let (n, unit) = framer.feed(&pending[at..]);
             at += n;
-            if let Some(unit) = unit {
-                shared.view().command(&unit);
+            match unit {
+                Some(unit) => shared.view().command(&unit),
+                None => {
+                    if let Some(head) = framer.awaits_literal() {
+                        shared.view().literal_announced(head);
+                    }
+                }
             }
         }
         if at > 0 {
@@ -184,7 +186,13 @@ async fn up_pump(
         }
         if framer.at_boundary() && shared.control.borrow().pause {
             shared.control.send_modify(|c| c.up_parked = true);
-            return Up::Parked;
+            while shared.control.borrow().pause {
+                if changes.changed().await.is_err() {
+                    return Up::Failed("relay stopped");
+                }
+            }
+            shared.control.send_modify(|c| c.up_parked = false);
+            continue;
         }
         pending.reserve(COPY_BUFFER);
         tokio::select! {
@@ -229,8 +237,12 @@ async fn down_pump(
             let (n, unit) = framer.feed(&pending[at..]);
             at += n;
             if let Some(unit) = unit {
-                if shared.view().response(&unit) == (Seen::Bye { expired: true }) {
-                    crate::metrics::upstream_expiry(Protocol::Imap);
+                match shared.view().response(&unit) {
+                    Seen::Bye { expired: true } => crate::metrics::upstream_expiry(Protocol::Imap),
+                    Seen::LiteralRefused => {
+                        shared.control.send_modify(|c| c.literal_refused = true)
+                    }
+                    _ => {}
                 }
             }
         }
@@ -287,23 +299,8 @@ async fn down_pump(
 /// Why a session ended when it could not move before its token expired.
 const LOGIN_EXPIRED: &str = "login expired";
 
-/// What a new connection was set up for.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-struct Restored {
-    enabled: Vec<String>,
-    selected: Option<Selected>,
-    /// The UIDVALIDITY the new connection announced.
-    uidvalidity: Option<u32>,
-}
-
 /// A new login and its setup under way.
 type Preparing = Pin<Box<dyn Future<Output = Result<Prepared, &'static str>> + Send>>;
-
-/// A new upstream connection, logged in and set up like the device's.
-struct Prepared {
-    renewed: Renewed,
-    restored: Restored,
-}
 
 /// Relay a logged-in IMAP session until it ends. With `renew`, the session
 /// moves to a new upstream connection before each token expires; without,
@@ -386,7 +383,7 @@ pub async fn relay(
                         }
                     },
                     u = &mut up, if !up_done => match u {
-                        Up::Parked | Up::Closed => up_done = true,
+                        Up::Closed => up_done = true,
                         Up::Failed(why) => break Some(why),
                     },
                     _ = tokio::time::sleep_until(next_try), if moving && preparing.is_none() && prepared.is_none() && !bye && !shared.activity.device_done.load(Ordering::Relaxed) => {
@@ -413,10 +410,36 @@ pub async fn relay(
                                 paused_at = Some(Instant::now());
                                 shared.control.send_modify(|c| c.pause = true);
                             }
+                            Err(why) if why == renew::REVOKED => {
+                                // No new login for a removed or changed
+                                // account: the BYE now, between responses.
+                                refusal = why;
+                                bye = true;
+                                shared.control.send_modify(|c| c.bye = true);
+                            }
                             Err(why) => {
                                 refusal = why;
                                 next_try = tokio::time::Instant::now() + RENEW_RETRY;
                             }
+                        }
+                    }
+                    _ = tokio::time::sleep(QUIET_POLL), if prepared.is_some() => {
+                        let held = paused_at.map(|t| t.elapsed()).unwrap_or_default();
+                        let stalled = shared.activity.idle_for() >= QUIET_WAIT || held >= QUIET_MAX;
+                        // Quiet: the pump towards the device parks (or has
+                        // parked, and is writing its last bytes).
+                        let quiet = shared.view().quiet().is_some();
+                        if shared.control.borrow().up_parked && stalled && !quiet {
+                            // No quiet point in sight (an answer the view
+                            // waits for may never come): let the device go
+                            // on, and end its session with the BYE instead.
+                            shared.control.send_modify(|c| c.pause = false);
+                            if let Some(p) = prepared.take() {
+                                logout(p.renewed.conn);
+                            }
+                            refusal = "no quiet point";
+                            next_try = bye_at + Duration::from_secs(3600);
+                            warn!(held_ms = held.as_millis() as u64, "IMAP session not moved: no quiet point came; it ends before its token expires");
                         }
                     }
                     _ = tokio::time::sleep_until(bye_at), if moving && !bye => {
@@ -441,12 +464,23 @@ pub async fn relay(
         } = prepared.expect("parked only when prepared");
         let mut new = renewed.conn;
         let mut old = old;
+        let held = {
+            let v = shared.view();
+            Held {
+                idle_tag: v.quiet().flatten().map(str::to_string),
+                enabled: v.enabled.clone(),
+                selected: v.selected.clone(),
+            }
+        };
         let moved = tokio::time::timeout(
             SWAP_TIME,
-            swap(&mut device_conn, &mut old, &mut new, &shared, &mut restored),
+            swap(&mut device_conn, &mut old, &mut new, held, &mut restored),
         )
         .await
-        .unwrap_or(Err("timed out"));
+        .unwrap_or(Err("timed out"))
+        .map(|told| {
+            shared.to_device.fetch_add(told, Ordering::Relaxed);
+        });
         let held = paused_at.map(|t| t.elapsed()).unwrap_or_default();
         logout(old);
         match moved {
@@ -478,243 +512,4 @@ pub async fn relay(
             }
         }
     }
-}
-
-/// Log in again and set the new connection up like the device's session.
-async fn prepare(
-    login: Renewing,
-    enabled: Vec<String>,
-    selected: Option<Selected>,
-) -> Result<Prepared, &'static str> {
-    let mut renewed = login.await.map_err(|_| "new login failed")?;
-    let restored = restore(&mut renewed.conn, enabled, selected).await?;
-    Ok(Prepared { renewed, restored })
-}
-
-/// ENABLE and SELECT (or EXAMINE) on `conn` as the device did.
-async fn restore(
-    conn: &mut Conn,
-    enabled: Vec<String>,
-    selected: Option<Selected>,
-) -> Result<Restored, &'static str> {
-    if !enabled.is_empty() {
-        send(conn, &Request::Enable(&enabled)).await?;
-        until_tagged(conn, |_, _| Ok(())).await?;
-    }
-    let mut uidvalidity = None;
-    if let Some(s) = &selected {
-        send(
-            conn,
-            &Request::Select {
-                mailbox: &s.mailbox,
-                examine: s.examine,
-                condstore: s.condstore,
-            },
-        )
-        .await?;
-        until_tagged(conn, |head, _| {
-            if let Some(v) = self::uidvalidity(head) {
-                uidvalidity = Some(v);
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|_| "mailbox not selectable again")?;
-    }
-    Ok(Restored {
-        enabled,
-        selected,
-        uidvalidity,
-    })
-}
-
-/// Move the held session from `old` to `new`; on success the device has
-/// been told what changed and `new` is where its next byte goes.
-async fn swap(
-    device: &mut Conn,
-    old: &mut Conn,
-    new: &mut Conn,
-    shared: &Shared,
-    restored: &mut Restored,
-) -> Result<(), &'static str> {
-    let (idle_tag, enabled, selected) = {
-        let v = shared.view();
-        let idle_tag = v.quiet().flatten().map(str::to_string);
-        (idle_tag, v.enabled.clone(), v.selected.clone())
-    };
-    if restored.enabled != enabled || restored.selected != selected {
-        *restored = restore(new, enabled, selected.clone()).await?;
-    }
-    let mut to_device = Vec::new();
-    if let Some(tag) = &idle_tag {
-        send(old, &Request::Done).await?;
-        loop {
-            let (head, whole) = response(old).await?;
-            if head.starts_with(format!("{tag} ").as_bytes()) {
-                break;
-            }
-            forwardable(&head)?;
-            to_device.extend_from_slice(&whole);
-        }
-    }
-    if let Some(selected) = &selected {
-        if restored.uidvalidity != selected.uidvalidity {
-            return Err("UIDVALIDITY changed");
-        }
-        send(old, &Request::UidSearchAll).await?;
-        let mut known = None;
-        until_tagged(old, |head, whole| {
-            if let Some(uids) = search_numbers(head) {
-                known = Some(uids);
-                return Ok(());
-            }
-            forwardable(head)?;
-            to_device.extend_from_slice(whole);
-            Ok(())
-        })
-        .await?;
-        send(new, &Request::UidSearchAll).await?;
-        let mut now = None;
-        let mut fetches = Vec::new();
-        until_tagged(new, |head, whole| {
-            if let Some(uids) = search_numbers(head) {
-                now = Some(uids);
-                return Ok(());
-            }
-            match seen(head) {
-                Seen::Expunge => return Err("expunged while moving"),
-                Seen::Fetch => fetches.extend_from_slice(whole),
-                _ => {}
-            }
-            Ok(())
-        })
-        .await?;
-        let (known, now) = (
-            known.ok_or("no SEARCH answer")?,
-            now.ok_or("no SEARCH answer")?,
-        );
-        if !now.starts_with(&known) {
-            return Err("expunged while moving");
-        }
-        if now.len() > known.len() {
-            to_device.extend_from_slice(&Reply::Exists(now.len()).to_bytes());
-        }
-        to_device.extend_from_slice(&fetches);
-    }
-    if let Some(tag) = &idle_tag {
-        send(new, &Request::Idle(tag)).await?;
-        loop {
-            let (head, whole) = response(new).await?;
-            if head.starts_with(b"+") {
-                break;
-            }
-            if tagged_as(&head, tag) {
-                return Err("IDLE refused");
-            }
-            // Updates since the SEARCH are the device's too.
-            forwardable(&head)?;
-            to_device.extend_from_slice(&whole);
-        }
-    }
-    if !to_device.is_empty() {
-        device
-            .send(&to_device, SWAP_REPLY)
-            .await
-            .map_err(|_| "device write failed")?;
-        shared
-            .to_device
-            .fetch_add(to_device.len() as u64, Ordering::Relaxed);
-    }
-    Ok(())
-}
-
-/// An untagged response the device may get while it is held; an expunge
-/// ends the move (the device's message numbers would no longer match).
-fn forwardable(head: &[u8]) -> Result<(), &'static str> {
-    match seen(head) {
-        Seen::Expunge => Err("expunged while moving"),
-        Seen::Bye { .. } => Err("upstream said BYE while moving"),
-        _ if head.starts_with(b"* ") => Ok(()),
-        _ => Err("unexpected response while moving"),
-    }
-}
-
-fn tagged_as(head: &[u8], tag: &str) -> bool {
-    head.strip_prefix(tag.as_bytes())
-        .is_some_and(|rest| rest.starts_with(b" "))
-}
-
-async fn send(conn: &mut Conn, request: &Request<'_>) -> Result<(), &'static str> {
-    conn.send(&request.to_bytes(), SWAP_REPLY)
-        .await
-        .map_err(|_| "upstream write failed")
-}
-
-/// Read responses to our tagged command, each given to `each` (its first
-/// line and all its bytes), up to its tagged `OK`.
-async fn until_tagged(
-    conn: &mut Conn,
-    mut each: impl FnMut(&[u8], &[u8]) -> Result<(), &'static str>,
-) -> Result<(), &'static str> {
-    loop {
-        let (head, whole) = response(conn).await?;
-        if let Some((status, _)) = tagged(&head) {
-            return match status {
-                "OK" => Ok(()),
-                _ => Err("upstream refused a command while moving"),
-            };
-        }
-        each(&head, &whole)?;
-    }
-}
-
-/// One whole response (lines and literals) from `conn`: its first line and
-/// all its bytes, CRLFs included.
-async fn response(conn: &mut Conn) -> Result<(Vec<u8>, Vec<u8>), &'static str> {
-    let mut head = None;
-    let mut whole = Vec::new();
-    loop {
-        let line = conn
-            .read_line(MAX_SWAP_RESPONSE, SWAP_REPLY)
-            .await
-            .map_err(|e| match e {
-                LineError::TooLong(_) => "response too large while moving",
-                _ => "upstream read failed while moving",
-            })?;
-        whole.extend_from_slice(&line);
-        whole.extend_from_slice(wire::CRLF);
-        let literal = literal_suffix(&line);
-        if head.is_none() {
-            head = Some(line);
-        }
-        match literal {
-            Some((n, _)) if whole.len() as u64 + n > MAX_SWAP_RESPONSE as u64 => {
-                return Err("response too large while moving")
-            }
-            Some((n, _)) => {
-                let data = conn
-                    .read_exact(n as usize, SWAP_REPLY)
-                    .await
-                    .map_err(|_| "upstream read failed while moving")?;
-                whole.extend_from_slice(&data);
-            }
-            None => return Ok((head.unwrap_or_default(), whole)),
-        }
-    }
-}
-
-/// Say LOGOUT on a connection that is no longer used, in the background.
-fn logout(mut conn: Conn) {
-    tokio::spawn(async move {
-        if conn
-            .send(&Request::Logout.to_bytes(), LOGOUT_WAIT)
-            .await
-            .is_ok()
-        {
-            let _ = tokio::time::timeout(LOGOUT_WAIT, async {
-                while conn.read_line(MAX_SWAP_RESPONSE, LOGOUT_WAIT).await.is_ok() {}
-            })
-            .await;
-        }
-    });
 }

@@ -1,119 +1,17 @@
 //! IMAP after login, as the relay follows it to move a session onto a new
-//! upstream connection: [`Framer`] finds where each command or response
-//! ends in a byte stream (lines; literals are counted and skipped, never
-//! looked into or buffered), and [`View`] keeps what the device's session
-//! holds: the commands in flight, the selected mailbox and its
-//! UIDVALIDITY, the ENABLEd extensions, IDLE. Pure: no sockets, no time.
+//! upstream connection: [`View`] keeps what the device's session holds,
+//! from the commands and responses the framer (`imap_frame`) finds: the
+//! commands in flight, the selected mailbox and its UIDVALIDITY, the
+//! ENABLEd extensions, IDLE. Pure: no sockets, no time.
 
 use std::collections::VecDeque;
 
-use super::imap::{literal_suffix, parse_command, Arg};
+use super::imap::{parse_command, Arg};
+use super::imap_frame::Unit;
 
-/// How much of a unit's first line is kept: enough for a tag, a command
-/// name and a mailbox name, or a status response's code.
-pub const HEAD: usize = 1024;
 /// Commands in flight that are followed; a device that pipelines more is
 /// not moved (its session ends at token expiry like any unmovable one).
 pub const MAX_IN_FLIGHT: usize = 1000;
-/// Bytes kept of a line's end, to see a literal's `{n}` there.
-const TAIL: usize = 24;
-
-/// One command or response: its first line (without CRLF, cut at
-/// [`HEAD`]), whether that was cut, whether literals followed.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Unit {
-    pub head: Vec<u8>,
-    pub truncated: bool,
-    pub literal: bool,
-}
-
-/// Finds the ends of commands or responses in a stream.
-#[derive(Debug, Default)]
-pub struct Framer {
-    /// Literal bytes still to pass before the line goes on.
-    literal: u64,
-    unit: Unit,
-    first_line_done: bool,
-    tail: Vec<u8>,
-    /// Some bytes of the current unit have been seen.
-    mid: bool,
-}
-
-impl Framer {
-    /// Take bytes of `data` up to the end of the next unit: how many were
-    /// taken, and the unit if it ended there.
-    pub fn feed(&mut self, data: &[u8]) -> (usize, Option<Unit>) {
-        let mut i = 0;
-        loop {
-            if self.literal > 0 {
-                let take = (self.literal.min((data.len() - i) as u64)) as usize;
-                self.literal -= take as u64;
-                i += take;
-                if self.literal > 0 {
-                    return (i, None);
-                }
-            }
-            if i == data.len() {
-                return (i, None);
-            }
-            self.mid = true;
-            let Some(k) = memchr::memchr(b'\n', &data[i..]) else {
-                self.absorb(&data[i..]);
-                return (data.len(), None);
-            };
-            self.absorb(&data[i..i + k]);
-            i += k + 1;
-            self.end_line();
-            let tail = self.tail.strip_suffix(b"\r").unwrap_or(&self.tail);
-            if let Some((n, _)) = literal_suffix(tail) {
-                self.literal = n;
-                self.unit.literal = true;
-                self.tail.clear();
-                continue;
-            }
-            let unit = std::mem::take(&mut self.unit);
-            self.reset();
-            return (i, Some(unit));
-        }
-    }
-
-    /// Between two units: nothing of the next one seen yet.
-    pub fn at_boundary(&self) -> bool {
-        !self.mid
-    }
-
-    fn absorb(&mut self, seg: &[u8]) {
-        if !self.first_line_done {
-            let room = HEAD.saturating_sub(self.unit.head.len());
-            if seg.len() > room {
-                self.unit.truncated = true;
-            }
-            self.unit
-                .head
-                .extend_from_slice(&seg[..seg.len().min(room)]);
-        }
-        self.tail
-            .extend_from_slice(&seg[seg.len().saturating_sub(TAIL)..]);
-        let excess = self.tail.len().saturating_sub(TAIL);
-        self.tail.drain(..excess);
-    }
-
-    fn end_line(&mut self) {
-        if !self.first_line_done {
-            self.first_line_done = true;
-            if !self.unit.truncated && self.unit.head.last() == Some(&b'\r') {
-                self.unit.head.pop();
-            }
-        }
-    }
-
-    fn reset(&mut self) {
-        self.first_line_done = false;
-        self.tail.clear();
-        self.mid = false;
-    }
-}
-
 /// The mailbox a device has selected, to select again on a new connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Selected {
@@ -145,6 +43,11 @@ pub enum Seen {
     Exists(u64),
     /// `* n FETCH`.
     Fetch,
+    /// `* BAD`.
+    Bad,
+    /// The tagged end of a command whose synchronising literal the server
+    /// refused: the literal will not come.
+    LiteralRefused,
     /// Anything else.
     Other,
 }
@@ -161,6 +64,9 @@ pub fn seen(head: &[u8]) -> Seen {
     }
     if upper.starts_with(b"VANISHED") {
         return Seen::Expunge;
+    }
+    if upper == b"BAD" || upper.starts_with(b"BAD ") {
+        return Seen::Bad;
     }
     let mut words = upper.split(|b| *b == b' ');
     let number = words
@@ -188,11 +94,16 @@ pub struct View {
     done: bool,
     /// Why this session cannot be moved, if it cannot.
     pub unmovable: Option<&'static str>,
+    /// The tag of a command waiting for the server's `+` before sending
+    /// its literal (`*` when the tag is not valid: the server then answers
+    /// with an untagged `* BAD`).
+    literal_wait: Option<String>,
 }
 
 impl View {
     /// A command the device sent upstream.
     pub fn command(&mut self, unit: &Unit) {
+        self.literal_wait = None;
         if self.unmovable.is_some() {
             return;
         }
@@ -203,7 +114,13 @@ impl View {
             return;
         }
         let mut words = unit.head.splitn(3, |b| *b == b' ');
-        let tag = String::from_utf8_lossy(words.next().unwrap_or_default()).into_owned();
+        let tag = words.next().unwrap_or_default();
+        if !valid_tag(tag) {
+            // A blank line or a bad tag: the server answers `* BAD` and
+            // nothing it could be waited for by.
+            return;
+        }
+        let tag = String::from_utf8_lossy(tag).into_owned();
         let name = words.next().unwrap_or_default().to_ascii_uppercase();
         let kind = match name.as_slice() {
             b"SELECT" | b"EXAMINE" => self.select(unit, name == b"EXAMINE"),
@@ -255,6 +172,16 @@ impl View {
         }
     }
 
+    /// The device sent a line that ends in a synchronising literal and
+    /// waits for the server's `+` (`head` is the command so far).
+    pub fn literal_announced(&mut self, head: &[u8]) {
+        let tag = head.split(|b| *b == b' ').next().unwrap_or_default();
+        self.literal_wait = Some(match valid_tag(tag) {
+            true => String::from_utf8_lossy(tag).into_owned(),
+            false => "*".into(),
+        });
+    }
+
     fn refuse(&mut self, why: &'static str) {
         self.unmovable = Some(why);
         self.in_flight.clear();
@@ -263,6 +190,10 @@ impl View {
     /// A response the upstream sent the device.
     pub fn response(&mut self, unit: &Unit) -> Seen {
         let head = unit.head.as_slice();
+        if self.literal_wait.as_deref() == Some("*") && seen(head) == Seen::Bad {
+            self.literal_wait = None;
+            return Seen::LiteralRefused;
+        }
         if head.starts_with(b"* ") {
             if let Some(v) = uidvalidity(head) {
                 self.pending_uidvalidity = Some(v);
@@ -270,6 +201,9 @@ impl View {
             return seen(head);
         }
         if head.first() == Some(&b'+') {
+            if self.literal_wait.take().is_some() {
+                return Seen::Other;
+            }
             if self.idle_tag().is_some() {
                 self.idling = true;
             }
@@ -279,6 +213,14 @@ impl View {
         let tag = words.next().unwrap_or_default();
         let status = words.next().unwrap_or_default().to_ascii_uppercase();
         let Some(at) = self.in_flight.iter().position(|(t, _)| t.as_bytes() == tag) else {
+            if self
+                .literal_wait
+                .as_deref()
+                .is_some_and(|t| t.as_bytes() == tag)
+            {
+                self.literal_wait = None;
+                return Seen::LiteralRefused;
+            }
             return Seen::Other;
         };
         let (_, kind) = self.in_flight.remove(at).expect("found");
@@ -317,7 +259,7 @@ impl View {
     /// The session can move now: nothing in flight, or only an IDLE that
     /// has its `+` and no DONE yet. Returns the IDLE's tag in that case.
     pub fn quiet(&self) -> Option<Option<&str>> {
-        if self.unmovable.is_some() {
+        if self.unmovable.is_some() || self.literal_wait.is_some() {
             return None;
         }
         match self.in_flight.len() {
@@ -326,6 +268,15 @@ impl View {
             _ => None,
         }
     }
+}
+
+/// Whether a command's first word is a tag a server answers with (RFC
+/// 3501: astring characters but `+`).
+fn valid_tag(tag: &[u8]) -> bool {
+    !tag.is_empty()
+        && tag
+            .iter()
+            .all(|b| *b > b' ' && *b < 0x7f && !b"(){%*\"\\+".contains(b))
 }
 
 /// The UIDVALIDITY of a `* OK [UIDVALIDITY n]` line.
@@ -361,76 +312,16 @@ pub fn search_numbers(line: &[u8]) -> Option<Vec<u32>> {
     Some(out)
 }
 
-/// A mailbox name as an IMAP quoted string.
-pub fn quoted(name: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(name.len() + 2);
-    out.push(b'"');
-    for b in name {
-        if matches!(b, b'"' | b'\\') {
-            out.push(b'\\');
-        }
-        out.push(*b);
-    }
-    out.push(b'"');
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn units(framer: &mut Framer, data: &[u8]) -> Vec<(usize, Unit)> {
-        let mut out = Vec::new();
-        let mut at = 0;
-        while at < data.len() {
-            let (n, unit) = framer.feed(&data[at..]);
-            at += n;
-            if let Some(u) = unit {
-                out.push((at, u));
-            }
-        }
-        out
-    }
+    use crate::wire::imap_frame::Framer;
 
     fn unit(head: &str) -> Unit {
         Unit {
             head: head.as_bytes().to_vec(),
             ..Unit::default()
         }
-    }
-
-    #[test]
-    fn literals_are_skipped_whole_in_any_split() {
-        let stream = b"* 1 FETCH (BODY[] {12}\r\nab\r\n{3}\r\nxyz) UID 7)\r\na1 OK done\r\n";
-        for split in 1..stream.len() {
-            let mut f = Framer::default();
-            let mut got = units(&mut f, &stream[..split]);
-            let base = split;
-            for (at, u) in units(&mut f, &stream[split..]) {
-                got.push((base + at, u));
-            }
-            let ends: Vec<usize> = got.iter().map(|(at, _)| *at).collect();
-            assert_eq!(ends, vec![46, 58], "split at {split}");
-            assert_eq!(got[0].1.head, b"* 1 FETCH (BODY[] {12}");
-            assert!(got[0].1.literal);
-            assert_eq!(got[1].1.head, b"a1 OK done");
-            assert!(f.at_boundary());
-        }
-    }
-
-    #[test]
-    fn long_lines_keep_a_bounded_head() {
-        let mut f = Framer::default();
-        let mut line = b"* SEARCH".to_vec();
-        for i in 0..10_000 {
-            line.extend_from_slice(format!(" {i}").as_bytes());
-        }
-        line.extend_from_slice(b"\r\n");
-        let got = units(&mut f, &line);
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].1.head.len(), HEAD);
-        assert!(got[0].1.truncated);
-        assert!(f.tail.len() <= TAIL);
     }
 
     #[test]
@@ -462,6 +353,93 @@ mod tests {
         v.command(&unit("x EXAMINE INBOX"));
         v.response(&unit("x NO [NONEXISTENT] no"));
         assert_eq!(v.selected, None);
+    }
+
+    #[test]
+    fn lines_without_a_tag_are_not_in_flight() {
+        let mut v = View::default();
+        for line in ["", " ", "a{b NOOP", "+ NOOP", "\u{1}x NOOP"] {
+            v.command(&unit(line));
+            assert_eq!(v.quiet(), Some(None), "{line:?}");
+        }
+        assert_eq!(v.response(&unit("* BAD Error in IMAP tag")), Seen::Bad);
+        v.command(&unit("DONE"));
+        assert_eq!(v.quiet(), None, "a tag, answered with a tag");
+        v.response(&unit("DONE BAD Unknown command"));
+        assert_eq!(v.quiet(), Some(None));
+    }
+
+    /// A device's stream through the framer and the view, as the relay
+    /// feeds them.
+    fn device_sends(f: &mut Framer, v: &mut View, data: &[u8]) {
+        let mut at = 0;
+        while at < data.len() {
+            let (n, unit) = f.feed(&data[at..]);
+            at += n;
+            match unit {
+                Some(u) => v.command(&u),
+                None => {
+                    if let Some(head) = f.awaits_literal() {
+                        v.literal_announced(head);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_literal_ends_its_command() {
+        let (mut f, mut v) = (Framer::default(), View::default());
+        device_sends(&mut f, &mut v, b"n0 NOOP\r\nl APPEND Nowhere {5}\r\n");
+        assert_eq!(f.awaits_literal(), Some(&b"l APPEND Nowhere {5}"[..]));
+        assert!(!f.at_boundary());
+        assert_eq!(v.quiet(), None);
+        assert_eq!(v.response(&unit("n0 OK NOOP completed")), Seen::Other);
+        assert_eq!(
+            v.response(&unit("l NO [TRYCREATE] Mailbox doesn't exist")),
+            Seen::LiteralRefused
+        );
+        f.cancel_literal();
+        assert!(f.at_boundary());
+        assert_eq!(v.quiet(), Some(None));
+        device_sends(&mut f, &mut v, b"n NOOP\r\n");
+        assert_eq!(v.quiet(), None);
+        v.response(&unit("n OK NOOP completed"));
+        assert_eq!(v.quiet(), Some(None));
+    }
+
+    #[test]
+    fn an_accepted_literal_is_followed_to_its_end() {
+        let (mut f, mut v) = (Framer::default(), View::default());
+        device_sends(&mut f, &mut v, b"s SELECT {5}\r\n");
+        assert!(f.awaits_literal().is_some());
+        assert_eq!(v.response(&unit("+ OK")), Seen::Other);
+        assert_eq!(v.unmovable, None);
+        device_sends(&mut f, &mut v, b"INBOX\r\n");
+        assert!(f.at_boundary());
+        assert_eq!(f.awaits_literal(), None);
+        assert_eq!(v.unmovable, Some("mailbox name not kept"));
+        // LITERAL+ never waits.
+        let (mut f, mut v) = (Framer::default(), View::default());
+        device_sends(&mut f, &mut v, b"a APPEND INBOX {3+}\r\n");
+        assert_eq!(f.awaits_literal(), None);
+        device_sends(&mut f, &mut v, b"abc\r\n");
+        assert_eq!(v.quiet(), None);
+        v.response(&unit("a OK appended"));
+        assert_eq!(v.quiet(), Some(None));
+    }
+
+    #[test]
+    fn a_literal_after_a_bad_tag_is_refused_untagged() {
+        let (mut f, mut v) = (Framer::default(), View::default());
+        device_sends(&mut f, &mut v, b"a{b APPEND INBOX {5}\r\n");
+        assert_eq!(v.quiet(), None);
+        assert_eq!(
+            v.response(&unit("* BAD Error in IMAP tag")),
+            Seen::LiteralRefused
+        );
+        f.cancel_literal();
+        assert_eq!(v.quiet(), Some(None));
     }
 
     #[test]
@@ -508,6 +486,5 @@ mod tests {
         assert_eq!(search_numbers(b"* SEARCH"), Some(vec![]));
         assert_eq!(search_numbers(b"* SEARCH 3 (MODSEQ 9)"), Some(vec![3]));
         assert_eq!(search_numbers(b"* 3 EXISTS"), None);
-        assert_eq!(quoted(b"a \"b\\"), b"\"a \\\"b\\\\\"");
     }
 }

@@ -96,12 +96,14 @@ fn small(id: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The front's `event=login` lines since `since` (epoch seconds), as
-/// (lifetime_s, left_s, proto).
+/// The front's `event=login` lines of Bob's since `since` (epoch seconds),
+/// as (lifetime_s, left_s, proto). (Tests with other token lifetimes use
+/// other mailboxes.)
 fn front_logins(since: f64) -> Vec<(f64, f64, String)> {
     let log = std::fs::read_to_string(upstream().get("FRONT_LOG")).unwrap();
+    let bob = format!(" user={BOB} ");
     log.lines()
-        .filter(|l| l.contains("event=login"))
+        .filter(|l| l.contains("event=login") && l.contains(&bob))
         .filter_map(|l| {
             let field = |k: &str| {
                 l.split(' ')
@@ -264,12 +266,24 @@ fn twenty_mb_session(proxy: &Proxy) -> (Raw, Vec<u8>, Instant, String) {
     (c, big, logged_in + Duration::from_secs(left), name)
 }
 
-/// FETCH message 1 when the move is 3 s away and read it at 2 MB/s; its
-/// literal must be the message, byte for byte. Returns the tagged line.
-fn slow_fetch(c: &mut Raw, big: &[u8], expires: Instant, during: impl FnOnce()) -> String {
+/// FETCH message 1 when the move is 3 s away, with the commands of
+/// `pipelined` right behind it, and read it at 2 MB/s; its literal must be
+/// the message, byte for byte. Returns the tagged line.
+fn slow_fetch(
+    c: &mut Raw,
+    big: &[u8],
+    expires: Instant,
+    pipelined: &[&str],
+    during: impl FnOnce(),
+) -> String {
     let prepare = expires - Duration::from_secs_f64(LIFETIME_S / 4.0);
     std::thread::sleep(prepare.saturating_duration_since(Instant::now() + Duration::from_secs(3)));
-    c.send("f FETCH 1 BODY.PEEK[]");
+    let mut commands = String::from("f FETCH 1 BODY.PEEK[]\r\n");
+    for p in pipelined {
+        commands.push_str(p);
+        commands.push_str("\r\n");
+    }
+    c.write(commands.as_bytes());
     let head = c.line();
     let size: usize = head
         .trim_end()
@@ -300,7 +314,7 @@ fn a_large_fetch_at_the_swap_completes_then_the_session_moves() {
     let since = now_s();
     let proxy = expiring_proxy();
     let (mut c, big, expires, _) = twenty_mb_session(&proxy);
-    let done = slow_fetch(&mut c, &big, expires, || {});
+    let done = slow_fetch(&mut c, &big, expires, &[], || {});
     assert!(done.starts_with("f OK "), "{done}");
     proxy.wait_log(&["IMAP session moved to a new upstream login"]);
     assert!(Instant::now() < expires);
@@ -315,6 +329,38 @@ fn a_large_fetch_at_the_swap_completes_then_the_session_moves() {
     assert_eq!(metric(&proxy, "oxbridge_imap_swaps_total"), 1.0);
     assert_eq!(metric(&proxy, "oxbridge_upstream_expiries_total"), 0.0);
     assert_three_quarters_left(since);
+}
+
+/// The device closes its mailbox (UNSELECT, pipelined behind a 20 MB
+/// FETCH) after the new connection selected it and before the move: after
+/// the move the device's session has no mailbox selected, as the device
+/// was told, and its ENABLE from then on holds.
+#[test]
+fn a_mailbox_closed_before_the_swap_stays_closed_after_it() {
+    let proxy = expiring_proxy();
+    let (mut c, big, expires, _) = twenty_mb_session(&proxy);
+    let done = slow_fetch(
+        &mut c,
+        &big,
+        expires,
+        &["u UNSELECT", "e ENABLE CONDSTORE"],
+        || {},
+    );
+    assert!(done.starts_with("f OK "), "{done}");
+    assert!(last(&c.until("u ")).starts_with("u OK"));
+    let enabled = c.until("e ");
+    assert!(last(&enabled).starts_with("e OK"), "{enabled}");
+    proxy.wait_log(&["IMAP session moved to a new upstream login"]);
+    c.send("x FETCH 1 FLAGS");
+    let reply = c.until("x ");
+    assert!(
+        last(&reply).starts_with("x BAD") && !reply.contains("* 1 FETCH"),
+        "a mailbox is selected after the move:\n{reply}\n{}",
+        proxy.logs()
+    );
+    c.send("z LOGOUT");
+    c.until("z ");
+    assert_eq!(metric(&proxy, "oxbridge_imap_swaps_total"), 1.0);
 }
 
 /// Another session expunges a message after the new connection selected
@@ -342,7 +388,7 @@ fn an_expunge_during_the_swap_ends_the_session_with_a_clean_bye() {
         e.send("z LOGOUT");
         e.until("z ");
     };
-    let done = slow_fetch(&mut c, &big, expires, expunge);
+    let done = slow_fetch(&mut c, &big, expires, &[], expunge);
     assert!(done.starts_with("f OK "), "{done}");
     // The old session may report the other session's flag change under
     // the device's own message number first; nothing else comes before

@@ -16,6 +16,7 @@ mod common;
 mod harness;
 
 mod continuity;
+mod continuity_moves;
 mod devices;
 mod faults;
 mod graph;
