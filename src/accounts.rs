@@ -430,10 +430,11 @@ impl Accounts {
     /// An IMAP session moves to a new login only while this is unchanged.
     pub fn stamp(&self, id: &Identity) -> Option<[u8; 32]> {
         use sha2::Digest;
-        let a = self.find(&id.login).filter(|a| a.login == id.account)?;
+        let (a, _) = self
+            .find(&id.login)
+            .filter(|(a, _)| a.login == id.account)?;
         let own = a.mailbox.as_deref().unwrap_or(&id.login);
-        let mailbox = id.mailbox.to_lowercase();
-        if !own.eq_ignore_ascii_case(&mailbox) && !a.may_open(&mailbox) {
+        if !own.eq_ignore_ascii_case(&id.mailbox) && !a.may_open(&id.mailbox) {
             return None;
         }
         let mut digest = Sha256::new();
