@@ -19,6 +19,7 @@ use tracing::warn;
 
 use crate::accounts::Identity;
 use crate::app::App;
+use crate::config::Protocol;
 use crate::error::AuthError;
 use crate::listener::Listener;
 use crate::login::{self, LoggedIn};
@@ -291,7 +292,7 @@ pub async fn drive(
                 let keywords = app.dialer.smtp_capabilities().await;
                 session.on(Input::Capabilities(&keywords))
             }
-            Then::Login(request) if spooling || takes_itself(app, &request) => {
+            Then::Login(request) if takes_itself(app, protocol, spooling, &request) => {
                 let (result, relay, helo) = match request {
                     Login::Password { creds, client_name } => (
                         login::local_login(app, creds, peer).await,
@@ -379,13 +380,19 @@ pub async fn drive(
     }
 }
 
-/// Whether oxbridge takes this login's messages itself on a session
-/// listener: its account sends through Microsoft Graph, not SMTP.
-fn takes_itself(app: &App, request: &Login) -> bool {
-    match request {
-        Login::Password { creds, .. } => app.accounts().sends_via_graph(&creds.login),
-        Login::Relay { account, .. } => app.accounts().sends_via_graph(account),
+/// Whether oxbridge takes this login's messages itself instead of logging
+/// in upstream: only SMTP, on a spooling listener, or on a session
+/// listener for an account that sends through Microsoft Graph. IMAP and
+/// POP3 logins always go upstream: Graph only replaces sending.
+fn takes_itself(app: &App, protocol: Protocol, spooling: bool, request: &Login) -> bool {
+    if protocol != Protocol::Smtp {
+        return false;
     }
+    spooling
+        || match request {
+            Login::Password { creds, .. } => app.accounts().sends_via_graph(&creds.login),
+            Login::Relay { account, .. } => app.accounts().sends_via_graph(account),
+        }
 }
 
 /// The device's connection and the bounds on what it sends.

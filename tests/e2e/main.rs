@@ -25,6 +25,7 @@ mod ops;
 mod redis;
 mod regression;
 mod secrets;
+mod session_logins;
 mod smtp;
 mod soak;
 mod spool;
