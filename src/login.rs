@@ -48,7 +48,7 @@ pub async fn login(
     peer: SocketAddr,
 ) -> Result<LoggedIn, AuthError> {
     let login = creds.login.clone();
-    let result = guarded(app, creds, peer, |id| async move {
+    let result = guarded(app, creds, peer, Some(protocol), |id| async move {
         upstream_login(app, protocol, &id, client_name)
             .await
             .map(|upstream| LoggedIn { upstream, id })
@@ -68,7 +68,7 @@ pub async fn local_login(
     peer: SocketAddr,
 ) -> Result<Identity, AuthError> {
     let login = creds.login.clone();
-    let result = guarded(app, creds, peer, |id| async move {
+    let result = guarded(app, creds, peer, None, |id| async move {
         match id.grant {
             Grant::Password => Err(AuthError::CannotSpool(
                 "grant = \"password\" needs the device's password for every token",
@@ -81,45 +81,55 @@ pub async fn local_login(
     result
 }
 
-/// The throttle around a login: refused while locked out; the device's
-/// credentials checked, then `then`; a wrong local password (or one the
-/// token endpoint refused for the `password` grant) counts against the
-/// address and the account, a success clears them.
+/// The throttle around a login: refused while locked out; counted
+/// before the device's credentials are checked (so that guesses sent at
+/// once wait for each other), then `then`. A wrong local password, or one
+/// the token endpoint refused for the `password` grant, counts against
+/// the address and what the password opens (see `throttle::Claim`); a
+/// success clears the latter; any other outcome is not counted.
+/// `protocol`: the token the `password` grant's check fetches (none where
+/// nothing is fetched upstream).
 async fn guarded<T, F, Fut>(
     app: &App,
     creds: Credentials,
     peer: SocketAddr,
+    protocol: Option<Protocol>,
     then: F,
 ) -> Result<T, AuthError>
 where
     F: FnOnce(Identity) -> Fut,
     Fut: std::future::Future<Output = Result<T, AuthError>>,
 {
-    let login = creds.login.clone();
-    app.throttle
-        .check(peer.ip(), &login)
+    let accounts = app.accounts();
+    let attempt = app
+        .throttle
+        .begin(peer.ip(), &accounts.claim(&creds.login))
         .await
         .map_err(AuthError::Throttled)?;
-    let id = app
-        .accounts()
-        .authenticate(&creds.login, creds.password)
-        .await;
-    let password_grant = id.as_ref().is_ok_and(|id| id.grant == Grant::Password);
-    let result = match id {
-        Ok(id) => then(id).await,
-        Err(e) => Err(e),
+    let id = {
+        let _turn = app
+            .throttle
+            .check_turn()
+            .await
+            .map_err(AuthError::Throttled)?;
+        accounts.authenticate(&creds.login, creds.password).await
     };
-    match &result {
-        Err(AuthError::BadCredentials(_)) => {
-            tokio::time::sleep(app.throttle.failure(peer.ip(), &login).await).await
+    // The `password` grant's password is checked by the token endpoint;
+    // the token is cached for the login that follows.
+    let id = match (id, protocol) {
+        (Ok(id), Some(protocol)) if id.grant == Grant::Password => {
+            app.tokens.get(&id, protocol).await.map(|_| id)
         }
-        Err(AuthError::TokenRefused(_)) if password_grant => {
-            tokio::time::sleep(app.throttle.failure(peer.ip(), &login).await).await
+        (id, _) => id,
+    };
+    match &id {
+        Err(AuthError::BadCredentials(_) | AuthError::TokenRefused(_)) => {
+            tokio::time::sleep(attempt.failed().await).await
         }
-        Ok(_) => app.throttle.success(peer.ip(), &login).await,
-        Err(_) => {}
+        Ok(_) => attempt.succeeded().await,
+        Err(_) => drop(attempt),
     }
-    result
+    then(id?).await
 }
 
 /// A `[[relay]]` rule's device on a spooling listener: the rule's account,
