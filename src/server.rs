@@ -419,7 +419,11 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
     drop(dialogue);
     match handoff {
         Handoff::Relay(ready) => {
-            let Ready { device, login } = *ready;
+            let Ready {
+                device,
+                login,
+                senders,
+            } = *ready;
             let LoggedIn { upstream, id } = login;
             let idle = Duration::from_secs(app.config.limits.idle_timeout_s);
             // The mailbox's slot is held until the relay ends.
@@ -447,7 +451,17 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr) {
                     )
                     .await
                 }
-                _ => relay::relay(device, upstream.conn, idle, protocol, ctx.abort.clone()).await,
+                _ => {
+                    relay::relay(
+                        device,
+                        upstream.conn,
+                        idle,
+                        protocol,
+                        ctx.abort.clone(),
+                        senders,
+                    )
+                    .await
+                }
             };
             info!(
                 account = %id.account,

@@ -8,6 +8,8 @@
 
 #[path = "smtp_reply.rs"]
 mod reply;
+#[path = "smtp_stream.rs"]
+pub mod stream;
 
 pub use reply::*;
 

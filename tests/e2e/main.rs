@@ -26,6 +26,7 @@ mod redis;
 mod regression;
 mod secrets;
 mod session_logins;
+mod session_senders;
 mod smtp;
 mod soak;
 mod spool;
