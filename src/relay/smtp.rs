@@ -94,8 +94,10 @@ pub async fn relay(
             }
             continue;
         }
-        if s.device_done && s.ahead.is_empty() && s.held.is_none() && !upstream_shut {
-            // The device is done: the upstream may still answer it.
+        // The device is done (what is left is no whole line, unless it
+        // waits for DATA's answer): the upstream may still answer it.
+        let taken = s.ahead.is_empty() || !s.tracker.awaits_data_reply();
+        if s.device_done && taken && s.held.is_none() && !upstream_shut {
             upstream_shut = true;
             let _ = upstream.shutdown().await;
         }
@@ -190,5 +192,97 @@ impl Session {
             end: why,
             ..self.relayed
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::conn::tests::pair;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// A refused MAIL in a pipelined group: the upstream never sees it,
+    /// and the device reads its 550 between the replies around it. Then
+    /// the upstream vanishes in a message: the device hears it was not
+    /// accepted.
+    #[tokio::test]
+    async fn a_refused_mail_is_answered_in_its_turn() {
+        let (device, mut device_peer) = pair().await;
+        let (upstream, upstream_peer) = pair().await;
+        let senders = Senders {
+            allowed: vec!["scan@x.test".into()],
+            relay: false,
+        };
+        let relay = tokio::spawn(relay(
+            device,
+            upstream,
+            WAIT,
+            CancellationToken::new(),
+            senders,
+        ));
+        device_peer
+            .write_all(b"NOOP\r\nMAIL FROM:<boss@x.test>\r\nMAIL FROM:<scan@x.test>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        let (up_r, mut up_w) = tokio::io::split(upstream_peer);
+        let mut up = BufReader::new(up_r);
+        let mut line = String::new();
+        up.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "NOOP\r\n");
+        // Nothing more until the NOOP is answered: the refusal waits.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), up.read_line(&mut line))
+                .await
+                .is_err()
+        );
+        up_w.write_all(b"250 2.0.0 Ok\r\n").await.unwrap();
+        line.clear();
+        up.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "MAIL FROM:<scan@x.test>\r\n");
+        line.clear();
+        up.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "DATA\r\n");
+        up_w.write_all(b"250 2.1.0 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n")
+            .await
+            .unwrap();
+        let mut seen = vec![0u8; 4096];
+        let mut got = Vec::new();
+        while !got.ends_with(b"354 End data with <CR><LF>.<CR><LF>\r\n") {
+            let n = tokio::time::timeout(WAIT, device_peer.read(&mut seen))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&seen[..n]);
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            "250 2.0.0 Ok\r\n550 5.7.1 Sender address not allowed for this login\r\n250 2.1.0 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+        );
+        device_peer
+            .write_all(b"MAIL FROM:<boss@x.test>\r\n")
+            .await
+            .unwrap();
+        line.clear();
+        up.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "MAIL FROM:<boss@x.test>\r\n", "message text");
+        drop(up);
+        drop(up_w);
+        let mut after = Vec::new();
+        tokio::time::timeout(WAIT, device_peer.read_to_end(&mut after))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            after.starts_with(b"421 4.4.2 Connection to the mail server lost during the message"),
+            "{}",
+            String::from_utf8_lossy(&after)
+        );
+        // The device, told, ends its side; the relay stops draining it.
+        device_peer.shutdown().await.unwrap();
+        let r = tokio::time::timeout(WAIT, relay).await.unwrap().unwrap();
+        assert_eq!(r.end, UPSTREAM_LOST);
     }
 }
