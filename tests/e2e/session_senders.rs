@@ -98,3 +98,30 @@ fn bdat_chunks_pass_and_the_next_mail_is_checked() {
     assert!(refused.starts_with("550 5.7.1 "), "{refused}");
     fetch_from_dovecot(ALICE, &message_id(&tag));
 }
+
+/// A device that cannot log in, relayed by its network's `[[relay]]`
+/// rule: its first MAIL was always checked; the ones after RSET are too.
+#[test]
+fn a_relay_rules_senders_hold_after_rset() {
+    let rule = "[[relay]]\nfrom_networks = [\"127.0.0.2/32\"]\naccount = \"scanner@example.test\"\nallowed_senders = [\"*@example.test\"]\n";
+    let proxy = Proxy::start(&config(&listener("smtp", "none", true), rule));
+    let mut c = Raw::connect_from(proxy.port(0), "127.0.0.2");
+    c.reply();
+    c.send("EHLO printer.test");
+    c.reply();
+    c.send(&format!("MAIL FROM:<{ALICE}>"));
+    let first = c.reply();
+    assert!(first.starts_with("250 "), "{first}\n{}", proxy.logs());
+    c.send("RSET");
+    assert!(c.reply().starts_with("250 "));
+    c.send("MAIL FROM:<someone@elsewhere.test>");
+    let second = c.reply();
+    assert_eq!(
+        second,
+        "550 5.7.1 Sender not allowed to relay from this network\r\n",
+        "{}",
+        proxy.logs()
+    );
+    c.send("QUIT");
+    assert!(c.reply().starts_with("221 "));
+}
