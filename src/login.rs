@@ -48,7 +48,7 @@ pub async fn login(
     peer: SocketAddr,
 ) -> Result<LoggedIn, AuthError> {
     let login = creds.login.clone();
-    let result = guarded(app, creds, peer, Some(protocol), |id| async move {
+    let result = guarded(app, creds, peer, |id| async move {
         upstream_login(app, protocol, &id, client_name)
             .await
             .map(|upstream| LoggedIn { upstream, id })
@@ -68,7 +68,7 @@ pub async fn local_login(
     peer: SocketAddr,
 ) -> Result<Identity, AuthError> {
     let login = creds.login.clone();
-    let result = guarded(app, creds, peer, None, |id| async move {
+    let result = guarded(app, creds, peer, |id| async move {
         match id.grant {
             Grant::Password => Err(AuthError::CannotSpool(
                 "grant = \"password\" needs the device's password for every token",
@@ -86,14 +86,13 @@ pub async fn local_login(
 /// once wait for each other), then `then`. A wrong local password, or one
 /// the token endpoint refused for the `password` grant, counts against
 /// the address and what the password opens (see `throttle::Claim`); a
-/// success clears the latter; any other outcome is not counted.
-/// `protocol`: the token the `password` grant's check fetches (none where
-/// nothing is fetched upstream).
+/// success clears the latter; any other outcome is not counted. The
+/// `password` grant's attempt is settled once `then` (the upstream login,
+/// which fetches its token with the password) is done.
 async fn guarded<T, F, Fut>(
     app: &App,
     creds: Credentials,
     peer: SocketAddr,
-    protocol: Option<Protocol>,
     then: F,
 ) -> Result<T, AuthError>
 where
@@ -114,22 +113,29 @@ where
             .map_err(AuthError::Throttled)?;
         accounts.authenticate(&creds.login, creds.password).await
     };
-    // The `password` grant's password is checked by the token endpoint;
-    // the token is cached for the login that follows.
-    let id = match (id, protocol) {
-        (Ok(id), Some(protocol)) if id.grant == Grant::Password => {
-            app.tokens.get(&id, protocol).await.map(|_| id)
+    // The `password` grant's password is checked by the token endpoint,
+    // in `then`: its attempt is settled after it.
+    let password_grant = id.as_ref().is_ok_and(|id| id.grant == Grant::Password);
+    let id = match id {
+        Err(e) => {
+            if matches!(e, AuthError::BadCredentials(_)) {
+                tokio::time::sleep(attempt.failed().await).await;
+            }
+            return Err(e);
         }
-        (id, _) => id,
+        Ok(id) => id,
     };
-    match &id {
-        Err(AuthError::BadCredentials(_) | AuthError::TokenRefused(_)) => {
-            tokio::time::sleep(attempt.failed().await).await
-        }
+    if !password_grant {
+        attempt.succeeded().await;
+        return then(id).await;
+    }
+    let result = then(id).await;
+    match &result {
+        Err(AuthError::TokenRefused(_)) => tokio::time::sleep(attempt.failed().await).await,
         Ok(_) => attempt.succeeded().await,
         Err(_) => drop(attempt),
     }
-    then(id?).await
+    result
 }
 
 /// A `[[relay]]` rule's device on a spooling listener: the rule's account,
