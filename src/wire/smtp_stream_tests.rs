@@ -186,3 +186,47 @@ fn replies_are_counted_whole() {
     r.feed(b"0\r\n", |c| codes.push(c));
     assert_eq!(codes, [250, 354, 550, 250]);
 }
+
+/// Random bytes in random pieces, DATA answered at random: no panic, every
+/// byte of input is taken or waits, and nothing is produced from nothing.
+#[test]
+fn random_input_never_panics() {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let words: [&[u8]; 8] = [
+        b"MAIL FROM:<boss@x.test>\r\n",
+        b"DATA\r\n",
+        b"BDAT 5\r\n",
+        b"\r\n.\r\n",
+        b"\n",
+        b".",
+        b"\x00\xff",
+        b"RSET\r\n",
+    ];
+    for _ in 0..500 {
+        let mut t = tracker(rand(2) == 0);
+        let mut pending = Vec::new();
+        for _ in 0..40 {
+            pending.extend_from_slice(words[rand(8) as usize]);
+            let mut up = Vec::new();
+            loop {
+                match t.next(&pending, &mut up) {
+                    Next::Forward { consumed, .. } | Next::Refuse { consumed, .. } => {
+                        assert!(consumed > 0 && consumed <= pending.len());
+                        pending.drain(..consumed);
+                    }
+                    Next::AwaitReply => {
+                        t.data_answered([354, 554][rand(2) as usize]);
+                    }
+                    Next::NeedMore => break,
+                }
+            }
+            assert!(pending.len() <= MAX_COMMAND_LINE + 32);
+        }
+    }
+}
