@@ -335,6 +335,22 @@ impl Accounts {
         self.find(&split(login).0).map(|(a, _)| a.login.clone())
     }
 
+    /// What a login's password opens, for the throttle: the account when
+    /// it has a `password_hash` (every user of a pattern shares it), else
+    /// the login itself; and the shared mailbox it names.
+    pub fn claim(&self, login: &str) -> crate::throttle::Claim {
+        let login = login.trim().to_lowercase();
+        let (base, shared) = match login.split_once('\\') {
+            Some((base, shared)) => (base.to_string(), Some(shared.to_string())),
+            None => (login, None),
+        };
+        let credential = match self.find(&base) {
+            Some((a, _)) if a.grant != Grant::Password => a.login.clone(),
+            _ => base,
+        };
+        crate::throttle::Claim { credential, shared }
+    }
+
     /// The logins of the `refresh_token` accounts, whose refresh tokens are
     /// kept alive.
     pub fn refresh_token_logins(&self) -> Vec<String> {

@@ -83,10 +83,14 @@ pub async fn local_login(
     result
 }
 
-/// The throttle around a login: refused while locked out; the device's
-/// credentials checked, then `then`; a wrong local password (or one the
-/// token endpoint refused for the `password` grant) counts against the
-/// address and the account, a success clears them.
+/// The throttle around a login: refused while locked out; counted
+/// before the device's credentials are checked (so that guesses sent at
+/// once wait for each other), then `then`. A wrong local password, or one
+/// the token endpoint refused for the `password` grant, counts against
+/// the address and what the password opens (see `throttle::Claim`); a
+/// success clears the latter; any other outcome is not counted. The
+/// `password` grant's attempt is settled once `then` (the upstream login,
+/// which fetches its token with the password) is done.
 async fn guarded<T, F, Fut>(
     app: &App,
     creds: Credentials,
@@ -97,29 +101,41 @@ where
     F: FnOnce(Identity) -> Fut,
     Fut: std::future::Future<Output = Result<T, AuthError>>,
 {
-    let login = creds.login.clone();
-    app.throttle
-        .check(peer.ip(), &login)
+    let accounts = app.accounts();
+    let attempt = app
+        .throttle
+        .begin(peer.ip(), &accounts.claim(&creds.login))
         .await
         .map_err(AuthError::Throttled)?;
-    let id = app
-        .accounts()
-        .authenticate(&creds.login, creds.password)
-        .await;
-    let password_grant = id.as_ref().is_ok_and(|id| id.grant == Grant::Password);
-    let result = match id {
-        Ok(id) => then(id).await,
-        Err(e) => Err(e),
+    let id = {
+        let _turn = app
+            .throttle
+            .check_turn()
+            .await
+            .map_err(AuthError::Throttled)?;
+        accounts.authenticate(&creds.login, creds.password).await
     };
+    // The `password` grant's password is checked by the token endpoint,
+    // in `then`: its attempt is settled after it.
+    let password_grant = id.as_ref().is_ok_and(|id| id.grant == Grant::Password);
+    let id = match id {
+        Err(e) => {
+            if matches!(e, AuthError::BadCredentials(_)) {
+                tokio::time::sleep(attempt.failed().await).await;
+            }
+            return Err(e);
+        }
+        Ok(id) => id,
+    };
+    if !password_grant {
+        attempt.succeeded().await;
+        return then(id).await;
+    }
+    let result = then(id).await;
     match &result {
-        Err(AuthError::BadCredentials(_)) => {
-            tokio::time::sleep(app.throttle.failure(peer.ip(), &login).await).await
-        }
-        Err(AuthError::TokenRefused(_)) if password_grant => {
-            tokio::time::sleep(app.throttle.failure(peer.ip(), &login).await).await
-        }
-        Ok(_) => app.throttle.success(peer.ip(), &login).await,
-        Err(_) => {}
+        Err(AuthError::TokenRefused(_)) => tokio::time::sleep(attempt.failed().await).await,
+        Ok(_) => attempt.succeeded().await,
+        Err(_) => drop(attempt),
     }
     result
 }

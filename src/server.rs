@@ -441,7 +441,11 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Optio
     drop(dialogue);
     match handoff {
         Handoff::Relay(ready) => {
-            let Ready { device, login } = *ready;
+            let Ready {
+                device,
+                login,
+                senders,
+            } = *ready;
             let LoggedIn { upstream, id } = login;
             let idle = Duration::from_secs(app.config.limits.idle_timeout_s);
             // The mailbox's slot is held until the relay ends.
@@ -471,7 +475,17 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Optio
                     )
                     .await
                 }
-                _ => relay::relay(device, upstream.conn, idle, protocol, ctx.abort.clone()).await,
+                _ => {
+                    relay::relay(
+                        device,
+                        upstream.conn,
+                        idle,
+                        protocol,
+                        ctx.abort.clone(),
+                        senders,
+                    )
+                    .await
+                }
             };
             info!(
                 account = %id.account,

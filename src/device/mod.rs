@@ -19,11 +19,13 @@ use tracing::warn;
 
 use crate::accounts::Identity;
 use crate::app::App;
+use crate::config::Protocol;
 use crate::error::AuthError;
 use crate::listener::Listener;
 use crate::login::{self, LoggedIn};
 use crate::net::{Conn, LineError};
 use crate::wire::sasl::Credentials;
+use crate::wire::smtp::stream::Senders;
 
 /// Commands a device may send before it logs in.
 pub const MAX_PREAUTH_COMMANDS: usize = 100;
@@ -229,6 +231,9 @@ pub enum Handoff {
 pub struct Ready {
     pub device: Conn,
     pub login: LoggedIn,
+    /// SMTP: the envelope senders its account or `[[relay]]` rule allows
+    /// (`None`: any); every MAIL of the session is checked.
+    pub senders: Option<Senders>,
 }
 
 /// Run `session` on the device's connection until it has logged in
@@ -251,6 +256,7 @@ pub async fn drive(
     let protocol = listener.protocol;
     let spooling = listener.delivery == crate::config::Delivery::Spool;
     let mut logged_in: Option<LoggedIn> = None;
+    let mut senders: Option<Senders> = None;
     // On a spooling listener: who logged in (nothing upstream yet).
     let mut local: Option<(Identity, bool, String)> = None;
     let mut step = session.greeting();
@@ -290,7 +296,7 @@ pub async fn drive(
                 let keywords = app.dialer.smtp_capabilities().await;
                 session.on(Input::Capabilities(&keywords))
             }
-            Then::Login(request) if spooling || takes_itself(app, &request) => {
+            Then::Login(request) if takes_itself(app, protocol, spooling, &request) => {
                 let (result, relay, helo) = match request {
                     Login::Password { creds, client_name } => (
                         login::local_login(app, creds, peer).await,
@@ -320,6 +326,10 @@ pub async fn drive(
                 }
             }
             Then::Login(request) => {
+                senders = match protocol {
+                    Protocol::Smtp => allowed_senders(app, peer, &request),
+                    _ => None,
+                };
                 let result = match request {
                     Login::Password { creds, client_name } => {
                         login::login(app, protocol, creds, &client_name, peer).await
@@ -365,6 +375,7 @@ pub async fn drive(
                 return Handoff::Relay(Box::new(Ready {
                     device: device.conn,
                     login,
+                    senders: senders.take(),
                 }));
             }
             Then::Close(why) => return Handoff::Closed(why),
@@ -378,13 +389,33 @@ pub async fn drive(
     }
 }
 
-/// Whether oxbridge takes this login's messages itself on a session
-/// listener: its account sends through Microsoft Graph, not SMTP.
-fn takes_itself(app: &App, request: &Login) -> bool {
-    match request {
-        Login::Password { creds, .. } => app.accounts().sends_via_graph(&creds.login),
-        Login::Relay { account, .. } => app.accounts().sends_via_graph(account),
+/// Whether oxbridge takes this login's messages itself instead of logging
+/// in upstream: only SMTP, on a spooling listener, or on a session
+/// listener for an account that sends through Microsoft Graph. IMAP and
+/// POP3 logins always go upstream: Graph only replaces sending.
+fn takes_itself(app: &App, protocol: Protocol, spooling: bool, request: &Login) -> bool {
+    if protocol != Protocol::Smtp {
+        return false;
     }
+    spooling
+        || match request {
+            Login::Password { creds, .. } => app.accounts().sends_via_graph(&creds.login),
+            Login::Relay { account, .. } => app.accounts().sends_via_graph(account),
+        }
+}
+
+/// The senders a session listener's SMTP login may use: its account's
+/// `allowed_senders`, or its `[[relay]]` rule's; `None` when any will do.
+fn allowed_senders(app: &App, peer: SocketAddr, request: &Login) -> Option<Senders> {
+    let (allowed, relay) = match request {
+        Login::Password { creds, .. } => {
+            let accounts = app.accounts();
+            let account = accounts.account_of(&creds.login)?;
+            (accounts.allowed_senders(&account), false)
+        }
+        Login::Relay { .. } => (app.relay_rule(peer.ip())?.allowed_senders, true),
+    };
+    (!allowed.is_empty()).then_some(Senders { allowed, relay })
 }
 
 /// The device's connection and the bounds on what it sends.

@@ -3,7 +3,8 @@
 //! which also follows them so that they outlive their token.
 //!
 //! Whatever either side had sent past its last parsed line (pipelined
-//! commands) is replayed first. The session ends when the upstream closes,
+//! commands) is replayed first. SMTP sessions with `allowed_senders` go
+//! through [`smtp`] instead, which checks every MAIL. The session ends when the upstream closes,
 //! when the device fails, when both have been silent for the idle timeout,
 //! or on a hard shutdown. A device that half-closes still gets the rest of
 //! the upstream's replies.
@@ -21,6 +22,7 @@ use crate::net::Conn;
 use crate::wire::{self, Farewell as Goodbye};
 
 pub mod imap;
+pub mod smtp;
 
 /// Size of each direction's copy buffer.
 pub const COPY_BUFFER: usize = 64 * 1024;
@@ -235,14 +237,20 @@ async fn write_within<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Relay a logged-in session until it ends.
+/// Relay a logged-in session until it ends. An SMTP session whose
+/// senders are restricted goes through [`smtp::relay`], which checks every
+/// MAIL; every other session is copied byte for byte.
 pub async fn relay(
     device: Conn,
     upstream: Conn,
     idle: Duration,
     protocol: Protocol,
     abort: CancellationToken,
+    senders: Option<wire::smtp::stream::Senders>,
 ) -> Relayed {
+    if let (Protocol::Smtp, Some(senders)) = (protocol, senders) {
+        return smtp::relay(device, upstream, idle, abort, senders).await;
+    }
     let (device, device_residual) = device.into_parts();
     let (upstream, upstream_residual) = upstream.into_parts();
     let (device_r, device_w) = tokio::io::split(device);
@@ -367,6 +375,7 @@ mod tests {
             WAIT,
             Protocol::Smtp,
             CancellationToken::new(),
+            None,
         ));
         let queued = b"250 2.0.0 Ok: queued as 4A\r\n";
         upstream_peer.write_all(queued).await.unwrap();
@@ -405,6 +414,7 @@ mod tests {
             WAIT,
             Protocol::Smtp,
             CancellationToken::new(),
+            None,
         ));
         let go_ahead = b"354 End data with <CR><LF>.<CR><LF>\r\n";
         upstream_peer.write_all(go_ahead).await.unwrap();

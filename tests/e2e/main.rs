@@ -28,6 +28,8 @@ mod ops;
 mod redis;
 mod regression;
 mod secrets;
+mod session_logins;
+mod session_senders;
 mod smtp;
 mod soak;
 mod spool;
