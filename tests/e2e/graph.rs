@@ -14,12 +14,12 @@ use crate::harness::*;
 /// test at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
+pub(crate) fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// An account that sends through Graph, and where Graph is.
-fn graph_config(listener_extra: &str, state: &std::path::Path, spool: &str) -> String {
+pub(crate) fn graph_config(listener_extra: &str, state: &std::path::Path, spool: &str) -> String {
     let up = upstream();
     let listener = listener("smtp", "none", true) + listener_extra;
     let account = format!(
@@ -38,7 +38,7 @@ fn graph_config(listener_extra: &str, state: &std::path::Path, spool: &str) -> S
     with_state_dir(&cfg, state)
 }
 
-fn graph_device(port: u16) -> Smtp<'static> {
+pub(crate) fn graph_device(port: u16) -> Smtp<'static> {
     Smtp {
         login: "graph-scanner@example.test",
         ..Smtp::scanner(port)

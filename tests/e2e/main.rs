@@ -28,4 +28,5 @@ mod secrets;
 mod smtp;
 mod soak;
 mod spool;
+mod spool_faults;
 mod status;
