@@ -71,6 +71,9 @@ pub struct Status {
     /// Why the message is in `dead/`.
     #[serde(default)]
     pub dead_because: Option<String>,
+    /// Attempts that ended in a panic (a bug), not in an answer.
+    #[serde(default)]
+    pub panics: u32,
 }
 
 impl Envelope {

@@ -17,7 +17,7 @@ use crate::accounts::Identity;
 use crate::app::App;
 use crate::error::AuthError;
 use crate::net::{Conn, LineError};
-use crate::upstream::graph::GraphError;
+use crate::upstream::graph::{Doubt, GraphError};
 use crate::wire::message::{DataReader, LineEnds};
 use crate::wire::smtp::Reply;
 
@@ -308,15 +308,17 @@ async fn send_now(
     message: &[u8],
     recipients: &[String],
 ) -> Reply<'static> {
+    let mut doubt = Doubt::default();
     let result = match app.tokens.graph(id).await {
         Ok(token) => {
             app.graph
-                .send(&token.secret, &id.mailbox, message, recipients)
+                .send(&token.secret, &id.mailbox, message, recipients, &mut doubt)
                 .await
         }
         Err(e) if e.is_temporary() => Err(GraphError::Temporary(e.to_string())),
         Err(e) => Err(GraphError::Auth(e.to_string())),
     };
+    super::settle::count_graph_doubt(&doubt, result.is_err());
     match result {
         Ok(()) => {
             info!(account = %id.account, mailbox = %id.mailbox, size = message.len(), recipients = recipients.len(), "sent through Microsoft Graph");

@@ -46,7 +46,7 @@ pub(crate) fn graph_device(port: u16) -> Smtp<'static> {
 }
 
 /// The stand-in's admin hook: the next `count` Graph requests get `status`.
-fn throttle(count: u32, status: u16, retry_after: f64) {
+pub(crate) fn throttle(count: u32, status: u16, retry_after: f64) {
     let up = upstream();
     let body = format!(r#"{{"count": {count}, "status": {status}, "retry_after": {retry_after}}}"#);
     let out = run(

@@ -271,3 +271,108 @@ fn a_bare_lf_message_is_spooled_alike_by_bdat_and_data() {
         String::from_utf8_lossy(want)
     );
 }
+
+/// A refused message whose report cannot be written is deferred like any
+/// temporary failure: its attempts grow and it waits longer each time.
+#[test]
+fn a_report_that_cannot_be_written_is_deferred_with_backoff() {
+    let up = upstream();
+    let outage = Outage::start(&up.loopback("smtp"));
+    let state = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&spool_config(
+        "127.0.0.1:0",
+        &outage.addr.to_string(),
+        state.path(),
+        FAST,
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let m = Message::write(dir.path(), "report-fails", ALICE, 0);
+    let out = Smtp {
+        to: "sendas-denied@example.test",
+        ..Smtp::scanner(proxy.port(0))
+    }
+    .swaks(&m.path);
+    assert!(out.status.success(), "{}", text(&out));
+    let id = crate::spool::queue_id(&out);
+    let tmp = break_tmp(state.path());
+    outage.up();
+    std::thread::sleep(Duration::from_secs(6));
+    let status = std::fs::read(
+        state
+            .path()
+            .join("spool/queue")
+            .join(&id)
+            .join("status.json"),
+    );
+    mend_tmp(&tmp);
+    let status: serde_json::Value =
+        serde_json::from_slice(&status.unwrap_or_default()).unwrap_or_default();
+    let attempts = status["attempts"].as_u64().unwrap_or(0);
+    assert!((2..=4).contains(&attempts), "{status}\n{}", proxy.logs());
+    let error = status["last_error"].as_str().unwrap_or("");
+    assert!(error.contains("cannot write a delivery report"), "{status}");
+}
+
+/// A spooling listener of the Graph account, and the proxy on it.
+fn graph_spool(state: &std::path::Path) -> Proxy {
+    let spooling = format!("\n{}delivery = \"spool\"\n", listener("smtp", "none", true));
+    Proxy::start(&graph_config(&spooling, state, FAST))
+}
+
+/// Graph answers the message's send with 503 (it may have taken it):
+/// once, and it is asked again at once; four times, so that the attempt
+/// fails and the next one sends it again. Every send after a 503 is
+/// counted as a possible duplicate.
+#[test]
+fn a_graph_send_after_an_unclear_answer_is_counted_as_a_possible_duplicate() {
+    let _serial = serial();
+    for (unclear, resends) in [(1, 1.0), (4, 4.0)] {
+        let state = tempfile::tempdir().unwrap();
+        let proxy = graph_spool(state.path());
+        let dir = tempfile::tempdir().unwrap();
+        let m = Message::write(dir.path(), &format!("graph-503x{unclear}"), ALICE, 0);
+        crate::graph::throttle(unclear, 503, 0.2);
+        let out = crate::graph::graph_device(proxy.port(1)).swaks(&m.path);
+        assert!(out.status.success(), "{}", text(&out));
+        assert_arrived(ALICE, &m.id, &m.bytes);
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            metric(&proxy, "oxbridge_spool_possible_duplicates_total"),
+            resends,
+            "after {unclear} 503:\n{}",
+            proxy.logs()
+        );
+    }
+}
+
+/// SIGTERM while a Graph send is under way (waiting out a 429 for 3 s):
+/// the send finishes before oxbridge exits, and after the restart nothing
+/// is sent again.
+#[test]
+fn sigterm_during_a_send_lets_it_finish_and_nothing_is_resent() {
+    let _serial = serial();
+    let state = tempfile::tempdir().unwrap();
+    let mut proxy = graph_spool(state.path());
+    let dir = tempfile::tempdir().unwrap();
+    let m = Message::write(dir.path(), "graph-sigterm", ALICE, 0);
+    crate::graph::throttle(1, 429, 3.0);
+    let out = crate::graph::graph_device(proxy.port(1)).swaks(&m.path);
+    assert!(out.status.success(), "{}", text(&out));
+    proxy.wait_log(&["Graph asks to wait"]);
+    let exit = proxy.terminate();
+    let logs = proxy.logs();
+    assert!(exit.success(), "{exit:?}\n{logs}");
+    let arrived = read_from_dovecot(ALICE, &m.id, "1");
+    assert!(arrived.is_ok(), "not delivered before the exit:\n{logs}");
+    let cfg = std::fs::read_to_string(proxy.config_path()).unwrap();
+    let again = Proxy::start(&cfg);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        metric(&again, "oxbridge_spool_possible_duplicates_total"),
+        0.0,
+        "{}",
+        again.logs()
+    );
+    let copies = inbox_ids(ALICE, &format!("HEADER Message-ID {}", m.tag));
+    assert_eq!(copies.values().sum::<usize>(), 1, "{copies:?}");
+}
