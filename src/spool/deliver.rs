@@ -261,7 +261,7 @@ async fn deliver(
                 results.push((id, next));
             }
             Ok((env, status)) => {
-                let age = queue::now().saturating_sub(env.received_at);
+                let age = queue::now().saturating_sub(status.age_from(env.received_at));
                 if Duration::from_secs(age) > max_age {
                     let failures: Vec<Failure> = env
                         .pending(&status)

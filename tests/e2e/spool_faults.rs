@@ -376,3 +376,46 @@ fn sigterm_during_a_send_lets_it_finish_and_nothing_is_resent() {
     let copies = inbox_ids(ALICE, &format!("HEADER Message-ID {}", m.tag));
     assert_eq!(copies.values().sum::<usize>(), 1, "{copies:?}");
 }
+
+/// A dead letter older than `max_age_h` (an expired message with the
+/// null sender, which cannot be told) put back by `oxbridge queue retry`
+/// gets one real attempt: it is delivered, not buried again at once.
+#[test]
+fn queue_retry_of_an_old_dead_letter_gets_a_real_attempt() {
+    let up = upstream();
+    let outage = Outage::start(&up.loopback("smtp"));
+    let state = tempfile::tempdir().unwrap();
+    // 0.001 h: 3.6 s.
+    let proxy = Proxy::start(&spool_config(
+        "127.0.0.1:0",
+        &outage.addr.to_string(),
+        state.path(),
+        &format!("{FAST}max_age_h = 0.001\n"),
+    ));
+    let tag = unique("old-dead-letter");
+    let mut raw = Raw::connect(proxy.port(0));
+    raw.reply();
+    assert!(raw
+        .smtp_login("scanner@example.test", SCANNER_PASSWORD)
+        .starts_with("235 "));
+    raw.envelope("", ALICE);
+    raw.write(short_message(ALICE, &tag, "a scan").as_bytes());
+    raw.write(b".\r\n");
+    let queued = raw.reply();
+    let id = queued
+        .trim_end()
+        .split("queued as ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{queued}"))
+        .to_string();
+    proxy.wait_log(&["message moved to the dead-letter folder"]);
+    outage.up();
+    let retry = oxbridge(&["queue", "retry", &id], &proxy.config_path());
+    assert!(retry.status.success(), "{}", text(&retry));
+    let arrived = read_from_dovecot(ALICE, &message_id(&tag), "15");
+    assert!(
+        arrived.is_ok(),
+        "not delivered after the retry:\n{}",
+        proxy.logs()
+    );
+}
