@@ -215,7 +215,9 @@ impl Intake {
         if self.tx.as_ref().is_some_and(|t| !t.failed) {
             return Step::read(Reply::NestedMail);
         }
-        let Some((sender, params)) = parse_path(line, "MAIL FROM:") else {
+        let Some((sender, params)) =
+            parse_path(line, "MAIL FROM:").filter(|(s, _)| !has_controls(s))
+        else {
             return self.error(Reply::BadSender);
         };
         let mut kept = Vec::new();
@@ -267,7 +269,7 @@ impl Intake {
         let Some((rcpt, params)) = parse_path(line, "RCPT TO:") else {
             return self.error(Reply::BadRecipient);
         };
-        if !wire::is_mailbox(&rcpt) {
+        if !wire::is_mailbox(&rcpt) || has_controls(&rcpt) {
             return self.error(Reply::BadRecipient);
         }
         let dsn = |p: &String| p.starts_with("NOTIFY=") || p.starts_with("ORCPT=");
@@ -374,6 +376,12 @@ impl Intake {
         }
         self.store(tx)
     }
+}
+
+/// Whether an address holds a control character or white space (never
+/// part of an address oxbridge passes on, puts in a report or logs).
+fn has_controls(address: &str) -> bool {
+    address.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
 #[cfg(test)]

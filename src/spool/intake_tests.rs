@@ -304,3 +304,35 @@ fn errors_timeouts_and_shutdown_end_the_session_in_smtp() {
         )
     );
 }
+
+#[test]
+fn control_bytes_in_a_sender_or_recipient_are_refused() {
+    let mut open = Intake::new(
+        "proxy.test".into(),
+        vec![],
+        Rules {
+            max_bytes: 1000,
+            max_recipients: 2,
+            allowed_senders: vec![],
+        },
+    );
+    for sender in [
+        "MAIL FROM:<a\u{1}b@x.test>",
+        "MAIL FROM:<a@x.test\0>",
+        "MAIL FROM:<a\tb@x.test>",
+    ] {
+        assert_eq!(
+            line(&mut open, sender),
+            pair("501 5.1.7 Bad sender address syntax\r\n", "read"),
+            "{sender:?}"
+        );
+    }
+    line(&mut open, "MAIL FROM:<a@x.test>");
+    for rcpt in ["RCPT TO:<c\u{1}x=y@d.test>", "RCPT TO:<c@d.test\u{7f}>"] {
+        assert_eq!(
+            line(&mut open, rcpt),
+            pair("501 5.1.3 Bad recipient address syntax\r\n", "read"),
+            "{rcpt:?}"
+        );
+    }
+}
