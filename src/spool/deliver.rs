@@ -70,13 +70,23 @@ pub async fn run(app: Arc<App>, spool: Arc<Spool>, stop: CancellationToken) {
         Err(e) => warn!(error = %e, "cannot read the spool"),
     }
     loop {
-        for id in spool.take_arrivals() {
-            learn(&spool.queue, &mut index, &id, Some(0));
-        }
-        for id in spool.queue.take_retry_requests() {
-            info!(id = %id, "retry requested");
-            learn(&spool.queue, &mut index, &id, Some(0));
-        }
+        let q = spool.queue.clone();
+        let arrivals = spool.take_arrivals();
+        // What the worker reads from disk each turn, off the async threads.
+        let (learned, dead) = blocking(move || {
+            let retries = q.take_retry_requests();
+            for id in &retries {
+                info!(id = %id, "retry requested");
+            }
+            let mut learned = HashMap::new();
+            for id in arrivals.into_iter().chain(retries) {
+                learn(&q, &mut learned, &id, Some(0));
+            }
+            Ok((learned, q.ids(Place::Dead).map(|d| d.len()).unwrap_or(0)))
+        })
+        .await
+        .unwrap_or_default();
+        index.extend(learned);
         let now = queue::now();
         let mut batches: HashMap<String, Vec<String>> = HashMap::new();
         for (id, due) in &index {
@@ -107,7 +117,6 @@ pub async fn run(app: Arc<App>, spool: Arc<Spool>, stop: CancellationToken) {
             );
         }
         let oldest = index.values().map(|d| d.received_at).min();
-        let dead = spool.queue.ids(Place::Dead).map(|d| d.len()).unwrap_or(0);
         crate::metrics::spool_depth(
             index.len(),
             oldest.map_or(0, |t| now.saturating_sub(t)),

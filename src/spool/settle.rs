@@ -38,15 +38,8 @@ pub(super) async fn blocking<T: Send + 'static>(
 }
 
 /// Run a short blocking spool operation (a mark, a sync) from async code
-/// that cannot await: on a multi-threaded runtime the worker thread hands
-/// its other tasks over first.
-pub(super) fn off_async<T>(f: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
+/// that cannot await, without holding up the async threads.
+pub(super) use crate::state::file::unblocked as off_async;
 
 /// Before the end of `id` goes upstream again: whether an earlier
 /// attempt's end went out without its outcome being recorded (a crash, a
