@@ -379,4 +379,101 @@ mod tests {
             );
         }
     }
+
+    /// A loopback HTTP server answering each request with the next of
+    /// `answers` (status, extra header lines); its address.
+    async fn scripted(answers: Vec<(u16, &'static str)>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for (status, extra) in answers {
+                let Ok((mut c, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                // Headers, then the body its Content-Length announces.
+                while let Ok(n) = c.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text
+                            .split("content-length:")
+                            .nth(1)
+                            .and_then(|v| v.split("\r\n").next())
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\n{extra}content-length: 0\r\nconnection: close\r\n\r\n"
+                );
+                let _ = c.write_all(reply.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}/v1.0")
+    }
+
+    async fn send_to(base: &str) -> (Result<(), GraphError>, Doubt) {
+        let graph = Graph::new(base, None).unwrap();
+        let mut doubt = Doubt::default();
+        let token = SecretString::from("t".to_string());
+        let message = b"From: a@x.test\r\nTo: b@x.test\r\n\r\nhi\r\n";
+        let result = graph
+            .send(
+                &token,
+                "a@x.test",
+                message,
+                &["b@x.test".into()],
+                &mut doubt,
+            )
+            .await;
+        (result, doubt)
+    }
+
+    #[tokio::test]
+    async fn unclear_answers_to_a_send_leave_doubt() {
+        // A 503 asked again, then taken: one resend that may be a duplicate.
+        let base = scripted(vec![(503, "retry-after: 0\r\n"), (202, "")]).await;
+        let (result, doubt) = send_to(&base).await;
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(
+            doubt,
+            Doubt {
+                resent: 1,
+                open: false
+            }
+        );
+        // A 504: Graph may have taken it.
+        let (result, doubt) = send_to(&scripted(vec![(504, "")]).await).await;
+        assert!(
+            matches!(result, Err(GraphError::Temporary(_))),
+            "{result:?}"
+        );
+        assert_eq!(
+            doubt,
+            Doubt {
+                resent: 0,
+                open: true
+            }
+        );
+        // A 429 is a clear no; so is a 400.
+        let base = scripted(vec![(429, "retry-after: 0\r\n"), (400, "")]).await;
+        let (result, doubt) = send_to(&base).await;
+        assert!(matches!(result, Err(GraphError::Refused(_))), "{result:?}");
+        assert_eq!(doubt, Doubt::default());
+        // Nobody listening: never sent.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/v1.0", closed.local_addr().unwrap());
+        drop(closed);
+        let (_, doubt) = send_to(&base).await;
+        assert_eq!(doubt, Doubt::default());
+    }
 }
