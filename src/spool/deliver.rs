@@ -56,13 +56,20 @@ pub async fn run(app: Arc<App>, spool: Arc<Spool>, stop: CancellationToken) {
     let pace: Pace = Arc::default();
     let tasks = TaskTracker::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Vec<(String, Next)>)>();
-    match spool.queue.ids(Place::Queue) {
-        Ok(ids) => {
-            // A message still marked `sending` is counted when it is sent
-            // again (it may have been delivered before the restart).
-            for id in ids {
-                learn(&spool.queue, &mut index, &id, None);
-            }
+    let q = spool.queue.clone();
+    // A message still marked `sending` is counted when it is sent again
+    // (it may have been delivered before the restart).
+    match blocking(move || {
+        let mut index = HashMap::new();
+        for id in q.ids(Place::Queue)? {
+            learn(&q, &mut index, &id, None);
+        }
+        Ok(index)
+    })
+    .await
+    {
+        Ok(found) => {
+            index = found;
             if !index.is_empty() {
                 info!(messages = index.len(), "spool resumed");
             }
