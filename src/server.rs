@@ -107,13 +107,13 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
             let _ = probe_app.dialer.smtp_capabilities().await;
         });
     }
-    if let Some(spool) = &app.spool {
+    let delivery = app.spool.as_ref().map(|spool| {
         tokio::spawn(crate::spool::deliver::run(
             app.clone(),
             spool.clone(),
             control.shutdown.clone(),
-        ));
-    }
+        ))
+    });
     if !app.tokens.keepalive().is_zero() && !app.accounts().refresh_token_logins().is_empty() {
         tokio::spawn(keep_refresh_tokens_alive(
             app.clone(),
@@ -129,6 +129,10 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
     ));
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     serve(app, bound, control.shutdown).await;
+    if let Some(delivery) = delivery {
+        // The delivery worker drains within the same grace period.
+        let _ = delivery.await;
+    }
     Ok(())
 }
 

@@ -7,7 +7,7 @@
 use oxbridge::config::Config;
 use oxbridge::mailbox::Mailbox;
 use oxbridge::net::proxy_protocol;
-use oxbridge::wire::{imap, pop3, sasl, smtp};
+use oxbridge::wire::{graph, imap, pop3, sasl, smtp};
 
 /// Inputs per target under `cargo test`.
 const ITERATIONS: usize = 200_000;
@@ -37,6 +37,7 @@ const SEEDS: &[&[u8]] = &[
     b"PROXY TCP4 192.168.10.7 10.0.0.1 51000 587\r\n",
     b"PROXY TCP6 2001:db8::1 2001:db8::2 4000 25\r\n",
     b"\r\n\r\n\0\r\nQUIT\n\x21\x11\0\x0c\xc0\xa8\x0a\x07\x0a\0\0\x01\xc7\x38\x02\x4b",
+    b"MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=X\n\n--X\nContent-Type: text/plain\n\nhi\r\n--X\r\nContent-Type: application/pdf; name=a.pdf\n\nPDF\n--X\nContent-Disposition: attachment; filename=b\n\nxyz\n--X--\n",
     b"[oauth]\nclient_id = \"x\"\n[[listener]]\nprotocol = \"smtp\"\nlisten = \"127.0.0.1:0\"\ntls = \"none\"\n[[account]]\nlogin = \"*@x.test\"\ngrant = \"password\"\n",
 ];
 
@@ -146,6 +147,11 @@ target!(mailbox_parse, |input| {
             assert!(sasl::xoauth2(&m, &token).is_ok());
         }
     }
+});
+
+target!(graph_plan, |input| {
+    // Every message takes the draft path: parts are cut out, never panics.
+    let _ = graph::plan_within(input, 0, 1);
 });
 
 /// Inputs that were once interesting stay tests (regressions).

@@ -79,6 +79,22 @@ fn quoted(reply: &str) -> String {
     line.trim_end().to_string()
 }
 
+/// An address (or any word a device or the config supplied) as it may
+/// stand in a header, a status field or a line of the report: a control
+/// character, white space or one of `<>"\\` is written as `\\u{..}`, so
+/// that it can neither end the line nor the address.
+fn shown(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"' | '\\') {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The RFC 5322 date of Unix time `t`, in UTC.
 pub fn rfc5322_date(t: u64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
@@ -131,7 +147,11 @@ pub fn report(r: &Report<'_>, envelope: &Envelope, message_start: &[u8]) -> Vec<
     }
     human.push_str("\r\n");
     for f in r.failures {
-        human.push_str(&format!("<{}>: {}\r\n", f.recipient, quoted(&f.reply)));
+        human.push_str(&format!(
+            "<{}>: {}\r\n",
+            shown(&f.recipient),
+            quoted(&f.reply)
+        ));
     }
     if let Some(advice) = r.advice {
         human.push_str("\r\nWhat to do (for the administrator): ");
@@ -141,23 +161,23 @@ pub fn report(r: &Report<'_>, envelope: &Envelope, message_start: &[u8]) -> Vec<
     human.push_str(&format!(
         "\r\nThe message was received {} from {} and has the queue id {}.\r\n",
         rfc5322_date(envelope.received_at),
-        envelope.client,
-        envelope.id
+        shown(&envelope.client),
+        shown(&envelope.id)
     ));
 
     let mut status = format!(
         "Reporting-MTA: dns; {}\r\nX-Oxbridge-Queue-ID: {}\r\nArrival-Date: {}\r\n",
-        r.host,
-        envelope.id,
+        shown(r.host),
+        shown(&envelope.id),
         rfc5322_date(envelope.received_at)
     );
     let upstream_host = r.upstream.rsplit_once(':').map_or(r.upstream, |(h, _)| h);
     for f in r.failures {
         status.push_str(&format!(
             "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\nRemote-MTA: dns; {}\r\nDiagnostic-Code: smtp; {}\r\n",
-            f.recipient,
+            shown(&f.recipient),
             status_of(&f.reply, r.why),
-            upstream_host,
+            shown(upstream_host),
             quoted(&f.reply)
         ));
     }
@@ -166,13 +186,13 @@ pub fn report(r: &Report<'_>, envelope: &Envelope, message_start: &[u8]) -> Vec<
     let mut header = |name: &str, value: &str| {
         out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
     };
-    header("From", &format!("Mail Delivery System <{}>", r.from));
-    header("To", &format!("<{}>", envelope.sender));
+    header("From", &format!("Mail Delivery System <{}>", shown(r.from)));
+    header("To", &format!("<{}>", shown(&envelope.sender)));
     header("Subject", "Undelivered Mail Returned to Sender");
     header("Date", &rfc5322_date(r.now));
     header(
         "Message-ID",
-        &format!("<{}.report@{}>", envelope.id, r.host),
+        &format!("<{}.report@{}>", shown(&envelope.id), shown(r.host)),
     );
     header("Auto-Submitted", "auto-replied");
     header("MIME-Version", "1.0");
@@ -309,5 +329,57 @@ Subject: scan\r\n\
 From: x\r\n\
 --19ade7c3f10ab12/oxb.test--\r\n";
         assert_eq!(text, want);
+    }
+
+    #[test]
+    fn hostile_addresses_never_reach_a_header_or_field_raw() {
+        let hostile = "bob@example.test\u{1}x=y@other.test\r\nBcc: <eve@evil.test>\t\0";
+        let envelope = Envelope {
+            id: "19ade7c3f10ab12".into(),
+            account: "*@other.test".into(),
+            mailbox: hostile.into(),
+            relay: false,
+            sender: hostile.into(),
+            recipients: vec![hostile.into()],
+            params: vec![],
+            received_at: 1_796_298_211,
+            client: "192.0.2.7\r\nX: y".into(),
+            helo: "printer".into(),
+            size: 10,
+            report: false,
+        };
+        let failures = [Failure {
+            recipient: hostile.into(),
+            reply: "550 5.1.1 no".into(),
+        }];
+        let r = Report {
+            host: "oxb.test",
+            from: hostile,
+            upstream: "smtp.office365.com:587",
+            why: Why::Refused,
+            failures: &failures,
+            advice: None,
+            waited_h: 0.0,
+            now: 1_796_298_271,
+        };
+        let bytes = report(&r, &envelope, b"Subject: scan\r\n\r\nbody\r\n");
+        let text = String::from_utf8(bytes).unwrap();
+        // Every line ends in CRLF, and no line holds a control character.
+        let lines: Vec<&str> = text.split_terminator("\r\n").collect();
+        for line in &lines {
+            assert!(
+                !line.chars().any(|c| c.is_control() && c != '\t'),
+                "{line:?}"
+            );
+        }
+        assert!(!text.replace("\r\n", "").contains(['\r', '\n']));
+        assert!(!lines.iter().any(|l| l.starts_with("Bcc:")), "{text}");
+        assert!(!lines.iter().any(|l| l.starts_with("X: y")), "{text}");
+        let from = lines.iter().find(|l| l.starts_with("From: ")).unwrap();
+        assert_eq!(from.matches('<').count(), 1, "{from}");
+        assert!(
+            from.contains("bob@example.test\\u{1}x=y@other.test"),
+            "{from}"
+        );
     }
 }

@@ -35,6 +35,9 @@ struct Transaction {
     chunk_bytes: u64,
     /// A chunk made the message too big: the rest is read and dropped.
     too_big: bool,
+    /// A chunk could not be stored: every later command of the
+    /// transaction gets 451 until RSET or a new MAIL.
+    failed: bool,
 }
 
 /// The dialogue's inputs. No `Debug`: a line is the device's.
@@ -47,6 +50,8 @@ pub enum Input<'a> {
     },
     /// A BDAT chunk was read (kept, or dropped when not wanted).
     Chunk,
+    /// A BDAT chunk was read but could not be stored.
+    ChunkNotStored,
     /// The message is in the queue under this id, or could not be stored.
     Stored(Result<&'a str, ()>),
     Timeout,
@@ -148,6 +153,7 @@ impl Intake {
                 self.store(tx)
             }
             Input::Chunk => self.chunk_read(),
+            Input::ChunkNotStored => self.chunk_not_stored(),
             Input::Stored(Ok(id)) => Step::read(Reply::Queued(id)),
             Input::Stored(Err(())) => Step::read(Reply::NotStored),
             Input::Timeout => Step::close(Reply::Timeout, "idle timeout"),
@@ -206,10 +212,12 @@ impl Intake {
     }
 
     fn mail(&mut self, line: &[u8]) -> Step {
-        if self.tx.is_some() {
+        if self.tx.as_ref().is_some_and(|t| !t.failed) {
             return Step::read(Reply::NestedMail);
         }
-        let Some((sender, params)) = parse_path(line, "MAIL FROM:") else {
+        let Some((sender, params)) =
+            parse_path(line, "MAIL FROM:").filter(|(s, _)| !has_controls(s))
+        else {
             return self.error(Reply::BadSender);
         };
         let mut kept = Vec::new();
@@ -232,11 +240,14 @@ impl Intake {
                 _ => return self.error(Reply::UnknownParameter),
             }
         }
-        if !sender.is_empty()
-            && !self.rules.allowed_senders.is_empty()
-            && !wire::sender_allowed(&self.rules.allowed_senders, &sender.to_lowercase())
+        // The null sender is outside any list: a device never needs to
+        // send a bounce.
+        if !self.rules.allowed_senders.is_empty()
+            && (sender.is_empty()
+                || !wire::sender_allowed(&self.rules.allowed_senders, &sender.to_lowercase()))
         {
-            warn!(sender = %sender, "spool refused: sender not allowed for this login");
+            warn!(sender = %sender.escape_debug(), "spool refused: sender not allowed for this login");
+            self.tx = None;
             return Step::read(Reply::SenderNotAllowedForLogin);
         }
         self.tx = Some(Transaction {
@@ -252,10 +263,13 @@ impl Intake {
         let Some(tx) = self.tx.as_mut() else {
             return Step::read(Reply::NeedMail);
         };
+        if tx.failed {
+            return Step::read(Reply::NotStored);
+        }
         let Some((rcpt, params)) = parse_path(line, "RCPT TO:") else {
             return self.error(Reply::BadRecipient);
         };
-        if !wire::is_mailbox(&rcpt) {
+        if !wire::is_mailbox(&rcpt) || has_controls(&rcpt) {
             return self.error(Reply::BadRecipient);
         }
         let dsn = |p: &String| p.starts_with("NOTIFY=") || p.starts_with("ORCPT=");
@@ -272,6 +286,7 @@ impl Intake {
     fn data(&mut self) -> Step {
         match &self.tx {
             None => Step::read(Reply::NeedMail),
+            Some(tx) if tx.failed => Step::read(Reply::NotStored),
             Some(tx) if tx.recipients.is_empty() => Step::read(Reply::NoRecipients),
             Some(tx) if tx.chunked => Step::read(Reply::NestedMail),
             Some(_) => Step {
@@ -295,10 +310,14 @@ impl Intake {
         self.chunk_size = size;
         let drop_with = match &self.tx {
             None => Some(Reply::NeedMail),
+            Some(tx) if tx.failed => Some(Reply::NotStored),
             Some(tx) if tx.recipients.is_empty() => Some(Reply::NoRecipients),
             _ => None,
         };
         if let Some(reply) = drop_with {
+            if last && self.tx.as_ref().is_some_and(|t| t.failed) {
+                self.tx = None;
+            }
             self.after_chunk = Some(reply);
             return Step {
                 reply: Vec::new(),
@@ -324,6 +343,18 @@ impl Intake {
         self.tx.as_ref().is_some_and(|t| t.chunked)
     }
 
+    /// The chunk just read could not be stored: the transaction fails
+    /// (and ends, if it was the last chunk).
+    fn chunk_not_stored(&mut self) -> Step {
+        self.after_chunk = None;
+        match self.tx.as_mut() {
+            Some(_) if self.last_chunk => self.tx = None,
+            Some(tx) => tx.failed = true,
+            None => {}
+        }
+        Step::read(Reply::NotStored)
+    }
+
     fn chunk_read(&mut self) -> Step {
         if let Some(reply) = self.after_chunk.take() {
             return Step::read(reply);
@@ -345,6 +376,12 @@ impl Intake {
         }
         self.store(tx)
     }
+}
+
+/// Whether an address holds a control character or white space (never
+/// part of an address oxbridge passes on, puts in a report or logs).
+fn has_controls(address: &str) -> bool {
+    address.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
 #[cfg(test)]

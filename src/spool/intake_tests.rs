@@ -105,8 +105,16 @@ fn what_can_be_decided_here_is_refused_at_once() {
         line(&mut i, "DATA"),
         pair("503 5.5.1 Send MAIL first\r\n", "read")
     );
+    // The null sender is outside allowed_senders like any other.
     assert_eq!(
         line(&mut i, "MAIL FROM:<>"),
+        pair(
+            "550 5.7.1 Sender address not allowed for this login\r\n",
+            "read"
+        )
+    );
+    assert_eq!(
+        line(&mut i, "MAIL FROM:<a@scans.test>"),
         pair("250 2.1.0 Sender OK\r\n", "read")
     );
     assert_eq!(
@@ -192,6 +200,80 @@ fn bdat_chunks_are_kept_until_the_last_and_dropped_without_a_transaction() {
 }
 
 #[test]
+fn the_null_sender_passes_only_without_allowed_senders() {
+    let mut open = Intake::new(
+        "proxy.test".into(),
+        vec![],
+        Rules {
+            max_bytes: 1000,
+            max_recipients: 2,
+            allowed_senders: vec![],
+        },
+    );
+    assert_eq!(
+        line(&mut open, "MAIL FROM:<>"),
+        pair("250 2.1.0 Sender OK\r\n", "read")
+    );
+    let mut i = intake();
+    line(&mut i, "MAIL FROM:<scan@contoso.test>");
+    line(&mut i, "RSET");
+    assert_eq!(
+        line(&mut i, "MAIL FROM:<>"),
+        pair(
+            "550 5.7.1 Sender address not allowed for this login\r\n",
+            "read"
+        )
+    );
+}
+
+#[test]
+fn a_chunk_not_stored_fails_its_transaction_until_rset_or_mail() {
+    const NOT_STORED: &str = "451 4.3.0 Could not store the message, try again later\r\n";
+    let mut i = intake();
+    line(&mut i, "MAIL FROM:<scan@contoso.test>");
+    line(&mut i, "RCPT TO:<a@b.test>");
+    assert_eq!(line(&mut i, "BDAT 10"), pair("", "chunk 10 true"));
+    assert_eq!(show(&i.on(Input::ChunkNotStored)), pair(NOT_STORED, "read"));
+    // Later chunks are read and dropped, every one refused.
+    assert_eq!(line(&mut i, "BDAT 4"), pair("", "chunk 4 false"));
+    assert_eq!(show(&i.on(Input::Chunk)), pair(NOT_STORED, "read"));
+    assert_eq!(line(&mut i, "RCPT TO:<c@d.test>"), pair(NOT_STORED, "read"));
+    assert_eq!(line(&mut i, "DATA"), pair(NOT_STORED, "read"));
+    assert_eq!(line(&mut i, "BDAT 3 LAST"), pair("", "chunk 3 false"));
+    assert_eq!(show(&i.on(Input::Chunk)), pair(NOT_STORED, "read"));
+    // The last chunk ended it: a new transaction starts with MAIL.
+    assert_eq!(
+        line(&mut i, "RCPT TO:<a@b.test>"),
+        pair("503 5.5.1 Send MAIL first\r\n", "read")
+    );
+    // A new MAIL also ends a failed transaction.
+    line(&mut i, "MAIL FROM:<scan@contoso.test>");
+    line(&mut i, "RCPT TO:<a@b.test>");
+    line(&mut i, "BDAT 10");
+    i.on(Input::ChunkNotStored);
+    assert_eq!(
+        line(&mut i, "MAIL FROM:<scan@contoso.test>"),
+        pair("250 2.1.0 Sender OK\r\n", "read")
+    );
+    line(&mut i, "RCPT TO:<a@b.test>");
+    assert_eq!(line(&mut i, "BDAT 5 LAST"), pair("", "chunk 5 true"));
+    assert_eq!(
+        show(&i.on(Input::Chunk)),
+        pair("", "store scan@contoso.test -> [\"a@b.test\"] []")
+    );
+    // A failed last chunk ends its transaction at once.
+    line(&mut i, "MAIL FROM:<scan@contoso.test>");
+    line(&mut i, "RCPT TO:<a@b.test>");
+    line(&mut i, "BDAT 5 LAST");
+    assert_eq!(show(&i.on(Input::ChunkNotStored)), pair(NOT_STORED, "read"));
+    assert!(!i.chunking());
+    assert_eq!(
+        line(&mut i, "RCPT TO:<a@b.test>"),
+        pair("503 5.5.1 Send MAIL first\r\n", "read")
+    );
+}
+
+#[test]
 fn errors_timeouts_and_shutdown_end_the_session_in_smtp() {
     let mut i = intake();
     for _ in 0..MAX_ERRORS - 1 {
@@ -221,4 +303,36 @@ fn errors_timeouts_and_shutdown_end_the_session_in_smtp() {
             "close: shutdown"
         )
     );
+}
+
+#[test]
+fn control_bytes_in_a_sender_or_recipient_are_refused() {
+    let mut open = Intake::new(
+        "proxy.test".into(),
+        vec![],
+        Rules {
+            max_bytes: 1000,
+            max_recipients: 2,
+            allowed_senders: vec![],
+        },
+    );
+    for sender in [
+        "MAIL FROM:<a\u{1}b@x.test>",
+        "MAIL FROM:<a@x.test\0>",
+        "MAIL FROM:<a\tb@x.test>",
+    ] {
+        assert_eq!(
+            line(&mut open, sender),
+            pair("501 5.1.7 Bad sender address syntax\r\n", "read"),
+            "{sender:?}"
+        );
+    }
+    line(&mut open, "MAIL FROM:<a@x.test>");
+    for rcpt in ["RCPT TO:<c\u{1}x=y@d.test>", "RCPT TO:<c@d.test\u{7f}>"] {
+        assert_eq!(
+            line(&mut open, rcpt),
+            pair("501 5.1.3 Bad recipient address syntax\r\n", "read"),
+            "{rcpt:?}"
+        );
+    }
 }

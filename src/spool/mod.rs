@@ -72,3 +72,39 @@ impl Spool {
         std::mem::take(&mut *self.arrivals.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A spool in `dir` with the default settings.
+    pub(crate) fn spool(dir: &std::path::Path) -> Spool {
+        Spool {
+            queue: Queue::open(dir).unwrap(),
+            config: SpoolConfig::default(),
+            arrivals: Mutex::default(),
+            wake: Notify::new(),
+        }
+    }
+
+    /// A message from scanner@contoso.test to a@b.test, in the queue.
+    pub(crate) fn queued(spool: &Spool) -> String {
+        let mut d = spool.queue.draft().unwrap();
+        d.write(b"Subject: x\r\n\r\nhi\r\n").unwrap();
+        d.commit(queue::Envelope {
+            id: String::new(),
+            account: "scanner@contoso.test".into(),
+            mailbox: "scanner@contoso.test".into(),
+            relay: false,
+            sender: "scanner@contoso.test".into(),
+            recipients: vec!["a@b.test".into()],
+            params: vec![],
+            received_at: queue::now(),
+            client: "192.0.2.1".into(),
+            helo: "printer".into(),
+            size: 0,
+            report: false,
+        })
+        .unwrap()
+    }
+}

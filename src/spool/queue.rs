@@ -71,6 +71,21 @@ pub struct Status {
     /// Why the message is in `dead/`.
     #[serde(default)]
     pub dead_because: Option<String>,
+    /// Attempts that ended in a panic (a bug), not in an answer.
+    #[serde(default)]
+    pub panics: u32,
+    /// Unix seconds: when `oxbridge queue retry` put the message back from
+    /// `dead/`. `max_age_h` counts from then, so that it gets real attempts.
+    #[serde(default)]
+    pub retried_at: Option<u64>,
+}
+
+impl Status {
+    /// Since when `max_age_h` counts: the message's arrival, or its last
+    /// return from the dead-letter folder.
+    pub fn age_from(&self, received_at: u64) -> u64 {
+        self.retried_at.unwrap_or(0).max(received_at)
+    }
 }
 
 impl Envelope {
@@ -298,15 +313,17 @@ impl Queue {
     }
 
     /// Ask for `id` to be tried now: a dead message goes back to the
-    /// queue with its attempts forgotten. The worker sees the request
-    /// within a second.
+    /// queue with its attempts forgotten and a fresh `max_age_h`. The
+    /// worker sees the request within a second.
     pub fn request_retry(&self, id: &str) -> io::Result<()> {
         match self.find(id) {
             Some(Place::Dead) => {
                 let (_, mut status) = self.load(Place::Dead, id)?;
                 status.attempts = 0;
+                status.panics = 0;
                 status.next_attempt_at = 0;
                 status.dead_because = None;
+                status.retried_at = Some(now());
                 self.save_status(Place::Dead, id, &status)?;
                 fs::rename(self.path(Place::Dead, id), self.path(Place::Queue, id))?;
                 sync_dir(&self.dir.join("queue"))?;
@@ -457,7 +474,9 @@ mod tests {
         assert_eq!(q.find(&id), Some(Place::Dead));
         q.request_retry(&id).unwrap();
         assert_eq!(q.find(&id), Some(Place::Queue));
-        let (_, status) = q.load(Place::Queue, &id).unwrap();
+        let (env, status) = q.load(Place::Queue, &id).unwrap();
+        // A fresh max_age_h, even for a message that arrived long ago.
+        assert!(status.age_from(env.received_at - 3600) >= now() - 1);
         assert_eq!((status.attempts, status.dead_because), (0, None));
         assert_eq!(q.take_retry_requests(), std::slice::from_ref(&id));
         assert!(q.take_retry_requests().is_empty());

@@ -17,8 +17,8 @@ use crate::accounts::Identity;
 use crate::app::App;
 use crate::error::AuthError;
 use crate::net::{Conn, LineError};
-use crate::upstream::graph::GraphError;
-use crate::wire::message::DataReader;
+use crate::upstream::graph::{Doubt, GraphError};
+use crate::wire::message::{DataReader, LineEnds};
 use crate::wire::smtp::Reply;
 
 /// Message bytes gathered before they are written to the draft.
@@ -43,28 +43,66 @@ pub enum Sink {
 }
 
 /// A message being read: into a spool draft, or into memory for Graph.
-enum Body {
-    Draft(Draft),
+/// BDAT chunks pass through `ends`, so that they are stored like DATA.
+struct Body {
+    to: To,
+    size: u64,
+    ends: LineEnds,
+}
+
+enum To {
+    /// Written off the async threads; `None` only while a write runs.
+    Draft(Option<Draft>),
     Memory(Vec<u8>),
 }
 
 impl Body {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        match self {
-            Body::Draft(d) => d.write(bytes),
-            Body::Memory(m) => {
-                m.extend_from_slice(bytes);
-                Ok(())
+    /// A new message for `sink`: a spool draft is made off the async threads.
+    async fn new(sink: &Sink) -> std::io::Result<Body> {
+        let to = match sink {
+            Sink::Spool(spool) => {
+                let q = spool.queue.clone();
+                To::Draft(Some(blocking(move || q.draft()).await?))
             }
-        }
+            Sink::Graph(_) => To::Memory(Vec::new()),
+        };
+        Ok(Body {
+            to,
+            size: 0,
+            ends: LineEnds::default(),
+        })
     }
 
-    fn size(&self) -> u64 {
-        match self {
-            Body::Draft(d) => d.size,
-            Body::Memory(m) => m.len() as u64,
+    /// Append `bytes`; a draft is written by a blocking task, never on
+    /// the async threads (a slow disk holds up this session only).
+    async fn write(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
+        let n = bytes.len() as u64;
+        match &mut self.to {
+            To::Draft(slot) => {
+                let mut d = slot.take().ok_or_else(|| std::io::Error::other("closed"))?;
+                let (d, r) = tokio::task::spawn_blocking(move || {
+                    let r = d.write(&bytes);
+                    (d, r)
+                })
+                .await
+                .map_err(std::io::Error::other)?;
+                *slot = Some(d);
+                r?;
+            }
+            To::Memory(m) => m.extend_from_slice(&bytes),
         }
+        self.size += n;
+        Ok(())
     }
+}
+
+/// Run a blocking spool operation off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 /// How a spooled session went.
@@ -104,10 +142,6 @@ pub async fn serve(
         bytes: 0,
         end: "",
     };
-    let new_body = |sink: &Sink| match sink {
-        Sink::Spool(spool) => spool.queue.draft().map(Body::Draft),
-        Sink::Graph(_) => Ok(Body::Memory(Vec::new())),
-    };
     let mut body: Option<Body> = None;
     let mut step = Step {
         reply: Vec::new(),
@@ -136,7 +170,7 @@ pub async fn serve(
                 }
             }
             Then::ReadData { max } => {
-                let mut b = match new_body(&sink) {
+                let mut b = match Body::new(&sink).await {
                     Ok(b) => b,
                     Err(e) => {
                         warn!(error = %e, "cannot start a message in the spool");
@@ -165,15 +199,24 @@ pub async fn serve(
                 }
             }
             Then::ReadChunk { size, keep } => {
+                let mut stored = Ok(());
                 if keep && body.is_none() {
-                    body = new_body(&sink).ok();
+                    match Body::new(&sink).await {
+                        Ok(b) => body = Some(b),
+                        Err(e) => stored = Err(e),
+                    }
                 }
-                let result = match body.as_mut().filter(|_| keep) {
+                let result = match body.as_mut().filter(|_| keep && stored.is_ok()) {
                     Some(b) => read_chunk(&mut device.conn, b, size, timeout).await,
-                    None => device.conn.discard(size, timeout).await,
+                    None => device.conn.discard(size, timeout).await.map(Ok),
                 };
-                match result {
-                    Ok(()) => intake.on(Input::Chunk),
+                match result.map(|written| stored.and(written)) {
+                    Ok(Ok(())) => intake.on(Input::Chunk),
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "cannot write a message to the spool");
+                        body = None;
+                        intake.on(Input::ChunkNotStored)
+                    }
                     Err(LineError::Timeout(_)) => Step::close(Reply::DataTimeout, "data timeout"),
                     Err(e) => {
                         served.end = e.reason();
@@ -186,9 +229,9 @@ pub async fn serve(
                     served.end = "store without a message";
                     return served;
                 };
-                let size = b.size();
-                match (b, &sink) {
-                    (Body::Draft(d), Sink::Spool(spool)) => {
+                let size = b.size;
+                match (b.to, &sink) {
+                    (To::Draft(Some(d)), Sink::Spool(spool)) => {
                         match commit(spool, d, *stored, &device).await {
                             Ok(id) => {
                                 served.messages += 1;
@@ -198,7 +241,7 @@ pub async fn serve(
                             Err(()) => intake.on(Input::Stored(Err(()))),
                         }
                     }
-                    (Body::Memory(m), Sink::Graph(app)) => {
+                    (To::Memory(m), Sink::Graph(app)) => {
                         let reply = send_now(app, &device.id, &m, &stored.recipients).await;
                         if reply == Reply::SentByGraph {
                             served.messages += 1;
@@ -265,15 +308,17 @@ async fn send_now(
     message: &[u8],
     recipients: &[String],
 ) -> Reply<'static> {
+    let mut doubt = Doubt::default();
     let result = match app.tokens.graph(id).await {
         Ok(token) => {
             app.graph
-                .send(&token.secret, &id.mailbox, message, recipients)
+                .send(&token.secret, &id.mailbox, message, recipients, &mut doubt)
                 .await
         }
         Err(e) if e.is_temporary() => Err(GraphError::Temporary(e.to_string())),
         Err(e) => Err(GraphError::Auth(e.to_string())),
     };
+    super::settle::count_graph_doubt(&doubt, result.is_err());
     match result {
         Ok(()) => {
             info!(account = %id.account, mailbox = %id.mailbox, size = message.len(), recipients = recipients.len(), "sent through Microsoft Graph");
@@ -316,14 +361,14 @@ async fn read_data(
         let end = reader.feed(input, &mut out);
         let consumed = end.unwrap_or(input.len());
         conn.consume(consumed);
-        if !too_big && draft.size() + out.len() as u64 > max {
+        if !too_big && draft.size + out.len() as u64 > max {
             too_big = true;
         }
         if too_big {
             out.clear();
         } else if out.len() >= WRITE_BATCH || end.is_some() {
-            draft.write(&out)?;
-            out.clear();
+            let batch = std::mem::replace(&mut out, Vec::with_capacity(WRITE_BATCH + 4096));
+            draft.write(batch).await?;
         }
         if end.is_some() {
             return Ok(too_big);
@@ -331,21 +376,31 @@ async fn read_data(
     }
 }
 
-/// Read a BDAT chunk of `size` bytes into `draft`.
+/// Read a BDAT chunk of `size` bytes into `draft`, bare LF written as
+/// CRLF as in DATA. A failed write does not stop the reading: the rest of
+/// the chunk is read and dropped, and the write's error returned inside.
 async fn read_chunk(
     conn: &mut Conn,
     draft: &mut Body,
     mut size: u64,
     timeout: Duration,
-) -> Result<(), LineError> {
+) -> Result<std::io::Result<()>, LineError> {
+    let mut out = Vec::with_capacity(WRITE_BATCH + 4096);
+    let mut written = Ok(());
     while size > 0 {
         if conn.buffered().is_empty() {
             conn.fill_within(timeout).await?;
         }
         let take = (conn.buffered().len() as u64).min(size) as usize;
-        draft.write(&conn.buffered()[..take])?;
+        if written.is_ok() {
+            draft.ends.feed(&conn.buffered()[..take], &mut out);
+        }
         conn.consume(take);
         size -= take as u64;
+        if written.is_ok() && (out.len() >= WRITE_BATCH || size == 0) {
+            let batch = std::mem::replace(&mut out, Vec::with_capacity(WRITE_BATCH + 4096));
+            written = draft.write(batch).await;
+        }
     }
-    Ok(())
+    Ok(written)
 }

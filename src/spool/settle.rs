@@ -18,6 +18,9 @@ use crate::wire::smtp::ServerReply;
 
 /// Bytes of a message read to return its header in a report.
 const HEADER_READ: usize = dsn::MAX_RETURNED_HEADER;
+/// Delivery attempts of one message that may end in a panic before it
+/// goes to the dead-letter folder.
+pub(super) const MAX_PANICS: u32 = 3;
 
 /// What became of a message after a run.
 pub(super) enum Next {
@@ -32,6 +35,38 @@ pub(super) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e)))
+}
+
+/// Run a short blocking spool operation (a mark, a sync) from async code
+/// that cannot await, without holding up the async threads.
+pub(super) use crate::state::file::unblocked as off_async;
+
+/// Before the end of `id` goes upstream again: whether an earlier
+/// attempt's end went out without its outcome being recorded (a crash, a
+/// cut connection, a failed write, an answer that leaves it open). Its
+/// `sending` mark is cleared; the caller marks it again.
+pub(super) fn was_in_doubt(spool: &Spool, id: &str) -> bool {
+    spool.queue.clear_sending(id)
+}
+
+/// A send that may repeat one already delivered: logged and counted.
+pub(super) fn count_resend(id: &str) {
+    warn!(id = %id, "the message may have been delivered already; sending it again");
+    crate::metrics::spool_possible_duplicate();
+}
+
+/// Graph was asked again after answers that left open whether it took
+/// the message (a 503): each is counted as a possible duplicate.
+pub(crate) fn count_graph_doubt(doubt: &crate::upstream::graph::Doubt, failed: bool) {
+    for _ in 0..doubt.resent {
+        warn!(
+            "Microsoft Graph was asked again after an unclear answer; the message may arrive twice"
+        );
+        crate::metrics::spool_possible_duplicate();
+    }
+    if failed && doubt.open {
+        warn!("Microsoft Graph may have taken the message although it did not say so");
+    }
 }
 
 /// The delay before attempt `attempts + 1`.
@@ -128,8 +163,18 @@ pub(super) async fn apply(
 ) -> Next {
     if !o.delivered.is_empty() {
         info!(id = %env.id, recipients = o.delivered.len(), attempts = status.attempts + 1, "delivered");
+        status.done.extend(o.delivered.iter().cloned());
+        // Who got it is saved before anything else can fail (a report, the
+        // removal): a later failure must never send it to them again.
+        let (q, id, saved) = (spool.queue.clone(), env.id.clone(), status.clone());
+        if let Err(e) = blocking(move || q.save_status(Place::Queue, &id, &saved)).await {
+            warn!(id = %env.id, error = %e, "cannot record whom the message was delivered to; it may be sent to them again");
+            // The `sending` mark stays: the next attempt counts its resend.
+            return Next::At(queue::now() + backoff(spool, status.attempts + 1));
+        }
     }
-    status.done.extend(o.delivered.iter().cloned());
+    let (q, id) = (spool.queue.clone(), env.id.clone());
+    let _ = blocking(move || Ok(q.clear_sending(&id))).await;
     if o.later.is_empty() {
         return settle(
             app,
@@ -185,7 +230,8 @@ pub(super) async fn settle(
                 return Next::Gone;
             }
             warn!(id = %id, error = %e, "cannot write a delivery report; will try again");
-            return Next::At(queue::now() + spool.config.retry_min_s);
+            let why = format!("cannot write a delivery report: {e}");
+            return defer(spool, &id, status, why, true).await;
         }
     }
     let q = spool.queue.clone();
@@ -194,6 +240,37 @@ pub(super) async fn settle(
         Ok(()) => Next::Gone,
         Err(e) => {
             warn!(id = %id, error = %e, "cannot remove a finished message from the spool");
+            let why = format!("cannot remove the finished message: {e}");
+            defer(spool, &id, status, why, true).await
+        }
+    }
+}
+
+/// A delivery of `id` ended in a panic (a bug): the attempt counts, and
+/// after [`MAX_PANICS`] the message goes to the dead-letter folder with
+/// the reason, so that one message cannot hold its mailbox for ever.
+pub(super) async fn panicked(spool: &Spool, id: &str, what: &str) -> Next {
+    let q = spool.queue.clone();
+    let lid = id.to_string();
+    let Ok((_, mut status)) = blocking(move || q.load(Place::Queue, &lid)).await else {
+        return Next::At(queue::now() + spool.config.retry_min_s);
+    };
+    status.panics += 1;
+    let why = format!("internal error during delivery: {what}");
+    warn!(id = %id, panics = status.panics, error = %why, "a delivery failed unexpectedly");
+    if status.panics < MAX_PANICS {
+        return defer(spool, id, status, why, true).await;
+    }
+    let reason = format!("{why} ({} times)", status.panics);
+    crate::metrics::spool_dead_letter();
+    let (q, bid) = (spool.queue.clone(), id.to_string());
+    match blocking(move || q.bury(&bid, status, &reason)).await {
+        Ok(()) => {
+            warn!(id = %id, "message moved to the dead-letter folder");
+            Next::Gone
+        }
+        Err(e) => {
+            warn!(id = %id, error = %e, "cannot move a message to the dead-letter folder");
             Next::At(queue::now() + spool.config.retry_max_s)
         }
     }

@@ -77,8 +77,12 @@ impl FileStore {
         format!("oxbridge-refresh-token:{}", account.to_lowercase()).into_bytes()
     }
 
-    /// The stored refresh token of `account`, if any.
+    /// The stored refresh token of `account`, if any (off the async threads).
     pub fn load(&self, account: &str) -> Result<Option<SecretString>, StateError> {
+        unblocked(|| self.load_now(account))
+    }
+
+    fn load_now(&self, account: &str) -> Result<Option<SecretString>, StateError> {
         let path = self.path(account);
         let data = match File::open(&path) {
             Ok(f) => {
@@ -108,8 +112,13 @@ impl FileStore {
         Ok(Some(SecretString::from(text)))
     }
 
-    /// Store `token` as the refresh token of `account`, atomically.
+    /// Store `token` as the refresh token of `account`, atomically (its
+    /// fsyncs off the async threads).
     pub fn save(&self, account: &str, token: &SecretString) -> Result<(), StateError> {
+        unblocked(|| self.save_now(account, token))
+    }
+
+    fn save_now(&self, account: &str, token: &SecretString) -> Result<(), StateError> {
         let temp = self.write_temp(account, token)?;
         let path = self.path(account);
         fs::rename(&temp, &path).map_err(|e| err(path.display(), e))?;
@@ -121,6 +130,10 @@ impl FileStore {
 
     /// The token-health record of `account` (times only, not sealed).
     pub fn load_health(&self, account: &str) -> Result<Option<Vec<u8>>, StateError> {
+        unblocked(|| self.load_health_now(account))
+    }
+
+    fn load_health_now(&self, account: &str) -> Result<Option<Vec<u8>>, StateError> {
         let path = self.path(account).with_extension("health");
         match File::open(&path) {
             Ok(f) => {
@@ -139,6 +152,10 @@ impl FileStore {
     /// without the refresh token's fsyncs: losing one costs a line of
     /// `oxbridge check`, never a login).
     pub fn save_health(&self, account: &str, record: &[u8]) -> Result<(), StateError> {
+        unblocked(|| self.save_health_now(account, record))
+    }
+
+    fn save_health_now(&self, account: &str, record: &[u8]) -> Result<(), StateError> {
         let path = self.path(account).with_extension("health");
         let temp = path.with_extension(format!("health-{}", std::process::id()));
         OpenOptions::new()
@@ -175,9 +192,54 @@ impl FileStore {
     }
 }
 
+/// Run blocking file work `f` without holding up the async threads: on a
+/// multi-threaded runtime (oxbridge's) the worker thread hands its other
+/// tasks to another thread first; outside a runtime, or on a
+/// current-thread one (tests, the command line), `f` just runs.
+pub(crate) fn unblocked<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One worker thread: a task that blocks on disk (here a sleep) in
+    /// [`unblocked`] must not stop another task from running meanwhile.
+    #[test]
+    fn slow_file_work_does_not_stop_other_tasks() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let during = rt.block_on(async {
+            let t = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    t.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+            });
+            tokio::task::yield_now().await;
+            let t = ticks.clone();
+            tokio::spawn(async move {
+                let before = t.load(Ordering::SeqCst);
+                unblocked(|| std::thread::sleep(std::time::Duration::from_millis(300)));
+                t.load(Ordering::SeqCst) - before
+            })
+            .await
+            .unwrap()
+        });
+        assert!(during >= 20, "the other task ran {during} times");
+    }
     use std::os::unix::fs::PermissionsExt;
 
     fn secret(s: &str) -> SecretString {

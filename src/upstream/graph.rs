@@ -34,6 +34,18 @@ pub enum GraphError {
     Refused(String),
 }
 
+/// Whether Graph may have taken a message it did not say it took: each
+/// such case can make a duplicate when the message is sent again.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Doubt {
+    /// The final request (`sendMail`, `send`) was sent again after an
+    /// answer that leaves it open whether Graph took it (a 503).
+    pub resent: u32,
+    /// The send failed after its final request went out without a clear
+    /// answer (a timeout, a cut, a 5xx): Graph may have taken it.
+    pub open: bool,
+}
+
 /// The Graph client: one HTTPS connection pool, verified like every upstream.
 pub struct Graph {
     http: reqwest::Client,
@@ -107,12 +119,39 @@ impl Graph {
         &self,
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<Answer, GraphError> {
+        self.call_final(build, &mut None).await
+    }
+
+    /// [`Graph::call`] for a request that sends the message: what leaves
+    /// it open whether Graph took it is noted in `doubt`.
+    async fn call_final(
+        &self,
+        build: impl Fn() -> reqwest::RequestBuilder,
+        doubt: &mut Option<&mut Doubt>,
+    ) -> Result<Answer, GraphError> {
         let mut tries = 0;
         loop {
             tries += 1;
-            let response = build().send().await.map_err(network)?;
+            let response = match build().send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Some(d) = doubt.as_deref_mut() {
+                        // Refused before it was sent, or perhaps taken.
+                        d.open = !e.is_connect();
+                    }
+                    return Err(network(e));
+                }
+            };
             let status = response.status().as_u16();
+            if let Some(d) = doubt.as_deref_mut() {
+                d.open = status >= 500;
+            }
             if matches!(status, 429 | 503) && tries < MAX_THROTTLED_TRIES {
+                if status == 503 {
+                    if let Some(d) = doubt.as_deref_mut() {
+                        d.resent += 1;
+                    }
+                }
                 let wait = wire::retry_after(
                     response
                         .headers()
@@ -156,29 +195,42 @@ impl Graph {
         .await
     }
 
-    fn url(&self, mailbox: &str, tail: &str) -> String {
-        format!("{}/users/{mailbox}{tail}", self.base)
+    /// `base/users/{mailbox}/{tail...}`, each segment percent-encoded: a
+    /// mailbox or an id never adds a path segment, a query or a fragment.
+    fn url(&self, mailbox: &str, tail: &[&str]) -> Result<String, GraphError> {
+        users_url(&self.base, mailbox, tail)
     }
 
-    /// Send `message` (MIME) from `mailbox` to `recipients` with `token`.
+    /// Send `message` (MIME) from `mailbox` to `recipients` with `token`;
+    /// `doubt` says whether Graph may have taken it when it did not say so.
     pub async fn send(
         &self,
         token: &SecretString,
         mailbox: &str,
         message: &[u8],
         recipients: &[String],
+        doubt: &mut Doubt,
     ) -> Result<(), GraphError> {
         let message = wire::with_envelope(message, recipients);
         match wire::plan(&message).map_err(GraphError::Refused)? {
             Plan::Whole(mime) => {
-                let url = self.url(mailbox, "/sendMail");
-                self.post(&url, token, "text/plain", &mime)
-                    .await?
-                    .expect(202, "sendMail")?;
+                let url = self.url(mailbox, &["sendMail"])?;
+                self.call_final(
+                    || {
+                        self.http
+                            .post(&url)
+                            .bearer_auth(token.expose_secret())
+                            .header("content-type", "text/plain")
+                            .body(mime.clone())
+                    },
+                    &mut Some(doubt),
+                )
+                .await?
+                .expect(202, "sendMail")?;
                 Ok(())
             }
             Plan::Draft { mime, attachments } => {
-                let url = self.url(mailbox, "/messages");
+                let url = self.url(mailbox, &["messages"])?;
                 let draft = self
                     .post(&url, token, "text/plain", &mime)
                     .await?
@@ -186,10 +238,12 @@ impl Graph {
                 let id = draft.json("id").ok_or_else(|| {
                     GraphError::Temporary("create draft: no id in the answer".into())
                 })?;
-                let result = self.complete(token, mailbox, &id, &attachments).await;
-                if result.is_err() {
+                let result = self
+                    .complete(token, mailbox, &id, &attachments, doubt)
+                    .await;
+                let draft = self.url(mailbox, &["messages", &id]);
+                if let (Err(_), false, Ok(url)) = (&result, doubt.open, draft) {
                     // Best effort: no half-made draft is left in the mailbox.
-                    let url = self.url(mailbox, &format!("/messages/{id}"));
                     let _ = self
                         .http
                         .delete(&url)
@@ -209,10 +263,11 @@ impl Graph {
         mailbox: &str,
         id: &str,
         attachments: &[Attachment],
+        doubt: &mut Doubt,
     ) -> Result<(), GraphError> {
         for a in attachments {
             if a.bytes.len() < wire::MIN_UPLOAD_SESSION {
-                let url = self.url(mailbox, &format!("/messages/{id}/attachments"));
+                let url = self.url(mailbox, &["messages", id, "attachments"])?;
                 let body = wire::small_attachment(a);
                 self.post(&url, token, "application/json", &body)
                     .await?
@@ -221,8 +276,8 @@ impl Graph {
             }
             let url = self.url(
                 mailbox,
-                &format!("/messages/{id}/attachments/createUploadSession"),
-            );
+                &["messages", id, "attachments", "createUploadSession"],
+            )?;
             let body = wire::upload_session(a);
             let session = self
                 .post(&url, token, "application/json", &body)
@@ -252,15 +307,173 @@ impl Graph {
                 from += chunk.len();
             }
         }
-        let url = self.url(mailbox, &format!("/messages/{id}/send"));
-        self.call(|| {
-            self.http
-                .post(&url)
-                .bearer_auth(token.expose_secret())
-                .header("content-length", "0")
-        })
+        let url = self.url(mailbox, &["messages", id, "send"])?;
+        self.call_final(
+            || {
+                self.http
+                    .post(&url)
+                    .bearer_auth(token.expose_secret())
+                    .header("content-length", "0")
+            },
+            &mut Some(doubt),
+        )
         .await?
         .expect(202, "send draft")?;
         Ok(())
+    }
+}
+
+/// `base/users/{mailbox}/{tail...}` with every segment percent-encoded.
+/// A segment with a control character is refused (URL parsers drop tabs
+/// and line breaks, which would name another mailbox).
+fn users_url(base: &str, mailbox: &str, tail: &[&str]) -> Result<String, GraphError> {
+    let segments = || std::iter::once(&mailbox).chain(tail);
+    if mailbox.is_empty() || segments().any(|s| s.chars().any(char::is_control)) {
+        return Err(GraphError::Refused(format!(
+            "\"{}\" cannot name a mailbox in Microsoft Graph",
+            mailbox.escape_debug()
+        )));
+    }
+    let mut url = reqwest::Url::parse(base)
+        .map_err(|e| GraphError::Refused(format!("upstream.graph: {e}")))?;
+    url.path_segments_mut()
+        .map_err(|()| GraphError::Refused("upstream.graph cannot have a path".into()))?
+        .pop_if_empty()
+        .push("users")
+        .push(mailbox)
+        .extend(tail);
+    Ok(url.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_mailboxes_stay_one_path_segment() {
+        let base = "https://graph.test/v1.0";
+        assert_eq!(
+            users_url(base, "scans@contoso.test", &["sendMail"]).unwrap(),
+            "https://graph.test/v1.0/users/scans@contoso.test/sendMail"
+        );
+        for (mailbox, encoded) in [
+            ("a/../../me@x.test", "a%2F..%2F..%2Fme@x.test"),
+            ("a?x=1@x.test", "a%3Fx=1@x.test"),
+            ("a#f@x.test", "a%23f@x.test"),
+            ("a%2F@x.test", "a%252F@x.test"),
+            ("a b@x.test", "a%20b@x.test"),
+        ] {
+            assert_eq!(
+                users_url(base, mailbox, &["messages", "AA/b=", "send"]).unwrap(),
+                format!("https://graph.test/v1.0/users/{encoded}/messages/AA%2Fb=/send"),
+                "{mailbox:?}"
+            );
+        }
+        for hostile in ["a\r\nX: y@x.test", "a\tb@x.test", "a\u{1}b@x.test", ""] {
+            assert!(
+                matches!(
+                    users_url(base, hostile, &["sendMail"]),
+                    Err(GraphError::Refused(_))
+                ),
+                "{hostile:?}"
+            );
+        }
+    }
+
+    /// A loopback HTTP server answering each request with the next of
+    /// `answers` (status, extra header lines); its address.
+    async fn scripted(answers: Vec<(u16, &'static str)>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for (status, extra) in answers {
+                let Ok((mut c, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                // Headers, then the body its Content-Length announces.
+                while let Ok(n) = c.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text
+                            .split("content-length:")
+                            .nth(1)
+                            .and_then(|v| v.split("\r\n").next())
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\n{extra}content-length: 0\r\nconnection: close\r\n\r\n"
+                );
+                let _ = c.write_all(reply.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}/v1.0")
+    }
+
+    async fn send_to(base: &str) -> (Result<(), GraphError>, Doubt) {
+        let graph = Graph::new(base, None).unwrap();
+        let mut doubt = Doubt::default();
+        let token = SecretString::from("t".to_string());
+        let message = b"From: a@x.test\r\nTo: b@x.test\r\n\r\nhi\r\n";
+        let result = graph
+            .send(
+                &token,
+                "a@x.test",
+                message,
+                &["b@x.test".into()],
+                &mut doubt,
+            )
+            .await;
+        (result, doubt)
+    }
+
+    #[tokio::test]
+    async fn unclear_answers_to_a_send_leave_doubt() {
+        // A 503 asked again, then taken: one resend that may be a duplicate.
+        let base = scripted(vec![(503, "retry-after: 0\r\n"), (202, "")]).await;
+        let (result, doubt) = send_to(&base).await;
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(
+            doubt,
+            Doubt {
+                resent: 1,
+                open: false
+            }
+        );
+        // A 504: Graph may have taken it.
+        let (result, doubt) = send_to(&scripted(vec![(504, "")]).await).await;
+        assert!(
+            matches!(result, Err(GraphError::Temporary(_))),
+            "{result:?}"
+        );
+        assert_eq!(
+            doubt,
+            Doubt {
+                resent: 0,
+                open: true
+            }
+        );
+        // A 429 is a clear no; so is a 400.
+        let base = scripted(vec![(429, "retry-after: 0\r\n"), (400, "")]).await;
+        let (result, doubt) = send_to(&base).await;
+        assert!(matches!(result, Err(GraphError::Refused(_))), "{result:?}");
+        assert_eq!(doubt, Doubt::default());
+        // Nobody listening: never sent.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/v1.0", closed.local_addr().unwrap());
+        drop(closed);
+        let (_, doubt) = send_to(&base).await;
+        assert_eq!(doubt, Doubt::default());
     }
 }

@@ -77,8 +77,18 @@ pub fn with_envelope(message: &[u8], recipients: &[String]) -> Vec<u8> {
 /// draft without its attachments of [`MIN_DETACHED`] bytes and more
 /// (direct parts of the top-level multipart), which are added apart.
 pub fn plan(message: &[u8]) -> Result<Plan, String> {
+    plan_within(message, MAX_REQUEST, MIN_DETACHED)
+}
+
+/// [`plan`] with another request limit and detaching size (the fuzz
+/// target makes every message take the draft path).
+pub fn plan_within(
+    message: &[u8],
+    max_request: usize,
+    min_detached: usize,
+) -> Result<Plan, String> {
     let whole = b64(message);
-    if whole.len() <= MAX_REQUEST {
+    if whole.len() <= max_request {
         return Ok(Plan::Whole(whole));
     }
     let parsed = MessageParser::default()
@@ -100,7 +110,7 @@ pub fn plan(message: &[u8]) -> Result<Plan, String> {
             }
             _ => continue,
         };
-        if bytes.len() < MIN_DETACHED {
+        if bytes.len() < min_detached {
             continue;
         }
         let content_type = part
@@ -110,17 +120,11 @@ pub fn plan(message: &[u8]) -> Result<Plan, String> {
                 None => c.c_type.to_string(),
             })
             .unwrap_or_else(|| "application/octet-stream".into());
-        // From the CRLF before the part's delimiter line to the part's end.
-        let start = part.offset_header as usize;
-        let line = message[..start]
-            .windows(2)
-            .rposition(|w| w == b"\r\n")
-            .unwrap_or(0);
-        let delimiter = message[..line]
-            .windows(2)
-            .rposition(|w| w == b"\r\n")
-            .unwrap_or(0);
-        cuts.push((delimiter, part.offset_end as usize));
+        cuts.push(part_span(
+            message,
+            part.offset_header as usize,
+            part.offset_end as usize,
+        ));
         attachments.push(Attachment {
             name: part.attachment_name().unwrap_or("attachment").to_string(),
             content_type,
@@ -130,18 +134,36 @@ pub fn plan(message: &[u8]) -> Result<Plan, String> {
     let mut draft = Vec::with_capacity(message.len());
     let mut at = 0;
     for (from, to) in cuts {
+        // Parts follow one another: a cut never starts before the last
+        // one ended, whatever offsets the parser gave.
+        let from = from.clamp(at, message.len());
         draft.extend_from_slice(&message[at..from]);
-        at = to;
+        at = to.clamp(from, message.len());
     }
     draft.extend_from_slice(&message[at..]);
     let mime = b64(&draft);
-    if mime.len() > MAX_REQUEST {
+    if mime.len() > max_request {
         return Err(format!(
             "the message without its large attachments is still over Graph's 4 MB limit ({} bytes)",
             draft.len()
         ));
     }
     Ok(Plan::Draft { mime, attachments })
+}
+
+/// The bytes a part takes in `message`: from the line break before its
+/// delimiter line (which belongs to the delimiter, RFC 2046 5.1.1) to the
+/// part's end. `start` is where the part's header begins, just after its
+/// delimiter line; line breaks are CRLF or a bare LF.
+fn part_span(message: &[u8], start: usize, end: usize) -> (usize, usize) {
+    let start = start.min(message.len());
+    let delimiter_end = start.saturating_sub(1);
+    let from = match message[..delimiter_end].iter().rposition(|&b| b == b'\n') {
+        Some(lf) if lf > 0 && message[lf - 1] == b'\r' => lf - 1,
+        Some(lf) => lf,
+        None => delimiter_end,
+    };
+    (from, end.max(start).min(message.len()))
 }
 
 /// The body of `createUploadSession` for `a`.
@@ -288,5 +310,56 @@ Content-Type: text/plain\r\n\r\nthe scan\r\n--XX--\r\n"
         assert_eq!(retry_after(Some("2.5")), Duration::from_millis(2500));
         assert_eq!(retry_after(Some("9999")), MAX_RETRY_AFTER);
         assert_eq!(retry_after(None), Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    /// A multipart message with two attachments over [`MIN_DETACHED`],
+    /// written with bare LF line ends as some devices do.
+    fn bare_lf_message() -> Vec<u8> {
+        let part = |name: &str, seed: u32| {
+            let bytes: Vec<u8> = (0..1_600_000u32).map(|i| (i * seed % 251) as u8).collect();
+            let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+            let lines: Vec<&str> = encoded
+                .as_bytes()
+                .chunks(76)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect();
+            format!(
+                "--XX\nContent-Type: application/pdf; name=\"{name}\"\n\
+Content-Disposition: attachment; filename=\"{name}\"\n\
+Content-Transfer-Encoding: base64\n\n{}\n",
+                lines.join("\n")
+            )
+        };
+        format!(
+            "From: a@b.test\nTo: c@d.test\nSubject: scan\nMIME-Version: 1.0\n\
+Content-Type: multipart/mixed; boundary=\"XX\"\n\n--XX\nContent-Type: text/plain\n\n\
+the scans\n{}{}--XX--\n",
+            part("one.pdf", 7),
+            part("two.pdf", 13)
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_bare_lf_message_with_two_large_attachments_is_planned_without_panic() {
+        let m = bare_lf_message();
+        let Plan::Draft { mime, attachments } = plan(&m).unwrap() else {
+            panic!("a draft")
+        };
+        let draft = base64::engine::general_purpose::STANDARD
+            .decode(mime)
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(draft).unwrap(),
+            "From: a@b.test\nTo: c@d.test\nSubject: scan\nMIME-Version: 1.0\n\
+Content-Type: multipart/mixed; boundary=\"XX\"\n\n--XX\nContent-Type: text/plain\n\n\
+the scans\n--XX--\n"
+        );
+        assert_eq!(attachments.len(), 2);
     }
 }

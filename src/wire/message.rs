@@ -1,5 +1,6 @@
-//! A message on the SMTP wire: reading DATA (dot-unstuffing, its end) and
-//! writing it again (dot-stuffing), without I/O.
+//! A message on the SMTP wire: reading DATA (dot-unstuffing, its end),
+//! BDAT chunks' line ends, and writing it again (dot-stuffing), without
+//! I/O.
 //!
 //! Only `CRLF . CRLF` ends DATA: a bare LF before or after the dot does
 //! not (SMTP smuggling). A bare LF in the message is stored as CRLF, as
@@ -101,6 +102,41 @@ impl DataReader {
         }
         out.push(b);
         self.last_cr = b == b'\r';
+    }
+}
+
+/// Normalises BDAT chunks the way [`DataReader`] stores DATA: a bare LF
+/// becomes CRLF, whatever the chunk boundaries (nothing is unstuffed:
+/// BDAT content is sent as it is).
+#[derive(Debug, Default)]
+pub struct LineEnds {
+    /// The last byte fed was CR.
+    last_cr: bool,
+}
+
+impl LineEnds {
+    /// Append `input` to `out` with every bare LF written as CRLF.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        out.reserve(input.len());
+        let mut start = 0;
+        for (i, &b) in input.iter().enumerate() {
+            if b == b'\n' {
+                let cr_before = if i == 0 {
+                    self.last_cr
+                } else {
+                    input[i - 1] == b'\r'
+                };
+                if !cr_before {
+                    out.extend_from_slice(&input[start..i]);
+                    out.push(b'\r');
+                    start = i;
+                }
+            }
+        }
+        out.extend_from_slice(&input[start..]);
+        if let Some(&b) = input.last() {
+            self.last_cr = b == b'\r';
+        }
     }
 }
 
@@ -224,6 +260,24 @@ mod tests {
         assert_eq!(msg, b"a\r\n\rb\r\n");
         assert_eq!(rest, Some(Vec::new()));
         assert_eq!(read(b"no end\r\n", 4), (b"no end\r\n".to_vec(), None));
+    }
+
+    #[test]
+    fn bdat_chunks_get_crlf_line_ends_like_data_in_any_split() {
+        let message = b"Subject: x\n\r\n..dot\nline\r\rcr\r\n\n\nend\n";
+        let want = b"Subject: x\r\n\r\n..dot\r\nline\r\rcr\r\n\r\n\r\nend\r\n";
+        for step in 1..message.len() {
+            let mut ends = LineEnds::default();
+            let mut out = Vec::new();
+            for chunk in message.chunks(step) {
+                ends.feed(chunk, &mut out);
+            }
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(want),
+                "step {step}"
+            );
+        }
     }
 
     #[test]

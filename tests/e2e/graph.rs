@@ -19,7 +19,7 @@ pub(crate) fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// An account that sends through Graph, and where Graph is.
-fn graph_config(listener_extra: &str, state: &std::path::Path, spool: &str) -> String {
+pub(crate) fn graph_config(listener_extra: &str, state: &std::path::Path, spool: &str) -> String {
     let up = upstream();
     let listener = listener("smtp", "none", true) + listener_extra;
     let account = format!(
@@ -38,7 +38,7 @@ fn graph_config(listener_extra: &str, state: &std::path::Path, spool: &str) -> S
     with_state_dir(&cfg, state)
 }
 
-fn graph_device(port: u16) -> Smtp<'static> {
+pub(crate) fn graph_device(port: u16) -> Smtp<'static> {
     Smtp {
         login: "graph-scanner@example.test",
         ..Smtp::scanner(port)
@@ -46,7 +46,7 @@ fn graph_device(port: u16) -> Smtp<'static> {
 }
 
 /// The stand-in's admin hook: the next `count` Graph requests get `status`.
-fn throttle(count: u32, status: u16, retry_after: f64) {
+pub(crate) fn throttle(count: u32, status: u16, retry_after: f64) {
     let up = upstream();
     let body = format!(r#"{{"count": {count}, "status": {status}, "retry_after": {retry_after}}}"#);
     let out = run(

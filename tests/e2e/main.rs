@@ -33,4 +33,5 @@ mod session_senders;
 mod smtp;
 mod soak;
 mod spool;
+mod spool_faults;
 mod status;

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 
 /// Retries come fast in tests, and the message rate does not hold them up.
-const FAST: &str = "retry_min_s = 1\nretry_max_s = 2\nmessages_per_minute = 6000\n";
+pub(crate) const FAST: &str = "retry_min_s = 1\nretry_max_s = 2\nmessages_per_minute = 6000\n";
 
 /// A config with one spooling SMTP listener (plain, passwords allowed) on
 /// `listen`, its SMTP upstream at `smtp`, its state (and spool) in
 /// `state`, and `spool` as the `[spool]` keys.
-fn spool_config(listen: &str, smtp: &str, state: &Path, spool: &str) -> String {
+pub(crate) fn spool_config(listen: &str, smtp: &str, state: &Path, spool: &str) -> String {
     let listener =
         listener("smtp", "none", true).replace("127.0.0.1:0", listen) + "delivery = \"spool\"\n";
     let cfg = config(&listener, &format!("{ADMIN}\n[spool]\n{spool}"));
@@ -25,7 +25,7 @@ fn spool_config(listen: &str, smtp: &str, state: &Path, spool: &str) -> String {
 
 /// The Message-IDs in `user`'s INBOX matching an IMAP search, with how
 /// often each is there.
-fn inbox_ids(user: &str, search: &str) -> HashMap<String, usize> {
+pub(crate) fn inbox_ids(user: &str, search: &str) -> HashMap<String, usize> {
     let up = upstream();
     let out = run(
         python("imap_ids.py")
@@ -44,7 +44,7 @@ fn inbox_ids(user: &str, search: &str) -> HashMap<String, usize> {
 }
 
 /// The spool id in a client's output (`250 2.0.0 Ok: queued as ID`).
-fn queue_id(out: &std::process::Output) -> String {
+pub(crate) fn queue_id(out: &std::process::Output) -> String {
     text(out)
         .lines()
         .find_map(|l| l.split("queued as ").nth(1).map(str::to_string))
