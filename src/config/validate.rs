@@ -11,6 +11,8 @@
 use ipnet::IpNet;
 use secrecy::ExposeSecret;
 
+use crate::mailbox::Mailbox;
+
 use super::{
     parse_network, split_host_port, AccountConfig, AdminConfig, Config, Delivery, Grant,
     LimitsConfig, ListenerConfig, LogConfig, OAuthConfig, Protocol, RelayConfig, SendVia,
@@ -227,7 +229,8 @@ fn accounts(accounts: &[AccountConfig], oauth: &OAuthConfig) -> Result<(), Strin
 /// when the grant checks the password locally, the credentials the grant
 /// needs, and well-formed mailboxes.
 fn account(key: &str, a: &AccountConfig, oauth: &OAuthConfig) -> Result<(), String> {
-    validate_login_pattern(&a.login).map_err(|e| format!("{key}.login: {e}"))?;
+    validate_login_pattern(&a.login, a.mailbox.is_some())
+        .map_err(|e| format!("{key}.login: {e}"))?;
     match (a.grant, &a.password_hash) {
         (Grant::Password, Some(_)) => {
             return Err(format!(
@@ -271,9 +274,6 @@ fn account(key: &str, a: &AccountConfig, oauth: &OAuthConfig) -> Result<(), Stri
     }
     for shared in &a.allow_shared {
         validate_address_or_pattern(shared).map_err(|e| format!("{key}.allow_shared: {e}"))?;
-    }
-    if !a.allow_shared.is_empty() && a.login.contains('\\') {
-        return Err(format!("{key}.login: must not contain a backslash"));
     }
     if let Some(m) = &a.mailbox {
         if a.login.starts_with("*@") {
@@ -447,22 +447,34 @@ fn tls_name(t: TlsMode) -> &'static str {
     }
 }
 
-fn validate_login_pattern(login: &str) -> Result<(), String> {
+/// A login: `*@domain`, a mailbox, or (where `mailbox` names the mailbox)
+/// a local name. Never a backslash, which separates a shared mailbox.
+fn validate_login_pattern(login: &str, has_mailbox: bool) -> Result<(), String> {
     if let Some(domain) = login.strip_prefix("*@") {
-        if domain.is_empty() || domain.contains(['@', '*']) {
-            return Err(format!("{login:?}: a pattern must be *@domain"));
-        }
-        return Ok(());
+        return match Mailbox::parse(&format!("x@{domain}")) {
+            Ok(_) if !domain.contains('*') => Ok(()),
+            _ => Err(format!("{login:?}: a pattern must be *@domain")),
+        };
     }
     if login.contains('*') {
         return Err(format!("{login:?}: only the form *@domain may use *"));
     }
-    if login.is_empty() || login.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if login.contains('\\') {
         return Err(format!(
-            "{login:?}: must be a non-empty name without spaces"
+            "{login:?}: must not contain a backslash (it separates a shared mailbox)"
         ));
     }
-    Ok(())
+    if has_mailbox {
+        if login.is_empty() || login.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "{login:?}: must be a non-empty name without spaces"
+            ));
+        }
+        return Ok(());
+    }
+    Mailbox::parse(login).map(drop).map_err(|e| {
+        format!("{login:?}: not a mail address ({e}); set mailbox if the login is only a name")
+    })
 }
 
 /// An exact address, or `*@domain` (checked as if it were `x@domain`).
@@ -472,12 +484,9 @@ fn validate_address_or_pattern(entry: &str) -> Result<(), String> {
 }
 
 fn validate_address(addr: &str) -> Result<(), String> {
-    match addr.split_once('@') {
-        Some((l, d)) if !l.is_empty() && !d.is_empty() && !addr.contains(char::is_whitespace) => {
-            Ok(())
-        }
-        _ => Err(format!("{addr:?} is not a mail address")),
-    }
+    Mailbox::parse(addr)
+        .map(drop)
+        .map_err(|e| format!("{addr:?} is not a mail address ({e})"))
 }
 
 #[cfg(test)]

@@ -128,3 +128,44 @@ fn duplicate_login_and_bad_pattern_are_named() {
     let err = Config::parse(&base(pat)).unwrap_err();
     assert!(err.starts_with("account[1].login:"), "{err}");
 }
+
+#[test]
+fn logins_and_mailboxes_that_are_no_mailbox_are_refused_at_load() {
+    let cases = [
+        (
+            "login = \"*@exa/mple.test\"\ngrant = \"password\"\n",
+            "account[1].login:",
+        ),
+        (
+            "login = \"*@example.test%2f\"\ngrant = \"password\"\n",
+            "account[1].login:",
+        ),
+        (
+            "login = \"bo\\\\b@example.test\"\ngrant = \"password\"\n",
+            "account[1].login:",
+        ),
+        (
+            "login = \"bob@exa?mple.test\"\ngrant = \"password\"\n",
+            "account[1].login:",
+        ),
+        (
+            "login = \"printer\"\ngrant = \"password\"\n",
+            "account[1].login:",
+        ),
+        (
+            "login = \"printer\"\ngrant = \"password\"\nmailbox = \"scans@exa#mple.test\"\n",
+            "account[1].mailbox:",
+        ),
+        (
+            "login = \"printer\"\ngrant = \"password\"\nmailbox = \"a@b@example.test\"\n",
+            "account[1].mailbox:",
+        ),
+    ];
+    for (body, key) in cases {
+        let err = Config::parse(&base(&format!("[[account]]\n{body}"))).unwrap_err();
+        assert!(err.starts_with(key), "{body:?}: {err}");
+    }
+    // A local name is fine where the mailbox is set.
+    let ok = "[[account]]\nlogin = \"printer\"\ngrant = \"password\"\nmailbox = \"scans@example.test\"\n";
+    Config::parse(&base(ok)).unwrap();
+}
