@@ -48,7 +48,7 @@ pub async fn login(
     peer: SocketAddr,
 ) -> Result<LoggedIn, AuthError> {
     let login = creds.login.clone();
-    let result = guarded(app, creds, peer, |id| async move {
+    let result = guarded(app, creds, peer, Some(protocol), |id| async move {
         upstream_login(app, protocol, &id, client_name)
             .await
             .map(|upstream| LoggedIn { upstream, id })
@@ -69,7 +69,7 @@ pub async fn local_login(
     peer: SocketAddr,
 ) -> Result<Identity, AuthError> {
     let login = creds.login.clone();
-    let result = guarded(app, creds, peer, |id| async move {
+    let result = guarded(app, creds, peer, None, |id| async move {
         match id.grant {
             Grant::Password => Err(AuthError::CannotSpool(
                 "grant = \"password\" needs the device's password for every token",
@@ -89,12 +89,14 @@ pub async fn local_login(
 /// the token endpoint refused for the `password` grant, counts against
 /// the address and what the password opens (see `throttle::Claim`); a
 /// success clears the latter; any other outcome is not counted. The
-/// `password` grant's attempt is settled once `then` (the upstream login,
-/// which fetches its token with the password) is done.
+/// `password` grant's password is checked by fetching the `protocol`
+/// token with it, before `then` waits for a mailbox slot, so that devices
+/// waiting for a full mailbox are never counted as guesses.
 async fn guarded<T, F, Fut>(
     app: &App,
     creds: Credentials,
     peer: SocketAddr,
+    protocol: Option<Protocol>,
     then: F,
 ) -> Result<T, AuthError>
 where
@@ -115,9 +117,6 @@ where
             .map_err(AuthError::Throttled)?;
         accounts.authenticate(&creds.login, creds.password).await
     };
-    // The `password` grant's password is checked by the token endpoint,
-    // in `then`: its attempt is settled after it.
-    let password_grant = id.as_ref().is_ok_and(|id| id.grant == Grant::Password);
     let id = match id {
         Err(e) => {
             if matches!(e, AuthError::BadCredentials(_)) {
@@ -127,17 +126,25 @@ where
         }
         Ok(id) => id,
     };
-    if !password_grant {
-        attempt.succeeded().await;
-        return then(id).await;
+    match protocol {
+        // The token endpoint checks the `password` grant's password; the
+        // token is cached for `then`'s own request.
+        Some(protocol) if id.grant == Grant::Password => {
+            match app.tokens.get(&id, protocol).await {
+                Ok(_) => attempt.succeeded().await,
+                Err(e @ AuthError::TokenRefused(_)) => {
+                    tokio::time::sleep(attempt.failed().await).await;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Some(_) => attempt.succeeded().await,
+        // Nothing upstream: `then` refuses the `password` grant itself.
+        None if id.grant == Grant::Password => drop(attempt),
+        None => attempt.succeeded().await,
     }
-    let result = then(id).await;
-    match &result {
-        Err(AuthError::TokenRefused(_)) => tokio::time::sleep(attempt.failed().await).await,
-        Ok(_) => attempt.succeeded().await,
-        Err(_) => drop(attempt),
-    }
-    result
+    then(id).await
 }
 
 /// A `[[relay]]` rule's device on a spooling listener: the rule's account,
