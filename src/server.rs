@@ -26,6 +26,7 @@ use crate::login::LoggedIn;
 use crate::net::conn::{Conn, Stream};
 use crate::net::proxy_protocol::TrustedPeer;
 use crate::net::tls::HANDSHAKE_TIMEOUT;
+use crate::wire::smtp::stream::Senders;
 use crate::wire::{self, Farewell};
 use crate::{admin, autodiscover, relay};
 
@@ -480,6 +481,12 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Optio
                     .await
                 }
                 _ => {
+                    let chunking = upstream.capabilities.iter().any(|c| {
+                        c.split(' ')
+                            .next()
+                            .is_some_and(|k| k.eq_ignore_ascii_case("CHUNKING"))
+                    });
+                    let senders = senders.map(|s| Senders { chunking, ..s });
                     relay::relay(
                         device,
                         upstream.conn,

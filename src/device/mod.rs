@@ -415,7 +415,12 @@ fn allowed_senders(app: &App, peer: SocketAddr, request: &Login) -> Option<Sende
         }
         Login::Relay { .. } => (app.relay_rule(peer.ip())?.allowed_senders, true),
     };
-    (!allowed.is_empty()).then_some(Senders { allowed, relay })
+    (!allowed.is_empty()).then_some(Senders {
+        allowed,
+        relay,
+        // Set from the upstream's EHLO once logged in.
+        chunking: true,
+    })
 }
 
 /// The device's connection and the bounds on what it sends.

@@ -214,6 +214,7 @@ mod tests {
         let senders = Senders {
             allowed: vec!["scan@x.test".into()],
             relay: false,
+            chunking: true,
         };
         let relay = tokio::spawn(relay(
             device,

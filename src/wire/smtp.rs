@@ -241,14 +241,19 @@ pub fn is_mailbox(address: &str) -> bool {
 }
 
 /// Whether a relay rule lets `sender` through: any, when the list is empty.
+/// Where the list applies, only a plain mailbox can match: a quoted local
+/// part could hide another domain behind the `@` found here.
 pub fn sender_allowed(allowed: &[String], sender: &str) -> bool {
-    allowed.is_empty()
-        || allowed.iter().any(|a| match a.strip_prefix("*@") {
-            Some(domain) => sender
-                .rsplit_once('@')
-                .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain)),
-            None => a.eq_ignore_ascii_case(sender),
-        })
+    if allowed.is_empty() {
+        return true;
+    }
+    let Ok(sender) = crate::mailbox::Mailbox::parse(sender) else {
+        return false;
+    };
+    allowed.iter().any(|a| match a.strip_prefix("*@") {
+        Some(domain) => sender.in_domain(domain),
+        None => a.eq_ignore_ascii_case(&sender),
+    })
 }
 
 /// Keep a device-supplied EHLO name printable and short for our replies.
@@ -316,6 +321,24 @@ pub fn replay(line: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_plain_mailbox_matches_a_sender_list() {
+        let allowed = ["*@x.test".to_string(), "scan@y.test".to_string()];
+        assert!(sender_allowed(&allowed, "a@X.test"));
+        assert!(sender_allowed(&allowed, "SCAN@y.test"));
+        for hostile in [
+            "\"scan@x.test",
+            "a\"@x.test",
+            "a\\@x.test",
+            "a@x.test\u{1}",
+            "a@b@x.test",
+            "",
+        ] {
+            assert!(!sender_allowed(&allowed, hostile), "{hostile:?}");
+        }
+        assert!(sender_allowed(&[], "\"anything"));
+    }
 
     #[test]
     fn commands() {

@@ -15,13 +15,21 @@
 //!   ends it, a bare LF becomes CRLF) and written out again
 //!   ([`DataWriter`]), so the upstream sees the end exactly where oxbridge
 //!   saw it.
-//! - `BDAT n` is followed by exactly n bytes, passed on untouched.
+//! - `BDAT n` is followed by exactly n bytes, passed on untouched. Only
+//!   `BDAT <digits> [LAST]` is a chunk; any other BDAT line is refused
+//!   here, since a server would refuse it and read the bytes after it as
+//!   commands.
+//! - A command line is passed on only as a server reads it the same way:
+//!   one that starts with white space or holds a control byte is refused,
+//!   and a MAIL's sender must be a plain mailbox (no quoted local part)
+//!   followed by nothing but parameters.
 //!
 //! [`Replies`] counts the upstream's complete replies, so that a local
 //! reply is written in its turn among them.
 
+use crate::mailbox::Mailbox;
 use crate::wire::message::{DataReader, DataWriter};
-use crate::wire::smtp::{mail_from_address, parse_command, sender_allowed, Command, Reply};
+use crate::wire::smtp::{parse_command, parse_path, sender_allowed, Command, Reply};
 
 /// The longest command line after login (RFC 5321's 512, and room for
 /// extensions' parameters).
@@ -34,6 +42,10 @@ pub struct Senders {
     pub allowed: Vec<String>,
     /// A `[[relay]]` rule's list (else the account's).
     pub relay: bool,
+    /// Whether the upstream takes BDAT (it announced CHUNKING). Where it
+    /// does not, it would read a chunk's bytes as commands: BDAT is then
+    /// refused here and what follows is read line by line.
+    pub chunking: bool,
 }
 
 /// What the device's next bytes are.
@@ -177,9 +189,21 @@ impl Tracker {
                 sender: None,
             };
         }
+        let refuse = |reply| Next::Refuse {
+            consumed,
+            reply,
+            sender: None,
+        };
+        if line.first().is_some_and(u8::is_ascii_whitespace)
+            || line.iter().any(|b| b.is_ascii_control())
+        {
+            return refuse(Reply::Unrecognized);
+        }
         match parse_command(line) {
             Command::Mail => {
-                let sender = mail_from_address(line).unwrap_or_default();
+                let Some(sender) = plain_sender(line) else {
+                    return refuse(Reply::BadSender);
+                };
                 if sender.is_empty() || !sender_allowed(&self.senders.allowed, &sender) {
                     return Next::Refuse {
                         consumed,
@@ -192,7 +216,12 @@ impl Tracker {
                 }
             }
             Command::Data => self.state = State::AwaitData,
-            Command::Bdat(Some(n)) if n > 0 => self.state = State::Chunk(n),
+            Command::Bdat(_) if !self.senders.chunking => return refuse(Reply::Unrecognized),
+            Command::Bdat(_) => match chunk_size(line) {
+                Some(0) => {}
+                Some(n) => self.state = State::Chunk(n),
+                None => return refuse(Reply::BdatSyntax),
+            },
             _ => {}
         }
         out.extend_from_slice(&crate::wire::line(line));
@@ -201,6 +230,39 @@ impl Tracker {
             command: true,
         }
     }
+}
+
+/// The size of `BDAT <digits> [LAST]` (LAST in any case), the only form
+/// a server takes as a chunk; `None` for any other.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(line).ok()?;
+    let mut words = text.split(' ');
+    let (_verb, size) = (words.next()?, words.next()?);
+    match (words.next(), words.next()) {
+        (None, _) => {}
+        (Some(last), None) if last.eq_ignore_ascii_case("LAST") => {}
+        _ => return None,
+    }
+    if size.is_empty() || size.len() > 19 || !size.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    size.parse().ok()
+}
+
+/// The sender of `MAIL FROM:<path> params`, lower-cased, when a server
+/// reads the same one: empty for the null sender, else a mailbox (after a
+/// source route, if any), and after the `>` nothing or parameters.
+fn plain_sender(line: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(line).ok()?;
+    let (address, _) = parse_path(line, "MAIL FROM:")?;
+    let close = text.find('>')?;
+    if !matches!(text.as_bytes().get(close + 1), None | Some(b' ')) {
+        return None;
+    }
+    if !address.is_empty() {
+        Mailbox::parse(&address).ok()?;
+    }
+    Some(address.to_lowercase())
 }
 
 /// Counts the upstream's complete replies (multi-line ones once), keeping

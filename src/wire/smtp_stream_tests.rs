@@ -6,6 +6,7 @@ fn tracker(relay: bool) -> Tracker {
     Tracker::new(Senders {
         allowed: vec!["scan@x.test".into(), "*@dev.x.test".into()],
         relay,
+        chunking: true,
     })
 }
 
@@ -229,4 +230,55 @@ fn random_input_never_panics() {
             assert!(pending.len() <= MAX_COMMAND_LINE + 32);
         }
     }
+}
+
+/// Lines a server reads differently from a plain split at the first space
+/// never carry a MAIL past the check.
+#[test]
+fn a_mail_hidden_by_whitespace_or_a_malformed_bdat_is_never_passed() {
+    let hostile: &[&[u8]] = &[
+        b"MAIL\tFROM:<boss@evil.test>\r\n",
+        b" MAIL FROM:<boss@evil.test>\r\n",
+        b"\tMAIL FROM:<boss@evil.test>\r\n",
+        b"MAIL FROM:<boss@evil.test>\x0b\r\n",
+        b"MAIL FROM:<scan@x.test\x00>\r\n",
+        // The chunk size as a server reads it is not what `parse` reads.
+        b"BDAT 28 X\r\nMAIL FROM:<boss@evil.test>\r\n",
+        b"BDAT +28\r\nMAIL FROM:<boss@evil.test>\r\n",
+        b"BDAT 28 LAST junk\r\nMAIL FROM:<boss@evil.test>\r\n",
+        b"BDAT 28 LAST\tX\r\nMAIL FROM:<boss@evil.test>\r\n",
+        // A quoted local part hides the real domain behind the first '>'.
+        b"MAIL FROM:<\"scan@x.test>\"@evil.test>\r\n",
+        b"MAIL FROM:<scan@x.test>\"@evil.test>\r\n",
+        b"MAIL FROM:<scan\\@x.test>\r\n",
+    ];
+    for input in hostile {
+        let mut t = tracker(false);
+        let (up, local, _) = run(&mut t, input);
+        assert!(
+            !up.to_ascii_lowercase().contains("evil") && !up.contains("MAIL"),
+            "{:?} passed on {up:?}",
+            String::from_utf8_lossy(input)
+        );
+        assert!(!local.is_empty(), "{:?}", String::from_utf8_lossy(input));
+    }
+    // Well-formed chunks still pass, LAST in any case.
+    let mut t = tracker(false);
+    let (up, local, _) = run(&mut t, b"BDAT 4 last\r\nabcdBDAT 0 LAST\r\n");
+    assert_eq!(up, "BDAT 4 last\r\nabcdBDAT 0 LAST\r\n");
+    assert!(local.is_empty());
+}
+
+/// Where the upstream takes no BDAT, its chunk would be read as commands:
+/// BDAT is refused here and what follows is checked line by line.
+#[test]
+fn bdat_is_refused_where_the_upstream_has_no_chunking() {
+    let mut t = Tracker::new(Senders {
+        allowed: vec!["scan@x.test".into()],
+        relay: false,
+        chunking: false,
+    });
+    let (up, local, _) = run(&mut t, b"BDAT 28\r\nMAIL FROM:<boss@evil.test>\r\n");
+    assert_eq!(up, "");
+    assert_eq!(local.len(), 2, "{local:?}");
 }
