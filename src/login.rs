@@ -109,16 +109,17 @@ where
         .begin(peer.ip(), &accounts.claim(&creds.login))
         .await
         .map_err(AuthError::Throttled)?;
-    let id = {
-        let _turn = app
-            .throttle
-            .check_turn()
-            .await
-            .map_err(AuthError::Throttled)?;
-        accounts.authenticate(&creds.login, creds.password).await
-    };
+    // The turn bounds the password checks running at once: Argon2, or
+    // the token endpoint for the `password` grant (held through it below).
+    let turn = app
+        .throttle
+        .check_turn()
+        .await
+        .map_err(AuthError::Throttled)?;
+    let id = accounts.authenticate(&creds.login, creds.password).await;
     let id = match id {
         Err(e) => {
+            drop(turn);
             if matches!(e, AuthError::BadCredentials(_)) {
                 tokio::time::sleep(attempt.failed().await).await;
             }
@@ -126,23 +127,24 @@ where
         }
         Ok(id) => id,
     };
-    match protocol {
+    let checked = match protocol {
         // The token endpoint checks the `password` grant's password; the
         // token is cached for `then`'s own request.
         Some(protocol) if id.grant == Grant::Password => {
-            match app.tokens.get(&id, protocol).await {
-                Ok(_) => attempt.succeeded().await,
-                Err(e @ AuthError::TokenRefused(_)) => {
-                    tokio::time::sleep(attempt.failed().await).await;
-                    return Err(e);
-                }
-                Err(e) => return Err(e),
-            }
+            app.tokens.get(&id, protocol).await.map(drop)
         }
-        Some(_) => attempt.succeeded().await,
+        _ => Ok(()),
+    };
+    drop(turn);
+    match (checked, protocol) {
+        (Err(e @ AuthError::TokenRefused(_)), _) => {
+            tokio::time::sleep(attempt.failed().await).await;
+            return Err(e);
+        }
+        (Err(e), _) => return Err(e),
         // Nothing upstream: `then` refuses the `password` grant itself.
-        None if id.grant == Grant::Password => drop(attempt),
-        None => attempt.succeeded().await,
+        (Ok(()), None) if id.grant == Grant::Password => drop(attempt),
+        (Ok(()), _) => attempt.succeeded().await,
     }
     then(id).await
 }
