@@ -338,16 +338,21 @@ impl Accounts {
     /// What a login's password opens, for the throttle: the account when
     /// it has a `password_hash` (every user of a pattern shares it), else
     /// the login itself; and the shared mailbox it names.
+    ///
+    /// A login that is no account, or a shared part that is no mailbox,
+    /// is kept only as a keyed hash: the counters may live in Redis, and
+    /// a device may have typed its password there.
     pub fn claim(&self, login: &str) -> crate::throttle::Claim {
-        let login = login.trim().to_lowercase();
-        let (base, shared) = match login.split_once('\\') {
-            Some((base, shared)) => (base.to_string(), Some(shared.to_string())),
-            None => (login, None),
-        };
+        let (base, shared) = split(login);
         let credential = match self.find(&base) {
             Some((a, _)) if a.grant != Grant::Password => a.login.clone(),
-            _ => base,
+            Some(_) => base,
+            None => format!("unknown #{}", fingerprint(&base)),
         };
+        let shared = shared.map(|s| match Mailbox::parse(&s) {
+            Ok(m) => m.to_string(),
+            Err(_) => format!("#{}", fingerprint(&s)),
+        });
         crate::throttle::Claim { credential, shared }
     }
 

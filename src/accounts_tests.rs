@@ -381,3 +381,24 @@ fn the_log_names_accounts_never_an_unknown_login() {
         .describe("zz@x.test")
         .starts_with("unknown user at x.test #"));
 }
+
+/// The throttle's counters (in Redis with replicas) never hold what a
+/// device typed unless it names an account or a mailbox.
+#[test]
+fn the_throttle_counts_an_unknown_login_by_a_hash() {
+    let accounts = other_domain();
+    let typed = "Hunter2-Secret";
+    let claim = accounts.claim(typed);
+    assert!(claim.credential.starts_with("unknown #"), "{claim:?}");
+    assert!(!claim.credential.to_lowercase().contains("hunter2"));
+    assert_eq!(claim.credential, accounts.claim(typed).credential);
+    let claim = accounts.claim(&format!("bob@other.test\\{typed}"));
+    assert_eq!(claim.credential, "*@other.test");
+    let shared = claim.shared.unwrap();
+    assert!(
+        shared.starts_with('#') && !shared.contains("hunter2"),
+        "{shared}"
+    );
+    let claim = accounts.claim("bob@other.test\\desk@other.test");
+    assert_eq!(claim.shared.as_deref(), Some("desk@other.test"));
+}
