@@ -1,5 +1,5 @@
 //! Brute-force protection for local logins. A login is counted against
-//! its client address and against what its password opens (see [`Claim`]):
+//! its client address (for IPv6, its /64) and against what its password opens (see [`Claim`]):
 //! every failure makes the next reply slower (doubling from
 //! `login_delay_ms`, at most [`MAX_DELAY`]), and `login_lockout_failures`
 //! failures within [`WINDOW`] lock the address or the claim out for
@@ -159,6 +159,15 @@ pub struct Attempt<'a> {
     settled: bool,
 }
 
+/// The address a failure counts against: an IPv4 address, or the /64 of
+/// an IPv6 one (one host's share: it can rotate the rest at will).
+fn network(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
+    }
+}
+
 impl Throttle {
     /// The throttle of `[limits]`, counting over the replicas of `state`.
     pub fn new(limits: &LimitsConfig, state: Arc<State>) -> Throttle {
@@ -176,7 +185,7 @@ impl Throttle {
 
     fn keys(ip: IpAddr, claim: &Claim) -> Vec<Key> {
         let mut keys = vec![
-            Key::Address(ip.to_canonical()),
+            Key::Address(network(ip)),
             Key::Account(claim.credential.trim().to_lowercase()),
         ];
         if let Some(shared) = &claim.shared {

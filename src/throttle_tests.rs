@@ -184,3 +184,24 @@ async fn unsettled_attempts_are_forgotten_and_waits_are_bounded() {
     turns.pop();
     assert!(t.check_turn().await.is_ok());
 }
+
+/// An IPv6 host is given a /64 at least: rotating the low bits of its
+/// address is not a fresh counter.
+#[tokio::test(start_paused = true)]
+async fn an_ipv6_network_of_64_bits_is_one_address() {
+    let t = throttle(3);
+    for i in 1..=3u16 {
+        let ip: IpAddr = format!("2001:db8:1:2::{i:x}").parse().unwrap();
+        fail(&t, ip, &claim(&format!("u{i}@x"))).await;
+    }
+    let next: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+    assert_eq!(
+        t.begin(next, &claim("v@x")).await.err(),
+        Some(ADDRESS_LOCKED)
+    );
+    let elsewhere: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+    assert!(t.begin(elsewhere, &claim("v@x")).await.is_ok());
+    // IPv4, also mapped into IPv6, stays per address.
+    let mapped: IpAddr = "::ffff:192.0.2.9".parse().unwrap();
+    assert!(t.begin(mapped, &claim("w@x")).await.is_ok());
+}
