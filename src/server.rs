@@ -307,10 +307,21 @@ struct Ctx {
     abort: CancellationToken,
 }
 
+/// How often a listener logs the untrusted peers it closed.
+const UNTRUSTED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The last untrusted peer logged, and how many were closed since.
+#[derive(Default)]
+struct Untrusted {
+    last: Option<Instant>,
+    more: u64,
+}
+
 async fn accept_loop(ctx: Ctx, socket: TcpListener, sessions: TaskTracker) {
     let local = socket
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut untrusted = Untrusted::default();
     loop {
         let (tcp, peer) = tokio::select! {
             r = socket.accept() => match r {
@@ -331,8 +342,21 @@ async fn accept_loop(ctx: Ctx, socket: TcpListener, sessions: TaskTracker) {
             Some(trusted) => match trusted.check(peer) {
                 Some(balancer) => Some(balancer),
                 None => {
-                    warn!(listener = %local, peer = %peer, "connection from an untrusted peer closed unread: PROXY headers are believed only from proxy_from");
                     crate::metrics::proxy_untrusted(local);
+                    // One line per interval: a flood of connections is
+                    // counted, not logged line by line.
+                    if untrusted
+                        .last
+                        .map_or(true, |t| t.elapsed() >= UNTRUSTED_LOG_INTERVAL)
+                    {
+                        warn!(listener = %local, peer = %peer, more = untrusted.more, "connection from an untrusted peer closed unread: PROXY headers are believed only from proxy_from");
+                        untrusted = Untrusted {
+                            last: Some(Instant::now()),
+                            more: 0,
+                        };
+                    } else {
+                        untrusted.more += 1;
+                    }
                     continue;
                 }
             },
