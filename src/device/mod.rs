@@ -326,10 +326,7 @@ pub async fn drive(
                 }
             }
             Then::Login(request) => {
-                senders = match protocol {
-                    Protocol::Smtp => allowed_senders(app, peer, &request),
-                    _ => None,
-                };
+                let relay = matches!(request, Login::Relay { .. });
                 let result = match request {
                     Login::Password { creds, client_name } => {
                         login::login(app, protocol, creds, &client_name, peer).await
@@ -341,6 +338,11 @@ pub async fn drive(
                 };
                 match result {
                     Ok(done) => {
+                        // Read after the login, for the account it found.
+                        senders = match protocol {
+                            Protocol::Smtp => allowed_senders(app, peer, relay, &done.id.account),
+                            _ => None,
+                        };
                         let step = session.on(Input::LoggedIn {
                             capabilities: &done.upstream.capabilities,
                         });
@@ -406,14 +408,10 @@ fn takes_itself(app: &App, protocol: Protocol, spooling: bool, request: &Login) 
 
 /// The senders a session listener's SMTP login may use: its account's
 /// `allowed_senders`, or its `[[relay]]` rule's; `None` when any will do.
-fn allowed_senders(app: &App, peer: SocketAddr, request: &Login) -> Option<Senders> {
-    let (allowed, relay) = match request {
-        Login::Password { creds, .. } => {
-            let accounts = app.accounts();
-            let account = accounts.account_of(&creds.login)?;
-            (accounts.allowed_senders(&account), false)
-        }
-        Login::Relay { .. } => (app.relay_rule(peer.ip())?.allowed_senders, true),
+fn allowed_senders(app: &App, peer: SocketAddr, relay: bool, account: &str) -> Option<Senders> {
+    let allowed = match relay {
+        false => app.accounts().allowed_senders(account),
+        true => app.relay_rule(peer.ip())?.allowed_senders,
     };
     (!allowed.is_empty()).then_some(Senders {
         allowed,
