@@ -160,7 +160,11 @@ async fn up_pump(
 ) -> Up {
     loop {
         if shared.control.borrow().literal_refused {
-            framer.cancel_literal();
+            // Only while the literal is still awaited: a device that sent
+            // its bytes without waiting for `+` is already past it.
+            if framer.awaits_literal().is_some() {
+                framer.cancel_literal();
+            }
             shared.control.send_modify(|c| c.literal_refused = false);
         }
         let mut at = 0;
