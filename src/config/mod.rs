@@ -357,7 +357,8 @@ pub struct AccountConfig {
     /// How this account's SMTP mail leaves; default `[upstream] send`
     /// for `client_credentials` accounts, else SMTP.
     pub send: Option<SendVia>,
-    /// Envelope senders a spooled message may have (exact or `*@domain`);
+    /// Envelope senders this account's SMTP sessions may use, spooled or
+    /// relayed (exact or `*@domain`; the null sender never, once set);
     /// empty: any, and the upstream decides.
     #[serde(default)]
     pub allowed_senders: Vec<String>,
