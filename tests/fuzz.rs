@@ -94,7 +94,7 @@ target!(smtp_reply_line, |input| {
 });
 
 target!(smtp_mail_from, |input| {
-    let _ = smtp::mail_from_address(input);
+    let _ = smtp::mail_sender(input);
 });
 
 target!(imap_command, |input| {

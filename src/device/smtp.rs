@@ -235,9 +235,11 @@ impl Session {
         if self.helo.is_none() {
             return self.next(Reply::HeloFirst);
         }
-        let sender = wire::mail_from_address(line).unwrap_or_default();
+        let Some(sender) = wire::mail_sender(line) else {
+            return self.next(Reply::BadSender);
+        };
         if !wire::sender_allowed(&rule.allowed_senders, &sender) {
-            warn!(sender = %sender, account = %rule.account, "relay refused: sender not allowed");
+            warn!(sender = %sender.escape_debug(), account = %rule.account, "relay refused: sender not allowed");
             return self.next(Reply::SenderNotAllowed);
         }
         let account = rule.account.clone();

@@ -185,19 +185,33 @@ pub fn promises_hold(told: &[String], upstream: &[String]) -> bool {
     })
 }
 
-/// The address of `MAIL FROM:<addr> params`, lower-cased.
-pub fn mail_from_address(line: &[u8]) -> Option<String> {
+/// The sender of `MAIL FROM:<path> params` as a server reads it,
+/// lower-cased: empty for the null sender, else a plain mailbox (after a
+/// source route, if any), followed by nothing or by parameters. Old
+/// devices' `MAIL FROM:addr` without brackets is read too. `None` where a
+/// server could read another sender (a quoted local part, text glued to
+/// the `>`), or for no MAIL at all.
+pub fn mail_sender(line: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(line).ok()?;
     let rest = text
         .get(..10)
         .filter(|p| p.eq_ignore_ascii_case("MAIL FROM:"))
-        .map(|_| &text[10..])?;
-    let rest = rest.trim_start();
-    let addr = match rest.strip_prefix('<') {
-        Some(r) => r.split('>').next()?,
-        None => rest.split(' ').next()?,
+        .map(|_| text[10..].trim_start_matches(' '))?;
+    let (path, after) = match rest.strip_prefix('<') {
+        Some(r) => r.split_once('>')?,
+        None => rest.split_at(rest.find(' ').unwrap_or(rest.len())),
     };
-    Some(addr.to_lowercase())
+    if !(after.is_empty() || after.starts_with(' ')) {
+        return None;
+    }
+    let address = match path.split_once(':') {
+        Some((route, address)) if route.starts_with('@') => address,
+        _ => path,
+    };
+    if !address.is_empty() {
+        crate::mailbox::Mailbox::parse(address).ok()?;
+    }
+    Some(address.to_lowercase())
 }
 
 /// The path and parameters of `MAIL FROM:<path> params` (`prefix` is
@@ -321,6 +335,37 @@ pub fn replay(line: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sender_is_read_as_a_server_reads_it() {
+        let read = |l: &str| mail_sender(l.as_bytes());
+        assert_eq!(
+            read("MAIL FROM:<Scan@X.test> SIZE=9").as_deref(),
+            Some("scan@x.test")
+        );
+        assert_eq!(
+            read("mail from: <scan@x.test>").as_deref(),
+            Some("scan@x.test")
+        );
+        assert_eq!(
+            read("MAIL FROM:scan@x.test SIZE=9").as_deref(),
+            Some("scan@x.test")
+        );
+        assert_eq!(
+            read("MAIL FROM:<@relay.test:scan@x.test>").as_deref(),
+            Some("scan@x.test")
+        );
+        assert_eq!(read("MAIL FROM:<>").as_deref(), Some(""));
+        for hostile in [
+            "MAIL FROM:<\"scan@x.test>\"@evil.test>",
+            "MAIL FROM:<scan@x.test>\"@evil.test>",
+            "MAIL FROM:<scan@x.test",
+            "MAIL FROM:\"scan@x.test\"@evil.test",
+            "RCPT TO:<scan@x.test>",
+        ] {
+            assert_eq!(read(hostile), None, "{hostile}");
+        }
+    }
 
     #[test]
     fn only_a_plain_mailbox_matches_a_sender_list() {

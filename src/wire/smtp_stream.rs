@@ -27,9 +27,8 @@
 //! [`Replies`] counts the upstream's complete replies, so that a local
 //! reply is written in its turn among them.
 
-use crate::mailbox::Mailbox;
 use crate::wire::message::{DataReader, DataWriter};
-use crate::wire::smtp::{parse_command, parse_path, sender_allowed, Command, Reply};
+use crate::wire::smtp::{mail_sender, parse_command, sender_allowed, Command, Reply};
 
 /// The longest command line after login (RFC 5321's 512, and room for
 /// extensions' parameters).
@@ -201,7 +200,7 @@ impl Tracker {
         }
         match parse_command(line) {
             Command::Mail => {
-                let Some(sender) = plain_sender(line) else {
+                let Some(sender) = mail_sender(line) else {
                     return refuse(Reply::BadSender);
                 };
                 if sender.is_empty() || !sender_allowed(&self.senders.allowed, &sender) {
@@ -247,22 +246,6 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
         return None;
     }
     size.parse().ok()
-}
-
-/// The sender of `MAIL FROM:<path> params`, lower-cased, when a server
-/// reads the same one: empty for the null sender, else a mailbox (after a
-/// source route, if any), and after the `>` nothing or parameters.
-fn plain_sender(line: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(line).ok()?;
-    let (address, _) = parse_path(line, "MAIL FROM:")?;
-    let close = text.find('>')?;
-    if !matches!(text.as_bytes().get(close + 1), None | Some(b' ')) {
-        return None;
-    }
-    if !address.is_empty() {
-        Mailbox::parse(&address).ok()?;
-    }
-    Some(address.to_lowercase())
 }
 
 /// Counts the upstream's complete replies (multi-line ones once), keeping
