@@ -52,7 +52,8 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
     let mut bound = Vec::new();
     let mut endpoints = Vec::new();
     for (i, l) in app.config.listeners.iter().enumerate() {
-        let listener = Listener::new(l).map_err(|e| StartError(format!("listener[{i}]: {e}")))?;
+        let mut listener = Listener::new(l, &app.config.state_dir, &app.hostname)
+            .map_err(|e| StartError(format!("listener[{i}]: {e}")))?;
         let socket = TcpListener::bind(l.listen).await.map_err(|e| {
             StartError(format!(
                 "listener[{i}].listen: cannot bind {}: {e}",
@@ -60,10 +61,14 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
             ))
         })?;
         let local = socket.local_addr().map_err(|e| StartError(e.to_string()))?;
+        listener.address = local;
         if l.tls == TlsMode::None && l.allow_plaintext_auth && !local.ip().is_loopback() {
             warn!(listener = i, address = %local, "passwords are accepted without TLS on a non-loopback address");
         }
-        info!(listener = i, protocol = %l.protocol, address = %local, tls = ?l.tls, "listening");
+        info!(listener = i, protocol = %l.protocol, address = %local, tls = ?l.tls, tls_min_version = %l.min_tls(), "listening");
+        if l.legacy_tls() {
+            warn!(listener = i, address = %local, tls_min_version = %l.min_tls(), "accepting TLS older than 1.2 from devices: keep this listener on a network you trust");
+        }
         endpoints.push(autodiscover::Endpoint {
             protocol: l.protocol,
             tls: l.tls,
@@ -362,7 +367,14 @@ async fn accept_loop(ctx: Ctx, socket: TcpListener, sessions: TaskTracker) {
             },
         };
         let _ = tcp.set_nodelay(true);
-        let span = info_span!("session", protocol = %ctx.listener.protocol, peer = %peer, client = tracing::field::Empty);
+        let span = info_span!(
+            "session",
+            protocol = %ctx.listener.protocol,
+            peer = %peer,
+            client = tracing::field::Empty,
+            tls_version = tracing::field::Empty,
+            tls_cipher = tracing::field::Empty
+        );
         sessions.spawn(session(ctx.clone(), tcp, peer, balancer).instrument(span));
     }
 }
@@ -416,7 +428,10 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Optio
             .tls_acceptor()
             .expect("implicit TLS has an acceptor");
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-            Ok(Ok(s)) => Stream::Server(Box::new(s)),
+            Ok(Ok((s, info))) => {
+                ctx.listener.tls_established(&info);
+                s
+            }
             Ok(Err(e)) => {
                 info!(error = %e, outcome = "tls_failed", "session ended");
                 crate::metrics::session_ended(protocol, "tls_failed", 0, 0);
