@@ -92,7 +92,7 @@ fn make(state_dir: &Path, hostname: &str) -> Result<(), String> {
 
 fn create_private_dir(dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::DirBuilderExt;
-    match fs::DirBuilder::new().mode(0o700).create(dir) {
+    match fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(format!("{}: {e}", dir.display())),
@@ -173,6 +173,15 @@ mod tests {
         assert_eq!(folder, 0o700);
         let cert = X509::from_pem(&first.chain).unwrap();
         assert_eq!(cert.public_key().unwrap().bits(), RSA_BITS);
+    }
+
+    #[test]
+    fn a_state_dir_not_made_yet_is_made_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        load_or_make(&state, "gw").unwrap();
+        let mode = fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]
