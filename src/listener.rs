@@ -194,3 +194,39 @@ impl Listener {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(toml: &str) -> ListenerConfig {
+        toml::from_str(toml).unwrap()
+    }
+
+    /// The self-signed certificate survives a restart (a new `Listener`)
+    /// and is re-read on reload, so replacing its files changes it.
+    #[test]
+    fn a_self_signed_listener_keeps_its_certificate_and_reload_reads_it_again() {
+        let state = tempfile::tempdir().unwrap();
+        let l = config("protocol = \"smtp\"\nlisten = \"127.0.0.1:0\"\ntls = \"implicit\"\ntls_min_version = \"1.0\"\n");
+        let first = Listener::new(&l, state.path(), "gw").unwrap();
+        assert!(first.self_signed());
+        let fingerprint = first.fingerprint().expect("a fingerprint");
+        let again = Listener::new(&l, state.path(), "gw").unwrap();
+        assert_eq!(again.fingerprint().as_deref(), Some(fingerprint.as_str()));
+        // An operator replaces the pair: reload takes the new one.
+        let other = tempfile::tempdir().unwrap();
+        self_signed::load_or_make(other.path(), "gw").unwrap();
+        let (cert, key) = self_signed::paths(state.path());
+        let (new_cert, new_key) = self_signed::paths(other.path());
+        std::fs::copy(&new_cert, &cert).unwrap();
+        std::fs::copy(&new_key, &key).unwrap();
+        again.reload_tls().unwrap();
+        let changed = again.fingerprint().unwrap();
+        assert_ne!(changed, fingerprint);
+        // A broken file leaves the running certificate in place.
+        std::fs::write(&cert, b"not a certificate").unwrap();
+        assert!(again.reload_tls().is_err());
+        assert_eq!(again.fingerprint(), Some(changed));
+    }
+}
