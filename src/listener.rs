@@ -104,7 +104,7 @@ impl Listener {
             max_connections: config.max_connections,
             slots: Arc::new(Semaphore::new(config.max_connections)),
         };
-        listener.reload_tls()?;
+        listener.load_tls(true)?;
         Ok(listener)
     }
 
@@ -164,32 +164,50 @@ impl Listener {
         )
     }
 
-    /// Read the certificate and key (again). On any error the old ones
-    /// stay. The self-signed pair is made on the first call only; later
-    /// calls read it back like files (an operator may replace it).
+    /// Read the certificate and key again (SIGHUP). On any error the old
+    /// ones stay. A self-signed pair is read back like files (an operator
+    /// may replace it), never made here: its files gone is an error.
     pub fn reload_tls(&self) -> Result<(), String> {
+        self.load_tls(false)
+    }
+
+    /// Build the acceptor from the certificate; `make`: the self-signed
+    /// pair may be made first (at start).
+    fn load_tls(&self, make: bool) -> Result<(), String> {
         let (pem, origin) = match &self.cert_source {
             None => return Ok(()),
-            Some(CertSource::Files(cert, key)) => (self_signed::read(cert, key)?, cert.clone()),
+            Some(CertSource::Files(cert, key)) => {
+                (self_signed::read(cert, key)?, (cert.clone(), key.clone()))
+            }
             Some(CertSource::SelfSigned {
                 state_dir,
                 hostname,
             }) => {
-                let (pem, made) = self_signed::load_or_make(state_dir, hostname)?;
-                let fingerprint = self_signed::fingerprint(&pem.chain).unwrap_or_default();
-                let (path, _) = self_signed::paths(state_dir);
-                if made {
-                    tracing::info!(listener = %self.address, file = %path.display(), sha256 = %fingerprint, "made a self-signed certificate for devices");
+                let pem = if make {
+                    let (pem, made) = self_signed::load_or_make(state_dir, hostname)?;
+                    if made {
+                        tracing::warn!(listener = %self.address, sha256 = %self_signed::fingerprint(&pem.chain).unwrap_or_default(), "made a new self-signed certificate for devices: devices that pinned an earlier one must accept this one");
+                    }
+                    pem
                 } else {
-                    tracing::info!(listener = %self.address, file = %path.display(), sha256 = %fingerprint, "using the self-signed certificate for devices");
-                }
-                (pem, path)
+                    self_signed::load(state_dir)?
+                };
+                (pem, self_signed::paths(state_dir))
             }
         };
-        let acceptor = DeviceAcceptor::new(&pem, self.tls_settings)
-            .map_err(|e| format!("{}: {e}", origin.display()))?;
-        self.fingerprint
-            .store(Arc::new(self_signed::fingerprint(&pem.chain)));
+        let acceptor = DeviceAcceptor::new(&pem, self.tls_settings).map_err(|e| {
+            let file = if e.starts_with("key") {
+                &origin.1
+            } else {
+                &origin.0
+            };
+            format!("{}: {e}", file.display())
+        })?;
+        let fingerprint = self_signed::fingerprint(&pem.chain);
+        if self.self_signed() {
+            tracing::info!(listener = %self.address, file = %origin.0.display(), sha256 = %fingerprint.as_deref().unwrap_or(""), "using the self-signed certificate for devices");
+        }
+        self.fingerprint.store(Arc::new(fingerprint));
         self.tls_acceptor.store(Some(Arc::new(acceptor)));
         Ok(())
     }

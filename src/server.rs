@@ -153,7 +153,11 @@ async fn reloader(
     loop {
         reload.notified().await;
         notify_systemd(&[sd_notify::NotifyState::Reloading]);
-        let ok = reload_once(&app, &listeners, &path);
+        // Files are read (and Argon2 caches dropped) off the async workers.
+        let (app2, listeners2, path2) = (app.clone(), listeners.clone(), path.clone());
+        let ok = tokio::task::spawn_blocking(move || reload_once(&app2, &listeners2, &path2))
+            .await
+            .unwrap_or(false);
         crate::metrics::reloaded(ok);
         notify_systemd(&[sd_notify::NotifyState::Ready]);
     }

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::accounts::Identity;
 use crate::app::App;
@@ -462,7 +462,10 @@ impl Device {
             .conn
             .accept_tls(&acceptor, crate::net::tls::HANDSHAKE_TIMEOUT)
             .await
-            .map_err(|_| -> &'static str { "TLS handshake failed" })?;
+            .map_err(|e| -> &'static str {
+                info!(error = %e, "TLS handshake failed");
+                "TLS handshake failed"
+            })?;
         listener.tls_established(&info);
         if dropped > 0 {
             warn!(

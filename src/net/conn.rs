@@ -162,16 +162,23 @@ impl Conn {
         Ok(())
     }
 
-    /// Write all of `data` and flush, waiting at most `wait`.
+    /// Write all of `data` and flush, waiting at most `wait`. A write
+    /// that failed or timed out may have left part of a TLS record behind
+    /// (OpenSSL cannot take a different write after that): the connection
+    /// is closed then, and every later write fails at once.
     pub async fn send(&mut self, data: &[u8], wait: Duration) -> io::Result<()> {
         let fut = async {
             self.stream.write_all(data).await?;
             self.stream.flush().await
         };
-        match tokio::time::timeout(wait, fut).await {
+        let result = match tokio::time::timeout(wait, fut).await {
             Ok(r) => r,
             Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
+        };
+        if result.is_err() {
+            self.stream = Stream::Detached;
         }
+        result
     }
 
     /// STARTTLS from a device: anything buffered so far is dropped (it was

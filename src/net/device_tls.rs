@@ -51,6 +51,9 @@ AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA256:AES256-SHA256:AES128-SHA:AES25
 /// only ones old ECDHE clients know.
 const LEGACY_GROUPS: &str = "P-256:P-384:X25519";
 
+/// The smallest RSA key a legacy listener takes (what rustls takes).
+const MIN_RSA_BITS: u32 = 2048;
+
 /// Tickets a listener with `session_tickets = true` sends after a TLS 1.3
 /// handshake (rustls' and OpenSSL's default).
 const TICKETS: usize = 2;
@@ -163,7 +166,7 @@ fn modern(cert: &CertPem, settings: DeviceTlsSettings) -> Result<TlsAcceptor, St
     }
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut cert.key.as_slice())
         .map_err(|e| format!("key: bad PEM: {e}"))?
-        .ok_or("key: no private key found")?;
+        .ok_or("key: no private key found (an encrypted key must be decrypted first)")?;
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
@@ -186,7 +189,20 @@ fn legacy(cert: &CertPem, settings: DeviceTlsSettings) -> Result<SslAcceptor, St
         .map_err(|e| ssl_err("certificate: bad PEM", e))?
         .into_iter();
     let leaf = chain.next().ok_or("certificate: no certificate found")?;
-    let key = PKey::private_key_from_pem(&cert.key).map_err(|e| ssl_err("key: bad PEM", e))?;
+    // The key as rustls reads it (an encrypted key is "no private key",
+    // never a passphrase prompt on a terminal), then handed over as DER.
+    let der = rustls_pemfile::private_key(&mut cert.key.as_slice())
+        .map_err(|e| format!("key: bad PEM: {e}"))?
+        .ok_or("key: no private key found (an encrypted key must be decrypted first)")?;
+    let key =
+        PKey::private_key_from_der(der.secret_der()).map_err(|e| ssl_err("key: unusable", e))?;
+    // @SECLEVEL=0 would let OpenSSL take any key: keep rustls' floor.
+    if key.rsa().is_ok() && key.bits() < MIN_RSA_BITS {
+        return Err(format!(
+            "key: RSA {} bits; use at least {MIN_RSA_BITS}",
+            key.bits()
+        ));
+    }
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())
         .map_err(|e| ssl_err("OpenSSL", e))?;
     let oldest = match settings.min_version {
@@ -207,7 +223,10 @@ fn legacy(cert: &CertPem, settings: DeviceTlsSettings) -> Result<SslAcceptor, St
     b.set_options(
         SslOptions::CIPHER_SERVER_PREFERENCE
             | SslOptions::NO_COMPRESSION
-            | SslOptions::NO_RENEGOTIATION,
+            | SslOptions::NO_RENEGOTIATION
+            // No empty records before TLS 1.0 CBC data (the preset's BEAST
+            // counter-measure): some embedded stacks read one as the end.
+            | SslOptions::DONT_INSERT_EMPTY_FRAGMENTS,
     );
     if settings.session_tickets {
         b.set_num_tickets(TICKETS)
@@ -294,6 +313,42 @@ mod tests {
     }
 
     const OLD: &str = "AES128-SHA:@SECLEVEL=0";
+
+    #[test]
+    fn a_legacy_listener_refuses_a_short_rsa_key_and_an_encrypted_one() {
+        let settings = DeviceTlsSettings {
+            min_version: TlsVersion::V1_0,
+            session_tickets: false,
+        };
+        let key = PKey::from_rsa(openssl::rsa::Rsa::generate(1024).unwrap()).unwrap();
+        let mut b = X509::builder().unwrap();
+        b.set_pubkey(&key).unwrap();
+        let (from, to) = (
+            openssl::asn1::Asn1Time::days_from_now(0).unwrap(),
+            openssl::asn1::Asn1Time::days_from_now(1).unwrap(),
+        );
+        b.set_not_before(&from).unwrap();
+        b.set_not_after(&to).unwrap();
+        b.sign(&key, openssl::hash::MessageDigest::sha256())
+            .unwrap();
+        let short = CertPem {
+            chain: b.build().to_pem().unwrap(),
+            key: key.private_key_to_pem_pkcs8().unwrap(),
+        };
+        let err = DeviceAcceptor::new(&short, settings).err().unwrap();
+        assert_eq!(err, "key: RSA 1024 bits; use at least 2048");
+        let encrypted = CertPem {
+            chain: short.chain.clone(),
+            key: key
+                .private_key_to_pem_pkcs8_passphrase(
+                    openssl::symm::Cipher::aes_128_cbc(),
+                    b"secret",
+                )
+                .unwrap(),
+        };
+        let err = DeviceAcceptor::new(&encrypted, settings).err().unwrap();
+        assert!(err.starts_with("key: no private key found"), "{err}");
+    }
 
     #[tokio::test]
     async fn an_old_device_gets_tls_1_0_with_aes128_sha_on_a_legacy_listener_only() {

@@ -6,9 +6,11 @@
 //! Promises: an existing pair is always reused, never replaced; a broken
 //! or half-present pair is an error naming the file, not a new
 //! certificate (a device that pinned the old one would stop working
-//! without a word). A new pair is written to temporary files and renamed
-//! into place, key first, so a crash leaves no half-written certificate.
-//! The key file is 0600 in a 0700 directory.
+//! without a word). A new pair is written, synced, into a folder of its
+//! own, which is then renamed to `tls` in one step: a crash leaves either
+//! no pair or a whole one, and of two processes making one at once, the
+//! second takes the first's. The key file is 0600 in a 0700 folder; a
+//! folder or key others can read is warned about.
 
 use std::fs;
 use std::io::Write;
@@ -45,22 +47,55 @@ pub fn paths(state_dir: &Path) -> (PathBuf, PathBuf) {
 /// was made now.
 pub fn load_or_make(state_dir: &Path, hostname: &str) -> Result<(CertPem, bool), String> {
     let (cert_path, key_path) = paths(state_dir);
-    match (cert_path.exists(), key_path.exists()) {
-        (true, true) => Ok((read(&cert_path, &key_path)?, false)),
-        (false, false) => {
-            make(state_dir, hostname)?;
-            Ok((read(&cert_path, &key_path)?, true))
+    let made = match (present(&cert_path)?, present(&key_path)?) {
+        (true, true) => false,
+        (false, false) => make(state_dir, hostname)?,
+        (true, false) => return Err(half_pair(&key_path, &cert_path)),
+        (false, true) => return Err(half_pair(&cert_path, &key_path)),
+    };
+    warn_if_open(state_dir);
+    Ok((read(&cert_path, &key_path)?, made))
+}
+
+/// The pair as it is now, never made: for a reload.
+pub fn load(state_dir: &Path) -> Result<CertPem, String> {
+    let (cert_path, key_path) = paths(state_dir);
+    match (present(&cert_path)?, present(&key_path)?) {
+        (true, true) => read(&cert_path, &key_path),
+        (_, false) => Err(half_pair(&key_path, &cert_path)),
+        (false, true) => Err(half_pair(&cert_path, &key_path)),
+    }
+}
+
+fn half_pair(missing: &Path, beside: &Path) -> String {
+    format!(
+        "{}: missing beside {}; restore it, or remove both (and restart) to make a new certificate",
+        missing.display(),
+        beside.display()
+    )
+}
+
+/// Whether `path` is there; any error but "not found" is an error (a
+/// mount not there yet must not look like "make a new one").
+fn present(path: &Path) -> Result<bool, String> {
+    match fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Warn when others may read the key or plant a pair of their own.
+fn warn_if_open(state_dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let (_, key) = paths(state_dir);
+    for (path, mode_ok) in [(state_dir.join(DIR), 0o700), (key, 0o600)] {
+        if let Ok(meta) = fs::metadata(&path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & !mode_ok != 0 {
+                tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "others may read or change the self-signed certificate's files: chmod {mode_ok:o} it");
+            }
         }
-        (true, false) => Err(format!(
-            "{}: missing beside {}; restore it, or remove both to make a new certificate",
-            key_path.display(),
-            cert_path.display()
-        )),
-        (false, true) => Err(format!(
-            "{}: missing beside {}; restore it, or remove both to make a new certificate",
-            cert_path.display(),
-            key_path.display()
-        )),
     }
 }
 
@@ -80,14 +115,49 @@ pub fn fingerprint(pem: &[u8]) -> Option<String> {
     Some(hex.join(":"))
 }
 
-fn make(state_dir: &Path, hostname: &str) -> Result<(), String> {
-    let (cert_path, key_path) = paths(state_dir);
-    let dir = state_dir.join(DIR);
-    create_private_dir(&dir)?;
+/// Make a pair in a new folder beside `tls` and rename it to `tls`.
+/// `false` when another process got there first (its pair is used).
+fn make(state_dir: &Path, hostname: &str) -> Result<bool, String> {
+    create_private_dir(state_dir)?;
+    let target = state_dir.join(DIR);
+    // An empty `tls` (made by hand, or by an older version) is replaced.
+    let _ = fs::remove_dir(&target);
+    let staging = state_dir.join(format!(
+        ".{DIR}-new-{}-{:x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let result = stage(&staging, hostname).and_then(|()| {
+        match fs::rename(&staging, &target) {
+            Ok(()) => Ok(true),
+            // Another process published its pair first.
+            Err(e) if target.is_dir() && e.raw_os_error().is_some() => Ok(false),
+            Err(e) => Err(format!("{}: {e}", target.display())),
+        }
+    });
+    let _ = fs::remove_dir_all(&staging);
+    let made = result?;
+    sync_dir(state_dir)?;
+    Ok(made)
+}
+
+/// The key (0600) and certificate, synced, in a new 0700 folder.
+fn stage(staging: &Path, hostname: &str) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(staging)
+        .map_err(|e| format!("{}: {e}", staging.display()))?;
     let (cert, key) = generate(hostname).map_err(|e| format!("making a certificate: {e}"))?;
-    write_new(&key_path, &key, 0o600)?;
-    write_new(&cert_path, &cert, 0o644)?;
-    Ok(())
+    write_new(&staging.join(KEY_FILE), &key, 0o600)?;
+    write_new(&staging.join(CERT_FILE), &cert, 0o644)?;
+    sync_dir(staging)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), String> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), String> {
@@ -103,21 +173,25 @@ fn create_private_dir(dir: &Path) -> Result<(), String> {
     }
 }
 
-/// Write `data` to a temporary file beside `path`, sync it, rename it.
+/// Write `data` to a new file and sync it.
 fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let fail = |e: std::io::Error| format!("{}: {e}", tmp.display());
+    let fail = |e: std::io::Error| format!("{}: {e}", path.display());
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
-        .open(&tmp)
+        .open(path)
         .map_err(fail)?;
     f.write_all(data).map_err(fail)?;
-    f.sync_all().map_err(fail)?;
-    fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    f.sync_all().map_err(fail)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// A new self-signed certificate for `hostname` (and `localhost`), PEM.
@@ -137,7 +211,8 @@ fn generate(hostname: &str) -> Result<(Vec<u8>, Vec<u8>), openssl::error::ErrorS
     b.set_subject_name(&name)?;
     b.set_issuer_name(&name)?;
     b.set_pubkey(&key)?;
-    let not_before = Asn1Time::days_from_now(0)?;
+    // A day early: printers' clocks are often behind.
+    let not_before = Asn1Time::from_unix(unix_now() - 86_400)?;
     let not_after = Asn1Time::days_from_now(VALID_DAYS)?;
     b.set_not_before(&not_before)?;
     b.set_not_after(&not_after)?;
@@ -188,6 +263,41 @@ mod tests {
         assert_eq!(mode, 0o700);
     }
 
+    /// Several processes making the pair at once (replicas sharing a
+    /// `state_dir`) all end up with the one that was published.
+    #[test]
+    fn racing_makers_share_one_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().to_path_buf();
+        let makers: Vec<_> = (0..4)
+            .map(|_| {
+                let state = state.clone();
+                std::thread::spawn(move || load_or_make(&state, "gw").unwrap().0.chain)
+            })
+            .collect();
+        let chains: Vec<_> = makers.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(chains.windows(2).all(|w| w[0] == w[1]));
+        let left: Vec<_> = fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            [std::ffi::OsString::from(DIR)],
+            "staging folders left behind"
+        );
+        let (cert, key) = paths(&state);
+        let pem = read(&cert, &key).unwrap();
+        let acceptor = super::super::device_tls::DeviceAcceptor::new(
+            &pem,
+            super::super::device_tls::DeviceTlsSettings {
+                min_version: crate::config::TlsVersion::V1_0,
+                session_tickets: false,
+            },
+        );
+        assert!(acceptor.is_ok(), "the key matches the certificate");
+    }
+
     #[test]
     fn half_a_pair_is_an_error_not_a_new_certificate() {
         let dir = tempfile::tempdir().unwrap();
@@ -198,5 +308,6 @@ mod tests {
         let err = load_or_make(dir.path(), "gw").err().unwrap();
         assert!(err.contains("self-signed.key: missing"), "{err}");
         assert_eq!(fs::read(&cert).unwrap(), kept);
+        assert!(load(dir.path()).is_err());
     }
 }
