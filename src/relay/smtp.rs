@@ -23,6 +23,9 @@ use crate::wire::smtp::stream::{Next, Replies, Senders, Tracker};
 use crate::wire::smtp::Reply;
 use crate::wire::{self, Farewell as Goodbye};
 
+/// Why a session ended on a header too big to rewrite.
+const HEADER_TOO_BIG: &str = "message header too big";
+
 /// Device bytes read ahead of what the tracker has taken.
 const MAX_AHEAD: usize = 256 * 1024;
 
@@ -49,6 +52,7 @@ pub async fn relay(
         },
         relayed: Relayed::default(),
         device_done: false,
+        abort: false,
     };
     let mut from_upstream = vec![0u8; COPY_BUFFER];
     let mut out = Vec::with_capacity(COPY_BUFFER);
@@ -83,6 +87,12 @@ pub async fn relay(
                     }
                     s.held = Some(reply);
                 }
+                Next::Abort { consumed, reply } => {
+                    s.ahead.advance(consumed);
+                    warn!("message refused: its header is too big to rewrite its sender");
+                    s.held = Some(reply);
+                    s.abort = true;
+                }
                 Next::NeedMore | Next::AwaitReply => break,
             }
         }
@@ -91,6 +101,12 @@ pub async fn relay(
             s.held = None;
             if let Err(e) = s.send_device(&mut device, &bytes, idle).await {
                 return s.end(e);
+            }
+            if s.abort {
+                // The upstream's message is left unfinished: closing its
+                // connection makes it drop the message.
+                let _ = device.shutdown().await;
+                return s.end(HEADER_TOO_BIG);
             }
             continue;
         }
@@ -162,6 +178,8 @@ struct Session {
     farewell: Farewell,
     relayed: Relayed,
     device_done: bool,
+    /// The session ends once `held` is written (see [`Next::Abort`]).
+    abort: bool,
 }
 
 impl Session {
@@ -215,6 +233,7 @@ mod tests {
             allowed: vec!["scan@x.test".into()],
             relay: false,
             chunking: true,
+            rewrite: None,
         };
         let relay = tokio::spawn(relay(
             device,
