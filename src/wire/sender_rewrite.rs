@@ -50,8 +50,16 @@ pub fn rewrite_header(header: &[u8], mailbox: &str) -> Vec<u8> {
             lines.extend_from_slice(b">\r\n");
         }
     }
-    let at = first_from.unwrap_or(0);
-    let mut out = Vec::with_capacity(header.len() + lines.len());
+    // In the first From's place, else before the first field: never
+    // after a line that a reader would join it to (a stray folded line
+    // at the top, or a last line without its line end).
+    let at = first_from.unwrap_or_else(|| {
+        fields
+            .iter()
+            .position(|f| !matches!(f.first(), Some(b' ' | b'\t')))
+            .unwrap_or(fields.len())
+    });
+    let mut out = Vec::with_capacity(header.len() + lines.len() + 2);
     for (i, f) in fields.iter().enumerate() {
         if i == at {
             out.extend_from_slice(&lines);
@@ -60,7 +68,10 @@ pub fn rewrite_header(header: &[u8], mailbox: &str) -> Vec<u8> {
             out.extend_from_slice(f);
         }
     }
-    if fields.is_empty() || at >= fields.len() {
+    if at >= fields.len() {
+        if !out.is_empty() && !out.ends_with(b"\n") {
+            out.extend_from_slice(b"\r\n");
+        }
         out.extend_from_slice(&lines);
     }
     out.extend_from_slice(end);

@@ -49,6 +49,15 @@ fn no_from_at_all_gets_one_at_the_top_and_no_reply_to() {
 }
 
 #[test]
+fn a_stray_folded_line_at_the_top_is_never_joined_to_the_new_from() {
+    assert_eq!(
+        rw(" \x01stray\r\nSubject: s\r\n\r\n"),
+        " \x01stray\r\nFrom: <scans@contoso.com>\r\nSubject: s\r\n\r\n"
+    );
+    assert_eq!(rw(" stray"), " stray\r\nFrom: <scans@contoso.com>\r\n");
+}
+
+#[test]
 fn every_from_and_sender_field_goes_and_only_the_first_from_counts() {
     assert_eq!(
         rw("From: first@a.test\r\nSender: s@a.test\r\nfrom : second@b.test\r\nX: y\r\n\r\n"),
@@ -223,4 +232,68 @@ fn a_header_block_over_the_bound_is_refused_however_it_arrives() {
     // Just under the bound, it is rewritten.
     let fits = format!("X: {}\r\n\r\n", "a".repeat(MAX_HEADER_BYTES - 10));
     assert!(feed_all(&[fits.as_bytes()]).is_ok());
+}
+
+/// Hostile header blocks, made of the pieces a device could send, cut
+/// anywhere: the rewrite never panics, the result has exactly one From
+/// field (the mailbox, one well-formed field) and at most one Reply-To
+/// more than before, every line it wrote ends in CRLF, and everything
+/// after the header block is untouched.
+#[test]
+fn hostile_headers_always_give_one_well_formed_from() {
+    use rand::{Rng, SeedableRng};
+    let pieces: &[&[u8]] = &[
+        b"From: ",
+        b"from:",
+        b"FROM :",
+        b"Sender: x@y\r\n",
+        b"Reply-To: r@y\r\n",
+        b"\"",
+        b"\\",
+        b"<",
+        b">",
+        b"a@b.test",
+        b"=?UTF-8?B?QQ0KQmNjOiB4?=",
+        b"=?x?Q?=0D=0A?=",
+        b"grp:",
+        b";",
+        b",",
+        b"(comment",
+        b")",
+        b" ",
+        b"\t",
+        b"\r\n",
+        b"\n",
+        b"\r\n ",
+        b"\x00",
+        b"\x01",
+        b"\x7f",
+        b"\xc3\xa4",
+        b"\xff",
+        b"X: y",
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for _ in 0..3000 {
+        let mut head = Vec::new();
+        for _ in 0..rng.gen_range(0..40) {
+            head.extend_from_slice(pieces[rng.gen_range(0..pieces.len())]);
+        }
+        let mut message = head.clone();
+        message.extend_from_slice(b"\r\n\r\nBODY\x00\r\n");
+        let cut = rng.gen_range(0..=message.len());
+        let out = feed_all(&[&message[..cut], &message[cut..]]).unwrap();
+        let end = out.len() - b"BODY\x00\r\n".len();
+        assert!(out.ends_with(b"BODY\x00\r\n") || !out.windows(4).any(|w| w == b"BODY"));
+        let header = &out[..end.min(out.len())];
+        let (fields, _) = split_fields(header);
+        let froms: Vec<&&[u8]> = fields.iter().filter(|f| named(f, b"from")).collect();
+        assert_eq!(froms.len(), 1, "{:?}", String::from_utf8_lossy(&out));
+        let from = froms[0];
+        assert!(from.ends_with(b"<scans@contoso.com>\r\n"), "{from:?}");
+        assert!(
+            !from.iter().any(|&b| b < 0x20 && b != b'\r' && b != b'\n'),
+            "{from:?}"
+        );
+        assert!(!fields.iter().any(|f| named(f, b"sender")));
+    }
 }
