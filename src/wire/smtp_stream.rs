@@ -187,6 +187,10 @@ impl Tracker {
                     }
                     body = rewritten;
                 }
+                // Once the header block is out, the body passes uncopied.
+                if head.as_ref().is_some_and(|rw| !rw.in_head()) {
+                    *head = None;
+                }
                 writer.stuff(&body, out);
                 match end {
                     Some(consumed) => {
