@@ -34,7 +34,7 @@ fn fixed_sender_config(state: &std::path::Path) -> String {
 }
 
 /// The message the device sends: its own From, 8-bit text, lines that
-/// start with dots (stuffed on the wire in DATA), a bare-LF-free body.
+/// start with dots (stuffed on the wire in DATA).
 fn device_message(tag: &str) -> (String, String) {
     let head = format!(
         "From: {DEVICE}\r\nTo: {ALICE}\r\nSubject: {tag}\r\nMessage-ID: {}\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
@@ -51,6 +51,10 @@ fn expected(tag: &str) -> String {
     let head = head.replacen(&format!("From: {DEVICE}\r\n"), &rewritten_from(), 1);
     format!("{head}{body}")
 }
+
+/// A line with a bare LF the DATA message ends with: it arrives as CRLF,
+/// as for every message oxbridge reads in DATA.
+const BARE_LF: &str = "bare\nLF\r\n";
 
 fn dot_stuffed(text: &str) -> String {
     text.replace("\r\n.", "\r\n..")
@@ -79,7 +83,7 @@ fn send_both(port: u16, from_relay: bool, data_tag: &str, bdat_tag: &str) {
     let mail = c.reply();
     assert!(mail.starts_with("250 "), "{mail}");
     c.rcpt_data(ALICE);
-    c.write(dot_stuffed(&format!("{head}{body}")).as_bytes());
+    c.write(dot_stuffed(&format!("{head}{body}{BARE_LF}")).as_bytes());
     c.write(b".\r\n");
     let sent = c.reply();
     assert!(sent.starts_with("250 "), "{sent}");
@@ -104,16 +108,19 @@ fn send_both(port: u16, from_relay: bool, data_tag: &str, bdat_tag: &str) {
     assert!(c.reply().starts_with("221 "));
 }
 
-/// The delivered copy: sent as alice (Return-Path), with exactly the
-/// rewritten header and the device's body.
-fn assert_sent_as_alice(tag: &str) {
-    let delivered = fetch_from_dovecot(ALICE, &message_id(tag));
-    let text = String::from_utf8_lossy(&delivered);
-    assert!(
-        text.starts_with(&format!("Return-Path: <{ALICE}>\r\n")),
-        "{text}"
-    );
-    assert_delivered_intact(&delivered, expected(tag).as_bytes());
+/// The delivered copies of [`send_both`]'s two messages: sent as alice
+/// (Return-Path), with exactly the rewritten header and the device's body.
+fn assert_sent_as_alice(data_tag: &str, bdat_tag: &str) {
+    for (tag, tail) in [(data_tag, "bare\r\nLF\r\n"), (bdat_tag, "")] {
+        let delivered = fetch_from_dovecot(ALICE, &message_id(tag));
+        let text = String::from_utf8_lossy(&delivered);
+        assert!(
+            text.starts_with(&format!("Return-Path: <{ALICE}>\r\n")),
+            "{text}"
+        );
+        let want = format!("{}{tail}", expected(tag));
+        assert_delivered_intact(&delivered, want.as_bytes());
+    }
 }
 
 #[test]
@@ -143,23 +150,27 @@ fn rewrite_sender_sends_a_fixed_sender_as_the_mailbox_live_and_spooled() {
         .collect();
     send_both(proxy.port(0), false, &tags[0], &tags[1]);
     send_both(proxy.port(1), false, &tags[2], &tags[3]);
-    for tag in &tags {
-        assert_sent_as_alice(tag);
-    }
+    assert_sent_as_alice(&tags[0], &tags[1]);
+    assert_sent_as_alice(&tags[2], &tags[3]);
 }
 
 #[test]
 fn rewrite_sender_applies_to_a_relay_rules_account() {
     let state = tempfile::tempdir().unwrap();
     let proxy = Proxy::start(&fixed_sender_config(state.path()));
-    let tags: Vec<String> = ["relay-data", "relay-bdat"]
-        .iter()
-        .map(|t| unique(&format!("rewrite-{t}")))
-        .collect();
+    let tags: Vec<String> = [
+        "relay-data",
+        "relay-bdat",
+        "relay-spool-data",
+        "relay-spool-bdat",
+    ]
+    .iter()
+    .map(|t| unique(&format!("rewrite-{t}")))
+    .collect();
     send_both(proxy.port(0), true, &tags[0], &tags[1]);
-    for tag in &tags {
-        assert_sent_as_alice(tag);
-    }
+    send_both(proxy.port(1), true, &tags[2], &tags[3]);
+    assert_sent_as_alice(&tags[0], &tags[1]);
+    assert_sent_as_alice(&tags[2], &tags[3]);
     // The rule's allowed_senders still reads the device's own sender.
     let mut c = Raw::connect_from(proxy.port(0), "127.0.0.2");
     c.reply();
