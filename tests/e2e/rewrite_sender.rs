@@ -34,10 +34,10 @@ fn fixed_sender_config(state: &std::path::Path) -> String {
 }
 
 /// The message the device sends: its own From, 8-bit text, lines that
-/// start with dots (stuffed on the wire in DATA).
+/// start with dots (stuffed on the wire in DATA), a raw UTF-8 header line.
 fn device_message(tag: &str) -> (String, String) {
     let head = format!(
-        "From: {DEVICE}\r\nTo: {ALICE}\r\nSubject: {tag}\r\nMessage-ID: {}\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
+        "From: {DEVICE}\r\nTo: {ALICE}\r\nSubject: {tag}\r\nMessage-ID: {}\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\nX-Device: Drucker 3. Stock – Küche\r\n\r\n",
         message_id(tag)
     );
     let body = "Grüße vom Drucker, 日本語.\r\n.a dot line\r\n..two dots\r\nend\r\n".to_string();
