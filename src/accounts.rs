@@ -110,7 +110,7 @@ impl Identity {
     /// the senders `allowed` (empty: any) and, with `rewrite_sender`, the
     /// mailbox every message is sent as; `None` when neither applies.
     pub fn senders(&self, allowed: Vec<String>, relay: bool) -> Option<Senders> {
-        let rewrite = self.rewrite_sender.then(|| self.mailbox.to_string());
+        let rewrite = self.rewrite_sender.then(|| self.mailbox.clone());
         (!allowed.is_empty() || rewrite.is_some()).then_some(Senders {
             allowed,
             relay,

@@ -11,6 +11,7 @@
 
 use tracing::warn;
 
+use crate::mailbox::Mailbox;
 use crate::wire::smtp::{self as wire, parse_command, parse_path, Command, Reply};
 use crate::wire::Farewell;
 
@@ -126,7 +127,7 @@ pub struct Intake {
     last_chunk: bool,
     chunk_size: u64,
     /// `rewrite_sender`: the mailbox every message is sent as.
-    rewrite: Option<String>,
+    rewrite: Option<Mailbox>,
 }
 
 impl Intake {
@@ -154,7 +155,7 @@ impl Intake {
 
     /// `rewrite_sender`: every message is stored with `mailbox` as its
     /// sender (once the device's own has passed `allowed_senders`).
-    pub fn rewrite_sender(&mut self, mailbox: String) {
+    pub fn rewrite_sender(&mut self, mailbox: Mailbox) {
         self.rewrite = Some(mailbox);
     }
 
@@ -269,7 +270,7 @@ impl Intake {
             return Step::read(Reply::SenderNotAllowedForLogin);
         }
         self.tx = Some(Transaction {
-            sender: self.rewrite.clone().unwrap_or(sender),
+            sender: self.rewrite.as_ref().map_or(sender, |m| m.to_string()),
             params: kept,
             ..Default::default()
         });

@@ -342,7 +342,7 @@ const HEADER_TOO_BIG: &str = "552 5.3.4 Message header too big to rewrite its se
 #[test]
 fn rewrite_sender_stores_the_mailbox_after_the_allowed_check() {
     let mut i = intake();
-    i.rewrite_sender("scans@contoso.com".into());
+    i.rewrite_sender(Mailbox::parse("scans@contoso.com").unwrap());
     assert_eq!(
         line(&mut i, "MAIL FROM:<boss@x.test>"),
         pair(
@@ -366,7 +366,7 @@ fn rewrite_sender_stores_the_mailbox_after_the_allowed_check() {
 #[test]
 fn rewrite_sender_refuses_a_header_block_too_big_and_stores_nothing() {
     let mut i = intake();
-    i.rewrite_sender("scans@contoso.com".into());
+    i.rewrite_sender(Mailbox::parse("scans@contoso.com").unwrap());
     line(&mut i, "MAIL FROM:<scan@contoso.test>");
     line(&mut i, "RCPT TO:<a@b.test>");
     line(&mut i, "DATA");

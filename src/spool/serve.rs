@@ -182,10 +182,7 @@ pub async fn serve(
         timeout,
     } = setup;
     let mut intake = Intake::new(host, keywords, rules);
-    let rewrite = device
-        .id
-        .rewrite_sender
-        .then(|| device.id.mailbox.to_string());
+    let rewrite = device.id.rewrite_sender.then(|| device.id.mailbox.clone());
     if let Some(mailbox) = &rewrite {
         intake.rewrite_sender(mailbox.clone());
     }

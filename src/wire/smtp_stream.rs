@@ -35,6 +35,7 @@
 //! [`Replies`] counts the upstream's complete replies, so that a local
 //! reply is written in its turn among them.
 
+use crate::mailbox::Mailbox;
 use crate::wire::message::{DataReader, DataWriter};
 use crate::wire::sender_rewrite::Rewriter;
 use crate::wire::smtp::{mail_sender, parse_command, sender_allowed, Command, Reply};
@@ -56,7 +57,7 @@ pub struct Senders {
     pub chunking: bool,
     /// `rewrite_sender`: every MAIL FROM and every message's `From:`
     /// become this mailbox (after the check against `allowed`).
-    pub rewrite: Option<String>,
+    pub rewrite: Option<Mailbox>,
 }
 
 /// What the device's next bytes are.

@@ -11,7 +11,7 @@ fn tracker(allowed: &[&str]) -> Tracker {
         allowed: allowed.iter().map(|a| a.to_string()).collect(),
         relay: false,
         chunking: true,
-        rewrite: Some(MAILBOX.into()),
+        rewrite: Some(Mailbox::parse(MAILBOX).unwrap()),
     })
 }
 
