@@ -305,4 +305,55 @@ mod tests {
         let r = tokio::time::timeout(WAIT, relay).await.unwrap().unwrap();
         assert_eq!(r.end, UPSTREAM_LOST);
     }
+
+    /// rewrite_sender: a header block over the bound is answered 552 once
+    /// the device has ended its message; none of it reaches the upstream,
+    /// whose unfinished message the closed connection drops.
+    #[tokio::test]
+    async fn a_header_too_big_to_rewrite_ends_the_session_after_552() {
+        let (device, mut device_peer) = pair().await;
+        let (upstream, upstream_peer) = pair().await;
+        let senders = Senders {
+            allowed: vec![],
+            relay: false,
+            chunking: true,
+            rewrite: Some(crate::mailbox::Mailbox::parse("scans@x.test").unwrap()),
+        };
+        let relay = tokio::spawn(relay(
+            device,
+            upstream,
+            WAIT,
+            CancellationToken::new(),
+            senders,
+        ));
+        device_peer.write_all(b"DATA\r\n").await.unwrap();
+        let (up_r, mut up_w) = tokio::io::split(upstream_peer);
+        let mut up = BufReader::new(up_r);
+        let mut line = String::new();
+        up.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "DATA\r\n");
+        up_w.write_all(b"354 go\r\n").await.unwrap();
+        let mut go = [0u8; 8];
+        device_peer.read_exact(&mut go).await.unwrap();
+        assert_eq!(&go, b"354 go\r\n");
+        let message = format!("X: {}\r\n\r\nbody\r\n.\r\n", "a".repeat(70_000));
+        device_peer.write_all(message.as_bytes()).await.unwrap();
+        let mut after = Vec::new();
+        tokio::time::timeout(WAIT, device_peer.read_to_end(&mut after))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&after),
+            "552 5.3.4 Message header too big to rewrite its sender\r\n"
+        );
+        let mut upstream_saw = Vec::new();
+        tokio::time::timeout(WAIT, up.read_to_end(&mut upstream_saw))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(upstream_saw.is_empty(), "{upstream_saw:?}");
+        let r = tokio::time::timeout(WAIT, relay).await.unwrap().unwrap();
+        assert_eq!(r.end, HEADER_TOO_BIG);
+    }
 }
