@@ -5,7 +5,10 @@
 //! device gets `550 5.7.1` for it in its turn among the upstream's
 //! replies. One task reads both sides, so that a local reply is written
 //! only once the upstream has answered everything sent before it.
-//! Sessions without restrictions use the plain byte relay.
+//! An account with `rewrite_sender` goes through it too: its MAIL FROM
+//! and each message's header block are rewritten to its mailbox, and a
+//! header block too big for that ends the session after `552 5.3.4`.
+//! Sessions without either use the plain byte relay.
 
 use std::time::Duration;
 
