@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 use crate::config::{AccountConfig, Grant, SendVia};
 use crate::error::AuthError;
 use crate::mailbox::Mailbox;
+use crate::wire::smtp::stream::Senders;
 
 /// Argon2 checks running at once; more wait, so logins cannot exhaust the CPU.
 pub const MAX_CONCURRENT_VERIFIES: usize = 4;
@@ -43,6 +44,8 @@ struct Account {
     allowed_senders: Vec<String>,
     /// SMTP mail leaves through Microsoft Graph.
     graph: bool,
+    /// MAIL FROM and `From:` become the mailbox (`rewrite_sender`).
+    rewrite_sender: bool,
 }
 
 impl Account {
@@ -98,6 +101,24 @@ pub struct Identity {
     pub password: Option<SecretString>,
     /// SMTP mail of this account leaves through Microsoft Graph.
     pub graph: bool,
+    /// Its messages are sent as its mailbox (`rewrite_sender`).
+    pub rewrite_sender: bool,
+}
+
+impl Identity {
+    /// What a relayed SMTP session of this login checks and rewrites:
+    /// the senders `allowed` (empty: any) and, with `rewrite_sender`, the
+    /// mailbox every message is sent as; `None` when neither applies.
+    pub fn senders(&self, allowed: Vec<String>, relay: bool) -> Option<Senders> {
+        let rewrite = self.rewrite_sender.then(|| self.mailbox.clone());
+        (!allowed.is_empty() || rewrite.is_some()).then_some(Senders {
+            allowed,
+            relay,
+            // Set from the upstream's EHLO once logged in.
+            chunking: true,
+            rewrite,
+        })
+    }
 }
 
 /// What the status page shows of an account: nothing secret.
@@ -170,6 +191,7 @@ impl Accounts {
                     (None, Grant::ClientCredentials) => default_send == SendVia::Graph,
                     (None, _) => false,
                 },
+                rewrite_sender: c.rewrite_sender,
             });
         }
         let dummy = SecretString::from("oxbridge-dummy-password".to_string());
@@ -234,6 +256,7 @@ impl Accounts {
                     grant: a.grant,
                     password: Some(password),
                     graph: a.graph,
+                    rewrite_sender: a.rewrite_sender,
                 });
             }
             Some((a, _)) if shared_ok => a
@@ -268,6 +291,7 @@ impl Accounts {
                 grant: a.grant,
                 password: None,
                 graph: a.graph,
+                rewrite_sender: a.rewrite_sender,
             }),
             Some(_) => Err(AuthError::BadCredentials("wrong password")),
             None if Mailbox::parse(&login).is_err() => {
@@ -378,6 +402,7 @@ impl Accounts {
                 grant: a.grant,
                 password: None,
                 graph: a.graph,
+                rewrite_sender: a.rewrite_sender,
             }),
             _ => Err(AuthError::BadCredentials(
                 "relay account missing or with grant = password",
@@ -428,6 +453,7 @@ impl Accounts {
                     grant: a.grant,
                     password: None,
                     graph: a.graph,
+                    rewrite_sender: a.rewrite_sender,
                 };
                 (id, mailbox.in_domain(domain))
             }

@@ -16,6 +16,7 @@ fn account(
         allow_shared: Vec::new(),
         allowed_senders: Vec::new(),
         send: None,
+        rewrite_sender: false,
     }
 }
 

@@ -103,6 +103,7 @@ async fn rotating_users_of_a_pattern_account_share_its_counter() {
         allow_shared: Vec::new(),
         allowed_senders: Vec::new(),
         send: None,
+        rewrite_sender: false,
     };
     let accounts = crate::accounts::Accounts::new(
         SendVia::Smtp,

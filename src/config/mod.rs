@@ -314,6 +314,10 @@ pub struct AccountConfig {
     /// empty: any, and the upstream decides.
     #[serde(default)]
     pub allowed_senders: Vec<String>,
+    /// Devices with a fixed sender: MAIL FROM and the `From:` header
+    /// become the mailbox, the device's address goes to `Reply-To:`.
+    #[serde(default)]
+    pub rewrite_sender: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -340,7 +340,7 @@ pub async fn drive(
                     Ok(done) => {
                         // Read after the login, for the account it found.
                         senders = match protocol {
-                            Protocol::Smtp => allowed_senders(app, peer, relay, &done.id.account),
+                            Protocol::Smtp => allowed_senders(app, peer, relay, &done.id),
                             _ => None,
                         };
                         let step = session.on(Input::LoggedIn {
@@ -406,19 +406,14 @@ fn takes_itself(app: &App, protocol: Protocol, spooling: bool, request: &Login) 
         }
 }
 
-/// The senders a session listener's SMTP login may use: its account's
-/// `allowed_senders`, or its `[[relay]]` rule's; `None` when any will do.
-fn allowed_senders(app: &App, peer: SocketAddr, relay: bool, account: &str) -> Option<Senders> {
+/// The senders a session listener's SMTP login may use (its account's or
+/// `[[relay]]` rule's) and its `rewrite_sender`; `None`: any, as it is.
+fn allowed_senders(app: &App, peer: SocketAddr, relay: bool, id: &Identity) -> Option<Senders> {
     let allowed = match relay {
-        false => app.accounts().allowed_senders(account),
+        false => app.accounts().allowed_senders(&id.account),
         true => app.relay_rule(peer.ip())?.allowed_senders,
     };
-    (!allowed.is_empty()).then_some(Senders {
-        allowed,
-        relay,
-        // Set from the upstream's EHLO once logged in.
-        chunking: true,
-    })
+    id.senders(allowed, relay)
 }
 
 /// The device's connection and the bounds on what it sends.

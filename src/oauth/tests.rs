@@ -359,6 +359,7 @@ fn identity(grant: Grant, login: &str, password: Option<&str>) -> Identity {
         grant,
         password: password.map(|p| SecretString::from(p.to_string())),
         graph: false,
+        rewrite_sender: false,
     }
 }
 

@@ -5,7 +5,10 @@
 //! device gets `550 5.7.1` for it in its turn among the upstream's
 //! replies. One task reads both sides, so that a local reply is written
 //! only once the upstream has answered everything sent before it.
-//! Sessions without restrictions use the plain byte relay.
+//! An account with `rewrite_sender` goes through it too: its MAIL FROM
+//! and each message's header block are rewritten to its mailbox, and a
+//! header block too big for that ends the session after `552 5.3.4`.
+//! Sessions without either use the plain byte relay.
 
 use std::time::Duration;
 
@@ -22,6 +25,9 @@ use crate::net::Conn;
 use crate::wire::smtp::stream::{Next, Replies, Senders, Tracker};
 use crate::wire::smtp::Reply;
 use crate::wire::{self, Farewell as Goodbye};
+
+/// Why a session ended on a header too big to rewrite.
+const HEADER_TOO_BIG: &str = "message header too big";
 
 /// Device bytes read ahead of what the tracker has taken.
 const MAX_AHEAD: usize = 256 * 1024;
@@ -49,6 +55,7 @@ pub async fn relay(
         },
         relayed: Relayed::default(),
         device_done: false,
+        abort: false,
     };
     let mut from_upstream = vec![0u8; COPY_BUFFER];
     let mut out = Vec::with_capacity(COPY_BUFFER);
@@ -83,6 +90,12 @@ pub async fn relay(
                     }
                     s.held = Some(reply);
                 }
+                Next::Abort { consumed, reply } => {
+                    s.ahead.advance(consumed);
+                    warn!("message refused: its header is too big to rewrite its sender");
+                    s.held = Some(reply);
+                    s.abort = true;
+                }
                 Next::NeedMore | Next::AwaitReply => break,
             }
         }
@@ -91,6 +104,12 @@ pub async fn relay(
             s.held = None;
             if let Err(e) = s.send_device(&mut device, &bytes, idle).await {
                 return s.end(e);
+            }
+            if s.abort {
+                // The upstream's message is left unfinished: closing its
+                // connection makes it drop the message.
+                let _ = device.shutdown().await;
+                return s.end(HEADER_TOO_BIG);
             }
             continue;
         }
@@ -162,6 +181,8 @@ struct Session {
     farewell: Farewell,
     relayed: Relayed,
     device_done: bool,
+    /// The session ends once `held` is written (see [`Next::Abort`]).
+    abort: bool,
 }
 
 impl Session {
@@ -215,6 +236,7 @@ mod tests {
             allowed: vec!["scan@x.test".into()],
             relay: false,
             chunking: true,
+            rewrite: None,
         };
         let relay = tokio::spawn(relay(
             device,
@@ -285,5 +307,56 @@ mod tests {
         device_peer.shutdown().await.unwrap();
         let r = tokio::time::timeout(WAIT, relay).await.unwrap().unwrap();
         assert_eq!(r.end, UPSTREAM_LOST);
+    }
+
+    /// rewrite_sender: a header block over the bound is answered 552 once
+    /// the device has ended its message; none of it reaches the upstream,
+    /// whose unfinished message the closed connection drops.
+    #[tokio::test]
+    async fn a_header_too_big_to_rewrite_ends_the_session_after_552() {
+        let (device, mut device_peer) = pair().await;
+        let (upstream, upstream_peer) = pair().await;
+        let senders = Senders {
+            allowed: vec![],
+            relay: false,
+            chunking: true,
+            rewrite: Some(crate::mailbox::Mailbox::parse("scans@x.test").unwrap()),
+        };
+        let relay = tokio::spawn(relay(
+            device,
+            upstream,
+            WAIT,
+            CancellationToken::new(),
+            senders,
+        ));
+        device_peer.write_all(b"DATA\r\n").await.unwrap();
+        let (up_r, mut up_w) = tokio::io::split(upstream_peer);
+        let mut up = BufReader::new(up_r);
+        let mut line = String::new();
+        up.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "DATA\r\n");
+        up_w.write_all(b"354 go\r\n").await.unwrap();
+        let mut go = [0u8; 8];
+        device_peer.read_exact(&mut go).await.unwrap();
+        assert_eq!(&go, b"354 go\r\n");
+        let message = format!("X: {}\r\n\r\nbody\r\n.\r\n", "a".repeat(70_000));
+        device_peer.write_all(message.as_bytes()).await.unwrap();
+        let mut after = Vec::new();
+        tokio::time::timeout(WAIT, device_peer.read_to_end(&mut after))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&after),
+            "552 5.3.4 Message header too big to rewrite its sender\r\n"
+        );
+        let mut upstream_saw = Vec::new();
+        tokio::time::timeout(WAIT, up.read_to_end(&mut upstream_saw))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(upstream_saw.is_empty(), "{upstream_saw:?}");
+        let r = tokio::time::timeout(WAIT, relay).await.unwrap().unwrap();
+        assert_eq!(r.end, HEADER_TOO_BIG);
     }
 }

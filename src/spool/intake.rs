@@ -2,12 +2,16 @@
 //! answers MAIL, RCPT, DATA and BDAT itself and says `250` only once the
 //! message is in the queue. What it can decide alone is refused at once:
 //! a sender the login may not use, too many recipients, a message too big.
+//! With `rewrite_sender`, a message is stored with the account's mailbox
+//! as its sender (its header block is rewritten as it is read, in
+//! `serve.rs`); one whose header block is too big for that is refused.
 //!
 //! [`Intake`] is the state machine, tested byte for byte without a
 //! socket; `serve.rs` drives it.
 
 use tracing::warn;
 
+use crate::mailbox::Mailbox;
 use crate::wire::smtp::{self as wire, parse_command, parse_path, Command, Reply};
 use crate::wire::Farewell;
 
@@ -35,6 +39,8 @@ struct Transaction {
     chunk_bytes: u64,
     /// A chunk made the message too big: the rest is read and dropped.
     too_big: bool,
+    /// ... because of its header block (`rewrite_sender`).
+    header_too_big: bool,
     /// A chunk could not be stored: every later command of the
     /// transaction gets 451 until RSET or a new MAIL.
     failed: bool,
@@ -52,6 +58,9 @@ pub enum Input<'a> {
     Chunk,
     /// A BDAT chunk was read but could not be stored.
     ChunkNotStored,
+    /// DATA's end or a BDAT chunk was read, but the message's header
+    /// block is too big to rewrite its sender (`rewrite_sender`).
+    HeaderTooBig,
     /// The message is in the queue under this id, or could not be stored.
     Stored(Result<&'a str, ()>),
     Timeout,
@@ -117,6 +126,8 @@ pub struct Intake {
     /// The chunk being read is the last one (`BDAT n LAST`), and its size.
     last_chunk: bool,
     chunk_size: u64,
+    /// `rewrite_sender`: the mailbox every message is sent as.
+    rewrite: Option<Mailbox>,
 }
 
 impl Intake {
@@ -130,6 +141,7 @@ impl Intake {
             after_chunk: None,
             last_chunk: false,
             chunk_size: 0,
+            rewrite: None,
         }
     }
 
@@ -139,6 +151,12 @@ impl Intake {
             return Step::close(Reply::TooManyErrors, "too many errors");
         }
         Step::read(reply)
+    }
+
+    /// `rewrite_sender`: every message is stored with `mailbox` as its
+    /// sender (once the device's own has passed `allowed_senders`).
+    pub fn rewrite_sender(&mut self, mailbox: Mailbox) {
+        self.rewrite = Some(mailbox);
     }
 
     pub fn on(&mut self, input: Input<'_>) -> Step {
@@ -154,6 +172,7 @@ impl Intake {
             }
             Input::Chunk => self.chunk_read(),
             Input::ChunkNotStored => self.chunk_not_stored(),
+            Input::HeaderTooBig => self.header_too_big(),
             Input::Stored(Ok(id)) => Step::read(Reply::Queued(id)),
             Input::Stored(Err(())) => Step::read(Reply::NotStored),
             Input::Timeout => Step::close(Reply::Timeout, "idle timeout"),
@@ -251,7 +270,7 @@ impl Intake {
             return Step::read(Reply::SenderNotAllowedForLogin);
         }
         self.tx = Some(Transaction {
-            sender,
+            sender: self.rewrite.as_ref().map_or(sender, |m| m.to_string()),
             params: kept,
             ..Default::default()
         });
@@ -355,6 +374,19 @@ impl Intake {
         Step::read(Reply::NotStored)
     }
 
+    /// The message's header block is too big to rewrite: the message is
+    /// refused; in chunks, the rest of them are read and dropped.
+    fn header_too_big(&mut self) -> Step {
+        match self.tx.as_mut() {
+            Some(tx) if tx.chunked && !self.last_chunk => {
+                tx.too_big = true;
+                tx.header_too_big = true;
+            }
+            _ => self.tx = None,
+        }
+        Step::read(Reply::HeaderTooBig)
+    }
+
     fn chunk_read(&mut self) -> Step {
         if let Some(reply) = self.after_chunk.take() {
             return Step::read(reply);
@@ -363,16 +395,20 @@ impl Intake {
         let Some(tx) = self.tx.as_mut() else {
             return Step::read(Reply::NeedMail);
         };
+        let too_big = match tx.header_too_big {
+            true => Reply::HeaderTooBig,
+            false => Reply::TooBig,
+        };
         if !last {
             return Step::read(if tx.too_big {
-                Reply::TooBig
+                too_big
             } else {
                 Reply::ChunkTaken(self.chunk_size)
             });
         }
         let tx = self.tx.take().expect("checked above");
         if tx.too_big {
-            return Step::read(Reply::TooBig);
+            return Step::read(too_big);
         }
         self.store(tx)
     }

@@ -336,3 +336,57 @@ fn control_bytes_in_a_sender_or_recipient_are_refused() {
         );
     }
 }
+
+const HEADER_TOO_BIG: &str = "552 5.3.4 Message header too big to rewrite its sender\r\n";
+
+#[test]
+fn rewrite_sender_stores_the_mailbox_after_the_allowed_check() {
+    let mut i = intake();
+    i.rewrite_sender(Mailbox::parse("scans@contoso.com").unwrap());
+    assert_eq!(
+        line(&mut i, "MAIL FROM:<boss@x.test>"),
+        pair(
+            "550 5.7.1 Sender address not allowed for this login\r\n",
+            "read"
+        ),
+        "allowed_senders reads the device's own sender"
+    );
+    line(&mut i, "MAIL FROM:<scan@contoso.test> BODY=8BITMIME");
+    line(&mut i, "RCPT TO:<a@b.test>");
+    line(&mut i, "DATA");
+    assert_eq!(
+        show(&i.on(Input::DataEnd { too_big: false })),
+        pair(
+            "",
+            "store scans@contoso.com -> [\"a@b.test\"] [\"BODY=8BITMIME\"]"
+        )
+    );
+}
+
+#[test]
+fn rewrite_sender_refuses_a_header_block_too_big_and_stores_nothing() {
+    let mut i = intake();
+    i.rewrite_sender(Mailbox::parse("scans@contoso.com").unwrap());
+    line(&mut i, "MAIL FROM:<scan@contoso.test>");
+    line(&mut i, "RCPT TO:<a@b.test>");
+    line(&mut i, "DATA");
+    assert_eq!(
+        show(&i.on(Input::HeaderTooBig)),
+        pair(HEADER_TOO_BIG, "read")
+    );
+    // In chunks: the chunk that overflowed and every later one of the
+    // message are answered 552; the next message is taken again.
+    line(&mut i, "MAIL FROM:<scan@contoso.test>");
+    line(&mut i, "RCPT TO:<a@b.test>");
+    assert_eq!(line(&mut i, "BDAT 10"), pair("", "chunk 10 true"));
+    assert_eq!(
+        show(&i.on(Input::HeaderTooBig)),
+        pair(HEADER_TOO_BIG, "read")
+    );
+    assert_eq!(line(&mut i, "BDAT 5 LAST"), pair("", "chunk 5 false"));
+    assert_eq!(show(&i.on(Input::Chunk)), pair(HEADER_TOO_BIG, "read"));
+    assert_eq!(
+        line(&mut i, "MAIL FROM:<scan@contoso.test>"),
+        pair("250 2.1.0 Sender OK\r\n", "read")
+    );
+}

@@ -19,6 +19,7 @@ use crate::error::AuthError;
 use crate::net::{Conn, LineError};
 use crate::upstream::graph::{Doubt, GraphError};
 use crate::wire::message::{DataReader, LineEnds};
+use crate::wire::sender_rewrite::Rewriter;
 use crate::wire::smtp::Reply;
 
 /// Message bytes gathered before they are written to the draft.
@@ -48,6 +49,10 @@ struct Body {
     to: To,
     size: u64,
     ends: LineEnds,
+    /// `rewrite_sender`: the header block's rewrite, until it is written.
+    head: Option<Rewriter>,
+    /// The header block was too big to rewrite: nothing more is written.
+    head_too_big: bool,
 }
 
 enum To {
@@ -58,7 +63,7 @@ enum To {
 
 impl Body {
     /// A new message for `sink`: a spool draft is made off the async threads.
-    async fn new(sink: &Sink) -> std::io::Result<Body> {
+    async fn new(sink: &Sink, rewrite: Option<&str>) -> std::io::Result<Body> {
         let to = match sink {
             Sink::Spool(spool) => {
                 let q = spool.queue.clone();
@@ -70,7 +75,47 @@ impl Body {
             to,
             size: 0,
             ends: LineEnds::default(),
+            head: rewrite.map(Rewriter::new),
+            head_too_big: false,
         })
+    }
+
+    /// Append the message's next `bytes`, its header block rewritten
+    /// where the sender is (held until the block ends).
+    async fn take(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
+        if self.head_too_big {
+            return Ok(());
+        }
+        let bytes = match self.head.as_mut() {
+            Some(head) => {
+                let mut out = Vec::new();
+                if head.feed(&bytes, &mut out).is_err() {
+                    self.head_too_big = true;
+                    self.head = None;
+                    return Ok(());
+                }
+                if !head.in_head() {
+                    self.head = None;
+                }
+                out
+            }
+            None => bytes,
+        };
+        match bytes.is_empty() {
+            true => Ok(()),
+            false => self.write(bytes).await,
+        }
+    }
+
+    /// The message has ended: a header block still held (no body) is
+    /// written.
+    async fn finish(&mut self) -> std::io::Result<()> {
+        let Some(mut head) = self.head.take() else {
+            return Ok(());
+        };
+        let mut out = Vec::new();
+        head.finish(&mut out);
+        self.write(out).await
     }
 
     /// Append `bytes`; a draft is written by a blocking task, never on
@@ -137,6 +182,10 @@ pub async fn serve(
         timeout,
     } = setup;
     let mut intake = Intake::new(host, keywords, rules);
+    let rewrite = device.id.rewrite_sender.then(|| device.id.mailbox.clone());
+    if let Some(mailbox) = &rewrite {
+        intake.rewrite_sender(mailbox.clone());
+    }
     let mut served = Served {
         messages: 0,
         bytes: 0,
@@ -170,7 +219,7 @@ pub async fn serve(
                 }
             }
             Then::ReadData { max } => {
-                let mut b = match Body::new(&sink).await {
+                let mut b = match Body::new(&sink, rewrite.as_deref()).await {
                     Ok(b) => b,
                     Err(e) => {
                         warn!(error = %e, "cannot start a message in the spool");
@@ -183,6 +232,7 @@ pub async fn serve(
                     }
                 };
                 match read_data(&mut device.conn, &mut b, max, timeout).await {
+                    Ok(_) if b.head_too_big => intake.on(Input::HeaderTooBig),
                     Ok(too_big) => {
                         body = Some(b);
                         intake.on(Input::DataEnd { too_big })
@@ -201,7 +251,7 @@ pub async fn serve(
             Then::ReadChunk { size, keep } => {
                 let mut stored = Ok(());
                 if keep && body.is_none() {
-                    match Body::new(&sink).await {
+                    match Body::new(&sink, rewrite.as_deref()).await {
                         Ok(b) => body = Some(b),
                         Err(e) => stored = Err(e),
                     }
@@ -210,7 +260,12 @@ pub async fn serve(
                     Some(b) => read_chunk(&mut device.conn, b, size, timeout).await,
                     None => device.conn.discard(size, timeout).await.map(Ok),
                 };
+                let too_big = body.as_ref().is_some_and(|b| b.head_too_big);
                 match result.map(|written| stored.and(written)) {
+                    Ok(Ok(())) if too_big && keep => {
+                        body = None;
+                        intake.on(Input::HeaderTooBig)
+                    }
                     Ok(Ok(())) => intake.on(Input::Chunk),
                     Ok(Err(e)) => {
                         warn!(error = %e, "cannot write a message to the spool");
@@ -225,10 +280,15 @@ pub async fn serve(
                 }
             }
             Then::Store(stored) => {
-                let Some(b) = body.take() else {
+                let Some(mut b) = body.take() else {
                     served.end = "store without a message";
                     return served;
                 };
+                if let Err(e) = b.finish().await {
+                    warn!(error = %e, "cannot write a message to the spool");
+                    step = intake.on(Input::Stored(Err(())));
+                    continue;
+                }
                 let size = b.size;
                 match (b.to, &sink) {
                     (To::Draft(Some(d)), Sink::Spool(spool)) => {
@@ -368,7 +428,7 @@ async fn read_data(
             out.clear();
         } else if out.len() >= WRITE_BATCH || end.is_some() {
             let batch = std::mem::replace(&mut out, Vec::with_capacity(WRITE_BATCH + 4096));
-            draft.write(batch).await?;
+            draft.take(batch).await?;
         }
         if end.is_some() {
             return Ok(too_big);
@@ -399,7 +459,7 @@ async fn read_chunk(
         size -= take as u64;
         if written.is_ok() && (out.len() >= WRITE_BATCH || size == 0) {
             let batch = std::mem::replace(&mut out, Vec::with_capacity(WRITE_BATCH + 4096));
-            written = draft.write(batch).await;
+            written = draft.take(batch).await;
         }
     }
     Ok(written)

@@ -11,6 +11,7 @@ pub mod imap_view;
 pub mod message;
 pub mod pop3;
 pub mod sasl;
+pub mod sender_rewrite;
 pub mod smtp;
 
 use crate::config::Protocol;

@@ -63,6 +63,8 @@ pub enum Reply<'a> {
     BadRecipient,
     UnknownParameter,
     TooBig,
+    /// `rewrite_sender`: the header block is over what is held for it.
+    HeaderTooBig,
     TooManyRecipients,
     SenderNotAllowedForLogin,
     NotStored,
@@ -156,6 +158,9 @@ impl Reply<'_> {
             Reply::BadRecipient => "501 5.1.3 Bad recipient address syntax",
             Reply::UnknownParameter => "555 5.5.4 Unsupported MAIL or RCPT parameter",
             Reply::TooBig => "552 5.3.4 Message size exceeds fixed maximum message size",
+            Reply::HeaderTooBig => {
+                "552 5.3.4 Message header too big to rewrite its sender"
+            }
             Reply::TooManyRecipients => "452 4.5.3 Too many recipients",
             Reply::SenderNotAllowedForLogin => {
                 "550 5.7.1 Sender address not allowed for this login"

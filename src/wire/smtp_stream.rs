@@ -24,10 +24,20 @@
 //!   and a MAIL's sender must be a plain mailbox (no quoted local part)
 //!   followed by nothing but parameters.
 //!
+//! - With `rewrite_sender` ([`Senders::rewrite`]), every MAIL FROM is
+//!   passed on as the mailbox (after the check against `allowed`), and
+//!   every message's header block is held and rewritten
+//!   ([`Rewriter`]): in DATA before it is stuffed again; in BDAT, chunks
+//!   that hold only header are answered here (`250`) and the chunk where
+//!   the header block ends goes upstream with its new size. A header
+//!   block over the bound ends the session ([`Next::Abort`]).
+//!
 //! [`Replies`] counts the upstream's complete replies, so that a local
 //! reply is written in its turn among them.
 
+use crate::mailbox::Mailbox;
 use crate::wire::message::{DataReader, DataWriter};
+use crate::wire::sender_rewrite::Rewriter;
 use crate::wire::smtp::{mail_sender, parse_command, sender_allowed, Command, Reply};
 
 /// The longest command line after login (RFC 5321's 512, and room for
@@ -45,6 +55,9 @@ pub struct Senders {
     /// does not, it would read a chunk's bytes as commands: BDAT is then
     /// refused here and what follows is read line by line.
     pub chunking: bool,
+    /// `rewrite_sender`: every MAIL FROM and every message's `From:`
+    /// become this mailbox (after the check against `allowed`).
+    pub rewrite: Option<Mailbox>,
 }
 
 /// What the device's next bytes are.
@@ -55,10 +68,23 @@ enum State {
     Skipping,
     /// `DATA` was passed on; its reply decides what follows.
     AwaitData,
-    /// Inside a message after `354`.
-    Data(DataReader, DataWriter),
+    /// Inside a message after `354`; with `rewrite_sender`, its header
+    /// block is held and rewritten.
+    Data(DataReader, DataWriter, Option<Rewriter>),
+    /// `rewrite_sender`: the header block was too big; the rest of the
+    /// message is read and dropped.
+    DataDropped(DataReader),
     /// This many bytes of a BDAT chunk are still to come.
     Chunk(u64),
+    /// `rewrite_sender`: a BDAT chunk read while the header block is held
+    /// (`size` in all, `left` still to come; `dropped`: the header block
+    /// was too big).
+    HeldChunk {
+        size: u64,
+        left: u64,
+        last: bool,
+        dropped: bool,
+    },
 }
 
 /// The tracker's answer for the bytes at the front of its input.
@@ -79,6 +105,14 @@ pub enum Next {
     NeedMore,
     /// Nothing is read until the upstream answers DATA.
     AwaitReply,
+    /// `consumed` bytes of input are dropped; the device gets `reply` (in
+    /// its turn) and the session ends: the upstream has begun a message
+    /// that must not be completed (`rewrite_sender`: its header block is
+    /// over [`crate::wire::sender_rewrite::MAX_HEADER_BYTES`]).
+    Abort {
+        consumed: usize,
+        reply: Reply<'static>,
+    },
 }
 
 /// The device's side of a relayed session with restricted senders.
@@ -86,6 +120,9 @@ pub enum Next {
 pub struct Tracker {
     senders: Senders,
     state: State,
+    /// `rewrite_sender`: the rewrite of the message the last MAIL began,
+    /// until its header block has gone upstream.
+    head: Option<Rewriter>,
 }
 
 impl Tracker {
@@ -93,6 +130,7 @@ impl Tracker {
         Tracker {
             senders,
             state: State::Command,
+            head: None,
         }
     }
 
@@ -105,7 +143,11 @@ impl Tracker {
     pub fn data_answered(&mut self, code: u16) {
         if self.awaits_data_reply() {
             self.state = match code {
-                354 => State::Data(DataReader::default(), DataWriter::default()),
+                354 => {
+                    self.head = None;
+                    let head = self.senders.rewrite.as_deref().map(Rewriter::new);
+                    State::Data(DataReader::default(), DataWriter::default(), head)
+                }
                 _ => State::Command,
             };
         }
@@ -130,9 +172,26 @@ impl Tracker {
                     command: false,
                 }
             }
-            State::Data(reader, writer) => {
+            State::Data(reader, writer, head) => {
                 let mut body = Vec::with_capacity(input.len());
                 let end = reader.feed(input, &mut body);
+                if let Some(rw) = head {
+                    let mut rewritten = Vec::with_capacity(body.len());
+                    if rw.feed(&body, &mut rewritten).is_err() {
+                        let reader = std::mem::take(reader);
+                        self.state = State::DataDropped(reader);
+                        let consumed = end.unwrap_or(input.len());
+                        return self.dropped_data(consumed, end.is_some());
+                    }
+                    if end.is_some() {
+                        rw.finish(&mut rewritten);
+                    }
+                    body = rewritten;
+                }
+                // Once the header block is out, the body passes uncopied.
+                if head.as_ref().is_some_and(|rw| !rw.in_head()) {
+                    *head = None;
+                }
                 writer.stuff(&body, out);
                 match end {
                     Some(consumed) => {
@@ -149,6 +208,12 @@ impl Tracker {
                     },
                 }
             }
+            State::DataDropped(reader) => {
+                let end = reader.feed(input, &mut Vec::new());
+                let consumed = end.unwrap_or(input.len());
+                self.dropped_data(consumed, end.is_some())
+            }
+            State::HeldChunk { .. } => self.held_chunk(input, out),
             State::Skipping => match memchr::memchr(b'\n', input) {
                 Some(i) => {
                     self.state = State::Command;
@@ -163,6 +228,107 @@ impl Tracker {
                 },
             },
             State::Command => self.command(input, out),
+        }
+    }
+
+    /// DATA's message is being dropped (its header block was too big):
+    /// `consumed` bytes of it are; at its end the session is ended.
+    fn dropped_data(&mut self, consumed: usize, end: bool) -> Next {
+        if !end {
+            return Next::Forward {
+                consumed,
+                command: false,
+            };
+        }
+        self.state = State::Command;
+        Next::Abort {
+            consumed,
+            reply: Reply::HeaderTooBig,
+        }
+    }
+
+    /// Read a BDAT chunk while the header block is held: its bytes go to
+    /// the rewrite; once the header block has ended, the chunk goes
+    /// upstream with its new size.
+    fn held_chunk(&mut self, input: &[u8], out: &mut Vec<u8>) -> Next {
+        let State::HeldChunk { left, dropped, .. } = &mut self.state else {
+            unreachable!("called in HeldChunk only");
+        };
+        let n = (*left).min(input.len() as u64) as usize;
+        *left -= n as u64;
+        let left = *left;
+        if !*dropped {
+            let head = self.head.as_mut().expect("held while the head is");
+            let mut sent = Vec::new();
+            if head.feed(&input[..n], &mut sent).is_err() {
+                self.head = None;
+                if let State::HeldChunk { dropped, .. } = &mut self.state {
+                    *dropped = true;
+                }
+            } else if !head.in_head() {
+                // The header block ended here: the chunk goes with the
+                // size it has now; what is left of it follows as it is.
+                self.head = None;
+                let last = matches!(self.state, State::HeldChunk { last: true, .. });
+                bdat_line(sent.len() as u64 + left, last, out);
+                out.extend_from_slice(&sent);
+                self.state = match left {
+                    0 => State::Command,
+                    n => State::Chunk(n),
+                };
+                return Next::Forward {
+                    consumed: n,
+                    command: true,
+                };
+            }
+        }
+        match left {
+            0 => self.held_chunk_end(n, out),
+            _ => Next::Forward {
+                consumed: n,
+                command: false,
+            },
+        }
+    }
+
+    /// A held chunk has been read whole (`consumed`: its last bytes, or
+    /// its BDAT line for an empty one).
+    fn held_chunk_end(&mut self, consumed: usize, out: &mut Vec<u8>) -> Next {
+        let State::HeldChunk {
+            size,
+            left: 0,
+            last,
+            dropped,
+        } = self.state
+        else {
+            return Next::Forward {
+                consumed,
+                command: false,
+            };
+        };
+        self.state = State::Command;
+        if dropped {
+            return Next::Abort {
+                consumed,
+                reply: Reply::HeaderTooBig,
+            };
+        }
+        if !last {
+            return Next::Refuse {
+                consumed,
+                reply: Reply::ChunkTaken(size),
+                sender: None,
+            };
+        }
+        let mut sent = Vec::new();
+        if let Some(mut head) = self.head.take() {
+            head.finish(&mut sent);
+        }
+        bdat_line(sent.len() as u64, true, out);
+        out.extend_from_slice(&sent);
+        Next::Forward {
+            consumed,
+            command: true,
         }
     }
 
@@ -203,7 +369,9 @@ impl Tracker {
                 let Some(sender) = mail_sender(line) else {
                     return refuse(Reply::BadSender);
                 };
-                if sender.is_empty() || !sender_allowed(&self.senders.allowed, &sender) {
+                let checked = !self.senders.allowed.is_empty();
+                if checked && (sender.is_empty() || !sender_allowed(&self.senders.allowed, &sender))
+                {
                     return Next::Refuse {
                         consumed,
                         reply: match self.senders.relay {
@@ -213,12 +381,30 @@ impl Tracker {
                         sender: Some(sender),
                     };
                 }
+                if let Some(mailbox) = &self.senders.rewrite {
+                    self.head = Some(Rewriter::new(mailbox));
+                    let line = rewrite_mail(line, mailbox);
+                    out.extend_from_slice(&crate::wire::line(&line));
+                    return Next::Forward {
+                        consumed,
+                        command: true,
+                    };
+                }
             }
             Command::Data => self.state = State::AwaitData,
             Command::Bdat(_) if !self.senders.chunking => return refuse(Reply::Unrecognized),
             Command::Bdat(_) => match chunk_size(line) {
-                Some(0) => {}
-                Some(n) => self.state = State::Chunk(n),
+                Some((size, last)) if self.head.is_some() => {
+                    self.state = State::HeldChunk {
+                        size,
+                        left: size,
+                        last,
+                        dropped: false,
+                    };
+                    return self.held_chunk_end(consumed, out);
+                }
+                Some((0, _)) => {}
+                Some((n, _)) => self.state = State::Chunk(n),
                 None => return refuse(Reply::BdatSyntax),
             },
             _ => {}
@@ -232,20 +418,43 @@ impl Tracker {
 }
 
 /// The size of `BDAT <digits> [LAST]` (LAST in any case), the only form
-/// a server takes as a chunk; `None` for any other.
-fn chunk_size(line: &[u8]) -> Option<u64> {
+/// a server takes as a chunk, and whether it is the last; `None` for any
+/// other.
+fn chunk_size(line: &[u8]) -> Option<(u64, bool)> {
     let text = std::str::from_utf8(line).ok()?;
     let mut words = text.split(' ');
     let (_verb, size) = (words.next()?, words.next()?);
-    match (words.next(), words.next()) {
-        (None, _) => {}
-        (Some(last), None) if last.eq_ignore_ascii_case("LAST") => {}
+    let last = match (words.next(), words.next()) {
+        (None, _) => false,
+        (Some(last), None) if last.eq_ignore_ascii_case("LAST") => true,
         _ => return None,
-    }
+    };
     if size.is_empty() || size.len() > 19 || !size.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    size.parse().ok()
+    Some((size.parse().ok()?, last))
+}
+
+/// `MAIL FROM:<mailbox>` with the parameters of the device's `line`
+/// (whose sender [`mail_sender`] has read).
+fn rewrite_mail(line: &[u8], mailbox: &str) -> Vec<u8> {
+    let rest = line[10..].trim_ascii_start();
+    let params = match rest.strip_prefix(b"<") {
+        Some(r) => memchr::memchr(b'>', r).map_or(&[][..], |i| &r[i + 1..]),
+        None => memchr::memchr(b' ', rest).map_or(&[][..], |i| &rest[i..]),
+    };
+    let mut out = format!("MAIL FROM:<{mailbox}>").into_bytes();
+    out.extend_from_slice(params);
+    out
+}
+
+/// `BDAT size [LAST]` with its CRLF.
+fn bdat_line(size: u64, last: bool, out: &mut Vec<u8>) {
+    let line = match last {
+        true => format!("BDAT {size} LAST"),
+        false => format!("BDAT {size}"),
+    };
+    out.extend_from_slice(&crate::wire::line(line.as_bytes()));
 }
 
 /// Counts the upstream's complete replies (multi-line ones once), keeping
@@ -282,3 +491,7 @@ impl Replies {
 #[cfg(test)]
 #[path = "smtp_stream_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "smtp_stream_rewrite_tests.rs"]
+mod rewrite_tests;

@@ -7,6 +7,7 @@ fn tracker(relay: bool) -> Tracker {
         allowed: vec!["scan@x.test".into(), "*@dev.x.test".into()],
         relay,
         chunking: true,
+        rewrite: None,
     })
 }
 
@@ -30,7 +31,7 @@ fn run(t: &mut Tracker, input: &[u8]) -> (String, Vec<(u32, String)>, usize) {
                 local.push((owed, String::from_utf8(reply.to_bytes()).unwrap()));
                 rest = &rest[consumed..];
             }
-            Next::NeedMore | Next::AwaitReply => break,
+            Next::NeedMore | Next::AwaitReply | Next::Abort { .. } => break,
         }
     }
     (String::from_utf8_lossy(&up).into_owned(), local, rest.len())
@@ -217,7 +218,9 @@ fn random_input_never_panics() {
             let mut up = Vec::new();
             loop {
                 match t.next(&pending, &mut up) {
-                    Next::Forward { consumed, .. } | Next::Refuse { consumed, .. } => {
+                    Next::Forward { consumed, .. }
+                    | Next::Refuse { consumed, .. }
+                    | Next::Abort { consumed, .. } => {
                         assert!(consumed > 0 && consumed <= pending.len());
                         pending.drain(..consumed);
                     }
@@ -277,6 +280,7 @@ fn bdat_is_refused_where_the_upstream_has_no_chunking() {
         allowed: vec!["scan@x.test".into()],
         relay: false,
         chunking: false,
+        rewrite: None,
     });
     let (up, local, _) = run(&mut t, b"BDAT 28\r\nMAIL FROM:<boss@evil.test>\r\n");
     assert_eq!(up, "");

@@ -27,6 +27,7 @@ mod oauth;
 mod ops;
 mod redis;
 mod regression;
+mod rewrite_sender;
 mod secrets;
 mod session_logins;
 mod session_senders;

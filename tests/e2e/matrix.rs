@@ -1,5 +1,6 @@
 //! Every combination, one table: account kind (exact login, `*@domain`
-//! pattern, shared mailbox `login\shared@domain`, `[[relay]]` rule) x the
+//! pattern, shared mailbox `login\shared@domain`, `[[relay]]` rule, an
+//! account with `rewrite_sender` whose device has a fixed sender) x the
 //! listener's delivery (session, spool) x how mail leaves (SMTP, Microsoft
 //! Graph) x protocol (SMTP, IMAP, POP3), plus the `password` grant and the
 //! relay rules a config must refuse. Each cell either works end to end
@@ -42,6 +43,10 @@ enum Kind {
     /// `*@example.test` with `grant = "password"`: alice with her own
     /// password, exchanged at the token endpoint.
     PasswordPattern,
+    /// `matrix-fixed@example.test`, client_credentials, mailbox alice,
+    /// `rewrite_sender = true`; the device's MAIL FROM is its own fixed
+    /// address, which the upstream would refuse.
+    FixedSender,
     /// A `[[relay]]` rule whose account is a `*@domain` pattern.
     RelayToPattern,
     /// A `[[relay]]` rule whose account has `grant = "password"`.
@@ -169,6 +174,12 @@ const CELLS: &[Cell] = &[
     c(Relay,    Spool,    ViaGraph, Imap,     SPOOL_NOT_HERE),
     c(Relay,    Spool,    ViaGraph, Pop3,     SPOOL_NOT_HERE),
 
+    // A fixed sender is sent as the mailbox on every way out.
+    c(FixedSender, Session, ViaSmtp,  Smtp, Works),
+    c(FixedSender, Session, ViaGraph, Smtp, Works),
+    c(FixedSender, Spool,   ViaSmtp,  Smtp, Works),
+    c(FixedSender, Spool,   ViaGraph, Smtp, Works),
+
     // The password grant: live sessions only; Graph needs an app token.
     c(PasswordPattern, Session, ViaSmtp,  Smtp, Works),
     c(PasswordPattern, Session, ViaSmtp,  Imap, Works),
@@ -193,6 +204,9 @@ const RELAY_PASSWORD: &str = "matrix-relay-pass";
 const PATTERN_PASSWORD: &str = "matrix-pattern-pass";
 const RELAY_NETWORK_ADDRESS: &str = "127.0.0.2";
 const RELAY_ACCOUNT: &str = "matrix-relay@example.test";
+const FIXED_PASSWORD: &str = "matrix-fixed-pass";
+/// The address a fixed-sender device sends as.
+const FIXED_SENDER: &str = "scanner@printer.local";
 
 /// Cells at once: enough to keep the run short, few enough for a small
 /// machine.
@@ -222,6 +236,7 @@ impl Cell {
             Pattern => BOB.into(),
             Shared => format!("matrix-owner@example.test\\{BOB}"),
             Relay => RELAY_ACCOUNT.into(),
+            FixedSender => "matrix-fixed@example.test".into(),
             _ => ALICE.into(),
         }
     }
@@ -232,6 +247,7 @@ impl Cell {
             Pattern => PATTERN_PASSWORD.into(),
             Shared => OWNER_PASSWORD.into(),
             Relay => RELAY_PASSWORD.into(),
+            FixedSender => FIXED_PASSWORD.into(),
             _ => upstream().password(ALICE),
         }
     }
@@ -303,7 +319,7 @@ token_url = "{token_url}"
 
 {listeners}
 
-{exact}{owner}{relay}{pattern}
+{exact}{owner}{relay}{pattern}{fixed}
 [[relay]]
 from_networks = ["{RELAY_NETWORK_ADDRESS}/32"]
 account = "{relay_account}"
@@ -333,6 +349,11 @@ account = "{relay_account}"
             &format!("{PATTERN_KEYS}\nmailbox = \"{ALICE}\"")
         ),
         pattern = account("*@example.test", PATTERN_PASSWORD, pattern_keys),
+        fixed = account(
+            "matrix-fixed@example.test",
+            FIXED_PASSWORD,
+            &format!("{PATTERN_KEYS}\nmailbox = \"{ALICE}\"\nrewrite_sender = true")
+        ),
     )
 }
 
@@ -496,7 +517,10 @@ fn run_cell(
             let device = SmtpDevice {
                 login: &login,
                 password: &password,
-                from: mailbox,
+                from: match cell.kind {
+                    FixedSender => FIXED_SENDER,
+                    _ => mailbox,
+                },
                 to: mailbox,
                 ..SmtpDevice::scanner(port(i))
             };
