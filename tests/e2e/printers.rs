@@ -1,0 +1,780 @@
+//! Printers and old devices as they are documented to behave, driven
+//! through oxbridge to the real upstream and read back: HELO-only
+//! devices, the AUTH LOGIN prompts devices compare byte for byte, AUTH
+//! PLAIN and LOGIN with and without an initial response, a bare-LF body,
+//! and devices that speak only TLS 1.0 or 1.1 with RSA key exchange and
+//! CBC suites (`tests/clients/oldtls.py`), on listeners with
+//! `tls_min_version` and on default ones (which refuse them). Also the
+//! self-signed certificate a listener without `cert_file` makes once.
+//!
+//! One proxy serves many rows; rows run side by side.
+
+use base64::Engine;
+
+use crate::harness::*;
+
+/// How many rows run at once (the upstream and the machine are shared).
+const WORKERS: usize = 4;
+/// The one suite of a TLS 1.0 printer: RSA key exchange, AES-128-CBC, SHA-1.
+/// `@SECLEVEL=0`: OpenSSL 3 offers TLS 1.0/1.1 and SHA-1 suites only then.
+const AES128_SHA: &str = "AES128-SHA:@SECLEVEL=0";
+/// Its IANA name, which a log may use instead.
+const AES128_SHA_IANA: &str = "TLS_RSA_WITH_AES_128_CBC_SHA";
+/// A TLS 1.1 device's suite: RSA key exchange, AES-256-CBC, SHA-1.
+const AES256_SHA: &str = "AES256-SHA:@SECLEVEL=0";
+/// A client that offers CBC suites first and AEAD ones after: the server's
+/// own preference decides.
+const CBC_FIRST: &str = "AES128-SHA:AES256-SHA:ECDHE-RSA-AES128-SHA:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305:@SECLEVEL=0";
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// The scanner account's login (mailbox alice).
+const SCANNER: &str = "scanner@example.test";
+
+/// How a device greets the server.
+#[derive(Clone, Copy, Debug)]
+enum Hello {
+    /// HELO only: no extensions asked for, AUTH sent anyway.
+    Helo,
+    Ehlo,
+}
+
+/// How a device logs in.
+#[derive(Clone, Copy, Debug)]
+enum Auth {
+    /// `AUTH LOGIN`, then the user and the password at the two prompts.
+    LoginPrompts,
+    /// `AUTH LOGIN <b64 user>`, then the password at the second prompt.
+    LoginInitial,
+    /// `AUTH PLAIN <b64>` in one line.
+    PlainInitial,
+    /// `AUTH PLAIN`, an empty challenge, then the response.
+    PlainEmpty,
+}
+
+/// Where TLS starts, with which version and suite the device offers.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Plain,
+    Starttls(&'static str, &'static str),
+    Implicit(&'static str, &'static str),
+}
+
+/// What the body of DATA holds.
+#[derive(Clone, Copy, Debug)]
+enum Body {
+    /// The test message: 8-bit UTF-8, lines that start with dots; CRLF.
+    Standard,
+    /// A message whose body has lines ended by a bare LF.
+    BareLf,
+}
+
+/// One documented device behaviour on SMTP.
+struct SmtpRow {
+    name: &'static str,
+    /// Where the behaviour is documented.
+    source: &'static str,
+    via: Via,
+    hello: Hello,
+    auth: Auth,
+    body: Body,
+}
+
+/// What a read of the dialogue must be.
+#[derive(Debug)]
+enum Want {
+    /// These bytes exactly.
+    Exact(String),
+    /// One line starting with this.
+    OneLine(&'static str),
+    /// A reply whose last line starts with this.
+    Last(&'static str),
+}
+
+impl Want {
+    fn check(&self, got: &str) -> bool {
+        match self {
+            Want::Exact(s) => got == s,
+            Want::OneLine(p) => got.starts_with(p) && got.matches("\r\n").count() == 1,
+            Want::Last(p) => {
+                got.ends_with("\r\n") && got.lines().last().unwrap_or("").starts_with(p)
+            }
+        }
+    }
+}
+
+/// A dialogue by hand: steps, and what each read must be.
+#[derive(Default)]
+struct Dialogue {
+    steps: Vec<Step>,
+    wants: Vec<Want>,
+}
+
+impl Dialogue {
+    fn read(&mut self, want: Want) {
+        self.steps.push(Step::Reply);
+        self.wants.push(want);
+    }
+    fn say(&mut self, line: &str, want: Want) {
+        self.steps.push(Step::line(line));
+        self.read(want);
+    }
+}
+
+/// `message` dot-stuffed for DATA, with the final dot line.
+fn stuffed(message: &[u8]) -> String {
+    let text = String::from_utf8(message.to_vec()).unwrap();
+    let mut out = String::new();
+    for line in text.split_inclusive('\n') {
+        if line.starts_with('.') {
+            out.push('.');
+        }
+        out.push_str(line);
+    }
+    out + ".\r\n"
+}
+
+/// A message with lines ended by a bare LF in its body.
+fn bare_lf_message(tag: &str) -> Vec<u8> {
+    format!(
+        "From: {ALICE}\r\nTo: {ALICE}\r\nSubject: {tag}\r\nMessage-ID: {}\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\nfirst line ends in a bare LF\nsecond line too\nthird line ends in CRLF\r\nlast\r\n",
+        message_id(tag)
+    )
+    .into_bytes()
+}
+
+/// The dialogue of `row` sending `message`.
+fn smtp_dialogue(row: &SmtpRow, message: &[u8]) -> Dialogue {
+    let mut d = Dialogue::default();
+    d.read(Want::OneLine("220 "));
+    if let Via::Starttls(..) = row.via {
+        d.say("EHLO printer.test", Want::Last("250 "));
+        d.say("STARTTLS", Want::OneLine("220 "));
+        d.steps.push(Step::Tls);
+    }
+    match row.hello {
+        // A HELO device gets one line: it would not read a list.
+        Hello::Helo => d.say("HELO printer.test", Want::OneLine("250 ")),
+        Hello::Ehlo => d.say("EHLO printer.test", Want::Last("250 ")),
+    }
+    // The prompts of AUTH LOGIN are "Username:" and "Password:", exactly.
+    let username = || Want::Exact("334 VXNlcm5hbWU6\r\n".into());
+    let password = || Want::Exact("334 UGFzc3dvcmQ6\r\n".into());
+    let plain = plain_ir(SCANNER, SCANNER_PASSWORD);
+    match row.auth {
+        Auth::LoginPrompts => {
+            d.say("AUTH LOGIN", username());
+            d.say(&b64(SCANNER), password());
+            d.say(&b64(SCANNER_PASSWORD), Want::OneLine("235 "));
+        }
+        Auth::LoginInitial => {
+            d.say(&format!("AUTH LOGIN {}", b64(SCANNER)), password());
+            d.say(&b64(SCANNER_PASSWORD), Want::OneLine("235 "));
+        }
+        Auth::PlainInitial => d.say(&format!("AUTH PLAIN {plain}"), Want::OneLine("235 ")),
+        Auth::PlainEmpty => {
+            d.say("AUTH PLAIN", Want::Exact("334 \r\n".into()));
+            d.say(&plain, Want::OneLine("235 "));
+        }
+    }
+    d.say(&format!("MAIL FROM:<{ALICE}>"), Want::OneLine("250 "));
+    d.say(&format!("RCPT TO:<{ALICE}>"), Want::OneLine("250 "));
+    d.say("DATA", Want::OneLine("354 "));
+    d.steps.push(Step::Send(stuffed(message)));
+    d.read(Want::OneLine("250 "));
+    d.say("QUIT", Want::OneLine("221 "));
+    d
+}
+
+/// Drive `row` through `port`; the message must arrive as `expect(sent)`.
+fn run_smtp_row(row: &SmtpRow, port: u16) -> Result<(), String> {
+    let tag = unique(row.name);
+    let sent = match row.body {
+        Body::Standard => message(ALICE, ALICE, &tag, 0),
+        Body::BareLf => bare_lf_message(&tag),
+    };
+    let d = smtp_dialogue(row, &sent);
+    let (implicit, version, cipher) = match row.via {
+        Via::Plain => (false, "1.3", "DEFAULT"),
+        Via::Starttls(v, c) => (false, v, c),
+        Via::Implicit(v, c) => (true, v, c),
+    };
+    let device = OldTls {
+        implicit,
+        ..OldTls::pinned(port, version, cipher)
+    };
+    let got = device.script(&d.steps);
+    if !got.ok() {
+        return Err(format!("dialogue failed: {}", got.text()));
+    }
+    let transcript = got.transcript();
+    for (i, want) in d.wants.iter().enumerate() {
+        let read = transcript.get(i).map(String::as_str).unwrap_or("<missing>");
+        if !want.check(read) {
+            return Err(format!(
+                "read {i}: want {want:?}, got {read:?}; all: {transcript:?}"
+            ));
+        }
+    }
+    if let Via::Starttls(v, c) | Via::Implicit(v, c) = row.via {
+        let want_version = format!("TLSv{v}");
+        let want_cipher = c.split(':').next().unwrap();
+        if got.version() != want_version || got.cipher() != want_cipher {
+            return Err(format!(
+                "negotiated {} {}, not {want_version} {want_cipher}",
+                got.version(),
+                got.cipher()
+            ));
+        }
+    }
+    let expected = match row.body {
+        Body::Standard => sent,
+        // What arrives: every bare LF stored as CRLF.
+        Body::BareLf => String::from_utf8(sent)
+            .unwrap()
+            .replace("\r\n", "\n")
+            .replace('\n', "\r\n")
+            .into_bytes(),
+    };
+    let delivered = read_from_dovecot(ALICE, &message_id(&tag), "30")?;
+    if !(delivered.len() >= expected.len() && delivered.ends_with(&expected)) {
+        return Err(format!(
+            "delivered differs from what was expected; delivered:\n{:?}",
+            String::from_utf8_lossy(&delivered)
+        ));
+    }
+    Ok(())
+}
+
+/// The dialogues of documented devices, in the clear (the TLS rows are in
+/// [`old_tls_devices_deliver_and_read_their_mailbox`]).
+const DIALOGUES: &[SmtpRow] = &[
+    SmtpRow {
+        name: "helo-only-auth-login",
+        // RFC 5321 4.1.1.1 (HELO must still be served); scan-to-email
+        // devices that never send EHLO but log in after HELO.
+        source: "RFC 5321 4.1.1.1",
+        via: Via::Plain,
+        hello: Hello::Helo,
+        auth: Auth::LoginPrompts,
+        body: Body::Standard,
+    },
+    SmtpRow {
+        name: "auth-login-exact-prompts",
+        // draft-murchison-sasl-login: the server prompts "Username:" and
+        // "Password:"; some Xerox models quit on any other challenge text.
+        source: "draft-murchison-sasl-login-00",
+        via: Via::Plain,
+        hello: Hello::Ehlo,
+        auth: Auth::LoginPrompts,
+        body: Body::Standard,
+    },
+    SmtpRow {
+        name: "auth-plain-initial-response",
+        // RFC 4954 4 and RFC 4616: the response on the AUTH line.
+        source: "RFC 4954 4, RFC 4616",
+        via: Via::Plain,
+        hello: Hello::Ehlo,
+        auth: Auth::PlainInitial,
+        body: Body::Standard,
+    },
+    SmtpRow {
+        name: "auth-plain-empty-challenge",
+        // RFC 4954 4: without an initial response the server sends "334 "
+        // with an empty challenge.
+        source: "RFC 4954 4",
+        via: Via::Plain,
+        hello: Hello::Ehlo,
+        auth: Auth::PlainEmpty,
+        body: Body::Standard,
+    },
+    SmtpRow {
+        name: "auth-login-initial-response",
+        // RFC 4954 4 allows an initial response for any mechanism; devices
+        // send the user name on the AUTH LOGIN line (as Outlook does).
+        source: "RFC 4954 4",
+        via: Via::Plain,
+        hello: Hello::Ehlo,
+        auth: Auth::LoginInitial,
+        body: Body::Standard,
+    },
+    SmtpRow {
+        name: "bare-lf-body",
+        // RFC 5321 2.3.8 forbids bare LF, yet old devices send it in
+        // bodies; it must not end DATA (SMTP smuggling) and arrives as CRLF.
+        source: "RFC 5321 2.3.8",
+        via: Via::Plain,
+        hello: Hello::Ehlo,
+        auth: Auth::PlainInitial,
+        body: Body::BareLf,
+    },
+];
+
+/// Run `rows`, each on the port `port(row)`; one failure message naming
+/// every row that failed.
+fn run_rows<R: Sync>(
+    rows: &[R],
+    name: impl Fn(&R) -> String + Sync,
+    f: impl Fn(&R) -> Result<(), String> + Sync,
+    proxy: &Proxy,
+) {
+    let results = each_at_once(rows, WORKERS, f);
+    let failed: Vec<String> = rows
+        .iter()
+        .zip(&results)
+        .filter_map(|(r, res)| res.as_ref().err().map(|e| format!("{}: {e}", name(r))))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} rows failed:\n{}\n--- proxy log ---\n{}",
+        failed.len(),
+        rows.len(),
+        failed.join("\n"),
+        proxy.logs()
+    );
+}
+
+/// Every documented dialogue reaches Postfix and the message arrives in
+/// Dovecot byte for byte (the bare-LF one with its line ends made CRLF).
+#[test]
+fn printer_dialogues_deliver_byte_identical() {
+    let proxy = Proxy::start(&config(&listener("smtp", "none", true), ""));
+    run_rows(
+        DIALOGUES,
+        |r| format!("{} ({})", r.name, r.source),
+        |r| run_smtp_row(r, proxy.port(0)),
+        &proxy,
+    );
+}
+
+/// The six ways a device starts TLS: each protocol, STARTTLS (STLS) and implicit.
+const TLS_LISTENERS: [(&str, &str); 6] = [
+    ("smtp", "starttls"),
+    ("smtp", "implicit"),
+    ("imap", "starttls"),
+    ("imap", "implicit"),
+    ("pop3", "starttls"),
+    ("pop3", "implicit"),
+];
+
+/// The six TLS listeners, in [`TLS_LISTENERS`]' order, with
+/// `tls_min_version` = `min` (None: the default), on free ports.
+fn six_listeners(min: Option<&str>) -> String {
+    TLS_LISTENERS
+        .iter()
+        .map(|(protocol, tls)| tls_listener(protocol, tls, min, free_port()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A device on listener `i` of [`TLS_LISTENERS`] offering TLS `min`..=`max`.
+fn device(
+    proxy: &Proxy,
+    i: usize,
+    min: &'static str,
+    max: &'static str,
+    ciphers: &'static str,
+) -> OldTls<'static> {
+    let (proto, tls) = TLS_LISTENERS[i];
+    OldTls {
+        port: proxy.port(i),
+        min,
+        max,
+        ciphers,
+        implicit: tls == "implicit",
+        proto,
+    }
+}
+
+/// What the greeting and goodbye after a good handshake must look like.
+fn served(run: &TlsRun, proto: &str) -> Result<(), String> {
+    let t = run.transcript();
+    let last = t.last().map(String::as_str).unwrap_or("");
+    let ok = match proto {
+        "smtp" => last.starts_with("221 "),
+        "imap" => last.contains("z OK"),
+        _ => last.starts_with("+OK"),
+    };
+    match run.ok() && ok {
+        true => Ok(()),
+        false => Err(format!("not served: {}", run.text())),
+    }
+}
+
+/// A listener without `tls_min_version` refuses TLS 1.0 and 1.1 at the
+/// handshake, on every protocol, STARTTLS and implicit alike, and serves
+/// the next device (TLS 1.2) as before.
+#[test]
+fn default_listeners_refuse_old_tls_and_serve_the_next_device() {
+    let proxy = Proxy::start(&config(&six_listeners(None), ""));
+    let cases: Vec<(usize, &'static str)> = (0..TLS_LISTENERS.len())
+        .flat_map(|i| [(i, "1.0"), (i, "1.1")])
+        .collect();
+    run_rows(
+        &cases,
+        |&(i, v)| format!("{:?} TLS {v}", TLS_LISTENERS[i]),
+        |&(i, v)| {
+            let old = device(&proxy, i, v, v, "DEFAULT:@SECLEVEL=0").handshake();
+            if !old.handshake_failed() {
+                return Err(format!(
+                    "TLS {v} was not refused at the handshake: {}",
+                    old.text()
+                ));
+            }
+            let next = device(&proxy, i, "1.2", "1.2", "DEFAULT").handshake();
+            served(&next, TLS_LISTENERS[i].0)?;
+            match next.version() {
+                "TLSv1.2" => Ok(()),
+                other => Err(format!("the next device got {other}")),
+            }
+        },
+        &proxy,
+    );
+}
+
+/// Old devices' TLS on SMTP, on the legacy listeners of [`TLS_LISTENERS`]
+/// (STARTTLS: listener 0, implicit: listener 1).
+const OLD_TLS_SMTP: &[SmtpRow] = &[
+    SmtpRow {
+        name: "tls10-starttls-aes128-sha",
+        // Xerox WorkCentre firmware before 2017 speaks only TLS 1.0 on
+        // STARTTLS; Exchange Online refuses it.
+        source: "Xerox WorkCentre scan-to-email and Microsoft 365 (TLS 1.0 only)",
+        via: Via::Starttls("1.0", AES128_SHA),
+        hello: Hello::Ehlo,
+        auth: Auth::LoginPrompts,
+        body: Body::Standard,
+    },
+    SmtpRow {
+        name: "tls11-implicit-aes256-sha",
+        // Ricoh MP/IM series with 16S/17S controllers send scans only over
+        // TLS_RSA (RSA key exchange) suites; port 465 style.
+        source: "Ricoh 16S/17S controllers, TLS_RSA suites only",
+        via: Via::Implicit("1.1", AES256_SHA),
+        hello: Hello::Helo,
+        auth: Auth::PlainInitial,
+        body: Body::Standard,
+    },
+];
+
+/// An old mail client reading its mailbox through oxbridge.
+struct MailboxRow {
+    name: &'static str,
+    /// Where the behaviour is documented.
+    source: &'static str,
+    /// Index into [`TLS_LISTENERS`].
+    listener: usize,
+    version: &'static str,
+    cipher: &'static str,
+}
+
+/// Windows 7's Schannel has TLS 1.1 and 1.2 off for clients unless
+/// enabled: Outlook 2010 and Windows Live Mail there speak TLS 1.0.
+const SCHANNEL: &str = "Windows 7 Schannel clients: TLS 1.0 unless 1.1/1.2 are enabled";
+
+const OLD_TLS_MAILBOX: &[MailboxRow] = &[
+    MailboxRow {
+        name: "imap-starttls-tls10",
+        source: SCHANNEL,
+        listener: 2,
+        version: "1.0",
+        cipher: AES128_SHA,
+    },
+    MailboxRow {
+        name: "imap-implicit-tls10",
+        source: SCHANNEL,
+        listener: 3,
+        version: "1.0",
+        cipher: AES128_SHA,
+    },
+    MailboxRow {
+        name: "imap-implicit-tls11",
+        source: "embedded IMAP clients with TLS 1.1 as their newest version",
+        listener: 3,
+        version: "1.1",
+        cipher: AES256_SHA,
+    },
+    MailboxRow {
+        name: "pop3-stls-tls10",
+        source: SCHANNEL,
+        listener: 4,
+        version: "1.0",
+        cipher: AES128_SHA,
+    },
+    MailboxRow {
+        name: "pop3-implicit-tls10",
+        source: SCHANNEL,
+        listener: 5,
+        version: "1.0",
+        cipher: AES128_SHA,
+    },
+    MailboxRow {
+        name: "pop3-implicit-tls11",
+        source: "embedded POP3 clients with TLS 1.1 as their newest version",
+        listener: 5,
+        version: "1.1",
+        cipher: AES256_SHA,
+    },
+];
+
+/// The message `m`, read through oxbridge by `row`'s device, is exactly
+/// what Dovecot holds.
+fn run_mailbox_row(proxy: &Proxy, row: &MailboxRow, m: &Message) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("read.eml");
+    let dev = device(proxy, row.listener, row.version, row.version, row.cipher);
+    let got = dev.fetch(SCANNER, SCANNER_PASSWORD, &m.id, &out);
+    if !got.ok() {
+        return Err(format!("session failed: {}", got.text()));
+    }
+    let want_version = format!("TLSv{}", row.version);
+    let want_cipher = row.cipher.split(':').next().unwrap();
+    if got.version() != want_version || got.cipher() != want_cipher {
+        return Err(format!(
+            "negotiated {} {}, not {want_version} {want_cipher}",
+            got.version(),
+            got.cipher()
+        ));
+    }
+    let held = read_from_dovecot(ALICE, &m.id, "30")?;
+    let read = std::fs::read(&out).unwrap();
+    if read != held {
+        return Err(format!(
+            "read through oxbridge ({} bytes) differs from Dovecot's ({} bytes):\n{:?}\n---\n{:?}",
+            read.len(),
+            held.len(),
+            String::from_utf8_lossy(&read),
+            String::from_utf8_lossy(&held)
+        ));
+    }
+    assert_delivered_intact(&held, &m.bytes);
+    Ok(())
+}
+
+/// TLS 1.0 and 1.1 devices with RSA key exchange and CBC suites, on a
+/// listener with `tls_min_version = "1.0"`: their messages arrive byte
+/// for byte, and their mailboxes read through oxbridge are exactly what
+/// Dovecot holds.
+#[test]
+fn old_tls_devices_deliver_and_read_their_mailbox() {
+    let proxy = Proxy::start(&config(&six_listeners(Some("1.0")), ""));
+    run_rows(
+        OLD_TLS_SMTP,
+        |r| format!("{} ({})", r.name, r.source),
+        |r| {
+            let listener = match r.via {
+                Via::Implicit(..) => 1,
+                _ => 0,
+            };
+            run_smtp_row(r, proxy.port(listener))
+        },
+        &proxy,
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let messages: Vec<Message> = OLD_TLS_MAILBOX
+        .iter()
+        .map(|r| Message::write(dir.path(), r.name, ALICE, 2000))
+        .collect();
+    let pairs: Vec<(&str, &std::path::Path)> =
+        messages.iter().map(|m| (ALICE, m.path.as_path())).collect();
+    lmtp_deliver(&pairs);
+    let rows: Vec<(&MailboxRow, &Message)> = OLD_TLS_MAILBOX.iter().zip(&messages).collect();
+    run_rows(
+        &rows,
+        |(r, _)| format!("{} ({})", r.name, r.source),
+        |(r, m)| run_mailbox_row(&proxy, r, m),
+        &proxy,
+    );
+}
+
+/// A legacy listener still prefers what modern clients offer: TLS 1.3 to
+/// a TLS 1.3 client, and to a TLS 1.2 client that lists CBC suites first,
+/// an ECDHE suite with AEAD (GCM or ChaCha20-Poly1305), not CBC.
+#[test]
+fn legacy_listeners_still_prefer_tls13_and_aead() {
+    let proxy = Proxy::start(&config(&six_listeners(Some("1.0")), ""));
+    let cases: Vec<(usize, &'static str)> = (0..TLS_LISTENERS.len())
+        .flat_map(|i| [(i, "1.3"), (i, "1.2")])
+        .collect();
+    run_rows(
+        &cases,
+        |&(i, v)| format!("{:?} TLS {v}", TLS_LISTENERS[i]),
+        |&(i, v)| {
+            let (min, ciphers) = match v {
+                "1.3" => ("1.3", "DEFAULT"),
+                _ => ("1.0", CBC_FIRST),
+            };
+            let run = device(&proxy, i, min, v, ciphers).handshake();
+            served(&run, TLS_LISTENERS[i].0)?;
+            let cipher = run.cipher();
+            let aead_ecdhe = cipher.starts_with("ECDHE-")
+                && (cipher.contains("GCM") || cipher.contains("CHACHA20"));
+            match (run.version(), v) {
+                ("TLSv1.3", "1.3") => Ok(()),
+                ("TLSv1.2", "1.2") if aead_ecdhe => Ok(()),
+                (got, _) => Err(format!("negotiated {got} {cipher}")),
+            }
+        },
+        &proxy,
+    );
+}
+
+/// `(listener address, version)` -> sessions counted.
+fn tls_sessions(proxy: &Proxy, listener: &str, version: &str) -> f64 {
+    value(
+        &scrape(proxy.admin_addr()),
+        "oxbridge_device_tls_sessions_total",
+        &[("listener", listener), ("version", version)],
+    )
+}
+
+/// Every TLS session is counted under its listener and negotiated
+/// version, and the session's log carries the version and the suite.
+#[test]
+fn tls_sessions_are_counted_per_listener_and_logged() {
+    let proxy = Proxy::start(&config(&six_listeners(Some("1.0")), ADMIN));
+    let addr = |i: usize| format!("127.0.0.1:{}", proxy.port(i));
+    // (listener, version offered, suites, sessions)
+    let sessions: [(usize, &str, &str, usize); 5] = [
+        (0, "1.0", AES128_SHA, 2),
+        (5, "1.1", AES256_SHA, 1),
+        (5, "1.3", "DEFAULT", 1),
+        (2, "1.2", "DEFAULT", 1),
+        (3, "1.0", AES128_SHA, 1),
+    ];
+    for (i, v, ciphers, n) in sessions {
+        for _ in 0..n {
+            let run = device(&proxy, i, v, v, ciphers).handshake();
+            assert!(run.ok(), "{}\n{}", run.text(), proxy.logs());
+        }
+    }
+    // (listener, version, count): what was sent, and zeros beside it.
+    let want = [
+        (0, "TLSv1.0", 2.0),
+        (0, "TLSv1.1", 0.0),
+        (0, "TLSv1.2", 0.0),
+        (5, "TLSv1.1", 1.0),
+        (5, "TLSv1.3", 1.0),
+        (5, "TLSv1.0", 0.0),
+        (2, "TLSv1.2", 1.0),
+        (3, "TLSv1.0", 1.0),
+        (1, "TLSv1.0", 0.0),
+    ];
+    for (i, version, count) in want {
+        assert_eq!(
+            tls_sessions(&proxy, &addr(i), version),
+            count,
+            "listener {} {version}: {}",
+            addr(i),
+            curl(proxy.admin_addr(), "/metrics").1
+        );
+    }
+    // The session's log: the version and the suite, by OpenSSL's or IANA's name.
+    let line = proxy.wait_log(&["TLSv1.0"]);
+    let logs = proxy.logs();
+    let named = logs
+        .lines()
+        .filter(|l| l.contains("TLSv1.0"))
+        .find(|l| l.contains(AES128_SHA_IANA) || l.contains("AES128-SHA"));
+    assert!(
+        named.is_some(),
+        "no TLSv1.0 line names the suite; first: {line}\n{logs}"
+    );
+    eprintln!("TLS session log line: {}", named.unwrap());
+    assert!(logs.lines().any(|l| l.contains("TLSv1.3")), "{logs}");
+}
+
+/// The SHA-256 fingerprint in a log line: `sha256=` and colon-separated
+/// upper-case hex.
+fn logged_fingerprint(line: &str) -> String {
+    let at = line.find("sha256=").expect("sha256=") + "sha256=".len();
+    line[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || ('A'..='F').contains(c) || *c == ':')
+        .collect()
+}
+
+/// The files of a directory, by name, with their bytes.
+fn files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut all: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().is_file())
+                .map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    (name, std::fs::read(e.path()).unwrap())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    all.sort();
+    all
+}
+
+/// A TLS listener without `cert_file` makes an RSA 2048 certificate once,
+/// in `state_dir/tls/` (its key readable by the owner only), logs its
+/// fingerprint and shows it on the status page; a restart with the same
+/// state_dir serves the same certificate; a TLS 1.0 device accepts it.
+#[test]
+fn self_signed_certificate_is_made_once_and_kept() {
+    use std::os::unix::fs::PermissionsExt;
+    let state = tempfile::tempdir().unwrap();
+    let listener = self_signed_listener("smtp", "implicit", Some("1.0"), free_port());
+    let cfg = with_state_dir(&config(&listener, ADMIN), state.path());
+    let tls_dir = state.path().join("tls");
+
+    let mut first = Proxy::start(&cfg);
+    let logged = logged_fingerprint(&first.wait_log(&["sha256="]));
+    assert_eq!(logged.len(), 95, "{logged:?}\n{}", first.logs());
+    let made = files(&tls_dir);
+    assert!(!made.is_empty(), "no files in {}", tls_dir.display());
+    for (name, bytes) in &made {
+        if String::from_utf8_lossy(bytes).contains("PRIVATE KEY") {
+            let mode = std::fs::metadata(tls_dir.join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{name} is mode {mode:o}");
+        }
+    }
+    let old = OldTls {
+        implicit: true,
+        ..OldTls::pinned(first.port(0), "1.0", AES128_SHA)
+    };
+    let run = old.handshake();
+    assert!(run.ok(), "{}\n{}", run.text(), first.logs());
+    assert_eq!(run.cert_sha256(), logged);
+    let der = state.path().join("served.der");
+    std::fs::write(&der, run.cert_der()).unwrap();
+    let x509 = text(&crate::common::run(
+        std::process::Command::new("openssl")
+            .args(["x509", "-inform", "DER", "-noout", "-text", "-in"])
+            .arg(&der),
+        CLIENT_LIMIT,
+    ));
+    assert!(
+        x509.contains("rsaEncryption") && x509.contains("Public-Key: (2048 bit)"),
+        "{x509}"
+    );
+    let (status, page) = curl(first.admin_addr(), "/");
+    assert_eq!(status, 200);
+    assert!(
+        page.contains(&logged),
+        "the status page lacks {logged}:\n{page}"
+    );
+    first.terminate();
+
+    let second = Proxy::start(&cfg);
+    assert_eq!(logged_fingerprint(&second.wait_log(&["sha256="])), logged);
+    let again = OldTls {
+        port: second.port(0),
+        ..old
+    }
+    .handshake();
+    assert!(again.ok(), "{}", again.text());
+    assert_eq!(again.cert_sha256(), logged);
+    assert_eq!(files(&tls_dir), made, "the certificate was made again");
+}
