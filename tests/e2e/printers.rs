@@ -778,3 +778,111 @@ fn self_signed_certificate_is_made_once_and_kept() {
     assert_eq!(again.cert_sha256(), logged);
     assert_eq!(files(&tls_dir), made, "the certificate was made again");
 }
+
+/// An SSL 3.0 ClientHello (record and hello version 3.0) offering
+/// AES128-SHA and DES-CBC3-SHA, no extensions.
+fn ssl3_client_hello() -> Vec<u8> {
+    let mut hello = vec![0x03, 0x00];
+    hello.extend([0x5a; 32]); // random
+    hello.push(0); // no session id
+    hello.extend([0x00, 0x04, 0x00, 0x2f, 0x00, 0x0a]);
+    hello.extend([0x01, 0x00]); // null compression
+    let mut handshake = vec![0x01, 0x00, 0x00, hello.len() as u8];
+    handshake.extend(hello);
+    let mut record = vec![0x16, 0x03, 0x00, 0x00, handshake.len() as u8];
+    record.extend(handshake);
+    record
+}
+
+/// An SSL 2.0 CLIENT-HELLO (version 0.2) offering RC4-MD5.
+fn ssl2_client_hello() -> Vec<u8> {
+    let mut m = vec![0x01, 0x00, 0x02, 0x00, 0x03, 0x00, 0x00, 0x00, 0x10];
+    m.extend([0x01, 0x00, 0x80]);
+    m.extend([0x5a; 16]); // challenge
+    let mut record = vec![0x80, m.len() as u8];
+    record.extend(m);
+    record
+}
+
+/// A connection to listener `i` at the point where TLS starts: after
+/// STARTTLS (STLS) was answered, or at once on an implicit listener.
+fn at_tls_start(proxy: &Proxy, i: usize) -> Raw {
+    let (proto, tls) = TLS_LISTENERS[i];
+    let mut raw = Raw::connect(proxy.port(i));
+    raw.writer
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    if tls == "starttls" {
+        let answer = match proto {
+            "smtp" => {
+                raw.reply();
+                raw.send("EHLO attacker.test");
+                raw.reply();
+                raw.send("STARTTLS");
+                raw.reply()
+            }
+            "imap" => {
+                raw.line();
+                raw.send("s STARTTLS");
+                raw.until("s ")
+            }
+            _ => {
+                raw.line();
+                raw.send("STLS");
+                raw.line()
+            }
+        };
+        assert!(
+            answer.starts_with("220 ") || answer.contains("s OK") || answer.starts_with("+OK"),
+            "{answer}"
+        );
+    }
+    raw
+}
+
+/// What the server sends back first, if anything: None when it closed.
+fn first_byte(raw: &mut Raw) -> Option<u8> {
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    match raw.reader.read(&mut b) {
+        Ok(1) => Some(b[0]),
+        _ => None,
+    }
+}
+
+/// A legacy listener never accepts SSL 2 or 3, and a handshake cut off
+/// half way or plain text where TLS was due leave it serving the next
+/// device.
+#[test]
+fn legacy_listeners_never_accept_ssl2_or_ssl3_and_survive_bad_handshakes() {
+    let proxy = Proxy::start(&config(&six_listeners(Some("1.0")), ""));
+    let cases: Vec<usize> = (0..TLS_LISTENERS.len()).collect();
+    run_rows(
+        &cases,
+        |&i| format!("{:?}", TLS_LISTENERS[i]),
+        |&i| {
+            for (what, hello) in [
+                ("SSL 3.0", ssl3_client_hello()),
+                ("SSL 2.0", ssl2_client_hello()),
+            ] {
+                let mut raw = at_tls_start(&proxy, i);
+                raw.write(&hello);
+                if let Some(0x16) = first_byte(&mut raw) {
+                    return Err(format!("an {what} hello got a handshake record back"));
+                }
+            }
+            // Half a hello, then the connection is gone.
+            let hello = ssl3_client_hello();
+            at_tls_start(&proxy, i).write(&hello[..20]);
+            // Plain text where the handshake was due.
+            let mut raw = at_tls_start(&proxy, i);
+            raw.write(b"EHLO printer.test\r\n\x00\x01\r\n");
+            if let Some(0x16) = first_byte(&mut raw) {
+                return Err("plain text got a handshake record back".into());
+            }
+            let next = device(&proxy, i, "1.0", "1.0", AES128_SHA).handshake();
+            served(&next, TLS_LISTENERS[i].0)
+        },
+        &proxy,
+    );
+}
