@@ -423,6 +423,12 @@ fn default_listeners_refuse_old_tls_and_serve_the_next_device() {
                     old.text()
                 ));
             }
+            let (proto, tls) = TLS_LISTENERS[i];
+            let starttls = (tls == "starttls").then_some(proto);
+            let s_client = s_client(proxy.port(i), v, AES128_SHA, starttls);
+            if s_client.status.success() || text(&s_client).contains("Protocol version") {
+                return Err(format!("openssl s_client got TLS {v}: {}", text(&s_client)));
+            }
             let next = device(&proxy, i, "1.2", "1.2", "DEFAULT").handshake();
             served(&next, TLS_LISTENERS[i].0)?;
             match next.version() {
@@ -881,7 +887,17 @@ fn legacy_listeners_never_accept_ssl2_or_ssl3_and_survive_bad_handshakes() {
                 return Err("plain text got a handshake record back".into());
             }
             let next = device(&proxy, i, "1.0", "1.0", AES128_SHA).handshake();
-            served(&next, TLS_LISTENERS[i].0)
+            served(&next, TLS_LISTENERS[i].0)?;
+            // And Debian's openssl as the old device.
+            let (proto, tls) = TLS_LISTENERS[i];
+            let starttls = (tls == "starttls").then_some(proto);
+            let s_client = text(&s_client(proxy.port(i), "1.0", AES128_SHA, starttls));
+            match s_client.contains("Protocol version: TLSv1\n")
+                && s_client.contains("Ciphersuite: AES128-SHA\n")
+            {
+                true => Ok(()),
+                false => Err(format!("openssl s_client -tls1: {s_client}")),
+            }
         },
         &proxy,
     );

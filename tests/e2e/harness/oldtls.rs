@@ -212,3 +212,24 @@ fn tls_listener_with(
         "[[listener]]\nprotocol = \"{protocol}\"\nlisten = \"127.0.0.1:{port}\"\ntls = \"{tls}\"\n{certs}{min}"
     )
 }
+
+/// Debian's `openssl s_client` as an old device: TLS `version` only
+/// ("1.0" ... "1.3"), the suites `ciphers`, after the STARTTLS (STLS) of
+/// `starttls` ("smtp", "imap", "pop3") or implicit TLS (None); it ends
+/// when the handshake is done (its input is empty). `-brief` prints the
+/// outcome: "Protocol version: TLSv1", "Ciphersuite: AES128-SHA".
+pub fn s_client(port: u16, version: &str, ciphers: &str, starttls: Option<&str>) -> Output {
+    let flag = match version {
+        "1.0" => "-tls1",
+        "1.1" => "-tls1_1",
+        "1.2" => "-tls1_2",
+        _ => "-tls1_3",
+    };
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.args(["s_client", "-brief", flag, "-cipher", ciphers])
+        .args(["-connect", &format!("127.0.0.1:{port}")]);
+    if let Some(proto) = starttls {
+        cmd.args(["-starttls", proto]);
+    }
+    run(&mut cmd, CLIENT_LIMIT)
+}
