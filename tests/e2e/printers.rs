@@ -94,13 +94,13 @@ enum Want {
 }
 
 impl Want {
+    /// `got` is what was wanted, and every line of it ends in CRLF.
     fn check(&self, got: &str) -> bool {
-        match self {
+        let crlf = got.split_inclusive('\n').all(|l| l.ends_with("\r\n"));
+        crlf && match self {
             Want::Exact(s) => got == s,
-            Want::OneLine(p) => got.starts_with(p) && got.matches("\r\n").count() == 1,
-            Want::Last(p) => {
-                got.ends_with("\r\n") && got.lines().last().unwrap_or("").starts_with(p)
-            }
+            Want::OneLine(p) => got.starts_with(p) && got.lines().count() == 1,
+            Want::Last(p) => got.lines().last().unwrap_or("").starts_with(p),
         }
     }
 }
