@@ -693,10 +693,13 @@ fn tls_sessions_are_counted_per_listener_and_logged() {
     assert!(logs.lines().any(|l| l.contains("TLSv1.3")), "{logs}");
 }
 
-/// The SHA-256 fingerprint in a log line: `sha256=` and colon-separated
-/// upper-case hex.
+/// The SHA-256 fingerprint in a log line: colon-separated upper-case hex
+/// after `sha256=` (text logs) or in the JSON field `"sha256"`.
 fn logged_fingerprint(line: &str) -> String {
-    let at = line.find("sha256=").expect("sha256=") + "sha256=".len();
+    let at = ["sha256=", "\"sha256\":\""]
+        .iter()
+        .find_map(|key| line.find(key).map(|at| at + key.len()))
+        .unwrap_or_else(|| panic!("no fingerprint in {line}"));
     line[at..]
         .chars()
         .take_while(|c| c.is_ascii_digit() || ('A'..='F').contains(c) || *c == ':')
@@ -733,7 +736,7 @@ fn self_signed_certificate_is_made_once_and_kept() {
     let tls_dir = state.path().join("tls");
 
     let mut first = Proxy::start(&cfg);
-    let logged = logged_fingerprint(&first.wait_log(&["sha256="]));
+    let logged = logged_fingerprint(&first.wait_log(&["sha256"]));
     assert_eq!(logged.len(), 95, "{logged:?}\n{}", first.logs());
     let made = files(&tls_dir);
     assert!(!made.is_empty(), "no files in {}", tls_dir.display());
@@ -774,7 +777,7 @@ fn self_signed_certificate_is_made_once_and_kept() {
     first.terminate();
 
     let second = Proxy::start(&cfg);
-    assert_eq!(logged_fingerprint(&second.wait_log(&["sha256="])), logged);
+    assert_eq!(logged_fingerprint(&second.wait_log(&["sha256"])), logged);
     let again = OldTls {
         port: second.port(0),
         ..old
