@@ -26,7 +26,8 @@ Modes (--mode):
               first), RETR it to --out (lines joined again with CRLF)
 
 Prints one JSON object last: {"ok", "version" (TLSv1.0 ... TLSv1.3),
-"cipher" (OpenSSL's name), "cert_sha256" (colon-separated upper-case hex,
+"cipher" (OpenSSL's name), "ticket" (handshake mode: the server sent a
+session ticket), "cert_sha256" (colon-separated upper-case hex,
 as `openssl x509 -fingerprint -sha256` prints it), "cert_der" (hex),
 "transcript", "stage", "error"}. Exit 0 on success, 2 when the TLS
 handshake failed, 1 on any other failure.
@@ -291,6 +292,9 @@ try:
             if not a.implicit:
                 starttls_by_hand(conn, a.proto)
             goodbye(conn, a.proto)
+            # Tickets come after the handshake; the goodbye's reads took them in.
+            session = getattr(conn.sock, "session", None)
+            result["ticket"] = bool(session is not None and session.has_ticket)
         else:
             run_script(conn, json.load(open(a.script)))
 except ssl.SSLError as e:

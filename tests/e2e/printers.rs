@@ -905,3 +905,165 @@ fn legacy_listeners_never_accept_ssl2_or_ssl3_and_survive_bad_handshakes() {
         &proxy,
     );
 }
+
+/// A device's suite list on a legacy (0) or default (1) listener, and the
+/// suite it must get (None: refused at the handshake).
+struct SuiteRow {
+    name: &'static str,
+    /// Where the behaviour is documented.
+    source: &'static str,
+    listener: usize,
+    version: &'static str,
+    offered: &'static str,
+    gets: Option<&'static str>,
+}
+
+const SUITES: &[SuiteRow] = &[
+    SuiteRow {
+        name: "ecdhe-cbc-tls10",
+        source: "Windows 7 Schannel, Java 7: ECDHE with AES-CBC over TLS 1.0",
+        listener: 0,
+        version: "1.0",
+        offered: "ECDHE-RSA-AES256-SHA:ECDHE-RSA-AES128-SHA:AES256-SHA:AES128-SHA:@SECLEVEL=0",
+        gets: Some("ECDHE-RSA-AES128-SHA"),
+    },
+    SuiteRow {
+        name: "ecdhe-cbc-tls11",
+        source: "TLS 1.1 stacks of the same age",
+        listener: 0,
+        version: "1.1",
+        offered: "ECDHE-RSA-AES128-SHA:AES128-SHA:@SECLEVEL=0",
+        gets: Some("ECDHE-RSA-AES128-SHA"),
+    },
+    SuiteRow {
+        name: "ecdhe-cbc-sha256-tls12",
+        source: ".NET 4.x on Windows 7: TLS 1.2 with CBC suites first",
+        listener: 0,
+        version: "1.2",
+        offered: "ECDHE-RSA-AES256-SHA384:ECDHE-RSA-AES128-SHA256:AES128-SHA:@SECLEVEL=0",
+        gets: Some("ECDHE-RSA-AES128-SHA256"),
+    },
+    SuiteRow {
+        name: "rsa-kx-only-tls12",
+        source: "Ricoh controllers that fail against ECDHE-only servers",
+        listener: 0,
+        version: "1.2",
+        offered: "AES256-SHA256:AES128-SHA:AES128-GCM-SHA256:@SECLEVEL=0",
+        gets: Some("AES128-GCM-SHA256"),
+    },
+    SuiteRow {
+        name: "rsa-and-dhe-tls10",
+        source: "Konica Minolta bizhub manuals: RSA and DHE suites only",
+        listener: 0,
+        version: "1.0",
+        offered: "DHE-RSA-AES256-SHA:DHE-RSA-AES128-SHA:AES256-SHA:AES128-SHA:@SECLEVEL=0",
+        gets: Some("AES128-SHA"),
+    },
+    SuiteRow {
+        name: "dhe-only",
+        source: "finite-field DHE is never offered",
+        listener: 0,
+        version: "1.2",
+        offered: "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES128-SHA:@SECLEVEL=0",
+        gets: None,
+    },
+    SuiteRow {
+        name: "camellia-only",
+        source: "suites outside the documented list are refused",
+        listener: 0,
+        version: "1.0",
+        offered: "CAMELLIA128-SHA:CAMELLIA256-SHA:@SECLEVEL=0",
+        gets: None,
+    },
+    SuiteRow {
+        name: "cbc-only-tls12-on-a-default-listener",
+        source: "default listeners: rustls, AEAD suites only",
+        listener: 1,
+        version: "1.2",
+        offered: "ECDHE-RSA-AES128-SHA256:ECDHE-RSA-AES128-SHA:AES128-SHA:@SECLEVEL=0",
+        gets: None,
+    },
+];
+
+/// Each documented device suite list gets the suite the server prefers
+/// among them, on a legacy listener; what is never offered is refused at
+/// the handshake, and a default listener takes no CBC suite at all.
+#[test]
+fn legacy_listeners_serve_the_documented_suites() {
+    let listeners = [
+        tls_listener("smtp", "implicit", Some("1.0"), 0),
+        tls_listener("smtp", "implicit", None, 0),
+    ];
+    let proxy = Proxy::start(&config(&listeners.join("\n"), ""));
+    run_rows(
+        SUITES,
+        |r| format!("{} ({})", r.name, r.source),
+        |r| {
+            let run = OldTls {
+                port: proxy.port(r.listener),
+                implicit: true,
+                ciphers: r.offered,
+                ..OldTls::pinned(0, r.version, "")
+            }
+            .handshake();
+            match (r.gets, run.ok()) {
+                (None, _) if run.handshake_failed() => Ok(()),
+                (Some(suite), true)
+                    if run.cipher() == suite && run.version() == format!("TLSv{}", r.version) =>
+                {
+                    served(&run, "smtp")
+                }
+                _ => Err(format!("wanted {:?}, got: {}", r.gets, run.text())),
+            }
+        },
+        &proxy,
+    );
+}
+
+/// Devices get no TLS session tickets (some old clients lose a command
+/// when one arrives right after the handshake), from default and legacy
+/// listeners, at every version; a listener with `session_tickets = true`
+/// sends them after a TLS 1.3 handshake.
+#[test]
+fn devices_get_no_session_tickets_unless_the_listener_asks() {
+    let tickets = "session_tickets = true\n";
+    let listeners = [
+        tls_listener("smtp", "implicit", Some("1.0"), 0),
+        tls_listener("imap", "starttls", None, 0),
+        tls_listener("pop3", "implicit", Some("1.0"), 0) + tickets,
+        tls_listener("smtp", "starttls", None, 0) + tickets,
+    ];
+    let proxy = Proxy::start(&config(&listeners.join("\n"), ""));
+    // (listener, protocol, implicit, version, ticket wanted)
+    let cases = [
+        (0, "smtp", true, "1.0", false),
+        (0, "smtp", true, "1.2", false),
+        (0, "smtp", true, "1.3", false),
+        (1, "imap", false, "1.2", false),
+        (1, "imap", false, "1.3", false),
+        (2, "pop3", true, "1.3", true),
+        (3, "smtp", false, "1.3", true),
+    ];
+    run_rows(
+        &cases,
+        |c| format!("{c:?}"),
+        |&(i, proto, implicit, version, wanted)| {
+            let ciphers = match version {
+                "1.0" => AES128_SHA,
+                _ => "DEFAULT",
+            };
+            let run = OldTls {
+                implicit,
+                proto,
+                ..OldTls::pinned(proxy.port(i), version, ciphers)
+            }
+            .handshake();
+            served(&run, proto)?;
+            match run.ticket() == wanted {
+                true => Ok(()),
+                false => Err(format!("ticket {}, wanted {wanted}", run.ticket())),
+            }
+        },
+        &proxy,
+    );
+}

@@ -73,6 +73,10 @@ impl TlsRun {
     pub fn cipher(&self) -> &str {
         self.field("cipher")
     }
+    /// The server sent a TLS session ticket (handshake mode).
+    pub fn ticket(&self) -> bool {
+        self.json["ticket"] == true
+    }
     /// SHA-256 of the server's certificate, as `openssl x509 -fingerprint`.
     pub fn cert_sha256(&self) -> &str {
         self.field("cert_sha256")
