@@ -678,6 +678,15 @@ fn tls_sessions_are_counted_per_listener_and_logged() {
             curl(proxy.admin_addr(), "/metrics").1
         );
     }
+    // The status page: each listener's mix of versions, legacy ones marked.
+    let (status, page) = curl(proxy.admin_addr(), "/");
+    assert_eq!(status, 200);
+    for shown in ["TLSv1.0: 2", "TLSv1.1: 1, TLSv1.3: 1", "TLS 1.0 and later"] {
+        assert!(
+            page.contains(shown),
+            "the status page lacks {shown:?}:\n{page}"
+        );
+    }
     // The session's log: the version and the suite, by OpenSSL's or IANA's name.
     let line = proxy.wait_log(&["TLSv1.0"]);
     let logs = proxy.logs();
