@@ -868,51 +868,93 @@ fn first_byte(raw: &mut Raw) -> Option<u8> {
     }
 }
 
-/// A legacy listener never accepts SSL 2 or 3, and a handshake cut off
-/// half way or plain text where TLS was due leave it serving the next
-/// device.
+/// How long a handshake may stall before oxbridge closes the connection
+/// (its limit is 15 s), and how soon it may do so at the earliest.
+const STALL_CLOSED_BY: std::time::Duration = std::time::Duration::from_secs(25);
+const STALL_AT_LEAST: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A device that stops half way through its hello on listener `i`: how
+/// long until oxbridge closes the connection.
+fn stalled_handshake(proxy: &Proxy, i: usize) -> Result<std::time::Duration, String> {
+    let mut raw = at_tls_start(proxy, i);
+    raw.writer.set_read_timeout(Some(STALL_CLOSED_BY)).unwrap();
+    let started = std::time::Instant::now();
+    raw.write(&ssl3_client_hello()[..20]);
+    let first = first_byte(&mut raw);
+    let waited = started.elapsed();
+    match (first, waited < STALL_CLOSED_BY) {
+        (Some(0x16), _) => Err("half a hello got a handshake record back".into()),
+        (_, true) => Ok(waited),
+        (_, false) => Err(format!("still open after {waited:?}")),
+    }
+}
+
+/// A legacy listener never accepts SSL 2 or 3; a handshake cut off half
+/// way, plain text where TLS was due, or a hello that stalls (closed after
+/// the handshake limit) leave it serving the next device meanwhile.
 #[test]
 fn legacy_listeners_never_accept_ssl2_or_ssl3_and_survive_bad_handshakes() {
     let proxy = Proxy::start(&config(&six_listeners(Some("1.0")), ""));
     let cases: Vec<usize> = (0..TLS_LISTENERS.len()).collect();
-    run_rows(
-        &cases,
-        |&i| format!("{:?}", TLS_LISTENERS[i]),
-        |&i| {
-            for (what, hello) in [
-                ("SSL 3.0", ssl3_client_hello()),
-                ("SSL 2.0", ssl2_client_hello()),
-            ] {
-                let mut raw = at_tls_start(&proxy, i);
-                raw.write(&hello);
-                if let Some(0x16) = first_byte(&mut raw) {
-                    return Err(format!("an {what} hello got a handshake record back"));
+    std::thread::scope(|scope| {
+        // Stalled handshakes on a STARTTLS and an implicit listener, all along.
+        let stalls: Vec<_> = [0, 5]
+            .into_iter()
+            .map(|i| {
+                let proxy = &proxy;
+                (i, scope.spawn(move || stalled_handshake(proxy, i)))
+            })
+            .collect();
+        run_rows(
+            &cases,
+            |&i| format!("{:?}", TLS_LISTENERS[i]),
+            |&i| {
+                for (what, hello) in [
+                    ("SSL 3.0", ssl3_client_hello()),
+                    ("SSL 2.0", ssl2_client_hello()),
+                ] {
+                    let mut raw = at_tls_start(&proxy, i);
+                    raw.write(&hello);
+                    if let Some(0x16) = first_byte(&mut raw) {
+                        return Err(format!("an {what} hello got a handshake record back"));
+                    }
                 }
-            }
-            // Half a hello, then the connection is gone.
-            let hello = ssl3_client_hello();
-            at_tls_start(&proxy, i).write(&hello[..20]);
-            // Plain text where the handshake was due.
-            let mut raw = at_tls_start(&proxy, i);
-            raw.write(b"EHLO printer.test\r\n\x00\x01\r\n");
-            if let Some(0x16) = first_byte(&mut raw) {
-                return Err("plain text got a handshake record back".into());
-            }
-            let next = device(&proxy, i, "1.0", "1.0", AES128_SHA).handshake();
-            served(&next, TLS_LISTENERS[i].0)?;
-            // And Debian's openssl as the old device.
-            let (proto, tls) = TLS_LISTENERS[i];
-            let starttls = (tls == "starttls").then_some(proto);
-            let s_client = text(&s_client(proxy.port(i), "1.0", AES128_SHA, starttls));
-            match s_client.contains("Protocol version: TLSv1\n")
-                && s_client.contains("Ciphersuite: AES128-SHA\n")
-            {
-                true => Ok(()),
-                false => Err(format!("openssl s_client -tls1: {s_client}")),
-            }
-        },
-        &proxy,
-    );
+                // Half a hello, then the connection is gone.
+                let hello = ssl3_client_hello();
+                at_tls_start(&proxy, i).write(&hello[..20]);
+                // Plain text where the handshake was due.
+                let mut raw = at_tls_start(&proxy, i);
+                raw.write(b"EHLO printer.test\r\n\x00\x01\r\n");
+                if let Some(0x16) = first_byte(&mut raw) {
+                    return Err("plain text got a handshake record back".into());
+                }
+                let next = device(&proxy, i, "1.0", "1.0", AES128_SHA).handshake();
+                served(&next, TLS_LISTENERS[i].0)?;
+                // And Debian's openssl as the old device.
+                let (proto, tls) = TLS_LISTENERS[i];
+                let starttls = (tls == "starttls").then_some(proto);
+                let s_client = text(&s_client(proxy.port(i), "1.0", AES128_SHA, starttls));
+                match s_client.contains("Protocol version: TLSv1\n")
+                    && s_client.contains("Ciphersuite: AES128-SHA\n")
+                {
+                    true => Ok(()),
+                    false => Err(format!("openssl s_client -tls1: {s_client}")),
+                }
+            },
+            &proxy,
+        );
+        for (i, stall) in stalls {
+            let waited = stall
+                .join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{:?}: {e}\n{}", TLS_LISTENERS[i], proxy.logs()));
+            assert!(
+                waited >= STALL_AT_LEAST,
+                "{:?} closed a stalled handshake after only {waited:?}",
+                TLS_LISTENERS[i]
+            );
+        }
+    });
 }
 
 /// A device's suite list on a legacy (0) or default (1) listener, and the
