@@ -336,6 +336,20 @@ fn run_rows<R: Sync>(
     );
 }
 
+/// The password, in every form a device sent it, is in no log line.
+fn assert_no_password_in(logs: &str) {
+    for form in [
+        SCANNER_PASSWORD.to_string(),
+        b64(SCANNER_PASSWORD),
+        plain_ir(SCANNER, SCANNER_PASSWORD),
+    ] {
+        assert!(
+            !logs.contains(&form),
+            "the password reached the log as {form}"
+        );
+    }
+}
+
 /// Every documented dialogue reaches Postfix and the message arrives in
 /// Dovecot byte for byte (the bare-LF one with its line ends made CRLF).
 #[test]
@@ -347,6 +361,7 @@ fn printer_dialogues_deliver_byte_identical() {
         |r| run_smtp_row(r, proxy.port(0)),
         &proxy,
     );
+    assert_no_password_in(&proxy.logs());
 }
 
 /// The six ways a device starts TLS: each protocol, STARTTLS (STLS) and implicit.
@@ -594,6 +609,7 @@ fn old_tls_devices_deliver_and_read_their_mailbox() {
         |(r, m)| run_mailbox_row(&proxy, r, m),
         &proxy,
     );
+    assert_no_password_in(&proxy.logs());
 }
 
 /// A legacy listener still prefers what modern clients offer: TLS 1.3 to
