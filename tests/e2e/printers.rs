@@ -790,8 +790,17 @@ fn self_signed_certificate_is_made_once_and_kept() {
         CLIENT_LIMIT,
     ));
     assert!(
-        x509.contains("rsaEncryption") && x509.contains("Public-Key: (2048 bit)"),
+        x509.contains("rsaEncryption")
+            && x509.contains("Public-Key: (2048 bit)")
+            && x509.contains("DNS:localhost"),
         "{x509}"
+    );
+    let folder = std::fs::metadata(&tls_dir).unwrap().permissions().mode();
+    assert_eq!(
+        folder & 0o077,
+        0,
+        "{} is mode {folder:o}",
+        tls_dir.display()
     );
     let (status, page) = curl(first.admin_addr(), "/");
     assert_eq!(status, 200);
@@ -811,6 +820,27 @@ fn self_signed_certificate_is_made_once_and_kept() {
     assert!(again.ok(), "{}", again.text());
     assert_eq!(again.cert_sha256(), logged);
     assert_eq!(files(&tls_dir), made, "the certificate was made again");
+    drop(second);
+
+    // One of the two files lost: oxbridge does not start (a new
+    // certificate would break every device that pinned this one).
+    let key = made
+        .iter()
+        .find(|(_, bytes)| String::from_utf8_lossy(bytes).contains("PRIVATE KEY"))
+        .map(|(name, _)| tls_dir.join(name))
+        .expect("a key file");
+    std::fs::remove_file(&key).unwrap();
+    let config_file = write_config(state.path(), &cfg);
+    let refused = crate::common::run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_oxbridge"))
+            .args(["run", "--config"])
+            .arg(&config_file),
+        std::time::Duration::from_secs(20),
+    );
+    let said = text(&refused);
+    assert!(!refused.status.success(), "{said}");
+    assert!(said.contains(&key.display().to_string()), "{said}");
+    assert!(!key.exists(), "a new key was made: {said}");
 }
 
 /// An SSL 3.0 ClientHello (record and hello version 3.0) offering
