@@ -1164,3 +1164,60 @@ fn devices_get_no_session_tickets_unless_the_listener_asks() {
         &proxy,
     );
 }
+
+/// A command sent in the clear right behind STARTTLS (STLS), in the same
+/// packet, is never answered inside TLS (command injection, RFC 3207 5):
+/// on each legacy STARTTLS listener, (protocol, the injected line, the
+/// first line after the handshake, what its answer starts with).
+const INJECTIONS: [(usize, &str, &str, &str); 3] = [
+    (0, "HELP", "NOOP", "250 "),
+    (2, "x CAPABILITY", "y NOOP", "y OK"),
+    (4, "NOOP", "CAPA", "+OK"),
+];
+
+#[test]
+fn legacy_starttls_discards_what_was_sent_before_the_handshake() {
+    let proxy = Proxy::start(&config(&six_listeners(Some("1.0")), ""));
+    run_rows(
+        &INJECTIONS,
+        |&(i, injected, ..)| format!("{:?} with {injected:?}", TLS_LISTENERS[i]),
+        |&(i, injected, after, answer)| {
+            let (proto, _) = TLS_LISTENERS[i];
+            let (starttls, read) = match proto {
+                "smtp" => ("STARTTLS", Step::Reply),
+                "imap" => ("s STARTTLS", Step::Until("s ".into())),
+                _ => ("STLS", Step::Line),
+            };
+            let mut steps = vec![Step::Reply];
+            if proto == "smtp" {
+                steps.extend([Step::line("EHLO printer.test"), Step::Reply]);
+            }
+            steps.extend([
+                Step::Send(format!("{starttls}\r\n{injected}\r\n")),
+                read.clone(),
+                Step::Tls,
+                Step::line(after),
+                match proto {
+                    "imap" => Step::Until("y ".into()),
+                    _ => read,
+                },
+            ]);
+            let run = OldTls {
+                proto,
+                ..OldTls::pinned(proxy.port(i), "1.0", AES128_SHA)
+            }
+            .script(&steps);
+            if !run.ok() {
+                return Err(format!("failed: {}", run.text()));
+            }
+            // The first reply inside TLS answers the line sent inside TLS.
+            let last = run.transcript().pop().unwrap_or_default();
+            let lines: Vec<&str> = last.lines().collect();
+            match lines.len() == 1 && lines[0].starts_with(answer) {
+                true => Ok(()),
+                false => Err(format!("after the handshake: {:?}", run.transcript())),
+            }
+        },
+        &proxy,
+    );
+}

@@ -29,6 +29,10 @@ pub enum Step {
     Send(String),
     /// Read one SMTP reply, all its lines.
     Reply,
+    /// Read one line.
+    Line,
+    /// Read lines until one starts with this.
+    Until(String),
     /// Start TLS now.
     Tls,
 }
@@ -43,6 +47,8 @@ impl Step {
         match self {
             Step::Send(s) => serde_json::json!(["send", s]),
             Step::Reply => serde_json::json!(["reply"]),
+            Step::Line => serde_json::json!(["line"]),
+            Step::Until(p) => serde_json::json!(["until", p]),
             Step::Tls => serde_json::json!(["tls"]),
         }
     }
