@@ -375,11 +375,11 @@ const TLS_LISTENERS: [(&str, &str); 6] = [
 ];
 
 /// The six TLS listeners, in [`TLS_LISTENERS`]' order, with
-/// `tls_min_version` = `min` (None: the default), on free ports.
+/// `tls_min_version` = `min` (None: the default), on free loopback ports.
 fn six_listeners(min: Option<&str>) -> String {
     TLS_LISTENERS
         .iter()
-        .map(|(protocol, tls)| tls_listener(protocol, tls, min, free_port()))
+        .map(|(protocol, tls)| tls_listener(protocol, tls, min, 0))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -658,7 +658,8 @@ fn tls_sessions(proxy: &Proxy, listener: &str, version: &str) -> f64 {
 #[test]
 fn tls_sessions_are_counted_per_listener_and_logged() {
     let proxy = Proxy::start(&config(&six_listeners(Some("1.0")), ADMIN));
-    let addr = |i: usize| format!("127.0.0.1:{}", proxy.port(i));
+    // The label is the listener's bound address.
+    let addr = |i: usize| proxy.addrs[i].to_string();
     // (listener, version offered, suites, sessions)
     let sessions: [(usize, &str, &str, usize); 5] = [
         (0, "1.0", AES128_SHA, 2),
@@ -756,7 +757,7 @@ fn files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
 fn self_signed_certificate_is_made_once_and_kept() {
     use std::os::unix::fs::PermissionsExt;
     let state = tempfile::tempdir().unwrap();
-    let listener = self_signed_listener("smtp", "implicit", Some("1.0"), free_port());
+    let listener = self_signed_listener("smtp", "implicit", Some("1.0"), 0);
     let cfg = with_state_dir(&config(&listener, ADMIN), state.path());
     let tls_dir = state.path().join("tls");
 

@@ -177,16 +177,6 @@ impl OldTls<'_> {
     }
 }
 
-/// A free port on 127.0.0.1 (for a listener whose address must be known
-/// before it starts: the metrics label it).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A TLS `[[listener]]` on 127.0.0.1:`port` (0: any) with the test
 /// upstream's certificate; `min_version` ("1.0", "1.1", "1.2") sets
 /// `tls_min_version`, None leaves the default.
