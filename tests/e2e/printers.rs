@@ -188,7 +188,9 @@ fn smtp_dialogue(row: &SmtpRow, message: &[u8]) -> Dialogue {
     d
 }
 
-/// Drive `row` through `port`; the message must arrive as `expect(sent)`.
+/// Drive `row` through `port`: every read as wanted, the version and
+/// suite it pinned, and its message in Dovecot byte for byte (a bare-LF
+/// body with every line end CRLF, as Postfix stores it).
 fn run_smtp_row(row: &SmtpRow, port: u16) -> Result<(), String> {
     let tag = unique(row.name);
     let sent = match row.body {
