@@ -305,7 +305,7 @@ const DIALOGUES: &[SmtpRow] = &[
     SmtpRow {
         name: "bare-lf-body",
         // RFC 5321 2.3.8 forbids bare LF, yet old devices send it in
-        // bodies; it must not end DATA (SMTP smuggling) and arrives as CRLF.
+        // bodies (from text files with Unix line ends); it arrives as CRLF.
         source: "RFC 5321 2.3.8",
         via: Via::Plain,
         hello: Hello::Ehlo,
