@@ -597,6 +597,40 @@ fn old_tls_devices_deliver_and_read_their_mailbox() {
     );
 
     let dir = tempfile::tempdir().unwrap();
+    // swaks (Net::SSLeay) as the same devices: TLS 1.0 on STARTTLS, TLS
+    // 1.1 on implicit TLS, AUTH LOGIN.
+    for (listener, start, protocol, cipher) in [
+        (0, "--tls", "tlsv1", "AES128-SHA"),
+        (1, "--tls-on-connect", "tlsv1_1", "AES256-SHA"),
+    ] {
+        let m = Message::write(dir.path(), &format!("swaks-{protocol}"), ALICE, 0);
+        let out = run(
+            std::process::Command::new("swaks")
+                .args(["--server", "127.0.0.1", "--port"])
+                .arg(proxy.port(listener).to_string())
+                .args(["--ehlo", "printer.test", start, "--tls-protocol", protocol])
+                .args(["--tls-cipher", &format!("{cipher}:@SECLEVEL=0")])
+                .args(["--auth", "LOGIN", "--auth-user", SCANNER])
+                .args(["--auth-password", SCANNER_PASSWORD])
+                .args(["--from", ALICE, "--to", ALICE, "--data"])
+                .arg(swaks_data(&m.path)),
+            CLIENT_LIMIT,
+        );
+        let t = text(&out);
+        let version = if protocol == "tlsv1" {
+            "TLSv1"
+        } else {
+            "TLSv1.1"
+        };
+        assert!(
+            out.status.success()
+                && t.contains(&format!("TLS started with cipher {version}:{cipher}:")),
+            "{t}\n{}",
+            proxy.logs()
+        );
+        assert_arrived(ALICE, &m.id, &m.bytes);
+    }
+
     let messages: Vec<Message> = OLD_TLS_MAILBOX
         .iter()
         .map(|r| Message::write(dir.path(), r.name, ALICE, 2000))
