@@ -3,9 +3,12 @@
 //! devices, the AUTH LOGIN prompts devices compare byte for byte, AUTH
 //! PLAIN and LOGIN with and without an initial response, a bare-LF body,
 //! and devices that speak only TLS 1.0 or 1.1 with RSA key exchange and
-//! CBC suites (`tests/clients/oldtls.py`), on listeners with
-//! `tls_min_version` and on default ones (which refuse them). Also the
-//! self-signed certificate a listener without `cert_file` makes once.
+//! CBC suites (`tests/clients/oldtls.py`, swaks, `openssl s_client`), on
+//! listeners with `tls_min_version` and on default ones (which refuse
+//! them): the suite each device list gets, no session tickets, SSL 2/3
+//! and broken or stalled handshakes, STARTTLS injection, the per-listener
+//! counter and log fields. Also the self-signed certificate a listener
+//! without `cert_file` makes once.
 //!
 //! One proxy serves many rows; rows run side by side.
 
