@@ -25,6 +25,7 @@ mod imap_pop3;
 mod matrix;
 mod oauth;
 mod ops;
+mod printers;
 mod redis;
 mod regression;
 mod rewrite_sender;
