@@ -23,6 +23,27 @@ use crate::error::AuthError;
 use crate::state::TokenHealth;
 use crate::{diagnose, login};
 
+/// What the configuration allows that an operator should know about,
+/// one WARNING line each (printed by `check` and `check --offline`; they
+/// do not fail it): listeners that accept TLS older than 1.2.
+pub fn warnings(config: &Config) -> Vec<String> {
+    config
+        .listeners
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.legacy_tls())
+        .map(|(i, l)| {
+            format!(
+                "listener[{i}] {} {}: WARNING: tls_min_version = \"{}\" accepts TLS {} and CBC suites from old devices; keep this listener on a LAN or VLAN you trust, never the internet",
+                l.protocol,
+                l.listen,
+                l.min_tls(),
+                l.min_tls()
+            )
+        })
+        .collect()
+}
+
 /// Run every check; `Ok(true)` when none failed.
 pub async fn run(config: Config, out: &mut impl Write) -> Result<bool, String> {
     let protocols = config.protocols();
@@ -147,6 +168,20 @@ fn span(s: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listener_for_old_tls_gets_a_warning_line_and_others_none() {
+        let base = |extra: &str| {
+            format!("[oauth]\ntenant = \"t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n[[listener]]\nprotocol = \"imap\"\nlisten = \"0.0.0.0:993\"\ntls = \"implicit\"\n{extra}[[account]]\nlogin = \"a@x.test\"\ngrant = \"password\"\n")
+        };
+        let config = Config::parse(&base("")).unwrap();
+        assert!(warnings(&config).is_empty());
+        let config = Config::parse(&base("tls_min_version = \"1.1\"\n")).unwrap();
+        assert_eq!(
+            warnings(&config),
+            ["listener[0] imap 0.0.0.0:993: WARNING: tls_min_version = \"1.1\" accepts TLS 1.1 and CBC suites from old devices; keep this listener on a LAN or VLAN you trust, never the internet"]
+        );
+    }
 
     #[test]
     fn token_times_read_as_dates_ages_and_a_warning_when_old() {

@@ -8,9 +8,11 @@
 //!
 //! * `server`: `oxbridge run`: bind, admin endpoint, reload, accept loop,
 //!   one task per session, drain. `listener`: one `[[listener]]`, its rules,
-//!   its reloadable TLS acceptor and connection slots.
+//!   its reloadable TLS acceptor (rustls, or OpenSSL for old devices) and
+//!   connection slots.
 //! * `net`: bytes in and out, no protocol: streams, the bounded line reader,
-//!   TLS configurations, dialling out, the PROXY header.
+//!   TLS towards devices and upstream, the self-signed certificate,
+//!   dialling out, the PROXY header.
 //! * `wire`: pure protocol code, no I/O: each protocol's commands,
 //!   receivers and every reply, worded in one table per protocol; SASL;
 //!   the IMAP session as the relay follows it.
@@ -25,8 +27,9 @@
 //! * `relay`: after login, bytes both ways until the session ends; IMAP
 //!   sessions move to a new upstream login before their token expires.
 //! * `app`: what every session shares. `config`: the TOML file and its
-//!   validation. `oauth`: where tokens come from. `state`: what is kept (on
-//!   disk, or in Redis for several replicas).
+//!   validation. `oauth`: where tokens come from; `keepalive` keeps idle
+//!   refresh tokens alive. `state`: what is kept (on disk, or in Redis for
+//!   several replicas).
 //! * `spool`: SMTP store and forward: a spooling listener's dialogue after
 //!   login, the on-disk queue, the delivery worker, delivery reports and
 //!   `oxbridge queue`.
@@ -43,6 +46,7 @@ pub mod config;
 mod device;
 mod diagnose;
 mod error;
+mod keepalive;
 mod limits;
 mod listener;
 mod login;

@@ -193,6 +193,9 @@ fn check(path: PathBuf, offline: bool) -> ExitCode {
         Err(code) => return code,
     };
     println!("{}: configuration OK", path.display());
+    for warning in oxbridge::check::warnings(&config) {
+        println!("{warning}");
+    }
     if offline {
         return ExitCode::SUCCESS;
     }

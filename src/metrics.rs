@@ -50,6 +50,7 @@ pub const SPOOL_BOUNCES: &str = "oxbridge_spool_bounces_total";
 pub const SPOOL_DEAD_LETTERS: &str = "oxbridge_spool_dead_letters_total";
 pub const SPOOL_DUPLICATES: &str = "oxbridge_spool_possible_duplicates_total";
 pub const PROXY_UNTRUSTED: &str = "oxbridge_proxy_untrusted_total";
+pub const DEVICE_TLS_SESSIONS: &str = "oxbridge_device_tls_sessions_total";
 
 /// Histogram buckets (seconds) for token requests and upstream connects.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -194,6 +195,10 @@ fn describe() {
         "Connections closed unread on a proxy_protocol listener: their peer is not in proxy_from"
     );
     describe_counter!(
+        DEVICE_TLS_SESSIONS,
+        "Devices' TLS handshakes, by listener and negotiated version (TLSv1.0 to TLSv1.3)"
+    );
+    describe_counter!(
         UPSTREAM_EXPIRIES,
         "Sessions the upstream ended because their token expired, by protocol"
     );
@@ -230,6 +235,12 @@ pub fn session_ended(protocol: Protocol, outcome: &'static str, to_upstream: u64
 /// `proxy_from`, closed unread.
 pub fn proxy_untrusted(listener: std::net::SocketAddr) {
     counter!(PROXY_UNTRUSTED, "listener" => listener.to_string()).increment(1);
+}
+
+/// A device's TLS handshake on `listener`, by negotiated version.
+pub fn device_tls_session(listener: std::net::SocketAddr, version: &'static str) {
+    counter!(DEVICE_TLS_SESSIONS, "listener" => listener.to_string(), "version" => version)
+        .increment(1);
 }
 
 pub fn graph_request(result: &'static str) {

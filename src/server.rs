@@ -52,7 +52,8 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
     let mut bound = Vec::new();
     let mut endpoints = Vec::new();
     for (i, l) in app.config.listeners.iter().enumerate() {
-        let listener = Listener::new(l).map_err(|e| StartError(format!("listener[{i}]: {e}")))?;
+        let mut listener = Listener::new(l, &app.config.state_dir, &app.hostname)
+            .map_err(|e| StartError(format!("listener[{i}]: {e}")))?;
         let socket = TcpListener::bind(l.listen).await.map_err(|e| {
             StartError(format!(
                 "listener[{i}].listen: cannot bind {}: {e}",
@@ -60,10 +61,14 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
             ))
         })?;
         let local = socket.local_addr().map_err(|e| StartError(e.to_string()))?;
+        listener.address = local;
         if l.tls == TlsMode::None && l.allow_plaintext_auth && !local.ip().is_loopback() {
             warn!(listener = i, address = %local, "passwords are accepted without TLS on a non-loopback address");
         }
-        info!(listener = i, protocol = %l.protocol, address = %local, tls = ?l.tls, "listening");
+        info!(listener = i, protocol = %l.protocol, address = %local, tls = ?l.tls, tls_min_version = %l.min_tls(), "listening");
+        if l.legacy_tls() {
+            warn!(listener = i, address = %local, tls_min_version = %l.min_tls(), "accepting TLS older than 1.2 from devices: keep this listener on a network you trust");
+        }
         endpoints.push(autodiscover::Endpoint {
             protocol: l.protocol,
             tls: l.tls,
@@ -116,7 +121,7 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
         ))
     });
     if !app.tokens.keepalive().is_zero() && !app.accounts().refresh_token_logins().is_empty() {
-        tokio::spawn(keep_refresh_tokens_alive(
+        tokio::spawn(crate::keepalive::keep_refresh_tokens_alive(
             app.clone(),
             control.shutdown.clone(),
         ));
@@ -135,75 +140,6 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
         let _ = delivery.await;
     }
     Ok(())
-}
-
-/// The longest pause between looks at which refresh tokens are due.
-const KEEPALIVE_TICK: Duration = Duration::from_secs(3600);
-/// The first keep-alive comes within this long after start (jittered), so
-/// that a process restarted more often than the period still keeps them
-/// alive.
-const KEEPALIVE_FIRST: Duration = Duration::from_secs(300);
-
-/// A keep-alive period, plus or minus a tenth at random, so that many
-/// accounts (and replicas) do not refresh at the same moment.
-fn jittered(period: Duration) -> Duration {
-    let tenth = period.as_millis() as u64 / 10;
-    let offset = rand::random::<u64>() % (2 * tenth + 1);
-    Duration::from_millis(period.as_millis() as u64 - tenth + offset)
-}
-
-/// Exchange each `refresh_token` account's refresh token at least every
-/// `[oauth] refresh_keepalive_s`, so that an idle device's consent never
-/// runs into the provider's inactivity limit. A failure is logged and
-/// tried again after a tenth of the period.
-async fn keep_refresh_tokens_alive(app: Arc<App>, stop: CancellationToken) {
-    let period = app.tokens.keepalive();
-    let tick = (period / 10).clamp(Duration::from_millis(100), KEEPALIVE_TICK);
-    let first = KEEPALIVE_FIRST.min(period);
-    let mut due: std::collections::HashMap<String, Instant> = Default::default();
-    for login in app.accounts().refresh_token_logins() {
-        if let Ok(times) = app.tokens.times(&login).await {
-            crate::metrics::token_times(&login, &times);
-        }
-    }
-    loop {
-        let now = Instant::now();
-        for login in app.accounts().refresh_token_logins() {
-            let at = *due.entry(login.clone()).or_insert_with(|| {
-                now + Duration::from_millis(rand::random::<u64>() % (first.as_millis() as u64 + 1))
-            });
-            if at > now {
-                continue;
-            }
-            let Ok(id) = app.accounts().identity(&login) else {
-                continue;
-            };
-            let next = match app.tokens.keep_alive(&id).await {
-                Ok(true) => {
-                    info!(account = %login, "refresh token kept alive");
-                    crate::metrics::keepalive("ok");
-                    jittered(period)
-                }
-                // Another replica holds the period: look again soon after
-                // its lease ends, so that one replica dying does not leave
-                // the token unrefreshed for a second period.
-                Ok(false) => {
-                    crate::metrics::keepalive("another replica");
-                    jittered(period / 10)
-                }
-                Err(e) => {
-                    warn!(account = %login, error = %e, advice = crate::diagnose::advice(&e).unwrap_or(""), "cannot keep the refresh token alive");
-                    crate::metrics::keepalive("failed");
-                    period / 10
-                }
-            };
-            due.insert(login, Instant::now() + next);
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(tick) => {}
-        }
-    }
 }
 
 /// On each reload request: re-read the config file and the listeners'
@@ -362,7 +298,14 @@ async fn accept_loop(ctx: Ctx, socket: TcpListener, sessions: TaskTracker) {
             },
         };
         let _ = tcp.set_nodelay(true);
-        let span = info_span!("session", protocol = %ctx.listener.protocol, peer = %peer, client = tracing::field::Empty);
+        let span = info_span!(
+            "session",
+            protocol = %ctx.listener.protocol,
+            peer = %peer,
+            client = tracing::field::Empty,
+            tls_version = tracing::field::Empty,
+            tls_cipher = tracing::field::Empty
+        );
         sessions.spawn(session(ctx.clone(), tcp, peer, balancer).instrument(span));
     }
 }
@@ -416,7 +359,10 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Optio
             .tls_acceptor()
             .expect("implicit TLS has an acceptor");
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-            Ok(Ok(s)) => Stream::Server(Box::new(s)),
+            Ok(Ok((s, info))) => {
+                ctx.listener.tls_established(&info);
+                s
+            }
             Ok(Err(e)) => {
                 info!(error = %e, outcome = "tls_failed", "session ended");
                 crate::metrics::session_ended(protocol, "tls_failed", 0, 0);

@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 mod cloud;
 mod limits;
+mod listener;
 mod secrets;
 mod spool;
 mod validate;
@@ -34,6 +35,7 @@ pub use limits::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_LINE, DEFAULT_POP3_SESSIONS_PER_MAILBOX,
     DEFAULT_PREAUTH_TIMEOUT_S, DEFAULT_SMTP_SESSIONS_PER_MAILBOX,
 };
+pub use listener::{ListenerConfig, TlsMode, TlsVersion};
 pub use secrets::MIN_ADMIN_TOKEN;
 pub use spool::{Delivery, SpoolConfig};
 
@@ -262,61 +264,11 @@ impl fmt::Display for Protocol {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TlsMode {
-    None,
-    Starttls,
-    Implicit,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListenerConfig {
-    pub protocol: Protocol,
-    pub listen: SocketAddr,
-    pub tls: TlsMode,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    #[serde(default)]
-    pub allow_plaintext_auth: bool,
-    #[serde(default)]
-    pub proxy_protocol: bool,
-    /// With `proxy_protocol`: the load balancers (networks or addresses)
-    /// whose PROXY header is believed; connections from anywhere else are
-    /// closed unread.
-    pub proxy_from: Option<Vec<String>>,
-    /// Connections this listener serves at once.
-    #[serde(default = "default_listener_connections")]
-    pub max_connections: usize,
-    /// IMAP only: move sessions to a new upstream login before their token
-    /// expires (default on).
-    pub session_continuity: Option<bool>,
-    /// SMTP only: live relay, or store and forward.
-    #[serde(default)]
-    pub delivery: Delivery,
-}
-
-impl ListenerConfig {
-    /// `proxy_from`, parsed (validated at load).
-    pub fn proxy_from_networks(&self) -> Vec<IpNet> {
-        self.proxy_from
-            .iter()
-            .flatten()
-            .filter_map(|n| parse_network(n))
-            .collect()
-    }
-}
-
 /// A network (`10.0.0.0/24`) or one address (`10.0.0.5`, `2001:db8::5`).
 pub fn parse_network(text: &str) -> Option<IpNet> {
     text.parse::<IpNet>()
         .ok()
         .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-}
-
-fn default_listener_connections() -> usize {
-    DEFAULT_LISTENER_MAX_CONNECTIONS
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -144,24 +144,42 @@ fn listeners(listeners: &[ListenerConfig]) -> Result<(), String> {
     Ok(())
 }
 
-/// One `[[listener]]`: with TLS, a certificate and key that exist.
+/// One `[[listener]]`: with TLS, a certificate and key that exist (or
+/// neither: a self-signed one is made in `state_dir`).
 fn listener(key: &str, l: &ListenerConfig) -> Result<(), String> {
     if l.tls != TlsMode::None {
+        match (&l.cert_file, &l.key_file) {
+            (Some(_), None) => {
+                return Err(format!(
+                    "{key}.key_file: required with cert_file (or leave both out for a self-signed certificate)"
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(format!(
+                    "{key}.cert_file: required with key_file (or leave both out for a self-signed certificate)"
+                ))
+            }
+            _ => {}
+        }
         for (name, value) in [("cert_file", &l.cert_file), ("key_file", &l.key_file)] {
-            match value {
-                None => {
-                    return Err(format!(
-                        "{key}.{name}: required when tls = \"{}\"",
-                        tls_name(l.tls)
-                    ))
-                }
-                Some(p) if !p.is_file() => {
+            if let Some(p) = value {
+                if !p.is_file() {
                     return Err(format!(
                         "{key}.{name}: {} is not a readable file",
                         p.display()
-                    ))
+                    ));
                 }
-                _ => {}
+            }
+        }
+    } else {
+        for (name, set) in [
+            ("tls_min_version", l.tls_min_version.is_some()),
+            ("session_tickets", l.session_tickets),
+        ] {
+            if set {
+                return Err(format!(
+                    "{key}.{name}: only for TLS listeners (tls = \"starttls\" or \"implicit\"); remove it here"
+                ));
             }
         }
     }
@@ -436,14 +454,6 @@ fn store(s: &StoreConfig) -> Result<(), String> {
             }
             Ok(())
         }
-    }
-}
-
-fn tls_name(t: TlsMode) -> &'static str {
-    match t {
-        TlsMode::None => "none",
-        TlsMode::Starttls => "starttls",
-        TlsMode::Implicit => "implicit",
     }
 }
 

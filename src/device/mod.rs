@@ -458,11 +458,12 @@ impl Device {
         let acceptor = listener
             .tls_acceptor()
             .ok_or("STARTTLS without a certificate")?;
-        let dropped = self
+        let (dropped, info) = self
             .conn
             .accept_tls(&acceptor, crate::net::tls::HANDSHAKE_TIMEOUT)
             .await
             .map_err(|_| -> &'static str { "TLS handshake failed" })?;
+        listener.tls_established(&info);
         if dropped > 0 {
             warn!(
                 bytes = dropped,

@@ -9,6 +9,7 @@
 use std::io;
 use std::time::Duration;
 
+use super::device_tls::{DeviceAcceptor, TlsInfo};
 use bytes::{Buf, BytesMut};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -174,21 +175,22 @@ impl Conn {
     }
 
     /// STARTTLS from a device: anything buffered so far is dropped (it was
-    /// sent before the handshake) and its size returned; then the handshake.
+    /// sent before the handshake) and its size returned with what the
+    /// handshake negotiated.
     pub async fn accept_tls(
         &mut self,
-        acceptor: &tokio_rustls::TlsAcceptor,
+        acceptor: &DeviceAcceptor,
         wait: Duration,
-    ) -> io::Result<usize> {
+    ) -> io::Result<(usize, TlsInfo)> {
         let dropped = self.discard_buffer();
         let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Detached) else {
             return Err(io::Error::other("TLS is already active"));
         };
-        let tls = tokio::time::timeout(wait, acceptor.accept(tcp))
+        let (tls, info) = tokio::time::timeout(wait, acceptor.accept(tcp))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-        self.stream = Stream::Server(Box::new(tls));
-        Ok(dropped)
+        self.stream = tls;
+        Ok((dropped, info))
     }
 
     /// STARTTLS towards the upstream server `host`. Fails if the server sent

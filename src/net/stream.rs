@@ -13,6 +13,8 @@ pub enum Stream {
     Plain(TcpStream),
     Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// A device's TLS served by OpenSSL (a listener for old devices).
+    Legacy(Box<tokio_openssl::SslStream<TcpStream>>),
     /// Between a plain stream and its TLS upgrade, or after a failed one.
     Detached,
 }
@@ -40,6 +42,7 @@ impl AsyncRead for Stream {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Server(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Client(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Legacy(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -55,6 +58,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Server(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Client(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Legacy(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -64,6 +68,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Server(s) => Pin::new(s).poll_flush(cx),
             Stream::Client(s) => Pin::new(s).poll_flush(cx),
+            Stream::Legacy(s) => Pin::new(s).poll_flush(cx),
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -73,6 +78,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Server(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Client(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Legacy(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }

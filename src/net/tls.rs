@@ -1,5 +1,6 @@
-//! TLS configuration, built once and shared with `Arc`: a server config per listener
-//! from PEM files, and one client config for every upstream connection.
+//! TLS towards the upstream servers: one client config, built once and
+//! shared with `Arc`, for every upstream connection and token endpoint.
+//! (Devices' TLS is `device_tls`.)
 //!
 //! Upstream certificates are always verified, against the system roots plus
 //! `[upstream].ca_file`. Nothing here can turn verification off.
@@ -9,9 +10,9 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use rustls::pki_types::CertificateDer;
+use rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
 
 /// How long a TLS handshake may take, on either side.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -29,22 +30,6 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         return Err(format!("{}: no certificate found", path.display()));
     }
     Ok(certs)
-}
-
-/// The acceptor for a listener with `tls = "starttls"` or `"implicit"`.
-pub fn server_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, String> {
-    let certs = read_certs(cert_file)?;
-    let pem = std::fs::read(key_file).map_err(|e| format!("{}: {e}", key_file.display()))?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| format!("{}: bad PEM: {e}", key_file.display()))?
-        .ok_or_else(|| format!("{}: no private key found", key_file.display()))?;
-    let config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("{}: {e}", cert_file.display()))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The one client config for upstream: system roots plus `ca_file`.

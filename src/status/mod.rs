@@ -11,7 +11,7 @@ pub mod page;
 use std::sync::Arc;
 
 use crate::app::App;
-use crate::config::{Delivery, Grant, Protocol, TlsMode};
+use crate::config::{Delivery, Grant, Protocol, TlsMode, TlsVersion};
 use crate::listener::Listener;
 use crate::spool::queue::{Place, Queue};
 use page::{AccountRow, ListenerRow, SpoolRow, SpoolView, TokenView, View};
@@ -130,6 +130,10 @@ fn listener_row(b: &Bound) -> ListenerRow {
         }),
         sessions,
         max,
+        legacy_from: (l.tls != TlsMode::None && l.tls_min_version < TlsVersion::V1_2)
+            .then(|| l.tls_min_version.as_str()),
+        tls_mix: l.tls_mix(),
+        certificate: l.fingerprint().map(|f| (f, l.self_signed())),
     }
 }
 

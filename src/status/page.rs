@@ -43,6 +43,13 @@ pub struct ListenerRow {
     pub delivery: Option<&'static str>,
     pub sessions: usize,
     pub max: usize,
+    /// `tls_min_version` when below 1.2 (old devices' TLS accepted).
+    pub legacy_from: Option<&'static str>,
+    /// Device handshakes so far per TLS version.
+    pub tls_mix: Vec<(&'static str, u64)>,
+    /// The certificate's SHA-256 fingerprint, and whether it is the
+    /// self-signed one.
+    pub certificate: Option<(String, bool)>,
 }
 
 #[derive(Debug, Clone)]
@@ -246,13 +253,33 @@ fn listeners(v: &View) -> Markup {
     html! {
         h2 id="listeners" { "Listeners" }
         div.wrap { table {
-            thead { tr { th { "protocol" } th { "address" } th { "TLS" } th { "delivery" } th { "sessions" } } }
+            thead { tr { th { "protocol" } th { "address" } th { "TLS" } th { "delivery" } th { "sessions" } th { "device TLS versions" } th { "certificate (SHA-256)" } } }
             tbody {
                 @for l in &v.listeners {
                     tr {
-                        td data-label="protocol" { (l.protocol) } td data-label="address" { code { (l.address) } } td data-label="TLS" { (l.tls) }
+                        td data-label="protocol" { (l.protocol) } td data-label="address" { code { (l.address) } }
+                        td data-label="TLS" {
+                            (l.tls)
+                            @if let Some(from) = l.legacy_from { " " (mark(Health::Warn, &format!("TLS {from} and later"))) }
+                        }
                         td data-label="delivery" { (l.delivery.unwrap_or("-")) }
                         td.num data-label="sessions" { (l.sessions) " / " (l.max) }
+                        td data-label="device TLS versions" {
+                            @if l.tls_mix.is_empty() { "-" }
+                            @for (i, (version, n)) in l.tls_mix.iter().enumerate() {
+                                @if i > 0 { ", " }
+                                (version) ": " (n)
+                            }
+                        }
+                        td data-label="certificate (SHA-256)" {
+                            @match &l.certificate {
+                                Some((fingerprint, self_signed)) => {
+                                    @if *self_signed { "self-signed " }
+                                    code.fingerprint { (fingerprint) }
+                                }
+                                None => "-",
+                            }
+                        }
                     }
                 }
             }

@@ -17,6 +17,9 @@ fn view() -> View {
             delivery: Some("spool"),
             sessions: 2,
             max: 1000,
+            legacy_from: Some("1.0"),
+            tls_mix: vec![("TLSv1.0", 3), ("TLSv1.3", 12)],
+            certificate: Some(("AB:CD:EF".into(), true)),
         }],
         accounts: vec![AccountRow {
             login: "scanner@contoso.test".into(),
@@ -86,7 +89,7 @@ fn the_page_refreshes_itself_fits_a_phone_and_runs_no_script() {
 fn every_section_says_what_it_holds() {
     let html = render(&view());
     for fragment in [
-        "<td data-label=\"protocol\">smtp</td><td data-label=\"address\"><code>0.0.0.0:587</code></td><td data-label=\"TLS\">STARTTLS</td><td data-label=\"delivery\">spool</td><td class=\"num\" data-label=\"sessions\">2 / 1000</td>",
+        "<td data-label=\"protocol\">smtp</td><td data-label=\"address\"><code>0.0.0.0:587</code></td><td data-label=\"TLS\">STARTTLS <span class=\"warn\">TLS 1.0 and later</span></td><td data-label=\"delivery\">spool</td><td class=\"num\" data-label=\"sessions\">2 / 1000</td><td data-label=\"device TLS versions\">TLSv1.0: 3, TLSv1.3: 12</td><td data-label=\"certificate (SHA-256)\">self-signed <code class=\"fingerprint\">AB:CD:EF</code></td>",
         "<td data-label=\"login\"><code>scanner@contoso.test</code></td><td data-label=\"grant\">client_credentials</td><td data-label=\"mailbox\">scans@contoso.test</td>",
         "<span class=\"ok\">valid for 50m, obtained 10m ago</span>",
         "<span class=\"ok\">last login 30s ago</span>",

@@ -80,12 +80,55 @@ fn proxy_protocol_needs_proxy_from_and_only_it() {
 }
 
 #[test]
-fn tls_listener_needs_cert() {
-    let err = Config::parse(&base("").replace("tls = \"none\"", "tls = \"starttls\"")).unwrap_err();
-    assert_eq!(
-        err,
-        "listener[0].cert_file: required when tls = \"starttls\""
+fn a_tls_listener_takes_both_certificate_files_or_neither() {
+    let tls = base("").replace("tls = \"none\"", "tls = \"starttls\"");
+    let config = Config::parse(&tls).expect("no files: a self-signed certificate");
+    assert!(config.listeners[0].cert_file.is_none());
+    let half = tls.replace(
+        "tls = \"starttls\"",
+        "tls = \"starttls\"\ncert_file = \"/etc/hostname\"",
     );
+    let err = Config::parse(&half).unwrap_err();
+    assert!(
+        err.starts_with("listener[0].key_file: required with cert_file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tls_min_version_and_session_tickets_need_a_tls_listener_and_a_known_version() {
+    for (keys, want) in [
+        (
+            "tls_min_version = \"1.0\"",
+            "listener[0].tls_min_version: only for TLS listeners",
+        ),
+        (
+            "tls_min_version = \"1.2\"",
+            "listener[0].tls_min_version: only for TLS listeners",
+        ),
+        (
+            "session_tickets = true",
+            "listener[0].session_tickets: only for TLS listeners",
+        ),
+    ] {
+        let text = base("").replace("tls = \"none\"", &format!("tls = \"none\"\n{keys}"));
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.starts_with(want), "{keys}: {err}");
+    }
+    for bad in ["1.3", "ssl3", "1"] {
+        let text = base("").replace(
+            "tls = \"none\"",
+            &format!("tls = \"implicit\"\ntls_min_version = \"{bad}\""),
+        );
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.contains("tls_min_version"), "{bad}: {err}");
+    }
+    let text = base("").replace(
+        "tls = \"none\"",
+        "tls = \"implicit\"\ntls_min_version = \"1.0\"\nsession_tickets = true",
+    );
+    let config = Config::parse(&text).unwrap();
+    assert!(config.listeners[0].legacy_tls());
 }
 
 #[test]
