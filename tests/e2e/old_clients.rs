@@ -24,8 +24,8 @@ const MESSAGES: usize = 4;
 /// How long the helper client may take.
 const HELPER_LIMIT: Duration = Duration::from_secs(60);
 /// STARTTLS sessions of imaplib2 alone: without offlineimap's start-up
-/// around each it loses its command more often (one session in ten to one
-/// in thirty with tickets), so a hundred show it almost surely.
+/// around each it loses its command more often with tickets (one session
+/// in ten to one in a hundred, as loaded as the machine is).
 const IMAPLIB2_SESSIONS: usize = 100;
 /// How long those sessions may take (a lost command costs its 3-s limit).
 const IMAPLIB2_LIMIT: Duration = Duration::from_secs(240);
