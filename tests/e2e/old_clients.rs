@@ -103,13 +103,7 @@ fn imaplib2_gets_every_answer_after_starttls() {
 
 #[test]
 fn device_tls_sends_no_session_tickets_by_default() {
-    let listeners = [
-        listener("imap", "implicit", false),
-        listener("imap", "starttls", false),
-    ];
-    let proxy = Proxy::start(&config(&listeners.join("\n"), ""));
-    for (i, mode) in ["implicit", "starttls"].iter().enumerate() {
-        let probe = tickets(proxy.port(i), mode);
+    for (mode, probe) in probe_listeners("") {
         assert_eq!(probe["version"], "TLSv1.3", "{mode}: {probe}");
         assert_eq!(probe["ticket"], false, "{mode}: a session ticket was sent");
     }
@@ -117,16 +111,35 @@ fn device_tls_sends_no_session_tickets_by_default() {
 
 #[test]
 fn session_tickets_setting_sends_them() {
-    let listeners = [
-        listener("imap", "implicit", false) + "session_tickets = true\n",
-        listener("imap", "starttls", false) + "session_tickets = true\n",
-    ];
-    let proxy = Proxy::start(&config(&listeners.join("\n"), ""));
-    for (i, mode) in ["implicit", "starttls"].iter().enumerate() {
-        let probe = tickets(proxy.port(i), mode);
+    for (mode, probe) in probe_listeners("session_tickets = true\n") {
         assert_eq!(probe["version"], "TLSv1.3", "{mode}: {probe}");
         assert_eq!(probe["ticket"], true, "{mode}: no session ticket was sent");
     }
+}
+
+/// A TLS 1.3 handshake with each kind of device TLS, every listener with
+/// `extra` in its TOML: implicit and STARTTLS on rustls, implicit on
+/// OpenSSL (`tls_min_version = "1.0"`). What [`tickets`] saw, per kind.
+fn probe_listeners(extra: &str) -> Vec<(&'static str, serde_json::Value)> {
+    let kinds = [
+        ("implicit", "implicit", ""),
+        ("starttls", "starttls", ""),
+        (
+            "implicit, OpenSSL",
+            "implicit",
+            "tls_min_version = \"1.0\"\n",
+        ),
+    ];
+    let listeners: Vec<String> = kinds
+        .iter()
+        .map(|(_, tls, legacy)| listener("imap", tls, false) + legacy + extra)
+        .collect();
+    let proxy = Proxy::start(&config(&listeners.join("\n"), ""));
+    kinds
+        .iter()
+        .enumerate()
+        .map(|(i, (name, tls, _))| (*name, tickets(proxy.port(i), tls)))
+        .collect()
 }
 
 /// The helper's arguments that reach alice's mailbox straight at the upstream.
