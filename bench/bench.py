@@ -28,6 +28,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+import devtls  # noqa: E402
 import report  # noqa: E402
 
 PASSWORD = "bench-password"  # the local password devices give oxbridge and emailproxy
@@ -51,6 +52,7 @@ PORTS = {
     "idleup": 31893,
     "oxb_idlemem": 31943,
     "oxb_spool": {"session": 32025, "spool": 32026, "admin": 32027},
+    "oxb_devtls": {"rustls": 32043, "legacy": 32044},
 }
 
 no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -1006,7 +1008,7 @@ def main():
     ap.add_argument("--emailproxy", help="emailproxy executable (omit to skip that path)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="small counts, for trying the script out")
-    ap.add_argument("--only", default="login,bulk,fastlogin,fastbulk,spool,scale,argon2,tokens,swap,idlemem")
+    ap.add_argument("--only", default="login,bulk,fastlogin,fastbulk,spool,scale,argon2,tokens,swap,idlemem,devtls")
     ap.add_argument("--sessions", type=int, default=10000)
     ap.add_argument("--idle-sessions", type=int, default=1000, help="IMAP sessions held in IDLE (idlemem)")
     args = ap.parse_args()
@@ -1030,6 +1032,9 @@ def main():
         "idle_sessions": min(args.idle_sessions, 300) if q else args.idle_sessions,
         # spool: messages of spool_size bytes, spool_reps per path and round
         "spool_size": 100_000, "spool_reps": 30 if q else 100, "spool_rounds": 1 if q else 3,
+        # devtls: handshake workers (processes) for devtls_secs per case and round; FETCHes per case
+        "devtls_workers": 8, "devtls_secs": 3 if q else 8, "devtls_rounds": 1 if q else 2,
+        "devtls_fetch_reps": 3 if q else 10,
     }
     up = json.load(open(os.path.join(args.upstream, "upstream.json")))
     res = {"machine": machine(), "params": N, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -1227,6 +1232,11 @@ def run_all(args, up, res, N, only, procs):
     if ep:  # emailproxy is done: free the CPU
         procs.stop("emailproxy")
     procs.stop("oxbridge-real")
+
+    # ---------------------------------------------------------------- device-side TLS: rustls and OpenSSL
+    if "devtls" in only:
+        res["devtls"] = devtls.workload(args, out, procs, N, up, phc, real, ca, oxbridge_config,
+                                        PORTS["oxb_devtls"], USERS, PASSWORD, proc_cpu, log)
 
     # ---------------------------------------------------------------- sessions moving before their token expires
     if "swap" in only:

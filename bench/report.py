@@ -457,6 +457,37 @@ def render(res):
                        f"account; binary {M.get('binary')}")
             for s in M.get("error_samples") or []:
                 out.append(f"  error seen: {s}")
+    # ------------------------------------------------------------------ devtls
+    D = res.get("devtls")
+    if D:
+        import devtls
+
+        hs, bulk = devtls.summary(D)
+        out.append("")
+        out.append(f"DEVICE TLS: implicit-TLS IMAP listeners of one oxbridge (RSA 2048 certificate), rustls "
+                   f"(default) and OpenSSL (tls_min_version = \"1.0\"); Python ssl devices")
+        out.append(f"  handshakes: {D['workers']} client processes connect, shake hands, read the greeting and "
+                   f"drop the connection (no login), {D['secs']} s per case and round, {D['rounds']} round(s), "
+                   f"the cases taking turns")
+        rows = [[name, h["negotiated"] or "-", f(h["rate"], 0), f"{f(h['rate_min'], 0)}-{f(h['rate_max'], 0)}",
+                 h["ok"], h["errors"], f(h["cpu_ms"], 3)] for name, h in hs.items()]
+        out.append(table(["listener and device", "negotiated", "handshakes/s", "min-max", "ok", "err",
+                          "CPU ms/handshake"], rows, ["<", "<", ">", ">", ">", ">", ">"]))
+        for name, h in hs.items():
+            if h["error_sample"]:
+                out.append(f"  error seen ({name}): {h['error_sample']}")
+        out.append(f"  bulk: FETCH 1 BODY.PEEK[] of {D['fetch_size']} bytes after LOGIN through one session per "
+                   f"case and round")
+        rows = [[name, b["negotiated"] or "-", b["n"], f(b["p50"], 0), f"{f(b['min'], 0)}-{f(b['max'], 0)}",
+                 f(b["cpu_s_gb"], 2)] for name, b in bulk.items()]
+        out.append(table(["listener and device", "negotiated", "n", "MB/s p50", "min-max", "CPU s/GB"], rows,
+                         ["<", "<", ">", ">", ">", ">"]))
+        for name, b in bulk.items():
+            if b["failed"]:
+                out.append(f"  failed ({name}): {b['failed']}")
+        out.append("  CPU: oxbridge's utime+stime over the case's turns, per handshake or per GB moved; "
+                   "the Python clients share the machine's cores")
+
     out.append("")
     out.append("TARGETS (performance goals)")
     for name, ok, detail in targets:

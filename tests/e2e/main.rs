@@ -24,6 +24,7 @@ mod identity;
 mod imap_pop3;
 mod matrix;
 mod oauth;
+mod old_clients;
 mod ops;
 mod printers;
 mod redis;
