@@ -50,32 +50,54 @@ pub fn rewrite_header(header: &[u8], mailbox: &str) -> Vec<u8> {
             lines.extend_from_slice(b">\r\n");
         }
     }
-    // In the first From's place, else before the first field: never
-    // after a line that a reader would join it to (a stray folded line
-    // at the top, or a last line without its line end).
-    let at = first_from.unwrap_or_else(|| {
-        fields
-            .iter()
-            .position(|f| !matches!(f.first(), Some(b' ' | b'\t')))
-            .unwrap_or(fields.len())
-    });
+    // In the first From's place, else at the top. A folded line before
+    // any field (which some readers take for a field of its own) goes.
+    let at = first_from.unwrap_or(0);
     let mut out = Vec::with_capacity(header.len() + lines.len() + 2);
     for (i, f) in fields.iter().enumerate() {
         if i == at {
             out.extend_from_slice(&lines);
         }
-        if !named(f, b"from") && !named(f, b"sender") {
-            out.extend_from_slice(f);
+        let stray = i == 0 && matches!(f.first(), Some(b' ' | b'\t'));
+        if !stray && !named(f, b"from") && !named(f, b"sender") {
+            push_canonical(&mut out, f);
         }
     }
     if at >= fields.len() {
-        if !out.is_empty() && !out.ends_with(b"\n") {
-            out.extend_from_slice(b"\r\n");
-        }
         out.extend_from_slice(&lines);
     }
-    out.extend_from_slice(end);
+    // The empty line leaves as CRLF too, so every reader ends the header
+    // block where this one did.
+    match end.strip_prefix(b"\n") {
+        Some(rest) => {
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(rest);
+        }
+        None => out.extend_from_slice(end),
+    }
     out
+}
+
+/// A header field with every line ending in CRLF: a bare LF gets its CR,
+/// a lone CR (a line end to some readers, not to others) becomes a space,
+/// and a last line without its end gets one.
+fn push_canonical(out: &mut Vec<u8>, field: &[u8]) {
+    let mut i = 0;
+    while i < field.len() {
+        match field[i] {
+            b'\r' if field.get(i + 1) == Some(&b'\n') => {
+                out.extend_from_slice(b"\r\n");
+                i += 1;
+            }
+            b'\r' => out.push(b' '),
+            b'\n' => out.extend_from_slice(b"\r\n"),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    if !out.ends_with(b"\n") {
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// The header block cut into fields (each with its folded lines and line
@@ -103,14 +125,18 @@ fn split_fields(header: &[u8]) -> (Vec<&[u8]>, &[u8]) {
     (fields, &header[pos..])
 }
 
-/// Whether a field's name is `name` (lower case), white space before the
-/// colon allowed as RFC 5322's obsolete syntax does.
+/// Whether a field's name is `name` (lower case). White space anywhere in
+/// the name is ignored, as lenient readers do (`Fr om:`, `From :`), so
+/// that no reader finds a From this rewrite did not.
 fn named(field: &[u8], name: &[u8]) -> bool {
     let Some(colon) = memchr::memchr(b':', field) else {
         return false;
     };
-    let n = field[..colon].trim_ascii_end();
-    n.eq_ignore_ascii_case(name)
+    let mut n = field[..colon]
+        .iter()
+        .filter(|b| !b.is_ascii_whitespace())
+        .map(u8::to_ascii_lowercase);
+    n.by_ref().eq(name.iter().copied())
 }
 
 /// Who the device said it was in its first `From:`.

@@ -48,13 +48,29 @@ fn no_from_at_all_gets_one_at_the_top_and_no_reply_to() {
     assert_eq!(rw("\r\n"), "From: <scans@contoso.com>\r\n\r\n");
 }
 
+/// A folded line before any field is no field a reader agrees on (some
+/// take ` From: x` for a From): it goes.
 #[test]
-fn a_stray_folded_line_at_the_top_is_never_joined_to_the_new_from() {
+fn a_stray_folded_line_at_the_top_is_dropped() {
     assert_eq!(
         rw(" \x01stray\r\nSubject: s\r\n\r\n"),
-        " \x01stray\r\nFrom: <scans@contoso.com>\r\nSubject: s\r\n\r\n"
+        "From: <scans@contoso.com>\r\nSubject: s\r\n\r\n"
     );
-    assert_eq!(rw(" stray"), " stray\r\nFrom: <scans@contoso.com>\r\n");
+    assert_eq!(rw(" stray"), "From: <scans@contoso.com>\r\n");
+    // One that a lenient reader takes for a From is read as the From.
+    assert_eq!(
+        rw(" From: \"CFO\" <cfo@contoso.com>\r\nSubject: x\r\n\r\nbody"),
+        "From: \"CFO\" <scans@contoso.com>\r\nReply-To: <cfo@contoso.com>\r\nSubject: x\r\n\r\nbody"
+    );
+}
+
+/// Lenient parsers read `Fr om:` and `From :` as From: so does the rewrite.
+#[test]
+fn a_from_with_white_space_in_its_name_is_a_from() {
+    assert_eq!(
+        rw("Fr om: \"CFO\" <cfo@contoso.com>\r\nSubject: x\r\n\r\n"),
+        "From: \"CFO\" <scans@contoso.com>\r\nReply-To: <cfo@contoso.com>\r\nSubject: x\r\n\r\n"
+    );
 }
 
 #[test]
@@ -167,11 +183,24 @@ fn a_long_name_is_cut() {
     assert!(out.starts_with(&format!("From: \"{}\" <", "n".repeat(MAX_DISPLAY_CHARS))));
 }
 
+/// A header block with bare line feeds leaves with CRLF everywhere, its
+/// empty line too: no server may see its end somewhere else (`\r\n\n`
+/// ends it here; a server that waits for CRLF CRLF would read on, into a
+/// second From).
 #[test]
-fn bare_lf_header_keeps_its_own_lines() {
+fn bare_lf_header_lines_leave_as_crlf() {
     assert_eq!(
-        rw("Subject: s\nFrom: x@y.test\n\nbody"),
-        "Subject: s\nFrom: \"x@y.test\" <scans@contoso.com>\r\nReply-To: <x@y.test>\r\n\nbody"
+        rw("Subject: s\nFrom: x@y.test\n\nbody\n"),
+        "Subject: s\r\nFrom: \"x@y.test\" <scans@contoso.com>\r\nReply-To: <x@y.test>\r\n\r\nbody\n"
+    );
+    assert_eq!(
+        rw("Subject: invoice\r\n\nFrom: \"CFO\" <cfo@contoso.com>\r\n\r\nPay\r\n"),
+        "From: <scans@contoso.com>\r\nSubject: invoice\r\n\r\nFrom: \"CFO\" <cfo@contoso.com>\r\n\r\nPay\r\n"
+    );
+    // A lone CR is no line end to anyone here: it becomes a space.
+    assert_eq!(
+        rw("Subject: a\rFrom: b@c.test\r\n\r\n"),
+        "From: <scans@contoso.com>\r\nSubject: a From: b@c.test\r\n\r\n"
     );
 }
 
