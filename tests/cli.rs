@@ -414,18 +414,27 @@ fn check_offline_refuses_each_unusable_certificate_or_key_with_its_fix() {
             let tls =
                 format!("tls = \"starttls\"\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n{legacy}");
             let path = write(&dir, &one_listener(dir.path(), "127.0.0.1:0", &tls));
-            let out = oxbridge()
-                .args(["check", "--offline", "--config"])
-                .arg(&path)
-                .output()
-                .unwrap();
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(2), "{legacy}{fix}: {err}");
-            assert!(
-                err.contains(key_name) && err.contains(fix),
-                "{legacy}{fix}: {err}"
-            );
-            assert!(!err.contains("secret"), "{err}");
+            // `run` finds it the same way, with the same exit status (a
+            // config error, which systemd does not restart).
+            for command in [&["check", "--offline"][..], &["run"][..]] {
+                let out = oxbridge()
+                    .args(command)
+                    .arg("--config")
+                    .arg(&path)
+                    .output()
+                    .unwrap();
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(
+                    out.status.code(),
+                    Some(2),
+                    "{command:?} {legacy}{fix}: {err}"
+                );
+                assert!(
+                    err.contains(key_name) && err.contains(fix),
+                    "{command:?} {legacy}{fix}: {err}"
+                );
+                assert!(!err.contains("secret"), "{err}");
+            }
         }
     }
     // The good pair passes.
