@@ -50,10 +50,7 @@ impl App {
         let dialer = Dialer::new(&config.upstream).map_err(StartError)?;
         let spool = match config.spools() {
             true => Some(Arc::new(Spool::open(&config).map_err(|e| {
-                StartError(format!(
-                    "spool.dir: cannot open {}: {e}",
-                    config.spool.dir(&config.state_dir).display()
-                ))
+                StartError(config.spool.open_error(&config.state_dir, &e))
             })?)),
             false => None,
         };

@@ -35,7 +35,9 @@
 //!   `oxbridge queue`.
 //! * `error`, `diagnose`: why a login failed, and what to do about it.
 //!   `metrics`, `admin`, `status` (the page at `/`), `autodiscover`,
-//!   `check`: what operators see.
+//!   `check`: what operators see. `preflight`: what `run` will load from
+//!   this machine, looked at first by `check` and `run`; `fixes`: the
+//!   operator's fix beside each such failure.
 
 mod accounts;
 pub mod admin;
@@ -46,6 +48,7 @@ pub mod config;
 mod device;
 mod diagnose;
 mod error;
+mod fixes;
 mod keepalive;
 mod limits;
 mod listener;
@@ -54,6 +57,7 @@ pub mod mailbox;
 mod metrics;
 pub mod net;
 pub mod oauth;
+mod preflight;
 mod relay;
 mod server;
 mod spool;
@@ -65,6 +69,7 @@ pub mod wire;
 
 pub use accounts::hash_password;
 pub use app::{open_store, StartError};
+pub use preflight::{offline as preflight, Preflight};
 pub use server::{run, Control};
 pub use spool::cli::{run as queue, Action as QueueAction};
 pub use state::{Event, State};

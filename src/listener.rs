@@ -195,13 +195,18 @@ impl Listener {
                 (pem, self_signed::paths(state_dir))
             }
         };
+        // The error names the key at fault (a self-signed pair: the file).
         let acceptor = DeviceAcceptor::new(&pem, self.tls_settings).map_err(|e| {
-            let file = if e.starts_with("key") {
-                &origin.1
-            } else {
-                &origin.0
+            let (name, file, why) = match e.strip_prefix("key: ") {
+                Some(why) => ("key_file ", &origin.1, why),
+                None => (
+                    "cert_file ",
+                    &origin.0,
+                    e.strip_prefix("certificate: ").unwrap_or(&e),
+                ),
             };
-            format!("{}: {e}", file.display())
+            let name = if self.self_signed() { "" } else { name };
+            format!("{name}{}: {why}", file.display())
         })?;
         let fingerprint = self_signed::fingerprint(&pem.chain);
         if self.self_signed() {

@@ -271,7 +271,8 @@ fn logged(
 }
 
 fn log_failure(login: &str, e: &AuthError) {
-    match crate::diagnose::fix(e) {
+    // The fix `oxbridge check` prints, where there is one.
+    match crate::diagnose::advice(e) {
         Some(fix) => warn!(login = %login, reason = e.reason(), error = %e, fix, "login failed"),
         None => warn!(login = %login, reason = e.reason(), error = %e, "login failed"),
     }

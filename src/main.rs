@@ -61,7 +61,9 @@ enum Command {
     Check {
         #[arg(long, env = "OXBRIDGE_CONFIG")]
         config: Option<PathBuf>,
-        /// Only validate the config; no token request, no upstream login.
+        /// Only the config and what `run` loads from this machine
+        /// (certificates, keys, directories, ports); no token request, no
+        /// upstream login.
         #[arg(long)]
         offline: bool,
     },
@@ -196,6 +198,9 @@ fn check(path: PathBuf, offline: bool) -> ExitCode {
     for warning in oxbridge::check::warnings(&config) {
         println!("{warning}");
     }
+    if !preflight(&config, true) {
+        return ExitCode::from(EXIT_CONFIG);
+    }
     if offline {
         return ExitCode::SUCCESS;
     }
@@ -212,6 +217,22 @@ fn check(path: PathBuf, offline: bool) -> ExitCode {
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+/// What `run` will load from this machine (`oxbridge::preflight`): its
+/// lines on stdout if `print`, each failure on stderr; `true` if none.
+fn preflight(config: &Config, print: bool) -> bool {
+    let found = oxbridge::preflight(config);
+    if print {
+        for line in &found.lines {
+            println!("{line}");
+        }
+    }
+    for failure in &found.failures {
+        tracing::error!(error = %failure, "cannot start");
+        eprintln!("oxbridge: {failure}");
+    }
+    found.failures.is_empty()
 }
 
 /// `oxbridge healthcheck`: GET /healthz on `[admin] listen`. Every failure
@@ -366,6 +387,11 @@ fn run(path: PathBuf) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(&config);
+    // What would fail at start fails here, with exit status 2 (a config
+    // error: systemd does not restart it) and the same fix as `check`.
+    if !preflight(&config, false) {
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let runtime = match runtime() {
         Ok(r) => r,
         Err(code) => return code,

@@ -55,9 +55,10 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
         let mut listener = Listener::new(l, &app.config.state_dir, &app.hostname)
             .map_err(|e| StartError(format!("listener[{i}]: {e}")))?;
         let socket = TcpListener::bind(l.listen).await.map_err(|e| {
-            StartError(format!(
-                "listener[{i}].listen: cannot bind {}: {e}",
-                l.listen
+            StartError(crate::fixes::bind_error(
+                &format!("listener[{i}].listen"),
+                l.listen,
+                &e,
             ))
         })?;
         let local = socket.local_addr().map_err(|e| StartError(e.to_string()))?;
@@ -79,7 +80,7 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
     if let (Some(admin), Some(metrics)) = (&app.config.admin, metrics) {
         let socket = TcpListener::bind(admin.listen)
             .await
-            .map_err(|e| StartError(format!("admin.listen: cannot bind {}: {e}", admin.listen)))?;
+            .map_err(|e| StartError(crate::fixes::bind_error("admin.listen", admin.listen, &e)))?;
         let local = socket.local_addr().map_err(|e| StartError(e.to_string()))?;
         info!(address = %local, "admin endpoint listening");
         let shown = bound

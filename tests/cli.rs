@@ -274,3 +274,344 @@ fn ip_address_as_sni_stays_out_of_the_default_log() {
     assert!(!seen.contains("SNI"), "{seen}");
     assert!(!seen.contains("WARN"), "{seen}");
 }
+
+// ---------------------------------------------------------------- check --offline
+
+/// Run `oxbridge ARGS --config PATH` as a user without privileges: as
+/// nobody with no capabilities when the test runs as root (root writes
+/// anywhere and binds any port, so nothing would fail), else as is.
+/// Returns the exit code and stdout then stderr.
+fn unprivileged(args: &[&str], path: &std::path::Path) -> (Option<i32>, String) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = if root {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_oxbridge"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_oxbridge"))
+    };
+    cmd.env_remove("OXBRIDGE_CONFIG")
+        .env_remove("RUST_LOG")
+        .args(args)
+        .arg("--config")
+        .arg(path);
+    let out = cmd
+        .output()
+        .expect("setpriv (util-linux) runs the check unprivileged");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// A directory every user may read (tempdir makes them 0700), for files an
+/// unprivileged oxbridge must read.
+fn open_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Write `name` in `dir`, readable by all.
+fn put(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    p
+}
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl (Debian's openssl package)");
+    assert!(out.status.success(), "openssl {args:?}: {out:?}");
+}
+
+/// A self-signed certificate and its unencrypted key, `NAME.crt`/`NAME.key`.
+fn pair(dir: &tempfile::TempDir, name: &str) -> (String, String) {
+    let cert = dir.path().join(format!("{name}.crt")).display().to_string();
+    let key = dir.path().join(format!("{name}.key")).display().to_string();
+    openssl(&[
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=gw",
+        "-keyout", &key, "-out", &cert,
+    ]);
+    (cert, key)
+}
+
+/// A config with one listener (`listener` holds its TLS lines) and a
+/// `password` grant account, which needs nothing on disk.
+fn one_listener(state_dir: &std::path::Path, listen: &str, listener: &str) -> String {
+    format!(
+        "state_dir = \"{}\"\n[oauth]\nclient_id = \"00000000-0000-0000-0000-000000000000\"\n\
+         [[listener]]\nprotocol = \"smtp\"\nlisten = \"{listen}\"\n{listener}\n\
+         [[account]]\nlogin = \"*@contoso.com\"\ngrant = \"password\"\n",
+        state_dir.display()
+    )
+}
+
+/// Each way a certificate or key cannot be used is found by `check
+/// --offline` (exit 2, the key and the fix), on a rustls listener and on an
+/// OpenSSL one (`tls_min_version = "1.0"`); `run` would have failed on it.
+#[test]
+fn check_offline_refuses_each_unusable_certificate_or_key_with_its_fix() {
+    let dir = open_dir();
+    let (cert, key) = pair(&dir, "gw");
+    let (_, other_key) = pair(&dir, "other");
+    let der = dir.path().join("gw.der").display().to_string();
+    openssl(&["x509", "-in", &cert, "-outform", "der", "-out", &der]);
+    let encrypted = dir.path().join("encrypted.key").display().to_string();
+    openssl(&[
+        "pkey",
+        "-in",
+        &key,
+        "-aes128",
+        "-passout",
+        "pass:secret",
+        "-out",
+        &encrypted,
+    ]);
+    let cases = [
+        (
+            &der,
+            &key,
+            "listener[0]: cert_file",
+            "PEM expected (convert it: openssl x509 -inform der -in",
+        ),
+        (
+            &cert,
+            &encrypted,
+            "listener[0]: key_file",
+            "encrypted with a passphrase; decrypt it: openssl pkey -in",
+        ),
+        (
+            &cert,
+            &other_key,
+            "listener[0]: key_file",
+            "does not match the certificate",
+        ),
+        (
+            &cert,
+            &cert,
+            "listener[0]: key_file",
+            "holds a certificate, not a private key",
+        ),
+    ];
+    for legacy in ["", "tls_min_version = \"1.0\"\n"] {
+        for (c, k, key_name, fix) in cases {
+            let tls =
+                format!("tls = \"starttls\"\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n{legacy}");
+            let path = write(&dir, &one_listener(dir.path(), "127.0.0.1:0", &tls));
+            // `run` finds it the same way, with the same exit status (a
+            // config error, which systemd does not restart).
+            for command in [&["check", "--offline"][..], &["run"][..]] {
+                let out = oxbridge()
+                    .args(command)
+                    .arg("--config")
+                    .arg(&path)
+                    .output()
+                    .unwrap();
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(
+                    out.status.code(),
+                    Some(2),
+                    "{command:?} {legacy}{fix}: {err}"
+                );
+                assert!(
+                    err.contains(key_name) && err.contains(fix),
+                    "{command:?} {legacy}{fix}: {err}"
+                );
+                assert!(!err.contains("secret"), "{err}");
+            }
+        }
+    }
+    // The good pair passes.
+    let tls = format!("tls = \"implicit\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n");
+    let path = write(&dir, &one_listener(dir.path(), "127.0.0.1:0", &tls));
+    let out = oxbridge()
+        .args(["check", "--offline", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+/// A port below 1024 without CAP_NET_BIND_SERVICE: `check --offline`
+/// says so with the three ways out, and exits 2; so does `run`, which
+/// systemd then stops restarting.
+#[test]
+fn a_low_port_without_the_capability_names_cap_net_bind_service() {
+    let dir = open_dir();
+    let state = dir.path().join("state");
+    let path = put(
+        &dir,
+        "oxbridge.toml",
+        &one_listener(
+            &state,
+            "127.0.0.1:25",
+            "tls = \"none\"\nallow_plaintext_auth = true",
+        ),
+    );
+    for command in [&["check", "--offline"][..], &["run"][..]] {
+        let (code, text) = unprivileged(command, &path);
+        assert_eq!(code, Some(2), "{command:?}: {text}");
+        for fix in [
+            "listener[0].listen: cannot bind 127.0.0.1:25: Permission denied",
+            "ports below 1024 need CAP_NET_BIND_SERVICE",
+            "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+            "setcap 'cap_net_bind_service=+ep'",
+            "a port of 1024 or above",
+        ] {
+            assert!(text.contains(fix), "{command:?}: {fix}: {text}");
+        }
+    }
+}
+
+/// A port another program holds is a warning for `check` (before a
+/// reload the running oxbridge holds its own ports) that names how to find
+/// the program; an address this machine does not have is a failure.
+#[test]
+fn a_port_in_use_is_a_warning_and_a_foreign_address_a_failure() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let dir = open_dir();
+    let listener = "tls = \"none\"\nallow_plaintext_auth = true";
+    let path = write(
+        &dir,
+        &one_listener(dir.path(), &format!("127.0.0.1:{port}"), listener),
+    );
+    let out = oxbridge()
+        .args(["check", "--offline", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        said.contains(&format!(
+            "listener[0].listen: WARNING: 127.0.0.1:{port} is in use now"
+        )) && said.contains(&format!("ss -ltnp 'sport = :{port}'")),
+        "{said}"
+    );
+    let path = write(&dir, &one_listener(dir.path(), "192.0.2.1:2525", listener));
+    let out = oxbridge()
+        .args(["check", "--offline", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("listener[0].listen: cannot bind 192.0.2.1:2525")
+            && err.contains("no interface of this machine has that address"),
+        "{err}"
+    );
+}
+
+/// A `state_dir` the running user cannot write, where `run` would need it
+/// (a self-signed certificate, a token store, the spool): `check
+/// --offline` names the user it ran as and who must own the directory.
+/// The self-signed certificate is not made by the check.
+#[test]
+fn an_unwritable_state_dir_names_the_user_and_who_must_own_it() {
+    let dir = open_dir();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap(); // root's, 0755
+    let path = put(
+        &dir,
+        "oxbridge.toml",
+        &one_listener(&state, "127.0.0.1:0", "tls = \"implicit\""),
+    );
+    let (code, text) = unprivileged(&["check", "--offline"], &path);
+    assert_eq!(code, Some(2), "{text}");
+    let dir_shown = state.display().to_string();
+    for fix in [
+        format!("state_dir: {dir_shown}: not writable by "),
+        "Permission denied".to_string(),
+        "StateDirectory=oxbridge".to_string(),
+        "chown -R ".to_string(),
+    ] {
+        assert!(text.contains(&fix), "{fix}: {text}");
+    }
+    assert!(
+        !state.join("tls").exists(),
+        "the check made the certificate"
+    );
+    // Writable: OK, and still nothing made.
+    let out = oxbridge()
+        .args(["check", "--offline", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        !state.join("tls").exists(),
+        "the check made the certificate"
+    );
+}
+
+/// The spool under `state_dir` when `spool.dir` is not set: its error
+/// says where the directory comes from.
+#[test]
+fn an_unwritable_default_spool_names_state_dir_spool() {
+    let dir = open_dir();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap(); // root's, 0755
+    let path = put(
+        &dir,
+        "oxbridge.toml",
+        &one_listener(
+            &state,
+            "127.0.0.1:0",
+            "tls = \"none\"\nallow_plaintext_auth = true\ndelivery = \"spool\"",
+        ),
+    );
+    let (code, text) = unprivileged(&["check", "--offline"], &path);
+    assert_eq!(code, Some(2), "{text}");
+    let spool = state.join("spool").display().to_string();
+    assert!(
+        text.contains(&format!("spool.dir: cannot open {spool}"))
+            && text.contains("spool.dir is not set, so the spool is state_dir/spool")
+            && text.contains("delivery = \"spool\""),
+        "{text}"
+    );
+}
+
+/// `oxbridge queue list` where no listener spools says which setting
+/// makes a spool.
+#[test]
+fn queue_without_a_spool_says_which_setting_makes_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        &one_listener(
+            dir.path(),
+            "127.0.0.1:0",
+            "tls = \"none\"\nallow_plaintext_auth = true",
+        ),
+    );
+    let out = oxbridge()
+        .args(["queue", "list", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no [[listener]] has delivery = \"spool\"")
+            && err.contains("an SMTP [[listener]] with delivery = \"spool\""),
+        "{err}"
+    );
+}

@@ -23,6 +23,7 @@ pub enum TlsMode {
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub protocol: Protocol,
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     pub tls: TlsMode,
     pub cert_file: Option<PathBuf>,
@@ -101,6 +102,22 @@ impl ListenerConfig {
             .filter_map(|n| parse_network(n))
             .collect()
     }
+}
+
+/// `listen`: an IP address and a port; the error says how to write one
+/// (a bare port or a host name is the usual mistake).
+fn listen_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        let port = text
+            .rsplit(':')
+            .next()
+            .filter(|p| p.parse::<u16>().is_ok())
+            .unwrap_or("587");
+        serde::de::Error::custom(format!(
+            "{text:?} is not an address and a port: write both, like 0.0.0.0:{port} (every interface) or 192.168.1.10:{port} (invalid socket address syntax)"
+        ))
+    })
 }
 
 fn default_listener_connections() -> usize {

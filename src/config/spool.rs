@@ -71,6 +71,26 @@ impl SpoolConfig {
             .unwrap_or_else(|| state_dir.join(DEFAULT_SPOOL_SUBDIR))
     }
 
+    /// Why the spool cannot be opened, with the fix: `spool.dir: cannot
+    /// open DIR: ERROR`, saying where DIR comes from when `spool.dir` is not
+    /// set (the operator never wrote that key).
+    pub fn open_error(&self, state_dir: &std::path::Path, e: &std::io::Error) -> String {
+        let dir = self.dir(state_dir);
+        let why = match self.dir {
+            Some(_) => String::new(),
+            None => format!(
+                " (spool.dir is not set, so the spool is state_dir/{DEFAULT_SPOOL_SUBDIR}: a [[listener]] has delivery = \"spool\")"
+            ),
+        };
+        let text = format!("spool.dir: cannot open {}: {e}{why}", dir.display());
+        match e.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                format!("{text}. Fix: {}", crate::fixes::owner_fix(&dir))
+            }
+            _ => text,
+        }
+    }
+
     pub fn max_age(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64(self.max_age_h * 3600.0)
     }

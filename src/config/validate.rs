@@ -261,11 +261,7 @@ fn account(key: &str, a: &AccountConfig, oauth: &OAuthConfig) -> Result<(), Stri
                 a.grant
             ))
         }
-        (_, Some(hash)) => {
-            argon2::PasswordHash::new(hash.expose_secret()).map_err(|e| {
-                format!("{key}.password_hash: not a PHC string from `oxbridge hash-password` ({e})")
-            })?;
-        }
+        (_, Some(hash)) => password_hash(key, hash.expose_secret())?,
         _ => {}
     }
     if a.grant == Grant::ClientCredentials
@@ -302,6 +298,21 @@ fn account(key: &str, a: &AccountConfig, oauth: &OAuthConfig) -> Result<(), Stri
         validate_address(m).map_err(|e| format!("{key}.mailbox: {e}"))?;
     }
     Ok(())
+}
+
+/// A PHC string from `oxbridge hash-password`. One whose `$` parts a
+/// shell removed (`=19=19456,t=2,p=1...`) is told so; the hash is never
+/// quoted back.
+fn password_hash(key: &str, hash: &str) -> Result<(), String> {
+    let eaten = !hash.starts_with('$') && (hash.contains(",t=") || hash.starts_with("=19"));
+    if eaten {
+        return Err(format!(
+            "{key}.password_hash: not a whole hash: it must start with $argon2id$, and its $ parts are gone, as a shell removes them from a double-quoted or unquoted string; quote the hash with single quotes ('$argon2id$v=19$...') or paste it into this file with an editor"
+        ));
+    }
+    argon2::PasswordHash::new(hash).map(drop).map_err(|e| {
+        format!("{key}.password_hash: not a PHC string from `oxbridge hash-password` ({e})")
+    })
 }
 
 /// `[[relay]]`: each rule valid, and an SMTP listener to relay through.

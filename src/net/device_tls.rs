@@ -157,23 +157,73 @@ fn version_name(openssl: &str) -> &'static str {
     }
 }
 
-fn modern(cert: &CertPem, settings: DeviceTlsSettings) -> Result<TlsAcceptor, String> {
-    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert.chain.as_slice())
+/// A key that is not the certificate's: the error both acceptors give.
+pub const KEY_MISMATCH: &str = "key: does not match the certificate: cert_file and key_file are not one pair (compare `openssl x509 -noout -pubkey -in CERT` with `openssl pkey -pubout -in KEY`: they must print the same)";
+
+/// The certificates of a PEM file, the server's first; an error says why
+/// there are none and what to do.
+fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<_, _>>()
         .map_err(|e| format!("certificate: bad PEM: {e}"))?;
     if chain.is_empty() {
-        return Err("certificate: no certificate found".into());
+        return Err(no_certificate(pem));
     }
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut cert.key.as_slice())
+    Ok(chain)
+}
+
+/// The private key of a PEM file (never a passphrase prompt); an error
+/// says why there is none and what to do.
+fn private_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
+    if holds(pem, b"ENCRYPTED") {
+        return Err(no_key(pem));
+    }
+    rustls_pemfile::private_key(&mut &pem[..])
         .map_err(|e| format!("key: bad PEM: {e}"))?
-        .ok_or("key: no private key found (an encrypted key must be decrypted first)")?;
+        .ok_or_else(|| no_key(pem))
+}
+
+fn holds(data: &[u8], needle: &[u8]) -> bool {
+    memchr::memmem::find(data, needle).is_some()
+}
+
+/// Why `pem` holds no certificate, with the fix.
+fn no_certificate(pem: &[u8]) -> String {
+    if !holds(pem, b"-----BEGIN") {
+        "certificate: PEM expected (convert it: openssl x509 -inform der -in cert.der -out cert.pem); this file looks like DER (binary)".into()
+    } else if holds(pem, b"PRIVATE KEY-----") {
+        "certificate: this file holds a private key, not a certificate: set cert_file to the certificate (-----BEGIN CERTIFICATE-----)".into()
+    } else {
+        "certificate: no certificate found: cert_file must hold PEM certificates (-----BEGIN CERTIFICATE-----), the server's first".into()
+    }
+}
+
+/// Why `pem` holds no usable private key, with the fix.
+fn no_key(pem: &[u8]) -> String {
+    if holds(pem, b"ENCRYPTED") {
+        "key: encrypted with a passphrase; decrypt it: openssl pkey -in key.pem -out key-plain.pem, chmod 600 key-plain.pem and set key_file to it (oxbridge starts unattended: nobody is there to type a passphrase)".into()
+    } else if !holds(pem, b"-----BEGIN") {
+        "key: PEM expected (convert it: openssl pkey -inform der -in key.der -out key.pem); this file looks like DER (binary)".into()
+    } else if holds(pem, b"-----BEGIN CERTIFICATE") {
+        "key: this file holds a certificate, not a private key: set key_file to the private key (-----BEGIN PRIVATE KEY-----), the file made with the certificate request".into()
+    } else {
+        "key: no private key found: key_file must hold a PEM private key (-----BEGIN PRIVATE KEY-----)".into()
+    }
+}
+
+fn modern(cert: &CertPem, settings: DeviceTlsSettings) -> Result<TlsAcceptor, String> {
+    let chain = certificates(&cert.chain)?;
+    let key = private_key(&cert.key)?;
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_no_client_auth()
             .with_single_cert(chain, key)
-            .map_err(|e| format!("certificate: {e}"))?;
+            .map_err(|e| match e {
+                rustls::Error::InconsistentKeys(_) => KEY_MISMATCH.to_string(),
+                e => format!("certificate: {e}"),
+            })?;
     if !settings.session_tickets {
         config.send_tls13_tickets = 0;
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -185,15 +235,15 @@ fn modern(cert: &CertPem, settings: DeviceTlsSettings) -> Result<TlsAcceptor, St
 
 fn legacy(cert: &CertPem, settings: DeviceTlsSettings) -> Result<SslAcceptor, String> {
     let ssl_err = |what: &str, e: openssl::error::ErrorStack| format!("{what}: {e}");
+    // Read as rustls reads them first, for the same errors.
+    certificates(&cert.chain)?;
     let mut chain = X509::stack_from_pem(&cert.chain)
         .map_err(|e| ssl_err("certificate: bad PEM", e))?
         .into_iter();
-    let leaf = chain.next().ok_or("certificate: no certificate found")?;
-    // The key as rustls reads it (an encrypted key is "no private key",
-    // never a passphrase prompt on a terminal), then handed over as DER.
-    let der = rustls_pemfile::private_key(&mut cert.key.as_slice())
-        .map_err(|e| format!("key: bad PEM: {e}"))?
-        .ok_or("key: no private key found (an encrypted key must be decrypted first)")?;
+    let leaf = chain.next().ok_or_else(|| no_certificate(&cert.chain))?;
+    // The key as rustls reads it (an encrypted key is refused, never a
+    // passphrase prompt on a terminal), then handed over as DER.
+    let der = private_key(&cert.key)?;
     let key =
         PKey::private_key_from_der(der.secret_der()).map_err(|e| ssl_err("key: unusable", e))?;
     // @SECLEVEL=0 would let OpenSSL take any key: keep rustls' floor.
@@ -244,9 +294,11 @@ fn legacy(cert: &CertPem, settings: DeviceTlsSettings) -> Result<SslAcceptor, St
         b.add_extra_chain_cert(extra)
             .map_err(|e| ssl_err("certificate chain", e))?;
     }
-    b.set_private_key(&key).map_err(|e| ssl_err("key", e))?;
+    // OpenSSL compares key and certificate in both calls.
+    b.set_private_key(&key)
+        .map_err(|_| KEY_MISMATCH.to_string())?;
     b.check_private_key()
-        .map_err(|e| ssl_err("key does not match the certificate", e))?;
+        .map_err(|_| KEY_MISMATCH.to_string())?;
     Ok(b.build())
 }
 
@@ -347,7 +399,47 @@ mod tests {
                 .unwrap(),
         };
         let err = DeviceAcceptor::new(&encrypted, settings).err().unwrap();
-        assert!(err.starts_with("key: no private key found"), "{err}");
+        assert!(
+            err.starts_with("key: encrypted with a passphrase; decrypt it: openssl pkey -in key.pem -out key-plain.pem"),
+            "{err}"
+        );
+    }
+
+    /// Each file that is not what its key names says so, with its fix, on
+    /// both acceptors.
+    #[test]
+    fn a_wrong_file_in_cert_file_or_key_file_says_what_it_is_and_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let (good, _) = crate::net::self_signed::load_or_make(dir.path(), "gw").unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let (other, _) = crate::net::self_signed::load_or_make(other.path(), "gw").unwrap();
+        let der = X509::from_pem(&good.chain).unwrap().to_der().unwrap();
+        let key_der = PKey::private_key_from_pem(&good.key)
+            .unwrap()
+            .private_key_to_der()
+            .unwrap();
+        let cases: [(Vec<u8>, Vec<u8>, &str); 6] = [
+            (der, good.key.clone(), "certificate: PEM expected (convert it: openssl x509 -inform der -in cert.der -out cert.pem)"),
+            (good.key.clone(), good.key.clone(), "certificate: this file holds a private key, not a certificate"),
+            (good.chain.clone(), key_der, "key: PEM expected (convert it: openssl pkey -inform der -in key.der -out key.pem)"),
+            (good.chain.clone(), good.chain.clone(), "key: this file holds a certificate, not a private key: set key_file to the private key"),
+            (good.chain.clone(), other.key.clone(), KEY_MISMATCH),
+            (good.chain.clone(), b"-----BEGIN NOTHING-----\nAAAA\n-----END NOTHING-----\n".to_vec(), "key: no private key found: key_file must hold a PEM private key"),
+        ];
+        for min_version in [TlsVersion::V1_2, TlsVersion::V1_0] {
+            let settings = DeviceTlsSettings {
+                min_version,
+                session_tickets: false,
+            };
+            for (chain, key, expected) in &cases {
+                let pem = CertPem {
+                    chain: chain.clone(),
+                    key: key.clone(),
+                };
+                let err = DeviceAcceptor::new(&pem, settings).err().unwrap();
+                assert!(err.starts_with(expected), "{min_version}: {err}");
+            }
+        }
     }
 
     #[tokio::test]

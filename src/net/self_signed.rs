@@ -101,9 +101,22 @@ fn warn_if_open(state_dir: &Path) {
 
 /// Read a certificate and key pair from PEM files.
 pub fn read(cert_path: &Path, key_path: &Path) -> Result<CertPem, String> {
-    let chain = fs::read(cert_path).map_err(|e| format!("{}: {e}", cert_path.display()))?;
-    let key = fs::read(key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
+    let chain = fs::read(cert_path).map_err(|e| unreadable(cert_path, &e))?;
+    let key = fs::read(key_path).map_err(|e| unreadable(key_path, &e))?;
     Ok(CertPem { chain, key })
+}
+
+/// `PATH: ERROR`, with the fix when this user may not read it.
+fn unreadable(path: &Path, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => format!(
+            "{}: {e}. Fix: the user oxbridge runs as must be able to read it, for example \
+             `chgrp ssl-cert {0}; chmod 640 {0}` with SupplementaryGroups=ssl-cert in the \
+             systemd unit",
+            path.display()
+        ),
+        _ => format!("{}: {e}", path.display()),
+    }
 }
 
 /// The SHA-256 fingerprint of the first certificate in `pem`, as

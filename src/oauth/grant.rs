@@ -10,7 +10,8 @@
 //! * Temporary failures (network, 5xx, 429, garbage) are retried with
 //!   backoff, at most [`MAX_ATTEMPTS`] times within [`TOKEN_DEADLINE`]; they
 //!   end as [`AuthError::TokenUnavailable`]. OAuth errors such as
-//!   `invalid_grant` are permanent: [`AuthError::TokenRefused`].
+//!   `invalid_grant` are permanent: [`AuthError::TokenRefused`]. Each
+//!   attempt is logged at `info`; the caller warns once, with the fix.
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use oauth2::{
     ResourceOwnerPassword, ResourceOwnerUsername, Scope, TokenResponse, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use super::assertion;
 use super::http::{self, HttpError};
@@ -129,7 +130,9 @@ impl Tokens {
             let retry = error.is_temporary()
                 && attempt < MAX_ATTEMPTS
                 && started.elapsed() + pause + http::REQUEST_TIMEOUT < TOKEN_DEADLINE;
-            warn!(account = %id.account, grant = %id.grant, attempt, retry, error = %error, "token request failed");
+            // The caller warns once, with the fix (a login's "login failed"):
+            // an attempt is only information.
+            info!(account = %id.account, grant = %id.grant, attempt, retry, error = %error, "token request failed");
             if !retry {
                 let result = if error.is_temporary() {
                     "unavailable"

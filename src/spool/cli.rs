@@ -21,7 +21,7 @@ pub enum Action {
 /// Run `action` on the spool of `config`; the text to print, or the error.
 pub fn run(config: &Config, action: Action) -> Result<String, String> {
     let dir = config.spool.dir(&config.state_dir);
-    let queue = Queue::existing(&dir).map_err(|e| format!("spool {}: {e}", dir.display()))?;
+    let queue = Queue::existing(&dir).map_err(|e| no_spool(config, &dir, &e))?;
     match action {
         Action::List => list(&queue),
         Action::Show(id) => show(&queue, &id),
@@ -48,6 +48,24 @@ pub fn run(config: &Config, action: Action) -> Result<String, String> {
             queue.retire(place, &id).map_err(|e| e.to_string())?;
             Ok(format!("{id}: dropped; its sender is not told\n"))
         }
+    }
+}
+
+/// Why there is no spool at `dir` to look at, and where one comes from.
+fn no_spool(config: &Config, dir: &std::path::Path, e: &std::io::Error) -> String {
+    if e.kind() != std::io::ErrorKind::NotFound {
+        return format!("spool {}: {e}", dir.display());
+    }
+    if config.spools() {
+        format!(
+            "spool {}: holds no spool yet: `oxbridge run` makes it when it starts. Fix: if oxbridge runs already, give `oxbridge queue` the service's --config (its state_dir and spool.dir) and run it as the service's user",
+            dir.display()
+        )
+    } else {
+        format!(
+            "spool {}: holds no spool: no [[listener]] has delivery = \"spool\". Fix: only an SMTP [[listener]] with delivery = \"spool\" keeps messages to deliver later; `oxbridge run` makes the spool for it, then `oxbridge queue` shows what waits there",
+            dir.display()
+        )
     }
 }
 

@@ -25,6 +25,7 @@ mod imap_pop3;
 mod matrix;
 mod oauth;
 mod old_clients;
+mod operator_errors;
 mod ops;
 mod printers;
 mod redis;
