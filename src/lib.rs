@@ -34,8 +34,9 @@
 //!   login, the on-disk queue, the delivery worker, delivery reports and
 //!   `oxbridge queue`.
 //! * `error`, `diagnose`: why a login failed, and what to do about it.
-//!   `metrics`, `admin`, `status` (the page at `/`), `autodiscover`,
-//!   `check`: what operators see.
+//!   `metrics`, `health` (the servers oxbridge depends on, as last seen),
+//!   `admin`, `status` (the page at `/`), `autodiscover`, `check`: what
+//!   operators see.
 
 mod accounts;
 pub mod admin;
@@ -46,6 +47,7 @@ pub mod config;
 mod device;
 mod diagnose;
 mod error;
+mod health;
 mod keepalive;
 mod limits;
 mod listener;

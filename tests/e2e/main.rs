@@ -27,6 +27,7 @@ mod oauth;
 mod old_clients;
 mod ops;
 mod printers;
+mod ready;
 mod redis;
 mod regression;
 mod rewrite_sender;
