@@ -290,3 +290,61 @@ fn token_endpoint_down_keeps_the_replica_ready_and_mail_flowing_through_haproxy(
     assert_eq!(curl(admin, "/readyz").0, 200);
     assert_eq!(haproxy.server_state().0, "UP", "{}", haproxy.log());
 }
+
+/// Poll `path` until it answers `status`.
+fn wait_status(admin: std::net::SocketAddr, path: &str, status: u16) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = curl(admin, path);
+        if got.0 == status || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn readyz_follows_the_redis_store_and_never_shows_its_password() {
+    let password = "ready-redis-secret-5f1c";
+    let mut redis = Redis::start_with(Some(password), false);
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("store.key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    let store = format!(
+        "{ADMIN}\n[store]\nbackend = \"redis\"\nurl = \"{}\"\nkey_file = \"{}\"\n",
+        redis.url(),
+        key.display()
+    );
+    let proxy = Proxy::start(&config(&listener("smtp", "none", true), &store));
+    let admin = proxy.admin_addr();
+    assert_eq!(curl(admin, "/readyz"), (200, "ready\n".to_string()));
+    let (_, health) = curl(admin, "/healthz");
+    assert!(health.contains("\nstore: redis reachable\n"), "{health}");
+
+    // Redis stopped: this replica cannot share tokens and limits, so it
+    // takes no devices; it is still alive.
+    redis.stop();
+    let (status, body) = wait_status(admin, "/readyz", 503);
+    assert_eq!(status, 503, "{body}\n{}", proxy.logs());
+    assert!(
+        body.starts_with("not ready: the Redis store does not answer ("),
+        "{body}"
+    );
+    let (status, health) = curl(admin, "/healthz");
+    assert_eq!(status, 200, "{health}");
+    assert!(health.starts_with("ok\n"), "{health}");
+    assert!(health.contains("\nstore: redis unreachable ("), "{health}");
+    for text in [&body, &health] {
+        assert!(!text.contains(password), "{text}");
+    }
+
+    // Back: ready again.
+    redis.restart();
+    let (status, body) = wait_status(admin, "/readyz", 200);
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ready\n"),
+        "{}",
+        proxy.logs()
+    );
+}
