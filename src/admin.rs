@@ -48,10 +48,15 @@ use crate::{autodiscover, health, metrics};
 pub const TOKEN_FACT_AGE: Duration = Duration::from_secs(300);
 /// How long a background probe may wait to reach the token endpoint.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long `/readyz` (and `/healthz`) wait for the Redis store's PING.
+/// How long `/readyz` waits for the Redis store's PING.
 const STORE_PING_TIMEOUT: Duration = Duration::from_millis(1500);
+/// `/healthz` and the status page never wait for Redis: they show its
+/// last PING, renewed in the background when older than this.
+const STORE_FACT_AGE_S: u64 = 5;
 /// One background probe of the token endpoint at a time.
 static PROBING: AtomicBool = AtomicBool::new(false);
+/// One background PING of the Redis store at a time.
+static PINGING: AtomicBool = AtomicBool::new(false);
 
 #[derive(Clone)]
 struct Admin {
@@ -180,42 +185,59 @@ fn readiness(shutting_down: bool, listeners_bound: bool, facts: &health::Facts) 
         return Some("listeners not bound yet".into());
     }
     match &facts.store {
-        Some(Err(e)) => Some(format!("the Redis store does not answer ({e})")),
+        health::Store::Redis(Some(c)) if !c.reachable => Some(format!(
+            "the Redis store does not answer ({})",
+            c.error.as_deref().unwrap_or("no answer")
+        )),
         _ => None,
     }
 }
 
-/// The Redis store's answer to a PING now; None with the file store.
-async fn store_fact(admin: &Admin) -> Option<Result<(), String>> {
-    if admin.app.config.store.backend != StoreBackend::Redis {
-        return None;
-    }
-    Some(
-        match tokio::time::timeout(STORE_PING_TIMEOUT, admin.app.state.reachable()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!(
-                "no answer to PING within {} ms",
-                STORE_PING_TIMEOUT.as_millis()
-            )),
-        },
-    )
+fn redis(admin: &Admin) -> bool {
+    admin.app.config.store.backend == StoreBackend::Redis
 }
 
-/// What this process knows now; renews a stale token endpoint fact in
-/// the background (the answer does not wait for it).
-async fn facts(admin: &Admin) -> health::Facts {
+/// PING the Redis store (bounded) and remember its answer.
+async fn ping_store(app: &App) {
+    let error = match tokio::time::timeout(STORE_PING_TIMEOUT, app.state.reachable()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!(
+            "no answer to PING within {} ms",
+            STORE_PING_TIMEOUT.as_millis()
+        )),
+    };
+    health::store(error.as_deref());
+}
+
+/// What this process knows, without waiting for anything: stale facts
+/// (the token endpoint's, Redis's) are renewed in the background.
+fn facts(admin: &Admin) -> health::Facts {
     if metrics::token_endpoint_recent(TOKEN_FACT_AGE).is_none() {
         renew_token_fact(admin.app.config.oauth.token_url());
     }
-    health::facts(&admin.app.config.protocols(), store_fact(admin).await)
+    let facts = health::facts(&admin.app.config.protocols(), redis(admin));
+    if let health::Store::Redis(last) = &facts.store {
+        let stale = !last
+            .as_ref()
+            .is_some_and(|c| health::unix_now().saturating_sub(c.last) < STORE_FACT_AGE_S);
+        if stale && !PINGING.swap(true, Ordering::AcqRel) {
+            let app = admin.app.clone();
+            tokio::spawn(async move {
+                ping_store(&app).await;
+                PINGING.store(false, Ordering::Release);
+            });
+        }
+    }
+    facts
 }
 
+/// `/readyz`'s verdict: Redis is asked now (1.5 s at most).
 async fn not_ready(admin: &Admin) -> Option<String> {
-    let facts = health::Facts {
-        store: store_fact(admin).await,
-        ..health::Facts::default()
-    };
+    if redis(admin) {
+        ping_store(&admin.app).await;
+    }
+    let facts = health::facts(&[], redis(admin));
     readiness(
         admin.shutdown.is_cancelled(),
         metrics::are_listeners_bound(),
@@ -236,7 +258,7 @@ async fn readyz(State(admin): State<Admin>) -> Response {
 
 /// `200 ok` while the process serves, then one line per health fact.
 async fn healthz(State(admin): State<Admin>) -> Response {
-    let body = health::detail(&facts(&admin).await);
+    let body = health::detail(&facts(&admin));
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -251,7 +273,7 @@ const PAGE_POLICY: &str =
     "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 async fn status_page(State(admin): State<Admin>) -> Response {
-    let facts = facts(&admin).await;
+    let facts = facts(&admin);
     let not_ready = readiness(
         admin.shutdown.is_cancelled(),
         metrics::are_listeners_bound(),
@@ -394,7 +416,7 @@ pub fn probe_health(address: SocketAddr) -> Result<(), String> {
 mod tests {
     use super::{digest, host_name, presented, readiness};
     use crate::config::Protocol;
-    use crate::health::{noted, Facts};
+    use crate::health::{noted, Facts, Store};
     use axum::http::{header, HeaderMap, HeaderValue};
     use secrecy::{ExposeSecret, SecretString};
 
@@ -448,14 +470,19 @@ mod tests {
         let outage = Facts {
             token_endpoint: Some(noted(None, false, Some("cannot connect"), 1)),
             upstreams: vec![(Protocol::Smtp, Some(noted(None, false, Some("refused"), 1)))],
-            store: None,
+            store: Store::File,
         };
         assert_eq!(readiness(false, true, &outage), None);
         let redis_up = Facts {
-            store: Some(Ok(())),
+            store: Store::Redis(Some(noted(None, true, None, 1))),
             ..outage.clone()
         };
         assert_eq!(readiness(false, true, &redis_up), None);
+        let unchecked = Facts {
+            store: Store::Redis(None),
+            ..outage.clone()
+        };
+        assert_eq!(readiness(false, true, &unchecked), None);
     }
 
     #[test]
@@ -470,7 +497,7 @@ mod tests {
             Some("listeners not bound yet")
         );
         let redis_down = Facts {
-            store: Some(Err("timed out".into())),
+            store: Store::Redis(Some(noted(None, false, Some("timed out"), 1))),
             ..Facts::default()
         };
         assert_eq!(

@@ -78,6 +78,8 @@ pub fn unix_now() -> u64 {
 }
 
 static TOKEN_ENDPOINT: Mutex<Option<Contact>> = Mutex::new(None);
+/// The Redis store's last PING.
+static STORE: Mutex<Option<Contact>> = Mutex::new(None);
 /// Per upstream protocol, in [`PROTOCOLS`] order.
 static UPSTREAMS: Mutex<[Option<Contact>; 3]> = Mutex::new([None, None, None]);
 const PROTOCOLS: [Protocol; 3] = [Protocol::Smtp, Protocol::Imap, Protocol::Pop3];
@@ -99,6 +101,22 @@ pub fn upstream(protocol: Protocol, error: Option<&str>) {
     *slot = Some(noted(slot.as_ref(), error.is_none(), error, unix_now()));
 }
 
+/// A PING of the Redis store: `error` is None when it answered.
+pub fn store(error: Option<&str>) {
+    let mut slot = STORE.lock().unwrap_or_else(|e| e.into_inner());
+    *slot = Some(noted(slot.as_ref(), error.is_none(), error, unix_now()));
+}
+
+/// The state store as this process last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Store {
+    /// The file store: nothing to reach.
+    #[default]
+    File,
+    /// Redis: its last PING, None before the first.
+    Redis(Option<Contact>),
+}
+
 /// What this process knows now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Facts {
@@ -106,14 +124,17 @@ pub struct Facts {
     pub token_endpoint: Option<Contact>,
     /// The upstreams of the configured protocols; None until dialled.
     pub upstreams: Vec<(Protocol, Option<Contact>)>,
-    /// None with the file store (nothing to reach); with Redis, whether it
-    /// answered a PING just now (the error if not).
-    pub store: Option<Result<(), String>>,
+    pub store: Store,
 }
 
-/// The recorded facts for the configured `protocols`; `store` as probed.
-pub fn facts(protocols: &[Protocol], store: Option<Result<(), String>>) -> Facts {
+/// The recorded facts for the configured `protocols`, with the Redis
+/// store's if `redis`.
+pub fn facts(protocols: &[Protocol], redis: bool) -> Facts {
     let all = UPSTREAMS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let store = match redis {
+        true => Store::Redis(STORE.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+        false => Store::File,
+    };
     Facts {
         token_endpoint: TOKEN_ENDPOINT
             .lock()
@@ -131,18 +152,18 @@ fn stamp(at: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(at)).to_string()
 }
 
-/// One server's line: `reachable since T` or `unreachable since T (last
-/// error: E)`, and when it was last contacted.
-fn contact_line(what: &str, c: &Option<Contact>, never: &str) -> String {
+/// A server's state: `reachable since T` or `unreachable since T (last
+/// error: E)`, and when it was last contacted; `never` before that.
+fn status(c: &Option<Contact>, never: &str) -> String {
     match c {
-        None => format!("{what}: {never}"),
+        None => never.to_string(),
         Some(c) if c.reachable => format!(
-            "{what}: reachable since {} (last contact {})",
+            "reachable since {} (last contact {})",
             stamp(c.since),
             stamp(c.last)
         ),
         Some(c) => format!(
-            "{what}: unreachable since {} (last error: {}; last contact {})",
+            "unreachable since {} (last error: {}; last contact {})",
             stamp(c.since),
             c.error.as_deref().unwrap_or("no answer"),
             stamp(c.last)
@@ -154,22 +175,20 @@ fn contact_line(what: &str, c: &Option<Contact>, never: &str) -> String {
 /// `ok` whatever the facts say: the process serves.
 pub fn detail(f: &Facts) -> String {
     let mut lines = vec!["ok".to_string()];
-    lines.push(contact_line(
-        "token endpoint",
-        &f.token_endpoint,
-        "not contacted yet",
+    lines.push(format!(
+        "token endpoint: {}",
+        status(&f.token_endpoint, "not contacted yet")
     ));
     for (protocol, c) in &f.upstreams {
-        lines.push(contact_line(
-            &format!("upstream {}", protocol.as_str()),
-            c,
-            "not dialled yet",
+        lines.push(format!(
+            "upstream {}: {}",
+            protocol.as_str(),
+            status(c, "not dialled yet")
         ));
     }
     lines.push(match &f.store {
-        None => "store: file (nothing to reach)".to_string(),
-        Some(Ok(())) => "store: redis reachable".to_string(),
-        Some(Err(e)) => format!("store: redis unreachable ({})", one_line(e)),
+        Store::File => "store: file (nothing to reach)".to_string(),
+        Store::Redis(c) => format!("store: redis {}", status(c, "not checked yet")),
     });
     let mut body = lines.join("\n");
     body.push('\n');
@@ -197,8 +216,14 @@ pub fn problems(f: &Facts) -> Vec<String> {
             ));
         }
     }
-    if let Some(Err(e)) = &f.store {
-        out.push(format!("Redis store unreachable ({})", one_line(e)));
+    if let Store::Redis(c) = &f.store {
+        if let Some(c) = down(c) {
+            out.push(format!(
+                "Redis store unreachable since {} (last error: {})",
+                stamp(c.since),
+                c.error.as_deref().unwrap_or("no answer"),
+            ));
+        }
     }
     out
 }
@@ -255,7 +280,7 @@ mod tests {
                 (Protocol::Smtp, Some(noted(None, true, None, t + 5))),
                 (Protocol::Imap, None),
             ],
-            store: Some(Err("timed out".into())),
+            store: Store::Redis(Some(noted(None, false, Some("timed out"), t + 7))),
         };
         assert_eq!(
             detail(&f),
@@ -263,17 +288,25 @@ mod tests {
              token endpoint: unreachable since 2026-12-06T04:10:00Z (last error: cannot connect: refused  X; last contact 2026-12-06T04:10:00Z)\n\
              upstream smtp: reachable since 2026-12-06T04:10:05Z (last contact 2026-12-06T04:10:05Z)\n\
              upstream imap: not dialled yet\n\
-             store: redis unreachable (timed out)\n"
+             store: redis unreachable since 2026-12-06T04:10:07Z (last error: timed out; last contact 2026-12-06T04:10:07Z)\n"
         );
         let p = problems(&f);
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].starts_with(
             "token endpoint unreachable since 2026-12-06T04:10:00Z (last error: cannot connect"
         ));
-        assert_eq!(p[1], "Redis store unreachable (timed out)");
+        assert_eq!(
+            p[1],
+            "Redis store unreachable since 2026-12-06T04:10:07Z (last error: timed out)"
+        );
         // Nothing down, nothing to say; the file store needs nothing.
         let fine = Facts::default();
         assert!(problems(&fine).is_empty());
+        let unchecked = Facts {
+            store: Store::Redis(None),
+            ..Facts::default()
+        };
+        assert!(detail(&unchecked).ends_with("\nstore: redis not checked yet\n"));
         assert_eq!(
             detail(&fine),
             "ok\ntoken endpoint: not contacted yet\nstore: file (nothing to reach)\n"

@@ -319,7 +319,10 @@ fn readyz_follows_the_redis_store_and_never_shows_its_password() {
     let admin = proxy.admin_addr();
     assert_eq!(curl(admin, "/readyz"), (200, "ready\n".to_string()));
     let (_, health) = curl(admin, "/healthz");
-    assert!(health.contains("\nstore: redis reachable\n"), "{health}");
+    assert!(
+        health.contains("\nstore: redis reachable since "),
+        "{health}"
+    );
 
     // Redis stopped: this replica cannot share tokens and limits, so it
     // takes no devices; it is still alive.
@@ -333,7 +336,10 @@ fn readyz_follows_the_redis_store_and_never_shows_its_password() {
     let (status, health) = curl(admin, "/healthz");
     assert_eq!(status, 200, "{health}");
     assert!(health.starts_with("ok\n"), "{health}");
-    assert!(health.contains("\nstore: redis unreachable ("), "{health}");
+    assert!(
+        health.contains("\nstore: redis unreachable since "),
+        "{health}"
+    );
     for text in [&body, &health] {
         assert!(!text.contains(password), "{text}");
     }
@@ -347,4 +353,41 @@ fn readyz_follows_the_redis_store_and_never_shows_its_password() {
         "{}",
         proxy.logs()
     );
+}
+
+/// A liveness probe gives up after a second (Kubernetes' default): while
+/// Redis hangs, `/healthz` must still answer at once, or every replica
+/// would be restarted for an outage a restart does not cure.
+#[test]
+fn healthz_answers_at_once_while_redis_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("store.key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    let store = format!(
+        "{ADMIN}\n[store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:{}/\"\nkey_file = \"{}\"\n",
+        blackhole(),
+        key.display()
+    );
+    let proxy = Proxy::start(&config(&listener("smtp", "none", true), &store));
+    let admin = proxy.admin_addr();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (status, health) = curl(admin, "/healthz");
+        let took = started.elapsed();
+        assert_eq!(status, 200, "{health}");
+        assert!(
+            took < Duration::from_millis(500),
+            "/healthz took {took:?}:\n{health}"
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let (status, health) = curl(admin, "/healthz");
+    assert!(
+        status == 200 && health.contains("\nstore: redis unreachable since "),
+        "{health}"
+    );
+    let started = Instant::now();
+    let (status, body) = curl(admin, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(3), "{body}");
 }
