@@ -1,7 +1,13 @@
 //! The admin HTTP endpoint (`[admin] listen`): `/` (the status page),
-//! `/healthz` (the process answers), `/readyz` (listeners bound, token
-//! endpoint reachable, not shutting down), `/metrics` (Prometheus text)
-//! and POX Autodiscover (`POST /autodiscover/autodiscover.xml`).
+//! `/healthz` (the process answers; its body details the health facts),
+//! `/readyz` (this replica can take devices: listeners bound, not
+//! shutting down, the Redis store answering where one is configured),
+//! `/metrics` (Prometheus text) and POX Autodiscover
+//! (`POST /autodiscover/autodiscover.xml`).
+//!
+//! The token endpoint's and the upstreams' reachability are health facts
+//! ([`crate::health`]), never readiness: while Entra ID is down a spooling
+//! listener still answers `250`, so a load balancer must keep sending.
 //!
 //! It carries no secret. The status page and the metrics name accounts
 //! and mailboxes, so with `[admin] token_file` (required off loopback)
@@ -11,6 +17,7 @@
 //! mail clients carry no token, and they learn nothing about accounts.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,13 +38,25 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use crate::app::App;
+use crate::config::StoreBackend;
 use crate::status::{self, Bound};
-use crate::{autodiscover, metrics};
+use crate::{autodiscover, health, metrics};
 
-/// A token endpoint contact younger than this decides readiness.
-pub const READY_TOKEN_AGE: Duration = Duration::from_secs(300);
-/// How long a readiness probe may wait to reach the token endpoint.
+/// A token endpoint fact older than this is renewed, in the background,
+/// when someone looks (`/healthz`, the status page, `/metrics`), so that
+/// the metric and the alert on it stay current while no device logs in.
+pub const TOKEN_FACT_AGE: Duration = Duration::from_secs(300);
+/// How long a background probe may wait to reach the token endpoint.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `/readyz` waits for the Redis store's PING.
+const STORE_PING_TIMEOUT: Duration = Duration::from_millis(1500);
+/// `/healthz` and the status page never wait for Redis: they show its
+/// last PING, renewed in the background when older than this.
+const STORE_FACT_AGE_S: u64 = 5;
+/// One background probe of the token endpoint at a time.
+static PROBING: AtomicBool = AtomicBool::new(false);
+/// One background PING of the Redis store at a time.
+static PINGING: AtomicBool = AtomicBool::new(false);
 
 #[derive(Clone)]
 struct Admin {
@@ -60,7 +79,7 @@ fn router(admin: Admin) -> Router {
         .route_layer(middleware::from_fn_with_state(admin.clone(), authorized));
     Router::new()
         .merge(guarded)
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/autodiscover/autodiscover.xml", post(autodiscover))
         .route("/Autodiscover/Autodiscover.xml", post(autodiscover))
@@ -153,19 +172,77 @@ async fn authorized(
     refusal
 }
 
-/// Why oxbridge is not ready, if it is not.
-async fn not_ready(admin: &Admin) -> Option<&'static str> {
-    if admin.shutdown.is_cancelled() {
-        return Some("shutting down");
+/// Why this replica cannot take devices, if it cannot: shutting down,
+/// listeners not bound, or the Redis store not answering. The health
+/// facts of the token endpoint and the upstreams are not a reason: a
+/// spooling listener takes mail while they are down, and every other
+/// listener answers devices with the protocol's temporary failure.
+fn readiness(shutting_down: bool, listeners_bound: bool, facts: &health::Facts) -> Option<String> {
+    if shutting_down {
+        return Some("shutting down".into());
     }
-    if !metrics::are_listeners_bound() {
-        return Some("listeners not bound yet");
+    if !listeners_bound {
+        return Some("listeners not bound yet".into());
     }
-    let reached = match metrics::token_endpoint_recent(READY_TOKEN_AGE) {
-        Some(reached) => reached,
-        None => probe_token_endpoint(&admin.app.config.oauth.token_url()).await,
+    match &facts.store {
+        health::Store::Redis(Some(c)) if !c.reachable => Some(format!(
+            "the Redis store does not answer ({})",
+            c.error.as_deref().unwrap_or("no answer")
+        )),
+        _ => None,
+    }
+}
+
+fn redis(admin: &Admin) -> bool {
+    admin.app.config.store.backend == StoreBackend::Redis
+}
+
+/// PING the Redis store (bounded) and remember its answer.
+async fn ping_store(app: &App) {
+    let error = match tokio::time::timeout(STORE_PING_TIMEOUT, app.state.reachable()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!(
+            "no answer to PING within {} ms",
+            STORE_PING_TIMEOUT.as_millis()
+        )),
     };
-    (!reached).then_some("token endpoint unreachable")
+    health::store(error.as_deref());
+}
+
+/// What this process knows, without waiting for anything: stale facts
+/// (the token endpoint's, Redis's) are renewed in the background.
+fn facts(admin: &Admin) -> health::Facts {
+    if metrics::token_endpoint_recent(TOKEN_FACT_AGE).is_none() {
+        renew_token_fact(admin.app.config.oauth.token_url());
+    }
+    let facts = health::facts(&admin.app.config.protocols(), redis(admin));
+    if let health::Store::Redis(last) = &facts.store {
+        let stale = !last
+            .as_ref()
+            .is_some_and(|c| health::unix_now().saturating_sub(c.last) < STORE_FACT_AGE_S);
+        if stale && !PINGING.swap(true, Ordering::AcqRel) {
+            let app = admin.app.clone();
+            tokio::spawn(async move {
+                ping_store(&app).await;
+                PINGING.store(false, Ordering::Release);
+            });
+        }
+    }
+    facts
+}
+
+/// `/readyz`'s verdict: Redis is asked now (1.5 s at most).
+async fn not_ready(admin: &Admin) -> Option<String> {
+    if redis(admin) {
+        ping_store(&admin.app).await;
+    }
+    let facts = health::facts(&[], redis(admin));
+    readiness(
+        admin.shutdown.is_cancelled(),
+        metrics::are_listeners_bound(),
+        &facts,
+    )
 }
 
 async fn readyz(State(admin): State<Admin>) -> Response {
@@ -179,14 +256,31 @@ async fn readyz(State(admin): State<Admin>) -> Response {
     }
 }
 
+/// `200 ok` while the process serves, then one line per health fact.
+async fn healthz(State(admin): State<Admin>) -> Response {
+    let body = health::detail(&facts(&admin));
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
 /// Headers of the status page: nothing loads from elsewhere, nothing is
 /// kept by caches or shown in a frame.
 const PAGE_POLICY: &str =
     "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 async fn status_page(State(admin): State<Admin>) -> Response {
-    let not_ready = not_ready(&admin).await.map(str::to_string);
-    let view = status::gather(&admin.app, &admin.listeners, admin.started, not_ready).await;
+    let facts = facts(&admin);
+    let not_ready = readiness(
+        admin.shutdown.is_cancelled(),
+        metrics::are_listeners_bound(),
+        &facts,
+    );
+    let mut view = status::gather(&admin.app, &admin.listeners, admin.started, not_ready).await;
+    view.health = health::problems(&facts);
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -200,29 +294,50 @@ async fn status_page(State(admin): State<Admin>) -> Response {
         .into_response()
 }
 
+/// Probe the token endpoint in the background, unless a probe is under way.
+fn renew_token_fact(url: String) {
+    if PROBING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tokio::spawn(async move {
+        probe_token_endpoint(&url).await;
+        PROBING.store(false, Ordering::Release);
+    });
+}
+
 /// Can a TCP connection to the token endpoint be opened? The answer is
 /// remembered like any other contact.
-async fn probe_token_endpoint(url: &str) -> bool {
-    let Ok(url) = oauth2::url::Url::parse(url) else {
-        return false;
+async fn probe_token_endpoint(url: &str) {
+    let Ok(parsed) = oauth2::url::Url::parse(url) else {
+        return metrics::token_endpoint_failed(&format!("cannot parse {url}"));
     };
-    let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
-        return false;
+    let (Some(host), Some(port)) = (parsed.host_str(), parsed.port_or_known_default()) else {
+        return metrics::token_endpoint_failed(&format!("no host or port in {url}"));
     };
     let host = host
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let reached = matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect((host, port))).await,
-        Ok(Ok(_))
-    );
-    debug!(reached, "probed the token endpoint");
-    metrics::token_endpoint_contact(reached);
-    reached
+    let connect = tokio::net::TcpStream::connect((host.clone(), port));
+    let failure = match tokio::time::timeout(PROBE_TIMEOUT, connect).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(format!("cannot connect: {e} ({host}:{port})")),
+        Err(_) => Some(format!(
+            "cannot connect: no answer within {} s ({host}:{port})",
+            PROBE_TIMEOUT.as_secs()
+        )),
+    };
+    debug!(reached = failure.is_none(), "probed the token endpoint");
+    match failure {
+        None => metrics::token_endpoint_contact(true),
+        Some(why) => metrics::token_endpoint_failed(&why),
+    }
 }
 
 async fn render_metrics(State(admin): State<Admin>) -> Response {
+    if metrics::token_endpoint_recent(TOKEN_FACT_AGE).is_none() {
+        renew_token_fact(admin.app.config.oauth.token_url());
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -299,7 +414,9 @@ pub fn probe_health(address: SocketAddr) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{digest, host_name, presented};
+    use super::{digest, host_name, presented, readiness};
+    use crate::config::Protocol;
+    use crate::health::{noted, Facts, Store};
     use axum::http::{header, HeaderMap, HeaderValue};
     use secrecy::{ExposeSecret, SecretString};
 
@@ -346,5 +463,50 @@ mod tests {
         assert_eq!(host_name("127.0.0.1:9090").as_deref(), Some("127.0.0.1"));
         assert_eq!(host_name("[::1]:9090").as_deref(), Some("::1"));
         assert_eq!(host_name("evil<x>"), None);
+    }
+
+    #[test]
+    fn readiness_ignores_the_token_endpoint_and_upstreams() {
+        let outage = Facts {
+            token_endpoint: Some(noted(None, false, Some("cannot connect"), 1)),
+            upstreams: vec![(Protocol::Smtp, Some(noted(None, false, Some("refused"), 1)))],
+            store: Store::File,
+        };
+        assert_eq!(readiness(false, true, &outage), None);
+        let redis_up = Facts {
+            store: Store::Redis(Some(noted(None, true, None, 1))),
+            ..outage.clone()
+        };
+        assert_eq!(readiness(false, true, &redis_up), None);
+        let unchecked = Facts {
+            store: Store::Redis(None),
+            ..outage.clone()
+        };
+        assert_eq!(readiness(false, true, &unchecked), None);
+    }
+
+    #[test]
+    fn readiness_is_listeners_bound_not_draining_and_the_store_answering() {
+        let fine = Facts::default();
+        assert_eq!(
+            readiness(true, true, &fine).as_deref(),
+            Some("shutting down")
+        );
+        assert_eq!(
+            readiness(false, false, &fine).as_deref(),
+            Some("listeners not bound yet")
+        );
+        let redis_down = Facts {
+            store: Store::Redis(Some(noted(None, false, Some("timed out"), 1))),
+            ..Facts::default()
+        };
+        assert_eq!(
+            readiness(false, true, &redis_down).as_deref(),
+            Some("the Redis store does not answer (timed out)")
+        );
+        assert_eq!(
+            readiness(true, true, &redis_down).as_deref(),
+            Some("shutting down")
+        );
     }
 }

@@ -32,6 +32,8 @@ pub struct App {
     pub spool: Option<Arc<Spool>>,
     /// Microsoft Graph, for accounts whose mail leaves that way.
     pub graph: Graph,
+    /// Where tokens and shared counters live (readiness pings it).
+    pub state: Arc<State>,
 }
 
 /// A start-up failure: the message names what is wrong.
@@ -46,7 +48,7 @@ impl App {
         let tokens = oauth::Tokens::new(&config.oauth, &config.protocols(), state.clone())
             .map_err(StartError)?;
         let mailbox_limits = limits::MailboxLimits::new(&config.limits, state.clone());
-        let throttle = throttle::Throttle::new(&config.limits, state);
+        let throttle = throttle::Throttle::new(&config.limits, state.clone());
         let dialer = Dialer::new(&config.upstream).map_err(StartError)?;
         let spool = match config.spools() {
             true => Some(Arc::new(Spool::open(&config).map_err(|e| {
@@ -62,6 +64,7 @@ impl App {
         Ok(App {
             spool,
             graph,
+            state,
             accounts: ArcSwap::from_pointee(Accounts::new(config.upstream.send, &config.accounts)),
             relays: ArcSwap::from_pointee(config.relays.clone()),
             tokens,

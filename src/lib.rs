@@ -34,10 +34,11 @@
 //!   login, the on-disk queue, the delivery worker, delivery reports and
 //!   `oxbridge queue`.
 //! * `error`, `diagnose`: why a login failed, and what to do about it.
-//!   `metrics`, `admin`, `status` (the page at `/`), `autodiscover`,
-//!   `check`: what operators see. `preflight`: what `run` will load from
-//!   this machine, looked at first by `check` and `run`; `fixes`: the
-//!   operator's fix beside each such failure.
+//!   `metrics`, `health` (the servers oxbridge depends on, as last seen),
+//!   `admin`, `status` (the page at `/`), `autodiscover`, `check`: what
+//!   operators see. `preflight`: what `run` will load from this machine,
+//!   looked at first by `check` and `run`; `fixes`: the operator's fix
+//!   beside each such failure.
 
 mod accounts;
 pub mod admin;
@@ -49,6 +50,7 @@ mod device;
 mod diagnose;
 mod error;
 mod fixes;
+mod health;
 mod keepalive;
 mod limits;
 mod listener;

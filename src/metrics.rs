@@ -51,6 +51,8 @@ pub const SPOOL_DEAD_LETTERS: &str = "oxbridge_spool_dead_letters_total";
 pub const SPOOL_DUPLICATES: &str = "oxbridge_spool_possible_duplicates_total";
 pub const PROXY_UNTRUSTED: &str = "oxbridge_proxy_untrusted_total";
 pub const DEVICE_TLS_SESSIONS: &str = "oxbridge_device_tls_sessions_total";
+pub const TOKEN_ENDPOINT_CONTACT: &str = "oxbridge_token_endpoint_contact_timestamp_seconds";
+pub const UPSTREAM_REACHABLE: &str = "oxbridge_upstream_reachable";
 
 /// Histogram buckets (seconds) for token requests and upstream connects.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -197,6 +199,14 @@ fn describe() {
     describe_counter!(
         DEVICE_TLS_SESSIONS,
         "Devices' TLS handshakes, by listener and negotiated version (TLSv1.0 to TLSv1.3)"
+    );
+    describe_gauge!(
+        TOKEN_ENDPOINT_CONTACT,
+        "When oxbridge last contacted the token endpoint (Unix time), whether it answered or not"
+    );
+    describe_gauge!(
+        UPSTREAM_REACHABLE,
+        "1 if the last dial of the protocol's upstream (connect, TLS, greeting) worked, 0 if it failed"
     );
     describe_counter!(
         UPSTREAM_EXPIRIES,
@@ -393,6 +403,8 @@ pub fn are_listeners_bound() -> bool {
 pub fn token_endpoint_contact(reached: bool) {
     gauge!(TOKEN_ENDPOINT_REACHABLE).set(if reached { 1.0 } else { 0.0 });
     *TOKEN_ENDPOINT.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), reached));
+    gauge!(TOKEN_ENDPOINT_CONTACT).set(crate::health::unix_now() as f64);
+    crate::health::token_endpoint(reached, None);
 }
 
 /// The last contact with the token endpoint, if it is younger than `max_age`.
@@ -400,4 +412,19 @@ pub fn token_endpoint_recent(max_age: Duration) -> Option<bool> {
     let last = *TOKEN_ENDPOINT.lock().unwrap_or_else(|e| e.into_inner());
     last.filter(|(at, _)| at.elapsed() < max_age)
         .map(|(_, reached)| reached)
+}
+
+/// A request could not reach the token endpoint, for this reason (no
+/// secret: a transport error and the token URL).
+pub fn token_endpoint_failed(why: &str) {
+    token_endpoint_contact(false);
+    crate::health::token_endpoint(false, Some(why));
+}
+
+/// A dial of `protocol`'s upstream (connect, TLS, greeting): `error` is
+/// None when it worked.
+pub fn upstream_contact(protocol: Protocol, error: Option<&str>) {
+    let reached = if error.is_none() { 1.0 } else { 0.0 };
+    gauge!(UPSTREAM_REACHABLE, "protocol" => protocol.as_str()).set(reached);
+    crate::health::upstream(protocol, error);
 }

@@ -57,8 +57,9 @@ async fn send(http: &oauth2::reqwest::Client, req: HttpRequest) -> Result<HttpRe
         .send()
         .await
         .map_err(|e| {
-            crate::metrics::token_endpoint_contact(false);
-            HttpError::Network(describe(&e))
+            let why = describe(&e);
+            crate::metrics::token_endpoint_failed(&why);
+            HttpError::Network(why)
         })?;
     crate::metrics::token_endpoint_contact(true);
     let status = response.status();

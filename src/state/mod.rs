@@ -125,6 +125,15 @@ impl State {
         !matches!(self, State::File(None))
     }
 
+    /// Whether the store answers now: Redis a PING (bounded like every
+    /// operation); the file backend has nothing to reach.
+    pub async fn reachable(&self) -> Result<(), StateError> {
+        match self {
+            State::File(_) => Ok(()),
+            State::Redis(r) => r.ping().await,
+        }
+    }
+
     /// Where refresh tokens go, for people: `state_dir`, or Redis.
     pub fn location(&self) -> String {
         match self {

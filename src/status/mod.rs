@@ -104,6 +104,7 @@ pub async fn gather(
         now,
         started,
         not_ready,
+        health: Vec::new(),
         listeners: listeners.iter().map(listener_row).collect(),
         accounts,
         mailboxes,

@@ -24,6 +24,8 @@ pub struct View {
     pub started: u64,
     /// `/readyz`'s verdict: None when ready, else why not.
     pub not_ready: Option<String>,
+    /// Outages of what oxbridge depends on (health facts, not readiness).
+    pub health: Vec<String>,
     pub listeners: Vec<ListenerRow>,
     pub accounts: Vec<AccountRow>,
     /// Mailboxes with upstream sessions or waiting devices.
@@ -234,6 +236,7 @@ pub fn render(v: &View) -> String {
                         Some(why) => span.bad { "not ready: " (why) },
                     }
                 }
+                @for problem in &v.health { p.meta { span.bad { (problem) } } }
                 (listeners(v))
                 (accounts(v))
                 (mailboxes(v))

@@ -10,6 +10,7 @@ fn view() -> View {
         now: NOW,
         started: NOW - 3 * 3600 - 120,
         not_ready: None,
+        health: Vec::new(),
         listeners: vec![ListenerRow {
             protocol: "smtp",
             address: "0.0.0.0:587".into(),
@@ -120,6 +121,10 @@ fn empty_sections_say_so_and_not_ready_is_marked() {
     v.not_ready = Some("token endpoint unreachable".into());
     let html = render(&v);
     assert!(html.contains("<span class=\"bad\">not ready: token endpoint unreachable</span>"));
+    v.health = vec!["upstream smtp unreachable since <t>".into()];
+    assert!(
+        render(&v).contains("<span class=\"bad\">upstream smtp unreachable since &lt;t&gt;</span>")
+    );
     assert!(html.contains("No [[account]] in the configuration."));
     assert!(html.contains("No upstream session open."));
     assert!(html.contains("None since start."));

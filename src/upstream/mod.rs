@@ -81,6 +81,8 @@ impl Dialer {
         if dialled.is_ok() {
             crate::metrics::upstream_connected(protocol, started.elapsed());
         }
+        let failure = dialled.as_ref().err().map(|e| e.to_string());
+        crate::metrics::upstream_contact(protocol, failure.as_deref());
         dialled
     }
 

@@ -28,6 +28,7 @@ mod old_clients;
 mod operator_errors;
 mod ops;
 mod printers;
+mod ready;
 mod redis;
 mod regression;
 mod rewrite_sender;

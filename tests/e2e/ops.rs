@@ -13,7 +13,12 @@ fn metrics_health_readiness_and_json_logs() {
     let proxy = Proxy::start(&config(&plain_listeners(&["imap", "smtp"]), ADMIN));
     let admin = proxy.admin_addr();
 
-    assert_eq!(curl(admin, "/healthz"), (200, "ok\n".to_string()));
+    let (status, health) = curl(admin, "/healthz");
+    assert_eq!(
+        (status, health.lines().next()),
+        (200, Some("ok")),
+        "{health}"
+    );
     let (status, body) = curl(admin, "/readyz");
     assert_eq!(status, 200, "{body}");
 
@@ -108,7 +113,8 @@ fn metrics_health_readiness_and_json_logs() {
         }
     }
 
-    // A proxy whose token endpoint is down is alive but not ready.
+    // A proxy whose token endpoint is down is alive and ready: the outage
+    // is a health fact (tests/e2e/ready.rs), not a reason to take it out.
     let first_admin = admin;
     let down = with_token_url(
         &config(&listener("smtp", "none", true), ADMIN),
@@ -118,8 +124,7 @@ fn metrics_health_readiness_and_json_logs() {
     let admin = proxy.admin_addr();
     assert_eq!(curl(admin, "/healthz").0, 200);
     let (status, body) = curl(admin, "/readyz");
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("token endpoint unreachable"), "{body}");
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
     let reachable = |admin| value(&scrape(admin), "oxbridge_token_endpoint_reachable", &[]);
     assert_eq!(reachable(admin), 0.0);
     assert_eq!(reachable(first_admin), 1.0);
