@@ -25,8 +25,10 @@ use crate::{diagnose, login};
 
 /// What the configuration allows that an operator should know about,
 /// one WARNING line each (printed by `check` and `check --offline`; they
-/// do not fail it): listeners that accept TLS older than 1.2.
+/// do not fail it): listeners that accept TLS older than 1.2; relay
+/// networks that are public or wide (`config::networks`).
 pub fn warnings(config: &Config) -> Vec<String> {
+    let relays = crate::config::networks::relay_warnings(&config.relays);
     config
         .listeners
         .iter()
@@ -41,6 +43,7 @@ pub fn warnings(config: &Config) -> Vec<String> {
                 l.min_tls()
             )
         })
+        .chain(relays)
         .collect()
 }
 

@@ -23,6 +23,7 @@ use serde::Deserialize;
 mod cloud;
 mod limits;
 mod listener;
+pub(crate) mod networks;
 mod secrets;
 mod spool;
 mod validate;
@@ -328,6 +329,10 @@ pub struct RelayConfig {
     /// Envelope senders allowed (exact or `*@domain`); empty: any.
     #[serde(default)]
     pub allowed_senders: Vec<String>,
+    /// `from_networks` may hold public addresses (see [`networks`]);
+    /// without it such a rule is refused at load: an open relay by typo.
+    #[serde(default)]
+    pub allow_public_networks: bool,
 }
 
 impl RelayConfig {

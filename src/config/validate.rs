@@ -319,8 +319,9 @@ fn relays(
     Ok(())
 }
 
-/// One `[[relay]]`: networks that parse, and an exact account whose grant
-/// needs no device password (a relayed device sends none).
+/// One `[[relay]]`: networks that parse and are private (or allowed to
+/// be public, see `networks`), and an exact account whose grant needs no
+/// device password (a relayed device sends none).
 fn relay(key: &str, r: &RelayConfig, accounts: &[AccountConfig]) -> Result<(), String> {
     for n in &r.from_networks {
         n.parse::<IpNet>().map_err(|_| {
@@ -344,6 +345,7 @@ fn relay(key: &str, r: &RelayConfig, accounts: &[AccountConfig]) -> Result<(), S
             "{key}.account: must be an exact login with grant client_credentials or refresh_token (no password to exchange)"
         ));
     }
+    super::networks::check_relay(key, r)?;
     for sender in &r.allowed_senders {
         validate_address_or_pattern(sender).map_err(|e| format!("{key}.allowed_senders: {e}"))?;
     }
