@@ -12,7 +12,8 @@
 //!
 //! Accounts that cannot be checked without a device's password (the
 //! `password` grant, `*@domain` patterns without a fixed mailbox) are
-//! listed as SKIPPED and do not fail the check.
+//! listed as SKIPPED and do not fail the check; so is each protocol an
+//! account's `protocols` leave out.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -75,6 +76,14 @@ pub async fn run(config: Config, out: &mut impl Write) -> Result<bool, String> {
             writeln!(out, "{line}").map_err(|e| e.to_string())?;
         }
         for &protocol in &protocols {
+            if !account.allows(protocol) {
+                writeln!(
+                    out,
+                    "{login} {protocol}: SKIPPED (not in the account's protocols)"
+                )
+                .map_err(|e| e.to_string())?;
+                continue;
+            }
             let started = Instant::now();
             let result = match app.accounts().identity(login) {
                 // Graph has no call that proves Mail.Send without sending:
