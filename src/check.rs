@@ -14,6 +14,9 @@
 //! `password` grant, `*@domain` patterns without a fixed mailbox) are
 //! listed as SKIPPED and do not fail the check; so is each protocol an
 //! account's `protocols` leave out.
+//!
+//! `oxbridge check ACCOUNT --send-to ADDRESS` sends a test message
+//! instead (`send`).
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -23,6 +26,9 @@ use crate::config::{Config, Grant, Protocol};
 use crate::error::AuthError;
 use crate::state::TokenHealth;
 use crate::{diagnose, login};
+
+mod send;
+pub use send::{send_to, SendError};
 
 /// What the configuration allows that an operator should know about,
 /// one WARNING line each (printed by `check` and `check --offline`; they
