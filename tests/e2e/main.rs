@@ -26,6 +26,7 @@ mod matrix;
 mod oauth;
 mod old_clients;
 mod ops;
+mod ops_day_one;
 mod printers;
 mod redis;
 mod regression;
