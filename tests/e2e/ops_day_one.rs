@@ -2,8 +2,8 @@
 //! ACCOUNT --send-to ADDRESS` through the real path (Postfix, or the Graph
 //! stand-in) and read back from Dovecot; an account limited with
 //! `protocols = ["smtp"]` refused over IMAP and POP3 with the protocols'
-//! own failure, a logged reason and no token request, while SMTP still
-//! works; and relay networks past private address space refused at load
+//! own failure, a logged reason, no token request and no upstream dial,
+//! while SMTP still works; and relay networks past private address space refused at load
 //! (`check --offline` and `run` exit 2) while wide private ones get a
 //! warning.
 
@@ -160,7 +160,11 @@ fn imap_login_reply(port: u16, password: &str) -> String {
 #[test]
 fn protocols_smtp_refuses_imap_and_pop3_logins_without_a_token_request() {
     let (url, tokens) = counted_token_url(Duration::ZERO);
-    let proxy = Proxy::start(&printer_config(&url));
+    // Forwarders in front of Dovecot: a dial upstream would show there.
+    let imap = Forwarder::start(&upstream().addr("imap"), None);
+    let pop3 = Forwarder::start(&upstream().addr("pop3"), None);
+    let cfg = reroute(&printer_config(&url), "imap", &imap.addr.to_string());
+    let proxy = Proxy::start(&reroute(&cfg, "pop3", &pop3.addr.to_string()));
 
     // The right password and a wrong one get the same refusal, byte for byte.
     for password in [SCANNER_PASSWORD, "not-the-password"] {
@@ -196,6 +200,8 @@ fn protocols_smtp_refuses_imap_and_pop3_logins_without_a_token_request() {
         0,
         "a refused login fetched a token"
     );
+    let dialled = imap.max.load(Ordering::SeqCst) + pop3.max.load(Ordering::SeqCst);
+    assert_eq!(dialled, 0, "a refused login dialled the upstream");
     let m = scrape(proxy.admin_addr());
     for (protocol, refusals) in [("imap", 2.0), ("pop3", 1.0)] {
         let labels = [("protocol", protocol), ("reason", "protocol_not_allowed")];
