@@ -14,8 +14,8 @@ use secrecy::ExposeSecret;
 use crate::mailbox::Mailbox;
 
 use super::{
-    parse_network, protocols_text, split_host_port, AccountConfig, AdminConfig, Config, Delivery,
-    Grant, LimitsConfig, ListenerConfig, LogConfig, OAuthConfig, Protocol, RelayConfig, SendVia,
+    parse_network, split_host_port, AccountConfig, AdminConfig, Config, Delivery, Grant,
+    LimitsConfig, ListenerConfig, LogConfig, OAuthConfig, Protocol, RelayConfig, SendVia,
     SpoolConfig, StoreBackend, StoreConfig, TlsMode, UpstreamConfig,
 };
 
@@ -290,7 +290,7 @@ fn account(key: &str, a: &AccountConfig, oauth: &OAuthConfig) -> Result<(), Stri
     for sender in &a.allowed_senders {
         validate_address_or_pattern(sender).map_err(|e| format!("{key}.allowed_senders: {e}"))?;
     }
-    protocols(key, a)?;
+    protocols::account(key, a)?;
     for shared in &a.allow_shared {
         validate_address_or_pattern(shared).map_err(|e| format!("{key}.allow_shared: {e}"))?;
     }
@@ -301,41 +301,6 @@ fn account(key: &str, a: &AccountConfig, oauth: &OAuthConfig) -> Result<(), Stri
             ));
         }
         validate_address(m).map_err(|e| format!("{key}.mailbox: {e}"))?;
-    }
-    Ok(())
-}
-
-/// An account's `protocols`: at least one, none twice; without SMTP, no
-/// key that only sending uses.
-fn protocols(key: &str, a: &AccountConfig) -> Result<(), String> {
-    let Some(list) = &a.protocols else {
-        return Ok(());
-    };
-    if list.is_empty() {
-        return Err(format!(
-            "{key}.protocols: list at least one of \"smtp\", \"imap\", \"pop3\" (or leave protocols out for all three)"
-        ));
-    }
-    let twice = list
-        .iter()
-        .enumerate()
-        .find_map(|(j, p)| list[..j].contains(p).then_some(p));
-    if let Some(p) = twice {
-        return Err(format!("{key}.protocols: \"{p}\" is listed twice"));
-    }
-    if !a.allows(Protocol::Smtp) {
-        for (name, set) in [
-            ("send", a.send.is_some()),
-            ("allowed_senders", !a.allowed_senders.is_empty()),
-            ("rewrite_sender", a.rewrite_sender),
-        ] {
-            if set {
-                return Err(format!(
-                    "{key}.{name}: only for sending mail, and protocols = {} leaves out \"smtp\"; remove it here or add \"smtp\" to protocols",
-                    protocols_text(list)
-                ));
-            }
-        }
     }
     Ok(())
 }
@@ -381,17 +346,7 @@ fn relay(key: &str, r: &RelayConfig, accounts: &[AccountConfig]) -> Result<(), S
             "{key}.account: must be an exact login with grant client_credentials or refresh_token (no password to exchange)"
         ));
     }
-    if let Some(list) = account
-        .protocols
-        .as_deref()
-        .filter(|_| !account.allows(Protocol::Smtp))
-    {
-        return Err(format!(
-            "{key}.account: {:?} has protocols = {}: a relayed device sends mail, so add \"smtp\" to that account's protocols or relay as another account",
-            account.login,
-            protocols_text(list)
-        ));
-    }
+    protocols::relay_account(key, account)?;
     super::networks::check_relay(key, r)?;
     for sender in &r.allowed_senders {
         validate_address_or_pattern(sender).map_err(|e| format!("{key}.allowed_senders: {e}"))?;
@@ -548,5 +503,6 @@ fn validate_address(addr: &str) -> Result<(), String> {
         .map_err(|e| format!("{addr:?} is not a mail address ({e})"))
 }
 
+mod protocols;
 #[cfg(test)]
 mod tests;
