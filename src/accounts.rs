@@ -25,7 +25,7 @@ use argon2::Argon2;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Semaphore;
 
-use crate::config::{AccountConfig, Grant, SendVia};
+use crate::config::{protocols_text, AccountConfig, Grant, Protocol, SendVia};
 use crate::error::AuthError;
 use crate::mailbox::Mailbox;
 use crate::wire::smtp::stream::Senders;
@@ -46,9 +46,17 @@ struct Account {
     graph: bool,
     /// MAIL FROM and `From:` become the mailbox (`rewrite_sender`).
     rewrite_sender: bool,
+    /// The protocols its logins may use (`protocols`); `None`: every one.
+    protocols: Option<Vec<Protocol>>,
 }
 
 impl Account {
+    fn allows(&self, protocol: Protocol) -> bool {
+        self.protocols
+            .as_ref()
+            .map_or(true, |list| list.contains(&protocol))
+    }
+
     fn may_open(&self, shared: &Mailbox) -> bool {
         self.allow_shared
             .iter()
@@ -192,6 +200,7 @@ impl Accounts {
                     (None, _) => false,
                 },
                 rewrite_sender: c.rewrite_sender,
+                protocols: c.protocols.clone(),
             });
         }
         let dummy = SecretString::from("oxbridge-dummy-password".to_string());
@@ -299,6 +308,22 @@ impl Accounts {
             }
             None => Err(AuthError::BadCredentials("unknown user")),
         }
+    }
+
+    /// Why a login of `login` may not use `protocol`: its account's
+    /// `protocols` leave it out. `None` when they allow it, or when no
+    /// account takes the login (the password check refuses it as usual).
+    /// Nothing but the configured account is looked at: the answer is the
+    /// same whatever the password, so that a protocol an account may not
+    /// use tells nothing about its password.
+    pub fn protocol_refusal(&self, login: &str, protocol: Protocol) -> Option<AuthError> {
+        let (a, _) = self.find(&split(login).0)?;
+        let list = a.protocols.as_deref().filter(|_| !a.allows(protocol))?;
+        Some(AuthError::ProtocolNotAllowed(format!(
+            "account {} has protocols = {}; the device logged in over {protocol}",
+            a.login.escape_debug(),
+            protocols_text(list)
+        )))
     }
 
     /// How a device's login appears in the log: the configured account it
@@ -472,7 +497,8 @@ impl Accounts {
     }
 
     /// What a session logged in as `id` depends on in this config: a
-    /// digest of its account's login, grant and password hash, if that
+    /// digest of its account's login, grant, password hash and whether it
+    /// allows IMAP, if that
     /// account still takes `id`'s login and may still open its mailbox.
     /// An IMAP session moves to a new login only while this is unchanged.
     pub fn stamp(&self, id: &Identity) -> Option<[u8; 32]> {
@@ -489,6 +515,9 @@ impl Accounts {
             digest.update(part.as_bytes());
             digest.update([0]);
         }
+        // Only IMAP sessions move to a new login: one whose account no
+        // longer allows IMAP does not.
+        digest.update([u8::from(a.allows(Protocol::Imap))]);
         if let Some(hash) = &a.password_hash {
             digest.update(hash.expose_secret().as_bytes());
         }

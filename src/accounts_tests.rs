@@ -17,6 +17,7 @@ fn account(
         allowed_senders: Vec::new(),
         send: None,
         rewrite_sender: false,
+        protocols: None,
     }
 }
 
@@ -402,4 +403,73 @@ fn the_throttle_counts_an_unknown_login_by_a_hash() {
     );
     let claim = accounts.claim("bob@other.test\\desk@other.test");
     assert_eq!(claim.shared.as_deref(), Some("desk@other.test"));
+}
+
+/// `protocols`: a login over a protocol its account leaves out is refused
+/// by the account alone (a pattern's users, the `\shared` form too);
+/// other protocols, other accounts and unknown logins are left to the
+/// password check. An IMAP session's stamp changes when IMAP is taken away.
+#[test]
+fn a_protocol_the_account_leaves_out_is_refused_naming_the_account_and_protocols() {
+    let limited = |login: &str, grant, password, protocols: &[Protocol]| AccountConfig {
+        protocols: Some(protocols.to_vec()),
+        ..account(login, grant, password, Some("scans@x.test"))
+    };
+    let accounts = Accounts::new(
+        SendVia::Smtp,
+        &[
+            limited(
+                "printer@x.test",
+                Grant::ClientCredentials,
+                Some("p"),
+                &[Protocol::Smtp],
+            ),
+            AccountConfig {
+                protocols: Some(vec![Protocol::Imap, Protocol::Pop3]),
+                ..account("*@readers.test", Grant::Password, None, None)
+            },
+            account("reader@x.test", Grant::ClientCredentials, Some("p"), None),
+        ],
+    );
+    let refusal = |login: &str, p| accounts.protocol_refusal(login, p).map(|e| e.to_string());
+    assert_eq!(
+        refusal("PRINTER@x.test", Protocol::Imap).as_deref(),
+        Some("protocol not allowed: account printer@x.test has protocols = [\"smtp\"]; the device logged in over imap")
+    );
+    assert!(refusal("printer@x.test\\desk@x.test", Protocol::Pop3).is_some());
+    assert_eq!(refusal("printer@x.test", Protocol::Smtp), None);
+    assert_eq!(
+        refusal("anna@readers.test", Protocol::Smtp).as_deref(),
+        Some("protocol not allowed: account *@readers.test has protocols = [\"imap\", \"pop3\"]; the device logged in over smtp")
+    );
+    assert_eq!(refusal("anna@readers.test", Protocol::Imap), None);
+    assert_eq!(refusal("reader@x.test", Protocol::Pop3), None);
+    assert_eq!(refusal("nobody@x.test", Protocol::Imap), None);
+    let err = accounts
+        .protocol_refusal("printer@x.test", Protocol::Imap)
+        .unwrap();
+    assert_eq!(err.reason(), "protocol_not_allowed");
+    assert_eq!(err.refusal(), crate::wire::Refusal::BadCredentials);
+
+    // The stamp an IMAP session moves by: the same while IMAP is allowed.
+    let hash = hash_password(&pw("p")).unwrap();
+    let reader = |protocols: Option<Vec<Protocol>>| {
+        Accounts::new(
+            SendVia::Smtp,
+            &[AccountConfig {
+                protocols,
+                password_hash: Some(SecretString::from(hash.clone())),
+                ..account("reader@x.test", Grant::ClientCredentials, None, None)
+            }],
+        )
+    };
+    let before = reader(None);
+    let id = before.identity("reader@x.test").unwrap();
+    let stamp = before.stamp(&id);
+    assert!(stamp.is_some());
+    assert_eq!(
+        reader(Some(vec![Protocol::Imap, Protocol::Smtp])).stamp(&id),
+        stamp
+    );
+    assert_ne!(reader(Some(vec![Protocol::Smtp])).stamp(&id), stamp);
 }

@@ -12,7 +12,11 @@
 //!
 //! Accounts that cannot be checked without a device's password (the
 //! `password` grant, `*@domain` patterns without a fixed mailbox) are
-//! listed as SKIPPED and do not fail the check.
+//! listed as SKIPPED and do not fail the check; so is each protocol an
+//! account's `protocols` leave out.
+//!
+//! `oxbridge check ACCOUNT --send-to ADDRESS` sends a test message
+//! instead (`send`).
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -23,10 +27,15 @@ use crate::error::AuthError;
 use crate::state::TokenHealth;
 use crate::{diagnose, login};
 
+mod send;
+pub use send::{send_to, SendError};
+
 /// What the configuration allows that an operator should know about,
 /// one WARNING line each (printed by `check` and `check --offline`; they
-/// do not fail it): listeners that accept TLS older than 1.2.
+/// do not fail it): listeners that accept TLS older than 1.2; relay
+/// networks that are public or wide (`config::networks`).
 pub fn warnings(config: &Config) -> Vec<String> {
+    let relays = crate::config::networks::relay_warnings(&config.relays);
     config
         .listeners
         .iter()
@@ -41,6 +50,7 @@ pub fn warnings(config: &Config) -> Vec<String> {
                 l.min_tls()
             )
         })
+        .chain(relays)
         .collect()
 }
 
@@ -72,6 +82,14 @@ pub async fn run(config: Config, out: &mut impl Write) -> Result<bool, String> {
             writeln!(out, "{line}").map_err(|e| e.to_string())?;
         }
         for &protocol in &protocols {
+            if !account.allows(protocol) {
+                writeln!(
+                    out,
+                    "{login} {protocol}: SKIPPED (not in the account's protocols)"
+                )
+                .map_err(|e| e.to_string())?;
+                continue;
+            }
             let started = Instant::now();
             let result = match app.accounts().identity(login) {
                 // Graph has no call that proves Mail.Send without sending:

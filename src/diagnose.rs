@@ -237,6 +237,13 @@ pub fn fix(error: &AuthError) -> Option<&'static str> {
                  delivery = \"session\"",
             )
         }
+        AuthError::ProtocolNotAllowed(_) => {
+            return Some(
+                "the account's protocols leave this protocol out: if this device should use it, \
+                 add it to protocols in the account's [[account]] and reload; if not, the device \
+                 is misconfigured, or someone who has its password is trying it",
+            )
+        }
         AuthError::Authorization(_) => {
             return Some(
                 "the device sent a SASL authorization identity other than its user name \

@@ -40,6 +40,9 @@ pub enum AuthError {
     /// no password, and the `password` grant needs one for each token.
     #[error("cannot spool: {0}")]
     CannotSpool(&'static str),
+    /// The account's `protocols` leave out the protocol the device used.
+    #[error("protocol not allowed: {0}")]
+    ProtocolNotAllowed(String),
 }
 
 impl AuthError {
@@ -69,6 +72,7 @@ impl AuthError {
             AuthError::Busy(_) => "mailbox_busy",
             AuthError::Throttled(_) => "throttled",
             AuthError::CannotSpool(_) => "cannot_spool",
+            AuthError::ProtocolNotAllowed(_) => "protocol_not_allowed",
         }
     }
 
@@ -76,7 +80,10 @@ impl AuthError {
     /// protocol's, in `wire`).
     pub fn refusal(&self) -> Refusal {
         match self {
-            AuthError::BadCredentials(_) => Refusal::BadCredentials,
+            // The same as a wrong password: the device learns nothing.
+            AuthError::BadCredentials(_) | AuthError::ProtocolNotAllowed(_) => {
+                Refusal::BadCredentials
+            }
             AuthError::Authorization(_) => Refusal::Authorization,
             AuthError::TokenRefused(_) => Refusal::NoToken,
             AuthError::UpstreamRefused(_) => Refusal::TokenRejected,

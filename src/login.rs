@@ -1,7 +1,14 @@
 //! The one login path, for every protocol: throttle -> account (local
 //! password) -> mailbox slot -> token and dial at once -> XOAUTH2 -> one
 //! retry with a fresh token when the server refuses a cached one. Each
-//! outcome is logged once and counted; never a password. An IMAP session
+//! outcome is logged once and counted; never a password.
+//!
+//! A login over a protocol its account's `protocols` leave out is refused
+//! before all of that, with the protocol's authentication failure: its
+//! password is not checked (so that protocol tells nothing about it), the
+//! throttle does not count it (a device retrying there locks neither its
+//! account nor its address out of the protocols it may use), and no
+//! token is fetched and nothing upstream is dialled. An IMAP session
 //! that moves to a new upstream connection before its token expires logs
 //! in again through the same steps ([`renew`]), keeping its slot.
 
@@ -48,12 +55,18 @@ pub async fn login(
     peer: SocketAddr,
 ) -> Result<LoggedIn, AuthError> {
     let login = creds.login.clone();
-    let result = guarded(app, creds, peer, Some(protocol), |id| async move {
-        upstream_login(app, protocol, &id, client_name)
+    let refused = app.accounts().protocol_refusal(&login, protocol);
+    let result = match refused {
+        Some(refused) => Err(refused),
+        None => {
+            guarded(app, creds, peer, Some(protocol), |id| async move {
+                upstream_login(app, protocol, &id, client_name)
+                    .await
+                    .map(|upstream| LoggedIn { upstream, id })
+            })
             .await
-            .map(|upstream| LoggedIn { upstream, id })
-    })
-    .await;
+        }
+    };
     let label = app.accounts().describe(&login);
     logged(app, protocol, peer, &label, &login, &result);
     result
@@ -69,15 +82,21 @@ pub async fn local_login(
     peer: SocketAddr,
 ) -> Result<Identity, AuthError> {
     let login = creds.login.clone();
-    let result = guarded(app, creds, peer, None, |id| async move {
-        match id.grant {
-            Grant::Password => Err(AuthError::CannotSpool(
-                "grant = \"password\" needs the device's password for every token",
-            )),
-            _ => Ok(id),
+    let refused = app.accounts().protocol_refusal(&login, Protocol::Smtp);
+    let result = match refused {
+        Some(refused) => Err(refused),
+        None => {
+            guarded(app, creds, peer, None, |id| async move {
+                match id.grant {
+                    Grant::Password => Err(AuthError::CannotSpool(
+                        "grant = \"password\" needs the device's password for every token",
+                    )),
+                    _ => Ok(id),
+                }
+            })
+            .await
         }
-    })
-    .await;
+    };
     let label = app.accounts().describe(&login);
     spooling(app, peer, &label, &login, &result);
     result

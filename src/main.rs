@@ -66,6 +66,18 @@ enum Command {
         /// upstream login.
         #[arg(long)]
         offline: bool,
+        /// With --send-to: the account (its `login` in the config) to send as.
+        #[arg(requires = "send_to")]
+        account: Option<String>,
+        /// Send a short test message as ACCOUNT's mailbox to ADDRESS through
+        /// the real path (SMTP, or Microsoft Graph), and say where it went.
+        #[arg(
+            long,
+            value_name = "ADDRESS",
+            requires = "account",
+            conflicts_with = "offline"
+        )]
+        send_to: Option<String>,
     },
     /// The SMTP spool: what waits, why, and what to do with it.
     Queue {
@@ -157,7 +169,15 @@ fn main() -> ExitCode {
             login(config::resolve_path(config), &account, flow)
         }
         Command::HashPassword => hash_password(),
-        Command::Check { config, offline } => check(config::resolve_path(config), offline),
+        Command::Check {
+            config,
+            offline,
+            account,
+            send_to,
+        } => match account.zip(send_to) {
+            Some((account, to)) => check_send(config::resolve_path(config), &account, &to),
+            None => check(config::resolve_path(config), offline),
+        },
         Command::Healthcheck { config } => healthcheck(config::resolve_path(config)),
         Command::Queue { action, config } => queue(config::resolve_path(config), action),
     }
@@ -233,6 +253,33 @@ fn preflight(config: &Config, print: bool) -> bool {
         eprintln!("oxbridge: {failure}");
     }
     found.failures.is_empty()
+}
+
+/// `oxbridge check ACCOUNT --send-to ADDRESS`: exit 0 when the message
+/// went out, 1 when it failed, 2 when it cannot be sent this way.
+fn check_send(path: PathBuf, account: &str, to: &str) -> ExitCode {
+    use oxbridge::check::SendError;
+    let config = match load_config(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let mut out = std::io::stdout();
+    match runtime.block_on(oxbridge::check::send_to(config, account, to, &mut out)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(EXIT_RUNTIME),
+        Err(SendError::Usage(e)) => {
+            eprintln!("oxbridge: {}: {e}", path.display());
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(SendError::Runtime(e)) => {
+            eprintln!("oxbridge: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }
 
 /// `oxbridge healthcheck`: GET /healthz on `[admin] listen`. Every failure

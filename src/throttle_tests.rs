@@ -104,6 +104,7 @@ async fn rotating_users_of_a_pattern_account_share_its_counter() {
         allowed_senders: Vec::new(),
         send: None,
         rewrite_sender: false,
+        protocols: None,
     };
     let accounts = crate::accounts::Accounts::new(
         SendVia::Smtp,

@@ -23,6 +23,7 @@ use serde::Deserialize;
 mod cloud;
 mod limits;
 mod listener;
+pub(crate) mod networks;
 mod secrets;
 mod spool;
 mod validate;
@@ -318,6 +319,28 @@ pub struct AccountConfig {
     /// become the mailbox, the device's address goes to `Reply-To:`.
     #[serde(default)]
     pub rewrite_sender: bool,
+    /// The protocols a login of this account may use; unset: every one.
+    /// A printer that only sends gets `["smtp"]`, so that its password
+    /// (often readable on its own web page) opens no mailbox.
+    pub protocols: Option<Vec<Protocol>>,
+}
+
+impl AccountConfig {
+    /// Whether a login of this account may use `protocol`.
+    pub fn allows(&self, protocol: Protocol) -> bool {
+        self.protocols
+            .as_ref()
+            .map_or(true, |list| list.contains(&protocol))
+    }
+}
+
+/// `protocols` as the config writes it: `["smtp", "imap"]`.
+pub fn protocols_text(protocols: &[Protocol]) -> String {
+    let names: Vec<String> = protocols
+        .iter()
+        .map(|p| format!("{:?}", p.as_str()))
+        .collect();
+    format!("[{}]", names.join(", "))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -328,6 +351,10 @@ pub struct RelayConfig {
     /// Envelope senders allowed (exact or `*@domain`); empty: any.
     #[serde(default)]
     pub allowed_senders: Vec<String>,
+    /// `from_networks` may hold public addresses (see [`networks`]);
+    /// without it such a rule is refused at load: an open relay by typo.
+    #[serde(default)]
+    pub allow_public_networks: bool,
 }
 
 impl RelayConfig {

@@ -286,6 +286,7 @@ fn account(key: &str, a: &AccountConfig, oauth: &OAuthConfig) -> Result<(), Stri
     for sender in &a.allowed_senders {
         validate_address_or_pattern(sender).map_err(|e| format!("{key}.allowed_senders: {e}"))?;
     }
+    protocols::account(key, a)?;
     for shared in &a.allow_shared {
         validate_address_or_pattern(shared).map_err(|e| format!("{key}.allow_shared: {e}"))?;
     }
@@ -330,8 +331,9 @@ fn relays(
     Ok(())
 }
 
-/// One `[[relay]]`: networks that parse, and an exact account whose grant
-/// needs no device password (a relayed device sends none).
+/// One `[[relay]]`: networks that parse and are private (or allowed to
+/// be public, see `networks`), and an exact account whose grant needs no
+/// device password (a relayed device sends none) and that may send.
 fn relay(key: &str, r: &RelayConfig, accounts: &[AccountConfig]) -> Result<(), String> {
     for n in &r.from_networks {
         n.parse::<IpNet>().map_err(|_| {
@@ -355,6 +357,8 @@ fn relay(key: &str, r: &RelayConfig, accounts: &[AccountConfig]) -> Result<(), S
             "{key}.account: must be an exact login with grant client_credentials or refresh_token (no password to exchange)"
         ));
     }
+    protocols::relay_account(key, account)?;
+    super::networks::check_relay(key, r)?;
     for sender in &r.allowed_senders {
         validate_address_or_pattern(sender).map_err(|e| format!("{key}.allowed_senders: {e}"))?;
     }
@@ -510,5 +514,6 @@ fn validate_address(addr: &str) -> Result<(), String> {
         .map_err(|e| format!("{addr:?} is not a mail address ({e})"))
 }
 
+mod protocols;
 #[cfg(test)]
 mod tests;

@@ -22,6 +22,7 @@ fn relay_port(allowed: &[&str]) -> Session {
         from_networks: vec!["192.168.10.0/24".into()],
         account: "scanner@x.test".into(),
         allowed_senders: allowed.iter().map(|s| s.to_string()).collect(),
+        allow_public_networks: false,
     };
     Session::new(context(false, false, false), Some(rule), None)
 }

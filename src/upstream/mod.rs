@@ -139,6 +139,18 @@ impl Dialer {
         smtp::send_message(conn, sender, params, recipients, message, before_end).await
     }
 
+    /// Send `message`, held in memory, on a logged-in SMTP connection
+    /// (`oxbridge check --send-to`); as [`Dialer::send_message`].
+    pub async fn send_bytes(
+        conn: &mut Conn,
+        sender: &str,
+        recipients: &[String],
+        message: &[u8],
+    ) -> Result<smtp::Sent, AuthError> {
+        let open = || async move { Ok::<_, std::io::Error>(message) };
+        smtp::send_from(conn, sender, &[], recipients, open, || Ok(())).await
+    }
+
     /// End an SMTP session politely.
     pub async fn quit_smtp(conn: &mut Conn) {
         smtp::quit(conn).await

@@ -238,6 +238,24 @@ pub(super) async fn send_message(
     message: &std::path::Path,
     before_end: impl FnOnce() -> std::io::Result<()>,
 ) -> Result<Sent, AuthError> {
+    let open = || tokio::fs::File::open(message);
+    send_from(conn, sender, params, recipients, open, before_end).await
+}
+
+/// [`send_message`], the message read from what `open` gives once the
+/// server has said 354 (a spooled file, or bytes in memory).
+pub(super) async fn send_from<R, F>(
+    conn: &mut Conn,
+    sender: &str,
+    params: &[String],
+    recipients: &[String],
+    open: impl FnOnce() -> F,
+    before_end: impl FnOnce() -> std::io::Result<()>,
+) -> Result<Sent, AuthError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    F: std::future::Future<Output = std::io::Result<R>>,
+{
     use tokio::io::AsyncReadExt;
     let rset = command(conn, Request::Rset).await?;
     if rset.code / 100 != 2 {
@@ -267,10 +285,8 @@ pub(super) async fn send_message(
         sent.data = Some(go);
         return Ok(sent);
     }
-    let io = |e: std::io::Error| {
-        AuthError::UpstreamTemporary(format!("reading the spooled message: {e}"))
-    };
-    let mut file = tokio::fs::File::open(message).await.map_err(io)?;
+    let io = |e: std::io::Error| AuthError::UpstreamTemporary(format!("reading the message: {e}"));
+    let mut file = open().await.map_err(io)?;
     let mut writer = crate::wire::message::DataWriter::default();
     let mut buf = vec![0u8; SEND_CHUNK];
     let mut out = Vec::with_capacity(SEND_CHUNK + SEND_CHUNK / 8);

@@ -27,6 +27,7 @@ mod oauth;
 mod old_clients;
 mod operator_errors;
 mod ops;
+mod ops_day_one;
 mod printers;
 mod ready;
 mod redis;
