@@ -51,6 +51,7 @@ pub const SPOOL_DEAD_LETTERS: &str = "oxbridge_spool_dead_letters_total";
 pub const SPOOL_DUPLICATES: &str = "oxbridge_spool_possible_duplicates_total";
 pub const PROXY_UNTRUSTED: &str = "oxbridge_proxy_untrusted_total";
 pub const DEVICE_TLS_SESSIONS: &str = "oxbridge_device_tls_sessions_total";
+pub const REFUSALS: &str = "oxbridge_refusals_total";
 
 /// Histogram buckets (seconds) for token requests and upstream connects.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -199,6 +200,10 @@ fn describe() {
         "Devices' TLS handshakes, by listener and negotiated version (TLSv1.0 to TLSv1.3)"
     );
     describe_counter!(
+        REFUSALS,
+        "Refusals a device got other than a failed login (encryption required, too many sessions, relay or sender refused, the upstream's 4xx/5xx after login), by protocol and reason"
+    );
+    describe_counter!(
         UPSTREAM_EXPIRIES,
         "Sessions the upstream ended because their token expired, by protocol"
     );
@@ -235,6 +240,12 @@ pub fn session_ended(protocol: Protocol, outcome: &'static str, to_upstream: u64
 /// `proxy_from`, closed unread.
 pub fn proxy_untrusted(listener: std::net::SocketAddr) {
     counter!(PROXY_UNTRUSTED, "listener" => listener.to_string()).increment(1);
+}
+
+/// A device was refused (see `device::refusal`); `reason` is one of a
+/// fixed set.
+pub fn refusal(protocol: Protocol, reason: &'static str) {
+    counter!(REFUSALS, "protocol" => protocol.as_str(), "reason" => reason).increment(1);
 }
 
 /// A device's TLS handshake on `listener`, by negotiated version.

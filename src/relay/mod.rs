@@ -8,6 +8,12 @@
 //! when the device fails, when both have been silent for the idle timeout,
 //! or on a hard shutdown. A device that half-closes still gets the rest of
 //! the upstream's replies.
+//!
+//! In SMTP, the upstream's replies on their way to the device are
+//! watched for refusals (4xx, 5xx: its answers to MAIL, RCPT, DATA), each
+//! logged with its fix ([`crate::device::refusal`]). Only that direction
+//! is scanned, and only in SMTP, where it carries nothing but replies: a
+//! message's bytes go the other way untouched.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,7 +24,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Protocol;
+use crate::device::refusal::{self, Refused, Who};
 use crate::net::Conn;
+use crate::wire::smtp::stream::RefusalWatch;
 use crate::wire::{self, Farewell as Goodbye};
 
 pub mod imap;
@@ -63,9 +71,35 @@ struct Farewell {
     abort: CancellationToken,
     /// The last bytes the upstream sent, to tell a goodbye from a loss.
     tail: Vec<u8>,
+    /// SMTP: the upstream's refusals, found and recorded for this device.
+    watch: Option<(RefusalWatch, Who)>,
 }
 
 impl Farewell {
+    fn new(protocol: Protocol, abort: CancellationToken, who: Option<Who>) -> Farewell {
+        Farewell {
+            protocol,
+            abort,
+            tail: Vec::with_capacity(TAIL),
+            watch: who
+                .filter(|_| protocol == Protocol::Smtp)
+                .map(|who| (RefusalWatch::default(), who)),
+        }
+    }
+
+    /// The upstream's bytes on their way to the device: remembered, and
+    /// in SMTP searched for refusals.
+    fn heard(&mut self, data: &[u8]) {
+        self.remember(data);
+        if let Some((watch, who)) = self.watch.as_mut() {
+            watch.feed(data, |code, line| {
+                if let Some(why) = Refused::upstream(code) {
+                    refusal::record(who, why, &String::from_utf8_lossy(line));
+                }
+            });
+        }
+    }
+
     fn remember(&mut self, data: &[u8]) {
         self.tail
             .extend_from_slice(&data[data.len().saturating_sub(TAIL)..]);
@@ -114,7 +148,7 @@ where
         write_within(&mut to, &residual, idle).await?;
         count.fetch_add(residual.len() as u64, Ordering::Relaxed);
         if let Some(f) = farewell.as_mut() {
-            f.remember(&residual);
+            f.heard(&residual);
         }
     }
     let mut buf = vec![0u8; COPY_BUFFER];
@@ -181,7 +215,7 @@ where
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(f) = farewell.as_mut() {
-            f.remember(&buf[..n]);
+            f.heard(&buf[..n]);
         }
         activity.touch();
     }
@@ -239,17 +273,18 @@ async fn write_within<W: AsyncWrite + Unpin>(
 
 /// Relay a logged-in session until it ends. An SMTP session whose
 /// senders are restricted goes through [`smtp::relay`], which checks every
-/// MAIL; every other session is copied byte for byte.
+/// MAIL; every other session is copied byte for byte. `who` is the device,
+/// for the upstream's refusals (SMTP).
 pub async fn relay(
     device: Conn,
     upstream: Conn,
     idle: Duration,
-    protocol: Protocol,
+    (protocol, who): (Protocol, Option<Who>),
     abort: CancellationToken,
     senders: Option<wire::smtp::stream::Senders>,
 ) -> Relayed {
     if let (Protocol::Smtp, Some(senders)) = (protocol, senders) {
-        return smtp::relay(device, upstream, idle, abort, senders).await;
+        return smtp::relay(device, upstream, idle, abort, (senders, who)).await;
     }
     let (device, device_residual) = device.into_parts();
     let (upstream, upstream_residual) = upstream.into_parts();
@@ -272,11 +307,7 @@ pub async fn relay(
         up_count.clone(),
         None,
     );
-    let farewell = Farewell {
-        protocol,
-        abort: abort.clone(),
-        tail: Vec::with_capacity(TAIL),
-    };
+    let farewell = Farewell::new(protocol, abort.clone(), who);
     let to_device = pump(
         upstream_r,
         device_w,
@@ -325,11 +356,7 @@ mod tests {
     use crate::net::conn::tests::pair;
 
     fn farewell(protocol: Protocol) -> Farewell {
-        Farewell {
-            protocol,
-            abort: CancellationToken::new(),
-            tail: Vec::new(),
-        }
+        Farewell::new(protocol, CancellationToken::new(), None)
     }
 
     #[test]
@@ -373,7 +400,7 @@ mod tests {
             device,
             upstream,
             WAIT,
-            Protocol::Smtp,
+            (Protocol::Smtp, None),
             CancellationToken::new(),
             None,
         ));
@@ -412,7 +439,7 @@ mod tests {
             device,
             upstream,
             WAIT,
-            Protocol::Smtp,
+            (Protocol::Smtp, None),
             CancellationToken::new(),
             None,
         ));
