@@ -28,6 +28,7 @@ mod old_clients;
 mod ops;
 mod printers;
 mod redis;
+mod refusals;
 mod regression;
 mod rewrite_sender;
 mod secrets;
