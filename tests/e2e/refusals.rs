@@ -389,3 +389,41 @@ fn chromium_shows_devices_told_apart_by_their_ehlo_names() {
     assert!(row_a.contains(" ago none"), "a's row: {row_a}");
     assert!(!page.contains("wrong-password"));
 }
+
+/// A mailbox at its session limit: the device reads its protocol's
+/// refusal; the failed login is logged once with the fix, counted as a
+/// refusal for too many sessions, and listed with the fix on the page.
+#[test]
+fn a_mailbox_at_its_session_limit_is_a_refusal_with_a_fix() {
+    let limits =
+        format!("{ADMIN}\n[limits]\nimap_sessions_per_mailbox = 1\nimap_mailbox_wait_s = 0\n");
+    let proxy = Proxy::start(&config(&listener("imap", "none", true), &limits));
+    let mut first = Raw::connect(proxy.port(0));
+    first.line();
+    let ok = first.imap_login("scanner@example.test", SCANNER_PASSWORD);
+    assert!(ok.starts_with("a OK"), "{ok}\n{}", proxy.logs());
+    let mut second = Raw::connect(proxy.port(0));
+    second.line();
+    assert_eq!(
+        second.imap_login("scanner@example.test", SCANNER_PASSWORD),
+        "a NO [UNAVAILABLE] This mailbox has too many open sessions, try again later\r\n"
+    );
+    let line = proxy.wait_log(&["login failed", "mailbox_busy"]);
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert!(
+        fix_of(&line).contains("imap_sessions_per_mailbox"),
+        "{line}"
+    );
+    assert_eq!(counted(&proxy, "imap", "too_many_sessions"), 1.0);
+    let html = page(&proxy);
+    assert!(
+        html.contains("<span class=\"bad\">mailbox_busy</span>"),
+        "{html}"
+    );
+    assert!(
+        html.contains("Fix: the mailbox already has as many upstream sessions"),
+        "{html}"
+    );
+    first.send("z LOGOUT");
+    first.until("z ");
+}
