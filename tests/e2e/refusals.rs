@@ -343,11 +343,36 @@ fn the_upstreams_refusal_after_login_is_logged_with_its_fix() {
 }
 
 /// Two printers on one address, told apart by their EHLO names: one logs
-/// in, one gives a wrong password. Chromium shows each on its own row
-/// with its login, its last success or its last failure.
+/// in, one gives a wrong password; a third (swaks) logs in over STARTTLS.
+/// Chromium shows each on its own row with its login, its TLS version,
+/// its last success or its last failure.
 #[test]
 fn chromium_shows_devices_told_apart_by_their_ehlo_names() {
-    let proxy = Proxy::start(&config(&listener("smtp", "none", true), ADMIN));
+    let listeners = listener("smtp", "none", true) + "\n" + &listener("smtp", "starttls", false);
+    let proxy = Proxy::start(&config(&listeners, ADMIN));
+    let swaks = run(
+        std::process::Command::new("swaks").args([
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &proxy.port(1).to_string(),
+            "--ehlo",
+            "printer-c.refusals.test",
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "scanner@example.test",
+            "--auth-password",
+            SCANNER_PASSWORD,
+            "--quit-after",
+            "AUTH",
+            "--timeout",
+            "60",
+        ]),
+        CLIENT_LIMIT,
+    );
+    assert!(swaks.status.success(), "{}\n{}", text(&swaks), proxy.logs());
     for (name, password, want) in [
         ("printer-a.refusals.test", SCANNER_PASSWORD, "235 "),
         ("printer-b.refusals.test", "wrong-password", "535 "),
@@ -375,6 +400,7 @@ fn chromium_shows_devices_told_apart_by_their_ehlo_names() {
         "127.0.0.1 printer-b.refusals.test scanner@example.test smtp none never ",
         "bad_credentials",
         "127.0.0.1 printer-a.refusals.test scanner@example.test smtp none ",
+        "127.0.0.1 printer-c.refusals.test scanner@example.test smtp TLSv1.3 ",
     ] {
         assert!(
             page.contains(expected),
