@@ -429,6 +429,52 @@ mod tests {
         assert_eq!(r.end, "device closed");
     }
 
+    /// The upstream's refusal after login reaches the device untouched and
+    /// the board with its fix; a 250 does not, nor a POP3 `-ERR`.
+    #[tokio::test]
+    async fn the_upstreams_refusals_are_recorded_with_their_fix() {
+        let peer: std::net::IpAddr = "192.0.2.77".parse().unwrap();
+        for (protocol, expected) in [(Protocol::Pop3, 0), (Protocol::Smtp, 1)] {
+            let (device, mut device_peer) = pair().await;
+            let (upstream, mut upstream_peer) = pair().await;
+            let who = Who::new(protocol, peer, None);
+            let relay = tokio::spawn(relay(
+                device,
+                upstream,
+                WAIT,
+                (protocol, Some(who)),
+                CancellationToken::new(),
+                None,
+            ));
+            let said: &[u8] = match protocol {
+                Protocol::Smtp => b"250 2.1.0 Ok\r\n550 5.7.60 SMTP; Client does not have permissions to send as this sender\r\n",
+                _ => b"+OK\r\n-ERR 5.7.60 no such message\r\n",
+            };
+            upstream_peer.write_all(said).await.unwrap();
+            drop(upstream_peer);
+            let mut got = Vec::new();
+            tokio::time::timeout(WAIT, device_peer.read_to_end(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(got.starts_with(said), "{}", String::from_utf8_lossy(&got));
+            device_peer.shutdown().await.unwrap();
+            tokio::time::timeout(WAIT, relay).await.unwrap().unwrap();
+            let seen: Vec<_> = crate::status::board::refusals()
+                .into_iter()
+                .filter(|r| r.peer == peer)
+                .collect();
+            assert_eq!(seen.len(), expected, "{protocol:?}: {seen:?}");
+        }
+        let seen = crate::status::board::refusals()
+            .into_iter()
+            .find(|r| r.peer == peer)
+            .unwrap();
+        assert_eq!(seen.reason, "upstream_refused");
+        assert!(seen.said.starts_with("550 5.7.60 SMTP;"), "{}", seen.said);
+        assert!(seen.fix.unwrap().contains("Add-RecipientPermission"));
+    }
+
     /// The upstream vanishes in the middle of DATA: the device hears that
     /// the message was not accepted.
     #[tokio::test]
