@@ -13,7 +13,6 @@ pub mod pop3;
 pub mod refusal;
 pub mod smtp;
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -298,7 +297,7 @@ pub async fn drive(
     let mut local: Option<(Identity, bool, String)> = None;
     let mut who = Who::new(protocol, peer.ip(), tls_version);
     // Each refusal is logged once per session; repeats are counted.
-    let mut refused_before = HashSet::new();
+    let mut refusals = refusal::Once::default();
     let mut step = session.greeting();
     loop {
         if !step.reply.is_empty() && device.conn.send(&step.reply, device.timeout).await.is_err() {
@@ -309,10 +308,7 @@ pub async fn drive(
             who.name = Some(name);
         }
         if let Some(why) = step.refused.take() {
-            match refused_before.insert(why) {
-                true => refusal::record(&who, why, &refusal::first_line(&step.reply)),
-                false => refusal::count_again(&who, why),
-            }
+            refusals.record(&who, why, &refusal::first_line(&step.reply));
         }
         step = match step.then {
             Then::Read => {

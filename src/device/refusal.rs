@@ -144,9 +144,29 @@ fn count(who: &Who, refused: Refused, said: &str, fix: Option<&'static str>) {
     crate::status::board::refusal(who, refused.reason(), said, fix);
 }
 
-/// A refusal already logged in this session: counted only.
-pub fn count_again(who: &Who, refused: Refused) {
-    crate::metrics::refusal(who.protocol, refused.reason());
+/// Refusals of one session: each reason with the same reply is logged
+/// once; repeats are counted only.
+#[derive(Debug, Default)]
+pub struct Once {
+    logged: Vec<(Refused, String)>,
+}
+
+/// Distinct refusals remembered per session (past these, each is logged).
+const MAX_ONCE: usize = 16;
+
+impl Once {
+    /// Log, count and show `refused` the first time, count it after.
+    pub fn record(&mut self, who: &Who, refused: Refused, said: &str) {
+        let said = clean(said, MAX_SAID);
+        if self.logged.iter().any(|(r, s)| *r == refused && *s == said) {
+            crate::metrics::refusal(who.protocol, refused.reason());
+            return;
+        }
+        record(who, refused, &said);
+        if self.logged.len() < MAX_ONCE {
+            self.logged.push((refused, said));
+        }
+    }
 }
 
 /// The device turned away for want of a connection slot (`limit`: which
@@ -195,6 +215,21 @@ mod tests {
             first_line(b"538 5.7.11 Encryption required\r\n"),
             "538 5.7.11 Encryption required"
         );
+    }
+
+    #[test]
+    fn a_session_logs_each_refusal_once() {
+        let who = Who::new(Protocol::Smtp, "192.0.2.78".parse().unwrap(), None);
+        let mut once = Once::default();
+        once.record(&who, Refused::UpstreamPermanent, "550 5.7.60 no\r\n");
+        once.record(&who, Refused::UpstreamPermanent, "550 5.7.60 no");
+        once.record(&who, Refused::UpstreamPermanent, "550 5.1.1 unknown");
+        let mine: Vec<_> = crate::status::board::refusals()
+            .into_iter()
+            .filter(|r| r.peer == who.peer)
+            .map(|r| r.said)
+            .collect();
+        assert_eq!(mine, ["550 5.1.1 unknown", "550 5.7.60 no"]);
     }
 
     #[test]

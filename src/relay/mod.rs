@@ -72,7 +72,14 @@ struct Farewell {
     /// The last bytes the upstream sent, to tell a goodbye from a loss.
     tail: Vec<u8>,
     /// SMTP: the upstream's refusals, found and recorded for this device.
-    watch: Option<(RefusalWatch, Who)>,
+    watch: Option<Watch>,
+}
+
+/// What finds and records an SMTP upstream's refusals for one device.
+struct Watch {
+    replies: RefusalWatch,
+    who: Who,
+    once: refusal::Once,
 }
 
 impl Farewell {
@@ -81,9 +88,11 @@ impl Farewell {
             protocol,
             abort,
             tail: Vec::with_capacity(TAIL),
-            watch: who
-                .filter(|_| protocol == Protocol::Smtp)
-                .map(|who| (RefusalWatch::default(), who)),
+            watch: who.filter(|_| protocol == Protocol::Smtp).map(|who| Watch {
+                replies: RefusalWatch::default(),
+                who,
+                once: refusal::Once::default(),
+            }),
         }
     }
 
@@ -91,10 +100,11 @@ impl Farewell {
     /// in SMTP searched for refusals.
     fn heard(&mut self, data: &[u8]) {
         self.remember(data);
-        if let Some((watch, who)) = self.watch.as_mut() {
-            watch.feed(data, |code, line| {
+        if let Some(w) = self.watch.as_mut() {
+            let (who, once) = (&w.who, &mut w.once);
+            w.replies.feed(data, |code, line| {
                 if let Some(why) = Refused::upstream(code) {
-                    refusal::record(who, why, &String::from_utf8_lossy(line));
+                    once.record(who, why, &String::from_utf8_lossy(line));
                 }
             });
         }

@@ -86,13 +86,10 @@ pub async fn relay(
                     sender,
                 } => {
                     s.ahead.advance(consumed);
-                    if let (Some(sender), Some((_, who))) = (sender, s.farewell.watch.as_ref()) {
+                    if let (Some(sender), Some(w)) = (sender, s.farewell.watch.as_mut()) {
                         debug!(sender = %sender.escape_debug(), "MAIL refused: sender not allowed");
-                        refusal::record(
-                            who,
-                            Refused::SenderNotAllowed,
-                            &refusal::first_line(&reply.to_bytes()),
-                        );
+                        let said = refusal::first_line(&reply.to_bytes());
+                        w.once.record(&w.who, Refused::SenderNotAllowed, &said);
                     }
                     s.held = Some(reply);
                 }

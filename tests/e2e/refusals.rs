@@ -324,15 +324,19 @@ fn the_upstreams_refusal_after_login_is_logged_with_its_fix() {
         refused,
         format!("553 5.7.1 <{BOB}>: Sender address rejected: not owned by user {ALICE}\r\n")
     );
+    // The same refusal again in this session: counted, not logged again.
+    c.send(&format!("RCPT TO:<{ALICE}>"));
+    assert_eq!(c.reply(), refused);
+    c.send("QUIT");
+    assert!(c.reply().starts_with("221 "));
+    proxy.wait_log(&["session ended", "\"outcome\":\"relayed\""]);
     let line = refusal_line(&proxy, "upstream_refused");
     assert_eq!(line["by"], "upstream");
     assert_eq!(line["said"], refused.trim_end());
     assert!(fix_of(&line).contains("rewrite_sender = true"), "{line}");
     assert_eq!(line["span"]["device_name"], "device.test");
     assert_eq!(line["span"]["login"], "scanner@example.test");
-    assert_eq!(counted(&proxy, "smtp", "upstream_refused"), 1.0);
-    c.send("QUIT");
-    assert!(c.reply().starts_with("221 "));
+    assert_eq!(counted(&proxy, "smtp", "upstream_refused"), 2.0);
     let html = page(&proxy);
     assert!(html.contains(&format!("<code>553 5.7.1 &lt;{BOB}&gt;: Sender address rejected: not owned by user {ALICE}</code>")), "{html}");
     assert!(html.contains("<td data-label=\"device\"><code>127.0.0.1</code></td><td data-label=\"name\">device.test</td><td data-label=\"login\"><code>scanner@example.test</code></td><td data-label=\"protocol\">smtp</td><td data-label=\"TLS\">none</td>"), "{html}");
