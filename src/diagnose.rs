@@ -1,7 +1,8 @@
 //! What a failed login means for the administrator: Exchange Online's and
 //! Entra ID's known refusals, each mapped to the setting to change and the
-//! PowerShell or portal step that changes it. Used by `oxbridge check` and
-//! in the log line of a device's failed login.
+//! PowerShell or portal step that changes it. Used by `oxbridge check`,
+//! in the log line of a device's failed login, and for the upstream's
+//! refusals of a relayed SMTP session's commands ([`reply_advice`]).
 
 use crate::error::AuthError;
 
@@ -67,6 +68,17 @@ const KNOWN: &[Known] = &[
         fix: "the mailbox may not send as the message's From address (554 5.2.252 SendAsDenied): set \
               the device's sender to the mailbox, or grant it `Add-RecipientPermission -Identity \
               <from address> -Trustee <mailbox> -AccessRights SendAs`",
+    },
+    Known {
+        needle: "not owned by user",
+        fix: "the mail server refused the envelope sender as not the mailbox's own (Postfix: \
+              \"Sender address rejected: not owned by user\"): set the device's sender address \
+              to the mailbox, or set rewrite_sender = true on its [[account]]",
+    },
+    Known {
+        needle: "4.3.1",
+        fix: "the mail server is short of resources for now (452 4.3.1): the device should try \
+              again later; if it lasts, look the message up in the server's message trace",
     },
     // Microsoft Graph (accounts with send = "graph").
     Known {
@@ -228,7 +240,16 @@ pub fn fix(error: &AuthError) -> Option<&'static str> {
         | AuthError::UpstreamRefused(d)
         | AuthError::UpstreamTemporary(d)
         | AuthError::UpstreamUnavailable(d) => d.as_str(),
-        AuthError::Busy(_) | AuthError::BadCredentials(_) | AuthError::Throttled(_) => return None,
+        AuthError::BadCredentials(_) | AuthError::Throttled(_) => return None,
+        AuthError::Busy(_) => {
+            return Some(
+                "the mailbox already has as many upstream sessions as [limits] allows \
+                 (smtp_sessions_per_mailbox, imap_sessions_per_mailbox, \
+                 pop3_sessions_per_mailbox): spread the devices over more mailboxes, or find the \
+                 device that keeps its sessions open (the status page's upstream sessions); \
+                 Exchange Online allows no more than 3 SMTP and 20 IMAP sessions per mailbox",
+            )
+        }
         AuthError::CannotSpool(_) => {
             return Some(
                 "a listener with delivery = \"spool\" sends later, without the device's \
@@ -257,6 +278,12 @@ pub fn fix(error: &AuthError) -> Option<&'static str> {
         .iter()
         .find(|k| lower.contains(&k.needle.to_ascii_lowercase()))
         .map(|k| k.fix)
+}
+
+/// The fix for an upstream's reply to a relayed command (MAIL, RCPT,
+/// DATA), when it is a known refusal.
+pub fn reply_advice(reply: &str) -> Option<&'static str> {
+    advice(&AuthError::UpstreamRefused(reply.to_string()))
 }
 
 /// A short diagnosis for other failures that have an obvious next step.
@@ -304,6 +331,9 @@ mod tests {
             ("550 5.7.60 SMTP; Client does not have permissions to send as this sender.", "Add-RecipientPermission"),
             ("550 5.5.105 High Volume Email only allows sending to internal recipients.", "High Volume Email"),
             ("NO User is authenticated but not connected.", "-ImapEnabled $true"),
+            ("554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied", "Add-RecipientPermission"),
+            ("553 5.7.1 <boss@example.test>: Sender address rejected: not owned by user alice@example.test", "rewrite_sender"),
+            ("452 4.3.1 Insufficient system resources", "try again later"),
         ];
         for (reply, expect) in cases {
             let fix = fix(&refused(reply)).unwrap_or_else(|| panic!("no fix for {reply}"));

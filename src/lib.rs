@@ -17,7 +17,8 @@
 //!   receivers and every reply, worded in one table per protocol; SASL;
 //!   the IMAP session as the relay follows it.
 //! * `device`: before login: one driver, and per protocol a state machine
-//!   that turns a command into a step (reply, start TLS, log in, close).
+//!   that turns a command into a step (reply, start TLS, log in, close);
+//!   what a device is called and the refusals it gets (`device::refusal`).
 //! * `login`: throttle -> account -> mailbox slot -> token and dial ->
 //!   XOAUTH2 -> one retry; `accounts`, `throttle`, `limits` serve it.
 //!   `mailbox`: the checked address a device's login becomes, which is all

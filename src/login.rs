@@ -251,6 +251,10 @@ fn count(
         Err(e) => (app.accounts().account_of(name), Some(e)),
     };
     crate::metrics::login(protocol, error.map(AuthError::reason));
+    if let Some(AuthError::Busy(_)) = error {
+        // The mailbox's session limit: a refusal for too many sessions too.
+        crate::metrics::refusal(protocol, "too_many_sessions");
+    }
     if let Some(account) = &account {
         crate::metrics::account_login(account, protocol, error.is_none());
     }

@@ -53,6 +53,7 @@ pub const PROXY_UNTRUSTED: &str = "oxbridge_proxy_untrusted_total";
 pub const DEVICE_TLS_SESSIONS: &str = "oxbridge_device_tls_sessions_total";
 pub const TOKEN_ENDPOINT_CONTACT: &str = "oxbridge_token_endpoint_contact_timestamp_seconds";
 pub const UPSTREAM_REACHABLE: &str = "oxbridge_upstream_reachable";
+pub const REFUSALS: &str = "oxbridge_refusals_total";
 
 /// Histogram buckets (seconds) for token requests and upstream connects.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -209,6 +210,10 @@ fn describe() {
         "1 if the last dial of the protocol's upstream (connect, TLS, greeting) worked, 0 if it failed"
     );
     describe_counter!(
+        REFUSALS,
+        "Refusals a device got other than a failed login (encryption required, too many sessions, relay or sender refused, the upstream's 4xx/5xx after login), by protocol and reason"
+    );
+    describe_counter!(
         UPSTREAM_EXPIRIES,
         "Sessions the upstream ended because their token expired, by protocol"
     );
@@ -245,6 +250,12 @@ pub fn session_ended(protocol: Protocol, outcome: &'static str, to_upstream: u64
 /// `proxy_from`, closed unread.
 pub fn proxy_untrusted(listener: std::net::SocketAddr) {
     counter!(PROXY_UNTRUSTED, "listener" => listener.to_string()).increment(1);
+}
+
+/// A device was refused (see `device::refusal`); `reason` is one of a
+/// fixed set.
+pub fn refusal(protocol: Protocol, reason: &'static str) {
+    counter!(REFUSALS, "protocol" => protocol.as_str(), "reason" => reason).increment(1);
 }
 
 /// A device's TLS handshake on `listener`, by negotiated version.

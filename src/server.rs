@@ -308,6 +308,8 @@ async fn accept_loop(ctx: Ctx, socket: TcpListener, sessions: TaskTracker) {
             protocol = %ctx.listener.protocol,
             peer = %peer,
             client = tracing::field::Empty,
+            device_name = tracing::field::Empty,
+            login = tracing::field::Empty,
             tls_version = tracing::field::Empty,
             tls_cipher = tracing::field::Empty
         );
@@ -335,7 +337,8 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Optio
     let _slots = match admit(&ctx) {
         Ok(s) => s,
         Err(why) => {
-            warn!(reason = %why, "turning the device away");
+            let said = wire::farewell(protocol, Farewell::Busy);
+            device::refusal::turned_away(protocol, peer.ip(), &why, said);
             crate::metrics::session_ended(protocol, "busy", 0, 0);
             let mut conn = Conn::new(Stream::Plain(tcp));
             let _ = conn
@@ -358,6 +361,7 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Optio
             }
         }
     }
+    let mut tls_version = None;
     let stream = if ctx.listener.tls == TlsMode::Implicit {
         let acceptor = ctx
             .listener
@@ -366,6 +370,7 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Optio
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok((s, info))) => {
                 ctx.listener.tls_established(&info);
+                tls_version = Some(info.version);
                 s
             }
             Ok(Err(e)) => {
@@ -412,7 +417,7 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Optio
     let handoff = Box::pin(device::drive(
         app,
         &ctx.listener,
-        conn,
+        (conn, tls_version),
         peer,
         &ctx.stop,
         dialogue.as_mut(),
@@ -425,6 +430,7 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Optio
                 device,
                 login,
                 senders,
+                who,
             } = *ready;
             let LoggedIn { upstream, id } = login;
             let idle = Duration::from_secs(app.config.limits.idle_timeout_s);
@@ -466,7 +472,7 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Optio
                         device,
                         upstream.conn,
                         idle,
-                        protocol,
+                        (protocol, Some(who)),
                         ctx.abort.clone(),
                         senders,
                     )

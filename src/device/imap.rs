@@ -121,7 +121,13 @@ impl Session {
                 })
             }
             "NOOP" => self.next(Reply::Noop { tag }),
-            "ID" => self.next(Reply::Id { tag }),
+            "ID" => {
+                let step = self.next(Reply::Id { tag });
+                match super::names::imap_id_name(raw) {
+                    Some(name) => step.naming(&name),
+                    None => step,
+                }
+            }
             "LOGOUT" => Step::close(Reply::Logout { tag }.to_bytes(), "logout"),
             "STARTTLS" if self.ctx.starttls_offered() => {
                 self.state = State::StartingTls;
@@ -129,7 +135,8 @@ impl Session {
             }
             "STARTTLS" => self.error(Reply::NoStartTls { tag }),
             "LOGIN" | "AUTHENTICATE" if !self.ctx.auth_allowed() => {
-                self.next(Reply::PrivacyRequired { tag })
+                let why = self.ctx.clear_refusal();
+                self.next(Reply::PrivacyRequired { tag }).refusing(why)
             }
             "LOGIN" => {
                 let creds = match cmd.args.as_slice() {

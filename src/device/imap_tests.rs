@@ -239,3 +239,23 @@ fn every_refusal_has_its_reply() {
         );
     }
 }
+
+/// LOGIN before STARTTLS, or on a listener without TLS, is marked with its
+/// reason; ID gives the device's name.
+#[test]
+fn refusals_are_marked_and_id_names_the_device() {
+    use crate::device::refusal::Refused;
+    let mut s = Session::new(context(false, true, false));
+    s.greeting();
+    let step = s.on(Input::Line(br#"a ID ("name" "Scan Pro" "version" "2")"#));
+    assert_eq!(step.name.as_deref(), Some("Scan Pro"));
+    let step = s.on(Input::Line(b"b LOGIN user pw"));
+    assert_eq!(step.refused, Some(Refused::EncryptionRequired));
+    let mut none = Session::new(context(false, false, false));
+    none.greeting();
+    let step = none.on(Input::Line(b"b AUTHENTICATE PLAIN"));
+    assert_eq!(step.refused, Some(Refused::PlaintextPassword));
+    let mut tls = tls_port();
+    tls.greeting();
+    assert_eq!(tls.on(Input::Line(b"a ID NIL")).name, None);
+}

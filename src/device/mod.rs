@@ -8,7 +8,9 @@
 //! reason the session closed.
 
 pub mod imap;
+pub mod names;
 pub mod pop3;
+pub mod refusal;
 pub mod smtp;
 
 use std::net::SocketAddr;
@@ -26,6 +28,7 @@ use crate::login::{self, LoggedIn};
 use crate::net::{Conn, LineError};
 use crate::wire::sasl::Credentials;
 use crate::wire::smtp::stream::Senders;
+use refusal::{Refused, Who};
 
 /// Commands a device may send before it logs in.
 pub const MAX_PREAUTH_COMMANDS: usize = 100;
@@ -63,6 +66,10 @@ pub enum Input<'a> {
 pub struct Step {
     pub reply: Vec<u8>,
     pub then: Then,
+    /// The reply refuses the device, for this reason (logged and counted).
+    pub refused: Option<Refused>,
+    /// What the device said its name is (EHLO/HELO, IMAP ID).
+    pub name: Option<String>,
 }
 
 /// What the driver does after writing a step's reply.
@@ -104,7 +111,24 @@ pub enum Login {
 
 impl Step {
     pub fn new(reply: Vec<u8>, then: Then) -> Step {
-        Step { reply, then }
+        Step {
+            reply,
+            then,
+            refused: None,
+            name: None,
+        }
+    }
+
+    /// The reply refuses the device for `why`.
+    pub fn refusing(mut self, why: Refused) -> Step {
+        self.refused = Some(why);
+        self
+    }
+
+    /// The device gave its name (cleaned by [`names::device_name`]).
+    pub fn naming(mut self, name: &str) -> Step {
+        self.name = names::device_name(name);
+        self
     }
 
     pub fn read(reply: Vec<u8>) -> Step {
@@ -149,6 +173,15 @@ impl Context {
 
     pub fn starttls_offered(&self) -> bool {
         self.can_starttls && !self.tls
+    }
+
+    /// Why a password is refused when [`Context::auth_allowed`] is false:
+    /// the device skipped STARTTLS, or the listener has no TLS at all.
+    pub fn clear_refusal(&self) -> Refused {
+        match self.can_starttls {
+            true => Refused::EncryptionRequired,
+            false => Refused::PlaintextPassword,
+        }
     }
 }
 
@@ -234,14 +267,17 @@ pub struct Ready {
     /// SMTP: the envelope senders its account or `[[relay]]` rule allows
     /// (`None`: any); every MAIL of the session is checked.
     pub senders: Option<Senders>,
+    /// The device, for the refusals the relay sees.
+    pub who: Who,
 }
 
 /// Run `session` on the device's connection until it has logged in
-/// upstream or the session ends.
+/// upstream or the session ends; `tls_version` is the implicit TLS
+/// handshake's, if there was one.
 pub async fn drive(
     app: &App,
     listener: &Listener,
-    conn: Conn,
+    (conn, tls_version): (Conn, Option<&'static str>),
     peer: SocketAddr,
     shutdown: &CancellationToken,
     session: &mut dyn Dialogue,
@@ -259,10 +295,20 @@ pub async fn drive(
     let mut senders: Option<Senders> = None;
     // On a spooling listener: who logged in (nothing upstream yet).
     let mut local: Option<(Identity, bool, String)> = None;
+    let mut who = Who::new(protocol, peer.ip(), tls_version);
+    // Each refusal is logged once per session; repeats are counted.
+    let mut refusals = refusal::Once::default();
     let mut step = session.greeting();
     loop {
         if !step.reply.is_empty() && device.conn.send(&step.reply, device.timeout).await.is_err() {
             return Handoff::Closed("device write failed");
+        }
+        if let Some(name) = step.name.take() {
+            tracing::Span::current().record("device_name", name.as_str());
+            who.name = Some(name);
+        }
+        if let Some(why) = step.refused.take() {
+            refusals.record(&who, why, &refusal::first_line(&step.reply));
         }
         step = match step.then {
             Then::Read => {
@@ -289,7 +335,10 @@ pub async fn drive(
                 Err(e) => return Handoff::Closed(e.reason()),
             },
             Then::StartTls => match device.start_tls(listener).await {
-                Ok(()) => session.on(Input::TlsStarted),
+                Ok(version) => {
+                    who.tls = Some(version);
+                    session.on(Input::TlsStarted)
+                }
                 Err(why) => return Handoff::Closed(why),
             },
             Then::Capabilities => {
@@ -297,6 +346,8 @@ pub async fn drive(
                 session.on(Input::Capabilities(&keywords))
             }
             Then::Login(request) if takes_itself(app, protocol, spooling, &request) => {
+                who.login = Some(login_label(app, &request));
+                tracing::Span::current().record("login", who.login.as_deref());
                 let (result, relay, helo) = match request {
                     Login::Password { creds, client_name } => (
                         login::local_login(app, creds, peer).await,
@@ -308,6 +359,7 @@ pub async fn drive(
                         client_name,
                     } => (login::local_relay(app, &account, peer), true, client_name),
                 };
+                crate::status::board::device_login(&who, result.as_ref().err());
                 match result {
                     Ok(id) => {
                         local = Some((id, relay, helo));
@@ -326,6 +378,8 @@ pub async fn drive(
                 }
             }
             Then::Login(request) => {
+                who.login = Some(login_label(app, &request));
+                tracing::Span::current().record("login", who.login.as_deref());
                 let relay = matches!(request, Login::Relay { .. });
                 let result = match request {
                     Login::Password { creds, client_name } => {
@@ -336,6 +390,7 @@ pub async fn drive(
                         client_name,
                     } => login::relay_login(app, &account, &client_name, peer).await,
                 };
+                crate::status::board::device_login(&who, result.as_ref().err());
                 match result {
                     Ok(done) => {
                         // Read after the login, for the account it found.
@@ -353,6 +408,7 @@ pub async fn drive(
                 }
             }
             Then::Refuse { login, error } => {
+                crate::status::board::device_login(&who, Some(&error));
                 login::refused(app, protocol, peer, &login, &error);
                 session.on(Input::LoginFailed(&error))
             }
@@ -378,6 +434,7 @@ pub async fn drive(
                     device: device.conn,
                     login,
                     senders: senders.take(),
+                    who,
                 }));
             }
             Then::Close(why) => return Handoff::Closed(why),
@@ -388,6 +445,16 @@ pub async fn drive(
             logged_in = None;
             local = None;
         }
+    }
+}
+
+/// The login as the log and the page show it: the configured account, or
+/// the `unknown user ... #hash` form (what a device typed that is no
+/// account may be its password).
+fn login_label(app: &App, request: &Login) -> String {
+    match request {
+        Login::Password { creds, .. } => app.accounts().describe(&creds.login),
+        Login::Relay { account, .. } => format!("relay as {account}"),
     }
 }
 
@@ -449,7 +516,7 @@ impl Device {
 
     /// The TLS handshake after the protocol's go-ahead (STARTTLS, STLS);
     /// whatever the device sent before it is dropped.
-    async fn start_tls(&mut self, listener: &Listener) -> Result<(), &'static str> {
+    async fn start_tls(&mut self, listener: &Listener) -> Result<&'static str, &'static str> {
         let acceptor = listener
             .tls_acceptor()
             .ok_or("STARTTLS without a certificate")?;
@@ -468,132 +535,10 @@ impl Device {
                 "dropped data sent before the TLS handshake"
             );
         }
-        Ok(())
+        Ok(info.version)
     }
 }
 
 /// Helpers for the protocol sessions' tests: feed inputs, read replies.
 #[cfg(test)]
-pub mod script {
-    use super::*;
-
-    /// A context: TLS or not, STARTTLS possible or not, plaintext allowed or not.
-    pub fn context(tls: bool, can_starttls: bool, allow_plaintext_auth: bool) -> Context {
-        Context {
-            host: "proxy.test".into(),
-            tls,
-            can_starttls,
-            allow_plaintext_auth,
-        }
-    }
-
-    /// The reply as text, and a short name for what comes next.
-    pub fn show(step: &Step) -> (String, String) {
-        let then = match &step.then {
-            Then::Read => "read".to_string(),
-            Then::ReadExact(n) => format!("read {n}"),
-            Then::Discard(n) => format!("discard {n}"),
-            Then::StartTls => "starttls".into(),
-            Then::Capabilities => "capabilities".into(),
-            Then::Login(Login::Password { creds, client_name }) => {
-                format!("login {} as {client_name:?}", creds.login)
-            }
-            Then::Login(Login::Relay {
-                account,
-                client_name,
-            }) => format!("relay login {account} as {client_name:?}"),
-            Then::Refuse { login, error } => format!("refuse {login}: {}", error.reason()),
-            Then::Relay { replay } => format!("relay {:?}", String::from_utf8_lossy(replay)),
-            Then::Close(why) => format!("close: {why}"),
-        };
-        (String::from_utf8_lossy(&step.reply).into_owned(), then)
-    }
-
-    /// One input of a test script.
-    pub enum Feed {
-        /// A line from the device.
-        L(&'static str),
-        /// A line of raw bytes from the device.
-        Raw(&'static [u8]),
-        TooLong,
-        Literal(&'static str),
-        Discarded,
-        Tls,
-        Caps(&'static [&'static str]),
-        /// The login went through, with these upstream capabilities.
-        Ok(&'static [&'static str]),
-        /// The login failed.
-        Fail(AuthError),
-        Timeout,
-        Shutdown,
-    }
-
-    fn strings(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
-    }
-
-    /// Feed one input.
-    pub fn feed(session: &mut dyn Dialogue, input: &Feed) -> (String, String) {
-        let step = match input {
-            Feed::L(line) => session.on(Input::Line(line.as_bytes())),
-            Feed::Raw(line) => session.on(Input::Line(line)),
-            Feed::TooLong => session.on(Input::TooLong),
-            Feed::Literal(data) => session.on(Input::Literal(data.as_bytes())),
-            Feed::Discarded => session.on(Input::Discarded),
-            Feed::Tls => session.on(Input::TlsStarted),
-            Feed::Caps(list) => session.on(Input::Capabilities(&strings(list))),
-            Feed::Ok(list) => session.on(Input::LoggedIn {
-                capabilities: &strings(list),
-            }),
-            Feed::Fail(e) => session.on(Input::LoginFailed(e)),
-            Feed::Timeout => session.on(Input::Timeout),
-            Feed::Shutdown => session.on(Input::Shutdown),
-        };
-        show(&step)
-    }
-
-    /// Run a script: each input, the exact reply, and what comes next. The
-    /// greeting is checked first.
-    pub fn run(session: &mut dyn Dialogue, greeting: &str, script: &[(Feed, &str, &str)]) {
-        let (reply, then) = show(&session.greeting());
-        assert_eq!(
-            (reply.as_str(), then.as_str()),
-            (greeting, "read"),
-            "greeting"
-        );
-        for (i, (input, want_reply, want_then)) in script.iter().enumerate() {
-            let (reply, then) = feed(session, input);
-            assert_eq!(
-                (reply.as_str(), then.as_str()),
-                (*want_reply, *want_then),
-                "step {} of the script",
-                i + 1
-            );
-            assert!(
-                crlf_only(&reply),
-                "step {}: a bare CR or LF in {reply:?}",
-                i + 1
-            );
-            assert!(
-                reply.is_empty() || reply.ends_with("\r\n"),
-                "step {}",
-                i + 1
-            );
-        }
-    }
-
-    /// SASL PLAIN's base64 for `authzid NUL login NUL password`.
-    pub fn plain(authzid: &str, login: &str, password: &str) -> String {
-        crate::wire::sasl::encode(format!("{authzid}\0{login}\0{password}").as_bytes())
-    }
-
-    /// Every CR in `text` is followed by LF, and every LF preceded by CR.
-    pub fn crlf_only(text: &str) -> bool {
-        let b = text.as_bytes();
-        b.iter().enumerate().all(|(i, c)| match c {
-            b'\r' => b.get(i + 1) == Some(&b'\n'),
-            b'\n' => i > 0 && b[i - 1] == b'\r',
-            _ => true,
-        })
-    }
-}
+pub mod script;

@@ -72,7 +72,8 @@ impl Session {
             }
             Command::Stls => self.error(Reply::NoStls),
             Command::User(_) | Command::Pass(_) | Command::Auth { .. } if !auth => {
-                self.next(Reply::PlaintextDisabled)
+                let why = self.ctx.clear_refusal();
+                self.next(Reply::PlaintextDisabled).refusing(why)
             }
             Command::User(name) => match sasl::utf8(name) {
                 Ok(name) => {

@@ -187,3 +187,24 @@ fn every_refusal_has_its_reply() {
         assert_eq!((reply, then), (format!("{text}\r\n"), "read".to_string()));
     }
 }
+
+/// USER before STLS, or on a listener without TLS, is marked with its reason.
+#[test]
+fn plaintext_refusals_are_marked() {
+    use crate::device::refusal::Refused;
+    let mut s = Session::new(context(false, true, false));
+    s.greeting();
+    assert_eq!(
+        s.on(Input::Line(b"USER a@x.test")).refused,
+        Some(Refused::EncryptionRequired)
+    );
+    let mut none = Session::new(context(false, false, false));
+    none.greeting();
+    assert_eq!(
+        none.on(Input::Line(b"PASS pw")).refused,
+        Some(Refused::PlaintextPassword)
+    );
+    let mut tls = tls_port();
+    tls.greeting();
+    assert_eq!(tls.on(Input::Line(b"USER a@x.test")).refused, None);
+}

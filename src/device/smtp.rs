@@ -8,8 +8,9 @@
 //! a login whose upstream no longer offers it is refused with a temporary
 //! error rather than relayed into a broken promise.
 
-use tracing::{debug, warn};
+use tracing::debug;
 
+use super::refusal::Refused;
 use super::{
     Context, Counters, Dialogue, Input, Login, Step, Then, MAX_AUTH_FAILURES, MAX_ERRORS,
     MAX_PREAUTH_COMMANDS,
@@ -140,9 +141,10 @@ impl Session {
                     name: &name,
                 }
                 .to_bytes();
+                let step = self.next_bytes(reply).naming(&name);
                 self.helo = Some(name);
                 self.told.clear();
-                self.next_bytes(reply)
+                step
             }
             Command::StartTls if self.ctx.starttls_offered() => {
                 self.state = State::StartingTls;
@@ -174,7 +176,8 @@ impl Session {
             return self.next(Reply::HeloFirst);
         }
         if !self.ctx.auth_allowed() {
-            return self.next(Reply::EncryptionRequired);
+            let why = self.ctx.clear_refusal();
+            return self.next(Reply::EncryptionRequired).refusing(why);
         }
         let initial = initial.map(sasl::decode_line);
         match (mechanism, initial) {
@@ -230,7 +233,7 @@ impl Session {
     /// network has a rule (and the sender is allowed), else refused.
     fn mail_without_auth(&mut self, line: &[u8]) -> Step {
         let Some(rule) = &self.relay else {
-            return self.next(Reply::AuthRequired);
+            return self.next(Reply::AuthRequired).refusing(Refused::NoRelay);
         };
         if self.helo.is_none() {
             return self.next(Reply::HeloFirst);
@@ -239,8 +242,10 @@ impl Session {
             return self.next(Reply::BadSender);
         };
         if !wire::sender_allowed(&rule.allowed_senders, &sender) {
-            warn!(sender = %sender.escape_debug(), account = %rule.account, "relay refused: sender not allowed");
-            return self.next(Reply::SenderNotAllowed);
+            // The sender itself is not logged: only the reason and the fix.
+            return self
+                .next(Reply::SenderNotAllowed)
+                .refusing(Refused::SenderNotAllowed);
         }
         let account = rule.account.clone();
         self.state = State::RelayLogin {
@@ -346,8 +351,9 @@ impl Dialogue for Session {
                     auth: self.ctx.auth_allowed(),
                 }
                 .to_bytes();
+                let step = self.next_bytes(reply).naming(&name);
                 self.helo = Some(name);
-                self.next_bytes(reply)
+                step
             }
             (State::StartingTls, Input::TlsStarted) => {
                 self.ctx.tls = true;

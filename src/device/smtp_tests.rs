@@ -360,3 +360,40 @@ fn every_refusal_has_its_reply() {
         assert_eq!((reply, then), (format!("{text}\r\n"), "read".to_string()));
     }
 }
+
+/// The refusals an SMTP device gets from oxbridge itself are marked with
+/// their reason, for the log, the counter and the page; EHLO and HELO
+/// give the device's name, cleaned.
+#[test]
+fn refusals_are_marked_and_the_device_is_named() {
+    use crate::device::refusal::Refused;
+    let mut s = starttls_port();
+    s.greeting();
+    assert_eq!(feed(&mut s, &L("EHLO mfp-3f.local")).1, "capabilities");
+    let step = s.on(Input::Capabilities(&[]));
+    assert_eq!(step.name.as_deref(), Some("mfp-3f.local"));
+    let step = s.on(Input::Line(b"AUTH PLAIN"));
+    assert_eq!(step.refused, Some(Refused::EncryptionRequired));
+    let step = s.on(Input::Line(b"MAIL FROM:<a@x.test>"));
+    assert_eq!(step.refused, Some(Refused::NoRelay));
+    let step = s.on(Input::Line(b"NOOP"));
+    assert_eq!((step.refused, step.name), (None, None));
+
+    let mut none = Session::new(context(false, false, false), None, None);
+    none.greeting();
+    let step = none.on(Input::Line(b"HELO old\x01printer"));
+    assert_eq!(step.name.as_deref(), Some("oldprinter"));
+    let step = none.on(Input::Line(b"AUTH LOGIN"));
+    assert_eq!(step.refused, Some(Refused::PlaintextPassword));
+
+    let mut relay = relay_port(&["scan@x.test"]);
+    relay.greeting();
+    relay.on(Input::Line(b"HELO scanner"));
+    let step = relay.on(Input::Line(b"MAIL FROM:<boss@x.test>"));
+    assert_eq!(step.refused, Some(Refused::SenderNotAllowed));
+
+    let mut tls = tls_port();
+    tls.greeting();
+    tls.on(Input::Line(b"HELO x"));
+    assert_eq!(tls.on(Input::Line(b"AUTH LOGIN")).refused, None);
+}

@@ -8,6 +8,12 @@
 //! when the device fails, when both have been silent for the idle timeout,
 //! or on a hard shutdown. A device that half-closes still gets the rest of
 //! the upstream's replies.
+//!
+//! In SMTP, the upstream's replies on their way to the device are
+//! watched for refusals (4xx, 5xx: its answers to MAIL, RCPT, DATA), each
+//! logged with its fix ([`crate::device::refusal`]). Only that direction
+//! is scanned, and only in SMTP, where it carries nothing but replies: a
+//! message's bytes go the other way untouched.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,7 +24,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Protocol;
+use crate::device::refusal::{self, Refused, Who};
 use crate::net::Conn;
+use crate::wire::smtp::stream::RefusalWatch;
 use crate::wire::{self, Farewell as Goodbye};
 
 pub mod imap;
@@ -63,9 +71,45 @@ struct Farewell {
     abort: CancellationToken,
     /// The last bytes the upstream sent, to tell a goodbye from a loss.
     tail: Vec<u8>,
+    /// SMTP: the upstream's refusals, found and recorded for this device.
+    watch: Option<Watch>,
+}
+
+/// What finds and records an SMTP upstream's refusals for one device.
+struct Watch {
+    replies: RefusalWatch,
+    who: Who,
+    once: refusal::Once,
 }
 
 impl Farewell {
+    fn new(protocol: Protocol, abort: CancellationToken, who: Option<Who>) -> Farewell {
+        Farewell {
+            protocol,
+            abort,
+            tail: Vec::with_capacity(TAIL),
+            watch: who.filter(|_| protocol == Protocol::Smtp).map(|who| Watch {
+                replies: RefusalWatch::default(),
+                who,
+                once: refusal::Once::default(),
+            }),
+        }
+    }
+
+    /// The upstream's bytes on their way to the device: remembered, and
+    /// in SMTP searched for refusals.
+    fn heard(&mut self, data: &[u8]) {
+        self.remember(data);
+        if let Some(w) = self.watch.as_mut() {
+            let (who, once) = (&w.who, &mut w.once);
+            w.replies.feed(data, |code, line| {
+                if let Some(why) = Refused::upstream(code) {
+                    once.record(who, why, &String::from_utf8_lossy(line));
+                }
+            });
+        }
+    }
+
     fn remember(&mut self, data: &[u8]) {
         self.tail
             .extend_from_slice(&data[data.len().saturating_sub(TAIL)..]);
@@ -114,7 +158,7 @@ where
         write_within(&mut to, &residual, idle).await?;
         count.fetch_add(residual.len() as u64, Ordering::Relaxed);
         if let Some(f) = farewell.as_mut() {
-            f.remember(&residual);
+            f.heard(&residual);
         }
     }
     let mut buf = vec![0u8; COPY_BUFFER];
@@ -181,7 +225,7 @@ where
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(f) = farewell.as_mut() {
-            f.remember(&buf[..n]);
+            f.heard(&buf[..n]);
         }
         activity.touch();
     }
@@ -239,17 +283,18 @@ async fn write_within<W: AsyncWrite + Unpin>(
 
 /// Relay a logged-in session until it ends. An SMTP session whose
 /// senders are restricted goes through [`smtp::relay`], which checks every
-/// MAIL; every other session is copied byte for byte.
+/// MAIL; every other session is copied byte for byte. `who` is the device,
+/// for the upstream's refusals (SMTP).
 pub async fn relay(
     device: Conn,
     upstream: Conn,
     idle: Duration,
-    protocol: Protocol,
+    (protocol, who): (Protocol, Option<Who>),
     abort: CancellationToken,
     senders: Option<wire::smtp::stream::Senders>,
 ) -> Relayed {
     if let (Protocol::Smtp, Some(senders)) = (protocol, senders) {
-        return smtp::relay(device, upstream, idle, abort, senders).await;
+        return smtp::relay(device, upstream, idle, abort, (senders, who)).await;
     }
     let (device, device_residual) = device.into_parts();
     let (upstream, upstream_residual) = upstream.into_parts();
@@ -272,11 +317,7 @@ pub async fn relay(
         up_count.clone(),
         None,
     );
-    let farewell = Farewell {
-        protocol,
-        abort: abort.clone(),
-        tail: Vec::with_capacity(TAIL),
-    };
+    let farewell = Farewell::new(protocol, abort.clone(), who);
     let to_device = pump(
         upstream_r,
         device_w,
@@ -325,11 +366,7 @@ mod tests {
     use crate::net::conn::tests::pair;
 
     fn farewell(protocol: Protocol) -> Farewell {
-        Farewell {
-            protocol,
-            abort: CancellationToken::new(),
-            tail: Vec::new(),
-        }
+        Farewell::new(protocol, CancellationToken::new(), None)
     }
 
     #[test]
@@ -373,7 +410,7 @@ mod tests {
             device,
             upstream,
             WAIT,
-            Protocol::Smtp,
+            (Protocol::Smtp, None),
             CancellationToken::new(),
             None,
         ));
@@ -402,6 +439,52 @@ mod tests {
         assert_eq!(r.end, "device closed");
     }
 
+    /// The upstream's refusal after login reaches the device untouched and
+    /// the board with its fix; a 250 does not, nor a POP3 `-ERR`.
+    #[tokio::test]
+    async fn the_upstreams_refusals_are_recorded_with_their_fix() {
+        let peer: std::net::IpAddr = "192.0.2.77".parse().unwrap();
+        for (protocol, expected) in [(Protocol::Pop3, 0), (Protocol::Smtp, 1)] {
+            let (device, mut device_peer) = pair().await;
+            let (upstream, mut upstream_peer) = pair().await;
+            let who = Who::new(protocol, peer, None);
+            let relay = tokio::spawn(relay(
+                device,
+                upstream,
+                WAIT,
+                (protocol, Some(who)),
+                CancellationToken::new(),
+                None,
+            ));
+            let said: &[u8] = match protocol {
+                Protocol::Smtp => b"250 2.1.0 Ok\r\n550 5.7.60 SMTP; Client does not have permissions to send as this sender\r\n",
+                _ => b"+OK\r\n-ERR 5.7.60 no such message\r\n",
+            };
+            upstream_peer.write_all(said).await.unwrap();
+            drop(upstream_peer);
+            let mut got = Vec::new();
+            tokio::time::timeout(WAIT, device_peer.read_to_end(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(got.starts_with(said), "{}", String::from_utf8_lossy(&got));
+            device_peer.shutdown().await.unwrap();
+            tokio::time::timeout(WAIT, relay).await.unwrap().unwrap();
+            let seen: Vec<_> = crate::status::board::refusals()
+                .into_iter()
+                .filter(|r| r.peer == peer)
+                .collect();
+            assert_eq!(seen.len(), expected, "{protocol:?}: {seen:?}");
+        }
+        let seen = crate::status::board::refusals()
+            .into_iter()
+            .find(|r| r.peer == peer)
+            .unwrap();
+        assert_eq!(seen.reason, "upstream_refused");
+        assert!(seen.said.starts_with("550 5.7.60 SMTP;"), "{}", seen.said);
+        assert!(seen.fix.unwrap().contains("Add-RecipientPermission"));
+    }
+
     /// The upstream vanishes in the middle of DATA: the device hears that
     /// the message was not accepted.
     #[tokio::test]
@@ -412,7 +495,7 @@ mod tests {
             device,
             upstream,
             WAIT,
-            Protocol::Smtp,
+            (Protocol::Smtp, None),
             CancellationToken::new(),
             None,
         ));

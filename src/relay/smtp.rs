@@ -16,11 +16,12 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
-use super::{drain, write_within, Farewell, Relayed, DEVICE_CLOSED, FAREWELL_WRITE, TAIL};
+use super::{drain, write_within, Farewell, Relayed, DEVICE_CLOSED, FAREWELL_WRITE};
 use super::{COPY_BUFFER, UPSTREAM_LOST};
 use crate::config::Protocol;
+use crate::device::refusal::{self, Refused, Who};
 use crate::net::Conn;
 use crate::wire::smtp::stream::{Next, Replies, Senders, Tracker};
 use crate::wire::smtp::Reply;
@@ -32,13 +33,14 @@ const HEADER_TOO_BIG: &str = "message header too big";
 /// Device bytes read ahead of what the tracker has taken.
 const MAX_AHEAD: usize = 256 * 1024;
 
-/// Relay an SMTP session, checking every MAIL against `senders`.
+/// Relay an SMTP session, checking every MAIL against `senders`; `who` is
+/// the device, for the refusals' log lines.
 pub async fn relay(
     device: Conn,
     upstream: Conn,
     idle: Duration,
     abort: CancellationToken,
-    senders: Senders,
+    (senders, who): (Senders, Option<Who>),
 ) -> Relayed {
     let (mut device, ahead) = device.into_parts();
     let (mut upstream, upstream_residual) = upstream.into_parts();
@@ -48,11 +50,7 @@ pub async fn relay(
         owed: 0,
         held: None,
         ahead,
-        farewell: Farewell {
-            protocol: Protocol::Smtp,
-            abort: abort.clone(),
-            tail: Vec::with_capacity(TAIL),
-        },
+        farewell: Farewell::new(Protocol::Smtp, abort.clone(), who),
         relayed: Relayed::default(),
         device_done: false,
         abort: false,
@@ -62,7 +60,10 @@ pub async fn relay(
     let mut last = Instant::now();
     let mut upstream_shut = false;
     if !upstream_residual.is_empty() {
-        if let Err(e) = s.send_device(&mut device, &upstream_residual, idle).await {
+        if let Err(e) = s
+            .send_device(&mut device, &upstream_residual, idle, true)
+            .await
+        {
             return s.end(e);
         }
     }
@@ -85,8 +86,10 @@ pub async fn relay(
                     sender,
                 } => {
                     s.ahead.advance(consumed);
-                    if let Some(sender) = sender {
-                        warn!(sender = %sender.escape_debug(), "MAIL refused: sender not allowed");
+                    if let (Some(sender), Some(w)) = (sender, s.farewell.watch.as_mut()) {
+                        debug!(sender = %sender.escape_debug(), "MAIL refused: sender not allowed");
+                        let said = refusal::first_line(&reply.to_bytes());
+                        w.once.record(&w.who, Refused::SenderNotAllowed, &said);
                     }
                     s.held = Some(reply);
                 }
@@ -102,7 +105,7 @@ pub async fn relay(
         if let Some(reply) = s.held.as_ref().filter(|_| s.owed == 0) {
             let bytes = reply.to_bytes();
             s.held = None;
-            if let Err(e) = s.send_device(&mut device, &bytes, idle).await {
+            if let Err(e) = s.send_device(&mut device, &bytes, idle, false).await {
                 return s.end(e);
             }
             if s.abort {
@@ -132,7 +135,7 @@ pub async fn relay(
                     last = Instant::now();
                     let data = &from_upstream[..n];
                     s.count_replies(data);
-                    if let Err(e) = s.send_device(&mut device, data, idle).await {
+                    if let Err(e) = s.send_device(&mut device, data, idle, true).await {
                         return s.end(e);
                     }
                 }
@@ -196,15 +199,21 @@ impl Session {
         });
     }
 
+    /// Write to the device what the upstream said (`upstream`), or a
+    /// reply of oxbridge's own.
     async fn send_device<W: tokio::io::AsyncWrite + Unpin>(
         &mut self,
         device: &mut W,
         data: &[u8],
         idle: Duration,
+        upstream: bool,
     ) -> Result<(), &'static str> {
         write_within(device, data, idle).await?;
         self.relayed.to_device += data.len() as u64;
-        self.farewell.remember(data);
+        match upstream {
+            true => self.farewell.heard(data),
+            false => self.farewell.remember(data),
+        }
         Ok(())
     }
 
@@ -243,7 +252,7 @@ mod tests {
             upstream,
             WAIT,
             CancellationToken::new(),
-            senders,
+            (senders, None),
         ));
         device_peer
             .write_all(b"NOOP\r\nMAIL FROM:<boss@x.test>\r\nMAIL FROM:<scan@x.test>\r\nDATA\r\n")
@@ -327,7 +336,7 @@ mod tests {
             upstream,
             WAIT,
             CancellationToken::new(),
-            senders,
+            (senders, None),
         ));
         device_peer.write_all(b"DATA\r\n").await.unwrap();
         let (up_r, mut up_w) = tokio::io::split(upstream_peer);

@@ -1,6 +1,7 @@
 //! What the status page knows that neither the config nor a live count
-//! tells: the last login failures with their diagnosis, and each
-//! account's latest login and token. Recorded as things happen (like the
+//! tells: the last login failures and other refusals with their
+//! diagnosis, the devices seen lately, and each account's latest login
+//! and token. Recorded as things happen (like the
 //! metrics, one board per process). Nothing secret goes in: the errors are
 //! the texts the log carries, and a user name is kept only when it is a
 //! configured account (a device may type its password into the user field).
@@ -11,10 +12,15 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::config::Protocol;
+use crate::device::refusal::Who;
 use crate::error::AuthError;
 
 /// Login failures kept for the page, newest first.
 pub const MAX_FAILURES: usize = 20;
+/// Other refusals kept for the page, newest first.
+pub const MAX_REFUSALS: usize = 20;
+/// Devices kept for the page, the most recently heard from first.
+pub const MAX_DEVICES: usize = 50;
 /// Accounts and token keys remembered at most (configured accounts only,
 /// so this is a safety bound).
 const MAX_RECORDS: usize = 10_000;
@@ -31,6 +37,37 @@ pub struct Failure {
     pub reason: &'static str,
     pub error: String,
     pub fix: Option<&'static str>,
+}
+
+/// A refusal other than a failed login (see [`crate::device::refusal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalEntry {
+    /// Unix seconds.
+    pub at: u64,
+    pub protocol: Protocol,
+    pub peer: IpAddr,
+    /// What the device called itself.
+    pub name: Option<String>,
+    /// The login as the log shows it.
+    pub login: Option<String>,
+    pub reason: &'static str,
+    /// The reply the device got (cleaned, bounded).
+    pub said: String,
+    pub fix: Option<&'static str>,
+}
+
+/// A device as last seen: one per address and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceEntry {
+    pub peer: IpAddr,
+    pub name: Option<String>,
+    pub protocol: Protocol,
+    pub login: Option<String>,
+    pub tls: Option<&'static str>,
+    /// Unix seconds of its last login.
+    pub last_ok: Option<u64>,
+    /// Unix seconds, what went wrong, and the fix.
+    pub last_failure: Option<(u64, String, Option<&'static str>)>,
 }
 
 /// An account's latest logins.
@@ -56,6 +93,8 @@ pub struct TokenRecord {
 #[derive(Default)]
 struct Board {
     failures: VecDeque<Failure>,
+    refusals: VecDeque<RefusalEntry>,
+    devices: VecDeque<DeviceEntry>,
     logins: HashMap<String, Logins>,
     tokens: HashMap<String, TokenRecord>,
 }
@@ -116,6 +155,80 @@ pub fn login(
             b.failures.truncate(MAX_FAILURES);
         }
     })
+}
+
+/// A refusal of the device `who`: the reply it got, and the fix.
+pub fn refusal(who: &Who, reason: &'static str, said: &str, fix: Option<&'static str>) {
+    let at = now();
+    with(|b| {
+        b.refusals.push_front(RefusalEntry {
+            at,
+            protocol: who.protocol,
+            peer: who.peer,
+            name: who.name.clone(),
+            login: who.login.clone(),
+            reason,
+            said: said.to_string(),
+            fix,
+        });
+        b.refusals.truncate(MAX_REFUSALS);
+        b.device(who).last_failure = Some((at, format!("{reason}: {said}"), fix));
+    })
+}
+
+/// A login of the device `who`: `None` when it went through.
+pub fn device_login(who: &Who, error: Option<&AuthError>) {
+    let at = now();
+    with(|b| {
+        let entry = b.device(who);
+        match error {
+            None => entry.last_ok = Some(at),
+            Some(e) => {
+                entry.last_failure =
+                    Some((at, format!("{}: {e}", e.reason()), crate::diagnose::fix(e)))
+            }
+        }
+    })
+}
+
+impl Board {
+    /// The entry of the device `who`, moved to the front (made if new; the
+    /// least recently heard from goes past [`MAX_DEVICES`]), updated with
+    /// what is known of it now.
+    fn device(&mut self, who: &Who) -> &mut DeviceEntry {
+        let found = self
+            .devices
+            .iter()
+            .position(|d| d.peer == who.peer && d.name == who.name);
+        let mut entry = match found.and_then(|i| self.devices.remove(i)) {
+            Some(e) => e,
+            None => DeviceEntry {
+                peer: who.peer,
+                name: who.name.clone(),
+                protocol: who.protocol,
+                login: None,
+                tls: None,
+                last_ok: None,
+                last_failure: None,
+            },
+        };
+        entry.protocol = who.protocol;
+        entry.login = who.login.clone().or(entry.login);
+        entry.tls = who.tls.or(entry.tls);
+        self.devices.push_front(entry);
+        self.devices.truncate(MAX_DEVICES);
+        &mut self.devices[0]
+    }
+}
+
+/// The last refusals other than failed logins, newest first.
+pub fn refusals() -> Vec<RefusalEntry> {
+    with(|b| b.refusals.iter().cloned().collect())
+}
+
+/// The devices heard from lately, the most recent first.
+pub fn devices() -> Vec<DeviceEntry> {
+    with(|b| b.devices.iter().cloned().collect())
 }
 
 /// A token request of `key` ended: the token's expiry (Unix seconds), or
@@ -185,6 +298,42 @@ mod tests {
         let after = logins(account);
         assert_eq!(after.failing, 0);
         assert!(after.last_ok.is_some() && after.last_failure.is_some());
+    }
+
+    #[test]
+    fn devices_are_told_apart_by_name_and_bounded() {
+        let peer: IpAddr = "192.0.2.99".parse().unwrap();
+        let mut who = Who::new(Protocol::Smtp, peer, Some("TLSv1.2"));
+        who.name = Some("printer-a.board-test".into());
+        who.login = Some("scan@example.test".into());
+        device_login(&who, None);
+        let mut other = who.clone();
+        other.name = Some("printer-b.board-test".into());
+        refusal(
+            &other,
+            "encryption_required",
+            "538 5.7.11 x",
+            Some("use STARTTLS"),
+        );
+        let mine: Vec<_> = devices().into_iter().filter(|d| d.peer == peer).collect();
+        assert_eq!(mine.len(), 2, "{mine:?}");
+        assert_eq!(mine[0].name.as_deref(), Some("printer-b.board-test"));
+        assert_eq!(mine[0].last_ok, None);
+        let (_, what, fix) = mine[0].last_failure.clone().unwrap();
+        assert_eq!(
+            (what.as_str(), fix),
+            ("encryption_required: 538 5.7.11 x", Some("use STARTTLS"))
+        );
+        assert!(mine[1].last_ok.is_some() && mine[1].last_failure.is_none());
+        assert_eq!(mine[1].tls, Some("TLSv1.2"));
+        assert_eq!(refusals()[0].reason, "encryption_required");
+        for i in 0..MAX_DEVICES + 5 {
+            let mut many = who.clone();
+            many.name = Some(format!("many-{i}.board-test"));
+            device_login(&many, None);
+        }
+        assert_eq!(devices().len(), MAX_DEVICES);
+        assert_eq!(devices()[0].name.as_deref(), Some("many-54.board-test"));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! rather look at than read from logs. [`gather`] takes one [`page::View`]
 //! from the running process (listeners and their sessions, accounts with
 //! their tokens and logins, upstream sessions per mailbox, the last login
-//! failures, the SMTP queue); [`page::render`] turns it into HTML.
+//! failures and other refusals, the devices seen lately, the SMTP queue);
+//! [`page::render`] turns it into HTML.
 //! [`board`] records the events the page shows as they happen.
 
 pub mod board;
@@ -111,6 +112,8 @@ pub async fn gather(
         replicas: app.config.store.backend == crate::config::StoreBackend::Redis,
         failures: board::failures(),
         spool,
+        refusals: board::refusals(),
+        devices: board::devices(),
     }
 }
 

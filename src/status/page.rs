@@ -5,7 +5,7 @@
 
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 
-use super::board::{Failure, Logins};
+use super::board::{DeviceEntry, Failure, Logins, RefusalEntry};
 use crate::limits::MailboxUse;
 
 /// The page reloads itself this often.
@@ -34,6 +34,10 @@ pub struct View {
     pub replicas: bool,
     pub failures: Vec<Failure>,
     pub spool: Option<SpoolView>,
+    /// Refusals other than failed logins, newest first.
+    pub refusals: Vec<RefusalEntry>,
+    /// Devices heard from lately, the most recent first.
+    pub devices: Vec<DeviceEntry>,
 }
 
 #[derive(Debug, Clone)]
@@ -241,6 +245,8 @@ pub fn render(v: &View) -> String {
                 (accounts(v))
                 (mailboxes(v))
                 (failures(v))
+                (refusals(v))
+                (devices(v))
                 @if let Some(spool) = &v.spool { (queue(spool)) }
             }
         }
@@ -377,6 +383,65 @@ fn failures(v: &View) -> Markup {
                             td data-label="what went wrong" {
                                 span.bad { (f.reason) } ": " (f.error)
                                 @if let Some(fix) = f.fix { br; span.fix { "Fix: " (fix) } }
+                            }
+                        }
+                    }
+                }
+            } }
+        }
+    }
+}
+
+fn refusals(v: &View) -> Markup {
+    html! {
+        h2 id="refusals" { "Last refusals" }
+        @if v.refusals.is_empty() { p.none { "None since start." } }
+        @else {
+            div.wrap { table {
+                thead { tr { th { "when" } th { "protocol" } th { "device" } th { "login" } th { "what the device was told" } } }
+                tbody {
+                    @for r in &v.refusals {
+                        tr {
+                            td data-label="when" { (span(v.now.saturating_sub(r.at))) " ago" }
+                            td data-label="protocol" { (r.protocol.as_str()) }
+                            td data-label="device" { code { (r.peer) } @if let Some(name) = &r.name { " " (name) } }
+                            td data-label="login" { @match &r.login { Some(l) => code { (l) }, None => span.unknown { "none" } } }
+                            td data-label="what the device was told" {
+                                span.bad { (r.reason) } ": " code { (r.said) }
+                                @if let Some(fix) = r.fix { br; span.fix { "Fix: " (fix) } }
+                            }
+                        }
+                    }
+                }
+            } }
+        }
+    }
+}
+
+fn devices(v: &View) -> Markup {
+    html! {
+        h2 id="devices" { "Devices" }
+        @if v.devices.is_empty() { p.none { "None since start." } }
+        @else {
+            div.wrap { table {
+                thead { tr { th { "device" } th { "name" } th { "login" } th { "protocol" } th { "TLS" } th { "last success" } th { "last failure" } } }
+                tbody {
+                    @for d in &v.devices {
+                        tr {
+                            td data-label="device" { code { (d.peer) } }
+                            td data-label="name" { @match &d.name { Some(n) => (n), None => span.unknown { "not given" } } }
+                            td data-label="login" { @match &d.login { Some(l) => code { (l) }, None => span.unknown { "none" } } }
+                            td data-label="protocol" { (d.protocol.as_str()) }
+                            td data-label="TLS" { (d.tls.unwrap_or("none")) }
+                            td data-label="last success" { (ago(v.now, d.last_ok)) }
+                            td data-label="last failure" {
+                                @match &d.last_failure {
+                                    None => span.unknown { "none" },
+                                    Some((at, what, fix)) => {
+                                        (span(v.now.saturating_sub(*at))) " ago: " span.bad { (what) }
+                                        @if let Some(fix) = fix { br; span.fix { "Fix: " (fix) } }
+                                    }
+                                }
                             }
                         }
                     }

@@ -1,5 +1,6 @@
 use super::*;
 use crate::config::Protocol;
+use crate::status::board::{DeviceEntry, RefusalEntry};
 
 const NOW: u64 = 1_800_000_000;
 
@@ -69,6 +70,29 @@ fn view() -> View {
                 last_error: "421 4.3.2 try later".into(),
             }],
         }),
+        refusals: vec![RefusalEntry {
+            at: NOW - 5,
+            protocol: Protocol::Smtp,
+            peer: "192.0.2.10".parse().unwrap(),
+            name: Some("mfp-3f".into()),
+            login: None,
+            reason: "encryption_required",
+            said: "538 5.7.11 Encryption required for requested authentication mechanism".into(),
+            fix: Some("set it to use STARTTLS"),
+        }],
+        devices: vec![DeviceEntry {
+            peer: "192.0.2.10".parse().unwrap(),
+            name: Some("mfp-3f".into()),
+            protocol: Protocol::Smtp,
+            login: Some("scanner@contoso.test".into()),
+            tls: Some("TLSv1.2"),
+            last_ok: Some(NOW - 120),
+            last_failure: Some((
+                NOW - 5,
+                "upstream_refused: 550 5.7.60 no".into(),
+                Some("grant SendAs"),
+            )),
+        }],
     }
 }
 
@@ -99,6 +123,8 @@ fn every_section_says_what_it_holds() {
         "<td data-label=\"when\">1m ago</td><td data-label=\"protocol\">imap</td><td data-label=\"device\"><code>192.0.2.9</code></td>",
         "<span class=\"bad\">token_refused</span>: token endpoint refused: AADSTS7000215 &amp; more<br><span class=\"fix\">Fix: Renew the client secret</span>",
         "4 waiting, the oldest for 2h · <span class=\"bad\">1 dead letters</span>",
+        "<td data-label=\"device\"><code>192.0.2.10</code> mfp-3f</td><td data-label=\"login\"><span class=\"unknown\">none</span></td><td data-label=\"what the device was told\"><span class=\"bad\">encryption_required</span>: <code>538 5.7.11 Encryption required for requested authentication mechanism</code><br><span class=\"fix\">Fix: set it to use STARTTLS</span></td>",
+        "<td data-label=\"device\"><code>192.0.2.10</code></td><td data-label=\"name\">mfp-3f</td><td data-label=\"login\"><code>scanner@contoso.test</code></td><td data-label=\"protocol\">smtp</td><td data-label=\"TLS\">TLSv1.2</td><td data-label=\"last success\">2m ago</td><td data-label=\"last failure\">5s ago: <span class=\"bad\">upstream_refused: 550 5.7.60 no</span><br><span class=\"fix\">Fix: grant SendAs</span></td>",
         "<td data-label=\"id\"><code>20261203T101010-abc</code></td><td class=\"num\" data-label=\"age\">2h</td><td data-label=\"from\">scans@contoso.test</td><td data-label=\"to\">boss@contoso.test (+1)</td><td class=\"num\" data-label=\"tries\">5</td><td data-label=\"last error\">421 4.3.2 try later</td>",
     ] {
         assert!(html.contains(fragment), "missing {fragment}\nin {html}");

@@ -33,7 +33,9 @@
 //!   block over the bound ends the session ([`Next::Abort`]).
 //!
 //! [`Replies`] counts the upstream's complete replies, so that a local
-//! reply is written in its turn among them.
+//! reply is written in its turn among them. [`RefusalWatch`] finds the
+//! upstream's 4xx and 5xx replies in any relayed SMTP session, so that
+//! each is logged with its fix; it keeps one bounded line at a time.
 
 use crate::mailbox::Mailbox;
 use crate::wire::message::{DataReader, DataWriter};
@@ -485,6 +487,69 @@ impl Replies {
                 self.len += 1;
             }
         }
+    }
+}
+
+/// Bytes of a reply line kept for the log (the rest is dropped).
+pub const MAX_REFUSAL_LINE: usize = 256;
+
+/// Finds the upstream's refusals (4xx, 5xx) among its replies. Only the
+/// first line of each reply is kept, up to [`MAX_REFUSAL_LINE`] bytes.
+#[derive(Debug, Default)]
+pub struct RefusalWatch {
+    /// The line under way (bounded).
+    line: Vec<u8>,
+    /// The first line of a multi-line refusal under way.
+    first: Option<Vec<u8>>,
+}
+
+impl RefusalWatch {
+    /// Take the upstream's next bytes; `on_refusal` gets each completed
+    /// 4xx or 5xx reply's code and first line (without its line end).
+    pub fn feed(&mut self, data: &[u8], mut on_refusal: impl FnMut(u16, &[u8])) {
+        let mut rest = data;
+        while let Some(i) = memchr::memchr(b'\n', rest) {
+            self.take(&rest[..i]);
+            self.line_end(&mut on_refusal);
+            rest = &rest[i + 1..];
+        }
+        self.take(rest);
+    }
+
+    fn take(&mut self, part: &[u8]) {
+        let room = MAX_REFUSAL_LINE.saturating_sub(self.line.len());
+        self.line.extend_from_slice(&part[..part.len().min(room)]);
+    }
+
+    fn line_end(&mut self, on_refusal: &mut impl FnMut(u16, &[u8])) {
+        let mut line = std::mem::take(&mut self.line);
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        let code: u16 = std::str::from_utf8(line.get(..3).unwrap_or_default())
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let more = line.get(3) == Some(&b'-');
+        let first = match self.first.take() {
+            Some(first) => first,
+            None if (400..600).contains(&code) => line,
+            None => Vec::new(),
+        };
+        match more {
+            true if !first.is_empty() => self.first = Some(first),
+            true => {}
+            false if !first.is_empty() => {
+                let code = first
+                    .get(..3)
+                    .and_then(|c| std::str::from_utf8(c).ok())
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(code);
+                on_refusal(code, &first)
+            }
+            false => {}
+        }
+        self.line.clear();
     }
 }
 

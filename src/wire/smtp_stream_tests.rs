@@ -286,3 +286,40 @@ fn bdat_is_refused_where_the_upstream_has_no_chunking() {
     assert_eq!(up, "");
     assert_eq!(local.len(), 2, "{local:?}");
 }
+
+/// The upstream's refusals are found however its replies are cut into
+/// reads: one per reply (multi-line ones once, by their first line),
+/// none for 2xx and 3xx, each line bounded.
+#[test]
+fn upstream_refusals_are_found_across_reads() {
+    let stream = b"250 2.1.0 Ok\r\n550 5.7.60 SMTP; Client does not have permissions to send as this sender\r\n354 go\r\n452-4.3.1 Insufficient\r\n452 4.3.1 system resources\r\n553 5.7.1 no\n";
+    for cut in [1, 2, 7, 64, stream.len()] {
+        let mut watch = RefusalWatch::default();
+        let mut seen = Vec::new();
+        for chunk in stream.chunks(cut) {
+            watch.feed(chunk, |code, line| {
+                seen.push((code, String::from_utf8_lossy(line).into_owned()))
+            });
+        }
+        assert_eq!(
+            seen,
+            [
+                (
+                    550,
+                    "550 5.7.60 SMTP; Client does not have permissions to send as this sender"
+                        .to_string()
+                ),
+                (452, "452-4.3.1 Insufficient".to_string()),
+                (553, "553 5.7.1 no".to_string()),
+            ],
+            "reads of {cut}"
+        );
+    }
+    let mut watch = RefusalWatch::default();
+    let mut long = b"554 ".to_vec();
+    long.extend(vec![b'x'; 100_000]);
+    long.extend_from_slice(b"\r\n");
+    let mut lens = Vec::new();
+    watch.feed(&long, |_, line| lens.push(line.len()));
+    assert_eq!(lens, [MAX_REFUSAL_LINE]);
+}

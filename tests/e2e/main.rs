@@ -31,6 +31,7 @@ mod ops_day_one;
 mod printers;
 mod ready;
 mod redis;
+mod refusals;
 mod regression;
 mod rewrite_sender;
 mod secrets;

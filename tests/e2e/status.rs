@@ -28,7 +28,7 @@ fn artefacts() -> PathBuf {
 /// Headless Chromium on `url`, with `what` (`--dump-dom`, or
 /// `--screenshot=FILE`), as a first-time user's browser: no profile, no
 /// background traffic, a phone's window.
-fn chromium(url: &str, what: &str) -> String {
+pub(crate) fn chromium(url: &str, what: &str) -> String {
     assert!(
         Path::new(CHROMIUM).exists(),
         "{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
@@ -58,7 +58,7 @@ fn chromium(url: &str, what: &str) -> String {
 
 /// The text of an HTML document, tags dropped and spaces collapsed, so
 /// that assertions read like the page does.
-fn visible_text(html: &str) -> String {
+pub(crate) fn visible_text(html: &str) -> String {
     let body = html.split_once("<body>").map_or(html, |(_, b)| b);
     let mut out = String::new();
     let mut in_tag = false;
