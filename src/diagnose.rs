@@ -234,45 +234,44 @@ const KNOWN: &[Known] = &[
 
 /// The administrator's fix for this failure, when it is a known one.
 pub fn fix(error: &AuthError) -> Option<&'static str> {
-    let detail = match error {
-        AuthError::TokenRefused(d)
-        | AuthError::TokenUnavailable(d)
-        | AuthError::UpstreamRefused(d)
-        | AuthError::UpstreamTemporary(d)
-        | AuthError::UpstreamUnavailable(d) => d.as_str(),
-        AuthError::BadCredentials(_) | AuthError::Throttled(_) => return None,
-        AuthError::Busy(_) => {
-            return Some(
-                "the mailbox already has as many upstream sessions as [limits] allows \
+    let detail =
+        match error {
+            AuthError::TokenRefused(d)
+            | AuthError::TokenUnavailable(d)
+            | AuthError::UpstreamRefused(d)
+            | AuthError::UpstreamTemporary(d)
+            | AuthError::UpstreamUnavailable(d) => d.as_str(),
+            AuthError::BadCredentials(_) | AuthError::Throttled(_) => return None,
+            AuthError::Busy(_) => {
+                return Some(
+                    "the mailbox already has as many upstream sessions as [limits] allows \
                  (smtp_sessions_per_mailbox, imap_sessions_per_mailbox, \
                  pop3_sessions_per_mailbox): spread the devices over more mailboxes, or find the \
                  device that keeps its sessions open (the status page's upstream sessions); \
                  Exchange Online allows no more than 3 SMTP and 20 IMAP sessions per mailbox",
-            )
-        }
-        AuthError::CannotSpool(_) => {
-            return Some(
-                "a listener with delivery = \"spool\" sends later, without the device's \
+                )
+            }
+            AuthError::CannotSpool(_) => {
+                return Some(
+                    "a listener with delivery = \"spool\" sends later, without the device's \
                  password, so grant = \"password\" accounts cannot use it: give the device an \
                  account with client_credentials or refresh_token, or a listener with \
                  delivery = \"session\"",
-            )
-        }
-        AuthError::ProtocolNotAllowed(_) => {
-            return Some(
+                )
+            }
+            AuthError::ProtocolNotAllowed(_) => return Some(
                 "the account's protocols leave this protocol out: if this device should use it, \
                  add it to protocols in the account's [[account]] and reload; if not, the device \
                  is misconfigured, or someone who has its password is trying it",
-            )
-        }
-        AuthError::Authorization(_) => {
-            return Some(
-                "the device sent a SASL authorization identity other than its user name \
+            ),
+            AuthError::Authorization(_) => {
+                return Some(
+                    "the device sent a SASL authorization identity other than its user name \
                  (Cyrus SASL: drop -u/authzid); to send as a shared mailbox, log in as \
                  login\\shared@domain on an account with allow_shared",
-            )
-        }
-    };
+                )
+            }
+        };
     let lower = detail.to_ascii_lowercase();
     KNOWN
         .iter()
