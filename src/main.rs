@@ -240,19 +240,22 @@ fn check(path: PathBuf, offline: bool) -> ExitCode {
 }
 
 /// What `run` will load from this machine (`oxbridge::preflight`): its
-/// lines on stdout if `print`, each failure on stderr; `true` if none.
-fn preflight(config: &Config, print: bool) -> bool {
+/// lines on stdout if `checking`, each failure on stderr; `true` if none.
+/// An address not available now counts for `check` only: `run` binds
+/// for real and exits 1, so that systemd tries again.
+fn preflight(config: &Config, checking: bool) -> bool {
     let found = oxbridge::preflight(config);
-    if print {
+    if checking {
         for line in &found.lines {
             println!("{line}");
         }
     }
-    for failure in &found.failures {
+    let unavailable = found.unavailable.iter().filter(|_| checking);
+    for failure in found.failures.iter().chain(unavailable.clone()) {
         tracing::error!(error = %failure, "cannot start");
         eprintln!("oxbridge: {failure}");
     }
-    found.failures.is_empty()
+    found.failures.is_empty() && unavailable.count() == 0
 }
 
 /// `oxbridge check ACCOUNT --send-to ADDRESS`: exit 0 when the message

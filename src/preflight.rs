@@ -35,6 +35,11 @@ use crate::state::State;
 pub struct Preflight {
     pub lines: Vec<String>,
     pub failures: Vec<String>,
+    /// Addresses that cannot be bound now but may be soon (not there yet
+    /// at boot, a floating address on a standby node): failures to
+    /// `check`, not to `run`, which binds for real and exits 1 (systemd
+    /// then retries) rather than 2 (it would not).
+    pub unavailable: Vec<String>,
 }
 
 /// Look at everything `run` will load for `config`.
@@ -98,7 +103,8 @@ fn listeners(config: &Config, user: &str, p: &mut Preflight) {
 }
 
 /// Bind `addr` and release it at once; `true` if it could be bound. A
-/// port in use is a warning line.
+/// port in use is a warning line; only a refusal (a port below 1024
+/// without the capability) is a failure `run` stops on.
 fn bind(key: &str, addr: SocketAddr, p: &mut Preflight) -> bool {
     match std::net::TcpListener::bind(addr) {
         Ok(_) => true,
@@ -106,8 +112,12 @@ fn bind(key: &str, addr: SocketAddr, p: &mut Preflight) -> bool {
             p.lines.push(fixes::in_use_warning(key, addr));
             false
         }
-        Err(e) => {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
             p.failures.push(fixes::bind_error(key, addr, &e));
+            false
+        }
+        Err(e) => {
+            p.unavailable.push(fixes::bind_error(key, addr, &e));
             false
         }
     }

@@ -518,6 +518,17 @@ fn a_port_in_use_is_a_warning_and_a_foreign_address_a_failure() {
             && err.contains("no interface of this machine has that address"),
         "{err}"
     );
+    // `run` exits 1 there, not 2: the address may come (DHCP at boot, a
+    // floating address), and systemd retries only what is not a config
+    // error.
+    let out = oxbridge()
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot bind 192.0.2.1:2525"), "{err}");
 }
 
 /// A `state_dir` the running user cannot write, where `run` would need it
