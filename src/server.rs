@@ -115,6 +115,7 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
         });
     }
     let delivery = app.spool.as_ref().map(|spool| {
+        spool.clear_drafts();
         tokio::spawn(crate::spool::deliver::run(
             app.clone(),
             spool.clone(),

@@ -53,6 +53,11 @@ impl Spool {
         })
     }
 
+    /// Remove the drafts a crash left (see [`Queue::clear_drafts`]).
+    pub fn clear_drafts(&self) {
+        self.queue.clear_drafts();
+    }
+
     /// What a spooling listener offers in EHLO: its own extensions, since
     /// oxbridge itself takes the message.
     pub fn keywords(&self) -> Vec<String> {

@@ -183,8 +183,9 @@ fn bad_id(id: &str) -> io::Error {
 }
 
 impl Queue {
-    /// Open (and create, 0700) the spool at `dir`; what a crash left in
-    /// `tmp/` is removed.
+    /// Open (and create, 0700) the spool at `dir`. Drafts in `tmp/` are
+    /// left alone: they may be a running server's messages in the making
+    /// (`oxbridge check` opens the spool too); only `run` clears them.
     pub fn open(dir: &Path) -> io::Result<Queue> {
         let q = Queue {
             dir: dir.to_path_buf(),
@@ -195,10 +196,17 @@ impl Queue {
                 .mode(0o700)
                 .create(dir.join(sub))?;
         }
-        for entry in fs::read_dir(dir.join("tmp"))?.flatten() {
-            let _ = fs::remove_dir_all(entry.path()).or_else(|_| fs::remove_file(entry.path()));
-        }
         Ok(q)
+    }
+
+    /// Remove what a crash left in `tmp/`: drafts of messages never
+    /// acknowledged. Only for the server that owns the spool, at start.
+    pub fn clear_drafts(&self) {
+        if let Ok(entries) = fs::read_dir(self.dir.join("tmp")) {
+            for entry in entries.flatten() {
+                let _ = fs::remove_dir_all(entry.path()).or_else(|_| fs::remove_file(entry.path()));
+            }
+        }
     }
 
     /// Open an existing spool without changing it (`oxbridge queue`).
@@ -444,11 +452,15 @@ mod tests {
             fs::read(q.message_path(Place::Queue, &id)).unwrap(),
             b"Subject: x\r\n\r\nhi\r\n"
         );
-        // An abandoned draft leaves nothing; a leftover in tmp/ goes at open.
+        // An abandoned draft leaves nothing; a leftover in tmp/ stays when
+        // the spool is opened again (a running server's draft, to `check`)
+        // and goes when the server that owns it clears it at start.
         drop(q.draft().unwrap());
         std::mem::forget(q.draft().unwrap());
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1);
         let q = Queue::open(dir.path()).unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1);
+        q.clear_drafts();
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         assert_eq!(q.ids(Place::Queue).unwrap().len(), 1);
         let mode = fs::metadata(q.message_path(Place::Queue, &id)).unwrap();
