@@ -144,28 +144,48 @@ fn count(who: &Who, refused: Refused, said: &str, fix: Option<&'static str>) {
     crate::status::board::refusal(who, refused.reason(), said, fix);
 }
 
-/// Refusals of one session: each reason with the same reply is logged
-/// once; repeats are counted only.
+/// Refusals of one session: each reason with the same reply code (and
+/// enhanced status code, like `550 5.7.60`) is logged once, whatever the
+/// rest of the text (a server's time stamp, the recipient it quotes);
+/// repeats are counted only. Past [`MAX_ONCE`] kinds, only counted: a
+/// device looping on refused commands cannot flood the log.
 #[derive(Debug, Default)]
 pub struct Once {
     logged: Vec<(Refused, String)>,
 }
 
-/// Distinct refusals remembered per session (past these, each is logged).
+/// Distinct refusals logged per session; past these, counted only.
 const MAX_ONCE: usize = 16;
 
 impl Once {
     /// Log, count and show `refused` the first time, count it after.
     pub fn record(&mut self, who: &Who, refused: Refused, said: &str) {
         let said = clean(said, MAX_SAID);
-        if self.logged.iter().any(|(r, s)| *r == refused && *s == said) {
+        let code = reply_code(&said);
+        if self.logged.len() >= MAX_ONCE
+            || self.logged.iter().any(|(r, c)| *r == refused && *c == code)
+        {
             crate::metrics::refusal(who.protocol, refused.reason());
             return;
         }
         record(who, refused, &said);
-        if self.logged.len() < MAX_ONCE {
-            self.logged.push((refused, said));
+        self.logged.push((refused, code));
+    }
+}
+
+/// A reply's code and, if it has one, its enhanced status code: `550
+/// 5.7.60` of `550 5.7.60 SMTP; Client does not have permissions ...`.
+fn reply_code(said: &str) -> String {
+    let mut words = said.split_whitespace();
+    let code: String = words.next().unwrap_or("").chars().take(3).collect();
+    match words.next() {
+        Some(esc)
+            if esc.split('.').count() == 3
+                && esc.chars().all(|c| c.is_ascii_digit() || c == '.') =>
+        {
+            format!("{code} {esc}")
         }
+        _ => code,
     }
 }
 
@@ -230,6 +250,26 @@ mod tests {
             .map(|r| r.said)
             .collect();
         assert_eq!(mine, ["550 5.1.1 unknown", "550 5.7.60 no"]);
+    }
+
+    /// Replies that differ only in what follows their codes (a server's
+    /// time stamp, a quoted recipient) are one kind of refusal; a device
+    /// looping on new kinds is logged no more than `MAX_ONCE` times.
+    #[test]
+    fn a_looping_device_cannot_flood_the_log() {
+        let who = Who::new(Protocol::Smtp, "192.0.2.79".parse().unwrap(), None);
+        let mut once = Once::default();
+        for i in 0..100 {
+            let said = format!("550 5.1.1 <user{i}@contoso.test>: unknown [AM0P{i}.eurprd]");
+            once.record(&who, Refused::UpstreamPermanent, &said);
+        }
+        assert_eq!(once.logged.len(), 1, "{:?}", once.logged);
+        for i in 0..100 {
+            once.record(&who, Refused::UpstreamPermanent, &format!("5{i:02} x"));
+        }
+        assert_eq!(once.logged.len(), MAX_ONCE);
+        assert_eq!(reply_code("550 5.7.60 SMTP; no"), "550 5.7.60");
+        assert_eq!(reply_code("421 Service not available"), "421");
     }
 
     #[test]
