@@ -161,6 +161,15 @@ pub enum Reply<'a> {
     LoginExpired,
     /// After login, while a session moves: messages that arrived meanwhile.
     Exists(usize),
+    /// ... the message with this number left.
+    Expunge(usize),
+    /// ... these UIDs left (QRESYNC enabled).
+    Vanished(&'a str),
+    /// ... how many messages are recent to the new connection.
+    Recent(usize),
+    /// ... what the new connection said unasked about a message (its
+    /// flags), as it said it.
+    Fetch { n: usize, items: &'a [u8] },
 }
 
 impl Reply<'_> {
@@ -210,6 +219,14 @@ impl Reply<'_> {
             Reply::Farewell(f) => return farewell(*f).to_vec(),
             Reply::LoginExpired => "* BYE [UNAVAILABLE] Login expired, please log in again".into(),
             Reply::Exists(n) => format!("* {n} EXISTS"),
+            Reply::Expunge(n) => format!("* {n} EXPUNGE"),
+            Reply::Vanished(uids) => format!("* VANISHED {uids}"),
+            Reply::Recent(n) => format!("* {n} RECENT"),
+            Reply::Fetch { n, items } => {
+                let mut out = format!("* {n} FETCH ").into_bytes();
+                out.extend_from_slice(items);
+                return super::line(&out);
+            }
         };
         super::line(text.as_bytes())
     }

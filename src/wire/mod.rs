@@ -7,6 +7,7 @@ pub mod graph;
 pub mod imap;
 pub mod imap_frame;
 mod imap_reply;
+pub mod imap_sync;
 pub mod imap_view;
 pub mod message;
 pub mod pop3;
