@@ -6,8 +6,9 @@
 
 use std::collections::VecDeque;
 
-use super::imap::{parse_command, Arg};
+use super::imap::{literal_suffix, parse_command, Arg};
 use super::imap_frame::Unit;
+use super::imap_sync::count_after;
 
 /// Commands in flight that are followed; a device that pipelines more is
 /// not moved (its session ends at token expiry like any unmovable one).
@@ -98,6 +99,8 @@ pub struct View {
     /// its literal (`*` when the tag is not valid: the server then answers
     /// with an untagged `* BAD`).
     literal_wait: Option<String>,
+    /// How many messages the device has been told its mailbox holds.
+    pub count: Option<u32>,
 }
 
 impl View {
@@ -198,6 +201,7 @@ impl View {
             if let Some(v) = uidvalidity(head) {
                 self.pending_uidvalidity = Some(v);
             }
+            self.count = count_after(self.count, head);
             return seen(head);
         }
         if head.first() == Some(&b'+') {
@@ -231,8 +235,14 @@ impl View {
                 self.selected = Some(s);
             }
             // A failed SELECT leaves no mailbox selected (RFC 3501 6.3.1).
-            Kind::Select(_) if status == b"NO" => self.selected = None,
-            Kind::Deselect if ok => self.selected = None,
+            Kind::Select(_) if status == b"NO" => {
+                self.selected = None;
+                self.count = None;
+            }
+            Kind::Deselect if ok => {
+                self.selected = None;
+                self.count = None;
+            }
             Kind::Enable(exts) if ok => {
                 for e in exts {
                     if !self.enabled.iter().any(|x| x.eq_ignore_ascii_case(&e)) {
@@ -268,6 +278,70 @@ impl View {
             _ => None,
         }
     }
+}
+
+/// What the next command a device sent is, for a move that waits for a
+/// command during which expunges may be announced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Its line has not ended yet.
+    Incomplete,
+    /// A command without message numbers whose answer may carry
+    /// `EXPUNGE` (RFC 3501 7.4.1: any but FETCH, STORE and SEARCH), and
+    /// without a literal: the move can be made before it is sent on.
+    MovePoint,
+    Other,
+}
+
+/// Longest command line looked at for [`next_command`].
+const MAX_NEXT_LINE: usize = 8 * 1024;
+
+/// What the command at the start of `pending` is (see [`Next`]).
+pub fn next_command(pending: &[u8]) -> Next {
+    let Some(end) = memchr::memchr(b'\n', pending) else {
+        return match pending.len() < MAX_NEXT_LINE {
+            true => Next::Incomplete,
+            false => Next::Other,
+        };
+    };
+    let line = &pending[..end];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.len() > MAX_NEXT_LINE || literal_suffix(line).is_some() {
+        return Next::Other;
+    }
+    let words: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
+    if words.len() < 2 || !valid_tag(words[0]) {
+        return Next::Other;
+    }
+    let upper = |w: &[u8]| w.to_ascii_uppercase();
+    let moves = match upper(words[1]).as_slice() {
+        b"NOOP" | b"CHECK" | b"IDLE" | b"SELECT" | b"EXAMINE" | b"STATUS" | b"LIST"
+        | b"LSUB" | b"NAMESPACE" | b"EXPUNGE" => true,
+        b"UID" => match words.get(2).map(|w| upper(w)).as_deref() {
+            Some(b"FETCH" | b"STORE" | b"COPY" | b"MOVE" | b"EXPUNGE") => true,
+            Some(b"SEARCH") => !numbers_in_search(&words[3..]),
+            _ => false,
+        },
+        _ => false,
+    };
+    match moves {
+        true => Next::MovePoint,
+        false => Next::Other,
+    }
+}
+
+/// Whether search keys may hold a message number set: a word of digits,
+/// `:`, `,` and `*` that is not the argument of a key taking a number or
+/// a UID set.
+fn numbers_in_search(keys: &[&[u8]]) -> bool {
+    const TAKES_NUMBER: [&[u8]; 6] = [b"UID", b"LARGER", b"SMALLER", b"MODSEQ", b"OLDER", b"YOUNGER"];
+    let bare = |w: &[u8]| -> Vec<u8> { w.iter().copied().filter(|b| *b != b'(' && *b != b')').collect() };
+    keys.iter().enumerate().any(|(i, w)| {
+        let w = bare(w);
+        !w.is_empty()
+            && w.iter().all(|b| b.is_ascii_digit() || b":,*".contains(b))
+            && !(i > 0 && TAKES_NUMBER.iter().any(|k| bare(keys[i - 1]).eq_ignore_ascii_case(k)))
+    })
 }
 
 /// Whether a command's first word is a tag a server answers with (RFC
@@ -313,178 +387,5 @@ pub fn search_numbers(line: &[u8]) -> Option<Vec<u32>> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::wire::imap_frame::Framer;
-
-    fn unit(head: &str) -> Unit {
-        Unit {
-            head: head.as_bytes().to_vec(),
-            ..Unit::default()
-        }
-    }
-
-    #[test]
-    fn select_idle_and_enable_are_followed() {
-        let mut v = View::default();
-        v.command(&unit("e ENABLE CONDSTORE"));
-        v.response(&unit("* ENABLED CONDSTORE"));
-        v.response(&unit("e OK Enabled"));
-        v.command(&unit("s SELECT \"Sent Items\" (CONDSTORE)"));
-        assert_eq!(v.quiet(), None);
-        v.response(&unit("* OK [UIDVALIDITY 1700000001] UIDs valid"));
-        v.response(&unit("s OK [READ-WRITE] Select completed"));
-        assert_eq!(v.enabled, vec!["CONDSTORE"]);
-        let s = v.selected.clone().unwrap();
-        assert_eq!(s.mailbox, b"Sent Items");
-        assert!(s.condstore && !s.examine);
-        assert_eq!(s.uidvalidity, Some(1700000001));
-        assert_eq!(v.quiet(), Some(None));
-        v.command(&unit("i IDLE"));
-        assert_eq!(v.quiet(), None, "no + yet");
-        v.response(&unit("+ idling"));
-        assert_eq!(v.quiet(), Some(Some("i")));
-        assert_eq!(v.response(&unit("* 5 EXISTS")), Seen::Exists(5));
-        assert_eq!(v.response(&unit("* 3 EXPUNGE")), Seen::Expunge);
-        v.command(&unit("DONE"));
-        assert_eq!(v.quiet(), None, "DONE sent");
-        v.response(&unit("i OK Idle completed"));
-        assert_eq!(v.quiet(), Some(None));
-        v.command(&unit("x EXAMINE INBOX"));
-        v.response(&unit("x NO [NONEXISTENT] no"));
-        assert_eq!(v.selected, None);
-    }
-
-    #[test]
-    fn lines_without_a_tag_are_not_in_flight() {
-        let mut v = View::default();
-        for line in ["", " ", "a{b NOOP", "+ NOOP", "\u{1}x NOOP"] {
-            v.command(&unit(line));
-            assert_eq!(v.quiet(), Some(None), "{line:?}");
-        }
-        assert_eq!(v.response(&unit("* BAD Error in IMAP tag")), Seen::Bad);
-        v.command(&unit("DONE"));
-        assert_eq!(v.quiet(), None, "a tag, answered with a tag");
-        v.response(&unit("DONE BAD Unknown command"));
-        assert_eq!(v.quiet(), Some(None));
-    }
-
-    /// A device's stream through the framer and the view, as the relay
-    /// feeds them.
-    fn device_sends(f: &mut Framer, v: &mut View, data: &[u8]) {
-        let mut at = 0;
-        while at < data.len() {
-            let (n, unit) = f.feed(&data[at..]);
-            at += n;
-            match unit {
-                Some(u) => v.command(&u),
-                None => {
-                    if let Some(head) = f.awaits_literal() {
-                        v.literal_announced(head);
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_refused_literal_ends_its_command() {
-        let (mut f, mut v) = (Framer::default(), View::default());
-        device_sends(&mut f, &mut v, b"n0 NOOP\r\nl APPEND Nowhere {5}\r\n");
-        assert_eq!(f.awaits_literal(), Some(&b"l APPEND Nowhere {5}"[..]));
-        assert!(!f.at_boundary());
-        assert_eq!(v.quiet(), None);
-        assert_eq!(v.response(&unit("n0 OK NOOP completed")), Seen::Other);
-        assert_eq!(
-            v.response(&unit("l NO [TRYCREATE] Mailbox doesn't exist")),
-            Seen::LiteralRefused
-        );
-        f.cancel_literal();
-        assert!(f.at_boundary());
-        assert_eq!(v.quiet(), Some(None));
-        device_sends(&mut f, &mut v, b"n NOOP\r\n");
-        assert_eq!(v.quiet(), None);
-        v.response(&unit("n OK NOOP completed"));
-        assert_eq!(v.quiet(), Some(None));
-    }
-
-    #[test]
-    fn an_accepted_literal_is_followed_to_its_end() {
-        let (mut f, mut v) = (Framer::default(), View::default());
-        device_sends(&mut f, &mut v, b"s SELECT {5}\r\n");
-        assert!(f.awaits_literal().is_some());
-        assert_eq!(v.response(&unit("+ OK")), Seen::Other);
-        assert_eq!(v.unmovable, None);
-        device_sends(&mut f, &mut v, b"INBOX\r\n");
-        assert!(f.at_boundary());
-        assert_eq!(f.awaits_literal(), None);
-        assert_eq!(v.unmovable, Some("mailbox name not kept"));
-        // LITERAL+ never waits.
-        let (mut f, mut v) = (Framer::default(), View::default());
-        device_sends(&mut f, &mut v, b"a APPEND INBOX {3+}\r\n");
-        assert_eq!(f.awaits_literal(), None);
-        device_sends(&mut f, &mut v, b"abc\r\n");
-        assert_eq!(v.quiet(), None);
-        v.response(&unit("a OK appended"));
-        assert_eq!(v.quiet(), Some(None));
-    }
-
-    #[test]
-    fn a_literal_after_a_bad_tag_is_refused_untagged() {
-        let (mut f, mut v) = (Framer::default(), View::default());
-        device_sends(&mut f, &mut v, b"a{b APPEND INBOX {5}\r\n");
-        assert_eq!(v.quiet(), None);
-        assert_eq!(
-            v.response(&unit("* BAD Error in IMAP tag")),
-            Seen::LiteralRefused
-        );
-        f.cancel_literal();
-        assert_eq!(v.quiet(), Some(None));
-    }
-
-    #[test]
-    fn what_cannot_be_moved_is_said() {
-        let mut v = View::default();
-        v.command(&Unit {
-            head: b"s SELECT {5}".to_vec(),
-            literal: true,
-            ..Unit::default()
-        });
-        assert_eq!(v.unmovable, Some("mailbox name not kept"));
-        assert_eq!(v.quiet(), None);
-        let mut v = View::default();
-        v.command(&unit("c COMPRESS DEFLATE"));
-        assert_eq!(v.unmovable, Some("COMPRESS"));
-        let mut v = View::default();
-        for i in 0..=MAX_IN_FLIGHT {
-            v.command(&unit(&format!("n{i} NOOP")));
-        }
-        assert_eq!(v.unmovable, Some("too many commands in flight"));
-    }
-
-    #[test]
-    fn responses_are_classified() {
-        let mut v = View::default();
-        assert_eq!(
-            v.response(&unit("* BYE Session invalidated - AccessTokenExpired")),
-            Seen::Bye { expired: true }
-        );
-        assert_eq!(
-            v.response(&unit("* BYE Logging out")),
-            Seen::Bye { expired: false }
-        );
-        assert_eq!(v.response(&unit("* VANISHED 4:7")), Seen::Expunge);
-        assert_eq!(v.response(&unit("* 12 EXPUNGE")), Seen::Expunge);
-        assert_eq!(
-            v.response(&unit("* 12 FETCH (FLAGS (\\Seen))")),
-            Seen::Fetch
-        );
-        assert_eq!(v.response(&unit("* 13 EXISTS")), Seen::Exists(13));
-        assert_eq!(uidvalidity(b"* OK [UIDVALIDITY 42] ok"), Some(42));
-        assert_eq!(uidvalidity(b"* OK [UIDNEXT 42] ok"), None);
-        assert_eq!(search_numbers(b"* SEARCH 3 9 12"), Some(vec![3, 9, 12]));
-        assert_eq!(search_numbers(b"* SEARCH"), Some(vec![]));
-        assert_eq!(search_numbers(b"* SEARCH 3 (MODSEQ 9)"), Some(vec![3]));
-        assert_eq!(search_numbers(b"* 3 EXISTS"), None);
-    }
-}
+#[path = "imap_view_tests.rs"]
+mod tests;
