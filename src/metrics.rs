@@ -33,6 +33,9 @@ pub const REDIS_ERRORS: &str = "oxbridge_redis_errors_total";
 pub const IMAP_SWAPS: &str = "oxbridge_imap_swaps_total";
 pub const IMAP_SWAP_SECONDS: &str = "oxbridge_imap_swap_duration_seconds";
 pub const IMAP_SWAP_REFUSALS: &str = "oxbridge_imap_swap_refusals_total";
+pub const IMAP_SWAP_DEFERRALS: &str = "oxbridge_imap_swap_deferrals_total";
+pub const IMAP_RECONCILIATIONS: &str = "oxbridge_imap_reconciliations_total";
+pub const IMAP_RECONCILED: &str = "oxbridge_imap_reconciled_total";
 pub const UPSTREAM_EXPIRIES: &str = "oxbridge_upstream_expiries_total";
 pub const KEEPALIVES: &str = "oxbridge_refresh_keepalives_total";
 pub const REFRESH_ISSUED: &str = "oxbridge_refresh_token_issued_timestamp_seconds";
@@ -136,6 +139,18 @@ fn describe() {
     describe_counter!(
         IMAP_SWAP_REFUSALS,
         "IMAP sessions ended with a BYE before their token expired instead of moving, by reason"
+    );
+    describe_counter!(
+        IMAP_SWAP_DEFERRALS,
+        "IMAP moves put off to the device's next command that may carry expunges, by reason"
+    );
+    describe_counter!(
+        IMAP_RECONCILIATIONS,
+        "IMAP moves that told the device of expunges, arrivals or flag changes"
+    );
+    describe_counter!(
+        IMAP_RECONCILED,
+        "Messages a move told the device about, by kind (expunge, arrival, flags)"
     );
     describe_counter!(
         KEEPALIVES,
@@ -311,6 +326,28 @@ pub fn imap_swap(held: Duration) {
 /// An IMAP session that could not move and was ended before its token.
 pub fn imap_swap_refused(reason: &'static str) {
     counter!(IMAP_SWAP_REFUSALS, "reason" => reason).increment(1);
+}
+
+/// A move found messages gone while the device was at rest: it waits for
+/// a command during which they can be told.
+pub fn imap_swap_deferred(reason: &'static str) {
+    counter!(IMAP_SWAP_DEFERRALS, "reason" => reason).increment(1);
+}
+
+/// A move told the device of messages that left or arrived, or of flags
+/// that changed, since its old connection last said.
+pub fn imap_reconciled(expunged: usize, arrived: usize, flags: usize) {
+    if expunged + arrived + flags == 0 {
+        return;
+    }
+    counter!(IMAP_RECONCILIATIONS).increment(1);
+    for (kind, n) in [
+        ("expunge", expunged),
+        ("arrival", arrived),
+        ("flags", flags),
+    ] {
+        counter!(IMAP_RECONCILED, "kind" => kind).increment(n as u64);
+    }
 }
 
 /// The upstream ended a session because its token expired.

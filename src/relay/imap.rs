@@ -29,28 +29,27 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use self::pumps::{down_pump, up_pump, Control, Down, Shared, Up};
 pub use self::renew::{Renew, Renewer};
-use self::swap::{logout, prepare, swap, Held, Prepared};
-use super::{write_within, Activity, Relayed, COPY_BUFFER, DEVICE_CLOSED, FAREWELL_WRITE};
-use crate::config::Protocol;
-use crate::net::stream::Stream;
+use self::swap::{prepare, swap, Held, Moved, Prepared};
+use self::talk::logout;
+use super::{Activity, Relayed, FAREWELL_WRITE};
 use crate::net::Conn;
 use crate::wire::imap::Reply;
 use crate::wire::imap_frame::Framer;
-use crate::wire::imap_view::{Seen, View};
-use crate::wire::{self, Farewell};
+use crate::wire::imap_view::{next_command, Next, View};
 
+mod pumps;
 mod renew;
 mod swap;
+mod talk;
 #[cfg(test)]
 mod tests;
 
@@ -87,221 +86,8 @@ impl Expiry {
     }
 }
 
-/// What the pumps are asked to do, and whether the device side stopped.
-#[derive(Debug, Default, Clone, Copy)]
-struct Control {
-    /// Stop at the next quiet point: the session is about to move.
-    pause: bool,
-    /// End the device's session at the next response boundary.
-    bye: bool,
-    /// The device-to-upstream pump has stopped between two commands.
-    up_parked: bool,
-    /// The upstream refused the literal the device's command was waiting
-    /// to send: that command is over, and the device's next byte starts a
-    /// new one.
-    literal_refused: bool,
-}
-
-/// What both pumps share.
-struct Shared {
-    view: Mutex<View>,
-    control: watch::Sender<Control>,
-    activity: Activity,
-    idle: Duration,
-    to_upstream: AtomicU64,
-    to_device: AtomicU64,
-}
-
-impl Shared {
-    fn view(&self) -> MutexGuard<'_, View> {
-        self.view.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// At a response boundary: whether to stop here.
-    fn stop_here(&self) -> Option<Stop> {
-        let c = *self.control.borrow();
-        if c.bye {
-            Some(Stop::Bye)
-        } else if c.pause && c.up_parked && self.view().quiet().is_some() {
-            Some(Stop::Park)
-        } else {
-            None
-        }
-    }
-}
-
-enum Stop {
-    Park,
-    Bye,
-}
-
-enum Up {
-    /// The device half-closed.
-    Closed,
-    Failed(&'static str),
-}
-
-enum Down {
-    /// Stopped at a quiet point, for a move.
-    Parked,
-    Ended(&'static str),
-}
-
-/// Device to upstream: forward commands, note each in the view, stop
-/// between two commands when a move is due and wait there until the move
-/// is done (this future is then dropped) or given up.
-async fn up_pump(
-    from: &mut ReadHalf<Stream>,
-    to: &mut WriteHalf<Stream>,
-    pending: &mut BytesMut,
-    framer: &mut Framer,
-    shared: &Shared,
-    changes: &mut watch::Receiver<Control>,
-) -> Up {
-    loop {
-        if shared.control.borrow().literal_refused {
-            // Only while the literal is still awaited: a device that sent
-            // its bytes without waiting for `+` is already past it.
-            if framer.awaits_literal().is_some() {
-                framer.cancel_literal();
-            }
-            shared.control.send_modify(|c| c.literal_refused = false);
-        }
-        let mut at = 0;
-        while at < pending.len() && !(framer.at_boundary() && shared.control.borrow().pause) {
-            let (n, unit) = framer.feed(&pending[at..]);
-            at += n;
-            match unit {
-                Some(unit) => shared.view().command(&unit),
-                None => {
-                    if let Some(head) = framer.awaits_literal() {
-                        shared.view().literal_announced(head);
-                    }
-                }
-            }
-        }
-        if at > 0 {
-            if let Err(e) = write_within(to, &pending[..at], shared.idle).await {
-                return Up::Failed(e);
-            }
-            shared.to_upstream.fetch_add(at as u64, Ordering::Relaxed);
-            pending.advance(at);
-            shared.activity.touch();
-        }
-        if framer.at_boundary() && shared.control.borrow().pause {
-            shared.control.send_modify(|c| c.up_parked = true);
-            while shared.control.borrow().pause {
-                if changes.changed().await.is_err() {
-                    return Up::Failed("relay stopped");
-                }
-            }
-            shared.control.send_modify(|c| c.up_parked = false);
-            continue;
-        }
-        pending.reserve(COPY_BUFFER);
-        tokio::select! {
-            r = from.read_buf(pending) => match r {
-                Ok(0) => {
-                    shared.activity.device_done.store(true, Ordering::Relaxed);
-                    let _ = to.shutdown().await;
-                    return Up::Closed;
-                }
-                Ok(_) => shared.activity.touch(),
-                Err(_) => return Up::Failed("read failed"),
-            },
-            _ = changes.changed() => {}
-        }
-    }
-}
-
-/// Upstream to device: forward responses, note each in the view, stop at
-/// a quiet point when a move is due, or say goodbye.
-async fn down_pump(
-    from: &mut ReadHalf<Stream>,
-    to: &mut WriteHalf<Stream>,
-    pending: &mut BytesMut,
-    framer: &mut Framer,
-    shared: &Shared,
-    changes: &mut watch::Receiver<Control>,
-    abort: &CancellationToken,
-) -> Down {
-    loop {
-        let mut at = 0;
-        let mut stop = None;
-        loop {
-            if framer.at_boundary() {
-                stop = shared.stop_here();
-                if stop.is_some() {
-                    break;
-                }
-            }
-            if at == pending.len() {
-                break;
-            }
-            let (n, unit) = framer.feed(&pending[at..]);
-            at += n;
-            if let Some(unit) = unit {
-                match shared.view().response(&unit) {
-                    Seen::Bye { expired: true } => crate::metrics::upstream_expiry(Protocol::Imap),
-                    Seen::LiteralRefused => {
-                        shared.control.send_modify(|c| c.literal_refused = true)
-                    }
-                    _ => {}
-                }
-            }
-        }
-        if at > 0 {
-            if let Err(e) = write_within(to, &pending[..at], shared.idle).await {
-                return Down::Ended(e);
-            }
-            shared.to_device.fetch_add(at as u64, Ordering::Relaxed);
-            pending.advance(at);
-            shared.activity.touch();
-        }
-        match stop {
-            Some(Stop::Park) => return Down::Parked,
-            Some(Stop::Bye) => {
-                let _ = write_within(to, &Reply::LoginExpired.to_bytes(), FAREWELL_WRITE).await;
-                let _ = to.shutdown().await;
-                return Down::Ended(LOGIN_EXPIRED);
-            }
-            None => {}
-        }
-        pending.reserve(COPY_BUFFER);
-        tokio::select! {
-            r = tokio::time::timeout(shared.idle, from.read_buf(pending)) => match r {
-                Ok(Ok(0)) => {
-                    let _ = to.shutdown().await;
-                    return Down::Ended(if shared.activity.device_done.load(Ordering::Relaxed) {
-                        DEVICE_CLOSED
-                    } else {
-                        "upstream closed"
-                    });
-                }
-                Ok(Ok(_)) => shared.activity.touch(),
-                Ok(Err(_)) => {
-                    let _ = to.shutdown().await;
-                    return Down::Ended("upstream failed");
-                }
-                Err(_) if shared.activity.idle_for() >= shared.idle => {
-                    let _ = write_within(to, wire::farewell(Protocol::Imap, Farewell::Idle), FAREWELL_WRITE).await;
-                    let _ = to.shutdown().await;
-                    return Down::Ended("idle timeout");
-                }
-                Err(_) => {}
-            },
-            _ = changes.changed() => {}
-            _ = abort.cancelled() => {
-                let _ = write_within(to, wire::farewell(Protocol::Imap, Farewell::Shutdown), FAREWELL_WRITE).await;
-                let _ = to.shutdown().await;
-                return Down::Ended("shutdown");
-            }
-        }
-    }
-}
-
 /// Why a session ended when it could not move before its token expired.
-const LOGIN_EXPIRED: &str = "login expired";
+pub const LOGIN_EXPIRED: &str = "login expired";
 
 /// A new login and its setup under way.
 type Preparing = Pin<Box<dyn Future<Output = Result<Prepared, &'static str>> + Send>>;
@@ -329,6 +115,7 @@ pub async fn relay(
         idle,
         to_upstream: AtomicU64::new(0),
         to_device: AtomicU64::new(0),
+        parked_ms: AtomicU64::new(0),
     };
     let relayed = |end| Relayed {
         to_upstream: shared.to_upstream.load(Ordering::Relaxed),
@@ -337,17 +124,23 @@ pub async fn relay(
     };
     let (mut device, mut upstream, mut expiry) = (device, upstream, expiry);
     let mut up_framer = Framer::default();
+    // A new connection ready for a move that had to wait for a command.
+    let mut waiting: Option<Prepared> = None;
     loop {
         let (device_stream, mut device_pending) = device.into_parts();
         let (upstream_stream, mut upstream_pending) = upstream.into_parts();
         let (mut device_r, mut device_w) = tokio::io::split(device_stream);
         let (mut upstream_r, mut upstream_w) = tokio::io::split(upstream_stream);
         let mut down_framer = Framer::default();
-        shared.control.send_replace(Control::default());
+        let at_command = waiting.is_some();
+        shared.control.send_replace(Control {
+            pause: at_command,
+            at_command,
+            ..Control::default()
+        });
         let (mut up_changes, mut down_changes) =
             (shared.control.subscribe(), shared.control.subscribe());
-        let mut prepared: Option<Prepared> = None;
-        let mut paused_at = None;
+        let mut prepared: Option<Prepared> = waiting.take();
         let ended = {
             let up = up_pump(
                 &mut device_r,
@@ -371,7 +164,10 @@ pub async fn relay(
             let mut preparing: Option<Preparing> = None;
             let mut next_try = tokio::time::Instant::from_std(expiry.prepare_at());
             let bye_at = tokio::time::Instant::from_std(expiry.bye_at());
-            let mut refusal: &'static str = "not moved in time";
+            let mut refusal: &'static str = match at_command {
+                true => "no command to move at",
+                false => "not moved in time",
+            };
             let mut bye = false;
             let moving = renew.is_some();
             loop {
@@ -411,7 +207,6 @@ pub async fn relay(
                         match r {
                             Ok(p) => {
                                 prepared = Some(p);
-                                paused_at = Some(Instant::now());
                                 shared.control.send_modify(|c| c.pause = true);
                             }
                             Err(why) if why == renew::REVOKED => {
@@ -428,7 +223,7 @@ pub async fn relay(
                         }
                     }
                     _ = tokio::time::sleep(QUIET_POLL), if prepared.is_some() => {
-                        let held = paused_at.map(|t| t.elapsed()).unwrap_or_default();
+                        let held = shared.held_for().unwrap_or_default();
                         let stalled = shared.activity.idle_for() >= QUIET_WAIT || held >= QUIET_MAX;
                         // Quiet: the pump towards the device parks (or has
                         // parked, and is writing its last bytes).
@@ -460,60 +255,78 @@ pub async fn relay(
             return relayed(why);
         }
         // Both pumps stopped at a quiet point: move the session.
+        let at_command = next_command(&device_pending) == Next::MovePoint;
         let mut device_conn = Conn::from_parts(device_r.unsplit(device_w), device_pending);
-        let old = Conn::from_parts(upstream_r.unsplit(upstream_w), upstream_pending);
-        let Prepared {
-            renewed,
-            mut restored,
-        } = prepared.expect("parked only when prepared");
-        let mut new = renewed.conn;
-        let mut old = old;
+        let mut old = Conn::from_parts(upstream_r.unsplit(upstream_w), upstream_pending);
+        let mut p = prepared.expect("parked only when prepared");
         let held = {
             let v = shared.view();
             Held {
                 idle_tag: v.quiet().flatten().map(str::to_string),
+                at_command,
                 enabled: v.enabled.clone(),
                 selected: v.selected.clone(),
+                count: v.count,
             }
         };
-        let moved = tokio::time::timeout(
-            SWAP_TIME,
-            swap(&mut device_conn, &mut old, &mut new, held, &mut restored),
-        )
-        .await
-        .unwrap_or(Err("timed out"))
-        .map(|told| {
-            shared.to_device.fetch_add(told, Ordering::Relaxed);
-        });
-        let held = paused_at.map(|t| t.elapsed()).unwrap_or_default();
-        logout(old);
+        let moved = tokio::time::timeout(SWAP_TIME, swap(&mut device_conn, &mut old, &mut p, held))
+            .await
+            .unwrap_or(Err("timed out"));
+        let held = shared.held_for().unwrap_or_default();
+        shared.parked_ms.store(0, Ordering::Relaxed);
         match moved {
-            Ok(()) => {
+            Ok(Moved::Done { told, replay }) => {
+                shared.to_device.fetch_add(told, Ordering::Relaxed);
+                logout(old);
                 crate::metrics::imap_swap(held);
+                crate::metrics::imap_reconciled(replay.expunged, replay.arrived, replay.flags);
                 info!(
                     held_ms = held.as_millis() as u64,
-                    token_left_s = renewed
+                    expunged = replay.expunged,
+                    arrived = replay.arrived,
+                    flags = replay.flags,
+                    token_left_s = p
+                        .renewed
                         .expires_at
                         .saturating_duration_since(Instant::now())
                         .as_secs(),
                     "IMAP session moved to a new upstream login"
                 );
-                device = device_conn;
-                upstream = new;
                 expiry = Expiry {
-                    at: renewed.expires_at,
-                    lifetime: renewed.lifetime,
+                    at: p.renewed.expires_at,
+                    lifetime: p.renewed.lifetime,
                 };
+                device = device_conn;
+                upstream = p.renewed.conn;
+            }
+            Ok(Moved::Later { told }) => {
+                // The session goes on with the old connection; the move is
+                // made at the device's next command that may carry the
+                // expunges (or the session ends with the BYE in time).
+                shared.to_device.fetch_add(told, Ordering::Relaxed);
+                crate::metrics::imap_swap_deferred(DEFERRED);
+                info!(
+                    held_ms = held.as_millis() as u64,
+                    reason = DEFERRED,
+                    "IMAP session move waits for the device's next command"
+                );
+                device = device_conn;
+                upstream = old;
+                waiting = Some(p);
             }
             Err(why) => {
+                logout(old);
                 warn!(reason = why, "IMAP session could not move to a new upstream login; ended before its token expired");
                 crate::metrics::imap_swap_refused(why);
                 let _ = device_conn
                     .send(&Reply::LoginExpired.to_bytes(), FAREWELL_WRITE)
                     .await;
-                logout(new);
+                logout(p.renewed.conn);
                 return relayed(LOGIN_EXPIRED);
             }
         }
     }
 }
+
+/// Why a move waits for a command.
+const DEFERRED: &str = "expunged while at rest";

@@ -44,8 +44,12 @@ pub enum Request<'a> {
         examine: bool,
         condstore: bool,
     },
-    /// Moving a session: the UIDs of the selected mailbox, in order.
-    UidSearchAll,
+    /// Moving a session: the UIDs of the messages from this number on
+    /// (`FETCH n:* (UID)`: no expunges are announced during it).
+    FetchUids(u32),
+    /// Moving a session: the UIDs of the messages from this UID on, and
+    /// every change the connection has to announce.
+    UidFetchUids(u32),
     /// Moving a session: end the old connection's IDLE.
     Done,
     /// Moving a session: IDLE again, under the device's own tag.
@@ -76,7 +80,8 @@ impl Request<'_> {
                 }
                 return super::line(&out);
             }
-            Request::UidSearchAll => format!("{TAG} UID SEARCH ALL"),
+            Request::FetchUids(n) => format!("{TAG} FETCH {n}:* (UID)"),
+            Request::UidFetchUids(uid) => format!("{TAG} UID FETCH {uid}:* (UID)"),
             Request::Done => "DONE".into(),
             Request::Idle(tag) => format!("{tag} IDLE"),
         };
@@ -169,7 +174,10 @@ pub enum Reply<'a> {
     Recent(usize),
     /// ... what the new connection said unasked about a message (its
     /// flags), as it said it.
-    Fetch { n: usize, items: &'a [u8] },
+    Fetch {
+        n: usize,
+        items: &'a [u8],
+    },
 }
 
 impl Reply<'_> {

@@ -195,9 +195,7 @@ pub fn count_after(count: Option<u32>, head: &[u8]) -> Option<u32> {
     match update(head) {
         Update::Exists(n) => Some(n),
         Update::Expunge(_) => count.map(|c| c.saturating_sub(1)),
-        Update::Vanished(set) => {
-            count.map(|c| u64::from(c).saturating_sub(set_size(&set)) as u32)
-        }
+        Update::Vanished(set) => count.map(|c| u64::from(c).saturating_sub(set_size(&set)) as u32),
         _ => count,
     }
 }
@@ -230,17 +228,17 @@ impl Numbers {
         })
     }
 
-    pub fn len(&self) -> u32 {
+    pub fn count(&self) -> u32 {
         self.slots.len() as u32
     }
 
     /// Apply one untagged response, in stream order.
     pub fn apply(&mut self, head: &[u8]) -> Result<(), &'static str> {
         match update(head) {
-            Update::Exists(n) if n < self.len() => return Err(DISAGREE),
+            Update::Exists(n) if n < self.count() => return Err(DISAGREE),
             Update::Exists(n) if n > MAX_MESSAGES => return Err(TOO_LARGE),
             Update::Exists(n) => self.slots.resize(n as usize, Slot::default()),
-            Update::Expunge(n) if n == 0 || n > self.len() => return Err(DISAGREE),
+            Update::Expunge(n) if n == 0 || n > self.count() => return Err(DISAGREE),
             Update::Expunge(n) => {
                 self.slots.remove(n as usize - 1);
             }
@@ -252,7 +250,7 @@ impl Numbers {
                     .retain(|s| !set.iter().any(|(a, b)| (*a..=*b).contains(&s.uid)));
             }
             Update::Recent(n) => self.recent = Some(n),
-            Update::Fetch { n, .. } if n == 0 || n > self.len() => return Err(DISAGREE),
+            Update::Fetch { n, .. } if n == 0 || n > self.count() => return Err(DISAGREE),
             Update::Fetch {
                 n,
                 uid,
@@ -370,7 +368,9 @@ pub fn reconcile(device: &[u32], now: &Numbers, how: Telling) -> Result<Replay, 
         }
     }
     if arrived > 0 {
-        replay.bytes.extend(Reply::Exists(now_uids.len()).to_bytes());
+        replay
+            .bytes
+            .extend(Reply::Exists(now_uids.len()).to_bytes());
         if let (true, Some(r)) = (how.recent, now.recent) {
             replay.bytes.extend(Reply::Recent(r as usize).to_bytes());
         }
@@ -378,7 +378,9 @@ pub fn reconcile(device: &[u32], now: &Numbers, how: Telling) -> Result<Replay, 
     for (i, slot) in now.slots.iter().enumerate() {
         if let Some(items) = &slot.news {
             replay.flags += 1;
-            replay.bytes.extend(Reply::Fetch { n: i + 1, items }.to_bytes());
+            replay
+                .bytes
+                .extend(Reply::Fetch { n: i + 1, items }.to_bytes());
         }
     }
     Ok(replay)

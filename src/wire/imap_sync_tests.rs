@@ -47,11 +47,19 @@ fn responses_are_read() {
     // bracket, and a literal whose bytes are not on the line.
     assert!(matches!(
         update(b"* 2 FETCH (BODY[HEADER.FIELDS (UID X)] \"a)\\\"\" UID 9)"),
-        Update::Fetch { uid: Some(9), only_uid: false, .. }
+        Update::Fetch {
+            uid: Some(9),
+            only_uid: false,
+            ..
+        }
     ));
     assert!(matches!(
         update(b"* 2 FETCH (BODY[] {120}"),
-        Update::Fetch { uid: None, only_uid: false, .. }
+        Update::Fetch {
+            uid: None,
+            only_uid: false,
+            ..
+        }
     ));
     for other in [
         "* OK [UIDVALIDITY 3] x",
@@ -69,7 +77,12 @@ fn responses_are_read() {
 #[test]
 fn counts_follow_exists_expunge_and_vanished() {
     let mut c = Some(5);
-    for l in ["* 6 EXISTS", "* 2 EXPUNGE", "* VANISHED 7:8", "* 3 FETCH (FLAGS ())"] {
+    for l in [
+        "* 6 EXISTS",
+        "* 2 EXPUNGE",
+        "* VANISHED 7:8",
+        "* 3 FETCH (FLAGS ())",
+    ] {
         c = count_after(c, l.as_bytes());
     }
     assert_eq!(c, Some(3));

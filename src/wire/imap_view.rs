@@ -315,8 +315,8 @@ pub fn next_command(pending: &[u8]) -> Next {
     }
     let upper = |w: &[u8]| w.to_ascii_uppercase();
     let moves = match upper(words[1]).as_slice() {
-        b"NOOP" | b"CHECK" | b"IDLE" | b"SELECT" | b"EXAMINE" | b"STATUS" | b"LIST"
-        | b"LSUB" | b"NAMESPACE" | b"EXPUNGE" => true,
+        b"NOOP" | b"CHECK" | b"IDLE" | b"SELECT" | b"EXAMINE" | b"STATUS" | b"LIST" | b"LSUB"
+        | b"NAMESPACE" | b"EXPUNGE" => true,
         b"UID" => match words.get(2).map(|w| upper(w)).as_deref() {
             Some(b"FETCH" | b"STORE" | b"COPY" | b"MOVE" | b"EXPUNGE") => true,
             Some(b"SEARCH") => !numbers_in_search(&words[3..]),
@@ -334,13 +334,23 @@ pub fn next_command(pending: &[u8]) -> Next {
 /// `:`, `,` and `*` that is not the argument of a key taking a number or
 /// a UID set.
 fn numbers_in_search(keys: &[&[u8]]) -> bool {
-    const TAKES_NUMBER: [&[u8]; 6] = [b"UID", b"LARGER", b"SMALLER", b"MODSEQ", b"OLDER", b"YOUNGER"];
-    let bare = |w: &[u8]| -> Vec<u8> { w.iter().copied().filter(|b| *b != b'(' && *b != b')').collect() };
+    const TAKES_NUMBER: [&[u8]; 6] = [
+        b"UID", b"LARGER", b"SMALLER", b"MODSEQ", b"OLDER", b"YOUNGER",
+    ];
+    let bare = |w: &[u8]| -> Vec<u8> {
+        w.iter()
+            .copied()
+            .filter(|b| *b != b'(' && *b != b')')
+            .collect()
+    };
     keys.iter().enumerate().any(|(i, w)| {
         let w = bare(w);
         !w.is_empty()
             && w.iter().all(|b| b.is_ascii_digit() || b":,*".contains(b))
-            && !(i > 0 && TAKES_NUMBER.iter().any(|k| bare(keys[i - 1]).eq_ignore_ascii_case(k)))
+            && !(i > 0
+                && TAKES_NUMBER
+                    .iter()
+                    .any(|k| bare(keys[i - 1]).eq_ignore_ascii_case(k)))
     })
 }
 

@@ -5,30 +5,32 @@
 //! connection is logged out in the background ([`logout`]).
 
 use std::future::Future;
-use std::time::Duration;
 
 use super::renew::REVOKED;
+use super::talk::{response, send, tagged_as, until_tagged, SWAP_REPLY};
 use crate::error::AuthError;
 use crate::login::Renewed;
-use crate::net::{Conn, LineError};
-use crate::wire;
-use crate::wire::imap::{literal_suffix, tagged, Reply, Request};
-use crate::wire::imap_view::{search_numbers, seen, uidvalidity, Seen, Selected};
+use crate::net::Conn;
+use crate::wire::imap::Request;
+use crate::wire::imap_sync::{
+    count_after, reconcile, update, Numbers, Replay, Telling, Unreconciled, Update, BYE,
+};
+use crate::wire::imap_view::{uidvalidity, Selected};
 
-/// How long the new connection's commands and the old one's last answers
-/// may take, each.
-const SWAP_REPLY: Duration = Duration::from_secs(10);
-/// Largest response read while moving (a `* SEARCH` of ~1 million UIDs).
-const MAX_SWAP_RESPONSE: usize = 8 * 1024 * 1024;
-/// The old connection gets this long to answer LOGOUT.
-const LOGOUT_WAIT: Duration = Duration::from_secs(5);
+/// Rounds of asking for UIDs that arrived while they were asked for.
+const MAX_ROUNDS: usize = 8;
 
 /// What the device's session holds at the quiet point it is held at.
 pub struct Held {
     /// The tag of the device's IDLE, when it is held inside one.
     pub idle_tag: Option<String>,
+    /// The device's next command, not sent on yet, is one whose answer
+    /// may carry expunges (`imap_view::Next::MovePoint`).
+    pub at_command: bool,
     pub enabled: Vec<String>,
     pub selected: Option<Selected>,
+    /// How many messages the device was told its mailbox holds.
+    pub count: Option<u32>,
 }
 
 /// What a new connection was set up for.
@@ -40,6 +42,9 @@ pub struct Restored {
     uidvalidity: Option<u32>,
     /// The server offers UNSELECT (RFC 3691).
     unselect: bool,
+    /// The message count and RECENT this connection announced last.
+    count: Option<u32>,
+    recent: Option<u32>,
 }
 
 /// A new upstream connection, logged in and set up like the device's.
@@ -133,6 +138,7 @@ async fn restore(
                 until_tagged(conn, |_, _| Ok(())).await?;
                 has.selected = None;
                 has.uidvalidity = None;
+                has.count = None;
             }
             Step::Enable(exts) => {
                 send(conn, &Request::Enable(&exts)).await?;
@@ -143,6 +149,7 @@ async fn restore(
                 // Whatever was selected is closed, even if this fails.
                 has.selected = None;
                 has.uidvalidity = None;
+                has.count = None;
                 send(
                     conn,
                     &Request::Select {
@@ -152,96 +159,94 @@ async fn restore(
                     },
                 )
                 .await?;
-                let mut uidvalidity = None;
+                let (mut uidvalidity, mut count, mut recent) = (None, None, None);
                 until_tagged(conn, |head, _| {
                     if let Some(v) = self::uidvalidity(head) {
                         uidvalidity = Some(v);
                     }
+                    if let Update::Recent(n) = update(head) {
+                        recent = Some(n);
+                    }
+                    count = count_after(count, head);
                     Ok(())
                 })
                 .await
                 .map_err(|_| "mailbox not selectable again")?;
                 has.selected = Some(s);
                 has.uidvalidity = uidvalidity;
+                has.count = count;
+                has.recent = recent;
             }
         }
     }
     Ok(())
 }
 
-/// Move the held session from `old` to `new`; on success the device has
-/// been told what changed (that many bytes) and `new` is where its next
-/// byte goes.
+/// How a move ended, when the session goes on.
+pub enum Moved {
+    /// The device was told `told` bytes (`replay` of them reconciled its
+    /// view) and goes on with the new connection.
+    Done { told: u64, replay: Replay },
+    /// Messages left the mailbox while the device is at rest: it goes on
+    /// with the old connection (told `told` bytes of its news) until it
+    /// sends a command the expunges can be told with.
+    Later { told: u64 },
+}
+
+/// Move the held session from `old` to the prepared connection: the old
+/// connection's last news and the device's view (its UIDs by message
+/// number, asked with FETCH, which carries no expunges), the new
+/// connection's view (asked with UID FETCH), then the updates that make
+/// the device's message numbers the new connection's.
 pub async fn swap(
     device: &mut Conn,
     old: &mut Conn,
-    new: &mut Conn,
+    prepared: &mut Prepared,
     held: Held,
-    restored: &mut Restored,
-) -> Result<u64, &'static str> {
-    let Held {
-        idle_tag,
-        enabled,
-        selected,
-    } = held;
-    restore(new, restored, &enabled, selected.as_ref()).await?;
+) -> Result<Moved, &'static str> {
+    let (new, restored) = (&mut prepared.renewed.conn, &mut prepared.restored);
+    restore(new, restored, &held.enabled, held.selected.as_ref()).await?;
+    let may_expunge = held.idle_tag.is_some() || held.at_command;
     let mut to_device = Vec::new();
-    if let Some(tag) = &idle_tag {
+    let mut count = held.count;
+    if let Some(tag) = &held.idle_tag {
         send(old, &Request::Done).await?;
         loop {
             let (head, whole) = response(old).await?;
-            if head.starts_with(format!("{tag} ").as_bytes()) {
+            if tagged_as(&head, tag) {
                 break;
             }
-            forwardable(&head)?;
+            untagged(&head)?;
+            count = count_after(count, &head);
             to_device.extend_from_slice(&whole);
         }
     }
-    if let Some(selected) = &selected {
+    let mut replay = Replay::default();
+    if let Some(selected) = &held.selected {
         if restored.uidvalidity != selected.uidvalidity {
             return Err("UIDVALIDITY changed");
         }
-        send(old, &Request::UidSearchAll).await?;
-        let mut known = None;
-        until_tagged(old, |head, whole| {
-            if let Some(uids) = search_numbers(head) {
-                known = Some(uids);
-                return Ok(());
+        let count = count.ok_or("message count not known")?;
+        let device_uids = device_view(old, count, may_expunge, &mut to_device).await?;
+        let now = session_view(new, restored).await?;
+        let how = Telling {
+            vanished: enabled(&held.enabled, "QRESYNC"),
+            recent: !enabled(&held.enabled, "IMAP4REV2"),
+            may_expunge,
+        };
+        match reconcile(&device_uids, &now, how) {
+            Ok(r) => replay = r,
+            Err(Unreconciled::Later) => {
+                tell(device, &to_device).await?;
+                return Ok(Moved::Later {
+                    told: to_device.len() as u64,
+                });
             }
-            forwardable(head)?;
-            to_device.extend_from_slice(whole);
-            Ok(())
-        })
-        .await?;
-        send(new, &Request::UidSearchAll).await?;
-        let mut now = None;
-        let mut fetches = Vec::new();
-        until_tagged(new, |head, whole| {
-            if let Some(uids) = search_numbers(head) {
-                now = Some(uids);
-                return Ok(());
-            }
-            match seen(head) {
-                Seen::Expunge => return Err("expunged while moving"),
-                Seen::Fetch => fetches.extend_from_slice(whole),
-                _ => {}
-            }
-            Ok(())
-        })
-        .await?;
-        let (known, now) = (
-            known.ok_or("no SEARCH answer")?,
-            now.ok_or("no SEARCH answer")?,
-        );
-        if !now.starts_with(&known) {
-            return Err("expunged while moving");
+            Err(Unreconciled::Refused(why)) => return Err(why),
         }
-        if now.len() > known.len() {
-            to_device.extend_from_slice(&Reply::Exists(now.len()).to_bytes());
-        }
-        to_device.extend_from_slice(&fetches);
+        to_device.extend_from_slice(&replay.bytes);
     }
-    if let Some(tag) = &idle_tag {
+    if let Some(tag) = &held.idle_tag {
         send(new, &Request::Idle(tag)).await?;
         loop {
             let (head, whole) = response(new).await?;
@@ -251,109 +256,97 @@ pub async fn swap(
             if tagged_as(&head, tag) {
                 return Err("IDLE refused");
             }
-            // Updates since the SEARCH are the device's too.
-            forwardable(&head)?;
+            // Updates since the views were compared: the device's view is
+            // the new connection's now, so they are the device's too.
+            untagged(&head)?;
             to_device.extend_from_slice(&whole);
         }
     }
-    if !to_device.is_empty() {
-        device
-            .send(&to_device, SWAP_REPLY)
-            .await
-            .map_err(|_| "device write failed")?;
-    }
-    Ok(to_device.len() as u64)
+    tell(device, &to_device).await?;
+    Ok(Moved::Done {
+        told: to_device.len() as u64,
+        replay,
+    })
 }
 
-/// An untagged response the device may get while it is held; an expunge
-/// ends the move (the device's message numbers would no longer match).
-fn forwardable(head: &[u8]) -> Result<(), &'static str> {
-    match seen(head) {
-        Seen::Expunge => Err("expunged while moving"),
-        Seen::Bye { .. } => Err("upstream said BYE while moving"),
+fn enabled(exts: &[String], name: &str) -> bool {
+    exts.iter().any(|e| e.eq_ignore_ascii_case(name))
+}
+
+/// A response the device may be given as it came while it is held.
+fn untagged(head: &[u8]) -> Result<(), &'static str> {
+    match update(head) {
+        Update::Bye => Err(BYE),
         _ if head.starts_with(b"* ") => Ok(()),
         _ => Err("unexpected response while moving"),
     }
 }
 
-fn tagged_as(head: &[u8], tag: &str) -> bool {
-    head.strip_prefix(tag.as_bytes())
-        .is_some_and(|rest| rest.starts_with(b" "))
-}
-
-async fn send(conn: &mut Conn, request: &Request<'_>) -> Result<(), &'static str> {
-    conn.send(&request.to_bytes(), SWAP_REPLY)
+async fn tell(device: &mut Conn, bytes: &[u8]) -> Result<(), &'static str> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    device
+        .send(bytes, SWAP_REPLY)
         .await
-        .map_err(|_| "upstream write failed")
+        .map_err(|_| "device write failed")
 }
 
-/// Read responses to our tagged command, each given to `each` (its first
-/// line and all its bytes), up to its tagged `OK`.
-async fn until_tagged(
-    conn: &mut Conn,
-    mut each: impl FnMut(&[u8], &[u8]) -> Result<(), &'static str>,
-) -> Result<(), &'static str> {
-    loop {
-        let (head, whole) = response(conn).await?;
-        if let Some((status, _)) = tagged(&head) {
-            return match status {
-                "OK" => Ok(()),
-                _ => Err("upstream refused a command while moving"),
-            };
-        }
-        each(&head, &whole)?;
-    }
-}
-
-/// One whole response (lines and literals) from `conn`: its first line and
-/// all its bytes, CRLFs included.
-async fn response(conn: &mut Conn) -> Result<(Vec<u8>, Vec<u8>), &'static str> {
-    let mut head = None;
-    let mut whole = Vec::new();
-    loop {
-        let line = conn
-            .read_line(MAX_SWAP_RESPONSE, SWAP_REPLY)
-            .await
-            .map_err(|e| match e {
-                LineError::TooLong(_) => "response too large while moving",
-                _ => "upstream read failed while moving",
-            })?;
-        whole.extend_from_slice(&line);
-        whole.extend_from_slice(wire::CRLF);
-        let literal = literal_suffix(&line);
-        if head.is_none() {
-            head = Some(line);
-        }
-        match literal {
-            Some((n, _)) if whole.len() as u64 + n > MAX_SWAP_RESPONSE as u64 => {
-                return Err("response too large while moving")
+/// The device's view (UIDs by message number) from the old connection,
+/// whose message numbers are the device's: `FETCH n:* (UID)` for the
+/// messages whose UIDs are not known, until none is left. What else the
+/// old connection says is the device's news, in `to_device`; it never
+/// announces expunges during FETCH, and if it does while the device is
+/// at rest the move fails (the device could not be told).
+async fn device_view(
+    old: &mut Conn,
+    count: u32,
+    may_expunge: bool,
+    to_device: &mut Vec<u8>,
+) -> Result<Vec<u32>, &'static str> {
+    let mut view = Numbers::new(count)?;
+    for _ in 0..MAX_ROUNDS {
+        let Some(first) = view.first_unknown() else {
+            return view.uids();
+        };
+        send(old, &Request::FetchUids(first)).await?;
+        until_tagged(old, |head, whole| {
+            match update(head) {
+                Update::Fetch { only_uid: true, .. } => return view.apply(head),
+                Update::Expunge(_) | Update::Vanished(_) if !may_expunge => {
+                    return Err("expunged during FETCH")
+                }
+                _ => {}
             }
-            Some((n, _)) => {
-                let data = conn
-                    .read_exact(n as usize, SWAP_REPLY)
-                    .await
-                    .map_err(|_| "upstream read failed while moving")?;
-                whole.extend_from_slice(&data);
-            }
-            None => return Ok((head.unwrap_or_default(), whole)),
-        }
+            view.apply(head)?;
+            to_device.extend_from_slice(whole);
+            Ok(())
+        })
+        .await?;
     }
+    view.uids()
+        .map_err(|_| "mailbox kept changing while moving")
 }
 
-/// Say LOGOUT on a connection that is no longer used, in the background.
-pub fn logout(mut conn: Conn) {
-    tokio::spawn(async move {
-        if conn
-            .send(&Request::Logout.to_bytes(), LOGOUT_WAIT)
-            .await
-            .is_ok()
-        {
-            let _ = tokio::time::timeout(LOGOUT_WAIT, async {
-                while conn.read_line(MAX_SWAP_RESPONSE, LOGOUT_WAIT).await.is_ok() {}
-            })
-            .await;
+/// The new connection's view: `UID FETCH 1:* (UID)`, its untagged
+/// responses applied in the order they came, and again from the highest
+/// UID known for messages that arrived meanwhile.
+async fn session_view(new: &mut Conn, restored: &mut Restored) -> Result<Numbers, &'static str> {
+    let mut view = Numbers::new(restored.count.ok_or("message count not known")?)?;
+    view.recent = restored.recent;
+    let mut from = 1;
+    for _ in 0..MAX_ROUNDS {
+        send(new, &Request::UidFetchUids(from)).await?;
+        let answered = until_tagged(new, |head, _| view.apply(head)).await;
+        restored.count = Some(view.count());
+        restored.recent = view.recent;
+        answered?;
+        if view.first_unknown().is_none() {
+            return Ok(view);
         }
-    });
+        from = view.highest_known() + 1;
+    }
+    Err("mailbox kept changing while moving")
 }
 
 #[cfg(test)]
@@ -375,6 +368,7 @@ mod tests {
             selected,
             uidvalidity: Some(7),
             unselect: true,
+            ..Restored::default()
         }
     }
 
