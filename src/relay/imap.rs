@@ -7,20 +7,26 @@
 //! [`Renew`]), ENABLEs what the device enabled and selects its mailbox
 //! there, while the old connection still relays. Then it holds the device
 //! at a quiet point (no command in flight, or inside IDLE after its `+`),
-//! checks that the device's view still holds on the new connection (the
-//! same UIDVALIDITY; the UIDs the device knows by message number are the
-//! first ones there, in the same order), tells the device of messages that
-//! arrived meanwhile, IDLEs again under the device's own tag, logs the old
-//! connection out and goes on relaying. Nothing of it reaches the device
-//! but the updates it would have had.
+//! reads the device's view from the old connection and the new one's
+//! (`swap`), tells the device what changed between them (expunges,
+//! arrivals, flags: `wire::imap_sync`), IDLEs again under the device's own
+//! tag, logs the old connection out and goes on relaying. Nothing of it
+//! reaches the device but the updates it would have had.
+//!
+//! Expunges may only be told inside IDLE or in the answer to a command
+//! (RFC 3501 7.4.1): a move at rest that finds messages gone leaves the
+//! session on the old connection, and is made again before the device's
+//! next command that may carry them (`imap_view::next_command`), which is
+//! held until then and sent to the new connection after.
 //!
 //! When the session cannot be moved (a COMPRESS, a mailbox name kept only
 //! in a literal, a command that does not finish in time, the new login
-//! failing, an expunge in between), it ends with `* BYE` at a response
-//! boundary a few seconds before the token runs out, never in the middle
-//! of a response. A device is held only while a quiet point can come: if
-//! none comes within [`QUIET_WAIT`] of silence (or [`QUIET_MAX`] in all),
-//! the device goes on and its session ends with that `* BYE`.
+//! failing, a changed UIDVALIDITY, no such command before the deadline),
+//! it ends with `* BYE` at a response boundary a few seconds before the
+//! token runs out, never in the middle of a response. A device is held
+//! only while a quiet point can come: if none comes within [`QUIET_WAIT`]
+//! of silence (or [`QUIET_MAX`] in all), the device goes on and its session
+//! ends with that `* BYE`.
 //!
 //! Timing, for a token of lifetime L: the new login starts L/4 (at most 5
 //! minutes) before expiry; the session ends L/15 (at most 30 s, at least

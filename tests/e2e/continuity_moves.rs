@@ -12,14 +12,14 @@ use crate::harness::*;
 
 /// The tokens' lifetime here (the identity provider's `ttl-16` tenant):
 /// the new login starts 4 s before expiry, the BYE comes about 1 s before.
-const LIFETIME: Duration = Duration::from_secs(16);
+pub const LIFETIME: Duration = Duration::from_secs(16);
 const BYE: &str = "* BYE [UNAVAILABLE] Login expired, please log in again\r\n";
 /// How long a held device may wait for an answer during a move.
 const ANSWER_LIMIT: Duration = Duration::from_secs(3);
 
 /// A proxy with one plain IMAP listener whose upstream is the
 /// Exchange-like front and whose tokens live [`LIFETIME`].
-fn short_token_proxy() -> Proxy {
+pub fn short_token_proxy() -> Proxy {
     Proxy::start(&short_token_config())
 }
 
@@ -38,7 +38,7 @@ fn short_token_config() -> String {
 }
 
 /// A logged-in IMAP connection as `user`; when its login was answered.
-fn logged_in(proxy: &Proxy, user: &str, password: &str) -> (Raw, Instant) {
+pub fn logged_in(proxy: &Proxy, user: &str, password: &str) -> (Raw, Instant) {
     let mut c = Raw::connect(proxy.port(0));
     c.line();
     let reply = c.imap_login(user, password);
@@ -50,7 +50,7 @@ fn logged_in(proxy: &Proxy, user: &str, password: &str) -> (Raw, Instant) {
     (c, Instant::now())
 }
 
-fn last(reply: &str) -> &str {
+pub fn last(reply: &str) -> &str {
     reply.lines().last().unwrap_or("")
 }
 

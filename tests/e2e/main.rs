@@ -17,6 +17,7 @@ mod harness;
 
 mod continuity;
 mod continuity_moves;
+mod continuity_reconcile;
 mod devices;
 mod faults;
 mod graph;
