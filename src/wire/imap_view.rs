@@ -38,12 +38,6 @@ enum Kind {
 pub enum Seen {
     /// `* BYE`; `expired` when the server said the token ran out.
     Bye { expired: bool },
-    /// `* n EXPUNGE` or `* VANISHED`.
-    Expunge,
-    /// `* n EXISTS`.
-    Exists(u64),
-    /// `* n FETCH`.
-    Fetch,
     /// `* BAD`.
     Bad,
     /// The tagged end of a command whose synchronising literal the server
@@ -63,23 +57,10 @@ pub fn seen(head: &[u8]) -> Seen {
         let expired = memchr::memmem::find(head, b"AccessTokenExpired").is_some();
         return Seen::Bye { expired };
     }
-    if upper.starts_with(b"VANISHED") {
-        return Seen::Expunge;
-    }
     if upper == b"BAD" || upper.starts_with(b"BAD ") {
         return Seen::Bad;
     }
-    let mut words = upper.split(|b| *b == b' ');
-    let number = words
-        .next()
-        .and_then(|w| std::str::from_utf8(w).ok())
-        .and_then(|w| w.parse::<u64>().ok());
-    match (number, words.next()) {
-        (Some(_), Some(b"EXPUNGE")) => Seen::Expunge,
-        (Some(n), Some(b"EXISTS")) => Seen::Exists(n),
-        (Some(_), Some(b"FETCH")) => Seen::Fetch,
-        _ => Seen::Other,
-    }
+    Seen::Other
 }
 
 /// What the device's session holds, from its commands and their results.
@@ -376,24 +357,6 @@ pub fn uidvalidity(head: &[u8]) -> Option<u32> {
         .take_while(u8::is_ascii_digit)
         .collect();
     std::str::from_utf8(&digits).ok()?.parse().ok()
-}
-
-/// `* SEARCH` numbers of a response line, if it is one.
-pub fn search_numbers(line: &[u8]) -> Option<Vec<u32>> {
-    let rest = line
-        .get(..9)
-        .filter(|p| p.eq_ignore_ascii_case(b"* SEARCH "))
-        .map(|_| &line[9..])
-        .or_else(|| line.eq_ignore_ascii_case(b"* SEARCH").then_some(&b""[..]))?;
-    let mut out = Vec::new();
-    for word in rest.split(|b| *b == b' ').filter(|w| !w.is_empty()) {
-        // CONDSTORE may add "(MODSEQ n)" at the end.
-        if word.starts_with(b"(") {
-            break;
-        }
-        out.push(std::str::from_utf8(word).ok()?.parse().ok()?);
-    }
-    Some(out)
 }
 
 #[cfg(test)]

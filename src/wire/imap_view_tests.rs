@@ -28,8 +28,8 @@ fn select_idle_and_enable_are_followed() {
     assert_eq!(v.quiet(), None, "no + yet");
     v.response(&unit("+ idling"));
     assert_eq!(v.quiet(), Some(Some("i")));
-    assert_eq!(v.response(&unit("* 5 EXISTS")), Seen::Exists(5));
-    assert_eq!(v.response(&unit("* 3 EXPUNGE")), Seen::Expunge);
+    assert_eq!(v.response(&unit("* 5 EXISTS")), Seen::Other);
+    assert_eq!(v.response(&unit("* 3 EXPUNGE")), Seen::Other);
     v.command(&unit("DONE"));
     assert_eq!(v.quiet(), None, "DONE sent");
     v.response(&unit("i OK Idle completed"));
@@ -157,19 +157,8 @@ fn responses_are_classified() {
         v.response(&unit("* BYE Logging out")),
         Seen::Bye { expired: false }
     );
-    assert_eq!(v.response(&unit("* VANISHED 4:7")), Seen::Expunge);
-    assert_eq!(v.response(&unit("* 12 EXPUNGE")), Seen::Expunge);
-    assert_eq!(
-        v.response(&unit("* 12 FETCH (FLAGS (\\Seen))")),
-        Seen::Fetch
-    );
-    assert_eq!(v.response(&unit("* 13 EXISTS")), Seen::Exists(13));
     assert_eq!(uidvalidity(b"* OK [UIDVALIDITY 42] ok"), Some(42));
     assert_eq!(uidvalidity(b"* OK [UIDNEXT 42] ok"), None);
-    assert_eq!(search_numbers(b"* SEARCH 3 9 12"), Some(vec![3, 9, 12]));
-    assert_eq!(search_numbers(b"* SEARCH"), Some(vec![]));
-    assert_eq!(search_numbers(b"* SEARCH 3 (MODSEQ 9)"), Some(vec![3]));
-    assert_eq!(search_numbers(b"* 3 EXISTS"), None);
 }
 
 #[test]
