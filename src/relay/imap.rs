@@ -281,7 +281,13 @@ pub async fn relay(
         let held = shared.held_for().unwrap_or_default();
         shared.parked_ms.store(0, Ordering::Relaxed);
         match moved {
-            Ok(Moved::Done { told, replay }) => {
+            Ok(Moved::Done {
+                told,
+                replay,
+                count,
+            }) => {
+                // What the device was told here bypassed the view.
+                shared.view().count = count;
                 shared.to_device.fetch_add(told, Ordering::Relaxed);
                 logout(old);
                 crate::metrics::imap_swap(held);
@@ -305,7 +311,8 @@ pub async fn relay(
                 device = device_conn;
                 upstream = p.renewed.conn;
             }
-            Ok(Moved::Later { told }) => {
+            Ok(Moved::Later { told, count }) => {
+                shared.view().count = count;
                 // The session goes on with the old connection; the move is
                 // made at the device's next command that may carry the
                 // expunges (or the session ends with the BYE in time).

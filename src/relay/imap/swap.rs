@@ -185,12 +185,18 @@ async fn restore(
 /// How a move ended, when the session goes on.
 pub enum Moved {
     /// The device was told `told` bytes (`replay` of them reconciled its
-    /// view) and goes on with the new connection.
-    Done { told: u64, replay: Replay },
+    /// view) and goes on with the new connection; its mailbox now holds
+    /// `count` messages.
+    Done {
+        told: u64,
+        replay: Replay,
+        count: Option<u32>,
+    },
     /// Messages left the mailbox while the device is at rest: it goes on
-    /// with the old connection (told `told` bytes of its news) until it
-    /// sends a command the expunges can be told with.
-    Later { told: u64 },
+    /// with the old connection (told `told` bytes of its news, after which
+    /// its mailbox holds `count` messages) until it sends a command the
+    /// expunges can be told with.
+    Later { told: u64, count: Option<u32> },
 }
 
 /// Move the held session from `old` to the prepared connection: the old
@@ -226,8 +232,13 @@ pub async fn swap(
         if restored.uidvalidity != selected.uidvalidity {
             return Err("UIDVALIDITY changed");
         }
-        let count = count.ok_or("message count not known")?;
-        let device_uids = device_view(old, count, may_expunge, &mut to_device).await?;
+        let device_uids = device_view(
+            old,
+            count.ok_or("message count not known")?,
+            may_expunge,
+            &mut to_device,
+        )
+        .await?;
         let now = session_view(new, restored).await?;
         let how = Telling {
             vanished: enabled(&held.enabled, "QRESYNC"),
@@ -240,11 +251,13 @@ pub async fn swap(
                 tell(device, &to_device).await?;
                 return Ok(Moved::Later {
                     told: to_device.len() as u64,
+                    count: Some(device_uids.len() as u32),
                 });
             }
             Err(Unreconciled::Refused(why)) => return Err(why),
         }
         to_device.extend_from_slice(&replay.bytes);
+        count = Some(now.count());
     }
     if let Some(tag) = &held.idle_tag {
         send(new, &Request::Idle(tag)).await?;
@@ -259,6 +272,7 @@ pub async fn swap(
             // Updates since the views were compared: the device's view is
             // the new connection's now, so they are the device's too.
             untagged(&head)?;
+            count = count_after(count, &head);
             to_device.extend_from_slice(&whole);
         }
     }
@@ -266,6 +280,7 @@ pub async fn swap(
     Ok(Moved::Done {
         told: to_device.len() as u64,
         replay,
+        count,
     })
 }
 
