@@ -67,6 +67,21 @@ fn a_long_line_without_a_readable_tag_gets_the_untagged_bad() {
     assert_eq!(c.line(), "a3 OK NOOP completed\r\n");
 }
 
+/// A literal announced at the end of a line too long to be read whole is
+/// never asked for: a synchronising one is never sent, and the bytes of a
+/// non-synchronising one, already on their way, are read as commands.
+#[test]
+fn a_literal_announced_at_the_end_of_a_long_line_is_not_read_as_one() {
+    let proxy = Proxy::start(&config(&listener("imap", "none", true), ""));
+    let mut c = connect(proxy.port(0));
+    c.send(&format!("{} {{5}}", long_id("a1")));
+    assert_eq!(c.line(), "a1 BAD Command line too long\r\n");
+    c.send(&format!("{} {{9+}}", long_id("b1")));
+    c.write(b"c1 NOOP\r\n");
+    assert_eq!(c.line(), "b1 BAD Command line too long\r\n");
+    assert_eq!(c.line(), "c1 OK NOOP completed\r\n");
+}
+
 /// A line that never ends is answered at once and the session still ends
 /// at `preauth_timeout_s` with the idle goodbye, however busy the device
 /// keeps the connection.
