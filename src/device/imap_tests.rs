@@ -439,3 +439,27 @@ fn too_long_lines_count_as_bad_lines() {
         )
     );
 }
+
+/// Whatever a too-long line begins with, its reply is one CRLF line that
+/// echoes at most a tag: the line's first word, made only of tag
+/// characters, and no more than `MAX_TAG` of them.
+#[test]
+fn a_long_lines_reply_echoes_nothing_but_a_tag() {
+    const TAIL: &str = " BAD Command line too long\r\n";
+    bolero::check!()
+        .with_iterations(20_000)
+        .for_each(|head: &[u8]| {
+            let (reply, then) = long_line(head);
+            assert_eq!(then, "read");
+            let tag = reply.strip_suffix(TAIL).expect("the too-long reply");
+            if tag != "*" {
+                assert!(head.starts_with(format!("{tag} ").as_bytes()), "{reply:?}");
+                assert!((1..=MAX_TAG).contains(&tag.len()), "{reply:?}");
+                assert!(
+                    tag.bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"(){%*\"\\+".contains(&b)),
+                    "{reply:?}"
+                );
+            }
+        });
+}
