@@ -52,8 +52,9 @@ fn a_pre_login_id_on_a_31_kb_line_gets_a_tagged_bad_and_the_next_command_works()
     assert!(login.starts_with("a OK [CAPABILITY "), "{login}");
 }
 
-/// Only a line whose first word is no tag gets the untagged `* BAD`; it
-/// counts as a bad line all the same, and the session goes on.
+/// Only a line whose first word is no tag (none at all, `+`, NUL, control
+/// bytes, a lone CR, `{`, `*`) gets the untagged `* BAD`, and the session
+/// goes on.
 #[test]
 fn a_long_line_without_a_readable_tag_gets_the_untagged_bad() {
     let proxy = Proxy::start(&config(&listener("imap", "none", true), ""));
@@ -63,6 +64,11 @@ fn a_long_line_without_a_readable_tag_gets_the_untagged_bad() {
     assert_eq!(c.line(), "* BAD Command line too long\r\n");
     c.send(&format!("a+b ID (\"name\" \"{}\")", "y".repeat(8 * 1024)));
     assert_eq!(c.line(), "* BAD Command line too long\r\n");
+    for first in [&b"a\0b"[..], b"\x01\x02", b"\x1b[2J", b"a\rb", b"{5}", b"*"] {
+        c.write(first);
+        c.write(format!(" ID (\"name\" \"{}\")\r\n", "z".repeat(8 * 1024)).as_bytes());
+        assert_eq!(c.line(), "* BAD Command line too long\r\n", "{first:?}");
+    }
     c.send("a3 NOOP");
     assert_eq!(c.line(), "a3 OK NOOP completed\r\n");
 }
