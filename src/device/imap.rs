@@ -3,6 +3,10 @@
 //! `{n}` and `{n+}` literals) and AUTHENTICATE PLAIN (with or without
 //! SASL-IR). Anything else gets a tagged `BAD` before login. The device's
 //! tagged `OK` carries the upstream's capabilities after login.
+//!
+//! A line over `max_line` is answered as soon as it passes the bound, with
+//! the tag of its command where that can be read (the client stays in
+//! step), else with `* BAD`; the driver drops the rest of the line.
 
 use tracing::debug;
 
@@ -13,6 +17,10 @@ use crate::wire::imap::{
 };
 use crate::wire::sasl::{self, Credentials, SaslError};
 use crate::wire::Farewell;
+
+/// The longest tag read from a command line too long to be read whole
+/// (its reply echoes the tag).
+const MAX_TAG: usize = 64;
 
 #[derive(Debug)]
 enum State {
@@ -35,6 +43,10 @@ pub struct Session {
     receiver: Receiver,
     state: State,
     count: Counters,
+    /// The start of the first line of a command whose literals are being
+    /// read (at most `MAX_TAG + 1` bytes): its tag answers a continuation
+    /// line that is too long.
+    command_start: Option<Vec<u8>>,
 }
 
 impl Session {
@@ -44,6 +56,7 @@ impl Session {
             receiver: Receiver::default(),
             state: State::Command,
             count: Counters::default(),
+            command_start: None,
         }
     }
 
@@ -74,12 +87,15 @@ impl Session {
     }
 
     fn line(&mut self, line: &[u8]) -> Step {
+        let start = self.command_start.take();
         match self.receiver.line(line) {
             Received::Command(raw) => {
                 self.count.commands += 1;
                 self.command(&raw)
             }
             Received::Literal { size, sync } => {
+                self.command_start =
+                    Some(start.unwrap_or_else(|| line[..line.len().min(MAX_TAG + 1)].to_vec()));
                 let go = if sync {
                     Reply::LiteralGo.to_bytes()
                 } else {
@@ -205,6 +221,21 @@ fn login_args(user: &Arg, password: &Arg) -> Option<Credentials> {
     })
 }
 
+/// The tag of a command line too long to be read whole, from its first
+/// bytes: its first word, when that is a tag (RFC 3501: one or more
+/// ASTRING-CHARs other than `+`, here at most [`MAX_TAG`] of them) and a
+/// space follows it. No control byte, CR, LF, NUL, space or byte over 0x7e
+/// is ever part of one.
+fn long_line_tag(head: &[u8]) -> Option<&str> {
+    let end = head.iter().take(MAX_TAG + 1).position(|b| *b == b' ')?;
+    let tag = &head[..end];
+    let is_tag_char = |b: &u8| b.is_ascii_graphic() && !b"(){%*\"\\+".contains(b);
+    match !tag.is_empty() && tag.iter().all(is_tag_char) {
+        true => std::str::from_utf8(tag).ok(),
+        false => None,
+    }
+}
+
 /// A SASL PLAIN response line, decoded.
 fn plain(line: &[u8]) -> Result<Credentials, SaslError> {
     sasl::decode_line(line).and_then(|m| sasl::decode_plain(&m))
@@ -234,10 +265,15 @@ impl Dialogue for Session {
                 self.receiver.literal(data);
                 Step::then(Then::Read)
             }
-            (State::Command, Input::TooLong) => {
+            (State::Command, Input::TooLong(head)) => {
                 self.receiver.reset();
                 self.count.commands += 1;
-                self.error(Reply::LineTooLong)
+                // A continuation line belongs to the command it continues.
+                let start = self.command_start.take();
+                match long_line_tag(start.as_deref().unwrap_or(head)) {
+                    Some(tag) => self.error(Reply::TaggedLineTooLong { tag }),
+                    None => self.error(Reply::LineTooLong),
+                }
             }
             (State::StartingTls, Input::TlsStarted) => {
                 self.ctx.tls = true;
@@ -247,7 +283,7 @@ impl Dialogue for Session {
                 let tag = tag.clone();
                 self.login(&tag, plain(line))
             }
-            (State::Plain { tag }, Input::TooLong) => {
+            (State::Plain { tag }, Input::TooLong(_)) => {
                 let tag = tag.clone();
                 self.login(&tag, Err(SaslError::TooLong))
             }

@@ -259,3 +259,207 @@ fn refusals_are_marked_and_id_names_the_device() {
     tls.greeting();
     assert_eq!(tls.on(Input::Line(b"a ID NIL")).name, None);
 }
+
+/// `head`, as the first bytes of a line over `max_line`, in a fresh session.
+fn long_line(head: &[u8]) -> (String, String) {
+    let mut s = tls_port();
+    s.greeting();
+    feed(&mut s, &Long(head.to_vec().leak()))
+}
+
+/// A line over `max_line` whose tag can be read gets its tagged `BAD`; the
+/// rest of the line is dropped and the next command works.
+#[test]
+fn a_long_line_is_answered_with_its_tag() {
+    run(
+        &mut tls_port(),
+        GREETING_TLS,
+        &[
+            (
+                Long(b"a1 ID (\"name\" \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
+                "a1 BAD Command line too long\r\n",
+                "read",
+            ),
+            (
+                L("a2 CAPABILITY"),
+                "* CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN\r\na2 OK Capability completed\r\n",
+                "read",
+            ),
+            (L("a3 LOGIN x y"), "", "login x as \"\""),
+        ],
+    );
+    // Any tag RFC 3501 allows: ASTRING-CHARs but "+", "]" among them.
+    for tag in ["A0001", "x.y-z:1", "a]", "~!#$&'", "t/1=?@^_`|"] {
+        let head = format!("{tag} ID (\"name\" \"xxxx");
+        assert_eq!(
+            long_line(head.as_bytes()),
+            (
+                format!("{tag} BAD Command line too long\r\n"),
+                "read".into()
+            )
+        );
+    }
+    let longest = format!("{} ID", "t".repeat(MAX_TAG));
+    assert_eq!(
+        long_line(longest.as_bytes()).0,
+        format!("{} BAD Command line too long\r\n", "t".repeat(MAX_TAG))
+    );
+}
+
+/// Only where no tag can be read: the untagged `* BAD`, and nothing of the
+/// line is echoed.
+#[test]
+fn a_long_line_without_a_readable_tag_is_answered_untagged() {
+    let ten_kb = [b'x'; 10 * 1024];
+    let too_long_tag = format!("{} ID", "t".repeat(MAX_TAG + 1));
+    let heads: [&[u8]; 25] = [
+        &ten_kb,
+        b"\x01\x02\x03 ID (\"name\" \"x",
+        b"\x1b[2J ID",
+        b"a\0b ID",
+        b"\0 ID",
+        b"a\x01 ID",
+        b"+ ID",
+        b"a+ ID",
+        b"+a ID",
+        b"* ID",
+        b"a* ID",
+        b"{5} ID",
+        b"a{5} ID",
+        b"(a ID",
+        b"a) ID",
+        b"a% ID",
+        b"\"a\" ID",
+        b"a\\b ID",
+        b"\r",
+        b"\rx ID",
+        b"a1\r ID",
+        b"a1\tID x",
+        b" a1 ID",
+        b"caf\xc3\xa9 ID",
+        too_long_tag.as_bytes(),
+    ];
+    for head in heads {
+        assert_eq!(
+            long_line(head),
+            ("* BAD Command line too long\r\n".into(), "read".into()),
+            "head {:?}",
+            String::from_utf8_lossy(&head[..head.len().min(40)])
+        );
+    }
+    // A tag with nothing after it within the head is not known to be one.
+    assert_eq!(long_line(b"a1").0, "* BAD Command line too long\r\n");
+    assert_eq!(long_line(b"a\x7f ID").0, "* BAD Command line too long\r\n");
+}
+
+/// The too-long line continues a command after its literal: the command's
+/// tag answers it, and the command is dropped.
+#[test]
+fn a_long_continuation_line_gets_the_tag_of_its_command() {
+    run(
+        &mut tls_port(),
+        GREETING_TLS,
+        &[
+            (L("a LOGIN {4}"), "+ Ready for literal data\r\n", "read 4"),
+            (Literal("user"), "", "read"),
+            (
+                Long(b" xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
+                "a BAD Command line too long\r\n",
+                "read",
+            ),
+            (L("b NOOP"), "b OK NOOP completed\r\n", "read"),
+            // The next command's own first word answers its own long line.
+            (
+                Long(b"c ID (\"name\" \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
+                "c BAD Command line too long\r\n",
+                "read",
+            ),
+            (L("+ LOGIN {4+}"), "", "read 4"),
+            (Literal("user"), "", "read"),
+            (Long(b"d xxxx"), "* BAD Command line too long\r\n", "read"),
+            (L("e NOOP"), "e OK NOOP completed\r\n", "read"),
+        ],
+    );
+}
+
+/// Commands that announce a literal. APPEND is not offered before login:
+/// a literal over the pre-login limit is refused before anything is read,
+/// one within it is read and the command refused. A line too long to be
+/// read whole is refused by its tag before its end (and any `{n}` there)
+/// is seen: a client waiting for `+` then sends no literal.
+#[test]
+fn literal_announcing_commands_and_long_lines() {
+    run(
+        &mut tls_port(),
+        GREETING_TLS,
+        &[
+            (
+                L("a APPEND x {40000}"),
+                "a BAD Literal too large\r\n",
+                "read",
+            ),
+            (
+                L("b APPEND x {5}"),
+                "+ Ready for literal data\r\n",
+                "read 5",
+            ),
+            (Literal("12345"), "", "read"),
+            (
+                L(""),
+                "b BAD Command not available before login\r\n",
+                "read",
+            ),
+            (
+                Long(b"c APPEND \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
+                "c BAD Command line too long\r\n",
+                "read",
+            ),
+            (L("d NOOP"), "d OK NOOP completed\r\n", "read"),
+        ],
+    );
+}
+
+/// Each too-long line is a bad line for the repeat limit, tagged or not.
+#[test]
+fn too_long_lines_count_as_bad_lines() {
+    let mut s = tls_port();
+    s.greeting();
+    for i in 0..MAX_ERRORS - 1 {
+        let (head, want): (&'static [u8], &str) = match i % 2 {
+            0 => (b"x ID (\"name\" \"xxxx", "x BAD Command line too long\r\n"),
+            _ => (b"\x01 ID", "* BAD Command line too long\r\n"),
+        };
+        assert_eq!(feed(&mut s, &Long(head)), (want.into(), "read".into()));
+    }
+    assert_eq!(
+        feed(&mut s, &Long(b"y ID (\"name\" \"xxxx")),
+        (
+            "y BAD Command line too long\r\n* BYE Too many errors\r\n".into(),
+            "close: too many errors".into()
+        )
+    );
+}
+
+/// Whatever a too-long line begins with, its reply is one CRLF line that
+/// echoes at most a tag: the line's first word, made only of tag
+/// characters, and no more than `MAX_TAG` of them.
+#[test]
+fn a_long_lines_reply_echoes_nothing_but_a_tag() {
+    const TAIL: &str = " BAD Command line too long\r\n";
+    bolero::check!()
+        .with_iterations(20_000)
+        .for_each(|head: &[u8]| {
+            let (reply, then) = long_line(head);
+            assert_eq!(then, "read");
+            let tag = reply.strip_suffix(TAIL).expect("the too-long reply");
+            if tag != "*" {
+                assert!(head.starts_with(format!("{tag} ").as_bytes()), "{reply:?}");
+                assert!((1..=MAX_TAG).contains(&tag.len()), "{reply:?}");
+                assert!(
+                    tag.bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"(){%*\"\\+".contains(&b)),
+                    "{reply:?}"
+                );
+            }
+        });
+}

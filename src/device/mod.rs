@@ -41,8 +41,10 @@ pub const MAX_AUTH_FAILURES: usize = 3;
 pub enum Input<'a> {
     /// A line, without its CRLF.
     Line(&'a [u8]),
-    /// A line longer than `[limits] max_line`; it was skipped.
-    TooLong,
+    /// A line longer than `[limits] max_line`; it was skipped. Its first
+    /// bytes (at most [`crate::net::conn::LONG_LINE_HEAD`]), for a reply that
+    /// names its command (an IMAP tag).
+    TooLong(&'a [u8]),
     /// The bytes asked for with [`Then::ReadExact`].
     Literal(&'a [u8]),
     /// The bytes of [`Then::Discard`] are gone.
@@ -319,7 +321,10 @@ pub async fn drive(
                 match line {
                     None => session.on(Input::Shutdown),
                     Some(Ok(line)) => session.on(Input::Line(&line)),
-                    Some(Err(LineError::TooLong(_))) => session.on(Input::TooLong),
+                    Some(Err(LineError::TooLong(_))) => {
+                        let head = device.conn.take_long_line_head();
+                        session.on(Input::TooLong(&head))
+                    }
                     Some(Err(LineError::Timeout(_))) => session.on(Input::Timeout),
                     Some(Err(e)) => return Handoff::Closed(e.reason()),
                 }

@@ -164,7 +164,7 @@ impl Dialogue for Session {
                 self.count.commands += 1;
                 self.command(line)
             }
-            (State::Command, Input::TooLong) => {
+            (State::Command, Input::TooLong(_)) => {
                 self.count.commands += 1;
                 self.error(Reply::LineTooLong)
             }
@@ -174,7 +174,7 @@ impl Dialogue for Session {
                 self.next_bytes(Vec::new())
             }
             (State::Plain, Input::Line(line)) => self.login(plain(line)),
-            (State::Plain, Input::TooLong) => self.login(Err(SaslError::TooLong)),
+            (State::Plain, Input::TooLong(_)) => self.login(Err(SaslError::TooLong)),
             (State::LoggingIn, Input::LoggedIn { .. }) => Step::new(
                 Reply::LoggedIn.to_bytes(),
                 Then::Relay { replay: Vec::new() },

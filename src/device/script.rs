@@ -41,6 +41,8 @@ pub enum Feed {
     /// A line of raw bytes from the device.
     Raw(&'static [u8]),
     TooLong,
+    /// A line over `max_line` that began with these bytes.
+    Long(&'static [u8]),
     Literal(&'static str),
     Discarded,
     Tls,
@@ -62,7 +64,8 @@ pub fn feed(session: &mut dyn Dialogue, input: &Feed) -> (String, String) {
     let step = match input {
         Feed::L(line) => session.on(Input::Line(line.as_bytes())),
         Feed::Raw(line) => session.on(Input::Line(line)),
-        Feed::TooLong => session.on(Input::TooLong),
+        Feed::TooLong => session.on(Input::TooLong(b"")),
+        Feed::Long(head) => session.on(Input::TooLong(head)),
         Feed::Literal(data) => session.on(Input::Literal(data.as_bytes())),
         Feed::Discarded => session.on(Input::Discarded),
         Feed::Tls => session.on(Input::TlsStarted),

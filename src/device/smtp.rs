@@ -336,7 +336,7 @@ impl Dialogue for Session {
                 self.count.commands += 1;
                 self.command(line)
             }
-            (State::Command, Input::TooLong) => {
+            (State::Command, Input::TooLong(_)) => {
                 self.count.commands += 1;
                 self.error(Reply::LineTooLong)
             }
@@ -375,7 +375,7 @@ impl Dialogue for Session {
                     });
                 self.credentials(creds)
             }
-            (State::Plain | State::LoginUser | State::LoginPassword(_), Input::TooLong) => {
+            (State::Plain | State::LoginUser | State::LoginPassword(_), Input::TooLong(_)) => {
                 self.credentials(Err(SaslError::TooLong))
             }
             (State::Bdat, Input::Discarded) => self.next(Reply::AuthRequired),

@@ -18,6 +18,8 @@ pub use super::stream::Stream;
 
 /// How much is read from the socket at a time while looking for a line.
 const READ_CHUNK: usize = 8 * 1024;
+/// How much of an over-long line is kept for its reply (an IMAP tag).
+pub const LONG_LINE_HEAD: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LineError {
@@ -65,6 +67,8 @@ pub struct Conn {
     buf: BytesMut,
     /// Set after an over-long line: skip bytes up to the next LF.
     skipping: bool,
+    /// The first bytes of the last over-long line ([`Conn::take_long_line_head`]).
+    head: Vec<u8>,
 }
 
 impl Conn {
@@ -73,6 +77,7 @@ impl Conn {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
             skipping: false,
+            head: Vec::new(),
         }
     }
 
@@ -104,6 +109,7 @@ impl Conn {
             if !self.skipping {
                 if let Some(n) = find_line_end(&self.buf) {
                     if n > max + 2 {
+                        self.keep_head();
                         self.buf.advance(n);
                         return Err(LineError::TooLong(max));
                     }
@@ -111,6 +117,7 @@ impl Conn {
                     return Ok(strip_eol(&line).to_vec());
                 }
                 if self.buf.len() > max + 1 {
+                    self.keep_head();
                     self.buf.clear();
                     self.skipping = true;
                     return Err(LineError::TooLong(max));
@@ -118,6 +125,19 @@ impl Conn {
             }
             self.fill().await?;
         }
+    }
+
+    /// Keep the start of the over-long line at the front of the buffer.
+    fn keep_head(&mut self) {
+        self.head.clear();
+        self.head
+            .extend_from_slice(&self.buf[..self.buf.len().min(LONG_LINE_HEAD)]);
+    }
+
+    /// The first [`LONG_LINE_HEAD`] bytes of the last line reported as
+    /// `TooLong`, once (they may hold a password: not kept after).
+    pub fn take_long_line_head(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.head)
     }
 
     /// Read exactly `n` bytes (an IMAP literal, a BDAT chunk), waiting at most `wait`.
@@ -273,6 +293,7 @@ impl Conn {
             stream,
             buf,
             skipping: false,
+            head: Vec::new(),
         }
     }
 }
@@ -324,6 +345,8 @@ pub(crate) mod tests {
             conn.read_line(512, WAIT).await,
             Err(LineError::TooLong(512))
         ));
+        assert_eq!(conn.take_long_line_head(), [b'x'; LONG_LINE_HEAD]);
+        assert_eq!(conn.take_long_line_head(), b"");
         assert_eq!(conn.read_line(512, WAIT).await.unwrap(), b"NOOP");
         assert!(
             conn.buf.capacity() < 64 * 1024,
@@ -345,6 +368,7 @@ pub(crate) mod tests {
             conn.read_line(512, WAIT).await,
             Err(LineError::TooLong(_))
         ));
+        assert_eq!(conn.take_long_line_head(), [b'z'; LONG_LINE_HEAD]);
     }
 
     #[tokio::test]

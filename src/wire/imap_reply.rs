@@ -151,6 +151,10 @@ pub enum Reply<'a> {
     },
     InvalidTag,
     LineTooLong,
+    /// A command line over the limit whose tag could be read.
+    TaggedLineTooLong {
+        tag: &'a str,
+    },
     LiteralTooLarge {
         tag: &'a str,
     },
@@ -219,6 +223,7 @@ impl Reply<'_> {
             Reply::Bad { tag, why } => format!("{tag} BAD {why}"),
             Reply::InvalidTag => "* BAD Invalid tag".into(),
             Reply::LineTooLong => "* BAD Command line too long".into(),
+            Reply::TaggedLineTooLong { tag } => format!("{tag} BAD Command line too long"),
             Reply::LiteralTooLarge { tag } => format!("{tag} BAD Literal too large"),
             Reply::LiteralTooLargeBye => "* BYE Literal too large".into(),
             Reply::TooManyErrors => "* BYE Too many errors".into(),

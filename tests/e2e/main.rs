@@ -29,6 +29,7 @@ mod old_clients;
 mod operator_errors;
 mod ops;
 mod ops_day_one;
+mod prelogin_lines;
 mod printers;
 mod ready;
 mod redis;
