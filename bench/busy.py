@@ -110,7 +110,7 @@ class Device:
             del self.uids[:100]
 
     def run(self, kind, text, literal=None):
-        """Send one command, read to its tagged reply; record [start, kind, ms, status]."""
+        """Send one command, read to its tagged reply; record [start, kind, ms, status, local port]."""
         c = self.c
         tag = c.tag()
         t0 = time.time()
@@ -127,7 +127,7 @@ class Device:
             self.untagged(ln)
             got.append(ln)
         status = (ln.split(b" ", 2) + [b""])[1].decode(errors="replace")
-        self.out["cmds"].append([round(t0, 6), kind, round((time.time() - t0) * 1000, 3), status])
+        self.out["cmds"].append([round(t0, 6), kind, round((time.time() - t0) * 1000, 3), status, c.local_port])
         if status == "BAD":
             self.out["bad"].append(f"{text[:60]} -> {ln.decode(errors='replace')[:120]}")
         return status, ln, got
@@ -218,10 +218,10 @@ class Device:
                 break
             if ln.startswith(tag.encode() + b" "):  # refused
                 self.out["cmds"].append([round(t0, 6), "IDLE", round((time.time() - t0) * 1000, 3),
-                                         (ln.split(b" ", 2) + [b""])[1].decode(errors="replace")])
+                                         (ln.split(b" ", 2) + [b""])[1].decode(errors="replace"), c.local_port])
                 return
             self.untagged(ln)
-        self.out["cmds"].append([round(t0, 6), "IDLE", round((time.time() - t0) * 1000, 3), "+"])
+        self.out["cmds"].append([round(t0, 6), "IDLE", round((time.time() - t0) * 1000, 3), "+", c.local_port])
         until = min(time.time() + secs, self.a.end_at)
         while True:
             left = until - time.time()
@@ -244,7 +244,7 @@ class Device:
                 break
             self.untagged(ln)
         self.out["cmds"].append([round(t1, 6), "DONE", round((time.time() - t1) * 1000, 3),
-                                 (ln.split(b" ", 2) + [b""])[1].decode(errors="replace")])
+                                 (ln.split(b" ", 2) + [b""])[1].decode(errors="replace"), c.local_port])
 
 
 def client(argv, imap, sleep_until):
@@ -422,7 +422,8 @@ def summary(path, x, oxbridge):
         events = [w["end"] - (w.get("held_ms") or 0) / 1000 for w in sw]
         events += [r["at_s"] for r in x.get("refusals", []) if r.get("at_s")]
         first = min(events) if events else None
-        holds = [(w["end"] - ((w.get("held_ms") or 0) + 1) / 1000, w["end"]) for w in sw]
+        # the hold: from the pause (held_ms before the log line; whole ms, so up to 1 ms more) to the log line
+        holds = [(w["end"] - ((w.get("held_ms") or 0) + 1) / 1000, w["end"], w.get("port")) for w in sw]
     else:  # no moves: the front's BYE at the first token expiry splits the run
         first = min((b[0] for b in byes), default=None)
     s["first_event"] = first
@@ -432,7 +433,9 @@ def summary(path, x, oxbridge):
     s.update({"before_n": len(before), "before_p50_ms": pct(before, 50), "before_p99_ms": pct(before, 99),
               "after_n": len(after), "after_p50_ms": pct(after, 50), "after_p99_ms": pct(after, 99),
               "after_max_ms": max(after) if after else None})
-    in_hold = [c[2] for c in cmds if any(c[0] <= b and c[0] + c[2] / 1000 >= a for a, b in holds)]
+    # the moving session's own commands in flight during its hold
+    in_hold = [c[2] for c in cmds if any(c[0] <= b and c[0] + c[2] / 1000 >= a and c[4:5] == [port]
+                                         for a, b, port in holds)]
     s["in_hold_n"], s["in_hold_max_ms"] = len(in_hold), max(in_hold) if in_hold else None
     per = {}
     for kind in KINDS:

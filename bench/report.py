@@ -154,8 +154,8 @@ def busy_section(B, ttl):
                    f"{rc['expunge']}, arrival {rc['arrival']}, flags {rc['flags']})"
                    + (f"; not in this build's /metrics (shown as 0): {', '.join(missing)}" if missing else ""))
         out.append(f"  oxbridge log: {s['moves_log']} moves, {s['refusals_log']} refusals; moved = moves / (moves + "
-                   f"refusals); held: the log's held_ms per move (whole ms); commands in flight during a hold: "
-                   f"{s['in_hold_n']}")
+                   f"refusals); held: the log's held_ms per move (whole ms); max in hold: the moving session's "
+                   f"commands in flight during its hold ({s['in_hold_n']})")
     for path, p in sums.items():
         if p["byes"]:
             out.append(f"  {path}: BYEs " + "; ".join(f"{n} x {line}" for line, n in p["bye_lines"].items())
