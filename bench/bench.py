@@ -742,10 +742,16 @@ def swap_workload(args, up, out, procs, N, phc, real, ca, real_token, ftls):
                                             "--log-file", os.path.join(out, "emailproxy-swapbusy-own.log")],
                     env={"SSL_CERT_FILE": ca, "no_proxy": "*", "NO_PROXY": "*"}, wait_ports=[PORTS["ep_swap"]])
 
-    r["busy"] = busy.phase(args, out, procs, N, real, ca, real_token,
-                           {"oxbridge": P["imap"], "admin": P["admin"], "emailproxy": PORTS["ep_swap"]}, PASSWORD,
-                           start_oxbridge, start_emailproxy,
-                           (Imap, sleep_until, oxbridge_swaps, metric_lines, parse_log_time, log))
+    try:  # a failure here must not lose the quiet phase's results
+        r["busy"] = busy.phase(args, out, procs, N, real, ca, real_token,
+                               {"oxbridge": P["imap"], "admin": P["admin"], "emailproxy": PORTS["ep_swap"]},
+                               PASSWORD, start_oxbridge, start_emailproxy,
+                               (Imap, sleep_until, oxbridge_swaps, metric_lines, parse_log_time, log))
+    except (OSError, ConnectionError, RuntimeError, SystemExit, ValueError) as e:
+        log(f"swap, busy mailbox: failed: {e}")
+        r["busy"] = {"failed": f"{type(e).__name__}: {e}"}
+        for name in ("oxbridge-swapbusy", "emailproxy-swapbusy"):
+            procs.stop(name)
     return r
 
 

@@ -122,6 +122,8 @@ def busy_section(B, ttl):
     """The swap workload's busy-mailbox row (see README.md)."""
     import busy
 
+    if B.get("failed"):
+        return ["", f"  BUSY MAILBOX: failed: {B['failed']}"]
     out = ["", f"  BUSY MAILBOX: {B['devices']} devices per path on one folder of {B['user']} for {B['secs']} s "
                 f"({ttl}-s tokens; a fresh oxbridge, so a cold token cache), each keeping its session and sending "
                 f"a command every ~{B['gap_ms']} ms at random: APPEND, STORE flags, STORE \\Deleted + EXPUNGE, "
