@@ -28,6 +28,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+import busy  # noqa: E402
 import devtls  # noqa: E402
 import report  # noqa: E402
 
@@ -721,6 +722,36 @@ def swap_workload(args, up, out, procs, N, phc, real, ca, real_token, ftls):
         "max_ms": max(rtt) if rtt else None, "swaps": per_swap, "error": cl.get("error"),
         "secs": round(ts[-1] - ts[0], 1) if ts else None,
     }
+
+    # The busy mailbox, after the quiet devices: a fresh oxbridge on the
+    # same ports (a cold token cache, so the first moves come 3/4 of a token
+    # lifetime after the logins; metrics of its own), and a fresh emailproxy.
+    def start_oxbridge():
+        bcfg = os.path.join(out, "oxbridge-swapbusy.toml")
+        oxbridge_config(bcfg, os.path.join(out, "state-swapbusy"),
+                        {"imap": f"localhost:{front}", "pop3": f"localhost:{real['pop3']}",
+                         "smtp": f"localhost:{real['smtp']}"}, ca, ttl_url, [("imap", P["imap"])], accounts,
+                        log_level="info", log_format="json", admin=P["admin"])
+        procs.start("oxbridge-swapbusy", [args.oxbridge, "run", "--config", bcfg],
+                    wait_ports=[P["imap"], P["admin"]])
+
+    def start_emailproxy():
+        bep = os.path.join(out, "emailproxy-swapbusy.config")
+        emailproxy_config(bep, [("imap", PORTS["ep_swap"], "127.0.0.1", front)], [(N["busy_user"], ttl_url)])
+        procs.start("emailproxy-swapbusy", [args.emailproxy, "--no-gui", "--config-file", bep,
+                                            "--log-file", os.path.join(out, "emailproxy-swapbusy-own.log")],
+                    env={"SSL_CERT_FILE": ca, "no_proxy": "*", "NO_PROXY": "*"}, wait_ports=[PORTS["ep_swap"]])
+
+    try:  # a failure here must not lose the quiet phase's results
+        r["busy"] = busy.phase(args, out, procs, N, real, ca, real_token,
+                               {"oxbridge": P["imap"], "admin": P["admin"], "emailproxy": PORTS["ep_swap"]},
+                               PASSWORD, start_oxbridge, start_emailproxy,
+                               (Imap, sleep_until, oxbridge_swaps, metric_lines, parse_log_time, log))
+    except (OSError, ConnectionError, RuntimeError, SystemExit, ValueError) as e:
+        log(f"swap, busy mailbox: failed: {e}")
+        r["busy"] = {"failed": f"{type(e).__name__}: {e}"}
+        for name in ("oxbridge-swapbusy", "emailproxy-swapbusy"):
+            procs.stop(name)
     return r
 
 
@@ -1029,6 +1060,10 @@ def main():
         "swap_ttl": 20, "swap_secs": 56, "swap_append_ms": 75, "swap_noop_delay": 7, "swap_noop_gap_ms": 0,
         "swap_instant_delay": 3.5, "swap_burst_ms": 1, "swap_burst_secs": 2,
         "swap_window_before_ms": 250, "swap_window_after_ms": 50,
+        # swap, busy mailbox (after the above): devices on one folder of busy_user, a command every
+        # ~busy_gap_ms each, for busy_secs (moves at ~15, 30, 45 s ... after they log in)
+        "busy_devices": 4, "busy_secs": 56 if q else 116, "busy_gap_ms": 20, "busy_idle_max_ms": 1500,
+        "busy_user": USERS[0],
         "idle_sessions": min(args.idle_sessions, 300) if q else args.idle_sessions,
         # spool: messages of spool_size bytes, spool_reps per path and round
         "spool_size": 100_000, "spool_reps": 30 if q else 100, "spool_rounds": 1 if q else 3,
@@ -1332,6 +1367,8 @@ def run_all(args, up, res, N, only, procs):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["swap-client"]:
         swap_client(sys.argv[2:])
+    elif sys.argv[1:2] == ["busy-client"]:
+        busy.client(sys.argv[2:], Imap, sleep_until)
     elif sys.argv[1:2] == ["idle-upstream"]:
         idle_upstream(sys.argv[2:])
     else:

@@ -118,6 +118,67 @@ def verdict(ok):
     return "MET" if ok else "NOT MET"
 
 
+def busy_section(B, ttl):
+    """The swap workload's busy-mailbox row (see README.md)."""
+    import busy
+
+    if B.get("failed"):
+        return ["", f"  BUSY MAILBOX: failed: {B['failed']}"]
+    out = ["", f"  BUSY MAILBOX: {B['devices']} devices per path on one folder of {B['user']} for {B['secs']} s "
+                f"({ttl}-s tokens; a fresh oxbridge, so a cold token cache), each keeping its session and sending "
+                f"a command every ~{B['gap_ms']} ms at random: APPEND, STORE flags, STORE \\Deleted + EXPUNGE, "
+                f"FETCH, SEARCH, NOOP, IDLE of 0.2-{B['idle_max_ms'] / 1000:g} s; sequence-number and UID forms; "
+                f"{B['seed_messages']} messages at the start; a device that gets * BYE logs in again"]
+    rows, sums = [], {}
+    for path in PATHS:
+        x = B["paths"].get(path)
+        if not x:
+            continue
+        ox = path == "oxbridge"
+        s = sums[path] = busy.summary(path, x, ox)
+        na = lambda v: v if ox else "n/a"
+        rows.append([path, na(s.get("moves")), na(s.get("refusals")),
+                     na(f(100 * s["moved_share"], 0, "%") if ox and s["moved_share"] is not None else "-"),
+                     na(f(s.get("held_p50_ms"), 0)), na(f(s.get("held_max_ms"), 0)), s["byes"], s["drops"],
+                     s["commands"], s["no"], s["bad"], f(s["before_p50_ms"], 2), f(s["before_p99_ms"], 1),
+                     f(s["after_p50_ms"], 2), f(s["after_p99_ms"], 1), f(s["after_max_ms"], 0),
+                     na(f(s["in_hold_max_ms"], 1))])
+    out.append(table(["path", "moves", "refused", "moved", "held p50 ms", "max", "BYEs", "drops", "commands", "NO",
+                      "BAD", "before p50 ms", "p99", "after p50 ms", "p99", "max", "max in hold ms"], rows))
+    s = sums.get("oxbridge")
+    if s:
+        rr = "; ".join(f"{k} {v}" for k, v in sorted(s["refusal_reasons"].items())) or "none"
+        dr = "; ".join(f"{k} {v}" for k, v in sorted(s["deferral_reasons"].items()))
+        rc = s["reconciled"]
+        missing = [n for n in busy.METRICS if n not in s["metrics_present"] and "duration" not in n]
+        out.append(f"  oxbridge /metrics: moves {s['moves']}, refusals by reason: {rr}; deferrals {s['deferrals']}"
+                   + (f" ({dr})" if dr else "") + f"; reconciliations {s['reconciliations']} (replayed: expunge "
+                   f"{rc['expunge']}, arrival {rc['arrival']}, flags {rc['flags']})"
+                   + (f"; not in this build's /metrics (shown as 0): {', '.join(missing)}" if missing else ""))
+        out.append(f"  oxbridge log: {s['moves_log']} moves, {s['refusals_log']} refusals; moved = moves / (moves + "
+                   f"refusals); held: the log's held_ms per move (whole ms); max in hold: the moving session's "
+                   f"commands in flight during its hold ({s['in_hold_n']})")
+    for path, p in sums.items():
+        if p["byes"]:
+            out.append(f"  {path}: BYEs " + "; ".join(f"{n} x {line}" for line, n in p["bye_lines"].items())
+                       + " (during: " + ", ".join(f"{k} {v}" for k, v in sorted(p["bye_in"].items())) + ")")
+        for e in p["drop_samples"] + p["errors"]:
+            out.append(f"  {path}: dropped: {e}")
+        for b in p["bad_samples"]:
+            out.append(f"  {path}: BAD: {b}")
+    out.append("  before = commands sent before the first move or refusal (emailproxy: before the front's first "
+               "BYE), after = from then on; LOGIN and SELECT not counted there; NO = mostly a message another "
+               "device had just expunged; BAD = a message number the device believed valid was not (a view that "
+               "disagrees with the server's); drops = connections lost without a BYE")
+    if s:
+        rows = [[k, v["n"], v["no"], v["bad"], f(v["before_p50_ms"], 2), f(v["before_p99_ms"], 1),
+                 f(v["after_p50_ms"], 2), f(v["after_p99_ms"], 1), f(v["after_max_ms"], 0)]
+                for k, v in s["per_kind"].items()]
+        out.append("  oxbridge, per command:")
+        out.append(table(["command", "n", "NO", "BAD", "before p50 ms", "p99", "after p50 ms", "p99", "max"], rows))
+    return out
+
+
 def render(res):
     out = []
     m = res.get("machine", {})
@@ -416,6 +477,8 @@ def render(res):
                             f"{f(e1, 1)} ms; IDLE (instant) {len(fx['swaps']) if fx else 0} swaps, swap max - base "
                             f"p50 {f(e2, 1)} ms; NOOP {len(nn['swaps']) if nn else 0} swaps, max RTT in a hold "
                             f"{f(noop_max, 2)} ms"))
+            if W.get("busy"):
+                out += busy_section(W["busy"], W.get("ttl_s"))
 
     # ------------------------------------------------------------------ spool
     S = res.get("spool")
