@@ -455,6 +455,9 @@ impl View {
                     }
                 }
             }
+            Response::Recent(n) if *n as usize > count => {
+                return Err(format!("* {n} RECENT beyond the count {count}"));
+            }
             Response::Fetch { msn, uid, flags } => self.fetched(cmd, *msn as usize, *uid, flags)?,
             Response::Search(nums) => self.searched(cmd, nums)?,
             _ => {}
@@ -522,10 +525,12 @@ impl View {
                 }
                 for (i, (m, u)) in self.msgs.iter_mut().zip(&uids).enumerate() {
                     match m.uid {
-                        Some(k) if k != *u => return Err(format!(
+                        Some(k) if k != *u => {
+                            return Err(format!(
                             "UID SEARCH ALL: message {} is UID {k} in the model, {u} by the search",
                             i + 1
-                        )),
+                        ))
+                        }
                         _ => m.uid = Some(*u),
                     }
                 }
@@ -734,6 +739,8 @@ mod tests {
         let mut v = view(&[3, 5, 8], Cmd::Other);
         assert!(e(&mut v, Response::Exists(2)).contains("without EXPUNGE"));
         assert!(e(&mut v, Response::Expunge(4)).contains("beyond the count"));
+        assert!(e(&mut v, Response::Recent(4)).contains("RECENT beyond"));
+        v.apply(&Response::Recent(3)).unwrap();
         let wrong = Response::Fetch {
             msn: 2,
             uid: Some(6),
