@@ -281,11 +281,14 @@ enum Op {
     UidSearchAll,
     Noop,
     Idle,
+    /// Nothing in flight for 0.5 to 2 s: a move may come while the
+    /// device is at rest, and must then tell it of no expunge.
+    Rest,
 }
 
 /// (op, weight) of a ticketing system (IDLE and NOOP) and of people at
 /// work (FETCH, STORE, EXPUNGE).
-const WATCHER: [(Op, u32); 14] = [
+const WATCHER: [(Op, u32); 15] = [
     (Op::Append, 4),
     (Op::AppendSync, 1),
     (Op::Flag, 2),
@@ -300,8 +303,9 @@ const WATCHER: [(Op, u32); 14] = [
     (Op::UidSearchAll, 6),
     (Op::Noop, 25),
     (Op::Idle, 30),
+    (Op::Rest, 5),
 ];
-const WORKER: [(Op, u32); 14] = [
+const WORKER: [(Op, u32); 15] = [
     (Op::Append, 9),
     (Op::AppendSync, 3),
     (Op::Flag, 10),
@@ -316,6 +320,7 @@ const WORKER: [(Op, u32); 14] = [
     (Op::UidSearchAll, 5),
     (Op::Noop, 5),
     (Op::Idle, 5),
+    (Op::Rest, 0),
 ];
 
 /// One device: its connection, its model and its transcript.
@@ -569,6 +574,7 @@ impl<'a> Device<'a> {
                 | Op::UidSearchAll
                 | Op::Noop
                 | Op::Idle
+                | Op::Rest
         );
         if needs_message && self.view.count() == 0 {
             op = Op::Append;
@@ -613,6 +619,11 @@ impl<'a> Device<'a> {
                 .map(drop),
             Op::Noop => self.ok("NOOP", Cmd::Other, false).map(drop),
             Op::Idle => self.idle(),
+            Op::Rest => {
+                let rest = self.rng.gen_range(500..2000);
+                std::thread::sleep(Duration::from_millis(rest));
+                self.at_rest()
+            }
         }
     }
 
@@ -694,7 +705,13 @@ impl<'a> Device<'a> {
             }
         }
         let until = Instant::now() + Duration::from_millis(self.rng.gen_range(200..2000));
-        while self.read_until(until)?.is_some() {}
+        while let Some(r) = self.read_until(until)? {
+            if let Response::Tagged { status, text, .. } = r {
+                return Err(Fail::Broken(format!(
+                    "IDLE ended by the server: {status} {text}"
+                )));
+            }
+        }
         self.write(b"DONE\r\n", b"DONE\r\n")?;
         let a = self.answer(&tag)?;
         self.stats.ops += 1;
