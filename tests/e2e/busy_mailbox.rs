@@ -28,6 +28,10 @@ use crate::harness::*;
 /// still sees three moves per session.
 const LIFETIME: Duration = Duration::from_secs(20);
 const DEVICES: usize = 4;
+/// Whose mailbox: Alice's, as in the other tests with short tokens (the
+/// tests of `continuity` check that Bob's logins at the front had 90 s
+/// tokens, and may run at the same time).
+const USER: &str = ALICE;
 /// Messages in the folder when the devices start.
 const SEED_MESSAGES: usize = 20;
 /// How long one response may take (a move holds a device for
@@ -77,18 +81,18 @@ fn short_token_proxy() -> Proxy {
     Proxy::start(&with_token_url(&cfg, &url))
 }
 
-/// A new folder in Bob's mailbox holding [`SEED_MESSAGES`] messages.
+/// A new folder in [`USER`]'s mailbox holding [`SEED_MESSAGES`] messages.
 fn seeded_folder(port: u16) -> String {
     let name = unique("busy");
     let mut c = Raw::connect(port);
     c.line();
     assert!(c
-        .imap_login(BOB, &upstream().password(BOB))
+        .imap_login(USER, &upstream().password(USER))
         .contains("a OK"));
     c.send(&format!("c CREATE \"{name}\""));
     assert!(c.until("c ").contains("c OK"), "CREATE {name}");
     for i in 0..SEED_MESSAGES {
-        let m = short_message(BOB, &unique("seed"), &format!("seed {i}"));
+        let m = short_message(USER, &unique("seed"), &format!("seed {i}"));
         c.send(&format!("p{i} APPEND \"{name}\" {{{}+}}", m.len()));
         c.write(m.as_bytes());
         c.write(b"\r\n");
@@ -128,7 +132,7 @@ imap.logout()
     let out = run(
         std::process::Command::new("python3")
             .args(["-c", SCRIPT, up.imaps_port(), up.ca(), up.token_url()])
-            .args([up.get("PUBLIC_CLIENT_ID"), BOB, &up.password(BOB), folder]),
+            .args([up.get("PUBLIC_CLIENT_ID"), USER, &up.password(USER), folder]),
         Duration::from_secs(60),
     );
     assert!(out.status.success(), "{}", text(&out));
@@ -508,10 +512,10 @@ impl<'a> Device<'a> {
         self.view = View::default();
         self.view.begin(Cmd::Other);
         self.read()?;
-        let password = upstream().password(BOB);
+        let password = upstream().password(USER);
         let tag = self.next_tag();
-        let line = format!("{tag} LOGIN \"{BOB}\" \"{password}\"\r\n");
-        let shown = format!("{tag} LOGIN \"{BOB}\" ***");
+        let line = format!("{tag} LOGIN \"{USER}\" \"{password}\"\r\n");
+        let shown = format!("{tag} LOGIN \"{USER}\" ***");
         self.write(line.as_bytes(), shown.as_bytes())?;
         let a = self.answer(&tag)?;
         if a.status != "OK" {
@@ -634,7 +638,7 @@ impl<'a> Device<'a> {
         let body: String = (0..size)
             .map(|i| if i % 70 == 69 { '\n' } else { 'x' })
             .collect();
-        let message = short_message(BOB, &unique("busy"), &body.replace('\n', "\r\n"));
+        let message = short_message(USER, &unique("busy"), &body.replace('\n', "\r\n"));
         self.at_rest()?;
         let tag = self.next_tag();
         self.view.begin(Cmd::Other);
