@@ -15,6 +15,7 @@
 mod common;
 mod harness;
 
+mod busy_mailbox;
 mod continuity;
 mod continuity_moves;
 mod continuity_reconcile;

@@ -4,6 +4,7 @@
 mod cells;
 mod clients;
 mod faults;
+pub mod imap_model;
 mod metrics;
 mod oldtls;
 mod proxy;
