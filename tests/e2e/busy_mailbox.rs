@@ -893,6 +893,14 @@ fn several_devices_on_one_busy_mailbox_keep_a_true_view_across_moves() {
         total.byes, total.ops, total.expunges, total.appends
     );
     eprintln!(
+        "busy mailbox: deferred={} reconciled={} told expunges={} arrivals={} flags={}",
+        value(&m, "oxbridge_imap_swap_deferrals_total", &[]) + 0.0,
+        value(&m, "oxbridge_imap_reconciliations_total", &[]) + 0.0,
+        value(&m, "oxbridge_imap_reconciled_total", &[("kind", "expunge")]) + 0.0,
+        value(&m, "oxbridge_imap_reconciled_total", &[("kind", "arrival")]) + 0.0,
+        value(&m, "oxbridge_imap_reconciled_total", &[("kind", "flags")]) + 0.0,
+    );
+    eprintln!(
         "busy mailbox: {} NO for messages expunged meanwhile, {} messages at the end, worked {worked:?}, {:?} in all; refusals: {:?}",
         total.expunged_refusals,
         server.len(),
