@@ -45,7 +45,7 @@ use tracing::{info, warn};
 use self::pumps::{down_pump, up_pump, Control, Down, Shared, Up};
 pub use self::renew::{Renew, Renewer};
 use self::swap::{prepare, swap, Held, Moved, Prepared};
-use self::talk::logout;
+use self::talk::{logout, SWAP_REPLY};
 use super::{Activity, Relayed, FAREWELL_WRITE};
 use crate::net::Conn;
 use crate::wire::imap::Reply;
@@ -275,20 +275,32 @@ pub async fn relay(
                 count: v.count,
             }
         };
-        let moved = tokio::time::timeout(SWAP_TIME, swap(&mut device_conn, &mut old, &mut p, held))
+        let moved = tokio::time::timeout(SWAP_TIME, swap(&mut old, &mut p, held))
             .await
             .unwrap_or(Err("timed out"));
+        // What the device is told goes out whole or ends the session: a
+        // write cut short is followed by nothing (not even the BYE).
+        let told = match &moved {
+            Ok(Moved::Done { told, .. } | Moved::Later { told, .. }) => told.as_slice(),
+            Err(_) => &[],
+        };
+        if !told.is_empty() {
+            if let Err(e) = device_conn.send(told, SWAP_REPLY).await {
+                warn!(error = %e, "IMAP session ended while it moved: the device did not take its updates");
+                logout(old);
+                logout(p.renewed.conn);
+                return relayed("device write failed");
+            }
+            shared
+                .to_device
+                .fetch_add(told.len() as u64, Ordering::Relaxed);
+        }
         let held = shared.held_for().unwrap_or_default();
         shared.parked_ms.store(0, Ordering::Relaxed);
         match moved {
-            Ok(Moved::Done {
-                told,
-                replay,
-                count,
-            }) => {
+            Ok(Moved::Done { replay, count, .. }) => {
                 // What the device was told here bypassed the view.
                 shared.view().count = count;
-                shared.to_device.fetch_add(told, Ordering::Relaxed);
                 logout(old);
                 crate::metrics::imap_swap(held);
                 crate::metrics::imap_reconciled(replay.expunged, replay.arrived, replay.flags);
@@ -311,12 +323,11 @@ pub async fn relay(
                 device = device_conn;
                 upstream = p.renewed.conn;
             }
-            Ok(Moved::Later { told, count }) => {
+            Ok(Moved::Later { count, .. }) => {
                 shared.view().count = count;
                 // The session goes on with the old connection; the move is
                 // made at the device's next command that may carry the
                 // expunges (or the session ends with the BYE in time).
-                shared.to_device.fetch_add(told, Ordering::Relaxed);
                 crate::metrics::imap_swap_deferred(DEFERRED);
                 info!(
                     held_ms = held.as_millis() as u64,

@@ -44,6 +44,9 @@ pub enum Request<'a> {
         examine: bool,
         condstore: bool,
     },
+    /// Moving a session: what the new connection has to announce, while
+    /// it says its mailbox is empty.
+    Noop,
     /// Moving a session: the UIDs of the messages from this number on
     /// (`FETCH n:* (UID)`: no expunges are announced during it).
     FetchUids(u32),
@@ -80,6 +83,7 @@ impl Request<'_> {
                 }
                 return super::line(&out);
             }
+            Request::Noop => format!("{TAG} NOOP"),
             Request::FetchUids(n) => format!("{TAG} FETCH {n}:* (UID)"),
             Request::UidFetchUids(uid) => format!("{TAG} UID FETCH {uid}:* (UID)"),
             Request::Done => "DONE".into(),

@@ -11,7 +11,9 @@
 //! arrivals (`EXISTS`, and `RECENT` before IMAP4rev2), and the flag
 //! changes the new connection reported. Pure: no sockets, no time.
 
-use super::imap::Reply;
+use std::collections::HashMap;
+
+use super::imap::{literal_suffix, Reply};
 
 /// Most messages followed in one view; a larger mailbox is not moved.
 pub const MAX_MESSAGES: u32 = 1_000_000;
@@ -200,18 +202,13 @@ pub fn count_after(count: Option<u32>, head: &[u8]) -> Option<u32> {
     }
 }
 
-/// One message of a view: its UID (0 until told) and the last item list
-/// the connection sent about it unasked (a flag change), if any.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Slot {
-    uid: u32,
-    news: Option<Box<[u8]>>,
-}
-
-/// A selected mailbox as one connection has announced it.
+/// A selected mailbox as one connection has announced it: the UID of
+/// each message by number (0 until told), and the last item list the
+/// connection sent unasked about a message (a flag change), by UID.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Numbers {
-    slots: Vec<Slot>,
+    uids: Vec<u32>,
+    news: HashMap<u32, Box<[u8]>>,
     /// The last `* n RECENT`.
     pub recent: Option<u32>,
 }
@@ -223,31 +220,43 @@ impl Numbers {
             return Err(TOO_LARGE);
         }
         Ok(Numbers {
-            slots: vec![Slot::default(); count as usize],
-            recent: None,
+            uids: vec![0; count as usize],
+            ..Numbers::default()
         })
     }
 
     pub fn count(&self) -> u32 {
-        self.slots.len() as u32
+        self.uids.len() as u32
     }
 
-    /// Apply one untagged response, in stream order.
+    /// Apply one untagged response (its first line, no CRLF), in stream
+    /// order.
     pub fn apply(&mut self, head: &[u8]) -> Result<(), &'static str> {
         match update(head) {
             Update::Exists(n) if n < self.count() => return Err(DISAGREE),
             Update::Exists(n) if n > MAX_MESSAGES => return Err(TOO_LARGE),
-            Update::Exists(n) => self.slots.resize(n as usize, Slot::default()),
+            Update::Exists(n) => self.uids.resize(n as usize, 0),
             Update::Expunge(n) if n == 0 || n > self.count() => return Err(DISAGREE),
             Update::Expunge(n) => {
-                self.slots.remove(n as usize - 1);
+                let uid = self.uids.remove(n as usize - 1);
+                self.news.remove(&uid);
             }
-            Update::Vanished(set) => {
-                if self.slots.iter().any(|s| s.uid == 0) {
-                    return Err(DISAGREE);
+            Update::Vanished(mut set) => {
+                set.sort_unstable();
+                let gone = |uid: &u32| {
+                    let i = set.partition_point(|(a, _)| a <= uid);
+                    i > 0 && set[i - 1].1 >= *uid
+                };
+                if self.uids.contains(&0) {
+                    // Which numbers left cannot be told: the view starts
+                    // again from its count, every UID to be asked for.
+                    let left = u64::from(self.count()).saturating_sub(set_size(&set));
+                    self.uids = vec![0; left as usize];
+                    self.news.clear();
+                } else {
+                    self.uids.retain(|u| !gone(u));
+                    self.news.retain(|u, _| !gone(u));
                 }
-                self.slots
-                    .retain(|s| !set.iter().any(|(a, b)| (*a..=*b).contains(&s.uid)));
             }
             Update::Recent(n) => self.recent = Some(n),
             Update::Fetch { n, .. } if n == 0 || n > self.count() => return Err(DISAGREE),
@@ -257,14 +266,21 @@ impl Numbers {
                 only_uid,
                 items,
             } => {
-                let slot = &mut self.slots[n as usize - 1];
+                let slot = &mut self.uids[n as usize - 1];
                 match uid {
-                    Some(u) if slot.uid == 0 => slot.uid = u,
-                    Some(u) if slot.uid != u => return Err(DISAGREE),
+                    Some(u) if *slot == 0 => *slot = u,
+                    Some(u) if *slot != u => return Err(DISAGREE),
                     _ => {}
                 }
-                if !only_uid {
-                    slot.news = Some(items.into());
+                // A literal's bytes are not on this line: such news
+                // cannot be told again as it came.
+                if !only_uid && literal_suffix(head).is_some() {
+                    return Err("a literal in unasked news while moving");
+                }
+                // News of a message whose UID is not known yet is left
+                // out: the device learns of that message as an arrival.
+                if !only_uid && *slot != 0 {
+                    self.news.insert(*slot, items.into());
                 }
             }
             Update::Bye => return Err(BYE),
@@ -275,24 +291,20 @@ impl Numbers {
 
     /// The first message number whose UID is not known.
     pub fn first_unknown(&self) -> Option<u32> {
-        self.slots
-            .iter()
-            .position(|s| s.uid == 0)
-            .map(|i| i as u32 + 1)
+        self.uids.iter().position(|u| *u == 0).map(|i| i as u32 + 1)
     }
 
     /// The highest UID known.
     pub fn highest_known(&self) -> u32 {
-        self.slots.iter().map(|s| s.uid).max().unwrap_or(0)
+        self.uids.iter().copied().max().unwrap_or(0)
     }
 
     /// The UIDs by message number, when all are known and ascend.
     pub fn uids(&self) -> Result<Vec<u32>, &'static str> {
-        let uids: Vec<u32> = self.slots.iter().map(|s| s.uid).collect();
-        if uids.contains(&0) || !uids.windows(2).all(|w| w[0] < w[1]) {
+        if self.uids.contains(&0) || !self.uids.windows(2).all(|w| w[0] < w[1]) {
             return Err(DISAGREE);
         }
-        Ok(uids)
+        Ok(self.uids.clone())
     }
 }
 
@@ -375,8 +387,8 @@ pub fn reconcile(device: &[u32], now: &Numbers, how: Telling) -> Result<Replay, 
             replay.bytes.extend(Reply::Recent(r as usize).to_bytes());
         }
     }
-    for (i, slot) in now.slots.iter().enumerate() {
-        if let Some(items) = &slot.news {
+    for (i, uid) in now_uids.iter().enumerate() {
+        if let Some(items) = now.news.get(uid) {
             replay.flags += 1;
             replay
                 .bytes

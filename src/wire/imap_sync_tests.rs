@@ -142,8 +142,8 @@ fn what_cannot_be_so_is_a_disagreement() {
     }
     v.apply(b"* 1 FETCH (UID 9)").unwrap();
     assert_eq!(v.apply(b"* 1 FETCH (UID 8)"), Err(DISAGREE));
-    // VANISHED cannot be applied while some UIDs are not known.
-    assert_eq!(v.apply(b"* VANISHED 9"), Err(DISAGREE));
+    // A literal in unasked news cannot be told again.
+    assert!(v.clone().apply(b"* 1 FETCH (UID 9 X-LABELS {5}").is_err());
     assert_eq!(Numbers::new(MAX_MESSAGES + 1), Err(TOO_LARGE));
     assert_eq!(
         Numbers::new(0).unwrap().apply(b"* 4000000000 EXISTS"),
@@ -240,6 +240,80 @@ fn views_that_cannot_both_be_true_are_refused() {
         reconcile(&[1], &Numbers::new(1).unwrap(), AT_IDLE),
         Err(Unreconciled::Refused(DISAGREE))
     );
+}
+
+/// VANISHED while some UIDs are not known (an order the RFCs allow, not
+/// Dovecot's): the view starts again from its new count, all to be asked.
+#[test]
+fn vanished_before_the_uids_are_known_starts_the_view_again() {
+    let mut v = Numbers::new(5).unwrap();
+    apply_all(
+        &mut v,
+        &[
+            "* 1 FETCH (UID 3)",
+            "* 1 FETCH (FLAGS (\\Seen))",
+            "* VANISHED 4:5",
+        ],
+    )
+    .unwrap();
+    assert_eq!(v.count(), 3);
+    assert_eq!(v.first_unknown(), Some(1));
+    assert_eq!(v.highest_known(), 0);
+    apply_all(
+        &mut v,
+        &[
+            "* 1 FETCH (UID 3)",
+            "* 2 FETCH (UID 6)",
+            "* 3 FETCH (UID 7)",
+        ],
+    )
+    .unwrap();
+    let r = reconcile(&[3, 4, 5, 6], &v, AT_IDLE).unwrap();
+    assert_eq!(text(&r), "* 3 EXPUNGE\r\n* 2 EXPUNGE\r\n* 3 EXISTS\r\n");
+}
+
+/// A large scattered VANISHED is applied in one pass, not per range.
+#[test]
+fn a_large_vanished_is_cheap() {
+    let uids: Vec<u32> = (1..=200_000).collect();
+    let mut v = Numbers::new(0).unwrap();
+    v.uids = uids.clone();
+    let set: Vec<String> = (1..=100_000).map(|k| (k * 2).to_string()).collect();
+    let line = format!("* VANISHED {}", set.join(","));
+    let start = std::time::Instant::now();
+    v.apply(line.as_bytes()).unwrap();
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(v.count(), 100_000);
+    assert_eq!(v.uids().unwrap()[..3], [1, 3, 5]);
+}
+
+/// News of a message is kept by its UID: an expunge before it is told
+/// moves it to its new number; news of a message not yet known is left
+/// out (the device hears of it as an arrival).
+#[test]
+fn news_follows_its_message() {
+    let mut v = view(&[1, 2, 3]);
+    apply_all(
+        &mut v,
+        &[
+            "* 3 FETCH (FLAGS (\\Seen))",
+            "* 4 EXISTS",
+            "* 4 FETCH (FLAGS (\\Flagged))",
+            "* 1 EXPUNGE",
+            "* 3 FETCH (UID 8)",
+        ],
+    )
+    .unwrap();
+    let r = reconcile(&[1, 2, 3], &v, AT_IDLE).unwrap();
+    assert_eq!(
+        text(&r),
+        "* 1 EXPUNGE\r\n* 3 EXISTS\r\n* 2 FETCH (FLAGS (\\Seen))\r\n"
+    );
+    assert_eq!((r.expunged, r.arrived, r.flags), (1, 1, 1));
 }
 
 /// A device that applies what it is told ends with the new view: the

@@ -82,6 +82,8 @@ pub struct View {
     literal_wait: Option<String>,
     /// How many messages the device has been told its mailbox holds.
     pub count: Option<u32>,
+    /// Extensions named by `* ENABLED` since the last ENABLE ended.
+    granted: Vec<String>,
 }
 
 impl View {
@@ -183,6 +185,13 @@ impl View {
                 self.pending_uidvalidity = Some(v);
             }
             self.count = count_after(self.count, head);
+            let enabling = self
+                .in_flight
+                .iter()
+                .any(|(_, k)| matches!(k, Kind::Enable(_)));
+            if let Some(names) = enabled_names(head).filter(|_| enabling) {
+                self.granted.extend(names);
+            }
             return seen(head);
         }
         if head.first() == Some(&b'+') {
@@ -224,13 +233,17 @@ impl View {
                 self.selected = None;
                 self.count = None;
             }
-            Kind::Enable(exts) if ok => {
-                for e in exts {
-                    if !self.enabled.iter().any(|x| x.eq_ignore_ascii_case(&e)) {
+            // What the server said it enabled (`* ENABLED`), of what was
+            // asked: a server may leave out what it does not know.
+            Kind::Enable(asked) if ok => {
+                for e in std::mem::take(&mut self.granted) {
+                    let known = self.enabled.iter().any(|x| x.eq_ignore_ascii_case(&e));
+                    if !known && asked.iter().any(|a| a.eq_ignore_ascii_case(&e)) {
                         self.enabled.push(e);
                     }
                 }
             }
+            Kind::Enable(_) => self.granted.clear(),
             Kind::Idle => {
                 self.idling = false;
                 self.done = false;
@@ -333,6 +346,24 @@ fn numbers_in_search(keys: &[&[u8]]) -> bool {
                     .iter()
                     .any(|k| bare(keys[i - 1]).eq_ignore_ascii_case(k)))
     })
+}
+
+/// The names of a `* ENABLED` response.
+fn enabled_names(head: &[u8]) -> Option<Vec<String>> {
+    const ENABLED: &[u8] = b"* ENABLED";
+    let rest = head
+        .get(..ENABLED.len())
+        .filter(|p| p.eq_ignore_ascii_case(ENABLED))
+        .map(|_| &head[ENABLED.len()..])?;
+    if !rest.is_empty() && !rest.starts_with(b" ") {
+        return None;
+    }
+    Some(
+        rest.split(|b| *b == b' ')
+            .filter(|w| !w.is_empty())
+            .map(|w| String::from_utf8_lossy(w).into_owned())
+            .collect(),
+    )
 }
 
 /// Whether a command's first word is a tag a server answers with (RFC

@@ -39,6 +39,26 @@ fn select_idle_and_enable_are_followed() {
     assert_eq!(v.selected, None);
 }
 
+/// ENABLE is followed by what the server says it enabled, not by what
+/// was asked: Dovecot 2.3 answers `e OK` to `ENABLE IMAP4rev2 QRESYNC`
+/// with `* ENABLED QRESYNC` only, and to an unknown name with nothing.
+#[test]
+fn enable_keeps_what_the_server_granted() {
+    let mut v = View::default();
+    v.command(&unit("e ENABLE IMAP4rev2 QRESYNC"));
+    v.response(&unit("* ENABLED QRESYNC"));
+    v.response(&unit("e OK Enabled"));
+    assert_eq!(v.enabled, vec!["QRESYNC"]);
+    v.command(&unit("f ENABLE FOOBAR"));
+    v.response(&unit("f OK Enabled"));
+    assert_eq!(v.enabled, vec!["QRESYNC"]);
+    // A name the device did not ask for is not taken either.
+    v.command(&unit("g ENABLE UTF8=ACCEPT"));
+    v.response(&unit("* ENABLED UTF8=ACCEPT CONDSTORE"));
+    v.response(&unit("g OK Enabled"));
+    assert_eq!(v.enabled, vec!["QRESYNC", "UTF8=ACCEPT"]);
+}
+
 #[test]
 fn lines_without_a_tag_are_not_in_flight() {
     let mut v = View::default();

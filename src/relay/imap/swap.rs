@@ -7,7 +7,7 @@
 use std::future::Future;
 
 use super::renew::REVOKED;
-use super::talk::{response, send, tagged_as, until_tagged, SWAP_REPLY};
+use super::talk::{response, send, tagged_as, until_tagged};
 use crate::error::AuthError;
 use crate::login::Renewed;
 use crate::net::Conn;
@@ -183,20 +183,21 @@ async fn restore(
 }
 
 /// How a move ended, when the session goes on.
+/// The device is to be `told` these bytes first (whole responses; the
+/// caller writes them, so that a write cut short is never followed by
+/// anything), after which its mailbox holds `count` messages.
 pub enum Moved {
-    /// The device was told `told` bytes (`replay` of them reconciled its
-    /// view) and goes on with the new connection; its mailbox now holds
-    /// `count` messages.
+    /// The device goes on with the new connection; `replay` is what of
+    /// `told` reconciled its view.
     Done {
-        told: u64,
+        told: Vec<u8>,
         replay: Replay,
         count: Option<u32>,
     },
     /// Messages left the mailbox while the device is at rest: it goes on
-    /// with the old connection (told `told` bytes of its news, after which
-    /// its mailbox holds `count` messages) until it sends a command the
-    /// expunges can be told with.
-    Later { told: u64, count: Option<u32> },
+    /// with the old connection (`told` is that connection's news) until it
+    /// sends a command the expunges can be told with.
+    Later { told: Vec<u8>, count: Option<u32> },
 }
 
 /// Move the held session from `old` to the prepared connection: the old
@@ -205,7 +206,6 @@ pub enum Moved {
 /// connection's view (asked with UID FETCH), then the updates that make
 /// the device's message numbers the new connection's.
 pub async fn swap(
-    device: &mut Conn,
     old: &mut Conn,
     prepared: &mut Prepared,
     held: Held,
@@ -248,9 +248,8 @@ pub async fn swap(
         match reconcile(&device_uids, &now, how) {
             Ok(r) => replay = r,
             Err(Unreconciled::Later) => {
-                tell(device, &to_device).await?;
                 return Ok(Moved::Later {
-                    told: to_device.len() as u64,
+                    told: to_device,
                     count: Some(device_uids.len() as u32),
                 });
             }
@@ -276,9 +275,8 @@ pub async fn swap(
             to_device.extend_from_slice(&whole);
         }
     }
-    tell(device, &to_device).await?;
     Ok(Moved::Done {
-        told: to_device.len() as u64,
+        told: to_device,
         replay,
         count,
     })
@@ -295,16 +293,6 @@ fn untagged(head: &[u8]) -> Result<(), &'static str> {
         _ if head.starts_with(b"* ") => Ok(()),
         _ => Err("unexpected response while moving"),
     }
-}
-
-async fn tell(device: &mut Conn, bytes: &[u8]) -> Result<(), &'static str> {
-    if bytes.is_empty() {
-        return Ok(());
-    }
-    device
-        .send(bytes, SWAP_REPLY)
-        .await
-        .map_err(|_| "device write failed")
 }
 
 /// The device's view (UIDs by message number) from the old connection,
@@ -343,15 +331,19 @@ async fn device_view(
         .map_err(|_| "mailbox kept changing while moving")
 }
 
-/// The new connection's view: `UID FETCH 1:* (UID)`, its untagged
-/// responses applied in the order they came, and again from the highest
-/// UID known for messages that arrived meanwhile.
+/// The new connection's view: `UID FETCH 1:* (UID)` (or NOOP while it
+/// says the mailbox is empty), its untagged responses applied in the
+/// order they came, and again from the highest UID known for messages
+/// that arrived meanwhile.
 async fn session_view(new: &mut Conn, restored: &mut Restored) -> Result<Numbers, &'static str> {
     let mut view = Numbers::new(restored.count.ok_or("message count not known")?)?;
     view.recent = restored.recent;
     let mut from = 1;
     for _ in 0..MAX_ROUNDS {
-        send(new, &Request::UidFetchUids(from)).await?;
+        match view.count() {
+            0 => send(new, &Request::Noop).await?,
+            _ => send(new, &Request::UidFetchUids(from)).await?,
+        }
         let answered = until_tagged(new, |head, _| view.apply(head)).await;
         restored.count = Some(view.count());
         restored.recent = view.recent;
@@ -359,7 +351,7 @@ async fn session_view(new: &mut Conn, restored: &mut Restored) -> Result<Numbers
         if view.first_unknown().is_none() {
             return Ok(view);
         }
-        from = view.highest_known() + 1;
+        from = view.highest_known().saturating_add(1);
     }
     Err("mailbox kept changing while moving")
 }

@@ -28,7 +28,9 @@ pub async fn send(conn: &mut Conn, request: &Request<'_>) -> Result<(), &'static
 }
 
 /// Read responses to our tagged command, each given to `each` (its first
-/// line and all its bytes), up to its tagged `OK`.
+/// line and all its bytes), up to its tagged `OK`. Only untagged
+/// responses may come before it: another tag or a continuation is not
+/// ours to pass on.
 pub async fn until_tagged(
     conn: &mut Conn,
     mut each: impl FnMut(&[u8], &[u8]) -> Result<(), &'static str>,
@@ -40,6 +42,9 @@ pub async fn until_tagged(
                 "OK" => Ok(()),
                 _ => Err("upstream refused a command while moving"),
             };
+        }
+        if !head.starts_with(b"* ") {
+            return Err("unexpected response while moving");
         }
         each(&head, &whole)?;
     }
