@@ -773,7 +773,8 @@ def idle_upstream(argv):
     mailbox shared by every session and every name (one message at the
     start), SELECT/EXAMINE, STATUS, APPEND (which announces `* n EXISTS` at
     once to every session that has the mailbox selected, in IDLE or not),
-    IDLE until DONE, UID SEARCH, NOOP, LOGOUT; anything else gets OK."""
+    IDLE until DONE, UID SEARCH, FETCH/UID FETCH of UIDs only (message i has
+    UID i), NOOP, LOGOUT; anything else gets OK."""
     ap = argparse.ArgumentParser(prog="bench.py idle-upstream")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--cert", required=True)
@@ -835,6 +836,15 @@ def idle_upstream(argv):
                     if not await r.readline():
                         break
                     w.write(tag + b" OK Idle completed\r\n")
+                elif (cmd == b"FETCH" or (cmd == b"UID" and len(parts) > 2 and parts[2].upper() == b"FETCH")) \
+                        and line.rstrip().upper().endswith(b"(UID)"):
+                    # A moving session's `FETCH k:* (UID)` / `UID FETCH k:* (UID)`:
+                    # message i has UID i; k:* past the end is the last message.
+                    n = box["n"]
+                    first = int(parts[3 if cmd == b"UID" else 2].split(b":")[0])
+                    w.write(b"".join(b"* %d FETCH (UID %d)\r\n" % (i, i)
+                                     for i in range(min(max(first, 1), n), n + 1) if n)
+                            + tag + b" OK Fetch completed\r\n")
                 elif cmd == b"UID" and len(parts) > 2 and parts[2].upper() == b"SEARCH":
                     w.write(b"* SEARCH " + b" ".join(b"%d" % i for i in range(1, box["n"] + 1)) + b"\r\n"
                             + tag + b" OK Search completed\r\n")
