@@ -68,17 +68,7 @@ fn seed() -> u64 {
 /// A proxy with one plain IMAP listener whose upstream is the
 /// Exchange-like front and whose tokens live [`LIFETIME`].
 fn short_token_proxy() -> Proxy {
-    let up = upstream();
-    let cfg = config(&plain_listeners(&["imap"]), ADMIN);
-    let cfg = reroute(
-        &cfg,
-        "imap",
-        &format!("localhost:{}", up.get("EXPIRY_IMAPS_PORT")),
-    );
-    let url = up
-        .token_url()
-        .replace("/common/", &format!("/ttl-{}/", LIFETIME.as_secs()));
-    Proxy::start(&with_token_url(&cfg, &url))
+    Proxy::start(&crate::continuity_moves::front_config(LIFETIME))
 }
 
 /// A new folder in [`USER`]'s mailbox holding [`SEED_MESSAGES`] messages.

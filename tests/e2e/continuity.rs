@@ -231,13 +231,13 @@ fn idle_and_noop_devices_outlive_three_token_lifetimes() {
     assert_three_quarters_left(since);
 }
 
-/// A session logged in for the swap tests: the folder holds a 10 MB
-/// message (1) and a small one (2); returns the connection, the 10 MB
+/// A session logged in for the swap tests: the folder holds a 20 MB
+/// message (1) and a small one (2); returns the connection, the 20 MB
 /// message, when the token of its login expires, and the folder.
 fn big_message_session(proxy: &Proxy) -> (Raw, Vec<u8>, Instant, String) {
     let port = proxy.port(0);
     let name = folder(port, "swapfetch");
-    let big = message(ALICE, BOB, &unique("big"), 10 * 1024 * 1024);
+    let big = message(ALICE, BOB, &unique("big"), 20 * 1024 * 1024);
     assert!(append(port, &name, &big).starts_with("p OK"));
     assert!(append(port, &name, &small(&message_id(&unique("small")))).starts_with("p OK"));
     let before = proxy.logs().matches("authenticated; relaying").count();
@@ -266,7 +266,8 @@ fn big_message_session(proxy: &Proxy) -> (Raw, Vec<u8>, Instant, String) {
 }
 
 /// FETCH message 1 when the move is 3 s away, with the commands of
-/// `pipelined` right behind it, and read it at 2 MB/s; its literal must be
+/// `pipelined` right behind it, and read it at 2 MB/s until `during` has
+/// run; its literal must be
 /// the message, byte for byte. Returns the tagged line.
 fn slow_fetch(
     c: &mut Raw,
@@ -296,7 +297,12 @@ fn slow_fetch(
     let mut during = Some(during);
     for (i, chunk) in got.chunks_mut(1024 * 1024).enumerate() {
         c.reader.read_exact(chunk).unwrap();
-        std::thread::sleep(Duration::from_millis(500));
+        // Slowly until `during` has run (the FETCH is in flight at the
+        // proxy meanwhile: what the socket buffers hold is less than the
+        // rest), then at once.
+        if during.is_some() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
         if i == 8 {
             (during.take().unwrap())();
         }
@@ -306,7 +312,7 @@ fn slow_fetch(
     c.line()
 }
 
-/// A 10 MB FETCH under way when the move is due completes intact; the
+/// A 20 MB FETCH under way when the move is due completes intact; the
 /// session then moves and goes on.
 #[test]
 fn a_large_fetch_at_the_swap_completes_then_the_session_moves() {
@@ -330,7 +336,7 @@ fn a_large_fetch_at_the_swap_completes_then_the_session_moves() {
     assert_three_quarters_left(since);
 }
 
-/// The device closes its mailbox (UNSELECT, pipelined behind a 10 MB
+/// The device closes its mailbox (UNSELECT, pipelined behind a 20 MB
 /// FETCH) after the new connection selected it and before the move: after
 /// the move the device's session has no mailbox selected, as the device
 /// was told, and its ENABLE from then on holds.

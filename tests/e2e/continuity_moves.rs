@@ -24,6 +24,12 @@ pub fn short_token_proxy() -> Proxy {
 }
 
 fn short_token_config() -> String {
+    front_config(LIFETIME)
+}
+
+/// One plain IMAP listener whose upstream is the Exchange-like front, and
+/// tokens that live `lifetime` (the identity provider's `ttl-N` tenant).
+pub fn front_config(lifetime: Duration) -> String {
     let up = upstream();
     let cfg = config(&plain_listeners(&["imap"]), ADMIN);
     let cfg = reroute(
@@ -33,7 +39,7 @@ fn short_token_config() -> String {
     );
     let url = up
         .token_url()
-        .replace("/common/", &format!("/ttl-{}/", LIFETIME.as_secs()));
+        .replace("/common/", &format!("/ttl-{}/", lifetime.as_secs()));
     with_token_url(&cfg, &url)
 }
 
