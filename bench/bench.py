@@ -37,24 +37,86 @@ USERS = ["alice@example.test", "bob@example.test"]  # mailboxes of the test upst
 SCOPE = "https://outlook.office365.com/.default"
 MiB = 1 << 20
 
-# loopback ports of the processes this script starts: below the kernel's
-# ephemeral range (32768-60999), so that no client connection holds one
-PORTS = {
-    "oxb_real": {"imap": 31143, "pop3": 31110, "smtp": 31025},
-    "ep_real": {"imap": 31243, "pop3": 31210, "smtp": 31225},
-    "ep_fake": {"imap": 31343, "pop3": 31310, "smtp": 31325},
-    "fake": {"imap": 31993, "pop3": 31995, "smtp": 31587, "http": 31080},
-    "oxb_fake": {"imap": 31443, "pop3": 31410, "smtp": 31425},
-    "oxb_scale": 31543,  # and up, one per process
-    "oxb_tokens": 31643,
-    "oxb_swap": {"imap": 31743, "admin": 31744},
-    "oxb_swapfast": {"imap": 31745, "admin": 31746, "up": 31894},
-    "ep_swap": 31843,
-    "idleup": 31893,
-    "oxb_idlemem": 31943,
-    "oxb_spool": {"session": 32025, "spool": 32026, "admin": 32027},
-    "oxb_devtls": {"rustls": 32043, "legacy": 32044},
+# The loopback ports of the processes this script starts, by role (a role
+# with names has one port per name). Each is picked free when the run starts
+# (hold_ports) and held until it ends; "oxb_scale" gets one port per process.
+PORT_ROLES = {
+    "oxb_real": ("imap", "pop3", "smtp"),
+    "ep_real": ("imap", "pop3", "smtp"),
+    "ep_fake": ("imap", "pop3", "smtp"),
+    "fake": ("imap", "pop3", "smtp", "http"),
+    "oxb_fake": ("imap", "pop3", "smtp"),
+    "oxb_tokens": None,
+    "oxb_argon2": None,
+    "oxb_swap": ("imap", "admin"),
+    "oxb_swapfast": ("imap", "admin", "up"),
+    "ep_swap": None,
+    "idleup": None,
+    "oxb_idlemem": None,
+    "oxb_spool": ("session", "spool", "admin"),
+    "oxb_devtls": ("rustls", "legacy"),
 }
+PORTS = {}
+HELD = []  # the sockets that hold the ports while the run lasts
+
+
+def hold_port(port=0):
+    """Bind 127.0.0.1:port (0: a free port the kernel picks) with
+    SO_REUSEADDR, without listening, and keep the socket until this process
+    exits; returns the port. While it is held, no other run's pick, no
+    client connection's local port and no other program's plain bind can
+    take the port, yet the process it is meant for can listen on it: every
+    server started here binds with SO_REUSEADDR, which Linux lets share a
+    port with a socket that does not listen. OSError if the port is taken."""
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        raise
+    HELD.append(s)
+    return s.getsockname()[1]
+
+
+def hold_ports(scale):
+    """Fill PORTS: a free port for every role and for each of `scale` scale
+    processes, held until the run ends."""
+    for role, names in PORT_ROLES.items():
+        PORTS[role] = {n: hold_port() for n in names} if names else hold_port()
+    PORTS["oxb_scale"] = [hold_port() for _ in range(scale)]
+
+
+def hold_ports_cmd(argv):
+    """bench.py hold-ports VAR=[PORT]...: bench/run's ports for the test
+    upstream. Holds each PORT, or a free port where it is empty, prints a
+    VAR=port line each and then `held`, and keeps holding them until its
+    parent exits. A port that is taken: a message naming it and VAR, exit 1."""
+    parent = os.getppid()
+    lines = []
+    for spec in argv:
+        var, _, want = spec.partition("=")
+        if not re.fullmatch(r"\d{0,5}", want) or int(want or 0) > 65535:
+            sys.exit(f"{var}={want}: not a port number")
+        try:
+            lines.append(f"{var}={hold_port(int(want or 0))}")
+        except OSError as e:
+            sys.exit(f"port {want} ({var}) is in use by another program ({e.strerror}): "
+                     f"set {var} to a free port, or unset it to let bench/run pick one")
+    print("\n".join(lines + ["held"]), flush=True)
+    while os.getppid() == parent:
+        time.sleep(0.5)
+
+
+def scale_procs(n):
+    """oxbridge processes for n scale sessions: each relayed session holds
+    two sockets in oxbridge; keep 200 spare under the descriptor limit."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    k = 1
+    while 2 * math.ceil(n / k) + 200 > hard:
+        k += 1
+    return k
+
 
 no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -1086,10 +1148,7 @@ def main():
            "oxbridge_commit": subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                                              capture_output=True, text=True).stdout.strip(),
            "oxbridge_binary": os.path.abspath(args.oxbridge)}
-    for name, ports in PORTS.items():
-        for p in (ports.values() if isinstance(ports, dict) else [ports]):
-            if port_open(p):
-                raise SystemExit(f"port {p} ({name}) is already in use: another benchmark running?")
+    hold_ports(scale_procs(N["sessions"]) if "scale" in only else 0)
 
     procs = Procs(args.out)
     try:
@@ -1295,17 +1354,14 @@ def run_all(args, up, res, N, only, procs):
     if "scale" in only:
         n = N["sessions"]
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        # each relayed session holds two sockets in oxbridge; keep 200 spare
-        k = 1
-        while 2 * math.ceil(n / k) + 200 > hard:
-            k += 1
+        k = scale_procs(n)
         # password-grant accounts: no Argon2 in this process, whose freed
         # memory would otherwise be reused by the sessions and hide their cost
         accts = [f"user{i}@example.test" for i in range(10)]
         creds = ",".join(f"{u}:{u.split('@')[0]}-password" for u in accts)
         addrs, spids, fresh = [], [], []
         for i in range(k):
-            port = PORTS["oxb_scale"] + i
+            port = PORTS["oxb_scale"][i]
             cfg = os.path.join(out, f"oxbridge-scale{i}.toml")
             oxbridge_config(cfg, os.path.join(out, f"state-scale{i}"), upstream_fake, ftls["ca"], fake_token_url,
                             [("imap", port)], [{"login": "*@example.test", "grant": "password"}])
@@ -1333,7 +1389,7 @@ def run_all(args, up, res, N, only, procs):
         # Resident memory of a fresh oxbridge as distinct accounts log in for
         # the first time (each first login runs one Argon2id verification,
         # m = 19 MiB); later logins are served by the verified-password cache.
-        port = PORTS["oxb_tokens"] + 1
+        port = PORTS["oxb_argon2"]
         n = N["argon2_accounts"]
         accts = [f"user{i}@example.test" for i in range(n)]
         cfg = os.path.join(out, "oxbridge-argon2.toml")
@@ -1381,5 +1437,7 @@ if __name__ == "__main__":
         busy.client(sys.argv[2:], Imap, sleep_until)
     elif sys.argv[1:2] == ["idle-upstream"]:
         idle_upstream(sys.argv[2:])
+    elif sys.argv[1:2] == ["hold-ports"]:
+        hold_ports_cmd(sys.argv[2:])
     else:
         main()
