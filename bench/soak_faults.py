@@ -16,9 +16,10 @@ results.json (times, notes, error, skipped). `resets_devices` is true for a
 fault after which devices connected to oxbridge may see their connection
 reset (the SIGKILL); `started_at` and `stopped_at` (epoch seconds) bound it.
 
-The faults (a 60-minute run has about one every 4 minutes, between the first
-10% and the last 15% of the run; `--quick` or 5 minutes and less: a reload,
-Postfix down 20 s, one SIGKILL):
+The faults (a 60-minute run has all eleven below, one every 4 minutes, between
+the first 10% and the last 15% of the run, the SIGKILL first so that one
+oxbridge process lives through the rest; a shorter run the most telling few;
+`--quick` or 5 minutes and less: a reload, Postfix down 20 s, one SIGKILL):
 
   postfix-down        Postfix stopped (`postfix stop`), started again 60-120 s later
   dovecot-restart     Dovecot's master stopped (every IMAP/POP3 session and LMTP
@@ -70,6 +71,7 @@ MAX_LINE = 64 * 1024
 IO_TIMEOUT = 15
 DISK_RESERVE = 64 * 1024
 SCRATCH_MAX = 256 << 20
+FILL = "soak-disk-full.fill"
 VANISH_EVERY_S = 5
 FAULT_PASSWORD = "soak-fault-password"
 LITERAL = re.compile(r"\{(\d+)\+?\}$")
@@ -586,9 +588,8 @@ def scratch_mount(path):
 
 
 def spool_disk_full(ctx, at, secs):
-    fill = os.path.join(str(ctx.spool_dir), "soak-disk-full.fill")
-
     def start():
+        fill = os.path.join(str(ctx.spool_dir), FILL)
         mnt, fstype = scratch_mount(ctx.spool_dir)
         st = os.statvfs(ctx.spool_dir)
         size = st.f_blocks * st.f_frsize
@@ -610,6 +611,7 @@ def spool_disk_full(ctx, at, secs):
                 f"left, for {secs:.0f} s")
 
     def stop():
+        fill = os.path.join(str(ctx.spool_dir), FILL)
         if os.path.exists(fill):
             os.unlink(fill)
             ctx.log("fault spool-disk-full: fill file removed")
@@ -749,7 +751,8 @@ def devices_vanish(ctx, at, secs):
         acc = Accounts(ctx)
         login = f"soak-fault-vanish-{uuid.uuid4().hex[:8]}@example.test"
         counts["mailbox"] = acc.mailbox
-        state.update(acc=acc, since=time.time() - 1, block=acc.add(login))
+        state["since"], state["acc"] = time.time() - 1, acc
+        state["block"] = acc.add(login)
         t = threading.Thread(target=loop, args=(login,), daemon=True)
         state["thread"] = t
         t.start()
@@ -757,6 +760,9 @@ def devices_vanish(ctx, at, secs):
                 f"and mid-FETCH every {VANISH_EVERY_S} s for {secs:.0f} s")
 
     def stop():
+        if state.get("stopped") or "since" not in state:
+            return
+        state["stopped"] = True
         state["stop"].set()
         if "thread" in state:
             state.pop("thread").join(60)
@@ -766,31 +772,32 @@ def devices_vanish(ctx, at, secs):
         for err in counts.get("failed", [])[:5]:
             f.notes.append("could not cut: " + err)
         f.notes.append("cut: " + ", ".join(f"{k} {v}" for k, v in sorted(done.items())))
-        if "since" in state:
-            time.sleep(2)  # let a wrongly finished delivery land
-            hits = maildir_hits(ctx.upstream_env["OXB_UPSTREAM_DIR"], mids, state["since"])
-            f.notes.append(f"cut messages found in the upstream's Maildirs: {hits} (must be 0)")
-            if hits:
-                f.error = f"{hits} message(s) cut mid-way reached a mailbox"
+        time.sleep(2)  # let a wrongly finished delivery land
+        hits = maildir_hits(ctx.upstream_env["OXB_UPSTREAM_DIR"], mids, state["since"])
+        f.notes.append(f"cut messages found in the upstream's Maildirs: {hits} (must be 0)")
+        if hits:
+            f.error = f"{hits} message(s) cut mid-way reached a mailbox"
         ctx.log("fault devices-vanish: " + "; ".join(f.notes[-2:]))
     f = Fault(at, "devices-vanish", start, stop, secs)
     return f
 
 
-# (kind, maker, nominal seconds): a 60-minute run takes all, in this order; shorter runs the first ones
+# (kind, maker, nominal seconds) in the order of a 60-minute run. The SIGKILL comes first, so that
+# one oxbridge process lives through the rest of the run (its memory and descriptors over time).
 FULL = [
+    ("oxbridge-sigkill", oxbridge_sigkill, 10),
     ("devices-vanish", devices_vanish, 60),
     ("postfix-down", postfix_down, 90),
     ("reload-accounts", reload_accounts, 120),
     ("token-endpoint", None, 120),
     ("dovecot-restart", dovecot_restart, 15),
-    ("oxbridge-sigkill", oxbridge_sigkill, 10),
     ("spool-disk-full", spool_disk_full, 90),
     ("redis-restart", redis_restart, 5),
     ("postfix-down", postfix_down, 120),
     ("reload-accounts", reload_accounts, 60),
     ("devices-vanish", devices_vanish, 60),
 ]
+PRIORITY = [2, 0, 3, 1, 4, 5, 6, 7, 8, 9, 10]  # which of FULL a shorter run keeps first
 QUICK = [("reload-accounts", reload_accounts, 20), ("postfix-down", postfix_down, 20),
          ("oxbridge-sigkill", oxbridge_sigkill, 5)]
 
@@ -805,12 +812,12 @@ def schedule(ctx, minutes):
     """The faults of a run of `minutes`, spread between its first 10% and its last 15%."""
     total = float(minutes) * 60
     quick = bool(getattr(ctx, "quick", False)) or minutes <= 5
-    plan = QUICK if quick else FULL
     first, last = max(15.0, 0.10 * total), 0.85 * total
-    n = len(plan) if quick else max(3, min(len(plan), int((last - first) // 150)))
+    n = len(QUICK) if quick else max(3, min(len(FULL), int((last - first) // 150)))
+    plan = QUICK if quick else [FULL[i] for i in sorted(PRIORITY[:n])]
     gap = (last - first) / n
     out = []
-    for i, (kind, _, secs) in enumerate(plan[:n]):
+    for i, (kind, _, secs) in enumerate(plan):
         secs = min(secs, max(5.0, gap - (10 if quick else 30)))
         f = make(ctx, kind, first + i * gap, secs)
         f.log = ctx.log
