@@ -242,14 +242,15 @@ class Dev:
             pass
 
 
-def smtp_reply(d, want, cmd=None):
+def smtp_reply(d, want, cmd=None, what=None):
+    """Send cmd (if any), read the reply; Refused unless its code starts with want."""
     if cmd is not None:
         d.send(cmd)
     lines = [d.line()]
     while len(lines[-1]) > 3 and lines[-1][3] == "-":
         lines.append(d.line())
     if not lines[-1][:1].isdigit() or int(lines[-1][0]) != want:
-        raise Refused(f"SMTP {cmd.split(' ')[0] if cmd else 'greeting'}: {lines[-1][:120]}")
+        raise Refused(f"SMTP {what or (cmd.split(' ')[0] if cmd else 'greeting')}: {lines[-1][:120]}")
     return lines
 
 
@@ -288,7 +289,7 @@ def smtp_send(port, login, password, mailbox, size=2000):
         smtp_reply(d, 2, f"RCPT TO:<{mailbox}>")
         smtp_reply(d, 3, "DATA")
         d.send(message(mailbox, mid, size) + b".\r\n")
-        smtp_reply(d, 2)
+        smtp_reply(d, 2, what="end of DATA")
         smtp_reply(d, 2, "QUIT")
         return mid
     finally:
@@ -384,12 +385,15 @@ class Upstream:
             raise RuntimeError("the submission port is still open after postfix stop")
 
     def postfix_start(self):
-        if not self.postfix_pid():
+        """Start Postfix unless it runs; wait for its greeting. True if it was down."""
+        down = not self.postfix_pid()
+        if down:
             if os.path.isdir(f"{self.dir}/postfix/spool/active"):
                 open(f"{self.dir}/postfix/spool/quick-start", "a").close()
             daemon(["postfix", "-c", self.postfix_etc, "start"], self.env["POSTFIX_LOG"])
         if not wait_for(lambda: greeting(self.env["SUBMISSION_PORT"], False, "220 "), 30):
             raise RuntimeError("postfix did not greet within 30 s")
+        return down
 
     def dovecot_stop(self):
         pid = self.dovecot_pid()
@@ -402,13 +406,16 @@ class Upstream:
             raise RuntimeError("the IMAPS port is still open after stopping dovecot")
 
     def dovecot_start(self):
-        if not self.dovecot_pid():
+        """Start Dovecot unless it runs; wait for its greetings. True if it was down."""
+        down = not self.dovecot_pid()
+        if down:
             # as tests/upstream/start does: stale sockets in base_dir slow dovecot's auth down
             subprocess.run(["rm", "-rf", f"{self.dir}/dovecot/run"], check=True)
             daemon(["dovecot", "-c", self.dovecot_conf], self.env["DOVECOT_LOG"])
         for port in (self.env["IMAPS_PORT"], self.env["POP3S_PORT"]):
             if not wait_for(lambda: greeting(port, True, ("* OK", "+OK")), 30):
                 raise RuntimeError(f"dovecot did not greet on {port} within 30 s")
+        return down
 
     def idp(self, **knobs):
         """The IDP's runtime knobs: set these (none: just read them)."""
@@ -504,8 +511,8 @@ def postfix_down(ctx, at, secs):
         ctx.log(f"fault postfix-down: Postfix stopped for {secs:.0f} s")
 
     def stop():
-        up.postfix_start()
-        ctx.log("fault postfix-down: Postfix started again, greeting")
+        if up.postfix_start():
+            ctx.log("fault postfix-down: Postfix started again, greeting")
     return Fault(at, "postfix-down", start, stop, secs)
 
 
@@ -517,8 +524,8 @@ def dovecot_restart(ctx, at, secs):
         ctx.log(f"fault dovecot-restart: Dovecot stopped (IMAP/POP3 sessions and LMTP end) for {secs:.0f} s")
 
     def stop():
-        up.dovecot_start()
-        ctx.log("fault dovecot-restart: Dovecot started again, IMAPS and POP3S greeting")
+        if up.dovecot_start():
+            ctx.log("fault dovecot-restart: Dovecot started again, IMAPS and POP3S greeting")
     return Fault(at, "dovecot-restart", start, stop, secs)
 
 
@@ -545,8 +552,11 @@ def token_endpoint(ctx, at, down_s, slow_s, delay_ms=4000):
     def stop():
         for t in timer:
             t.cancel()
-        up.idp(**(saved or {"token_fail_count": 0, "token_delay_ms": 0}))
-        ctx.log("fault token-endpoint: token endpoint normal again")
+        now = up.idp()
+        want = saved or {"token_fail_count": 0, "token_delay_ms": 0}
+        if any(now.get(k) != v for k, v in want.items()):
+            up.idp(**want)
+            ctx.log("fault token-endpoint: token endpoint normal again")
     f = Fault(at, "token-endpoint", start, stop, down_s + slow_s)
     return f
 
@@ -828,8 +838,8 @@ def schedule(ctx, minutes):
 
 if __name__ == "__main__":
     import sys
-    if sys.argv[1:] != ["--selftest"]:
-        sys.exit("usage: python3 bench/soak_faults.py --selftest")
+    if sys.argv[1:2] != ["--selftest"]:
+        sys.exit("usage: python3 bench/soak_faults.py --selftest [--oxbridge-bin PATH]")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import soak_faults_selftest
     sys.exit(soak_faults_selftest.main())
