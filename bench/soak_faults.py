@@ -19,7 +19,7 @@ reset (the SIGKILL); `started_at` and `stopped_at` (epoch seconds) bound it.
 The faults (a 60-minute run has all eleven below, one every 4 minutes, between
 the first 10% and the last 15% of the run, the SIGKILL first so that one
 oxbridge process lives through the rest; a shorter run the most telling few;
-`--quick` or 5 minutes and less: a reload, Postfix down 20 s, one SIGKILL):
+`--quick` or 5 minutes and less: one SIGKILL, a reload, Postfix down 20 s):
 
   postfix-down        Postfix stopped (`postfix stop`), started again 60-120 s later
   dovecot-restart     Dovecot's master stopped (every IMAP/POP3 session and LMTP
@@ -808,8 +808,8 @@ FULL = [
     ("devices-vanish", devices_vanish, 60),
 ]
 PRIORITY = [2, 0, 3, 1, 4, 5, 6, 7, 8, 9, 10]  # which of FULL a shorter run keeps first
-QUICK = [("reload-accounts", reload_accounts, 20), ("postfix-down", postfix_down, 20),
-         ("oxbridge-sigkill", oxbridge_sigkill, 5)]
+QUICK = [("oxbridge-sigkill", oxbridge_sigkill, 5), ("reload-accounts", reload_accounts, 20),
+         ("postfix-down", postfix_down, 20)]
 
 
 def make(ctx, kind, at, secs):
