@@ -41,8 +41,8 @@ oxbridge process lives through the rest; a shorter run the most telling few;
   devices-vanish      devices that log in, then reset the connection (SO_LINGER 0)
                       mid-DATA (session and spool listeners), mid-APPEND literal
                       and mid-FETCH response, every 5 s while the fault lasts; at
-                      stop the upstream's Maildirs are searched for any part of
-                      those messages (there must be none)
+                      stop the upstream's Maildirs and Dovecot's delivery log are
+                      searched for those messages (there must be none)
 
 ctx: upstream_env (the upstream's upstream.json keys), oxbridge_pid(),
 restart_oxbridge(kill=True), reload(config_text), config_text(), spool_dir,
@@ -747,6 +747,19 @@ def maildir_hits(updir, needles, since):
     return hits
 
 
+def log_hits(path, offset, needles, limit=64 << 20):
+    """How many delivery lines (msgid=...) after offset in Dovecot's log name one of needles:
+    a message that a POP3 device deleted since is still found here."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read(limit)
+    except (OSError, TypeError):
+        return 0
+    return sum(1 for line in text.splitlines()
+               if b"msgid=<soak-fault-vanish-" in line and any(n.encode() in line for n in needles))
+
+
 def devices_vanish(ctx, at, secs):
     state = {"stop": threading.Event()}
     mids, counts = [], {}
@@ -762,6 +775,10 @@ def devices_vanish(ctx, at, secs):
         login = f"soak-fault-vanish-{uuid.uuid4().hex[:8]}@example.test"
         counts["mailbox"] = acc.mailbox
         state["since"], state["acc"] = time.time() - 1, acc
+        try:
+            state["log_at"] = os.path.getsize(ctx.upstream_env.get("DOVECOT_LOG", ""))
+        except OSError:
+            state["log_at"] = None
         state["block"] = acc.add(login)
         t = threading.Thread(target=loop, args=(login,), daemon=True)
         state["thread"] = t
@@ -784,9 +801,11 @@ def devices_vanish(ctx, at, secs):
         f.notes.append("cut: " + ", ".join(f"{k} {v}" for k, v in sorted(done.items())))
         time.sleep(2)  # let a wrongly finished delivery land
         hits = maildir_hits(ctx.upstream_env["OXB_UPSTREAM_DIR"], mids, state["since"])
-        f.notes.append(f"cut messages found in the upstream's Maildirs: {hits} (must be 0)")
-        if hits:
-            f.error = f"{hits} message(s) cut mid-way reached a mailbox"
+        logged = log_hits(ctx.upstream_env.get("DOVECOT_LOG"), state["log_at"], mids)
+        f.notes.append(f"cut messages found in the upstream's Maildirs: {hits}, delivered by Dovecot's "
+                       f"log: {logged} (must be 0)")
+        if hits or logged:
+            f.error = f"{max(hits, logged)} message(s) cut mid-way reached a mailbox"
         ctx.log("fault devices-vanish: " + "; ".join(f.notes[-2:]))
     f = Fault(at, "devices-vanish", start, stop, secs)
     return f
