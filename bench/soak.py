@@ -36,7 +36,8 @@ run in threads of their own; an exception in one is logged and recorded.
     ctx.admin_url           http://127.0.0.1:PORT of oxbridge's admin endpoint
     ctx.ports               the oxbridge listeners' ports: imap, pop3, smtp_session, smtp_spool, admin
     ctx.oxbridge_bin        the oxbridge binary
-    ctx.redis               None (this version runs without Redis)
+    ctx.redis               the Redis both replicas share: start(), stop(), restart() (same port,
+                            empty again: no persistence), url, port; None with --no-redis
     ctx.out                 the run's output directory
     ctx.log(msg)            a line in the soak's log, with the time into the run
     ctx.excuse(seconds, why)  count non-protocol device errors of the next `seconds` as excused
@@ -44,6 +45,7 @@ run in threads of their own; an exception in one is logged and recorded.
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -51,14 +53,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import soak_clients as cl  # noqa: E402
 import soak_report  # noqa: E402
+import soak_replicas  # noqa: E402
+from soak_measure import fds, http, metrics, msum, rss_kib, slots  # noqa: E402
 
 PASSWORD = "soak-device-password"
 USERS = ["alice@example.test", "bob@example.test"]
@@ -66,7 +68,6 @@ PROBES = [f"probe{i}@example.test" for i in range(1, 5)]  # targets of the wrong
 GRAPH_LOGIN = "graph-sender@example.test"
 SCOPE = "https://outlook.office365.com/.default"
 TOKEN_TTL = 60
-no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 T0 = time.time()
 
 
@@ -74,23 +75,32 @@ def log(msg):
     print(f"[soak {time.time() - T0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def http(url, data=None, timeout=10):
-    body = urllib.parse.urlencode(data).encode() if isinstance(data, dict) else data
-    with no_proxy.open(url, data=body, timeout=timeout) as r:
-        return r.read()
-
-
 def free_ports(n):
-    """n distinct free loopback ports (bound to port 0, then released)."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+    """n distinct loopback ports free now, from 20000-27999: below the
+    kernel's ephemeral range (so that no client connection of the run takes
+    one while a listener is down, e.g. between a kill and a restart) and
+    apart from the ports the tests' and bench/run's upstreams use by
+    default (28080-29996, 31025-32044, 38080-39996); each is proved free by
+    binding it. Port 0 (any free port) if the ephemeral range starts lower."""
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    ports = []
+    for _ in range(50 * n):
+        if len(ports) == n:
+            return ports
+        p = rng.randrange(20000, min(low, 28000)) if low > 21000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            p = s.getsockname()[1]
+        if p not in ports:
+            ports.append(p)
+    raise SystemExit("no free loopback ports")
 
 
 def port_open(port):
@@ -302,68 +312,6 @@ def run_faults(ctx, minutes, stop, rec, events):
 
 # ---------------------------------------------------------------- measuring
 
-def rss_kib(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-
-
-def fds(pid):
-    """The fewest descriptors of 5 reads 0.1 s apart: a session that happens to be
-    open at one read does not count as growth."""
-    seen = []
-    for _ in range(5):
-        try:
-            seen.append(len(os.listdir(f"/proc/{pid}/fd")))
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return min(seen) if seen else None
-
-
-def metrics(admin_url):
-    """{name: [(labels dict, value)]} from /metrics."""
-    out = {}
-    try:
-        text = http(admin_url + "/metrics", timeout=5).decode()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name, _, labels = name_labels.partition("{")
-        lab = {}
-        for part in labels.rstrip("}").split('",'):
-            if "=" in part:
-                k, v = part.split("=", 1)
-                lab[k.strip(",")] = v.strip('"')
-        try:
-            out.setdefault(name, []).append((lab, float(value)))
-        except ValueError:
-            pass
-    return out
-
-
-def msum(m, name, **want):
-    if not m:
-        return None
-    return sum(v for lab, v in m.get(name, []) if all(lab.get(k) == x for k, x in want.items()))
-
-
-def slots(admin_url):
-    """Rows of the status page's "Upstream sessions per mailbox": (mailbox, protocol, sessions, waiting)."""
-    try:
-        page = http(admin_url + "/", timeout=5).decode()
-    except OSError:
-        return None
-    return soak_report.parse_slots(page)
-
-
 def sample(run, label=None):
     pid = run.oxb.p.pid
     m = metrics(run.ctx.admin_url)
@@ -397,7 +345,9 @@ class Run:
     def __init__(self, args):
         self.args = args
         self.samples, self.events = [], []
-        self.rec = self.oxb = self.ctx = self.up = None
+        self.rec = self.oxb = self.ctx = self.up = self.redis = self.replica = None
+        self.stop = threading.Event()
+        self.scratch, self.spool = False, None
 
     def spool_depth(self):
         try:
@@ -429,8 +379,12 @@ class Run:
         try:
             return self.body(up, out, minutes, sample_s)
         finally:
+            if self.replica:
+                self.replica.stop_now()
             if self.oxb:
                 self.oxb.stop()
+            if self.redis:
+                self.redis.stop()
             self.unmount_scratch()
             self.up.stop()
 
@@ -444,18 +398,33 @@ class Run:
         phc = subprocess.run([a.oxbridge_bin, "hash-password"], input=PASSWORD.encode(), capture_output=True,
                              check=True).stdout.decode().strip()
         cfg = os.path.join(out, "oxbridge.toml")
+        store = ""
+        if not a.no_redis:
+            self.redis = soak_replicas.Redis(out, free_ports(1)[0])
+            self.redis.start()
+            store = self.redis.config()
         with open(cfg, "w") as f:
-            f.write(make_config(up, state, self.spool, ports, phc))
+            f.write(make_config(up, state, self.spool, ports, phc) + store)
         self.oxb = Oxbridge(a.oxbridge_bin, cfg, os.path.join(out, "oxbridge.log"), ports)
         self.oxb.start()
         log(f"oxbridge {a.oxbridge_bin} pid {self.oxb.p.pid}: imap :{ports['imap']} pop3 :{ports['pop3']} "
             f"smtp :{ports['smtp_session']} (session) :{ports['smtp_spool']} (spool), admin :{ports['admin']}; "
-            f"{TOKEN_TTL}-s tokens; spool {'on a 64 MB tmpfs' if self.scratch else 'on disk'}")
+            f"{TOKEN_TTL}-s tokens; spool {'on a 64 MB tmpfs' if self.scratch else 'on disk'}; "
+            f"{'Redis ' + self.redis.url if self.redis else 'no Redis'}")
 
-        stop = threading.Event()
+        stop = self.stop
         self.rec = rec = cl.Record(time.time())
         self.ctx = Ctx(self, up, self.oxb, ports, self.spool, state, self.scratch, a.oxbridge_bin, out, rec)
+        self.ctx.redis = self.redis
         run_id = time.strftime("%H%M%S")
+        if self.redis:
+            state2 = os.path.join(out, "state-2")
+            os.makedirs(state2, exist_ok=True)
+
+            def cfg2(ports2):  # its ports are picked when it starts
+                return make_config(up, state2, os.path.join(out, "spool-2"), ports2, phc) + self.redis.config()
+            self.replica = soak_replicas.Replica(sys.modules[__name__], self, cfg2, USERS, PASSWORD,
+                                                 a.send_every, run_id)
         folders = {u: [f"soak-idle-{u.split('@')[0]}", f"soak-noop-{u.split('@')[0]}"] for u in USERS}
         appenders = [cl.Appender(rec, stop, int(up["IMAPS_PORT"]), up["UPSTREAM_CA"], self.up.token, u,
                                  folders[u], a.append_every) for u in USERS]
@@ -485,6 +454,8 @@ class Run:
             f"(rss {s0['rss_kib']} KiB, fds {s0['fds']})")
         for d in appenders + devices:
             d.start()
+        if self.replica:
+            self.replica.start()
         faults = run_faults(self.ctx, minutes, stop, rec, self.events)
         end = rec.t0 + minutes * 60
         middle_done = False
@@ -507,6 +478,8 @@ class Run:
         stop.set()
         for st in faults:
             st["thread"].join(120)
+        if self.replica:
+            self.replica.join(120)
         for ap in appenders:
             ap.join(30)
         time.sleep(3)  # Dovecot tells IDLE sessions 0.5 s after a change; the front adds its own
@@ -531,7 +504,8 @@ class Run:
                             "oxbridge_bin": a.oxbridge_bin, "break_postfix": a.break_postfix,
                             "drain_s": a.drain_s, "send_every_s": a.send_every, "append_every_s": a.append_every,
                             "wrong_every_s": a.wrong_every, "spool_is_scratch": self.scratch,
-                            "oxbridge_starts": self.oxb.starts, "end_pid": s_end["pid"]}
+                            "oxbridge_starts": self.oxb.starts, "end_pid": s_end["pid"],
+                            "redis": bool(self.redis)}
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(result, f, indent=1)
         with open(os.path.join(out, "soak.svg"), "w") as f:
@@ -553,7 +527,17 @@ class Run:
             if (sl == [] and active == 0) or time.time() > deadline:
                 break
             time.sleep(0.5)
-        return {"slots": sl, "sessions_active": active,
+        redis = None
+        if self.redis:
+            deadline = time.time() + 35  # a killed replica's slots lapse after 30 s
+            while True:
+                live = self.redis.live_slots()
+                if (live is not None and not any(live.values())) or time.time() > deadline:
+                    break
+                time.sleep(1)
+            redis = {"live_slots": live, "throttle_keys": self.redis.throttle_keys(),
+                     "replica_2": self.replica.result if self.replica else None}
+        return {"slots": sl, "sessions_active": active, "redis": redis,
                 "throttled": None if m is None else {lab.get("kind", ""): v for lab, v in
                                                      m.get("oxbridge_throttled_logins_total", [])},
                 "metrics": {k: m.get(k) for k in soak_report.COUNTERS} if m else None}
@@ -584,6 +568,7 @@ def main():
     ap.add_argument("--send-every", type=float, default=6.0, help="seconds between an SMTP device's messages")
     ap.add_argument("--append-every", type=float, default=2.0, help="seconds between APPENDs per mailbox")
     ap.add_argument("--wrong-every", type=float, default=15.0, help="seconds between wrong-password logins")
+    ap.add_argument("--no-redis", action="store_true", help="one replica, file store, no second replica")
     ap.add_argument("--break-postfix", action="store_true",
                     help="self-check: Postfix stopped for the whole run (the soak must fail)")
     a = ap.parse_args()

@@ -165,6 +165,17 @@ def account(run, rec, drained, after, sweep, stuck, faults):
         why.append("no message was acknowledged at all: the load did not run")
     if stuck:
         why.append(f"devices that did not stop: {stuck}")
+    red = after.get("redis") or {}
+    if red.get("live_slots") is None and red:
+        why.append("Redis slots could not be read after the load")
+    elif red and any(red["live_slots"].values()):
+        why.append(f"upstream slots still held in Redis after the load: {red['live_slots']}")
+    r2 = red.get("replica_2") or {}
+    if r2.get("started") is not None and (r2.get("slots_after") != [] or r2.get("sessions_active_after") != 0):
+        why.append(f"replica 2: slots {r2.get('slots_after')!r}, sessions {r2.get('sessions_active_after')} "
+                   "after its devices stopped")
+    if r2.get("error"):
+        why.append(f"replica 2: {r2['error']}")
     return {
         "verdict": {"pass": not why, "why": why},
         "messages": {"sent": len(sent), "acked": len(acked), "delivered_acked": len(acked) - len(not_delivered),
@@ -251,6 +262,13 @@ def table(r):
     a = r["after_load"]
     L.append(f"after the load: upstream slots {a['slots']!r}, sessions active {fmt(a['sessions_active'])}, "
              f"throttled logins by kind {a['throttled']}")
+    red = a.get("redis")
+    if red:
+        r2 = red.get("replica_2") or {}
+        L.append(f"Redis: live slots after the load {red['live_slots']}, throttle keys {red['throttle_keys']}; "
+                 f"replica 2 from {fmt(r2.get('started'))} s to {fmt(r2.get('stopped'))} s: slots after its "
+                 f"devices stopped {r2.get('slots_after')!r}, sessions {fmt(r2.get('sessions_active_after'))}, "
+                 f"RSS {fmt(r2.get('rss_kib'))} KiB, fds {fmt(r2.get('fds'))}")
     if r["faults"]:
         L.append("faults: " + ", ".join(f"{f['name']}@{f['at_s']:.0f}s" for f in r["faults"]))
     L.append("")
