@@ -58,6 +58,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import soak_clients as cl  # noqa: E402
+import soak_senders  # noqa: E402
 import soak_report  # noqa: E402
 import soak_replicas  # noqa: E402
 from soak_measure import fds, http, metrics, msum, rss_kib, slots  # noqa: E402
@@ -441,13 +442,13 @@ class Run:
         for u in USERS:
             n = u.split("@")[0]
             devices.append(cl.Pop3Poller(f"pop3-{n}", rec, stop, ports["pop3"], u, PASSWORD, 10))
-            devices.append(cl.SmtpSender(f"smtp-session-{n}", rec, stop, ports["smtp_session"], "session", u,
+            devices.append(soak_senders.SmtpSender(f"smtp-session-{n}", rec, stop, ports["smtp_session"], "session", u,
                                          PASSWORD, u, [u], a.send_every, run_id))
-            devices.append(cl.SmtpSender(f"smtp-spool-{n}", rec, stop, ports["smtp_spool"], "spool", u,
+            devices.append(soak_senders.SmtpSender(f"smtp-spool-{n}", rec, stop, ports["smtp_spool"], "spool", u,
                                          PASSWORD, u, [u], a.send_every, run_id))
-        devices.append(cl.SmtpSender("smtp-graph", rec, stop, ports["smtp_session"], "graph", GRAPH_LOGIN,
+        devices.append(soak_senders.SmtpSender("smtp-graph", rec, stop, ports["smtp_session"], "graph", GRAPH_LOGIN,
                                      PASSWORD, USERS[0], USERS, a.send_every * 2, run_id))
-        devices.append(cl.WrongPasswords(rec, stop, ports, PROBES, a.wrong_every))
+        devices.append(soak_senders.WrongPasswords(rec, stop, ports, PROBES, a.wrong_every))
 
         s0 = sample(self, "start")
         log(f"load: {len(devices)} devices for {minutes} min; sample every {sample_s} s "

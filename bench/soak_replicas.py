@@ -9,6 +9,7 @@ import threading
 import time
 
 import soak_clients as cl
+import soak_senders
 from soak_measure import fds, metrics, msum, rss_kib, slots
 
 
@@ -111,7 +112,7 @@ class Replica(threading.Thread):
                  f"pop3 :{self.ports['pop3']} smtp :{self.ports['smtp_session']}")
         mine = threading.Event()
         a, b = self.users
-        devs = [cl.SmtpSender("smtp-session-r2-" + b.split("@")[0], rec, mine, self.ports["smtp_session"],
+        devs = [soak_senders.SmtpSender("smtp-session-r2-" + b.split("@")[0], rec, mine, self.ports["smtp_session"],
                               "session-r2", b, self.password, b, [b], self.send_every, self.run_id),
                 cl.Pop3Poller("pop3-r2-" + a.split("@")[0], rec, mine, self.ports["pop3"], a, self.password, 10)]
         for d in devs:
