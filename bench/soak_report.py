@@ -305,8 +305,8 @@ def svg(samples, events, w=900, ph=120):
         Y = lambda v: y0 + ph - (v - lo) / (hi - lo) * ph
         o.append(f'<text x="{left}" y="{y0 - 4}">{html.escape(name)}</text>')
         o.append(f'<rect x="{left}" y="{y0}" width="{w - left - right}" height="{ph}" fill="none" stroke="#ccc"/>')
-        o.append(f'<text x="{left - 4}" y="{y0 + 10}" text-anchor="end">{hi:g}</text>')
-        o.append(f'<text x="{left - 4}" y="{y0 + ph}" text-anchor="end">{lo:g}</text>')
+        o.append(f'<text x="{left - 4}" y="{y0 + 10}" text-anchor="end">{hi:.4g}</text>')
+        o.append(f'<text x="{left - 4}" y="{y0 + ph}" text-anchor="end">{lo:.4g}</text>')
         for ev in events:
             x = X(ev["t"])
             o.append(f'<line x1="{x:.1f}" y1="{y0}" x2="{x:.1f}" y2="{y0 + ph}" stroke="#e99" '
