@@ -282,14 +282,15 @@ SERIES = [("RSS (MiB)", lambda s: s["rss_kib"] / 1024 if s["rss_kib"] is not Non
           ("sessions active", lambda s: s["sessions_active"]),
           ("upstream slots held", lambda s: s["slots"]),
           ("spool depth (messages)", lambda s: s["spool_on_disk"]),
-          ("device errors (all / not protocol)", lambda s: s["device_errors"]),
+          ("device errors", lambda s: s["device_errors"]),
           ]
 
 
 def svg(samples, events, w=900, ph=120):
     """One panel per series over time (minutes); fault events as dashed lines."""
     left, right, top, gap = 60, 20, 30, 28
-    h = top + len(SERIES) * (ph + gap) + 10
+    notes = [f"{ev['t'] / 60:.1f} min {ev['event']}" for ev in events]
+    h = top + len(SERIES) * (ph + gap) + 24 + 14 * len(notes)
     tmax = max([s["t"] for s in samples] + [1]) / 60
     X = lambda t: left + (w - left - right) * (t / 60) / tmax
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
@@ -318,5 +319,20 @@ def svg(samples, events, w=900, ph=120):
         if i == len(SERIES) - 1:
             o.append(f'<text x="{left}" y="{y0 + ph + 14}">minutes: 0</text>')
             o.append(f'<text x="{w - right}" y="{y0 + ph + 14}" text-anchor="end">{tmax:.1f}</text>')
+            o.append(f'<text x="{w - right}" y="{y0 - 4}" text-anchor="end"><tspan fill="#1f5fbf">all</tspan> / '
+                     f'<tspan fill="#c22">not protocol replies</tspan> (cumulative)</text>')
+            for k, note in enumerate(notes):
+                o.append(f'<text x="{left}" y="{y0 + ph + 32 + 14 * k}" fill="#a55">dashed: '
+                         f'{html.escape(note)}</text>')
     o.append("</svg>")
     return "\n".join(o) + "\n"
+
+
+if __name__ == "__main__":  # the table and the plot again from a results.json
+    import json
+    import sys
+    res = json.load(open(sys.argv[1]))
+    print(table(res), end="")
+    if len(sys.argv) > 2:
+        with open(sys.argv[2], "w") as f:
+            f.write(svg(res["samples"], res["events"]))
