@@ -7,7 +7,8 @@ slots and throttle back to zero. Called by bench/soak (see bench/README.md).
 
 Faults hook
 -----------
-If bench/soak_faults.py exists, the soak imports it and calls
+If bench/soak_faults.py exists (or the file given with --faults), the soak
+imports it and calls
 
     soak_faults.schedule(ctx, minutes) -> list of faults
 
@@ -43,6 +44,7 @@ run in threads of their own; an exception in one is logged and recorded.
     ctx.excuse(seconds, why)  count non-protocol device errors of the next `seconds` as excused
 """
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -272,11 +274,14 @@ class Ctx:
         os.kill(self._oxb.p.pid, signal.SIGHUP)
 
 
-def run_faults(ctx, minutes, stop, rec, events):
-    if not os.path.exists(os.path.join(HERE, "soak_faults.py")):
-        log("no bench/soak_faults.py: a run without faults")
+def run_faults(ctx, minutes, stop, rec, events, path=None):
+    path = path or os.path.join(HERE, "soak_faults.py")
+    if not os.path.exists(path):
+        log(f"no {path}: a run without faults")
         return []
-    import soak_faults
+    spec = importlib.util.spec_from_file_location("soak_faults", path)
+    soak_faults = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak_faults)
     faults = soak_faults.schedule(ctx, minutes)
     log(f"faults: {', '.join(f'{f.name} at {f.at_s:.0f} s' for f in faults) or 'none'}")
     state = []
@@ -457,7 +462,7 @@ class Run:
             d.start()
         if self.replica:
             self.replica.start()
-        faults = run_faults(self.ctx, minutes, stop, rec, self.events)
+        faults = run_faults(self.ctx, minutes, stop, rec, self.events, a.faults)
         end = rec.t0 + minutes * 60
         middle_done = False
         while True:
@@ -569,6 +574,7 @@ def main():
     ap.add_argument("--send-every", type=float, default=6.0, help="seconds between an SMTP device's messages")
     ap.add_argument("--append-every", type=float, default=2.0, help="seconds between APPENDs per mailbox")
     ap.add_argument("--wrong-every", type=float, default=15.0, help="seconds between wrong-password logins")
+    ap.add_argument("--faults", help="a faults module other than bench/soak_faults.py (same interface)")
     ap.add_argument("--no-redis", action="store_true", help="one replica, file store, no second replica")
     ap.add_argument("--break-postfix", action="store_true",
                     help="self-check: Postfix stopped for the whole run (the soak must fail)")
