@@ -260,6 +260,19 @@ def table(r):
              f"{fmt(fd['after']):>7}  {fmt(fd['slope_per_min'], '/min')} (rise {fmt(fd['rise_after_warmup'])}; "
              f"{fd['rule']})")
     a = r["after_load"]
+    mm = a.get("metrics") or {}
+
+    def by(name, label):
+        sums = {}
+        for lab, v in mm.get(name) or []:
+            sums[lab.get(label, "")] = sums.get(lab.get(label, ""), 0) + v
+        return ", ".join(f"{k} {v:.0f}".strip() for k, v in sorted(sums.items()) if v) or "0"
+    L.append(f"oxbridge counted: failed logins by reason ({by('oxbridge_auth_failures_total', 'reason')}); "
+             f"refusals ({by('oxbridge_refusals_total', 'reason')}); move refusals "
+             f"({by('oxbridge_imap_swap_refusals_total', 'reason')}); spool deliveries "
+             f"({by('oxbridge_spool_deliveries_total', 'result')}), retries "
+             f"{by('oxbridge_spool_retries_total', '')}, possible duplicates "
+             f"{by('oxbridge_spool_possible_duplicates_total', '')}")
     L.append(f"after the load: upstream slots {a['slots']!r}, sessions active {fmt(a['sessions_active'])}, "
              f"throttled logins by kind {a['throttled']}")
     red = a.get("redis")
