@@ -12,8 +12,8 @@ use tracing::debug;
 
 use super::{Context, Counters, Dialogue, Input, Limit, Login, Step, Then};
 use crate::wire::imap::{
-    device_capabilities, parse_command, preauth_capabilities, tag_of, Arg, ParseError, Received,
-    Receiver, Reply,
+    device_capabilities, is_tag, parse_command, preauth_capabilities, tag_of, Arg, ParseError,
+    Received, Receiver, Reply,
 };
 use crate::wire::sasl::{self, Credentials, SaslError};
 use crate::wire::Farewell;
@@ -229,8 +229,7 @@ fn login_args(user: &Arg, password: &Arg) -> Option<Credentials> {
 fn long_line_tag(head: &[u8]) -> Option<&str> {
     let end = head.iter().take(MAX_TAG + 1).position(|b| *b == b' ')?;
     let tag = &head[..end];
-    let is_tag_char = |b: &u8| b.is_ascii_graphic() && !b"(){%*\"\\+".contains(b);
-    match !tag.is_empty() && tag.iter().all(is_tag_char) {
+    match is_tag(tag) {
         true => std::str::from_utf8(tag).ok(),
         false => None,
     }

@@ -68,6 +68,15 @@ pub enum ParseError {
     Syntax(&'static str),
 }
 
+/// Whether a word is a tag a server answers with (RFC 3501 `tag`: one or
+/// more ASTRING-CHARs other than `+`).
+pub fn is_tag(word: &[u8]) -> bool {
+    !word.is_empty()
+        && word
+            .iter()
+            .all(|b| *b > b' ' && *b < 0x7f && !b"(){%*\"\\+".contains(b))
+}
+
 fn is_atom_char(b: u8) -> bool {
     b > b' ' && b < 0x7f && !b"(){%*\"\\]".contains(&b)
 }

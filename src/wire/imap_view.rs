@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 
-use super::imap::{literal_suffix, parse_command, Arg};
+use super::imap::{is_tag, literal_suffix, parse_command, Arg};
 use super::imap_frame::Unit;
 use super::imap_sync::count_after;
 
@@ -101,7 +101,7 @@ impl View {
         }
         let mut words = unit.head.splitn(3, |b| *b == b' ');
         let tag = words.next().unwrap_or_default();
-        if !valid_tag(tag) {
+        if !is_tag(tag) {
             // A blank line or a bad tag: the server answers `* BAD` and
             // nothing it could be waited for by.
             return;
@@ -162,7 +162,7 @@ impl View {
     /// waits for the server's `+` (`head` is the command so far).
     pub fn literal_announced(&mut self, head: &[u8]) {
         let tag = head.split(|b| *b == b' ').next().unwrap_or_default();
-        self.literal_wait = Some(match valid_tag(tag) {
+        self.literal_wait = Some(match is_tag(tag) {
             true => String::from_utf8_lossy(tag).into_owned(),
             false => "*".into(),
         });
@@ -304,7 +304,7 @@ pub fn next_command(pending: &[u8]) -> Next {
         return Next::Other;
     }
     let words: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
-    if words.len() < 2 || !valid_tag(words[0]) {
+    if words.len() < 2 || !is_tag(words[0]) {
         return Next::Other;
     }
     let upper = |w: &[u8]| w.to_ascii_uppercase();
@@ -364,15 +364,6 @@ fn enabled_names(head: &[u8]) -> Option<Vec<String>> {
             .map(|w| String::from_utf8_lossy(w).into_owned())
             .collect(),
     )
-}
-
-/// Whether a command's first word is a tag a server answers with (RFC
-/// 3501: astring characters but `+`).
-fn valid_tag(tag: &[u8]) -> bool {
-    !tag.is_empty()
-        && tag
-            .iter()
-            .all(|b| *b > b' ' && *b < 0x7f && !b"(){%*\"\\+".contains(b))
 }
 
 /// The UIDVALIDITY of a `* OK [UIDVALIDITY n]` line.
