@@ -176,13 +176,25 @@ impl RedisStore {
     }
 
     /// Run one operation with the connection, bounded by [`OP_TIMEOUT`].
+    ///
+    /// A connection Redis has closed (a restart) is found out only by the
+    /// next command, which fails at once while the connection reconnects:
+    /// that command is sent once more, on the new connection. (Every
+    /// operation here may be repeated: a slot is a set member, a counted
+    /// failure at worst counts once more.)
     async fn op<T, F, Fut>(&self, f: F) -> Result<T, StateError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: Fn(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let conn = self.conn().await?;
-        match tokio::time::timeout(OP_TIMEOUT, f(conn)).await {
+        let attempt = async {
+            match f(conn.clone()).await {
+                Err(e) if e.is_io_error() => f(conn).await,
+                r => r,
+            }
+        };
+        match tokio::time::timeout(OP_TIMEOUT, attempt).await {
             Ok(r) => r.map_err(redis_err),
             Err(_) => Err(StateError::Redis("timed out".into())),
         }
@@ -211,8 +223,7 @@ impl RedisStore {
     }
 
     async fn get_sealed(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
-        let k = key.to_string();
-        let value: Option<Vec<u8>> = self.op(|mut c| async move { c.get(k).await }).await?;
+        let value: Option<Vec<u8>> = self.op(|mut c| async move { c.get(key).await }).await?;
         value.map(|v| self.open(key, &v)).transpose()
     }
 
@@ -222,11 +233,10 @@ impl RedisStore {
         plain: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StateError> {
-        let value = self.seal.seal(key.as_bytes(), plain);
-        let k = key.to_string();
+        let value = &self.seal.seal(key.as_bytes(), plain);
         self.op(|mut c| async move {
             let mut cmd = redis::cmd("SET");
-            cmd.arg(k).arg(value);
+            cmd.arg(key).arg(value);
             if let Some(ttl) = ttl {
                 cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
             }
@@ -391,7 +401,7 @@ impl RedisStore {
 
     /// Forget a cached access-token entry.
     pub async fn delete_access(&self, cache_key: &str) -> Result<(), StateError> {
-        let k = self.key("at", cache_key);
+        let k = &self.key("at", cache_key);
         self.op(|mut c| async move { c.del::<_, ()>(k).await })
             .await
     }
@@ -409,7 +419,10 @@ impl RedisStore {
         set.arg(self.key("lease", cache_key)).arg(&fence);
         set.arg("NX").arg("PX").arg(ttl.as_millis() as u64);
         let got: Option<String> = self
-            .op(|mut c| async move { set.query_async(&mut c).await })
+            .op(|mut c| {
+                let set = &set;
+                async move { set.query_async(&mut c).await }
+            })
             .await?;
         Ok(got.map(|_| fence))
     }
@@ -465,8 +478,7 @@ impl RedisStore {
 
     /// Give a held slot back.
     pub async fn release_slot(&self, set: &str, member: &str) -> Result<(), StateError> {
-        let k = self.key("slots", set);
-        let member = member.to_string();
+        let k = &self.key("slots", set);
         self.op(|mut c| async move { c.zrem::<_, _, ()>(k, member).await })
             .await
     }
@@ -480,6 +492,7 @@ impl RedisStore {
         for k in &keys {
             pipe.exists(k);
         }
+        let pipe = &pipe;
         self.op(|mut c| async move { pipe.query_async(&mut c).await })
             .await
     }
@@ -505,6 +518,7 @@ impl RedisStore {
     /// Forget the failures of these names (not their lockouts).
     pub async fn clear_failures(&self, names: &[String]) -> Result<(), StateError> {
         let keys: Vec<String> = names.iter().map(|n| self.key("fail", n)).collect();
+        let keys = &keys;
         self.op(|mut c| async move { c.del::<_, ()>(keys).await })
             .await
     }

@@ -580,3 +580,49 @@ fn replicas_whose_clocks_are_off_keep_the_mailbox_limit() {
         assert!(r.starts_with("a OK"), "{name}: {r}");
     }
 }
+
+/// Redis restarted between two logins: the next login's first use of the
+/// store (the throttle, the mailbox's slot) goes to the new Redis at once,
+/// not to the connection the old one closed; nothing falls back to this
+/// replica alone.
+#[test]
+fn a_redis_restart_costs_no_store_operation() {
+    let mut redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let cfg = replica_config(&redis, &key, upstream().token_url(), "");
+    let proxy = Proxy::start(&cfg);
+    let logs = || proxy.logs();
+    let r = scanner_login(proxy.port(0));
+    assert!(r.starts_with("a OK"), "{r}\n{}", logs());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !redis.cli(&["KEYS", "oxbridge:slots:*"]).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the slot was not released\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    redis.stop();
+    redis.restart();
+    let mut c = Raw::connect(proxy.port(0));
+    let greeting = c.line();
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    let reply = c.imap_login("scanner@example.test", SCANNER_PASSWORD);
+    assert!(
+        reply.lines().last().unwrap_or("").starts_with("a OK"),
+        "{reply}"
+    );
+    let slots = redis.cli(&["KEYS", "oxbridge:slots:*"]);
+    c.send("b LOGOUT");
+    c.until("b ");
+    assert!(
+        slots.contains("oxbridge:slots:imap:"),
+        "no slot in Redis: {slots:?}\n{}",
+        logs()
+    );
+    let text = logs();
+    assert!(!text.contains("Redis unavailable"), "{text}");
+    assert!(!text.contains("broken pipe"), "{text}");
+}
