@@ -338,6 +338,10 @@ async fn render_metrics(State(admin): State<Admin>) -> Response {
     if metrics::token_endpoint_recent(TOKEN_FACT_AGE).is_none() {
         renew_token_fact(admin.app.config.oauth.token_url());
     }
+    metrics::held(
+        &admin.app.mailbox_limits.in_use(),
+        admin.app.throttle.census(),
+    );
     (
         [(
             header::CONTENT_TYPE,

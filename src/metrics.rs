@@ -57,6 +57,10 @@ pub const DEVICE_TLS_SESSIONS: &str = "oxbridge_device_tls_sessions_total";
 pub const TOKEN_ENDPOINT_CONTACT: &str = "oxbridge_token_endpoint_contact_timestamp_seconds";
 pub const UPSTREAM_REACHABLE: &str = "oxbridge_upstream_reachable";
 pub const REFUSALS: &str = "oxbridge_refusals_total";
+pub const SLOTS_HELD: &str = "oxbridge_upstream_slots_held";
+pub const SLOTS_WAITING: &str = "oxbridge_upstream_slot_waiting";
+pub const THROTTLE_ENTRIES: &str = "oxbridge_throttle_entries";
+pub const THROTTLE_CHECKING: &str = "oxbridge_throttle_checking";
 
 /// Histogram buckets (seconds) for token requests and upstream connects.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -228,6 +232,22 @@ fn describe() {
         REFUSALS,
         "Refusals a device got other than a failed login (encryption required, too many sessions, relay or sender refused, the upstream's 4xx/5xx after login), by protocol and reason"
     );
+    describe_gauge!(
+        SLOTS_HELD,
+        "Upstream sessions this process holds against the per-mailbox limits, by protocol"
+    );
+    describe_gauge!(
+        SLOTS_WAITING,
+        "Devices waiting for a mailbox's upstream session slot, by protocol"
+    );
+    describe_gauge!(
+        THROTTLE_ENTRIES,
+        "Client addresses, accounts and shared mailboxes this process remembers failed logins or a lockout of (forgotten 15 minutes after the last failure)"
+    );
+    describe_gauge!(
+        THROTTLE_CHECKING,
+        "Logins counted by the throttle whose password is being checked now"
+    );
     describe_counter!(
         UPSTREAM_EXPIRIES,
         "Sessions the upstream ended because their token expired, by protocol"
@@ -281,6 +301,19 @@ pub fn device_tls_session(listener: std::net::SocketAddr, version: &'static str)
 
 pub fn graph_request(result: &'static str) {
     counter!(GRAPH_REQUESTS, "result" => result).increment(1);
+}
+
+/// What the per-mailbox limits and the login throttle hold now (set when
+/// `/metrics` is read).
+pub fn held(slots: &[crate::limits::MailboxUse], throttle: crate::throttle::Census) {
+    for protocol in [Protocol::Smtp, Protocol::Imap, Protocol::Pop3] {
+        let of = slots.iter().filter(|u| u.protocol == protocol);
+        let (held, waiting) = of.fold((0, 0), |(h, w), u| (h + u.sessions, w + u.waiting));
+        gauge!(SLOTS_HELD, "protocol" => protocol.as_str()).set(held as f64);
+        gauge!(SLOTS_WAITING, "protocol" => protocol.as_str()).set(waiting as f64);
+    }
+    gauge!(THROTTLE_ENTRIES).set(throttle.entries as f64);
+    gauge!(THROTTLE_CHECKING).set(throttle.checking as f64);
 }
 
 /// A message was taken into the spool.

@@ -136,6 +136,13 @@ impl Record {
     }
 }
 
+/// See [`Throttle::census`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Census {
+    pub entries: usize,
+    pub checking: usize,
+}
+
 pub struct Throttle {
     base_delay: Duration,
     lockout_failures: u32,
@@ -210,6 +217,27 @@ impl Throttle {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Record>> {
         self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What this process remembers now: entries (addresses, accounts,
+    /// shared mailboxes) with failures inside [`WINDOW`] or a lockout, and
+    /// logins whose password is being checked.
+    pub fn census(&self) -> Census {
+        let now = Instant::now();
+        let records = self.lock();
+        let mut census = Census::default();
+        for (key, r) in records.iter() {
+            let mut r = *r;
+            r.expire(now);
+            if r.failures > 0 || r.locked(now) {
+                census.entries += 1;
+            }
+            // Every attempt counts against exactly one address.
+            if matches!(key, Key::Address(_)) {
+                census.checking += r.pending as usize;
+            }
+        }
+        census
     }
 
     /// Count a login of `claim` from `ip` before its password is checked.

@@ -207,3 +207,48 @@ async fn an_ipv6_network_of_64_bits_is_one_address() {
     let mapped: IpAddr = "::ffff:192.0.2.9".parse().unwrap();
     assert!(t.begin(mapped, &claim("w@x")).await.is_ok());
 }
+
+/// The census says what is remembered: an attempt while it is checked,
+/// failures until their window ends, a lockout until it ends; then nothing.
+#[tokio::test(start_paused = true)]
+async fn the_census_comes_back_to_zero() {
+    let t = throttle(2);
+    let u = claim("u@x");
+    assert_eq!(t.census(), Census::default());
+    let attempt = t.begin(A, &u).await.unwrap();
+    assert_eq!(
+        t.census(),
+        Census {
+            entries: 0,
+            checking: 1
+        }
+    );
+    drop(attempt);
+    assert_eq!(t.census(), Census::default());
+    fail(&t, A, &u).await;
+    // The address and the account.
+    assert_eq!(
+        t.census(),
+        Census {
+            entries: 2,
+            checking: 0
+        }
+    );
+    t.begin(B, &u).await.unwrap().succeeded().await;
+    // The account's failures are cleared by its right password.
+    assert_eq!(
+        t.census(),
+        Census {
+            entries: 1,
+            checking: 0
+        }
+    );
+    tokio::time::advance(WINDOW).await;
+    assert_eq!(t.census(), Census::default());
+    fail(&t, A, &u).await;
+    fail(&t, A, &u).await;
+    assert_eq!(t.census().entries, 2);
+    // Locked for 60 s: the lockout ends before the window.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert_eq!(t.census(), Census::default());
+}

@@ -8,6 +8,46 @@ use std::process::{Command, Output, Stdio};
 
 use crate::harness::*;
 
+/// What the per-mailbox limits and the throttle hold is in `/metrics`,
+/// and back to zero once the sessions end: a held upstream slot, the
+/// entries a wrong password leaves (the client address and the account).
+#[test]
+fn slots_and_throttle_entries_are_gauges() {
+    let proxy = Proxy::start(&config(&plain_listeners(&["imap"]), ADMIN));
+    let admin = proxy.admin_addr();
+    let gauge = |name: &str, labels: &[(&str, &str)]| value(&scrape(admin), name, labels);
+    let imap = [("protocol", "imap")];
+    assert_eq!(gauge("oxbridge_upstream_slots_held", &imap), 0.0);
+    let mut c = Raw::connect(proxy.port(0));
+    c.line();
+    let r = c.imap_login("scanner@example.test", SCANNER_PASSWORD);
+    assert!(r.lines().last().unwrap_or("").starts_with("a OK"), "{r}");
+    let held = scrape(admin);
+    assert_eq!(value(&held, "oxbridge_upstream_slots_held", &imap), 1.0);
+    assert_eq!(
+        value(
+            &held,
+            "oxbridge_upstream_slots_held",
+            &[("protocol", "smtp")]
+        ),
+        0.0
+    );
+    assert_eq!(value(&held, "oxbridge_upstream_slot_waiting", &imap), 0.0);
+    c.send("b LOGOUT");
+    c.until("b ");
+    proxy.wait_log(&["session ended", "relayed"]);
+    assert_eq!(gauge("oxbridge_upstream_slots_held", &imap), 0.0);
+    assert_eq!(gauge("oxbridge_throttle_entries", &[]), 0.0);
+    let mut c = Raw::connect(proxy.port(0));
+    c.line();
+    let r = c.imap_login("scanner@example.test", "wrong");
+    assert!(r.lines().last().unwrap_or("").starts_with("a NO"), "{r}");
+    let after = scrape(admin);
+    assert_eq!(value(&after, "oxbridge_throttle_entries", &[]), 2.0);
+    assert_eq!(value(&after, "oxbridge_throttle_checking", &[]), 0.0);
+    assert_eq!(value(&after, "oxbridge_upstream_slots_held", &imap), 0.0);
+}
+
 #[test]
 fn metrics_health_readiness_and_json_logs() {
     let proxy = Proxy::start(&config(&plain_listeners(&["imap", "smtp"]), ADMIN));
