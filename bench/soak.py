@@ -63,7 +63,7 @@ import soak_clients as cl  # noqa: E402
 import soak_senders  # noqa: E402
 import soak_report  # noqa: E402
 import soak_replicas  # noqa: E402
-from soak_measure import fds, http, metrics, msum, rss_kib, slots  # noqa: E402
+from soak_measure import fds, held, http, metrics, msum, rss_kib, slots  # noqa: E402
 
 PASSWORD = "soak-device-password"
 USERS = ["alice@example.test", "bob@example.test"]
@@ -330,6 +330,7 @@ def sample(run, label=None):
         "sessions_total": msum(m, "oxbridge_sessions_total"),
         "slots": None if sl is None else sum(r[2] for r in sl),
         "waiting": None if sl is None else sum(r[3] for r in sl),
+        **held(m),
         "throttled": None if m is None else {lab.get("kind", ""): v for lab, v in
                                              m.get("oxbridge_throttled_logins_total", [])},
         "spool_messages": msum(m, "oxbridge_spool_messages"),
@@ -530,7 +531,9 @@ class Run:
             sl = slots(self.ctx.admin_url)
             m = metrics(self.ctx.admin_url)
             active = msum(m, "oxbridge_sessions_active")
-            if (sl == [] and active == 0) or time.time() > deadline:
+            h = held(m)
+            settled = h["slots_held"] == 0 and h["slots_waiting"] == 0 and h["throttle_checking"] == 0
+            if (sl == [] and active == 0 and settled) or time.time() > deadline:
                 break
             time.sleep(0.5)
         redis = None
@@ -543,7 +546,7 @@ class Run:
                 time.sleep(1)
             redis = {"live_slots": live, "throttle_keys": self.redis.throttle_keys(),
                      "replica_2": self.replica.result if self.replica else None}
-        return {"slots": sl, "sessions_active": active, "redis": redis,
+        return {"slots": sl, "sessions_active": active, "redis": redis, **h,
                 "throttled": None if m is None else {lab.get("kind", ""): v for lab, v in
                                                      m.get("oxbridge_throttled_logins_total", [])},
                 "metrics": {k: m.get(k) for k in soak_report.COUNTERS} if m else None}

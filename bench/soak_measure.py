@@ -70,6 +70,14 @@ def msum(m, name, **want):
     return sum(v for lab, v in m.get(name, []) if all(lab.get(k) == x for k, x in want.items()))
 
 
+def held(m):
+    """What /metrics says the per-mailbox limits and the throttle hold now."""
+    return {"slots_held": msum(m, "oxbridge_upstream_slots_held"),
+            "slots_waiting": msum(m, "oxbridge_upstream_slot_waiting"),
+            "throttle_entries": msum(m, "oxbridge_throttle_entries"),
+            "throttle_checking": msum(m, "oxbridge_throttle_checking")}
+
+
 def slots(admin_url):
     """Rows of the status page's "Upstream sessions per mailbox": (mailbox, protocol, sessions, waiting)."""
     try:

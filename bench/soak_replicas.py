@@ -10,7 +10,7 @@ import time
 
 import soak_clients as cl
 import soak_senders
-from soak_measure import fds, metrics, msum, rss_kib, slots
+from soak_measure import fds, held, metrics, msum, rss_kib, slots
 
 
 class Redis:
@@ -125,11 +125,13 @@ class Replica(threading.Thread):
         deadline = time.time() + 20
         while True:
             sl = slots(admin)
-            active = msum(metrics(admin), "oxbridge_sessions_active")
-            if (sl == [] and active == 0) or time.time() > deadline:
+            m = metrics(admin)
+            active = msum(m, "oxbridge_sessions_active")
+            h = held(m)
+            if (sl == [] and active == 0 and h["slots_held"] == 0) or time.time() > deadline:
                 break
             time.sleep(0.5)
-        self.result.update(slots_after=sl, sessions_active_after=active,
+        self.result.update(slots_after=sl, sessions_active_after=active, held_after=h,
                            rss_kib=rss_kib(self.oxb.p.pid), fds=fds(self.oxb.p.pid))
         self.oxb.stop()
         self.result["stopped"] = rec.now()

@@ -152,6 +152,11 @@ def account(run, rec, drained, after, sweep, stuck, faults):
         why.append(f"{len(accepted)} login(s) with a wrong password accepted")
     if slots_left is None or slots_left:
         why.append(f"upstream slots after the load: {slots_left!r} (must be none)")
+    for key, what in (("slots_held", "upstream slots held (oxbridge_upstream_slots_held)"),
+                      ("slots_waiting", "devices waiting for a slot (oxbridge_upstream_slot_waiting)"),
+                      ("throttle_checking", "logins in the throttle (oxbridge_throttle_checking)")):
+        if after.get(key) not in (0, 0.0):
+            why.append(f"{what} after the load: {after.get(key)!r} (must be 0)")
     if after["sessions_active"] not in (0, 0.0):
         why.append(f"sessions still active after the load: {after['sessions_active']}")
     if throttled.get("busy"):
@@ -171,7 +176,9 @@ def account(run, rec, drained, after, sweep, stuck, faults):
     elif red and any(red["live_slots"].values()):
         why.append(f"upstream slots still held in Redis after the load: {red['live_slots']}")
     r2 = red.get("replica_2") or {}
-    if r2.get("started") is not None and (r2.get("slots_after") != [] or r2.get("sessions_active_after") != 0):
+    r2_held = (r2.get("held_after") or {}).get("slots_held")
+    if r2.get("started") is not None and (r2.get("slots_after") != [] or r2.get("sessions_active_after") != 0
+                                          or r2_held not in (0, 0.0)):
         why.append(f"replica 2: slots {r2.get('slots_after')!r}, sessions {r2.get('sessions_active_after')} "
                    "after its devices stopped")
     if r2.get("error"):
@@ -273,8 +280,11 @@ def table(r):
              f"({by('oxbridge_spool_deliveries_total', 'result')}), retries "
              f"{by('oxbridge_spool_retries_total', '')}, possible duplicates "
              f"{by('oxbridge_spool_possible_duplicates_total', '')}")
-    L.append(f"after the load: upstream slots {a['slots']!r}, sessions active {fmt(a['sessions_active'])}, "
-             f"throttled logins by kind {a['throttled']}")
+    L.append(f"after the load: upstream slots {a['slots']!r} (status page), held "
+             f"{fmt(a.get('slots_held'))}, waiting {fmt(a.get('slots_waiting'))} (/metrics), sessions active "
+             f"{fmt(a['sessions_active'])}, throttled logins by kind {a['throttled']}; throttle: logins being "
+             f"checked {fmt(a.get('throttle_checking'))}, entries remembered {fmt(a.get('throttle_entries'))} "
+             f"(failed logins are remembered for 15 minutes)")
     red = a.get("redis")
     if red:
         r2 = red.get("replica_2") or {}
@@ -293,7 +303,7 @@ def table(r):
 SERIES = [("RSS (MiB)", lambda s: s["rss_kib"] / 1024 if s["rss_kib"] is not None else None),
           ("open descriptors", lambda s: s["fds"]),
           ("sessions active", lambda s: s["sessions_active"]),
-          ("upstream slots held", lambda s: s["slots"]),
+          ("upstream slots held", lambda s: s.get("slots_held", s["slots"])),
           ("spool depth (messages)", lambda s: s["spool_on_disk"]),
           ("device errors", lambda s: s["device_errors"]),
           ]
