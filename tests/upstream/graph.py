@@ -72,12 +72,15 @@ DRAFT_IDLE = 3600            # drafts (and their sessions) untouched this long a
 SOCKET_TIMEOUT = 30          # per socket operation, TLS handshake included
 IDP_TIMEOUT = 10
 LMTP_TIMEOUT = 120
+RETRY_EVERY = 2              # seconds between tries of a recipient LMTP could not take
+RETRY_FOR = 600              # then it is given up (logged as rejected)
 GRAPH_RESOURCE = "https://graph.microsoft.com"
 SEND_ASDENIED_LOCAL = "sendas-denied"
 
 CONFIG = {  # runtime knobs, POST /admin/config
     "upload_session_ttl": 7200,      # seconds an uploadUrl stays valid (expirationDateTime)
     "upload_min_size": 3 * MIB,      # smallest AttachmentItem.size createUploadSession accepts
+    "lmtp_defer": 0,                 # the next N LMTP deliveries fail as if Dovecot were down
 }
 THROTTLE = {"count": 0, "status": 429, "retry_after": 1, "code": None, "message": None, "path": None}
 THROTTLE_DEFAULT_BODY = {429: ("TooManyRequests", "Please retry again later."),
@@ -89,6 +92,7 @@ LOG_LOCK = threading.Lock()
 DRAFTS = {}       # message id -> {"user", "mime", "created", "touched", "attachments": [..]}
 SESSIONS = {}     # session id -> {"user", "draft", "item", "token", "exp", "next", "chunks", "lock"}
 STATS = {}
+QUEUE = []        # recipients LMTP could not take yet: {"sender", "msg", "rcpts", "opts", "since"}
 ARGS = None
 USERS = {}        # lower-case address -> address as configured
 DOMAIN = ""
@@ -99,7 +103,7 @@ HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def reset_stats():
     STATS.clear()
     STATS.update(requests=0, by_status={}, sent=0, delivered=0, discarded=0, rejected=0,
-                 throttled=0, drafts_created=0, sessions_created=0, uploads_completed=0,
+                 deferred=0, throttled=0, drafts_created=0, sessions_created=0, uploads_completed=0,
                  milter_rejects=0)
 
 
@@ -403,9 +407,40 @@ def file_attachment(a):
 
 
 # ---------------------------------------------------------------- delivery over LMTP
+def lmtp_send(sender, msg, rcpts, opts):
+    """One LMTP connection, one transaction per recipient: (delivered, rejected, deferred,
+    error). A 4xx reply or a failed connection defers a recipient; a 5xx rejects it."""
+    delivered, rejected, deferred, error = [], [], [], None
+    with LOCK:
+        down = CONFIG["lmtp_defer"] > 0
+        CONFIG["lmtp_defer"] -= down
+    try:
+        if down:
+            raise ConnectionRefusedError(111, "Connection refused (lmtp_defer)")
+        with smtplib.LMTP(ARGS.lmtp, local_hostname="localhost", timeout=LMTP_TIMEOUT) as lm:
+            for r in rcpts:
+                try:
+                    lm.sendmail(sender, [r], msg, mail_options=opts)
+                    delivered.append(r)
+                except smtplib.SMTPRecipientsRefused as e:
+                    code, text = list(e.recipients.values())[0]
+                    (deferred if 400 <= code < 500 else rejected).append(
+                        "%s: %d %s" % (r, code, text.decode("utf-8", "replace")))
+                except smtplib.SMTPResponseException as e:
+                    (deferred if 400 <= e.smtp_code < 500 else rejected).append("%s: %d %s" % (
+                        r, e.smtp_code, e.smtp_error.decode("utf-8", "replace")))
+    except (OSError, smtplib.SMTPException) as e:
+        error = "LMTP: %r" % e
+        done = set(delivered) | {x.split(":", 1)[0] for x in rejected + deferred}
+        deferred += ["%s: not delivered yet" % r for r in rcpts if r not in done]
+    return delivered, rejected, deferred, error
+
+
 def deliver(sender, raw, rcpts):
     """Deliver to each example.test recipient through Dovecot's LMTP socket, one transaction
-    per recipient; other domains are discarded (as Postfix does here)."""
+    per recipient; other domains are discarded (as Postfix does here). A recipient Dovecot
+    cannot take now (LMTP down, a 4xx) is queued and tried again, as Exchange's transport
+    does after its 202, every RETRY_EVERY seconds for RETRY_FOR seconds."""
     msg = strip_bcc(raw)
     res = {"delivered": [], "discarded": [], "rejected": []}
     local = []
@@ -413,27 +448,45 @@ def deliver(sender, raw, rcpts):
         (local if r.lower().endswith("@" + DOMAIN) else res["discarded"]).append(r)
     if local:
         opts = ["BODY=8BITMIME"] if re.search(rb"[\x80-\xff]", msg) else []
-        try:
-            with smtplib.LMTP(ARGS.lmtp, local_hostname="localhost", timeout=LMTP_TIMEOUT) as lm:
-                for r in local:
-                    try:
-                        lm.sendmail(sender, [r], msg, mail_options=opts)
-                        res["delivered"].append(r)
-                    except smtplib.SMTPRecipientsRefused as e:
-                        code, text = list(e.recipients.values())[0]
-                        res["rejected"].append("%s: %d %s" % (r, code, text.decode("utf-8", "replace")))
-                    except smtplib.SMTPResponseException as e:
-                        res["rejected"].append("%s: %d %s" % (r, e.smtp_code, e.smtp_error.decode(
-                            "utf-8", "replace")))
-        except (OSError, smtplib.SMTPException) as e:
-            res["delivery_error"] = "LMTP: %r" % e
-            done = set(res["delivered"]) | {x.split(":", 1)[0] for x in res["rejected"]}
-            res["rejected"] += ["%s: not delivered" % r for r in local if r not in done]
+        delivered, rejected, deferred, error = lmtp_send(sender, msg, local, opts)
+        res["delivered"] += delivered
+        res["rejected"] += rejected
+        if deferred:
+            res["deferred"] = deferred
+            later = [x.split(":", 1)[0] for x in deferred]
+            with LOCK:
+                QUEUE.append({"sender": sender, "msg": msg, "rcpts": later, "opts": opts,
+                              "since": time.time()})
+        if error:
+            res["delivery_error"] = error
     with LOCK:
         STATS["sent"] += 1
         for k in ("delivered", "discarded", "rejected"):
             STATS[k] += len(res[k])
+        STATS["deferred"] += len(res.get("deferred", []))
     return res
+
+
+def retry_queue():
+    """Forever: try the queued recipients again; give up on one after RETRY_FOR seconds."""
+    while True:
+        time.sleep(RETRY_EVERY)
+        with LOCK:
+            due, QUEUE[:] = list(QUEUE), []
+        for item in due:
+            delivered, rejected, deferred, error = lmtp_send(
+                item["sender"], item["msg"], item["rcpts"], item["opts"])
+            left = [x.split(":", 1)[0] for x in deferred]
+            expired = left and time.time() - item["since"] > RETRY_FOR
+            with LOCK:
+                STATS["delivered"] += len(delivered)
+                STATS["rejected"] += len(rejected) + (len(left) if expired else 0)
+                if left and not expired:
+                    QUEUE.append(dict(item, rcpts=left))
+            if delivered or rejected or expired:
+                event("delivery retried", sender=item["sender"], delivered=delivered,
+                      rejected=rejected + (["%s: given up" % r for r in left] if expired else []),
+                      error=error)
 
 
 # ---------------------------------------------------------------- HTTP
@@ -1154,6 +1207,7 @@ def main():
         milter = MilterServer(ARGS.milter, MilterHandler)
         os.chmod(ARGS.milter, 0o666)  # Postfix's smtpd runs as user postfix
         threading.Thread(target=milter.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+    threading.Thread(target=retry_queue, daemon=True).start()
     if ARGS.pidfile:
         with open(ARGS.pidfile + ".tmp", "w") as f:
             f.write("%d\n" % os.getpid())
