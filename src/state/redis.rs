@@ -190,7 +190,8 @@ impl RedisStore {
         let conn = self.conn().await?;
         let attempt = async {
             match f(conn.clone()).await {
-                Err(e) if e.is_io_error() => f(conn).await,
+                // Not a timeout: a command that timed out may have run.
+                Err(e) if e.is_connection_dropped() || e.is_connection_refusal() => f(conn).await,
                 r => r,
             }
         };
