@@ -37,7 +37,7 @@ use secrecy::{ExposeSecret, SecretBox, SecretString};
 
 use super::seal::{OpenError, Seal, KEY_LEN, REDIS_MAGIC};
 use super::StateError;
-use scripts::{ACQUIRE_SLOT, FAILURE, RELEASE, RENEW_LEASE, RENEW_SLOT};
+use scripts::{ACQUIRE_SLOT, FAILURE, RELEASE, RENEW_LEASE, RENEW_SLOT, TAKE_LEASE};
 
 /// The longest any one Redis operation may take before it counts as a failure.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -74,6 +74,7 @@ pub struct RedisStore {
     pending: Mutex<HashMap<String, SecretString>>,
     retrying: AtomicBool,
     release: redis::Script,
+    take_lease: redis::Script,
     renew_lease: redis::Script,
     acquire_slot: redis::Script,
     renew_slot: redis::Script,
@@ -124,6 +125,7 @@ impl RedisStore {
             pending: Mutex::new(HashMap::new()),
             retrying: AtomicBool::new(false),
             release: redis::Script::new(RELEASE),
+            take_lease: redis::Script::new(TAKE_LEASE),
             renew_lease: redis::Script::new(RENEW_LEASE),
             acquire_slot: redis::Script::new(ACQUIRE_SLOT),
             renew_slot: redis::Script::new(RENEW_SLOT),
@@ -179,9 +181,11 @@ impl RedisStore {
     ///
     /// A connection Redis has closed (a restart) is found out only by the
     /// next command, which fails at once while the connection reconnects:
-    /// that command is sent once more, on the new connection. (Every
-    /// operation here may be repeated: a slot is a set member, a counted
-    /// failure at worst counts once more.)
+    /// that command is sent once more, on the new connection. A command
+    /// whose connection closed after it was sent may have run: every
+    /// script gives the same answer twice (see `scripts`), plain reads and
+    /// writes are the same twice, and a counted failure at worst counts
+    /// once more.
     async fn op<T, F, Fut>(&self, f: F) -> Result<T, StateError>
     where
         F: Fn(ConnectionManager) -> Fut,
@@ -416,16 +420,9 @@ impl RedisStore {
     ) -> Result<Option<String>, StateError> {
         let fence: [u8; FENCE_BYTES] = rand::random();
         let fence = format!("{}:{}", self.replica, hex(&fence));
-        let mut set = redis::cmd("SET");
-        set.arg(self.key("lease", cache_key)).arg(&fence);
-        set.arg("NX").arg("PX").arg(ttl.as_millis() as u64);
-        let got: Option<String> = self
-            .op(|mut c| {
-                let set = &set;
-                async move { set.query_async(&mut c).await }
-            })
-            .await?;
-        Ok(got.map(|_| fence))
+        let mut script = self.take_lease.key(self.key("lease", cache_key));
+        script.arg(&fence).arg(ttl.as_millis() as u64);
+        Ok((self.invoke(&script).await? == 1).then_some(fence))
     }
 
     /// Give the lease back if it still holds `fence` (compare and delete).

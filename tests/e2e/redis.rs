@@ -626,3 +626,30 @@ fn a_redis_restart_costs_no_store_operation() {
     assert!(!text.contains("Redis unavailable"), "{text}");
     assert!(!text.contains("broken pipe"), "{text}");
 }
+
+/// The store sends a command again when its connection closed under it,
+/// and the first one may have run (only its reply was lost): taking a
+/// slot or the refresh lease twice with one request's arguments answers
+/// "taken" both times and holds one slot, so that a lost reply leaves
+/// neither an orphaned slot nor a lease its owner thinks is another's.
+#[test]
+fn a_slot_or_lease_request_sent_twice_takes_one() {
+    const NOW: &str = include_str!("../../src/state/redis/now.lua");
+    const ACQUIRE: &str = include_str!("../../src/state/redis/acquire_slot.lua");
+    const TAKE_LEASE: &str = include_str!("../../src/state/redis/take_lease.lua");
+    let redis = Redis::start();
+    let acquire = format!("{NOW}{ACQUIRE}");
+    let slot = |member: &str| redis.cli(&["EVAL", &acquire, "1", "slots", "30000", "2", member]);
+    assert_eq!(slot("r1:a"), "1");
+    assert_eq!(slot("r1:a"), "1", "the same request again");
+    assert_eq!(redis.cli(&["ZCARD", "slots"]), "1");
+    assert_eq!(slot("r1:b"), "1");
+    assert_eq!(slot("r1:c"), "0", "the limit of 2 holds");
+    assert_eq!(slot("r1:b"), "1");
+    assert_eq!(redis.cli(&["ZCARD", "slots"]), "2");
+    let lease = |fence: &str| redis.cli(&["EVAL", TAKE_LEASE, "1", "lease", fence, "10000"]);
+    assert_eq!(lease("r1:f1"), "1");
+    assert_eq!(lease("r1:f1"), "1", "the same request again");
+    assert_eq!(lease("r2:f2"), "0", "another replica's");
+    assert_eq!(redis.cli(&["GET", "lease"]), "r1:f1");
+}
