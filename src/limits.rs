@@ -72,6 +72,16 @@ pub struct MailboxUse {
     pub limit: usize,
 }
 
+/// A device counted among those waiting for a mailbox while alive (also
+/// when its login is dropped while it waits).
+struct InLine<'g>(&'g AtomicUsize);
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Idle entries are swept once the map holds this many.
 const SWEEP_AT: usize = 1024;
 
@@ -184,14 +194,12 @@ impl MailboxLimits {
         let wait = self.wait[index(protocol)];
         let started = tokio::time::Instant::now();
         let mut pause = SLOT_POLL_FIRST;
-        let mut queued = false;
-        let result = loop {
+        let mut in_line: Option<InLine> = None;
+        loop {
             match self.state.acquire_slot(&set, limit, SLOT_LIFE).await {
                 Ok(Some(member)) => {
-                    break Ok((
-                        Hold::Replicas(heartbeat(self.state.clone(), set, member)),
-                        queued,
-                    ))
+                    let hold = Hold::Replicas(heartbeat(self.state.clone(), set, member));
+                    return Ok((hold, in_line.is_some()));
                 }
                 Ok(None) => {}
                 Err(alone) => {
@@ -199,9 +207,7 @@ impl MailboxLimits {
                         tracing::warn!(%mailbox, error = %e, "Redis unavailable; limiting upstream sessions per replica");
                         crate::metrics::redis_error("limits");
                     }
-                    if queued {
-                        gate.waiting.fetch_sub(1, Ordering::SeqCst);
-                    }
+                    let queued = in_line.take().is_some();
                     let left = wait.saturating_sub(started.elapsed());
                     return self
                         .acquire_local_within(protocol, mailbox, gate, left)
@@ -211,29 +217,31 @@ impl MailboxLimits {
                         });
                 }
             }
-            if !queued {
-                if gate.waiting.fetch_add(1, Ordering::SeqCst) >= self.queue {
-                    gate.waiting.fetch_sub(1, Ordering::SeqCst);
-                    return Err(AuthError::Busy(format!(
-                        "{} devices already wait for {mailbox}",
-                        self.queue
-                    )));
-                }
-                queued = true;
+            if in_line.is_none() {
+                in_line = Some(self.join_line(gate, mailbox)?);
             }
             if started.elapsed() + pause > wait {
-                break Err(AuthError::Busy(format!(
+                return Err(AuthError::Busy(format!(
                     "no free {protocol} session for {mailbox} within {} s",
                     wait.as_secs()
                 )));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(SLOT_POLL_MAX);
-        };
-        if queued {
-            gate.waiting.fetch_sub(1, Ordering::SeqCst);
         }
-        result
+    }
+
+    /// A place among the devices waiting for `gate`, unless
+    /// `mailbox_queue` of them already wait.
+    fn join_line<'g>(&self, gate: &'g Gate, mailbox: &str) -> Result<InLine<'g>, AuthError> {
+        if gate.waiting.fetch_add(1, Ordering::SeqCst) >= self.queue {
+            gate.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(AuthError::Busy(format!(
+                "{} devices already wait for {mailbox}",
+                self.queue
+            )));
+        }
+        Ok(InLine(&gate.waiting))
     }
 
     async fn acquire_local_within(
@@ -246,15 +254,9 @@ impl MailboxLimits {
         if let Ok(permit) = gate.sessions.clone().try_acquire_owned() {
             return Ok((permit, false));
         }
-        if gate.waiting.fetch_add(1, Ordering::SeqCst) >= self.queue {
-            gate.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(AuthError::Busy(format!(
-                "{} devices already wait for {mailbox}",
-                self.queue
-            )));
-        }
+        let in_line = self.join_line(gate, mailbox)?;
         let result = tokio::time::timeout(wait, gate.sessions.clone().acquire_owned()).await;
-        gate.waiting.fetch_sub(1, Ordering::SeqCst);
+        drop(in_line);
         match result {
             Ok(Ok(permit)) => Ok((permit, true)),
             _ => Err(AuthError::Busy(format!(
@@ -351,6 +353,23 @@ mod tests {
         drop(held);
         assert!(waiter.await.unwrap());
         assert_eq!(l.in_use(), vec![]);
+    }
+
+    /// A device that gives up while it waits (its login future dropped)
+    /// leaves the line: the queue and the gauge do not keep it.
+    #[tokio::test]
+    async fn a_dropped_wait_leaves_the_line() {
+        let l = Arc::new(limits(1, 2000, 1));
+        let held = l.acquire(Protocol::Smtp, "m@x.test").await.unwrap();
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(100),
+            l.acquire(Protocol::Smtp, "m@x.test"),
+        )
+        .await;
+        assert!(gave_up.is_err());
+        assert_eq!(l.in_use()[0].waiting, 0);
+        drop(held);
+        assert!(l.acquire(Protocol::Smtp, "m@x.test").await.is_ok());
     }
 
     #[tokio::test]
