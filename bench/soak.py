@@ -51,10 +51,12 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -157,6 +159,17 @@ class Upstream:
         t = json.loads(http(self.up["TOKEN_URL"], {"grant_type": "client_credentials", "client_id": "test-app",
                                                    "client_secret": "test-app-secret", "scope": SCOPE}))
         return t["access_token"]
+
+    def graph_queue(self):
+        """Recipients the Graph stand-in has accepted and not yet delivered (0 if it cannot say)."""
+        ctx = ssl.create_default_context(cafile=self.up["UPSTREAM_CA"])
+        url = f"https://127.0.0.1:{self.up['GRAPH_PORT']}/admin/stats"
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                             urllib.request.HTTPSHandler(context=ctx)).open(url, timeout=5) as r:
+                return int(json.load(r).get("queued", 0))
+        except (OSError, ValueError):
+            return 0
 
     def postfix_queue(self):
         n = 0
@@ -498,11 +511,12 @@ class Run:
         if stuck:
             log(f"devices that did not stop: {stuck}")
 
-        log(f"waiting up to {a.drain_s} s for oxbridge's spool and Postfix's queue to drain")
+        log(f"waiting up to {a.drain_s} s for oxbridge's spool and the Postfix and Graph queues to drain")
         deadline = time.time() + a.drain_s
-        while time.time() < deadline and (self.spool_depth() or self.up.postfix_queue()):
+        while time.time() < deadline and (self.spool_depth() or self.up.postfix_queue() or self.up.graph_queue()):
             time.sleep(1)
-        drained = {"spool": self.spool_depth(), "postfix_queue": self.up.postfix_queue()}
+        drained = {"spool": self.spool_depth(), "postfix_queue": self.up.postfix_queue(),
+                   "graph_queue": self.up.graph_queue()}
         after = self.after_load()
         sweep = self.sweep(up)
         s_end = sample(self, "end")

@@ -236,7 +236,8 @@ def table(r):
              f"{m['delivered_without_250']}; possible duplicates: {len(m['possible_duplicates'])}")
     for d in m["possible_duplicates"][:10]:
         L.append(f"    duplicate {d['msgid']} x{d['copies']}: {d['cause']}")
-    L.append(f"  at the end: spool {m['drained']['spool']}, Postfix queue {m['drained']['postfix_queue']}; "
+    L.append(f"  at the end: spool {m['drained']['spool']}, Postfix queue {m['drained']['postfix_queue']}, "
+             f"Graph queue {m['drained'].get('graph_queue')}; "
              f"INBOX sweep {m['sweep']}")
     L.append("")
     L.append("IMAP devices             appended  final EXISTS  seen live  missed  sessions  BYEs")

@@ -196,6 +196,32 @@ fn a_429_with_retry_after_is_waited_out() {
     );
 }
 
+/// POST the stand-in's `/admin/config` with a JSON body; its answer.
+fn graph_admin_config(body: &str) -> String {
+    let up = upstream();
+    let out = run(
+        Command::new("curl")
+            .args(["-sS", "--noproxy", "*", "--cacert", up.ca(), "-X", "POST"])
+            .args(["-d", body])
+            .arg(format!(
+                "https://127.0.0.1:{}/admin/config",
+                up.get("GRAPH_PORT")
+            )),
+        Duration::from_secs(20),
+    );
+    text(&out)
+}
+
+/// Sets `lmtp_defer` back to 0 when dropped (a failed test leaves the
+/// stand-in as it found it).
+struct NoDefer;
+
+impl Drop for NoDefer {
+    fn drop(&mut self) {
+        graph_admin_config(r#"{"lmtp_defer": 0}"#);
+    }
+}
+
 /// Graph took a message (202, so the device got 250) while the mailbox
 /// server could not take it: the stand-in keeps it and delivers it when it
 /// can, as Exchange's transport does. (The soak lost such a message while
@@ -207,37 +233,31 @@ fn a_message_graph_took_while_dovecot_was_down_arrives() {
     let proxy = Proxy::start(&graph_config("", state.path(), ""));
     let dir = tempfile::tempdir().unwrap();
     let m = Message::write(dir.path(), "graph-deferred", ALICE, 0);
-    let up = upstream();
-    let out = run(
-        Command::new("curl")
-            .args(["-sS", "--noproxy", "*", "--cacert", up.ca(), "-X", "POST"])
-            .args(["-d", r#"{"lmtp_defer": 1}"#])
-            .arg(format!(
-                "https://127.0.0.1:{}/admin/config",
-                up.get("GRAPH_PORT")
-            )),
-        Duration::from_secs(20),
-    );
-    assert!(text(&out).contains(r#""lmtp_defer": 1"#), "{}", text(&out));
+    let _reset = NoDefer;
+    let answer = graph_admin_config(r#"{"lmtp_defer": 1}"#);
+    assert!(answer.contains(r#""lmtp_defer": 1"#), "{answer}");
     let from_log = graph_log_len();
     let out = graph_device(proxy.port(0)).swaks(&m.path);
     assert!(out.status.success(), "{}\n{}", text(&out), proxy.logs());
     assert_arrived(ALICE, &m.id, &m.bytes);
-    let log = std::fs::read_to_string(up.get("GRAPH_LOG")).unwrap_or_default();
-    let later: Vec<&str> = log.lines().skip(from_log).collect();
-    assert!(
-        later
+    // The retry's log line is written once its LMTP session has ended.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(upstream().get("GRAPH_LOG")).unwrap_or_default();
+        let later: Vec<&str> = log.lines().skip(from_log).collect();
+        let deferred = later
             .iter()
-            .any(|l| l.contains(r#""deferred":["alice@example.test: not delivered yet"]"#)),
-        "{later:#?}"
-    );
-    assert!(
-        later
-            .iter()
-            .any(|l| l.contains(r#""event":"delivery retried""#)
-                && l.contains(r#""delivered":["alice@example.test"]"#)),
-        "{later:#?}"
-    );
+            .any(|l| l.contains(r#""deferred":["alice@example.test: not delivered yet"]"#));
+        let retried = later.iter().any(|l| {
+            l.contains(r#""event":"delivery retried""#)
+                && l.contains(r#""delivered":["alice@example.test"]"#)
+        });
+        if deferred && retried {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{later:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A Graph token without the Mail.Send permission: the device gets a

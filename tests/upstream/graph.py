@@ -407,12 +407,13 @@ def file_attachment(a):
 
 
 # ---------------------------------------------------------------- delivery over LMTP
-def lmtp_send(sender, msg, rcpts, opts):
+def lmtp_send(sender, msg, rcpts, opts, retry=False):
     """One LMTP connection, one transaction per recipient: (delivered, rejected, deferred,
-    error). A 4xx reply or a failed connection defers a recipient; a 5xx rejects it."""
+    error). A 4xx reply or a failed connection defers a recipient; a 5xx rejects it.
+    lmtp_defer applies to first attempts only."""
     delivered, rejected, deferred, error = [], [], [], None
     with LOCK:
-        down = CONFIG["lmtp_defer"] > 0
+        down = not retry and CONFIG["lmtp_defer"] > 0
         CONFIG["lmtp_defer"] -= down
     try:
         if down:
@@ -474,8 +475,12 @@ def retry_queue():
         with LOCK:
             due, QUEUE[:] = list(QUEUE), []
         for item in due:
-            delivered, rejected, deferred, error = lmtp_send(
-                item["sender"], item["msg"], item["rcpts"], item["opts"])
+            try:
+                delivered, rejected, deferred, error = lmtp_send(
+                    item["sender"], item["msg"], item["rcpts"], item["opts"], retry=True)
+            except Exception as e:  # never lose the queue to an unforeseen error
+                delivered, rejected, error = [], [], "LMTP: %r" % e
+                deferred = ["%s: not delivered yet" % r for r in item["rcpts"]]
             left = [x.split(":", 1)[0] for x in deferred]
             expired = left and time.time() - item["since"] > RETRY_FOR
             with LOCK:
@@ -1043,7 +1048,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/admin/stats" and method == "GET":
             with LOCK:
                 out = json.loads(json.dumps(STATS))
-                out.update(drafts=len(DRAFTS), sessions=len(SESSIONS), stored_bytes=stored_bytes())
+                out.update(drafts=len(DRAFTS), sessions=len(SESSIONS), stored_bytes=stored_bytes(),
+                           queued=sum(len(q["rcpts"]) for q in QUEUE))
             return self.plain(200, out)
         if path == "/admin/stats/reset" and method == "POST":
             with LOCK:
