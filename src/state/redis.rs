@@ -8,10 +8,11 @@
 //!   password in clear.
 //! * Every operation is bounded by [`OP_TIMEOUT`]; an error or a timeout is
 //!   a [`StateError::Redis`], and the callers fall back to what they can do
-//!   alone (see `oauth`, `limits`, `throttle`). While Redis stays
-//!   unreachable, a new connection is tried at most once per
-//!   [`RECONNECT_EVERY`], so that logins do not each wait for a connect
-//!   timeout.
+//!   alone (see `oauth`, `limits`, `throttle`). Until the first connection
+//!   is made, a new one is tried at most once per [`RECONNECT_EVERY`], so
+//!   that logins do not each wait for a connect timeout; once made, the
+//!   connection reconnects by itself after a failed command, and a command
+//!   that found its connection closed (Redis restarted) is sent once more.
 //! * Refresh tokens are never lost: the last one read or written is kept in
 //!   memory per account, and a rotated one that cannot be written is kept as
 //!   *pending* and written again every [`RETRY_EVERY`] until Redis takes it
