@@ -68,6 +68,7 @@ import soak_replicas  # noqa: E402
 from soak_measure import fds, held, http, metrics, msum, rss_kib, slots  # noqa: E402
 
 PASSWORD = "soak-device-password"
+THROTTLE_QUIET_S = 16 * 60  # oxbridge forgets failed logins 15 minutes after the last
 USERS = ["alice@example.test", "bob@example.test"]
 PROBES = [f"probe{i}@example.test" for i in range(1, 5)]  # targets of the wrong passwords
 GRAPH_LOGIN = "graph-sender@example.test"
@@ -467,7 +468,11 @@ class Run:
                                          PASSWORD, u, [u], a.send_every, run_id))
         devices.append(soak_senders.SmtpSender("smtp-graph", rec, stop, ports["smtp_session"], "graph", GRAPH_LOGIN,
                                      PASSWORD, USERS[0], USERS, a.send_every * 2, run_id))
-        devices.append(soak_senders.WrongPasswords(rec, stop, ports, PROBES, a.wrong_every))
+        # Failed logins are remembered for 15 minutes: a run long enough stops the wrong
+        # passwords THROTTLE_QUIET_S before the end, so that the throttle's entries must be
+        # back to 0 when the load stops.
+        self.wrong_until = minutes * 60 - THROTTLE_QUIET_S if minutes * 60 >= 2 * THROTTLE_QUIET_S else None
+        devices.append(soak_senders.WrongPasswords(rec, stop, ports, PROBES, a.wrong_every, self.wrong_until))
 
         s0 = sample(self, "start")
         log(f"load: {len(devices)} devices for {minutes} min; sample every {sample_s} s "
@@ -560,7 +565,7 @@ class Run:
                 time.sleep(1)
             redis = {"live_slots": live, "throttle_keys": self.redis.throttle_keys(),
                      "replica_2": self.replica.result if self.replica else None}
-        return {"slots": sl, "sessions_active": active, "redis": redis, **h,
+        return {"slots": sl, "sessions_active": active, "redis": redis, **h, "wrong_until": self.wrong_until,
                 "throttled": None if m is None else {lab.get("kind", ""): v for lab, v in
                                                      m.get("oxbridge_throttled_logins_total", [])},
                 "metrics": {k: m.get(k) for k in soak_report.COUNTERS} if m else None}

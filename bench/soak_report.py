@@ -157,6 +157,9 @@ def account(run, rec, drained, after, sweep, stuck, faults):
                       ("throttle_checking", "logins in the throttle (oxbridge_throttle_checking)")):
         if after.get(key) not in (0, 0.0):
             why.append(f"{what} after the load: {after.get(key)!r} (must be 0)")
+    if after.get("wrong_until") is not None and after.get("throttle_entries") not in (0, 0.0):
+        why.append(f"throttle entries (oxbridge_throttle_entries) {after.get('throttle_entries')!r} after the "
+                   f"wrong passwords stopped at {after['wrong_until']:.0f} s (must be 0: forgotten after 15 min)")
     if after["sessions_active"] not in (0, 0.0):
         why.append(f"sessions still active after the load: {after['sessions_active']}")
     if throttled.get("busy"):
@@ -285,7 +288,8 @@ def table(r):
              f"{fmt(a.get('slots_held'))}, waiting {fmt(a.get('slots_waiting'))} (/metrics), sessions active "
              f"{fmt(a['sessions_active'])}, throttled logins by kind {a['throttled']}; throttle: logins being "
              f"checked {fmt(a.get('throttle_checking'))}, entries remembered {fmt(a.get('throttle_entries'))} "
-             f"(failed logins are remembered for 15 minutes)")
+             + (f"({(r['config']['minutes'] * 60 - a['wrong_until']) / 60:.0f} minutes after the last wrong password)"
+                if a.get("wrong_until") is not None else "(failed logins are remembered for 15 minutes)"))
     red = a.get("redis")
     if red:
         r2 = red.get("replica_2") or {}

@@ -119,9 +119,10 @@ class WrongPasswords(threading.Thread):
 
     EXPECTED = {"imap": "imap LOGIN: NO", "pop3": "pop3 PASS: -ERR", "smtp": "smtp AUTH: 535"}
 
-    def __init__(self, rec, stop, ports, logins, every):
+    def __init__(self, rec, stop, ports, logins, every, until=None):
         super().__init__(name="wrong-password", daemon=True)
         self.rec, self.stop_ev, self.ports, self.logins, self.every = rec, stop, ports, logins, every
+        self.until = until  # seconds into the run after which it stops trying (None: never)
 
     def attempt(self, k):
         proto = ("imap", "pop3", "smtp")[k % 3]
@@ -155,6 +156,8 @@ class WrongPasswords(threading.Thread):
     def run(self):
         k = 0
         while not self.stop_ev.wait(self.every):
+            if self.until is not None and self.rec.now() >= self.until:
+                return
             k += 1
             with self.rec.lock:
                 self.rec.wrong["tried"] += 1
