@@ -172,6 +172,9 @@ pub enum Reply<'a> {
     /// After login: the session could not move to a fresh upstream login
     /// before its token ran out, so it ends between responses.
     LoginExpired,
+    /// After login: the server closed the connection without a `BYE` of
+    /// its own (it was killed, or the network cut it).
+    UpstreamLost,
     /// After login, while a session moves: messages that arrived meanwhile.
     Exists(usize),
     /// ... the message with this number left.
@@ -235,6 +238,9 @@ impl Reply<'_> {
             Reply::TooManyCommands => "* BYE Too many commands without logging in".into(),
             Reply::Farewell(f) => return farewell(*f).to_vec(),
             Reply::LoginExpired => "* BYE [UNAVAILABLE] Login expired, please log in again".into(),
+            Reply::UpstreamLost => {
+                "* BYE [UNAVAILABLE] Mail server closed the connection, please log in again".into()
+            }
             Reply::Exists(n) => format!("* {n} EXISTS"),
             Reply::Expunge(n) => format!("* {n} EXPUNGE"),
             Reply::Vanished(uids) => format!("* VANISHED {uids}"),
@@ -304,6 +310,14 @@ mod tests {
             }
             .to_bytes(),
             b"oxb1 EXAMINE \"Sent \\\"x\\\"\" (CONDSTORE)\r\n"
+        );
+    }
+
+    #[test]
+    fn a_lost_upstream_is_a_bye() {
+        assert_eq!(
+            Reply::UpstreamLost.to_bytes(),
+            b"* BYE [UNAVAILABLE] Mail server closed the connection, please log in again\r\n"
         );
     }
 

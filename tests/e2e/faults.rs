@@ -133,6 +133,38 @@ fn upstream_that_never_answers_times_out() {
     stuck.wait_log(&["login failed", "timed out"]);
 }
 
+/// The IMAP server's connection is cut between responses (the server
+/// killed, the network gone) with no `BYE` of its own: the device hears
+/// oxbridge's `BYE`, byte for byte, then the end of the connection; never
+/// a connection dropped in silence.
+#[test]
+fn an_imap_upstream_gone_without_bye_gets_a_bye() {
+    let up = upstream();
+    let outage = Outage::start(&up.loopback("imap"));
+    outage.up();
+    let cfg = reroute(
+        &config(&plain_listeners(&["imap"]), ""),
+        "imap",
+        &format!("localhost:{}", outage.addr.port()),
+    );
+    let proxy = Proxy::start(&cfg);
+    let mut c = Raw::connect(proxy.port(0));
+    c.line();
+    let r = c.imap_login(BOB, &up.password(BOB));
+    assert!(r.lines().last().unwrap_or("").starts_with("a OK"), "{r}");
+    c.send("s SELECT INBOX");
+    c.until("s OK");
+    outage.down();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut c.reader, &mut rest);
+    assert_eq!(
+        rest,
+        "* BYE [UNAVAILABLE] Mail server closed the connection, please log in again\r\n",
+        "{}",
+        proxy.logs()
+    );
+}
+
 /// The upstream dies in the middle of a large IMAP FETCH or POP3 RETR: the
 /// device's connection is closed promptly, never left hanging.
 #[test]

@@ -210,6 +210,9 @@ pub async fn down_pump(
     changes: &mut watch::Receiver<Control>,
     abort: &CancellationToken,
 ) -> Down {
+    // Whether the server said goodbye itself; if it closes without one,
+    // the device hears ours (never a connection dropped in silence).
+    let mut said_bye = false;
     loop {
         let mut at = 0;
         let mut stop = None;
@@ -226,7 +229,9 @@ pub async fn down_pump(
             let (n, unit) = framer.feed(&pending[at..]);
             at += n;
             if let Some(unit) = unit {
-                match shared.view().response(&unit) {
+                let seen = shared.view().response(&unit);
+                said_bye |= matches!(seen, Seen::Bye { .. });
+                match seen {
                     Seen::Bye { expired: true } => crate::metrics::upstream_expiry(Protocol::Imap),
                     Seen::LiteralRefused => {
                         shared.control.send_modify(|c| c.literal_refused = true)
@@ -256,15 +261,18 @@ pub async fn down_pump(
         tokio::select! {
             r = tokio::time::timeout(shared.idle, from.read_buf(pending)) => match r {
                 Ok(Ok(0)) => {
+                    let done = shared.activity.device_done.load(Ordering::Relaxed);
+                    if !done {
+                        lost(to, framer, pending, said_bye).await;
+                    }
                     let _ = to.shutdown().await;
-                    return Down::Ended(if shared.activity.device_done.load(Ordering::Relaxed) {
-                        DEVICE_CLOSED
-                    } else {
-                        "upstream closed"
-                    });
+                    return Down::Ended(if done { DEVICE_CLOSED } else { "upstream closed" });
                 }
                 Ok(Ok(_)) => shared.activity.touch(),
                 Ok(Err(_)) => {
+                    if !shared.activity.device_done.load(Ordering::Relaxed) {
+                        lost(to, framer, pending, said_bye).await;
+                    }
                     let _ = to.shutdown().await;
                     return Down::Ended("upstream failed");
                 }
@@ -282,5 +290,14 @@ pub async fn down_pump(
                 return Down::Ended("shutdown");
             }
         }
+    }
+}
+
+/// The upstream went away without a `BYE`: tell the device, if the last
+/// response it got was whole (a `BYE` inside a cut literal would be read
+/// as the literal's bytes).
+async fn lost(to: &mut WriteHalf<Stream>, framer: &Framer, pending: &BytesMut, said_bye: bool) {
+    if !said_bye && framer.at_boundary() && pending.is_empty() {
+        let _ = write_within(to, &Reply::UpstreamLost.to_bytes(), FAREWELL_WRITE).await;
     }
 }

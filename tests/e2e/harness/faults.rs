@@ -222,6 +222,12 @@ impl Outage {
         self.up.store(true, Ordering::SeqCst);
     }
 
+    /// Down again: every connection through it is cut (no goodbye, no TLS
+    /// close_notify), and new ones are refused.
+    pub fn down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+    }
+
     /// The most connections that were open at once.
     pub fn peak(&self) -> usize {
         self.max.load(Ordering::SeqCst)
