@@ -25,10 +25,13 @@ use argon2::Argon2;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Semaphore;
 
+use crate::config::provider::{self, Provider};
 use crate::config::{protocols_text, AccountConfig, Grant, Protocol, SendVia};
 use crate::error::AuthError;
 use crate::mailbox::Mailbox;
-use crate::wire::smtp::stream::Senders;
+
+mod identity;
+pub use identity::Identity;
 
 /// Argon2 checks running at once; more wait, so logins cannot exhaust the CPU.
 pub const MAX_CONCURRENT_VERIFIES: usize = 4;
@@ -48,9 +51,29 @@ struct Account {
     rewrite_sender: bool,
     /// The protocols its logins may use (`protocols`); `None`: every one.
     protocols: Option<Vec<Protocol>>,
+    provider: Arc<Provider>,
 }
 
 impl Account {
+    /// A login of this account as `login`, on `mailbox`.
+    fn identity(
+        &self,
+        login: String,
+        mailbox: Mailbox,
+        password: Option<SecretString>,
+    ) -> Identity {
+        Identity {
+            account: self.login.clone(),
+            login,
+            mailbox,
+            grant: self.grant,
+            password,
+            graph: self.graph,
+            rewrite_sender: self.rewrite_sender,
+            provider: self.provider.clone(),
+        }
+    }
+
     fn allows(&self, protocol: Protocol) -> bool {
         self.protocols
             .as_ref()
@@ -93,42 +116,6 @@ impl Account {
     }
 }
 
-/// Who a device turned out to be, once its credentials were accepted
-/// locally (or, for the `password` grant, are to be tried upstream).
-#[derive(Clone)]
-pub struct Identity {
-    /// The account's `login` from the config (a pattern for `*@domain`).
-    pub account: String,
-    /// The login the device sent, lower-cased, without `\shared`: the
-    /// account's own login, or a [`Mailbox`] of a `*@domain` pattern.
-    pub login: String,
-    /// XOAUTH2 `user=`.
-    pub mailbox: Mailbox,
-    pub grant: Grant,
-    /// The device's password, kept only for the `password` grant.
-    pub password: Option<SecretString>,
-    /// SMTP mail of this account leaves through Microsoft Graph.
-    pub graph: bool,
-    /// Its messages are sent as its mailbox (`rewrite_sender`).
-    pub rewrite_sender: bool,
-}
-
-impl Identity {
-    /// What a relayed SMTP session of this login checks and rewrites:
-    /// the senders `allowed` (empty: any) and, with `rewrite_sender`, the
-    /// mailbox every message is sent as; `None` when neither applies.
-    pub fn senders(&self, allowed: Vec<String>, relay: bool) -> Option<Senders> {
-        let rewrite = self.rewrite_sender.then(|| self.mailbox.clone());
-        (!allowed.is_empty() || rewrite.is_some()).then_some(Senders {
-            allowed,
-            relay,
-            // Set from the upstream's EHLO once logged in.
-            chunking: true,
-            rewrite,
-        })
-    }
-}
-
 /// What the status page shows of an account: nothing secret.
 #[derive(Debug, Clone)]
 pub struct Summary {
@@ -137,6 +124,7 @@ pub struct Summary {
     /// Unset: the login itself (each user's own for a `*@domain` pattern).
     pub mailbox: Option<String>,
     pub graph: bool,
+    pub provider: Arc<Provider>,
 }
 
 pub struct Accounts {
@@ -176,12 +164,23 @@ fn split(login: &str) -> (String, Option<String>) {
 }
 
 impl Accounts {
-    /// The accounts of the config; `default_send` is `[upstream] send`.
-    pub fn new(default_send: SendVia, configs: &[AccountConfig]) -> Accounts {
+    /// The accounts of the config; `default_send` is `[upstream] send`
+    /// (for `[oauth]`'s accounts), `providers` those resolved at start. An
+    /// account whose provider is not among them is left out (a reload
+    /// refuses such a config first, see [`Accounts::unknown_provider`]).
+    pub fn new(
+        default_send: SendVia,
+        configs: &[AccountConfig],
+        providers: &[Arc<Provider>],
+    ) -> Accounts {
         let mut accounts = Vec::new();
         let mut exact = HashMap::new();
         let mut domains = HashMap::new();
-        for (i, c) in configs.iter().enumerate() {
+        for c in configs {
+            let Some(provider) = provider::find(providers, c.provider.as_deref()) else {
+                continue;
+            };
+            let i = accounts.len();
             let login = c.login.to_lowercase();
             match login.strip_prefix("*@") {
                 Some(domain) => domains.insert(domain.to_string(), i),
@@ -196,11 +195,14 @@ impl Accounts {
                 allowed_senders: c.allowed_senders.clone(),
                 graph: match (c.send, c.grant) {
                     (Some(via), _) => via == SendVia::Graph,
-                    (None, Grant::ClientCredentials) => default_send == SendVia::Graph,
+                    (None, Grant::ClientCredentials) => {
+                        default_send == SendVia::Graph && provider.is_default()
+                    }
                     (None, _) => false,
                 },
                 rewrite_sender: c.rewrite_sender,
                 protocols: c.protocols.clone(),
+                provider: provider.clone(),
             });
         }
         let dummy = SecretString::from("oxbridge-dummy-password".to_string());
@@ -212,6 +214,22 @@ impl Accounts {
             verifies: Arc::new(Semaphore::new(MAX_CONCURRENT_VERIFIES)),
             verified: Mutex::new(HashMap::new()),
             mac_key: rand::random(),
+        }
+    }
+
+    /// The first account of `configs` whose provider is not among
+    /// `providers` (a `[[provider]]` added since the start), as an error.
+    pub fn unknown_provider(
+        configs: &[AccountConfig],
+        providers: &[Arc<Provider>],
+    ) -> Result<(), String> {
+        match configs.iter().find(|c| provider::find(providers, c.provider.as_deref()).is_none()) {
+            Some(c) => Err(format!(
+                "account {:?} names provider {:?}, which is new: providers are read at start, restart to add one",
+                c.login,
+                c.provider.as_deref().unwrap_or_default()
+            )),
+            None => Ok(()),
         }
     }
 
@@ -258,15 +276,8 @@ impl Accounts {
         let shared = shared.and_then(Result::ok);
         let hash = match &found {
             Some((a, own)) if a.grant == Grant::Password && shared_ok => {
-                return Ok(Identity {
-                    account: a.login.clone(),
-                    mailbox: a.mailbox_for(own.as_ref(), shared.as_ref())?,
-                    login,
-                    grant: a.grant,
-                    password: Some(password),
-                    graph: a.graph,
-                    rewrite_sender: a.rewrite_sender,
-                });
+                let mailbox = a.mailbox_for(own.as_ref(), shared.as_ref())?;
+                return Ok(a.identity(login, mailbox, Some(password)));
             }
             Some((a, _)) if shared_ok => a
                 .password_hash
@@ -293,15 +304,11 @@ impl Accounts {
             Some(_) if !shared_ok => Err(AuthError::BadCredentials(
                 "shared mailbox not allowed for this account",
             )),
-            Some((a, own)) if ok => Ok(Identity {
-                account: a.login.clone(),
-                mailbox: a.mailbox_for(own.as_ref(), shared.as_ref())?,
-                login,
-                grant: a.grant,
-                password: None,
-                graph: a.graph,
-                rewrite_sender: a.rewrite_sender,
-            }),
+            Some((a, own)) if ok => Ok(a.identity(
+                login.clone(),
+                a.mailbox_for(own.as_ref(), shared.as_ref())?,
+                None,
+            )),
             Some(_) => Err(AuthError::BadCredentials("wrong password")),
             None if Mailbox::parse(&login).is_err() => {
                 Err(AuthError::BadCredentials("the login is not a mailbox"))
@@ -374,6 +381,7 @@ impl Accounts {
                 grant: a.grant,
                 mailbox: a.mailbox.clone(),
                 graph: a.graph,
+                provider: a.provider.clone(),
             })
             .collect()
     }
@@ -420,15 +428,10 @@ impl Accounts {
     pub fn identity(&self, login: &str) -> Result<Identity, AuthError> {
         let login = login.to_lowercase();
         match self.exact.get(&login).map(|i| &self.accounts[*i]) {
-            Some(a) if a.grant != Grant::Password => Ok(Identity {
-                account: a.login.clone(),
-                mailbox: a.mailbox_for(Mailbox::parse(&login).ok().as_ref(), None)?,
-                login,
-                grant: a.grant,
-                password: None,
-                graph: a.graph,
-                rewrite_sender: a.rewrite_sender,
-            }),
+            Some(a) if a.grant != Grant::Password => {
+                let mailbox = a.mailbox_for(Mailbox::parse(&login).ok().as_ref(), None)?;
+                Ok(a.identity(login, mailbox, None))
+            }
             _ => Err(AuthError::BadCredentials(
                 "relay account missing or with grant = password",
             )),
@@ -439,6 +442,11 @@ impl Accounts {
     /// `login\\shared@domain`) sends its SMTP mail through Microsoft Graph.
     pub fn sends_via_graph(&self, login: &str) -> bool {
         self.find(&split(login).0).is_some_and(|(a, _)| a.graph)
+    }
+
+    /// The provider of `account` (a configured login, exact or `*@domain`).
+    pub fn provider_of(&self, account: &str) -> Option<Arc<Provider>> {
+        self.by_account(account).map(|a| a.provider.clone())
     }
 
     /// The envelope senders `account` (a configured login, exact or
@@ -471,15 +479,7 @@ impl Accounts {
                     .by_account(account)
                     .filter(|a| a.grant != Grant::Password)
                     .ok_or_else(gone)?;
-                let id = Identity {
-                    account: a.login.clone(),
-                    login: mailbox.to_lowercase(),
-                    mailbox: mailbox.clone(),
-                    grant: a.grant,
-                    password: None,
-                    graph: a.graph,
-                    rewrite_sender: a.rewrite_sender,
-                };
+                let id = a.identity(mailbox.to_lowercase(), mailbox.clone(), None);
                 (id, mailbox.in_domain(domain))
             }
         };
@@ -511,7 +511,7 @@ impl Accounts {
             return None;
         }
         let mut digest = Sha256::new();
-        for part in [a.login.as_str(), a.grant.as_str()] {
+        for part in [a.login.as_str(), a.grant.as_str(), &a.provider.name] {
             digest.update(part.as_bytes());
             digest.update([0]);
         }

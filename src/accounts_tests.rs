@@ -18,6 +18,7 @@ fn account(
         send: None,
         rewrite_sender: false,
         protocols: None,
+        provider: None,
     }
 }
 
@@ -44,6 +45,7 @@ async fn exact_pattern_and_failures() {
                 None,
             ),
         ],
+        &crate::config::provider::test_providers(),
     );
     let id = accounts
         .authenticate("scanner@example.TEST", pw("right"))
@@ -96,6 +98,7 @@ async fn shared_mailboxes_need_allow_shared() {
     let accounts = Accounts::new(
         SendVia::Smtp,
         &[scanner, account("*@x.test", Grant::Password, None, None)],
+        &crate::config::provider::test_providers(),
     );
     let id = accounts
         .authenticate("scanner@x.test\\reception@x.test", pw("pw"))
@@ -140,6 +143,7 @@ async fn a_repeated_correct_login_skips_argon2() {
             Some("right"),
             None,
         )],
+        &crate::config::provider::test_providers(),
     );
     let t = std::time::Instant::now();
     accounts
@@ -172,6 +176,7 @@ async fn unknown_user_costs_a_hash_too() {
             Some("p"),
             None,
         )],
+        &crate::config::provider::test_providers(),
     );
     let t = std::time::Instant::now();
     let _ = accounts.authenticate("a@x.test", pw("bad")).await;
@@ -204,6 +209,7 @@ fn other_domain() -> Accounts {
                 Some("scans@example.test"),
             ),
         ],
+        &crate::config::provider::test_providers(),
     )
 }
 
@@ -259,7 +265,11 @@ async fn a_pattern_takes_only_a_mailbox_of_its_domain() {
 async fn both_halves_of_a_shared_login_must_be_mailboxes() {
     let mut scanner = account("scanner@x.test", Grant::ClientCredentials, Some("pw"), None);
     scanner.allow_shared = vec!["*@x.test".into()];
-    let accounts = Accounts::new(SendVia::Smtp, &[scanner]);
+    let accounts = Accounts::new(
+        SendVia::Smtp,
+        &[scanner],
+        &crate::config::provider::test_providers(),
+    );
     for login in [
         "scanner@x.test\\a\x01b@x.test",
         "scanner@x.test\\a/b@x.test",
@@ -291,6 +301,7 @@ fn spooled_mail_of_a_pattern_account_resolves_like_a_login() {
             shared,
             account("*@example.test", Grant::Password, None, None),
         ],
+        &crate::config::provider::test_providers(),
     );
     let id = accounts
         .spooled_identity("*@other.test", "bob@other.test")
@@ -378,6 +389,7 @@ fn the_log_names_accounts_never_an_unknown_login() {
             Some("p"),
             None,
         )],
+        &crate::config::provider::test_providers(),
     );
     assert!(exact_only
         .describe("zz@x.test")
@@ -430,6 +442,7 @@ fn a_protocol_the_account_leaves_out_is_refused_naming_the_account_and_protocols
             },
             account("reader@x.test", Grant::ClientCredentials, Some("p"), None),
         ],
+        &crate::config::provider::test_providers(),
     );
     let refusal = |login: &str, p| accounts.protocol_refusal(login, p).map(|e| e.to_string());
     assert_eq!(
@@ -461,6 +474,7 @@ fn a_protocol_the_account_leaves_out_is_refused_naming_the_account_and_protocols
                 password_hash: Some(SecretString::from(hash.clone())),
                 ..account("reader@x.test", Grant::ClientCredentials, None, None)
             }],
+            &crate::config::provider::test_providers(),
         )
     };
     let before = reader(None);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::accounts::Accounts;
-use crate::config::{Config, Grant, RelayConfig};
+use crate::config::{Config, Grant, Provider, RelayConfig};
 use crate::spool::Spool;
 use crate::state::{FileStore, State, StateError};
 use crate::upstream::graph::Graph;
@@ -22,6 +22,8 @@ pub struct App {
     accounts: ArcSwap<Accounts>,
     relays: ArcSwap<Vec<RelayConfig>>,
     pub tokens: oauth::Tokens,
+    /// `[oauth]` and the `[[provider]]`s, resolved once.
+    pub providers: Vec<Arc<Provider>>,
     /// How the upstream servers are reached.
     pub dialer: Dialer,
     pub mailbox_limits: limits::MailboxLimits,
@@ -45,11 +47,11 @@ impl App {
     pub fn new(config: Config) -> Result<App, StartError> {
         // The one place where the backend (files or Redis) is chosen.
         let state = Arc::new(State::open(&config).map_err(|e| StartError(e.to_string()))?);
-        let tokens = oauth::Tokens::new(&config.oauth, &config.protocols(), state.clone())
-            .map_err(StartError)?;
+        let providers = config.providers();
+        let tokens = oauth::Tokens::new(&providers, &config, state.clone()).map_err(StartError)?;
         let mailbox_limits = limits::MailboxLimits::new(&config.limits, state.clone());
         let throttle = throttle::Throttle::new(&config.limits, state.clone());
-        let dialer = Dialer::new(&config.upstream).map_err(StartError)?;
+        let dialer = Dialer::new(&config.upstream, &providers[0]).map_err(StartError)?;
         let spool = match config.spools() {
             true => Some(Arc::new(Spool::open(&config).map_err(|e| {
                 StartError(config.spool.open_error(&config.state_dir, &e))
@@ -65,7 +67,12 @@ impl App {
             spool,
             graph,
             state,
-            accounts: ArcSwap::from_pointee(Accounts::new(config.upstream.send, &config.accounts)),
+            accounts: ArcSwap::from_pointee(Accounts::new(
+                config.upstream.send,
+                &config.accounts,
+                &providers,
+            )),
+            providers,
             relays: ArcSwap::from_pointee(config.relays.clone()),
             tokens,
             dialer,
@@ -81,6 +88,18 @@ impl App {
     /// The accounts in force now (a reload may replace them).
     pub fn accounts(&self) -> Arc<Accounts> {
         self.accounts.load_full()
+    }
+
+    /// The `host:port` of `protocol`'s server for `account` (a configured
+    /// login): its provider's, else `[oauth]`'s.
+    pub fn upstream_of(&self, account: &str, protocol: crate::config::Protocol) -> String {
+        let accounts = self.accounts();
+        let provider = accounts.provider_of(account);
+        provider
+            .as_ref()
+            .unwrap_or(&self.providers[0])
+            .address(protocol)
+            .to_string()
     }
 
     /// The `[[relay]]` rule whose networks hold `ip`, if any.
@@ -101,9 +120,13 @@ impl App {
         if needs_store && !self.tokens.has_store() {
             return Err("the first refresh_token account needs a restart (the token store is opened at start)".into());
         }
+        Accounts::unknown_provider(&new.accounts, &self.providers)?;
         let ignored = self.config.restart_only_changes(&new);
-        self.accounts
-            .store(Arc::new(Accounts::new(new.upstream.send, &new.accounts)));
+        self.accounts.store(Arc::new(Accounts::new(
+            new.upstream.send,
+            &new.accounts,
+            &self.providers,
+        )));
         self.relays.store(Arc::new(new.relays));
         Ok(ignored)
     }

@@ -367,7 +367,7 @@ async fn connect(
 ) -> Result<Renewed, AuthError> {
     let (token, dialled) = tokio::join!(
         app.tokens.get(id, protocol),
-        app.dialer.dial(protocol, client_name)
+        app.dialer.dial(&id.provider, protocol, client_name)
     );
     let mut token = token?;
     let (mut conn, offered) = dialled?;

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use oxbridge::config::{self, Config, Grant, LogFormat};
+use oxbridge::config::{self, provider, Config, Grant, LogFormat, ProviderKind};
 use oxbridge::oauth::consent;
 use oxbridge::Event;
 
@@ -357,8 +357,21 @@ fn login(path: PathBuf, account: &str, flow: Flow) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
+    let providers = config.providers();
+    let Some(provider) = provider::find(&providers, entry.provider.as_deref()) else {
+        eprintln!(
+            "oxbridge: {}: account {account:?}: unknown provider",
+            path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    if provider.kind == ProviderKind::Google && matches!(flow, Flow::DeviceCode) {
+        eprintln!("oxbridge: {}", consent::GOOGLE_NO_DEVICE_FLOW);
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let request = consent::Request {
-        config: &config,
+        provider,
+        protocols: config.protocols(),
         account: &entry.login,
         mailbox: entry.mailbox.as_deref().unwrap_or(&entry.login),
     };
@@ -371,7 +384,7 @@ fn login(path: PathBuf, account: &str, flow: Flow) -> ExitCode {
         let token = match flow {
             Flow::Browser(port) => consent::browser_flow(&request, port, &mut out).await,
             Flow::Paste(redirect) => {
-                let redirect = redirect.unwrap_or_else(|| consent::paste_redirect(&config));
+                let redirect = redirect.unwrap_or_else(|| consent::paste_redirect(provider));
                 let mut input = std::io::BufReader::new(std::io::stdin());
                 consent::paste_flow(&request, &redirect, &mut input, &mut out).await
             }

@@ -195,11 +195,12 @@ fn spool(config: &Config, user: &str, p: &mut Preflight) {
 /// The upstream TLS roots (`upstream.ca_file`) and the client certificate
 /// (`oauth.client_certificate_file`), read as `run` reads them.
 fn upstream(config: &Config, p: &mut Preflight) {
-    if let Err(e) = crate::upstream::Dialer::new(&config.upstream) {
+    let providers = config.providers();
+    if let Err(e) = crate::upstream::Dialer::new(&config.upstream, &providers[0]) {
         p.failures.push(e);
     }
     let nothing = Arc::new(State::File(None));
-    if let Err(e) = crate::oauth::Tokens::new(&config.oauth, &config.protocols(), nothing) {
+    if let Err(e) = crate::oauth::Tokens::new(&providers, config, nothing) {
         p.failures.push(e);
     }
 }

@@ -483,7 +483,7 @@ async fn session(ctx: Ctx, tcp: TcpStream, mut peer: SocketAddr, balancer: Optio
             info!(
                 account = %id.account,
                 mailbox = %id.mailbox,
-                upstream = %app.dialer.address(protocol),
+                upstream = %id.provider.address(protocol),
                 outcome = "relayed",
                 end = r.end,
                 bytes_to_upstream = r.to_upstream,

@@ -105,6 +105,7 @@ async fn rotating_users_of_a_pattern_account_share_its_counter() {
         send: None,
         rewrite_sender: false,
         protocols: None,
+        provider: None,
     };
     let accounts = crate::accounts::Accounts::new(
         SendVia::Smtp,
@@ -112,6 +113,7 @@ async fn rotating_users_of_a_pattern_account_share_its_counter() {
             account("*@p.test", Grant::ClientCredentials, Some("$argon2id$x")),
             account("*@own.test", Grant::Password, None),
         ],
+        &crate::config::provider::test_providers(),
     );
     let t = throttle(3);
     for (i, ip) in [A, B, IpAddr::from([192, 0, 2, 3])].into_iter().enumerate() {

@@ -163,7 +163,7 @@ async fn through_smtp(
     match &sent.data {
         Some(reply) if reply.code / 100 == 2 => Ok(format!(
             "{} (SMTP) answered {}",
-            app.dialer.address(Protocol::Smtp),
+            id.provider.address(Protocol::Smtp),
             reply.summary()
         )),
         Some(reply) => Err(refused("DATA", reply)),

@@ -24,6 +24,7 @@ mod cloud;
 mod limits;
 mod listener;
 pub(crate) mod networks;
+pub mod provider;
 mod secrets;
 mod spool;
 mod validate;
@@ -37,6 +38,7 @@ pub use limits::{
     DEFAULT_PREAUTH_TIMEOUT_S, DEFAULT_SMTP_SESSIONS_PER_MAILBOX,
 };
 pub use listener::{ListenerConfig, TlsMode, TlsVersion};
+pub use provider::{Provider, ProviderConfig, ProviderKind};
 pub use secrets::MIN_ADMIN_TOKEN;
 pub use spool::{Delivery, SpoolConfig};
 
@@ -73,6 +75,9 @@ pub struct Config {
     #[serde(default)]
     pub upstream: UpstreamConfig,
     pub oauth: OAuthConfig,
+    /// More OAuth apps beside `[oauth]`, each with its own upstream.
+    #[serde(default, rename = "provider")]
+    pub providers: Vec<ProviderConfig>,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
     #[serde(default, rename = "account")]
@@ -197,6 +202,11 @@ pub struct OAuthConfig {
     /// their sessions last hours, SMTP's seconds.
     #[serde(default = "default_session_token_left_s")]
     pub session_token_left_s: u64,
+    /// SMTP logins get a token with at least this long left (or three
+    /// quarters of its lifetime): Microsoft's High Volume Email refuses
+    /// tokens about to expire (`5.5.127 Token will expire soon`).
+    #[serde(default = "default_smtp_token_left_s")]
+    pub smtp_token_left_s: u64,
     /// Each `refresh_token` account's refresh token is exchanged at least
     /// this often (jittered), so that Entra's inactivity limit (90 days)
     /// never ends it while its device is idle; 0 turns it off.
@@ -211,6 +221,12 @@ fn default_refresh_keepalive_s() -> u64 {
 }
 
 pub const DEFAULT_SESSION_TOKEN_LEFT_S: u64 = 2700;
+
+pub const DEFAULT_SMTP_TOKEN_LEFT_S: u64 = 600;
+
+fn default_smtp_token_left_s() -> u64 {
+    DEFAULT_SMTP_TOKEN_LEFT_S
+}
 
 fn default_session_token_left_s() -> u64 {
     DEFAULT_SESSION_TOKEN_LEFT_S
@@ -323,6 +339,8 @@ pub struct AccountConfig {
     /// A printer that only sends gets `["smtp"]`, so that its password
     /// (often readable on its own web page) opens no mailbox.
     pub protocols: Option<Vec<Protocol>>,
+    /// The `[[provider]]` its tokens come from; unset: `[oauth]`.
+    pub provider: Option<String>,
 }
 
 impl AccountConfig {
@@ -444,12 +462,13 @@ impl Config {
             format!("{a:?}") != format!("{b:?}")
         }
         let mut changed = Vec::new();
-        let sections: [(&'static str, bool); 9] = [
+        let sections: [(&'static str, bool); 10] = [
             ("state_dir", self.state_dir != new.state_dir),
             ("log", differs(&self.log, &new.log)),
             ("admin", differs(&self.admin, &new.admin)),
             ("upstream", differs(&self.upstream, &new.upstream)),
             ("oauth", differs(&self.oauth, &new.oauth)),
+            ("provider", differs(&self.providers, &new.providers)),
             ("listener", differs(&self.listeners, &new.listeners)),
             ("store", differs(&self.store, &new.store)),
             ("limits", differs(&self.limits, &new.limits)),

@@ -1,4 +1,5 @@
-//! The secrets a config names by file: `[oauth] client_secret_file` and
+//! The secrets a config names by file: `client_secret_file` (`[oauth]`
+//! and `[[provider]]`), a provider's `service_account_file` and
 //! `[admin] token_file`, read by [`Config::load`] after the text has
 //! parsed and validated.
 //!
@@ -8,6 +9,7 @@
 
 use secrecy::SecretString;
 
+use super::provider::ServiceAccountKey;
 use super::Config;
 
 /// The shortest admin bearer token accepted.
@@ -16,20 +18,24 @@ pub const MIN_ADMIN_TOKEN: usize = 16;
 impl Config {
     pub(super) fn load_secret_files(&mut self) -> Result<(), String> {
         if let Some(path) = &self.oauth.client_secret_file {
-            let secret = std::fs::read_to_string(path).map_err(|e| {
-                format!(
-                    "oauth.client_secret_file: cannot read {}: {e}",
-                    path.display()
-                )
-            })?;
-            let secret = secret.trim();
-            if secret.is_empty() {
-                return Err(format!(
-                    "oauth.client_secret_file: {} is empty",
-                    path.display()
-                ));
+            self.oauth.client_secret = Some(read_secret("oauth", path)?);
+        }
+        for (i, p) in self.providers.iter_mut().enumerate() {
+            let key = format!("provider[{i}]");
+            if let Some(path) = &p.client_secret_file {
+                p.client_secret = Some(read_secret(&key, path)?);
             }
-            self.oauth.client_secret = Some(SecretString::from(secret.to_string()));
+            if let Some(path) = &p.service_account_file {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    format!(
+                        "{key}.service_account_file: cannot read {}: {e}",
+                        path.display()
+                    )
+                })?;
+                let account = ServiceAccountKey::parse(&text)
+                    .map_err(|e| format!("{key}.service_account_file: {}: {e}", path.display()))?;
+                p.service_account = Some(account);
+            }
         }
         if let Some(admin) = &mut self.admin {
             if let Some(path) = &admin.token_file {
@@ -49,4 +55,22 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A client secret from `{key}.client_secret_file`: trimmed, not empty.
+fn read_secret(key: &str, path: &std::path::Path) -> Result<SecretString, String> {
+    let secret = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "{key}.client_secret_file: cannot read {}: {e}",
+            path.display()
+        )
+    })?;
+    let secret = secret.trim();
+    if secret.is_empty() {
+        return Err(format!(
+            "{key}.client_secret_file: {} is empty",
+            path.display()
+        ));
+    }
+    Ok(SecretString::from(secret.to_string()))
 }

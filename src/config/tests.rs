@@ -57,7 +57,6 @@ fn tenant_fills_the_default_endpoints() {
 /// and mail hosts; explicit URLs and `[upstream]` addresses still win.
 #[test]
 fn cloud_presets_set_authority_scopes_and_hosts() {
-    use crate::oauth::{app_scope, delegated_scopes};
     let cases = [
         (
             "global",
@@ -121,12 +120,10 @@ fn cloud_presets_set_authority_scopes_and_hosts() {
                 "{cloud}"
             );
         }
-        assert_eq!(app_scope(c.oauth.cloud), app, "{cloud}");
+        let p = &c.providers()[0];
+        assert_eq!(p.app_scopes(), [app], "{cloud}");
         assert_eq!(
-            delegated_scopes(
-                c.oauth.cloud,
-                &[Protocol::Smtp, Protocol::Imap, Protocol::Pop3]
-            ),
+            p.delegated_scopes(&[Protocol::Smtp, Protocol::Imap, Protocol::Pop3], false),
             [
                 format!("{resource}/IMAP.AccessAsUser.All"),
                 format!("{resource}/POP.AccessAsUser.All"),

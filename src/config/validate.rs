@@ -29,11 +29,12 @@ pub const MAX_KEY_PREFIX_LEN: usize = 64;
 /// Check a parsed configuration; the error starts with the key.
 pub fn validate(c: &Config) -> Result<(), String> {
     oauth(&c.oauth)?;
+    super::provider::validate(&c.providers)?;
     admin(c.admin.as_ref())?;
     upstream(&c.upstream)?;
     log(&c.log)?;
     listeners(&c.listeners)?;
-    accounts(&c.accounts, &c.oauth)?;
+    accounts(c)?;
     relays(&c.relays, &c.accounts, &c.listeners)?;
     limits(&c.limits)?;
     spool(&c.spool)?;
@@ -224,13 +225,14 @@ fn proxy_from(key: &str, l: &ListenerConfig) -> Result<(), String> {
 }
 
 /// `[[account]]`: at least one, each valid, no login twice (case-insensitive).
-fn accounts(accounts: &[AccountConfig], oauth: &OAuthConfig) -> Result<(), String> {
+fn accounts(c: &Config) -> Result<(), String> {
+    let accounts = &c.accounts;
     if accounts.is_empty() {
         return Err("account: at least one [[account]] is needed".into());
     }
     for (i, a) in accounts.iter().enumerate() {
         let key = format!("account[{i}]");
-        account(&key, a, oauth)?;
+        account(&key, a, c)?;
         for (j, other) in accounts.iter().enumerate().take(i) {
             if other.login.eq_ignore_ascii_case(&a.login) {
                 return Err(format!(
@@ -246,7 +248,8 @@ fn accounts(accounts: &[AccountConfig], oauth: &OAuthConfig) -> Result<(), Strin
 /// One `[[account]]`: a login or `*@domain` pattern, a password hash exactly
 /// when the grant checks the password locally, the credentials the grant
 /// needs, and well-formed mailboxes.
-fn account(key: &str, a: &AccountConfig, oauth: &OAuthConfig) -> Result<(), String> {
+fn account(key: &str, a: &AccountConfig, c: &Config) -> Result<(), String> {
+    let oauth = &c.oauth;
     validate_login_pattern(&a.login, a.mailbox.is_some())
         .map_err(|e| format!("{key}.login: {e}"))?;
     match (a.grant, &a.password_hash) {
@@ -264,7 +267,17 @@ fn account(key: &str, a: &AccountConfig, oauth: &OAuthConfig) -> Result<(), Stri
         (_, Some(hash)) => password_hash(key, hash.expose_secret())?,
         _ => {}
     }
-    if a.grant == Grant::ClientCredentials
+    if let Some(name) = &a.provider {
+        let Some(p) = c.providers.iter().find(|p| &p.name == name) else {
+            return Err(format!("{key}.provider: no [[provider]] is named {name:?}"));
+        };
+        super::provider::account_grant(key, a.grant, p)?;
+        if a.send == Some(SendVia::Graph) {
+            return Err(format!(
+                "{key}.send: \"graph\" sends with [oauth]'s app; an account of provider {name:?} sends over SMTP"
+            ));
+        }
+    } else if a.grant == Grant::ClientCredentials
         && oauth.client_secret.is_none()
         && oauth.client_secret_file.is_none()
         && oauth.client_certificate_file.is_none()

@@ -30,9 +30,13 @@ use secrecy::SecretString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use super::classify;
 use super::http::Http;
-use super::{classify, delegated_scopes, OFFLINE_SCOPE};
-use crate::config::Config;
+use crate::config::{Protocol, Provider, ProviderKind};
+
+/// Why `oxbridge login` without `--browser` or `--paste` cannot serve a
+/// Google account.
+pub const GOOGLE_NO_DEVICE_FLOW: &str = "Google's device flow does not grant mail scopes (https://mail.google.com/); use `oxbridge login ACCOUNT --browser` (loopback redirect, works over an SSH tunnel) or `--paste`";
 
 /// How long the browser flow waits for the redirect.
 pub const BROWSER_TIMEOUT: Duration = Duration::from_secs(600);
@@ -42,18 +46,25 @@ const MAX_REDIRECT_REQUEST: usize = 16 * 1024;
 /// Pasted addresses read before `--paste` gives up.
 const MAX_PASTES: usize = 5;
 
-/// The redirect URI of `--paste` unless one is given: the cloud's page
-/// for native clients, which Entra offers for public client apps.
-pub fn paste_redirect(config: &Config) -> String {
-    format!(
-        "{}/common/oauth2/nativeclient",
-        config.oauth.cloud.authority()
-    )
+/// The redirect URI of `--paste` unless one is given: for Microsoft the
+/// cloud's page for native clients, which Entra offers for public client
+/// apps; for Google a loopback address, which its desktop clients accept
+/// on any port (nothing needs to listen there).
+pub fn paste_redirect(provider: &Provider) -> String {
+    match provider.kind {
+        ProviderKind::Google => GOOGLE_PASTE_REDIRECT.to_string(),
+        _ => format!("{}/common/oauth2/nativeclient", provider.cloud.authority()),
+    }
 }
+
+/// Where `--paste` sends the browser back for Google.
+pub const GOOGLE_PASTE_REDIRECT: &str = "http://127.0.0.1/";
 
 /// What the consent is for.
 pub struct Request<'a> {
-    pub config: &'a Config,
+    pub provider: &'a Provider,
+    /// The protocols that have listeners (what is asked for).
+    pub protocols: Vec<Protocol>,
     /// The account's login (the store's key).
     pub account: &'a str,
     /// Passed as `login_hint`, so the right user is preselected.
@@ -62,13 +73,11 @@ pub struct Request<'a> {
 
 impl Request<'_> {
     fn scopes(&self) -> Vec<Scope> {
-        let mut scopes: Vec<Scope> =
-            delegated_scopes(self.config.oauth.cloud, &self.config.protocols())
-                .into_iter()
-                .map(Scope::new)
-                .collect();
-        scopes.push(Scope::new(OFFLINE_SCOPE.to_string()));
-        scopes
+        self.provider
+            .delegated_scopes(&self.protocols, true)
+            .into_iter()
+            .map(Scope::new)
+            .collect()
     }
 }
 
@@ -77,7 +86,7 @@ fn refresh_token_of(response: &oauth2::basic::BasicTokenResponse) -> Result<Secr
         .refresh_token()
         .map(|t| SecretString::from(t.secret().to_string()))
         .ok_or_else(|| {
-            "the provider returned no refresh token (is offline_access allowed for this app?)"
+            "the provider returned no refresh token (Microsoft: is offline_access allowed for this app? Google: was access_type=offline granted?)"
                 .to_string()
         })
 }
@@ -87,10 +96,13 @@ pub async fn device_flow(
     req: &Request<'_>,
     out: &mut (dyn Write + Send),
 ) -> Result<SecretString, String> {
-    let oauth = &req.config.oauth;
-    let url = DeviceAuthorizationUrl::new(oauth.device_code_url())
-        .map_err(|e| format!("oauth.device_code_url: {e}"))?;
-    let client = super::client(oauth)?.set_device_authorization_url(url);
+    let p = req.provider;
+    if p.kind == ProviderKind::Google {
+        return Err(GOOGLE_NO_DEVICE_FLOW.to_string());
+    }
+    let url = DeviceAuthorizationUrl::new(p.device_code_url.clone())
+        .map_err(|e| format!("{}.device_code_url: {e}", p.key))?;
+    let client = super::client(p)?.set_device_authorization_url(url);
     let http = Http::new()?;
     let details: StandardDeviceAuthorizationResponse = client
         .exchange_device_code()
@@ -142,21 +154,28 @@ fn authorization(
     req: &Request<'_>,
     redirect: &str,
 ) -> Result<(CodeClient, String, CsrfToken, PkceCodeVerifier), String> {
-    let oauth = &req.config.oauth;
+    let p = req.provider;
     let redirect =
         RedirectUrl::new(redirect.to_string()).map_err(|e| format!("redirect URI: {e}"))?;
-    let auth_url =
-        AuthUrl::new(oauth.authorize_url()).map_err(|e| format!("oauth.authorize_url: {e}"))?;
-    let client = super::client(oauth)?
+    let auth_url = AuthUrl::new(p.authorize_url.clone())
+        .map_err(|e| format!("{}.authorize_url: {e}", p.key))?;
+    let client = super::client(p)?
         .set_auth_uri(auth_url)
         .set_redirect_uri(redirect);
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-    let (url, state) = client
+    let mut request = client
         .authorize_url(CsrfToken::new_random)
         .add_scopes(req.scopes())
         .add_extra_param("login_hint", req.mailbox)
-        .set_pkce_challenge(challenge)
-        .url();
+        .set_pkce_challenge(challenge);
+    if p.kind == ProviderKind::Google {
+        // Google returns a refresh token only for offline access, and
+        // again on a later consent only when asked to show it again.
+        request = request
+            .add_extra_param("access_type", "offline")
+            .add_extra_param("prompt", "consent");
+    }
+    let (url, state) = request.url();
     Ok((client, url.to_string(), state, verifier))
 }
 
@@ -195,10 +214,16 @@ pub async fn browser_flow(
         .await
         .map_err(|e| format!("cannot listen on 127.0.0.1:{port} for the redirect: {e}"))?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    let (client, url, state, verifier) = authorization(req, &format!("http://localhost:{port}/"))?;
+    // Google asks for the loopback address itself, Entra registers localhost.
+    let host = match req.provider.kind {
+        ProviderKind::Google => "127.0.0.1",
+        _ => "localhost",
+    };
+    let back = format!("http://{host}:{port}/");
+    let (client, url, state, verifier) = authorization(req, &back)?;
     let _ = writeln!(
         out,
-        "To let oxbridge use {} for {}, open this URL in a browser and sign in as {}:\n\n    {url}\n\nThe browser is sent back to http://localhost:{port}/ (over SSH: ssh -L {port}:127.0.0.1:{port} this-host). Waiting...",
+        "To let oxbridge use {} for {}, open this URL in a browser and sign in as {}:\n\n    {url}\n\nThe browser is sent back to {back} (over SSH: ssh -L {port}:127.0.0.1:{port} this-host). Waiting...",
         req.mailbox, req.account, req.mailbox
     );
     let _ = out.flush();

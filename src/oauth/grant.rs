@@ -1,8 +1,9 @@
 //! The token requests, one per grant, against the configured token
 //! endpoint, and what their failures mean.
 //!
-//! * `client_credentials` asks for [`app_scope`], with the app's secret or
-//!   a certificate assertion; `password` and `refresh_token` ask for the
+//! * `client_credentials` asks for the provider's app-only scope, with the
+//!   app's secret or a certificate assertion (Google: a service account's
+//!   JWT-bearer grant, RFC 7523, acting as the mailbox); `password` and `refresh_token` ask for the
 //!   delegated scopes of the listeners' protocols (`refresh_token` also
 //!   [`OFFLINE_SCOPE`], so that a rotated refresh token comes back).
 //! * A rotated refresh token is stored ([`crate::state::State::keep_rotated`]) before the
@@ -27,7 +28,8 @@ use super::assertion;
 use super::http::{self, HttpError};
 use super::{refresh_margin, Audience, Cached, Tokens, TOKEN_DEADLINE};
 use crate::accounts::Identity;
-use crate::config::{Cloud, Grant, OAuthConfig, Protocol};
+use crate::config::provider::OFFLINE_SCOPE;
+use crate::config::{Grant, Provider, ProviderKind};
 use crate::error::AuthError;
 use crate::state::{Event, StateError};
 
@@ -39,69 +41,32 @@ pub const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Lifetime assumed when the endpoint does not say (`expires_in`).
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
-/// Asked for with delegated scopes so that a refresh token is returned.
-pub const OFFLINE_SCOPE: &str = "offline_access";
-
-/// The app-only scope for `client_credentials` in `cloud`
-/// (`https://outlook.office365.com/.default` worldwide).
-pub fn app_scope(cloud: Cloud) -> String {
-    format!("{}/.default", cloud.app_resource())
-}
-
-/// The app-only scope of Microsoft Graph in `cloud`, for `sendMail`
-/// (application permission Mail.Send).
-pub fn graph_scope(cloud: Cloud) -> String {
-    format!("{}/.default", cloud.graph_resource())
-}
-
-/// The delegated scope for one protocol in `cloud`
-/// (`https://outlook.office.com/IMAP.AccessAsUser.All` worldwide).
-pub fn delegated_scope(cloud: Cloud, p: Protocol) -> String {
-    let permission = match p {
-        Protocol::Smtp => "SMTP.Send",
-        Protocol::Imap => "IMAP.AccessAsUser.All",
-        Protocol::Pop3 => "POP.AccessAsUser.All",
-    };
-    format!("{}/{permission}", cloud.delegated_resource())
-}
-
-/// The delegated scopes for these protocols, sorted, without duplicates.
-pub fn delegated_scopes(cloud: Cloud, protocols: &[Protocol]) -> Vec<String> {
-    let mut scopes: Vec<String> = protocols
-        .iter()
-        .map(|p| delegated_scope(cloud, *p))
-        .collect();
-    scopes.sort();
-    scopes.dedup();
-    scopes
-}
-
 /// The OAuth client type: only the token endpoint is set.
 pub type OAuthClient =
     BasicClient<EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
 
-/// The OAuth client of the config: id, token URL, and the secret unless a
+/// The OAuth client of a provider: id, token URL, and the secret unless a
 /// certificate is configured.
-pub fn client(config: &OAuthConfig) -> Result<OAuthClient, String> {
+pub fn client(p: &Provider) -> Result<OAuthClient, String> {
     let token_url =
-        TokenUrl::new(config.token_url()).map_err(|e| format!("oauth.token_url: {e}"))?;
-    let mut client = BasicClient::new(ClientId::new(config.client_id.clone()))
+        TokenUrl::new(p.token_url.clone()).map_err(|e| format!("{}.token_url: {e}", p.key))?;
+    let mut client = BasicClient::new(ClientId::new(p.client_id.clone()))
         .set_token_uri(token_url)
         .set_auth_type(AuthType::RequestBody);
-    if let (Some(secret), None) = (&config.client_secret, &config.client_certificate_file) {
+    if let (Some(secret), None) = (&p.client_secret, &p.client_certificate_file) {
         client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_string()));
     }
     Ok(client)
 }
 
-/// Whose token the status page shows a request under: the app's shared
-/// token (Exchange or Graph) for `client_credentials`, else the account's.
+/// Whose token the status page shows a request under.
 fn board_key(id: &Identity, audience: Audience) -> String {
-    match (audience, id.grant) {
-        (Audience::Graph, _) => "graph".to_string(),
-        (_, Grant::ClientCredentials) => "app".to_string(),
-        _ => id.account.clone(),
-    }
+    super::board_key(
+        &id.account,
+        id.grant,
+        audience == Audience::Graph,
+        &id.provider,
+    )
 }
 
 impl Tokens {
@@ -156,20 +121,35 @@ impl Tokens {
         audience: Audience,
     ) -> Result<Cached, (AuthError, Option<Duration>)> {
         let http = &self.http;
-        let scopes = || self.delegated_scopes.iter().cloned().map(Scope::new);
+        let app = self.app(id).map_err(|e| (e, None))?;
+        let p = &app.provider;
+        let scopes = || app.delegated_scopes.iter().cloned().map(Scope::new);
         let mut stored_refresh = None;
         let response = match id.grant {
+            Grant::ClientCredentials if p.kind == ProviderKind::Google => {
+                let Some(sa) = &app.service_account else {
+                    return Err((
+                        AuthError::TokenRefused(format!("{} has no service_account_file", p.key)),
+                        None,
+                    ));
+                };
+                let jwt = sa
+                    .jwt(id.mailbox.as_str(), &p.app_scopes().join(" "), &p.token_url)
+                    .map_err(|e| (AuthError::TokenRefused(e), None))?;
+                jwt_bearer(http, &p.token_url, &jwt).await
+            }
             Grant::ClientCredentials => {
-                let mut request = self
+                let scope = match audience {
+                    Audience::Mail => p.app_scopes(),
+                    Audience::Graph => vec![p.graph_scope()],
+                };
+                let mut request = app
                     .client
                     .exchange_client_credentials()
-                    .add_scope(Scope::new(match audience {
-                        Audience::Mail => self.app_scope.clone(),
-                        Audience::Graph => self.graph_scope.clone(),
-                    }));
-                if let Some(a) = &self.assertion {
+                    .add_scopes(scope.into_iter().map(Scope::new));
+                if let Some(a) = &app.assertion {
                     let jwt = a
-                        .jwt(&self.client_id, &self.token_url)
+                        .jwt(&p.client_id, &p.token_url)
                         .map_err(|e| (AuthError::TokenRefused(e), None))?;
                     request = request
                         .add_extra_param("client_assertion_type", assertion::ASSERTION_TYPE)
@@ -185,7 +165,7 @@ impl Tokens {
                         .map(|p| p.expose_secret().to_string())
                         .unwrap_or_default(),
                 );
-                self.client
+                app.client
                     .exchange_password(&username, &password)
                     .add_scopes(scopes())
                     .request_async(http)
@@ -195,10 +175,13 @@ impl Tokens {
                 let refresh = self.stored_refresh_token(&id.account).await?;
                 let token = RefreshToken::new(refresh.expose_secret().to_string());
                 stored_refresh = Some(refresh);
-                self.client
+                // Google's refresh tokens need no scope to come back.
+                let offline =
+                    (p.kind != ProviderKind::Google).then(|| Scope::new(OFFLINE_SCOPE.to_string()));
+                app.client
                     .exchange_refresh_token(&token)
                     .add_scopes(scopes())
-                    .add_scope(Scope::new(OFFLINE_SCOPE.to_string()))
+                    .add_scopes(offline)
                     .request_async(http)
                     .await
             }
@@ -226,7 +209,7 @@ impl Tokens {
             };
             let times = self.state.note(&id.account, event).await;
             crate::metrics::token_times(&id.account, &times);
-        } else if id.grant == Grant::ClientCredentials {
+        } else if id.grant == Grant::ClientCredentials && p.kind != ProviderKind::Google {
             crate::metrics::app_token_expiry(access_expires);
         }
         let now = Instant::now();
@@ -292,6 +275,59 @@ impl Tokens {
 }
 
 type TokenError = RequestTokenError<HttpError, oauth2::basic::BasicErrorResponse>;
+
+/// RFC 7523's JWT-bearer grant (Google's service accounts), which the
+/// oauth2 crate does not make: the form posted as it posts its own, the
+/// answer read as a standard token or error response.
+async fn jwt_bearer(
+    http: &super::http::Http,
+    token_url: &str,
+    jwt: &str,
+) -> Result<BasicTokenResponse, TokenError> {
+    use oauth2::AsyncHttpClient;
+    let body = format!(
+        "grant_type={}&assertion={}",
+        form_encode(assertion::JWT_BEARER_GRANT),
+        form_encode(jwt)
+    );
+    let request = oauth2::http::Request::builder()
+        .method(oauth2::http::Method::POST)
+        .uri(token_url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("accept", "application/json")
+        .body(body.into_bytes())
+        .map_err(|e| RequestTokenError::Other(e.to_string()))?;
+    let response = http
+        .call(request)
+        .await
+        .map_err(RequestTokenError::Request)?;
+    let body = response.body();
+    if response.status().is_success() {
+        return serde_json::from_slice(body).map_err(|e| {
+            RequestTokenError::Other(format!("token endpoint sent an unreadable answer: {e}"))
+        });
+    }
+    match serde_json::from_slice(body) {
+        Ok(error) => Err(RequestTokenError::ServerResponse(error)),
+        Err(_) => Err(RequestTokenError::Other(format!(
+            "token endpoint answered HTTP {} without an OAuth error",
+            response.status().as_u16()
+        ))),
+    }
+}
+
+/// `application/x-www-form-urlencoded` of one value.
+fn form_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
 
 /// Permanent or temporary, with a detail fit for the log (OAuth error code
 /// and description: Entra's `AADSTS...` text names no secret).

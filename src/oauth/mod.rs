@@ -41,14 +41,14 @@ use sha2::Sha256;
 use tracing::warn;
 
 use crate::accounts::Identity;
-use crate::config::{Grant, OAuthConfig, Protocol};
+use crate::config::{Config, Grant, OAuthConfig, Protocol, Provider, ProviderKind};
 use crate::error::AuthError;
 use crate::state::State;
-use assertion::ClientAssertion;
+use assertion::{ClientAssertion, ServiceAccount};
 use grant::OAuthClient;
 pub use grant::{
-    app_scope, classify, client, delegated_scope, delegated_scopes, first_line,
-    DEFAULT_TOKEN_LIFETIME, MAX_ATTEMPTS, MAX_RETRY_AFTER, OFFLINE_SCOPE, RETRY_BACKOFF,
+    classify, client, first_line, DEFAULT_TOKEN_LIFETIME, MAX_ATTEMPTS, MAX_RETRY_AFTER,
+    RETRY_BACKOFF,
 };
 use http::Http;
 pub use lease::{LEASE, LEASE_RENEW, POLL_FIRST, POLL_MAX};
@@ -115,62 +115,136 @@ pub enum Audience {
 /// One account's cache entry; its mutex is held while its token is fetched.
 type Entry = Arc<tokio::sync::Mutex<Option<Cached>>>;
 
+/// One provider's OAuth app: its client and how it proves itself.
+struct OAuthApp {
+    provider: Arc<Provider>,
+    client: OAuthClient,
+    /// Microsoft: a certificate instead of a secret.
+    assertion: Option<ClientAssertion>,
+    /// Google: the service account of `client_credentials`.
+    service_account: Option<ServiceAccount>,
+    /// The delegated scopes of the listeners' protocols.
+    delegated_scopes: Vec<String>,
+}
+
+impl OAuthApp {
+    fn new(p: &Arc<Provider>, protocols: &[Protocol]) -> Result<OAuthApp, String> {
+        let assertion = match &p.client_certificate_file {
+            Some(path) => Some(
+                ClientAssertion::load(path)
+                    .map_err(|e| format!("{}.client_certificate_file: {e}", p.key))?,
+            ),
+            None => None,
+        };
+        let service_account = match &p.service_account {
+            Some(key) => Some(ServiceAccount::new(
+                key,
+                &format!("{}.service_account_file", p.key),
+            )?),
+            None => None,
+        };
+        Ok(OAuthApp {
+            client: client(p)?,
+            assertion,
+            service_account,
+            delegated_scopes: p.delegated_scopes(protocols, false),
+            provider: p.clone(),
+        })
+    }
+}
+
+/// Whose token the status page shows for an account: the app's shared
+/// one for Microsoft's `client_credentials` (`app`, `graph`, a provider's
+/// `app:NAME`), else the account's own.
+pub fn board_key(account: &str, grant: Grant, graph: bool, provider: &Provider) -> String {
+    match (grant, graph, provider.kind) {
+        (Grant::ClientCredentials, true, _) => "graph".to_string(),
+        (Grant::ClientCredentials, false, ProviderKind::Google) => account.to_string(),
+        (Grant::ClientCredentials, false, _) => shared_app_key(provider),
+        _ => account.to_string(),
+    }
+}
+
+/// The cache key of a Microsoft provider's app-only token.
+fn shared_app_key(provider: &Provider) -> String {
+    match provider.is_default() {
+        true => "app".to_string(),
+        false => format!("app:{}", provider.name),
+    }
+}
+
 /// The token cache and the grants behind it; one per process.
 pub struct Tokens {
-    client: OAuthClient,
-    client_id: String,
-    token_url: String,
-    assertion: Option<ClientAssertion>,
+    /// Each provider's app, by provider name (`""`: `[oauth]`).
+    apps: HashMap<String, OAuthApp>,
     http: Http,
-    delegated_scopes: Vec<String>,
-    app_scope: String,
-    graph_scope: String,
     state: Arc<State>,
     entries: Mutex<HashMap<String, Entry>>,
     mac_key: [u8; 32],
     backoff: Duration,
     session_left: Duration,
+    smtp_left: Duration,
     keepalive: Duration,
 }
 
 impl Tokens {
-    /// The tokens of this `[oauth]` config, for the listeners' `protocols`,
-    /// keeping refresh tokens (and with Redis the replicas' cache) in `state`.
+    /// The tokens of these providers, for the protocols that have
+    /// listeners, keeping refresh tokens (and with Redis the replicas'
+    /// cache) in `state`.
     pub fn new(
-        config: &OAuthConfig,
+        providers: &[Arc<Provider>],
+        config: &Config,
+        state: Arc<State>,
+    ) -> Result<Tokens, String> {
+        Tokens::with(providers, &config.oauth, &config.protocols(), state)
+    }
+
+    /// [`Tokens::new`] with the timings of `oauth` and these `protocols`.
+    pub fn with(
+        providers: &[Arc<Provider>],
+        oauth: &OAuthConfig,
         protocols: &[Protocol],
         state: Arc<State>,
     ) -> Result<Tokens, String> {
-        let assertion = match &config.client_certificate_file {
-            Some(path) => Some(
-                ClientAssertion::load(path)
-                    .map_err(|e| format!("oauth.client_certificate_file: {e}"))?,
-            ),
-            None => None,
-        };
+        let mut apps = HashMap::new();
+        for p in providers {
+            apps.insert(p.name.clone(), OAuthApp::new(p, protocols)?);
+        }
         Ok(Tokens {
-            client: client(config)?,
-            client_id: config.client_id.clone(),
-            token_url: config.token_url(),
-            assertion,
+            apps,
             http: Http::new()?,
-            delegated_scopes: delegated_scopes(config.cloud, protocols),
-            app_scope: app_scope(config.cloud),
-            graph_scope: grant::graph_scope(config.cloud),
             mac_key: state.agreed_key(PASSWORD_MAC_PURPOSE),
             state,
             entries: Mutex::new(HashMap::new()),
             backoff: RETRY_BACKOFF,
-            session_left: Duration::from_secs(config.session_token_left_s),
-            keepalive: Duration::from_secs(config.refresh_keepalive_s),
+            session_left: Duration::from_secs(oauth.session_token_left_s),
+            smtp_left: Duration::from_secs(oauth.smtp_token_left_s),
+            keepalive: Duration::from_secs(oauth.refresh_keepalive_s),
+        })
+    }
+
+    /// The app of `id`'s provider (every identity's provider is one the
+    /// tokens were made with: accounts and tokens share the start's list).
+    fn app(&self, id: &Identity) -> Result<&OAuthApp, AuthError> {
+        self.apps.get(&id.provider.name).ok_or_else(|| {
+            AuthError::TokenRefused(format!(
+                "provider {:?} was added after the start; restart oxbridge",
+                id.provider.name
+            ))
         })
     }
 
     fn key(id: &Identity) -> String {
-        match id.grant {
-            Grant::ClientCredentials => "app".to_string(),
-            Grant::Password => format!("password:{}", id.login),
-            Grant::RefreshToken => format!("refresh:{}", id.account),
+        let p = &id.provider;
+        match (id.grant, p.kind) {
+            // A service account acts as each mailbox in turn.
+            (Grant::ClientCredentials, ProviderKind::Google) => {
+                format!("sa:{}:{}", p.name, id.mailbox.to_lowercase())
+            }
+            (Grant::ClientCredentials, _) => shared_app_key(p),
+            (Grant::Password, _) if p.is_default() => format!("password:{}", id.login),
+            (Grant::Password, _) => format!("password:{}:{}", p.name, id.login),
+            (Grant::RefreshToken, _) => format!("refresh:{}", id.account),
         }
     }
 
@@ -205,14 +279,15 @@ impl Tokens {
     }
 
     /// How much life a token of `lifetime` must have left for a login of
-    /// `protocol`: IMAP and POP3 `session_token_left_s` or three quarters
-    /// of the lifetime, whichever is less; SMTP nothing beyond the renewal
-    /// margin.
+    /// `protocol`: IMAP and POP3 `session_token_left_s`, SMTP
+    /// `smtp_token_left_s`, or three quarters of the lifetime, whichever
+    /// is less.
     pub fn session_need(&self, protocol: Protocol, lifetime: Duration) -> Duration {
-        match protocol {
-            Protocol::Smtp => Duration::ZERO,
-            Protocol::Imap | Protocol::Pop3 => self.session_left.min(lifetime * 3 / 4),
-        }
+        let want = match protocol {
+            Protocol::Smtp => self.smtp_left,
+            Protocol::Imap | Protocol::Pop3 => self.session_left,
+        };
+        want.min(lifetime * 3 / 4)
     }
 
     /// Whether the cached `c` may serve a login of `protocol` with this
@@ -235,9 +310,9 @@ impl Tokens {
     /// An app-only token for Microsoft Graph (`client_credentials` with
     /// the Graph scope), cached and single-flight like the others.
     pub async fn graph(&self, id: &Identity) -> Result<Token, AuthError> {
-        if id.grant != Grant::ClientCredentials {
+        if id.grant != Grant::ClientCredentials || !id.provider.is_default() {
             return Err(AuthError::TokenRefused(format!(
-                "account {} sends through Microsoft Graph, which needs grant = \"client_credentials\"",
+                "account {} sends through Microsoft Graph, which needs grant = \"client_credentials\" of [oauth]",
                 id.account
             )));
         }

@@ -95,7 +95,13 @@ fn tokens_in(url: &str, state: State) -> Tokens {
         "client_id = \"app\"\nclient_secret = \"app-secret\"\ntoken_url = \"{url}\""
     ))
     .unwrap();
-    let mut t = Tokens::new(&config, &[Protocol::Smtp], Arc::new(state)).unwrap();
+    let mut t = Tokens::with(
+        &providers(&config),
+        &config,
+        &[Protocol::Smtp],
+        Arc::new(state),
+    )
+    .unwrap();
     t.backoff = Duration::from_millis(10);
     t
 }
@@ -360,7 +366,16 @@ fn identity(grant: Grant, login: &str, password: Option<&str>) -> Identity {
         password: password.map(|p| SecretString::from(p.to_string())),
         graph: false,
         rewrite_sender: false,
+        provider: crate::config::provider::test_providers().remove(0),
     }
+}
+
+/// `[oauth]` as the only provider.
+fn providers(config: &OAuthConfig) -> Vec<Arc<crate::config::Provider>> {
+    vec![Arc::new(crate::config::Provider::of_oauth(
+        config,
+        &Default::default(),
+    ))]
 }
 
 mod cache;

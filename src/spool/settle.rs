@@ -317,7 +317,7 @@ async fn report(
         &dsn::Report {
             host: &app.hostname,
             from: &env.mailbox,
-            upstream: app.dialer.address(crate::config::Protocol::Smtp),
+            upstream: &app.upstream_of(&env.account, crate::config::Protocol::Smtp),
             why,
             failures,
             advice,

@@ -41,11 +41,7 @@ pub async fn gather(
     let mailboxes = app.mailbox_limits.in_use();
     let mut accounts = Vec::new();
     for a in app.accounts().summaries() {
-        let key = match (a.grant, a.graph) {
-            (Grant::ClientCredentials, true) => "graph".to_string(),
-            (Grant::ClientCredentials, false) => "app".to_string(),
-            _ => a.login.clone(),
-        };
+        let key = crate::oauth::board_key(&a.login, a.grant, a.graph, &a.provider);
         let record = board::token_record(&key);
         let mut token = TokenView {
             access_expires: record.expires,

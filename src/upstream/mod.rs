@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use secrecy::SecretString;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{Protocol, UpstreamConfig};
+use crate::config::{Protocol, Provider, UpstreamConfig};
 use crate::error::AuthError;
 use crate::mailbox::Mailbox;
 use crate::net::Conn;
@@ -32,51 +32,41 @@ pub const MAX_REPLY_LINES: usize = 256;
 /// What it takes to reach the upstream servers.
 pub struct Dialer {
     tls: TlsConnector,
+    /// `[oauth]`'s SMTP server, whose EHLO devices see before they log in.
     smtp: String,
-    imap: String,
-    pop3: String,
-    /// What the SMTP server offers in EHLO, as last seen.
+    /// What that SMTP server offers in EHLO, as last seen.
     smtp_keywords: smtp::Keywords,
 }
 
 impl Dialer {
-    /// The dialer for `[upstream]`; its `ca_file` is read here.
-    pub fn new(upstream: &UpstreamConfig) -> Result<Dialer, String> {
+    /// The dialer for `[upstream]` (its `ca_file` is read here, and holds
+    /// for every provider); `default` is `[oauth]`'s provider.
+    pub fn new(upstream: &UpstreamConfig, default: &Provider) -> Result<Dialer, String> {
         let tls = crate::net::tls::upstream_connector(upstream.ca_file.as_deref())
             .map_err(|e| format!("upstream.ca_file: {e}"))?;
         Ok(Dialer {
             tls,
-            smtp: upstream.address(Protocol::Smtp).to_string(),
-            imap: upstream.address(Protocol::Imap).to_string(),
-            pop3: upstream.address(Protocol::Pop3).to_string(),
+            smtp: default.address(Protocol::Smtp).to_string(),
             smtp_keywords: Default::default(),
         })
     }
 
-    /// The `host:port` of `protocol`'s server.
-    pub fn address(&self, protocol: Protocol) -> &str {
-        match protocol {
-            Protocol::Smtp => &self.smtp,
-            Protocol::Imap => &self.imap,
-            Protocol::Pop3 => &self.pop3,
-        }
-    }
-
-    /// Connect and read the greeting (SMTP: EHLO, STARTTLS, EHLO). Returns
-    /// the connection and what the server offers (SMTP: EHLO keywords;
-    /// IMAP: capabilities; POP3: nothing).
+    /// Connect to `provider`'s server of `protocol` and read the greeting
+    /// (SMTP: EHLO, STARTTLS, EHLO). Returns the connection and what the
+    /// server offers (SMTP: EHLO keywords; IMAP: capabilities; POP3:
+    /// nothing).
     pub async fn dial(
         &self,
+        provider: &Provider,
         protocol: Protocol,
         client_name: &str,
     ) -> Result<(Conn, Vec<String>), AuthError> {
         let started = Instant::now();
+        let addr = provider.address(protocol);
         let dialled = match protocol {
-            Protocol::Smtp => smtp::dial(self, client_name).await,
-            Protocol::Imap => imap::dial(&self.tls, &self.imap).await,
-            Protocol::Pop3 => pop3::dial(&self.tls, &self.pop3)
-                .await
-                .map(|c| (c, Vec::new())),
+            Protocol::Smtp => smtp::dial(self, addr, client_name).await,
+            Protocol::Imap => imap::dial(&self.tls, addr).await,
+            Protocol::Pop3 => pop3::dial(&self.tls, addr).await.map(|c| (c, Vec::new())),
         };
         if dialled.is_ok() {
             crate::metrics::upstream_connected(protocol, started.elapsed());

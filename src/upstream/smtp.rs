@@ -74,9 +74,9 @@ fn expect(reply: &ServerReply, code: u16, step: &str) -> Result<(), AuthError> {
 /// TLS connection and the keywords of the second EHLO.
 pub(super) async fn dial(
     dialer: &Dialer,
+    addr: &str,
     ehlo_name: &str,
 ) -> Result<(Conn, Vec<String>), AuthError> {
-    let addr = dialer.smtp.as_str();
     let mut conn = dial::connect(addr).await.map_err(unavailable)?;
     expect(&read_reply(&mut conn).await?, 220, "greeting")?;
     let ehlo = command(&mut conn, Request::Ehlo(ehlo_name)).await?;
@@ -100,7 +100,10 @@ pub(super) async fn dial(
     let ehlo = command(&mut conn, Request::Ehlo(ehlo_name)).await?;
     expect(&ehlo, 250, "EHLO after STARTTLS")?;
     let keywords = ehlo_keywords(&ehlo);
-    dialer.smtp_keywords.update(&keywords);
+    // What devices are offered before they log in is [oauth]'s server's.
+    if addr == dialer.smtp {
+        dialer.smtp_keywords.update(&keywords);
+    }
     Ok((conn, keywords))
 }
 
@@ -206,7 +209,7 @@ impl Keywords {
 
 /// Learn the upstream's EHLO without logging in.
 async fn probe(dialer: &Dialer) -> Result<Vec<String>, AuthError> {
-    let (mut conn, keywords) = dial(dialer, PROBE_NAME).await?;
+    let (mut conn, keywords) = dial(dialer, &dialer.smtp, PROBE_NAME).await?;
     let _ = send(&mut conn, &Request::Quit.to_bytes()).await;
     Ok(keywords)
 }

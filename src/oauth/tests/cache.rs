@@ -28,7 +28,13 @@ async fn certificate_credentials_send_an_assertion_not_a_secret() {
         pem.display()
     ))
     .unwrap();
-    let tokens = Tokens::new(&config, &[Protocol::Smtp], Arc::new(State::File(None))).unwrap();
+    let tokens = Tokens::with(
+        &super::providers(&config),
+        &config,
+        &[Protocol::Smtp],
+        Arc::new(State::File(None)),
+    )
+    .unwrap();
     tokens
         .get(
             &identity(Grant::ClientCredentials, "a@x.test", None),
@@ -204,13 +210,14 @@ async fn a_temporary_failure_keeps_a_still_valid_token() {
 
 #[tokio::test]
 async fn session_logins_get_a_token_with_three_quarters_of_its_life_left() {
-    // 4 s tokens: IMAP and POP3 need 3 s left, SMTP only the renewal margin.
+    // 4 s tokens: IMAP and POP3 need 3 s left, SMTP (set to 2 s here) less.
     let (url, count) = endpoint(
         vec![ok("tok-1", 4), ok("tok-2", 4), ok("tok-3", 4)],
         Duration::ZERO,
     )
     .await;
-    let tokens = tokens(&url);
+    let mut tokens = tokens(&url);
+    tokens.smtp_left = Duration::from_secs(2);
     let id = identity(Grant::ClientCredentials, "a@x.test", None);
     let first = tokens.get(&id, Protocol::Imap).await.unwrap();
     assert_eq!(first.lifetime, Duration::from_secs(4));
@@ -239,13 +246,19 @@ async fn session_logins_want_the_configured_time_left() {
         tokens.session_need(Protocol::Imap, Duration::from_secs(600)),
         Duration::from_secs(450)
     );
+    // SMTP: ten minutes (Microsoft's High Volume Email refuses less).
     assert_eq!(
         tokens.session_need(Protocol::Smtp, Duration::from_secs(3600)),
-        Duration::ZERO
+        Duration::from_secs(600)
+    );
+    assert_eq!(
+        tokens.session_need(Protocol::Smtp, Duration::from_secs(60)),
+        Duration::from_secs(45)
     );
     // 4 s tokens with 2 s configured (less than three quarters, 3 s):
     // 1.5 s old still serves a session, 2.3 s old does not.
     tokens.session_left = Duration::from_secs(2);
+    tokens.smtp_left = Duration::from_secs(1);
     let id = identity(Grant::ClientCredentials, "a@x.test", None);
     let get = |p| {
         let (tokens, id) = (&tokens, &id);
