@@ -132,6 +132,65 @@ const KNOWN: &[Known] = &[
               mailbox; for delegated grants, `IMAP.AccessAsUser.All` consent and \
               `Set-CASMailbox -ImapEnabled $true`",
     },
+    // Google: token endpoint, then Gmail's IMAP and POP3.
+    Known {
+        needle: "Client is unauthorized to retrieve access tokens",
+        fix: "Google refused the service account (unauthorized_client): it has no domain-wide \
+              delegation for https://mail.google.com/. In the Google Admin console > Security > \
+              Access and data control > API controls > Manage Domain Wide Delegation > Add new, \
+              enter the service account's numeric client ID (client_id in its key file) and the \
+              scope https://mail.google.com/ exactly; it can take a few minutes to apply",
+    },
+    Known {
+        needle: "Invalid email or User ID",
+        fix: "Google does not know the mailbox the service account acts as (invalid_grant: \
+              Invalid email or User ID): the account's mailbox (or its login) must be a user of \
+              the Workspace domain that delegated the scope, not an alias, a group or a user of \
+              another domain",
+    },
+    Known {
+        needle: "Token has been expired or revoked",
+        fix: "Google revoked the refresh token: an app whose OAuth consent screen is in \
+              \"Testing\" gets refresh tokens that die after 7 days; publish it (Google Cloud \
+              console > Google Auth Platform > Audience > Publish app) or make it Internal, then \
+              run `oxbridge login <account> --browser` (or --paste). A password change or the \
+              user removing the app's access at myaccount.google.com > Security does the same",
+    },
+    Known {
+        needle: "Invalid JWT Signature",
+        fix: "Google refused the service account's signature: its key was deleted or the key \
+              file is another service account's; create a new JSON key (Google Cloud console > \
+              IAM & Admin > Service accounts > the account > Keys) and point \
+              service_account_file at it",
+    },
+    Known {
+        needle: "not enabled for IMAP",
+        fix: "Gmail has IMAP turned off for this user: in the Google Admin console > Apps > \
+              Google Workspace > Gmail > End User Access, turn on POP and IMAP access for the \
+              user's organizational unit (allow all mail clients, or add oxbridge's OAuth client \
+              ID to the allowed ones)",
+    },
+    Known {
+        needle: "not enabled for POP",
+        fix: "Gmail has POP turned off for this user: turn on POP and IMAP access in the Google \
+              Admin console (Apps > Google Workspace > Gmail > End User Access), then POP for \
+              the mailbox in its Gmail settings (See all settings > Forwarding and POP/IMAP > \
+              Enable POP)",
+    },
+    // Outlook.com (personal Microsoft accounts) and High Volume Email.
+    Known {
+        needle: "not enabled for consumers",
+        fix: "the app is not registered for personal Microsoft accounts: in the Entra admin \
+              center > App registrations, register an app whose supported account types include \
+              \"personal Microsoft accounts\" (Authentication > Supported accounts), allow \
+              public client flows, and put its client ID in the outlook.com [[provider]]",
+    },
+    Known {
+        needle: "5.5.127",
+        fix: "Microsoft's High Volume Email refused a token about to expire (501 5.5.127 Token \
+              will expire soon): keep [oauth] smtp_token_left_s at 600 or more (the default) so \
+              that SMTP logins get a token with at least 10 minutes left",
+    },
     // Entra ID token endpoint.
     Known {
         needle: "AADSTS90002",
@@ -352,6 +411,25 @@ mod tests {
             ("invalid_client: AADSTS700025: Client is public so neither 'client_assertion' nor 'client_secret' should be presented.", "remove client_secret"),
             ("unauthorized_client: AADSTS7000229: The client application 00000000-0000-0000-0000-000000000000 is missing service principal in the tenant.", "New-MgServicePrincipal"),
             ("invalid_grant: something else", "oxbridge login"),
+            ("unauthorized_client: AADSTS700016: Application with identifier 'x' was not found in the directory '9188040d-6c67-4c5b-b112-36a304b66dad'. The client does not exist or is not enabled for consumers.", "personal Microsoft accounts"),
+        ];
+        for (detail, expect) in cases {
+            let fix = fix(&AuthError::TokenRefused(detail.into()))
+                .unwrap_or_else(|| panic!("no fix for {detail}"));
+            assert!(fix.contains(expect), "{detail}: {fix}");
+        }
+    }
+
+    #[test]
+    fn google_and_hve_refusals_map_to_their_fix() {
+        let cases = [
+            ("unauthorized_client: Client is unauthorized to retrieve access tokens using this method, or client not authorized for any of the scopes requested.", "Domain Wide Delegation"),
+            ("invalid_grant: Invalid email or User ID", "user of the Workspace domain"),
+            ("invalid_grant: Token has been expired or revoked.", "Publish app"),
+            ("invalid_grant: Invalid JWT Signature.", "new JSON key"),
+            ("NO [ALERT] Your account is not enabled for IMAP use. Please visit your Gmail settings page and enable your account for IMAP access. (Failure)", "POP and IMAP access"),
+            ("-ERR [SYS/PERM] Your account is not enabled for POP access.", "Enable POP"),
+            ("501 5.5.127 Authentication unsuccessful, Token will expire soon.", "smtp_token_left_s"),
         ];
         for (detail, expect) in cases {
             let fix = fix(&AuthError::TokenRefused(detail.into()))
