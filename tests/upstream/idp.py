@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Tiny Entra-ID-like OAuth2 server for oxbridge's end-to-end tests (stdlib only).
+"""Tiny Entra-ID-like OAuth2 server for oxbridge's end-to-end tests (stdlib only), which
+also speaks like Google's OAuth2 endpoints under /google/ (idp_google.py).
 
   GET  .../authorize    authorization code + PKCE (S256 only); consents at once
-                        and redirects to redirect_uri (see authorize_deny)
+                        and redirects to redirect_uri (see authorize_deny, consent_as)
   POST .../token        grant_type password | client_credentials | refresh_token |
                         authorization_code | urn:ietf:params:oauth:grant-type:device_code
                         (tenant ttl-<N>, e.g. /ttl-90/oauth2/v2.0/token: N-second access tokens;
@@ -11,6 +12,16 @@
                         a Microsoft Graph token (roles Mail.Send + Mail.ReadWrite; tenant
                         nomailsend: no Mail.Send, tenant mailsendonly: no Mail.ReadWrite)
   POST .../devicecode   RFC 8628 device authorization (auto-approves, see config)
+  /consumers/...        the tenant of personal Microsoft accounts (Outlook.com): delegated
+                        grants only (password, client_credentials: AADSTS9001023); client
+                        test-client-orgonly refused there (AADSTS700016, "not enabled for
+                        consumers"), on other tenants it is like test-client
+  POST /google/token    like https://oauth2.googleapis.com/token: grant_type
+                        urn:ietf:params:oauth:grant-type:jwt-bearer (service account JWT signed
+                        RS256, domain-wide delegation with sub), refresh_token (not rotated),
+                        authorization_code (PKCE); answers and errors like Google's
+  GET  /google/auth     like https://accounts.google.com/o/oauth2/v2/auth; consents at once
+  POST /google/device/code  refuses https://mail.google.com/ (invalid_scope), like Google
   POST /introspect      RFC 7662, called by Dovecot's oauth2 passdbs
                         (?for=dovecot-user or ?for=dovecot-app) and by graph.py (?for=graph)
   GET  /health
@@ -23,8 +34,14 @@
   POST /admin/device/approve {"user_code": .., "user": ..}   (user optional)
   POST /admin/device/deny    {"user_code": ..}
   POST /admin/device/expire  {"user_code": ..}
+  GET  /admin/google    registered Google service accounts and OAuth clients
+  POST /admin/google/service-account {"client_email", "public_key_pem", "private_key_id",
+                        "client_id", "delegated_scopes": [..]} (google_sa.py makes and registers)
+  POST /admin/google/client {"client_id", "client_secret", "redirect_uris": [..]}
+  POST /admin/google/revoke {"user": ..} | {"token": ..} | {"all": true}
 
-Tokens live in memory only. Binds to 127.0.0.1.
+Tokens live in memory only. Binds to 127.0.0.1. Google access tokens of a user introspect like
+Entra delegated tokens of that user (?for=dovecot-user).
 """
 
 import argparse
@@ -42,6 +59,9 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote_plus, urlencode, urlsplit
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import idp_google  # noqa: E402  (Google's endpoints, under /google/)
+
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 USER_SCOPE = ("https://outlook.office.com/IMAP.AccessAsUser.All "
               "https://outlook.office.com/POP.AccessAsUser.All "
@@ -52,7 +72,15 @@ GRAPH_SCOPE = GRAPH_RESOURCE + "/.default"
 GRAPH_ROLES = ["Mail.ReadWrite", "Mail.Send"]  # application permissions of test-app on Graph
 # tenant segment -> the Graph application roles its client_credentials tokens carry
 GRAPH_TENANT_ROLES = {"nomailsend": ["Mail.ReadWrite"], "mailsendonly": ["Mail.Send"]}
-CLIENTS = {"test-client": None, "test-app": "test-app-secret"}  # client_id -> secret
+CLIENTS = {"test-client": None, "test-app": "test-app-secret",  # client_id -> secret
+           "test-client-orgonly": None}
+ORG_ONLY_CLIENTS = {"test-client-orgonly"}  # registered for work/school accounts only
+CONSUMERS = "consumers"  # the tenant segment of personal Microsoft accounts (Outlook.com)
+CONSUMERS_CLIENT_TEXT = ("The client does not exist or is not enabled for consumers. If you are the "
+                         "application developer, configure a new application through the App "
+                         "Registrations in the Azure Portal at https://go.microsoft.com/fwlink/?linkid=2083908.")
+CONSUMERS_GRANT_TEXT = ("The grant type is not supported over the /common or /consumers endpoints. "
+                        "Please use the /organizations or tenant-specific endpoint.")
 
 CONFIG = {  # runtime knobs, changed with POST /admin/config
     "access_ttl": 3600,
@@ -66,6 +94,7 @@ CONFIG = {  # runtime knobs, changed with POST /admin/config
     "device_auto_approve_after": 1,  # -1: never, only POST /admin/device/approve
     "device_slow_down_polls": 0,  # the first N polls of each device code get slow_down
     "authorize_deny": False,  # /authorize redirects with error=access_denied
+    "consent_as": "",  # /authorize and /google/auth: this user consents, whatever login_hint says
     "log_secrets": False,
 }
 AADSTS = {  # error -> (code, description), like Entra's
@@ -107,6 +136,7 @@ def reset_stats():
     STATS.update(token_requests=0, grant_requests={}, token_inflight=0,
                  token_inflight_max=0, introspect_requests=0, authorize_requests=0,
                  refresh_reuse_rejected=0, graph_introspect_requests=0)
+    idp_google.reset_stats(STATS)
 
 
 def log(msg):
@@ -132,6 +162,12 @@ def tenant_ttl(path):
     parts = path.strip("/").split("/")
     m = re.fullmatch(r"ttl-(\d{1,7})", parts[0]) if len(parts) > 1 else None
     return int(m.group(1)) if m else None
+
+
+def tenant_of(path):
+    """The tenant segment of an Entra URL (/consumers/oauth2/v2.0/token -> consumers), lower case."""
+    parts = path.strip("/").split("/")
+    return parts[0].lower() if len(parts) > 1 else ""
 
 
 def tenant_idle(path):
@@ -259,6 +295,9 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = handle_request
 
     def route(self, method, path, prm):
+        self.tenant = tenant_of(path)
+        if path.startswith(("/google/", "/admin/google/")) or path == "/admin/google":
+            return GOOGLE.route(self, method, path, prm)
         if method == "POST" and path.endswith("/token"):
             self.graph_roles = tenant_graph_roles(path)
             return self.token(prm, tenant_ttl(path), tenant_idle(path))
@@ -275,9 +314,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(200, json.loads(json.dumps(STATS)))
         if path == "/admin/stats/reset" and method == "POST":
             with LOCK:
-                inflight = STATS["token_inflight"]
+                inflight, google_inflight = STATS["token_inflight"], STATS["google_token_inflight"]
                 reset_stats()
-                STATS["token_inflight"] = inflight
+                STATS["token_inflight"], STATS["google_token_inflight"] = inflight, google_inflight
             return self.reply(200, {"reset": True})
         if path == "/admin/config":
             return self.admin_config(method, prm)
@@ -315,6 +354,8 @@ class Handler(BaseHTTPRequestHandler):
             raise OAuthError("invalid_request", "client_id")
         if cid not in CLIENTS:
             raise OAuthError("unauthorized_client", cid)
+        if cid in ORG_ONLY_CLIENTS and self.tenant == CONSUMERS:
+            raise OAuthError("unauthorized_client", description=CONSUMERS_CLIENT_TEXT)
         if (need_secret or secret is not None) and (CLIENTS[cid] is None or secret != CLIENTS[cid]):
             raise OAuthError("invalid_client", status=401)
         return cid
@@ -345,6 +386,9 @@ class Handler(BaseHTTPRequestHandler):
                 STATS["token_inflight"] -= 1
 
     def grant(self, grant, prm, ttl):
+        if self.tenant == CONSUMERS and grant in ("password", "client_credentials"):
+            # personal accounts: delegated grants only (refused before the client is looked at)
+            raise OAuthError("invalid_request", code=9001023, description=CONSUMERS_GRANT_TEXT)
         if grant == "password":
             cid = self.client(prm)
             user = (prm.get("username") or "").lower()
@@ -363,6 +407,9 @@ class Handler(BaseHTTPRequestHandler):
             rt = prm.get("refresh_token") or ""
             with LOCK:  # strict rotation: a refresh token works exactly once
                 rec = REFRESH.pop(rt, None)
+                if rec is not None and rec.get("provider"):  # Google's: not for this endpoint
+                    REFRESH[rt] = rec
+                    rec = None
                 if rec is not None and rec.get("idle") is not None \
                         and time.time() - rec["issued"] > rec["idle"]:
                     REFRESH[rt] = rec  # dead of inactivity, and stays so
@@ -444,6 +491,8 @@ class Handler(BaseHTTPRequestHandler):
             raise OAuthError("invalid_request", "client_id")
         if cid not in CLIENTS:
             raise OAuthError("unauthorized_client", cid)
+        if cid in ORG_ONLY_CLIENTS and self.tenant == CONSUMERS:
+            raise OAuthError("unauthorized_client", description=CONSUMERS_CLIENT_TEXT)
         if not uri:  # nowhere to redirect to
             raise OAuthError("invalid_request", "redirect_uri")
         self.note = " client=%s" % cid
@@ -473,7 +522,7 @@ class Handler(BaseHTTPRequestHandler):
         if hint and hint not in USERS:
             return fail("invalid_request", 50034, "The user account %s does not exist in the "
                         "directory." % hint)
-        user = hint or sorted(USERS)[0]
+        user = CONFIG["consent_as"].lower() or hint or sorted(USERS)[0]
         self.note += " user=%s" % user
         if CONFIG["authorize_deny"]:
             return fail("access_denied", 65004, "User declined to consent to access the app.")
@@ -536,10 +585,12 @@ class Handler(BaseHTTPRequestHandler):
         if fail:
             self.note += " injected failure"
             return self.reply(500, {"error": "server_error"})
-        if rec is None or rec["exp"] <= time.time() or rec.get("aud") == "graph" or \
+        if rec is None or rec["exp"] <= time.time() or rec.get("aud") not in ("outlook", "google") or \
                 (purpose == "dovecot-user" and rec["app"]) or (purpose == "dovecot-app" and not rec["app"]):
             # a Graph token is for https://graph.microsoft.com only: Exchange's IMAP, POP and
-            # SMTP refuse it like any other token of the wrong audience
+            # SMTP refuse it like any other token of the wrong audience. Likewise a Google token
+            # of a service account itself, or one without https://mail.google.com/ (aud
+            # "google-other"): Gmail opens no mailbox with it
             self.note += " active=false"
             return self.reply(200, {"active": False})
         # The app passdb compares only the domain (%Ld) of the login name with
@@ -577,6 +628,10 @@ class Handler(BaseHTTPRequestHandler):
             bad = [k for k in prm if k not in CONFIG]
             if bad:
                 return self.reply(400, {"error": "unknown keys", "keys": bad, "allowed": sorted(CONFIG)})
+            if "consent_as" in prm:  # "" or null: off
+                prm["consent_as"] = str(prm["consent_as"] or "").lower()
+                if prm["consent_as"] and prm["consent_as"] not in USERS:
+                    return self.reply(400, {"error": "unknown user", "consent_as": prm["consent_as"]})
             with LOCK:
                 for k, v in prm.items():
                     if isinstance(CONFIG[k], bool):
@@ -638,6 +693,9 @@ class Handler(BaseHTTPRequestHandler):
             out = {"user_code": uc, "user": rec["user"], "polls": rec["polls"], "state": rec["state"]}
         self.note = " user_code=%s state=%s" % (uc, out["state"])
         self.reply(200, out)
+
+
+GOOGLE = idp_google.Google(sys.modules[__name__])
 
 
 def main():
