@@ -82,6 +82,10 @@ pub async fn gather(
             grant: a.grant.as_str(),
             mailbox,
             sends: if a.graph { "Microsoft Graph" } else { "SMTP" },
+            provider: match a.provider.is_default() {
+                true => String::new(),
+                false => format!("{} ({})", a.provider.name, a.provider.kind.as_str()),
+            },
             token,
             sessions,
         });

@@ -65,6 +65,8 @@ pub struct AccountRow {
     /// The mailbox it logs in to (for a `*@domain` pattern, each user's own).
     pub mailbox: String,
     pub sends: &'static str,
+    /// Its `[[provider]]` as `name (kind)`; empty for `[oauth]`'s accounts.
+    pub provider: String,
     pub token: TokenView,
     pub logins: Logins,
     /// (protocol, sessions now, limit) of its mailbox.
@@ -312,7 +314,7 @@ fn accounts(v: &View) -> Markup {
                         @let (login_health, login_text) = a.logins.verdict(v.now);
                         tr {
                             td data-label="login" { code { (a.login) } }
-                            td data-label="grant" { (a.grant) @if a.sends != "SMTP" { br; small { "sends through " (a.sends) } } }
+                            td data-label="grant" { (a.grant) @if a.sends != "SMTP" { br; small { "sends through " (a.sends) } } @if !a.provider.is_empty() { br; small { "provider " (a.provider) } } }
                             td data-label="mailbox" { (a.mailbox) }
                             td data-label="access token" { (mark(token_health, &token_text)) }
                             td data-label="refresh token" {

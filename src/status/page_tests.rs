@@ -28,6 +28,7 @@ fn view() -> View {
             grant: "client_credentials",
             mailbox: "scans@contoso.test".into(),
             sends: "SMTP",
+            provider: String::new(),
             token: TokenView {
                 access_expires: Some(NOW + 3000),
                 obtained: Some(NOW - 600),
