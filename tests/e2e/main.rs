@@ -32,6 +32,7 @@ mod ops;
 mod ops_day_one;
 mod prelogin_lines;
 mod printers;
+mod providers;
 mod ready;
 mod redis;
 mod refusals;

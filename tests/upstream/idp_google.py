@@ -77,7 +77,7 @@ def reset_stats(stats):
     """The Google keys of idp.py's STATS (called by idp.py's reset_stats)."""
     stats.update(google_token_requests=0, google_grant_requests={}, google_token_inflight=0,
                  google_token_inflight_max=0, google_authorize_requests=0,
-                 google_jwt_requests=0, google_jwt_subs={})
+                 google_jwt_requests=0, google_jwt_subs={}, google_jwt_pairs={})
 
 
 class GoogleError(Exception):
@@ -188,11 +188,13 @@ class Google:
         grant = prm.get("grant_type") or ""
         key = "jwt_bearer" if grant == JWT_GRANT else grant or "missing"
         h.note = " google grant=%s" % key
-        who = None
+        who = pair = None
         if grant == JWT_GRANT:
             claims = peek_claims(prm.get("assertion"))
             who = claims.get("sub") or claims.get("iss") or ""
             who = who.lower() if isinstance(who, str) else json.dumps(who)
+            # "iss sub": a test with its own service account counts its own requests
+            pair = "%s %s" % (claims.get("iss"), claims.get("sub"))
         with c.LOCK:
             st = c.STATS
             st["google_token_requests"] += 1
@@ -202,6 +204,7 @@ class Google:
             if who is not None:
                 st["google_jwt_requests"] += 1
                 st["google_jwt_subs"][who] = st["google_jwt_subs"].get(who, 0) + 1
+                st["google_jwt_pairs"][pair] = st["google_jwt_pairs"].get(pair, 0) + 1
             fail = c.CONFIG["token_fail_count"] > 0
             if fail:
                 c.CONFIG["token_fail_count"] -= 1
