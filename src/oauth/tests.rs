@@ -379,3 +379,4 @@ fn providers(config: &OAuthConfig) -> Vec<Arc<crate::config::Provider>> {
 }
 
 mod cache;
+mod google;

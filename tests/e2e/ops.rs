@@ -348,6 +348,7 @@ fn check_diagnoses_exchange_refusals() {
         ("smtp", "auth", "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information.", "a value of $true on the mailbox"),
         ("smtp", "mail", "550 5.7.60 SMTP; Client does not have permissions to send as this sender.", "-AccessRights SendAs"),
         ("smtp", "mail", "550 5.5.105 High Volume Email only allows sending to internal recipients.", "High Volume Email"),
+        ("smtp", "auth", "501 5.5.127 Authentication unsuccessful, Token will expire soon.", "smtp_token_left_s"),
     ];
     for (protocol, stage, reply, fix) in cases {
         let fake = Fake::start(protocol, stage, reply);

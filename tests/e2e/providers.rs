@@ -623,3 +623,73 @@ fn an_outlook_com_account_consents_refreshes_and_keeps_the_rotated_token() {
         },
     );
 }
+
+/// At trace level, with a service account and a Google client secret
+/// configured: neither the key, nor the secret, nor any Google access
+/// token (`ya29.`) reaches the log, the status page, `/metrics` or
+/// `oxbridge check`.
+#[test]
+fn no_google_secret_reaches_logs_pages_or_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, _) = service_account(dir.path(), true);
+    let pem: serde_json::Value = serde_json::from_slice(&std::fs::read(&key).unwrap()).unwrap();
+    let key_line = pem["private_key"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .nth(3)
+        .unwrap()
+        .to_string();
+    assert!(key_line.len() > 40, "{key_line}");
+    let secret = format!("MARKERGCS{}", unique("x").replace('-', ""));
+    let extra = format!(
+        "{ADMIN}{}{}{}{}",
+        google_provider(
+            "school",
+            &format!("service_account_file = \"{}\"\n", key.display())
+        ),
+        google_provider(
+            "gmail",
+            &format!("client_id = \"c\"\nclient_secret = \"{secret}\"\n")
+        ),
+        account("copier@school.test", "client_credentials", "school", BOB),
+        account(
+            "nobody-consented@home.test",
+            "refresh_token",
+            "gmail",
+            ALICE
+        ),
+    );
+    let cfg = with_state_dir(
+        &config(&plain_listeners(&["smtp", "imap", "pop3"]), &extra),
+        &dir.path().join("state"),
+    );
+    let proxy = Proxy::start_with_env(&cfg, &[("RUST_LOG", "trace")]);
+    send_and_read_back(
+        &proxy,
+        "copier@school.test",
+        GOOGLE_PASSWORD,
+        BOB,
+        dir.path(),
+    );
+    let (_, page) = curl(proxy.admin_addr(), "/");
+    let (_, metrics) = curl(proxy.admin_addr(), "/metrics");
+    let logs = proxy.logs();
+    drop(proxy);
+    let check = text(&oxbridge(&["check"], &write_config(dir.path(), &cfg)));
+    assert!(check.contains("copier@school.test imap: OK"), "{check}");
+    for (what, haystack) in [
+        ("log", &logs),
+        ("page", &page),
+        ("metrics", &metrics),
+        ("check", &check),
+    ] {
+        for needle in [key_line.as_str(), secret.as_str(), "ya29.", "PRIVATE KEY"] {
+            assert!(!haystack.contains(needle), "{needle:?} in the {what}");
+        }
+    }
+    assert!(
+        logs.contains("access token obtained"),
+        "the log is at trace level and saw the login"
+    );
+}
