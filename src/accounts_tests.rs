@@ -487,3 +487,19 @@ fn a_protocol_the_account_leaves_out_is_refused_naming_the_account_and_protocols
     );
     assert_ne!(reader(Some(vec![Protocol::Smtp])).stamp(&id), stamp);
 }
+
+#[test]
+fn an_account_of_a_provider_added_since_the_start_is_refused() {
+    let mut a = account("x@school.test", Grant::ClientCredentials, Some("pw"), None);
+    a.provider = Some("school".into());
+    let known = crate::config::provider::test_providers();
+    let err = Accounts::unknown_provider(std::slice::from_ref(&a), &known).unwrap_err();
+    assert!(
+        err.contains("\"school\"") && err.contains("restart"),
+        "{err}"
+    );
+    // Built anyway (never by a reload, which refuses first), it is left
+    // out rather than given another provider's tokens.
+    let accounts = Accounts::new(SendVia::Smtp, &[a], &known);
+    assert!(accounts.summaries().is_empty());
+}

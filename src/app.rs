@@ -51,7 +51,15 @@ impl App {
         let tokens = oauth::Tokens::new(&providers, &config, state.clone()).map_err(StartError)?;
         let mailbox_limits = limits::MailboxLimits::new(&config.limits, state.clone());
         let throttle = throttle::Throttle::new(&config.limits, state.clone());
-        let dialer = Dialer::new(&config.upstream, &providers[0]).map_err(StartError)?;
+        // Devices see an SMTP server's EHLO before they log in: that of the
+        // first account that may send, whatever its provider.
+        let sender = config
+            .accounts
+            .iter()
+            .find(|a| a.allows(crate::config::Protocol::Smtp))
+            .and_then(|a| crate::config::provider::find(&providers, a.provider.as_deref()));
+        let dialer =
+            Dialer::new(&config.upstream, sender.unwrap_or(&providers[0])).map_err(StartError)?;
         let spool = match config.spools() {
             true => Some(Arc::new(Spool::open(&config).map_err(|e| {
                 StartError(config.spool.open_error(&config.state_dir, &e))

@@ -32,7 +32,7 @@ pub const MAX_REPLY_LINES: usize = 256;
 /// What it takes to reach the upstream servers.
 pub struct Dialer {
     tls: TlsConnector,
-    /// `[oauth]`'s SMTP server, whose EHLO devices see before they log in.
+    /// The SMTP server whose EHLO devices see before they log in.
     smtp: String,
     /// What that SMTP server offers in EHLO, as last seen.
     smtp_keywords: smtp::Keywords,
@@ -40,7 +40,8 @@ pub struct Dialer {
 
 impl Dialer {
     /// The dialer for `[upstream]` (its `ca_file` is read here, and holds
-    /// for every provider); `default` is `[oauth]`'s provider.
+    /// for every provider); `default` is the provider whose SMTP server's
+    /// EHLO devices are offered before they log in.
     pub fn new(upstream: &UpstreamConfig, default: &Provider) -> Result<Dialer, String> {
         let tls = crate::net::tls::upstream_connector(upstream.ca_file.as_deref())
             .map_err(|e| format!("upstream.ca_file: {e}"))?;

@@ -100,7 +100,7 @@ pub(super) async fn dial(
     let ehlo = command(&mut conn, Request::Ehlo(ehlo_name)).await?;
     expect(&ehlo, 250, "EHLO after STARTTLS")?;
     let keywords = ehlo_keywords(&ehlo);
-    // What devices are offered before they log in is [oauth]'s server's.
+    // What devices are offered before they log in is one server's.
     if addr == dialer.smtp {
         dialer.smtp_keywords.update(&keywords);
     }
