@@ -374,6 +374,7 @@ fn login(path: PathBuf, account: &str, flow: Flow) -> ExitCode {
         protocols: config.protocols(),
         account: &entry.login,
         mailbox: entry.mailbox.as_deref().unwrap_or(&entry.login),
+        ca_file: config.upstream.ca_file.as_deref(),
     };
     let runtime = match runtime() {
         Ok(r) => r,

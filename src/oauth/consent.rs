@@ -69,6 +69,8 @@ pub struct Request<'a> {
     pub account: &'a str,
     /// Passed as `login_hint`, so the right user is preselected.
     pub mailbox: &'a str,
+    /// `[upstream] ca_file`: extra roots for the token endpoint.
+    pub ca_file: Option<&'a std::path::Path>,
 }
 
 impl Request<'_> {
@@ -103,7 +105,7 @@ pub async fn device_flow(
     let url = DeviceAuthorizationUrl::new(p.device_code_url.clone())
         .map_err(|e| format!("{}.device_code_url: {e}", p.key))?;
     let client = super::client(p)?.set_device_authorization_url(url);
-    let http = Http::new()?;
+    let http = Http::new(req.ca_file)?;
     let details: StandardDeviceAuthorizationResponse = client
         .exchange_device_code()
         .add_scopes(req.scopes())
@@ -189,11 +191,12 @@ type CodeClient = oauth2::basic::BasicClient<
 
 /// Redeem `code` with the PKCE `verifier`: the refresh token.
 async fn exchange(
+    req: &Request<'_>,
     client: &CodeClient,
     code: String,
     verifier: PkceCodeVerifier,
 ) -> Result<SecretString, String> {
-    let http = Http::new()?;
+    let http = Http::new(req.ca_file)?;
     let response = client
         .exchange_code(AuthorizationCode::new(code))
         .set_pkce_verifier(verifier)
@@ -230,7 +233,7 @@ pub async fn browser_flow(
     let code = tokio::time::timeout(BROWSER_TIMEOUT, wait_for_code(&listener, state.secret()))
         .await
         .map_err(|_| format!("no redirect within {} s", BROWSER_TIMEOUT.as_secs()))??;
-    exchange(&client, code, verifier).await
+    exchange(req, &client, code, verifier).await
 }
 
 /// Authorization code with PKCE, the redirect pasted back: the URL is
@@ -261,7 +264,7 @@ pub async fn paste_flow(
             .map(|u| redirect_answer(&u, state.secret()))
             .unwrap_or(Answer::NotOurs("that is not an address"));
         match answer {
-            Answer::Code(code) => return exchange(&client, code, verifier).await,
+            Answer::Code(code) => return exchange(req, &client, code, verifier).await,
             Answer::Refused(why) => return Err(why),
             Answer::NotOurs(why) => {
                 let _ = writeln!(

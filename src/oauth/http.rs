@@ -27,8 +27,12 @@ pub enum HttpError {
 pub struct Http(oauth2::reqwest::Client);
 
 impl Http {
-    pub fn new() -> Result<Http, String> {
+    /// A client trusting the system roots and `ca_file` (`[upstream]
+    /// ca_file` holds for token endpoints too), as upstream connections do.
+    pub fn new(ca_file: Option<&std::path::Path>) -> Result<Http, String> {
+        let tls = crate::net::tls::upstream_config(ca_file)?;
         oauth2::reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
             .redirect(oauth2::reqwest::redirect::Policy::none())
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)

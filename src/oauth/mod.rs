@@ -196,14 +196,23 @@ impl Tokens {
         config: &Config,
         state: Arc<State>,
     ) -> Result<Tokens, String> {
-        Tokens::with(providers, &config.oauth, &config.protocols(), state)
+        let ca_file = config.upstream.ca_file.as_deref();
+        Tokens::with(
+            providers,
+            &config.oauth,
+            &config.protocols(),
+            ca_file,
+            state,
+        )
     }
 
-    /// [`Tokens::new`] with the timings of `oauth` and these `protocols`.
+    /// [`Tokens::new`] with the timings of `oauth`, these `protocols`, and
+    /// the extra roots of `ca_file`.
     pub fn with(
         providers: &[Arc<Provider>],
         oauth: &OAuthConfig,
         protocols: &[Protocol],
+        ca_file: Option<&std::path::Path>,
         state: Arc<State>,
     ) -> Result<Tokens, String> {
         let mut apps = HashMap::new();
@@ -212,7 +221,7 @@ impl Tokens {
         }
         Ok(Tokens {
             apps,
-            http: Http::new()?,
+            http: Http::new(ca_file).map_err(|e| format!("upstream.ca_file: {e}"))?,
             mac_key: state.agreed_key(PASSWORD_MAC_PURPOSE),
             state,
             entries: Mutex::new(HashMap::new()),

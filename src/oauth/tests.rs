@@ -99,6 +99,7 @@ fn tokens_in(url: &str, state: State) -> Tokens {
         &providers(&config),
         &config,
         &[Protocol::Smtp],
+        None,
         Arc::new(state),
     )
     .unwrap();

@@ -693,3 +693,39 @@ fn no_google_secret_reaches_logs_pages_or_metrics() {
         "the log is at trace level and saw the login"
     );
 }
+
+/// `[upstream] ca_file` holds for token endpoints as for mail servers:
+/// the IdP behind HTTPS with the test upstream's private CA is trusted
+/// through it (the system roots alone would refuse it).
+#[test]
+fn a_token_endpoint_behind_tls_is_trusted_through_ca_file() {
+    let dir = upstream().dir();
+    let idp = upstream()
+        .get("IDP_URL")
+        .trim_start_matches("http://")
+        .to_string();
+    let mut child = python("tls_forward.py")
+        .args(["--to", &idp])
+        .args(["--cert", &format!("{dir}/tls/server.crt")])
+        .args(["--key", &format!("{dir}/tls/server.key")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line.trim().strip_prefix("port ").unwrap().to_string();
+    let forward = Fake(child, port.parse().unwrap());
+    let https = upstream().token_url().replace(
+        &format!("http://{idp}"),
+        &format!("https://localhost:{}", forward.1),
+    );
+    assert!(https.starts_with("https://"), "{https}");
+    let cfg = with_token_url(&config(&plain_listeners(&["imap"]), ""), &https);
+    let proxy = Proxy::start(&cfg);
+    let mut c = Raw::connect(proxy.port(0));
+    c.line();
+    let answer = c.imap_login("scanner@example.test", SCANNER_PASSWORD);
+    assert!(answer.starts_with("a OK"), "{answer}\n{}", proxy.logs());
+}

@@ -32,6 +32,7 @@ async fn certificate_credentials_send_an_assertion_not_a_secret() {
         &super::providers(&config),
         &config,
         &[Protocol::Smtp],
+        None,
         Arc::new(State::File(None)),
     )
     .unwrap();
