@@ -150,35 +150,84 @@ pub async fn device_flow(
     refresh_token_of(&response)
 }
 
-/// The authorization-code client for `redirect`, the URL to open, our
-/// `state`, and the PKCE verifier for the code exchange.
-fn authorization(
-    req: &Request<'_>,
-    redirect: &str,
-) -> Result<(CodeClient, String, CsrfToken, PkceCodeVerifier), String> {
-    let p = req.provider;
-    let redirect =
-        RedirectUrl::new(redirect.to_string()).map_err(|e| format!("redirect URI: {e}"))?;
-    let auth_url = AuthUrl::new(p.authorize_url.clone())
-        .map_err(|e| format!("{}.authorize_url: {e}", p.key))?;
-    let client = super::client(p)?
-        .set_auth_uri(auth_url)
-        .set_redirect_uri(redirect);
-    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-    let mut request = client
-        .authorize_url(CsrfToken::new_random)
-        .add_scopes(req.scopes())
-        .add_extra_param("login_hint", req.mailbox)
-        .set_pkce_challenge(challenge);
-    if p.kind == ProviderKind::Google {
-        // Google returns a refresh token only for offline access, and
-        // again on a later consent only when asked to show it again.
-        request = request
-            .add_extra_param("access_type", "offline")
-            .add_extra_param("prompt", "consent");
+/// An authorization-code request under way: the URL the browser opens,
+/// and what redeems the code that comes back (the PKCE verifier never
+/// leaves this process).
+pub struct Authorization {
+    client: CodeClient,
+    /// The URL to open (it carries `state` and the PKCE challenge only).
+    pub url: String,
+    state: CsrfToken,
+    verifier: PkceCodeVerifier,
+    ca_file: Option<std::path::PathBuf>,
+}
+
+/// What a redeemed code gives: the refresh token to store, and the access
+/// token that came with it (to prove whose it is before storing).
+pub struct Granted {
+    pub refresh: SecretString,
+    pub access: SecretString,
+}
+
+impl Authorization {
+    /// Start one for `req`, the browser to come back to `redirect`.
+    pub fn start(req: &Request<'_>, redirect: &str) -> Result<Authorization, String> {
+        let p = req.provider;
+        let redirect =
+            RedirectUrl::new(redirect.to_string()).map_err(|e| format!("redirect URI: {e}"))?;
+        let auth_url = AuthUrl::new(p.authorize_url.clone())
+            .map_err(|e| format!("{}.authorize_url: {e}", p.key))?;
+        let client = super::client(p)?
+            .set_auth_uri(auth_url)
+            .set_redirect_uri(redirect);
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let mut request = client
+            .authorize_url(CsrfToken::new_random)
+            .add_scopes(req.scopes())
+            .add_extra_param("login_hint", req.mailbox)
+            .set_pkce_challenge(challenge);
+        if p.kind == ProviderKind::Google {
+            // Google returns a refresh token only for offline access, and
+            // again on a later consent only when asked to show it again.
+            request = request
+                .add_extra_param("access_type", "offline")
+                .add_extra_param("prompt", "consent");
+        }
+        let (url, state) = request.url();
+        Ok(Authorization {
+            client,
+            url: url.to_string(),
+            state,
+            verifier,
+            ca_file: req.ca_file.map(std::path::Path::to_path_buf),
+        })
     }
-    let (url, state) = request.url();
-    Ok((client, url.to_string(), state, verifier))
+
+    /// The `state` the answer must carry.
+    pub fn state(&self) -> &str {
+        self.state.secret()
+    }
+
+    /// What an address the browser was sent to says to this request.
+    pub fn answer(&self, url: &oauth2::url::Url) -> Answer {
+        redirect_answer(url, self.state())
+    }
+
+    /// Redeem `code` (once: the verifier goes with it).
+    pub async fn redeem(self, code: String) -> Result<Granted, String> {
+        let http = Http::new(self.ca_file.as_deref())?;
+        let response = self
+            .client
+            .exchange_code(AuthorizationCode::new(code))
+            .set_pkce_verifier(self.verifier)
+            .request_async(&http)
+            .await
+            .map_err(|e| format!("code exchange failed: {}", classify(e)))?;
+        Ok(Granted {
+            refresh: refresh_token_of(&response)?,
+            access: SecretString::from(response.access_token().secret().to_string()),
+        })
+    }
 }
 
 type CodeClient = oauth2::basic::BasicClient<
@@ -188,23 +237,6 @@ type CodeClient = oauth2::basic::BasicClient<
     oauth2::EndpointNotSet,
     oauth2::EndpointSet,
 >;
-
-/// Redeem `code` with the PKCE `verifier`: the refresh token.
-async fn exchange(
-    req: &Request<'_>,
-    client: &CodeClient,
-    code: String,
-    verifier: PkceCodeVerifier,
-) -> Result<SecretString, String> {
-    let http = Http::new(req.ca_file)?;
-    let response = client
-        .exchange_code(AuthorizationCode::new(code))
-        .set_pkce_verifier(verifier)
-        .request_async(&http)
-        .await
-        .map_err(|e| format!("code exchange failed: {}", classify(e)))?;
-    refresh_token_of(&response)
-}
 
 /// Authorization code with PKCE on a loopback redirect. Instructions go to
 /// `out`; `port` 0 picks a free port.
@@ -223,17 +255,18 @@ pub async fn browser_flow(
         _ => "localhost",
     };
     let back = format!("http://{host}:{port}/");
-    let (client, url, state, verifier) = authorization(req, &back)?;
+    let auth = Authorization::start(req, &back)?;
+    let url = &auth.url;
     let _ = writeln!(
         out,
         "To let oxbridge use {} for {}, open this URL in a browser and sign in as {}:\n\n    {url}\n\nThe browser is sent back to {back} (over SSH: ssh -L {port}:127.0.0.1:{port} this-host). Waiting...",
         req.mailbox, req.account, req.mailbox
     );
     let _ = out.flush();
-    let code = tokio::time::timeout(BROWSER_TIMEOUT, wait_for_code(&listener, state.secret()))
+    let code = tokio::time::timeout(BROWSER_TIMEOUT, wait_for_code(&listener, auth.state()))
         .await
         .map_err(|_| format!("no redirect within {} s", BROWSER_TIMEOUT.as_secs()))??;
-    exchange(req, &client, code, verifier).await
+    Ok(auth.redeem(code).await?.refresh)
 }
 
 /// Authorization code with PKCE, the redirect pasted back: the URL is
@@ -245,7 +278,8 @@ pub async fn paste_flow(
     input: &mut (dyn BufRead + Send),
     out: &mut (dyn Write + Send),
 ) -> Result<SecretString, String> {
-    let (client, url, state, verifier) = authorization(req, redirect)?;
+    let auth = Authorization::start(req, redirect)?;
+    let url = &auth.url;
     let _ = writeln!(
         out,
         "To let oxbridge use {} for {}, open this URL in any browser and sign in as {}:\n\n    {url}\n\nThe browser then ends on a page under {redirect} (it may show an error or stay blank: that is expected). Copy the whole address from the address bar and paste it here:",
@@ -261,10 +295,10 @@ pub async fn paste_flow(
             continue;
         }
         let answer = oauth2::url::Url::parse(line)
-            .map(|u| redirect_answer(&u, state.secret()))
+            .map(|u| auth.answer(&u))
             .unwrap_or(Answer::NotOurs("that is not an address"));
         match answer {
-            Answer::Code(code) => return exchange(req, &client, code, verifier).await,
+            Answer::Code(code) => return Ok(auth.redeem(code).await?.refresh),
             Answer::Refused(why) => return Err(why),
             Answer::NotOurs(why) => {
                 let _ = writeln!(
@@ -298,7 +332,7 @@ fn read_bounded_line(input: &mut (dyn BufRead + Send)) -> Result<Option<String>,
 }
 
 /// What a redirect says to the request with `state`.
-enum Answer {
+pub enum Answer {
     Code(String),
     /// The provider's `error` (consent declined, policy): the flow ends.
     Refused(String),
