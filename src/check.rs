@@ -64,61 +64,71 @@ pub async fn run(config: Config, out: &mut impl Write) -> Result<bool, String> {
     let app = App::new(config).map_err(|e| e.to_string())?;
     let mut all_ok = true;
     for account in &app.config.accounts {
-        let login = &account.login;
-        if account.grant == Grant::Password || login.starts_with("*@") {
-            let why = if account.grant == Grant::Password {
-                "grant = \"password\" needs a user's password; a device's login tests it"
-            } else {
-                "a *@domain pattern; a device's login tests it"
-            };
-            writeln!(out, "{login}: SKIPPED ({why})").map_err(|e| e.to_string())?;
-            continue;
-        }
-        if account.grant == Grant::RefreshToken {
-            let line = match app.tokens.times(login).await {
-                Ok(times) => times_line(login, &times, crate::state::unix_ms() / 1000),
-                Err(e) => format!("{login}: token times unknown: {e}"),
-            };
-            writeln!(out, "{line}").map_err(|e| e.to_string())?;
-        }
-        for &protocol in &protocols {
-            if !account.allows(protocol) {
-                writeln!(
-                    out,
-                    "{login} {protocol}: SKIPPED (not in the account's protocols)"
-                )
-                .map_err(|e| e.to_string())?;
-                continue;
-            }
-            let started = Instant::now();
-            let result = match app.accounts().identity(login) {
-                // Graph has no call that proves Mail.Send without sending:
-                // the token is what can be checked.
-                Ok(id) if protocol == Protocol::Smtp && id.graph => {
-                    app.tokens.graph(&id).await.map(|_| {
-                        format!(
-                            "{}, Microsoft Graph token; Mail.Send shows with the first message",
-                            id.mailbox
-                        )
-                    })
-                }
-                Ok(id) => login::check_login(&app, protocol, &id).await,
-                Err(e) => Err(e),
-            };
-            let line = match &result {
-                Ok(mailbox) => format!(
-                    "{login} {protocol}: OK (mailbox {mailbox}, {} ms)",
-                    started.elapsed().as_millis()
-                ),
-                Err(e) => {
-                    all_ok = false;
-                    failure_line(login, protocol.as_str(), e)
-                }
-            };
+        let (lines, ok) = account_lines(&app, &account.login, account.grant).await;
+        all_ok &= ok;
+        for line in lines {
             writeln!(out, "{line}").map_err(|e| e.to_string())?;
         }
     }
     Ok(all_ok)
+}
+
+/// What `oxbridge check` prints for one account (`login`, of `grant`),
+/// and whether it all worked: the status page's "Check now" shows the
+/// same lines.
+pub async fn account_lines(app: &App, login: &str, grant: Grant) -> (Vec<String>, bool) {
+    let mut lines = Vec::new();
+    if grant == Grant::Password || login.starts_with("*@") {
+        let why = if grant == Grant::Password {
+            "grant = \"password\" needs a user's password; a device's login tests it"
+        } else {
+            "a *@domain pattern; a device's login tests it"
+        };
+        lines.push(format!("{login}: SKIPPED ({why})"));
+        return (lines, true);
+    }
+    if grant == Grant::RefreshToken {
+        lines.push(match app.tokens.times(login).await {
+            Ok(times) => times_line(login, &times, crate::state::unix_ms() / 1000),
+            Err(e) => format!("{login}: token times unknown: {e}"),
+        });
+    }
+    let mut all_ok = true;
+    let accounts = app.accounts();
+    for protocol in app.config.protocols() {
+        if accounts.protocol_refusal(login, protocol).is_some() {
+            lines.push(format!(
+                "{login} {protocol}: SKIPPED (not in the account's protocols)"
+            ));
+            continue;
+        }
+        let started = Instant::now();
+        let result = match accounts.identity(login) {
+            // Graph has no call that proves Mail.Send without sending:
+            // the token is what can be checked.
+            Ok(id) if protocol == Protocol::Smtp && id.graph => {
+                app.tokens.graph(&id).await.map(|_| {
+                    format!(
+                        "{}, Microsoft Graph token; Mail.Send shows with the first message",
+                        id.mailbox
+                    )
+                })
+            }
+            Ok(id) => login::check_login(app, protocol, &id).await,
+            Err(e) => Err(e),
+        };
+        lines.push(match &result {
+            Ok(mailbox) => format!(
+                "{login} {protocol}: OK (mailbox {mailbox}, {} ms)",
+                started.elapsed().as_millis()
+            ),
+            Err(e) => {
+                all_ok = false;
+                failure_line(login, protocol.as_str(), e)
+            }
+        });
+    }
+    (lines, all_ok)
 }
 
 fn failure_line(login: &str, protocol: &str, e: &AuthError) -> String {
