@@ -32,15 +32,18 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
-use axum::middleware::{self, Next};
-use base64::Engine as _;
-use secrecy::{ExposeSecret, SecretString};
-use sha2::{Digest, Sha256};
+use axum::middleware;
 
 use crate::app::App;
 use crate::config::StoreBackend;
 use crate::status::{self, Bound};
 use crate::{autodiscover, health, metrics};
+
+mod actions;
+mod consent;
+mod guard;
+
+use guard::{authorized, digest, Forgery};
 
 /// A token endpoint fact older than this is renewed, in the background,
 /// when someone looks (`/healthz`, the status page, `/metrics`), so that
@@ -70,12 +73,20 @@ struct Admin {
     token: Option<[u8; 32]>,
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
+    /// The anti-forgery tokens of the status page's forms.
+    forgery: Arc<Forgery>,
+    /// Consents started from the status page.
+    consents: Arc<consent::Consents>,
+    /// The status page's `Content-Security-Policy`: its forms may go to
+    /// this endpoint, and Connect on to the providers' sign-in pages.
+    page_policy: Arc<String>,
 }
 
 fn router(admin: Admin) -> Router {
     let guarded = Router::new()
         .route("/", get(status_page))
         .route("/metrics", get(render_metrics))
+        .merge(actions::routes())
         .route_layer(middleware::from_fn_with_state(admin.clone(), authorized));
     Router::new()
         .merge(guarded)
@@ -103,7 +114,11 @@ pub async fn serve(
         .as_ref()
         .and_then(|a| a.token.as_ref())
         .map(digest);
+    let page_policy = Arc::new(page_policy(&app));
     let admin = Admin {
+        forgery: Arc::new(Forgery::new()),
+        consents: Arc::default(),
+        page_policy,
         app,
         endpoints: Arc::new(endpoints),
         listeners: Arc::new(listeners),
@@ -115,61 +130,6 @@ pub async fn serve(
     if let Err(e) = axum::serve(socket, router(admin)).await {
         error!(error = %e, "admin endpoint failed");
     }
-}
-
-fn digest(token: &SecretString) -> [u8; 32] {
-    Sha256::digest(token.expose_secret().as_bytes()).into()
-}
-
-/// The token a request carries: `Authorization: Bearer T`, or HTTP Basic
-/// with T as the password (any user name).
-fn presented(headers: &HeaderMap) -> Option<SecretString> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, rest) = value.trim().split_once(' ')?;
-    let rest = rest.trim();
-    if scheme.eq_ignore_ascii_case("bearer") {
-        return Some(SecretString::from(rest.to_string()));
-    }
-    if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(rest)
-            .ok()?;
-        let pair = String::from_utf8(decoded).ok()?;
-        let (_, password) = pair.split_once(':')?;
-        return Some(SecretString::from(password.to_string()));
-    }
-    None
-}
-
-/// The status page and the metrics answer only the configured token.
-async fn authorized(
-    State(admin): State<Admin>,
-    request: axum::extract::Request,
-    next: Next,
-) -> Response {
-    let Some(expected) = admin.token else {
-        return next.run(request).await;
-    };
-    if presented(request.headers()).is_some_and(|t| digest(&t) == expected) {
-        return next.run(request).await;
-    }
-    debug!(path = %request.uri().path(), "admin request without the right token");
-    let mut refusal = (
-        StatusCode::UNAUTHORIZED,
-        "401 the admin token is required (Authorization: Bearer, or the password of HTTP Basic)\n",
-    )
-        .into_response();
-    // Basic first and on a line of its own: that is the one browsers parse.
-    for challenge in [
-        "Basic realm=\"oxbridge\", charset=\"UTF-8\"",
-        "Bearer realm=\"oxbridge\"",
-    ] {
-        refusal.headers_mut().append(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static(challenge),
-        );
-    }
-    refusal
 }
 
 /// Why this replica cannot take devices, if it cannot: shutting down,
@@ -268,9 +228,23 @@ async fn healthz(State(admin): State<Admin>) -> Response {
 }
 
 /// Headers of the status page: nothing loads from elsewhere, nothing is
-/// kept by caches or shown in a frame.
-const PAGE_POLICY: &str =
-    "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+/// kept by caches or shown in a frame; its forms go to this endpoint and,
+/// through Connect's redirect, to the providers' sign-in pages.
+fn page_policy(app: &App) -> String {
+    let mut origins: Vec<String> = app
+        .providers
+        .iter()
+        .filter_map(|p| oauth2::url::Url::parse(&p.authorize_url).ok())
+        .map(|u| u.origin().ascii_serialization())
+        .filter(|o| o != "null")
+        .collect();
+    origins.sort();
+    origins.dedup();
+    format!(
+        "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'self' {}",
+        origins.join(" ")
+    )
+}
 
 async fn status_page(State(admin): State<Admin>) -> Response {
     let facts = facts(&admin);
@@ -281,11 +255,13 @@ async fn status_page(State(admin): State<Admin>) -> Response {
     );
     let mut view = status::gather(&admin.app, &admin.listeners, admin.started, not_ready).await;
     view.health = health::problems(&facts);
+    // Forms only where an admin token guards them.
+    view.form_token = admin.token.map(|_| admin.forgery.issue(view.now));
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CACHE_CONTROL, "no-store"),
-            (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+            (header::CONTENT_SECURITY_POLICY, admin.page_policy.as_str()),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
             (header::REFERRER_POLICY, "no-referrer"),
         ],
@@ -418,41 +394,9 @@ pub fn probe_health(address: SocketAddr) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{digest, host_name, presented, readiness};
+    use super::{host_name, readiness};
     use crate::config::Protocol;
     use crate::health::{noted, Facts, Store};
-    use axum::http::{header, HeaderMap, HeaderValue};
-    use secrecy::{ExposeSecret, SecretString};
-
-    fn with_auth(value: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
-        h
-    }
-
-    #[test]
-    fn the_token_comes_as_bearer_or_as_the_basic_password() {
-        let token = |h: &HeaderMap| presented(h).map(|t| t.expose_secret().to_string());
-        assert_eq!(
-            token(&with_auth("Bearer 0123456789abcdef")).as_deref(),
-            Some("0123456789abcdef")
-        );
-        assert_eq!(
-            token(&with_auth("bearer  0123456789abcdef ")).as_deref(),
-            Some("0123456789abcdef")
-        );
-        // "admin:0123456789abcdef"
-        assert_eq!(
-            token(&with_auth("Basic YWRtaW46MDEyMzQ1Njc4OWFiY2RlZg==")).as_deref(),
-            Some("0123456789abcdef")
-        );
-        assert_eq!(token(&with_auth("Basic !!!")), None);
-        assert_eq!(token(&with_auth("Digest x")), None);
-        assert_eq!(token(&HeaderMap::new()), None);
-        let right = SecretString::from("0123456789abcdef".to_string());
-        let wrong = SecretString::from("0123456789abcdeF".to_string());
-        assert_ne!(digest(&right), digest(&wrong));
-    }
 
     #[test]
     fn host_header_forms() {

@@ -15,6 +15,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use secrecy::SecretString;
 use tracing::{info, warn};
 
 use crate::accounts::Identity;
@@ -311,6 +312,23 @@ pub async fn check_login(
     let mut upstream = upstream_login(app, protocol, id, "oxbridge-check").await?;
     Dialer::check_and_leave(protocol, &mut upstream.conn, &id.mailbox).await?;
     Ok(id.mailbox.to_string())
+}
+
+/// Whether `token` opens `id`'s mailbox: an XOAUTH2 login with it over
+/// `protocol`, then the connection is closed (a new consent is proven so
+/// before it is stored). One short login, without a mailbox slot.
+pub async fn prove_token(
+    app: &App,
+    protocol: Protocol,
+    id: &Identity,
+    token: &SecretString,
+) -> Result<(), AuthError> {
+    let (mut conn, offered) = app
+        .dialer
+        .dial(&id.provider, protocol, "oxbridge-consent")
+        .await?;
+    Dialer::xoauth2(protocol, &mut conn, &id.mailbox, token, &offered).await?;
+    Dialer::check_and_leave(protocol, &mut conn, &id.mailbox).await
 }
 
 /// A new upstream connection for the session of `id`, which keeps the

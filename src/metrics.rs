@@ -30,6 +30,7 @@ pub const BYTES: &str = "oxbridge_relayed_bytes_total";
 pub const RELOADS: &str = "oxbridge_config_reloads_total";
 pub const PASSWORD_VERIFICATIONS: &str = "oxbridge_password_verifications_total";
 pub const REDIS_ERRORS: &str = "oxbridge_redis_errors_total";
+pub const ADMIN_ACTIONS: &str = "oxbridge_admin_actions_total";
 pub const IMAP_SWAPS: &str = "oxbridge_imap_swaps_total";
 pub const IMAP_SWAP_SECONDS: &str = "oxbridge_imap_swap_duration_seconds";
 pub const IMAP_SWAP_REFUSALS: &str = "oxbridge_imap_swap_refusals_total";
@@ -84,6 +85,10 @@ fn describe() {
     describe_counter!(
         REDIS_ERRORS,
         "Operations that fell back to this replica alone because Redis failed, by what"
+    );
+    describe_counter!(
+        ADMIN_ACTIONS,
+        "Actions taken from the status page (connect, consent, check, retry, drop), by action and result"
     );
     describe_gauge!(SESSIONS_ACTIVE, "Device sessions open now, by protocol");
     describe_counter!(
@@ -418,6 +423,12 @@ pub fn mailbox_full(protocol: Protocol, mailbox: &str, outcome: &'static str) {
 
 pub fn throttled(kind: &'static str) {
     counter!(THROTTLED, "kind" => kind).increment(1);
+}
+
+/// An action from the status page and how it ended (`ok`, `failed`,
+/// `refused`: no anti-forgery token, an unknown state).
+pub fn admin_action(action: &'static str, result: &'static str) {
+    counter!(ADMIN_ACTIONS, "action" => action, "result" => result).increment(1);
 }
 
 /// Redis failed and `what` (token, limits, throttle) fell back to this

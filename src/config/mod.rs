@@ -125,9 +125,23 @@ pub struct AdminConfig {
     /// A file holding the bearer token that `/` and `/metrics` require;
     /// needed when `listen` is not a loopback address.
     pub token_file: Option<PathBuf>,
+    /// Where a browser reaches this endpoint (`https://host:9090`): the
+    /// status page's consent sends the browser back to
+    /// `{public_url}/consent/callback`. Unset: the page asks for the
+    /// address the browser ended on, as `oxbridge login --paste` does.
+    pub public_url: Option<String>,
     /// Read from `token_file` by [`Config::load`].
     #[serde(skip)]
     pub token: Option<SecretString>,
+}
+
+impl AdminConfig {
+    /// The redirect URI of the status page's consent, with `public_url`.
+    pub fn consent_callback(&self) -> Option<String> {
+        self.public_url
+            .as_ref()
+            .map(|u| format!("{}/consent/callback", u.trim_end_matches('/')))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -43,13 +43,30 @@ pub fn validate(c: &Config) -> Result<(), String> {
 
 /// `[admin]`: off loopback, the status page and the metrics need a token.
 fn admin(a: Option<&AdminConfig>) -> Result<(), String> {
-    match a {
-        Some(a) if !a.listen.ip().is_loopback() && a.token_file.is_none() => Err(format!(
+    let Some(a) = a else { return Ok(()) };
+    if !a.listen.ip().is_loopback() && a.token_file.is_none() {
+        return Err(format!(
             "admin.token_file: required when admin.listen ({}) is not a loopback address: the status page and /metrics name accounts and mailboxes",
             a.listen
-        )),
-        _ => Ok(()),
+        ));
     }
+    if let Some(url) = &a.public_url {
+        let plain = url.strip_prefix("https://").or(url.strip_prefix("http://"));
+        match plain {
+            Some(rest) if !rest.is_empty() && !rest.contains(['?', '#', ' ']) => {}
+            _ => {
+                return Err(format!(
+                    "admin.public_url: {url:?} must be an http:// or https:// address without a query, like \"https://oxbridge.example.org:9090\""
+                ))
+            }
+        }
+        if a.token_file.is_none() {
+            return Err(
+                "admin.public_url: the status page's actions need admin.token_file (an admin token, also on loopback)".into(),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `[oauth]`: a client id, at most one inline secret source, usable URLs,

@@ -421,6 +421,16 @@ impl Tokens {
         }
     }
 
+    /// Forget whatever token is cached for `id` (a new consent was just
+    /// stored: the next login exchanges the new refresh token).
+    pub async fn forget(&self, id: &Identity) {
+        let key = Self::key(id);
+        let entry = self.entry(&key);
+        *entry.lock().await = None;
+        drop(entry);
+        self.forget_if_empty(&key);
+    }
+
     /// Forget a cached token the server refused, so the next login fetches
     /// a new one. A token already replaced by another login is left alone.
     pub async fn invalidate(&self, id: &Identity, token: &SecretString) {

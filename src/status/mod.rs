@@ -7,6 +7,8 @@
 //! [`board`] records the events the page shows as they happen.
 
 pub mod board;
+mod forms;
+pub mod notice;
 pub mod page;
 
 use std::sync::Arc;
@@ -114,6 +116,7 @@ pub async fn gather(
         spool,
         refusals: board::refusals(),
         devices: board::devices(),
+        form_token: None,
     }
 }
 

@@ -6,6 +6,7 @@
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 
 use super::board::{DeviceEntry, Failure, Logins, RefusalEntry};
+use super::forms;
 use crate::limits::MailboxUse;
 
 /// The page reloads itself this often.
@@ -38,6 +39,9 @@ pub struct View {
     pub refusals: Vec<RefusalEntry>,
     /// Devices heard from lately, the most recent first.
     pub devices: Vec<DeviceEntry>,
+    /// The anti-forgery token of this page's forms; `None`: no actions
+    /// (they need an admin token).
+    pub form_token: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -214,7 +218,7 @@ th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #ddd;vertical
 th{background:#f0f0f0;font-weight:600;white-space:nowrap}td.num{text-align:right;white-space:nowrap}\
 .ok{color:#176f2c}.warn{color:#8a5a00}.bad{color:#b00020;font-weight:600}.unknown{color:#555}\
 .pill{display:inline-block;padding:.05rem .45rem;border-radius:.6rem;font-size:.8rem;border:1px solid currentColor}\
-.fix{color:#333;font-size:.85rem}code{font-size:.85rem;word-break:break-all}p.none{color:#555;margin:.2rem 0}\
+.fix{color:#333;font-size:.85rem}form.act{display:inline-block;margin:0 .3rem .2rem 0}code{font-size:.85rem;word-break:break-all}p.none{color:#555;margin:.2rem 0}\
 @media (max-width:40rem){thead{display:none}table,tbody,tr,td{display:block}table{background:none}\
 tr{background:#fff;border:1px solid #ddd;border-radius:.3rem;margin:0 0 .6rem}\
 td,td.num{border-bottom:1px solid #eee;text-align:left;white-space:normal}\
@@ -249,7 +253,7 @@ pub fn render(v: &View) -> String {
                 (failures(v))
                 (refusals(v))
                 (devices(v))
-                @if let Some(spool) = &v.spool { (queue(spool)) }
+                @if let Some(spool) = &v.spool { (queue(spool, v.form_token.as_deref())) }
             }
         }
     };
@@ -307,6 +311,7 @@ fn accounts(v: &View) -> Markup {
                 thead { tr {
                     th { "login" } th { "grant" } th { "mailbox" } th { "access token" }
                     th { "refresh token" } th { "device logins" } th { "upstream sessions" }
+                    @if v.form_token.is_some() { th { "actions" } }
                 } }
                 tbody {
                     @for a in &v.accounts {
@@ -329,6 +334,9 @@ fn accounts(v: &View) -> Markup {
                                     @let full = sessions >= limit;
                                     span class=(if full { "pill bad" } else { "pill" }) { (protocol) " " (sessions) "/" (limit) } " "
                                 }
+                            }
+                            @if let Some(t) = &v.form_token {
+                                td data-label="actions" { (forms::account(t, &a.login, a.token.refresh_token, a.token.refresh_issued.is_some())) }
                             }
                         }
                     }
@@ -453,7 +461,7 @@ fn devices(v: &View) -> Markup {
     }
 }
 
-fn queue(s: &SpoolView) -> Markup {
+fn queue(s: &SpoolView, form_token: Option<&str>) -> Markup {
     html! {
         h2 id="queue" { "SMTP queue" }
         p.meta {
@@ -465,12 +473,13 @@ fn queue(s: &SpoolView) -> Markup {
         }
         @if !s.rows.is_empty() {
             div.wrap { table {
-                thead { tr { th { "id" } th { "age" } th { "from" } th { "to" } th { "tries" } th { "last error" } } }
+                thead { tr { th { "id" } th { "age" } th { "from" } th { "to" } th { "tries" } th { "last error" } @if form_token.is_some() { th { "actions" } } } }
                 tbody {
                     @for r in &s.rows {
                         tr {
                             td data-label="id" { code { (r.id) } } td.num data-label="age" { (span(r.age)) } td data-label="from" { (r.from) } td data-label="to" { (r.to) }
                             td.num data-label="tries" { (r.attempts) } td data-label="last error" { (r.last_error) }
+                            @if let Some(t) = form_token { td data-label="actions" { (forms::message(t, &r.id)) } }
                         }
                     }
                 }

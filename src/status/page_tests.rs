@@ -94,6 +94,7 @@ fn view() -> View {
                 Some("grant SendAs"),
             )),
         }],
+        form_token: None,
     }
 }
 
