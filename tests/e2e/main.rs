@@ -37,6 +37,7 @@ mod ready;
 mod redis;
 mod refusals;
 mod regression;
+mod repair;
 mod rewrite_sender;
 mod secrets;
 mod session_logins;

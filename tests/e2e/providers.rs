@@ -428,7 +428,7 @@ fn idp_post(path: &str, body: &serde_json::Value) -> serde_json::Value {
 /// `oxbridge login ACCOUNT --paste`, with curl as the browser: the printed
 /// URL is opened, the address it redirects to is pasted back. Returns the
 /// command's output.
-fn paste_consent(cfg_path: &Path, login: &str, url_has: &str) -> Output {
+pub(crate) fn paste_consent(cfg_path: &Path, login: &str, url_has: &str) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_oxbridge"))
         .args(["login", login, "--paste", "--config"])
         .arg(cfg_path)

@@ -441,7 +441,9 @@ class Google:
         if access not in ("online", "offline"):
             return self.page(h, 400, "invalid_request", "Invalid access_type: %s" % access)
         hint = (prm.get("login_hint") or "").lower()
-        user = c.CONFIG["consent_as"].lower() or (hint if hint in c.USERS else sorted(c.USERS)[0])
+        # who consents: the client's own consent_as, else the knob, else the hint
+        forced = (client.get("consent_as") or c.CONFIG["consent_as"]).lower()
+        user = forced or (hint if hint in c.USERS else sorted(c.USERS)[0])
         h.note += " user=%s" % user
         if c.CONFIG["authorize_deny"]:
             h.note += " error=access_denied"
@@ -535,13 +537,17 @@ class Google:
                 gone = CLIENTS.pop(cid, None)
             return h.reply(200 if gone else 404, {"deleted": bool(gone), "client_id": cid})
         secret, uris = prm.get("client_secret"), prm.get("redirect_uris")
+        consent_as = (prm.get("consent_as") or "").lower()
+        if consent_as and consent_as not in self.core.USERS:
+            return h.reply(400, {"error": "consent_as must be a known user"})
         if secret is not None and (not isinstance(secret, str) or not secret):
             return h.reply(400, {"error": "client_secret must be a non-empty string, or null (public client)"})
         if uris is not None and (not isinstance(uris, list) or not all(isinstance(u, str) for u in uris)):
             return h.reply(400, {"error": "redirect_uris must be a list of strings"})
         with self.core.LOCK:
-            CLIENTS[cid] = {"secret": secret, "redirect_uris": uris}
-        h.reply(200, {"client_id": cid, "public": secret is None, "redirect_uris": uris})
+            CLIENTS[cid] = {"secret": secret, "redirect_uris": uris, "consent_as": consent_as}
+        h.reply(200, {"client_id": cid, "public": secret is None, "redirect_uris": uris,
+                      "consent_as": consent_as})
 
     def admin_revoke(self, h, prm):
         """Google refresh and access tokens of a user (and what it consented to: the next

@@ -23,7 +23,9 @@ pub fn npm_clients() {
     static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     DONE.get_or_init(|| {
         let dir = repo().join("tests/clients");
-        if dir.join("node_modules/imapflow").is_dir() {
+        if dir.join("node_modules/imapflow").is_dir()
+            && dir.join("node_modules/puppeteer-core").is_dir()
+        {
             return;
         }
         let out = Command::new("npm")
