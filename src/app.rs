@@ -128,6 +128,9 @@ impl App {
         if needs_store && !self.tokens.has_store() {
             return Err("the first refresh_token account needs a restart (the token store is opened at start)".into());
         }
+        if format!("{:?}", self.config.providers) != format!("{:?}", new.providers) {
+            return Err("[[provider]] changed: providers are read at start, restart to apply it (nothing was reloaded)".into());
+        }
         Accounts::unknown_provider(&new.accounts, &self.providers)?;
         let ignored = self.config.restart_only_changes(&new);
         self.accounts.store(Arc::new(Accounts::new(

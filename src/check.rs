@@ -88,8 +88,20 @@ pub async fn account_lines(app: &App, login: &str, grant: Grant) -> (Vec<String>
         return (lines, true);
     }
     if grant == Grant::RefreshToken {
-        lines.push(match app.tokens.times(login).await {
-            Ok(times) => times_line(login, &times, crate::state::unix_ms() / 1000),
+        let provider = app.accounts().provider_of(login);
+        let provider = provider.as_deref().unwrap_or(&app.providers[0]);
+        lines.push(match app.tokens.times(provider, login).await {
+            Ok(times) => {
+                // An unrotated refresh token (Google's) is kept alive by its use.
+                let times = match provider.kind.rotates_refresh_tokens() {
+                    true => times,
+                    false => TokenHealth {
+                        issued: times.issued.max(times.refreshed),
+                        ..times
+                    },
+                };
+                times_line(login, &times, crate::state::unix_ms() / 1000)
+            }
             Err(e) => format!("{login}: token times unknown: {e}"),
         });
     }

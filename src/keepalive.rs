@@ -35,11 +35,16 @@ pub async fn keep_refresh_tokens_alive(app: Arc<App>, stop: CancellationToken) {
     let tick = (period / 10).clamp(Duration::from_millis(100), KEEPALIVE_TICK);
     let first = KEEPALIVE_FIRST.min(period);
     let mut due: std::collections::HashMap<String, Instant> = Default::default();
-    for login in app.accounts().refresh_token_logins() {
-        if let Ok(times) = app.tokens.times(&login).await {
+    let accounts = app.accounts();
+    for login in accounts.refresh_token_logins() {
+        let Some(provider) = accounts.provider_of(&login) else {
+            continue;
+        };
+        if let Ok(times) = app.tokens.times(&provider, &login).await {
             crate::metrics::token_times(&login, &times);
         }
     }
+    drop(accounts);
     loop {
         let now = Instant::now();
         for login in app.accounts().refresh_token_logins() {

@@ -392,10 +392,12 @@ fn login(path: PathBuf, account: &str, flow: Flow) -> ExitCode {
             Flow::DeviceCode => consent::device_flow(&request, &mut out).await,
         }?;
         state
-            .save_refresh(&entry.login, &token)
+            .save_refresh(&provider.store_key(&entry.login), &token)
             .await
             .map_err(|e| e.to_string())?;
-        state.note(&entry.login, Event::Consented).await;
+        state
+            .note(&provider.store_key(&entry.login), Event::Consented)
+            .await;
         Ok::<(), String>(())
     });
     match result {

@@ -461,8 +461,9 @@ pub fn token_times(account: &str, times: &crate::state::TokenHealth) {
 }
 
 /// The app's (`client_credentials`) new access token expires at this Unix second.
-pub fn app_token_expiry(at: u64) {
-    gauge!(ACCESS_EXPIRY, "account" => "app").set(at as f64);
+/// When the app-only token of `key` (`app`, or `app:PROVIDER`) expires.
+pub fn app_token_expiry(key: &str, at: u64) {
+    gauge!(ACCESS_EXPIRY, "account" => key.to_string()).set(at as f64);
 }
 
 pub fn upstream_connected(protocol: Protocol, elapsed: Duration) {

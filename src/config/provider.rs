@@ -148,6 +148,11 @@ impl ServiceAccountKey {
         if !key.client_email.contains('@') {
             return Err("its client_email is not an address".into());
         }
+        if let Some(uri) = &key.token_uri {
+            if !(uri.starts_with("https://") || uri.starts_with("http://")) {
+                return Err(format!("its token_uri {uri:?} is not an http(s) URL"));
+            }
+        }
         Ok(key)
     }
 }
@@ -232,10 +237,15 @@ impl Provider {
                 GOOGLE_HOSTS.map(String::from),
             ),
         };
+        // {tenant} means something for Microsoft's own tenants only.
         let fill = |url: &Option<String>, default: String| {
-            url.clone()
-                .unwrap_or(default)
-                .replace("{tenant}", p.tenant.as_deref().unwrap_or(DEFAULT_TENANT))
+            let url = url.clone().unwrap_or(default);
+            match p.kind {
+                ProviderKind::Microsoft => {
+                    url.replace("{tenant}", p.tenant.as_deref().unwrap_or(DEFAULT_TENANT))
+                }
+                _ => url,
+            }
         };
         let [smtp, imap, pop3] = hosts;
         Provider {
@@ -307,6 +317,17 @@ impl Provider {
         scopes
     }
 
+    /// Where `account`'s refresh token and token times are kept: the
+    /// account's login for `[oauth]` (as always), `NAME:login` for a
+    /// `[[provider]]`, so that a token consented at one provider is never
+    /// sent to another after the account's `provider` changes.
+    pub fn store_key(&self, account: &str) -> String {
+        match self.is_default() {
+            true => account.to_string(),
+            false => format!("{}:{account}", self.name),
+        }
+    }
+
     /// Microsoft Graph's app-only scope (Microsoft kind only).
     pub fn graph_scope(&self) -> String {
         format!("{}/.default", self.cloud.graph_resource())
@@ -349,7 +370,10 @@ pub fn validate(providers: &[ProviderConfig]) -> Result<(), String> {
     for (i, p) in providers.iter().enumerate() {
         let key = format!("provider[{i}]");
         one(&key, p)?;
-        if let Some(j) = providers[..i].iter().position(|o| o.name == p.name) {
+        if let Some(j) = providers[..i]
+            .iter()
+            .position(|o| o.name.eq_ignore_ascii_case(&p.name))
+        {
             return Err(format!("{key}.name: {:?} is already provider[{j}]", p.name));
         }
     }

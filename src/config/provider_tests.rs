@@ -224,3 +224,36 @@ fn a_service_account_key_is_read_and_never_printed() {
     let err = ServiceAccountKey::parse("{\"private_key\": \"SECRETKEYBYTES\"").unwrap_err();
     assert!(!err.contains("SECRETKEYBYTES"), "{err}");
 }
+
+#[test]
+fn a_providers_accounts_keep_their_tokens_apart() {
+    let c = config(&format!(
+        "[[provider]]\nname = \"g\"\nkind = \"google\"\nclient_id = \"gc\"\nclient_secret = \"s\"\n\
+         token_url = \"http://127.0.0.1:9/{{tenant}}/token\"\n{}",
+        account("b@x.test", "refresh_token", "g"),
+    ))
+    .unwrap();
+    let all = c.providers();
+    // [oauth]'s as always; a provider's under its name, so that a token
+    // consented at one provider is never sent to another.
+    assert_eq!(all[0].store_key("b@x.test"), "b@x.test");
+    assert_eq!(all[1].store_key("b@x.test"), "g:b@x.test");
+    // {tenant} is Microsoft's: left alone elsewhere.
+    assert_eq!(all[1].token_url, "http://127.0.0.1:9/{tenant}/token");
+}
+
+#[test]
+fn names_differing_in_case_and_bad_key_files_are_refused() {
+    let err = config(
+        "[[provider]]\nname = \"Google\"\nkind = \"google\"\nclient_id = \"a\"\n\
+         [[provider]]\nname = \"google\"\nkind = \"google\"\nclient_id = \"b\"\n",
+    )
+    .unwrap_err();
+    assert!(
+        err.starts_with("provider[1].name: \"google\" is already provider[0]"),
+        "{err}"
+    );
+    let text = r#"{"type":"service_account","private_key":"x","client_email":"a@b","token_uri":"file:///etc/passwd"}"#;
+    let err = ServiceAccountKey::parse(text).unwrap_err();
+    assert!(err.contains("is not an http(s) URL"), "{err}");
+}

@@ -172,7 +172,7 @@ impl Tokens {
                     .await
             }
             Grant::RefreshToken => {
-                let refresh = self.stored_refresh_token(&id.account).await?;
+                let refresh = self.stored_refresh_token(p, &id.account).await?;
                 let token = RefreshToken::new(refresh.expose_secret().to_string());
                 stored_refresh = Some(refresh);
                 // Google's refresh tokens need no scope to come back.
@@ -207,10 +207,10 @@ impl Tokens {
                 access_expires,
                 rotated,
             };
-            let times = self.state.note(&id.account, event).await;
+            let times = self.state.note(&p.store_key(&id.account), event).await;
             crate::metrics::token_times(&id.account, &times);
         } else if id.grant == Grant::ClientCredentials && p.kind != ProviderKind::Google {
-            crate::metrics::app_token_expiry(access_expires);
+            crate::metrics::app_token_expiry(&board_key(id, audience), access_expires);
         }
         let now = Instant::now();
         Ok(Cached {
@@ -225,9 +225,10 @@ impl Tokens {
     /// The refresh token of `account` from the state.
     async fn stored_refresh_token(
         &self,
+        provider: &Provider,
         account: &str,
     ) -> Result<SecretString, (AuthError, Option<Duration>)> {
-        match self.state.load_refresh(account).await {
+        match self.state.load_refresh(&provider.store_key(account)).await {
             Ok(Some(t)) => Ok(t),
             Ok(None) => Err((
                 AuthError::TokenRefused(format!(
@@ -259,7 +260,10 @@ impl Tokens {
             return Ok(false);
         }
         self.state
-            .keep_rotated(&id.account, &SecretString::from(new.secret().to_string()))
+            .keep_rotated(
+                &id.provider.store_key(&id.account),
+                &SecretString::from(new.secret().to_string()),
+            )
             .await
             .map(|()| true)
             .map_err(|e| {

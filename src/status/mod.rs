@@ -53,7 +53,7 @@ pub async fn gather(
             ..TokenView::default()
         };
         if a.grant == Grant::RefreshToken {
-            if let Ok(times) = app.tokens.times(&a.login).await {
+            if let Ok(times) = app.tokens.times(&a.provider, &a.login).await {
                 token.refresh_issued = times.issued;
                 token.refreshed = times.refreshed;
                 token.access_expires = token.access_expires.or(times.access_expires);

@@ -467,7 +467,8 @@ pub(crate) fn paste_consent(cfg_path: &Path, login: &str, url_has: &str) -> Outp
     out
 }
 
-/// The refresh token stored for `account` in the config's `state_dir`.
+/// The refresh token stored under `key` in the config's `state_dir` (a
+/// `[[provider]]`'s accounts are kept as `NAME:login`).
 fn stored_refresh(cfg_path: &Path, account: &str) -> Option<String> {
     use secrecy::ExposeSecret;
     let config = oxbridge::config::Config::load(cfg_path).unwrap();
@@ -526,12 +527,13 @@ fn a_google_account_consents_with_paste_and_its_revocation_is_named() {
         "{t}"
     );
     assert!(t.contains("redirect_uri=http%3A%2F%2F127.0.0.1%2F"), "{t}");
-    let consented = stored_refresh(&cfg_path, &login).expect("a stored refresh token");
+    let consented =
+        stored_refresh(&cfg_path, &format!("gmail:{login}")).expect("a stored refresh token");
 
     let proxy = Proxy::start(&cfg);
     send_and_read_back(&proxy, &login, GOOGLE_PASSWORD, BOB, dir.path());
     assert_eq!(
-        stored_refresh(&cfg_path, &login).as_deref(),
+        stored_refresh(&cfg_path, &format!("gmail:{login}")).as_deref(),
         Some(consented.as_str()),
         "Google's refresh tokens are not rotated"
     );
@@ -548,7 +550,7 @@ fn a_google_account_consents_with_paste_and_its_revocation_is_named() {
     );
     // A failure never deletes the stored token.
     assert_eq!(
-        stored_refresh(&cfg_path, &login).as_deref(),
+        stored_refresh(&cfg_path, &format!("gmail:{login}")).as_deref(),
         Some(consented.as_str())
     );
 }
@@ -590,7 +592,7 @@ fn an_outlook_com_account_consents_refreshes_and_keeps_the_rotated_token() {
     let cfg_path = write_config(dir.path(), &cfg);
     let out = oxbridge(&["login", &login], &cfg_path);
     assert!(out.status.success(), "{}", text(&out));
-    let consented = stored_refresh(&cfg_path, &login).expect("stored");
+    let consented = stored_refresh(&cfg_path, &format!("home:{login}")).expect("stored");
 
     let proxy = Proxy::start(&cfg);
     let mut c = Raw::connect(proxy.port(1));
@@ -602,7 +604,7 @@ fn an_outlook_com_account_consents_refreshes_and_keeps_the_rotated_token() {
     );
     c.send("z LOGOUT");
     drop(proxy);
-    let rotated = stored_refresh(&cfg_path, &login).expect("stored");
+    let rotated = stored_refresh(&cfg_path, &format!("home:{login}")).expect("stored");
     assert_ne!(
         rotated, consented,
         "the rotated refresh token was not persisted"
