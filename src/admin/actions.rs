@@ -90,10 +90,11 @@ fn done(
 }
 
 /// Refused before anything was done: 4xx, logged and counted.
-fn refused(action: &'static str, status: StatusCode, why: &str) -> Response {
+fn refused(action: &'static str, subject: &str, status: StatusCode, why: &str) -> Response {
     crate::metrics::admin_action(action, "refused");
     warn!(
         action,
+        subject,
         result = "refused",
         why,
         "status page action refused"
@@ -135,9 +136,11 @@ impl Form {
 /// The refusal, unless actions may run at all (an admin token is
 /// configured) and the form carries a fresh anti-forgery token of ours.
 fn unadmitted(admin: &Admin, action: &'static str, form: &Form) -> Option<Response> {
+    let subject = [form.get("account"), form.get("id")].concat();
     if admin.token.is_none() {
         return Some(refused(
             action,
+            &subject,
             StatusCode::FORBIDDEN,
             "actions need an admin token: set [admin] token_file",
         ));
@@ -148,6 +151,7 @@ fn unadmitted(admin: &Admin, action: &'static str, form: &Form) -> Option<Respon
     {
         return Some(refused(
             action,
+            &subject,
             StatusCode::FORBIDDEN,
             "the form's anti-forgery token is missing, not ours or older than an hour: reload the status page and try again",
         ));
@@ -210,7 +214,7 @@ async fn paste(State(admin): State<Admin>, body: Bytes) -> Response {
             let result = super::consent::finish(&admin.app, started, code).await;
             done("consent", &account, result, Vec::new())
         }
-        Err(why) => refused("consent", StatusCode::BAD_REQUEST, &why),
+        Err(why) => refused("consent", "", StatusCode::BAD_REQUEST, &why),
     }
 }
 
@@ -226,6 +230,7 @@ async fn callback(State(admin): State<Admin>, Query(q): Query<Callback>) -> Resp
     if admin.token.is_none() {
         return refused(
             "consent",
+            "",
             StatusCode::FORBIDDEN,
             "actions need an admin token: set [admin] token_file",
         );
@@ -233,6 +238,7 @@ async fn callback(State(admin): State<Admin>, Query(q): Query<Callback>) -> Resp
     let Some(started) = q.state.as_deref().and_then(|s| admin.consents.take(s)) else {
         return refused(
             "consent",
+            "",
             StatusCode::BAD_REQUEST,
             "this sign-in's state is not one started here, or it was used or is older than 10 minutes: start again with Connect",
         );
@@ -264,7 +270,7 @@ async fn check(State(admin): State<Admin>, body: Bytes) -> Response {
         .into_iter()
         .find(|a| a.login == login.to_lowercase())
     else {
-        return refused("check", StatusCode::BAD_REQUEST, "no such account");
+        return refused("check", login, StatusCode::BAD_REQUEST, "no such account");
     };
     let (lines, ok) = crate::check::account_lines(&admin.app, &summary.login, summary.grant).await;
     let result = match ok {
@@ -286,6 +292,7 @@ async fn queue(State(admin): State<Admin>, body: Bytes) -> Response {
     if admin.app.spool.is_none() || !crate::spool::queue::valid_id(&id) {
         return refused(
             action,
+            &id,
             StatusCode::BAD_REQUEST,
             "no such message in the spool",
         );
@@ -293,7 +300,14 @@ async fn queue(State(admin): State<Admin>, body: Bytes) -> Response {
     let what = match op {
         "retry" => Action::Retry(id.clone()),
         "drop" => Action::Drop(id.clone()),
-        _ => return refused(action, StatusCode::BAD_REQUEST, "op must be retry or drop"),
+        _ => {
+            return refused(
+                action,
+                &id,
+                StatusCode::BAD_REQUEST,
+                "op must be retry or drop",
+            )
+        }
     };
     let app = admin.app.clone();
     let result = tokio::task::spawn_blocking(move || crate::spool::cli::run(&app.config, what))

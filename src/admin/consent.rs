@@ -20,7 +20,6 @@ use sha2::{Digest, Sha256};
 use crate::app::App;
 use crate::config::{Grant, Protocol};
 use crate::oauth::consent::{Answer, Authorization, Request};
-use crate::state::Event;
 
 /// How long a started consent can be finished.
 pub const CONSENT_LIFETIME: Duration = Duration::from_secs(600);
@@ -148,10 +147,18 @@ fn proof_protocol(app: &App, account: &str) -> Option<Protocol> {
 /// then store the refresh token: what happened, in a sentence.
 pub async fn finish(app: &App, started: Started, code: String) -> Result<String, String> {
     let account = started.account.clone();
+    // A reload may have changed the account since the consent started.
     let id = app
         .accounts()
         .identity(&account)
-        .map_err(|e| format!("account {account}: {e}"))?;
+        .ok()
+        .filter(|id| id.grant == Grant::RefreshToken)
+        .ok_or_else(|| {
+            format!("{account} is no longer a refresh_token account; nothing was changed")
+        })?;
+    if !app.tokens.has_store() {
+        return Err("no token store is open (the first refresh_token account needs a restart); nothing was changed".into());
+    }
     let mailbox = id.mailbox.to_string();
     let protocol = proof_protocol(app, &account)
         .ok_or("no listener of a protocol this account may use: the consent cannot be proven")?;
@@ -163,12 +170,7 @@ pub async fn finish(app: &App, started: Started, code: String) -> Result<String,
                 "the new consent does not open {mailbox} ({protocol} login refused: {e}). Was it given as another user? Sign in as {mailbox}. The stored consent is unchanged"
             )
         })?;
-    app.state
-        .save_refresh(&account, &granted.refresh)
-        .await
-        .map_err(|e| format!("cannot store the refresh token: {e}"))?;
-    app.state.note(&account, Event::Consented).await;
-    app.tokens.forget(&id).await;
+    app.tokens.store_consent(&id, &granted.refresh).await?;
     Ok(format!(
         "{account} is connected: the new consent opens {mailbox} (proven by a {protocol} login) and is stored; devices use it from their next login"
     ))

@@ -53,10 +53,13 @@ fn admin(a: Option<&AdminConfig>) -> Result<(), String> {
     if let Some(url) = &a.public_url {
         let plain = url.strip_prefix("https://").or(url.strip_prefix("http://"));
         match plain {
-            Some(rest) if !rest.is_empty() && !rest.contains(['?', '#', ' ']) => {}
+            Some(rest)
+                if !rest.is_empty()
+                    && !rest.contains(['?', '#', ' ', '@'])
+                    && !rest.starts_with('/') => {}
             _ => {
                 return Err(format!(
-                    "admin.public_url: {url:?} must be an http:// or https:// address without a query, like \"https://oxbridge.example.org:9090\""
+                    "admin.public_url: {url:?} must be an http:// or https:// address without a user, query or fragment, like \"https://oxbridge.example.org:9090\""
                 ))
             }
         }

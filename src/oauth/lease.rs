@@ -199,6 +199,58 @@ impl Tokens {
         self.state.put_access(key, &bytes, left(c.refresh_at)).await
     }
 
+    /// Store a new consent's refresh token for `id` while no refresh of
+    /// the old one runs, here (the cache entry's lock) or at another
+    /// replica (the refresh lease, waited for up to [`TOKEN_DEADLINE`]), so
+    /// that a rotation of the old token cannot overwrite the new one; then
+    /// drop every cached access token of the old consent, here and in
+    /// Redis, so that the next login uses the new one.
+    pub async fn store_consent(&self, id: &Identity, refresh: &SecretString) -> Result<(), String> {
+        let key = Self::key(id);
+        let entry = self.entry(&key);
+        let mut cached = entry.lock().await;
+        let deadline = Instant::now() + TOKEN_DEADLINE;
+        let mut pause = POLL_FIRST;
+        let fence = loop {
+            match self.state.lease(&key, LEASE).await {
+                Ok(Some(fence)) => break Some(fence),
+                Ok(None) if Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(POLL_MAX);
+                }
+                Ok(None) => {
+                    return Err(format!(
+                        "another replica's refresh of {} did not finish within {} s; nothing was changed, try again",
+                        id.account,
+                        TOKEN_DEADLINE.as_secs()
+                    ))
+                }
+                // The file store, or Redis down: this process alone.
+                Err(_) => break None,
+            }
+        };
+        let store_key = id.provider.store_key(&id.account);
+        let saved = self
+            .state
+            .save_refresh(&store_key, refresh)
+            .await
+            .map_err(|e| format!("cannot store the refresh token: {e}"));
+        if saved.is_ok() {
+            self.state
+                .note(&store_key, crate::state::Event::Consented)
+                .await;
+            *cached = None;
+            let _ = self.state.delete_access(&key).await;
+        }
+        if let Some(fence) = fence {
+            let _ = self.state.release_lease(&key, &fence).await;
+        }
+        drop(cached);
+        drop(entry);
+        self.forget_if_empty(&key);
+        saved
+    }
+
     /// Forget the replicas' cached token of `key` if it is this very
     /// `token` (another replica may have put a newer one there).
     pub(super) async fn forget_for_replicas(&self, key: &str, token: &SecretString) {

@@ -253,7 +253,7 @@ impl Tokens {
             (Grant::ClientCredentials, _) => shared_app_key(p),
             (Grant::Password, _) if p.is_default() => format!("password:{}", id.login),
             (Grant::Password, _) => format!("password:{}:{}", p.name, id.login),
-            (Grant::RefreshToken, _) => format!("refresh:{}", id.account),
+            (Grant::RefreshToken, _) => format!("refresh:{}", p.store_key(&id.account)),
         }
     }
 
@@ -373,9 +373,15 @@ impl Tokens {
         result
     }
 
-    /// The recorded token times of a `refresh_token` account.
-    pub async fn times(&self, account: &str) -> Result<crate::state::TokenHealth, String> {
-        self.state.health(account).await.map_err(|e| e.to_string())
+    /// The recorded token times of `account`, a `refresh_token` account of
+    /// `provider`.
+    pub async fn times(
+        &self,
+        provider: &Provider,
+        account: &str,
+    ) -> Result<crate::state::TokenHealth, String> {
+        let key = provider.store_key(account);
+        self.state.health(&key).await.map_err(|e| e.to_string())
     }
 
     /// How often refresh tokens are exchanged at the least (zero: never).
@@ -419,16 +425,6 @@ impl Tokens {
                 Err(e)
             }
         }
-    }
-
-    /// Forget whatever token is cached for `id` (a new consent was just
-    /// stored: the next login exchanges the new refresh token).
-    pub async fn forget(&self, id: &Identity) {
-        let key = Self::key(id);
-        let entry = self.entry(&key);
-        *entry.lock().await = None;
-        drop(entry);
-        self.forget_if_empty(&key);
     }
 
     /// Forget a cached token the server refused, so the next login fetches

@@ -240,7 +240,7 @@ fn consenting_as_another_user_is_refused_and_the_old_token_kept() {
     let cfg_path = write_config(dir.path(), &cfg);
     let out = crate::providers::paste_consent(&cfg_path, &account, "/google/auth?");
     assert!(out.status.success(), "{}", text(&out));
-    let before = stored(&cfg_path, &account).unwrap();
+    let before = stored(&cfg_path, &format!("gmail:{account}")).unwrap();
     let proxy = Proxy::start(&cfg);
     assert!(
         imap_login(&proxy, &account).starts_with("a OK"),
@@ -265,7 +265,7 @@ fn consenting_as_another_user_is_refused_and_the_old_token_kept() {
         "{said}"
     );
     assert_eq!(
-        stored(&cfg_path, &account).unwrap(),
+        stored(&cfg_path, &format!("gmail:{account}")).unwrap(),
         before,
         "the old token was replaced"
     );

@@ -212,3 +212,30 @@ fn logins_and_mailboxes_that_are_no_mailbox_are_refused_at_load() {
     let ok = "[[account]]\nlogin = \"printer\"\ngrant = \"password\"\nmailbox = \"scans@example.test\"\n";
     Config::parse(&base(ok)).unwrap();
 }
+
+#[test]
+fn public_url_is_an_address_and_needs_the_admin_token() {
+    let admin = |body: &str| {
+        Config::parse(&format!(
+            "[admin]\nlisten = \"127.0.0.1:9090\"\n{body}\n{}",
+            base("")
+        ))
+    };
+    let token = "token_file = \"/etc/hostname\"\n";
+    assert!(admin(&format!(
+        "{token}public_url = \"https://oxb.example.org:9090/admin/\""
+    ))
+    .is_ok());
+    for bad in [
+        "oxb.example.org",
+        "https://",
+        "https://u:p@oxb.example.org",
+        "https://x/?a=1",
+        "ftp://x",
+    ] {
+        let err = admin(&format!("{token}public_url = \"{bad}\"")).unwrap_err();
+        assert!(err.starts_with("admin.public_url:"), "{bad}: {err}");
+    }
+    let err = admin("public_url = \"http://localhost:9090\"").unwrap_err();
+    assert!(err.contains("need admin.token_file"), "{err}");
+}
