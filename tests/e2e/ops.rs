@@ -3,8 +3,7 @@
 //! JSON log lines, `oxbridge check` against the real upstream and against
 //! a fake that refuses like Exchange Online, and SIGHUP reloads.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use crate::harness::*;
 
@@ -298,38 +297,9 @@ fn check_against_the_real_upstream() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 }
 
-/// A running `tests/clients/fake_exchange.py`; killed on drop.
-struct Fake(std::process::Child, u16);
-
-impl Fake {
-    fn start(protocol: &str, stage: &str, reply: &str) -> Fake {
-        let dir = upstream().dir();
-        let mut child = python("fake_exchange.py")
-            .args(["--protocol", protocol, "--stage", stage, "--reply", reply])
-            .args(["--cert", &format!("{dir}/tls/server.crt")])
-            .args(["--key", &format!("{dir}/tls/server.key")])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line.trim().strip_prefix("port ").unwrap().parse().unwrap();
-        Fake(child, port)
-    }
-
-    /// `cfg` with this fake as the upstream of every protocol.
-    fn upstream_of(&self, cfg: &str) -> String {
-        reroute_all(cfg, &format!("localhost:{}", self.1))
-    }
-}
-
-impl Drop for Fake {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `cfg` with `fake` as the upstream of every protocol.
+fn upstream_of(fake: &Spawned, cfg: &str) -> String {
+    reroute_all(cfg, &format!("localhost:{}", fake.1))
 }
 
 #[test]
@@ -351,8 +321,8 @@ fn check_diagnoses_exchange_refusals() {
         ("smtp", "auth", "501 5.5.127 Authentication unsuccessful, Token will expire soon.", "smtp_token_left_s"),
     ];
     for (protocol, stage, reply, fix) in cases {
-        let fake = Fake::start(protocol, stage, reply);
-        let cfg = fake.upstream_of(&config(&listener(protocol, "none", true), ""));
+        let fake = Spawned::fake_upstream(protocol, stage, reply);
+        let cfg = upstream_of(&fake, &config(&listener(protocol, "none", true), ""));
         let out = oxbridge_check(&cfg);
         let t = text(&out);
         assert_eq!(out.status.code(), Some(1), "{reply}: {t}");
@@ -364,8 +334,11 @@ fn check_diagnoses_exchange_refusals() {
     }
 
     // In service, a device's failed login logs the same fix.
-    let fake = Fake::start("smtp", "auth", "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.");
-    let proxy = Proxy::start(&fake.upstream_of(&config(&listener("smtp", "none", true), "")));
+    let fake = Spawned::fake_upstream("smtp", "auth", "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.");
+    let proxy = Proxy::start(&upstream_of(
+        &fake,
+        &config(&listener("smtp", "none", true), ""),
+    ));
     let mut raw = Raw::connect(proxy.port(0));
     raw.reply();
     assert!(raw

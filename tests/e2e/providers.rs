@@ -339,7 +339,7 @@ fn google_refusals_end_in_a_failure_reply_and_a_named_fix() {
         ("imap", "NO [ALERT] Your account is not enabled for IMAP use. Please visit your Gmail settings page and enable your account for IMAP access. (Failure)", "turn on POP and IMAP access for the"),
         ("pop3", "-ERR [SYS/PERM] Your account is not enabled for POP access. Please visit your Gmail settings page and enable your account for POP access.", "Enable POP"),
     ] {
-        let gmail = Fake::start(protocol, reply);
+        let gmail = Spawned::fake_upstream(protocol, "auth", reply);
         let at = Some((protocol, format!("localhost:{}", gmail.1)));
         let cfg = config(
             &listener(protocol, "none", true),
@@ -375,54 +375,6 @@ fn google_refusals_end_in_a_failure_reply_and_a_named_fix() {
             .unwrap_or_else(|| panic!("{t}"));
         assert!(line.contains(fix), "{line}");
     }
-}
-
-/// A running `tests/clients/fake_exchange.py` answering logins with a
-/// fixed reply; killed on drop.
-struct Fake(std::process::Child, u16);
-
-impl Fake {
-    fn start(protocol: &str, reply: &str) -> Fake {
-        let dir = upstream().dir();
-        let mut child = python("fake_exchange.py")
-            .args(["--protocol", protocol, "--stage", "auth", "--reply", reply])
-            .args(["--cert", &format!("{dir}/tls/server.crt")])
-            .args(["--key", &format!("{dir}/tls/server.key")])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line.trim().strip_prefix("port ").unwrap().parse().unwrap();
-        Fake(child, port)
-    }
-}
-
-impl Drop for Fake {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The IdP's admin endpoint, POSTed JSON.
-fn idp_post(path: &str, body: &serde_json::Value) -> serde_json::Value {
-    let out = run(
-        Command::new("curl").args([
-            "-sS",
-            "--max-time",
-            "10",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body.to_string(),
-            &format!("{}{path}", upstream().get("IDP_URL")),
-        ]),
-        CLIENT_LIMIT,
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{path}: {}", text(&out)))
 }
 
 /// `oxbridge login ACCOUNT --paste`, with curl as the browser: the printed
@@ -489,7 +441,7 @@ fn stored_refresh(cfg_path: &Path, account: &str) -> Option<String> {
 fn a_google_account_consents_with_paste_and_its_revocation_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let (client_id, secret) = GOOGLE_CLIENT;
-    idp_post(
+    upstream().idp_post(
         "/admin/google/client",
         &serde_json::json!({"client_id": client_id, "client_secret": secret}),
     );
@@ -539,7 +491,7 @@ fn a_google_account_consents_with_paste_and_its_revocation_is_named() {
     );
     drop(proxy);
 
-    idp_post("/admin/google/revoke", &serde_json::json!({"user": BOB}));
+    upstream().idp_post("/admin/google/revoke", &serde_json::json!({"user": BOB}));
     assert_refused(
         &cfg,
         &Refusal {
@@ -701,24 +653,11 @@ fn no_google_secret_reaches_logs_pages_or_metrics() {
 /// through it (the system roots alone would refuse it).
 #[test]
 fn a_token_endpoint_behind_tls_is_trusted_through_ca_file() {
-    let dir = upstream().dir();
     let idp = upstream()
         .get("IDP_URL")
         .trim_start_matches("http://")
         .to_string();
-    let mut child = python("tls_forward.py")
-        .args(["--to", &idp])
-        .args(["--cert", &format!("{dir}/tls/server.crt")])
-        .args(["--key", &format!("{dir}/tls/server.key")])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line.trim().strip_prefix("port ").unwrap().to_string();
-    let forward = Fake(child, port.parse().unwrap());
+    let forward = Spawned::python("tls_forward.py", &["--to", &idp]);
     let https = upstream().token_url().replace(
         &format!("http://{idp}"),
         &format!("https://localhost:{}", forward.1),

@@ -72,25 +72,8 @@ fn consented_then_revoked(cfg_path: &Path, account: &str) -> String {
     let out = oxbridge(&["login", account], cfg_path);
     assert!(out.status.success(), "{}", text(&out));
     let old = stored(cfg_path, account).unwrap();
-    idp_admin("/admin/revoke", &serde_json::json!({ "token": old }));
+    upstream().idp_post("/admin/revoke", &serde_json::json!({ "token": old }));
     old
-}
-
-fn idp_admin(path: &str, body: &serde_json::Value) -> String {
-    let out = run(
-        Command::new("curl").args([
-            "-sS",
-            "-m",
-            "10",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body.to_string(),
-            &format!("{}{path}", upstream().get("IDP_URL")),
-        ]),
-        CLIENT_LIMIT,
-    );
-    text(&out)
 }
 
 fn imap_login(proxy: &Proxy, login: &str) -> String {
@@ -217,7 +200,7 @@ fn consenting_as_another_user_is_refused_and_the_old_token_kept() {
         "g-secret",
     );
     let register = |consent_as: &str| {
-        idp_admin(
+        upstream().idp_post(
             "/admin/google/client",
             &serde_json::json!({"client_id": client_id, "client_secret": secret, "consent_as": consent_as}),
         )

@@ -490,3 +490,50 @@ pub fn socket2_connect(local: &str, port: u16) -> TcpStream {
     socket.connect(&remote.into()).unwrap();
     socket.into()
 }
+
+/// A helper process of `tests/clients/` that prints `port N` once it
+/// listens (a fake upstream, a TLS front); killed on drop.
+pub struct Spawned(std::process::Child, pub u16);
+
+impl Spawned {
+    /// `python3 tests/clients/SCRIPT ARGS`, the test upstream's server
+    /// certificate and key given as `--cert` and `--key`.
+    pub fn python(script: &str, args: &[&str]) -> Spawned {
+        let dir = upstream().dir();
+        let mut child = python(script)
+            .args(args)
+            .args(["--cert", &format!("{dir}/tls/server.crt")])
+            .args(["--key", &format!("{dir}/tls/server.key")])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("port ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{script} did not say its port: {line:?}"));
+        Spawned(child, port)
+    }
+
+    /// `tests/clients/fake_exchange.py`: a server of `protocol` that
+    /// answers at `stage` (`auth`, `mail`) with `reply`.
+    pub fn fake_upstream(protocol: &str, stage: &str, reply: &str) -> Spawned {
+        Spawned::python(
+            "fake_exchange.py",
+            &["--protocol", protocol, "--stage", stage, "--reply", reply],
+        )
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

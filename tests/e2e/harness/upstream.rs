@@ -67,6 +67,23 @@ impl Upstream {
             .find_map(|s| s.strip_prefix(&format!("{user}:")).map(String::from))
             .unwrap_or_else(|| panic!("no upstream user {user}"))
     }
+    /// POST `body` (JSON) to the IDP's admin `path`: its answer.
+    pub fn idp_post(&self, path: &str, body: &serde_json::Value) -> String {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-H",
+                "content-type: application/json",
+                "-d",
+            ])
+            .arg(body.to_string())
+            .arg(format!("{}{}", self.get("IDP_URL"), path))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
     pub fn idp_get(&self, path: &str) -> serde_json::Value {
         let out = Command::new("curl")
             .args([
