@@ -419,18 +419,6 @@ pub(crate) fn paste_consent(cfg_path: &Path, login: &str, url_has: &str) -> Outp
     out
 }
 
-/// The refresh token stored under `key` in the config's `state_dir` (a
-/// `[[provider]]`'s accounts are kept as `NAME:login`).
-fn stored_refresh(cfg_path: &Path, account: &str) -> Option<String> {
-    use secrecy::ExposeSecret;
-    let config = oxbridge::config::Config::load(cfg_path).unwrap();
-    oxbridge::open_store(&config)
-        .unwrap()
-        .load(account)
-        .unwrap()
-        .map(|t| t.expose_secret().to_string())
-}
-
 /// A Google `refresh_token` account: `oxbridge login` without `--paste`
 /// or `--browser` is refused (Google's device flow has no mail scope);
 /// `--paste` consents against the IdP's Google endpoint with

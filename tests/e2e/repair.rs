@@ -55,23 +55,12 @@ fn repair_config(dir: &Path, port: u16, public_url: bool, account: &str, extra: 
     )
 }
 
-/// The refresh token stored for `account`.
-fn stored(cfg_path: &Path, account: &str) -> Option<String> {
-    use secrecy::ExposeSecret;
-    let config = oxbridge::config::Config::load(cfg_path).unwrap();
-    oxbridge::open_store(&config)
-        .unwrap()
-        .load(account)
-        .unwrap()
-        .map(|t| t.expose_secret().to_string())
-}
-
 /// Consent once with `oxbridge login` (the IdP approves the device code),
 /// then revoke that refresh token at the IdP: the account is broken.
 fn consented_then_revoked(cfg_path: &Path, account: &str) -> String {
     let out = oxbridge(&["login", account], cfg_path);
     assert!(out.status.success(), "{}", text(&out));
-    let old = stored(cfg_path, account).unwrap();
+    let old = stored_refresh(cfg_path, account).unwrap();
     upstream().idp_post("/admin/revoke", &serde_json::json!({ "token": old }));
     old
 }
@@ -128,7 +117,7 @@ fn reconnect_from_the_page_with_public_url_repairs_a_revoked_account() {
         )),
         "{said}"
     );
-    let new = stored(&cfg_path, &account).unwrap();
+    let new = stored_refresh(&cfg_path, &account).unwrap();
     assert_ne!(new, old);
     // Without a restart, the device logs in.
     let answer = imap_login(&proxy, &account);
@@ -181,7 +170,7 @@ fn reconnect_with_the_paste_form_repairs_a_revoked_account() {
         v["result"].as_str().unwrap().contains("is connected"),
         "{v}"
     );
-    assert_ne!(stored(&cfg_path, &account).unwrap(), old);
+    assert_ne!(stored_refresh(&cfg_path, &account).unwrap(), old);
     assert!(
         imap_login(&proxy, &account).starts_with("a OK"),
         "{}",
@@ -223,7 +212,7 @@ fn consenting_as_another_user_is_refused_and_the_old_token_kept() {
     let cfg_path = write_config(dir.path(), &cfg);
     let out = crate::providers::paste_consent(&cfg_path, &account, "/google/auth?");
     assert!(out.status.success(), "{}", text(&out));
-    let before = stored(&cfg_path, &format!("gmail:{account}")).unwrap();
+    let before = stored_refresh(&cfg_path, &format!("gmail:{account}")).unwrap();
     let proxy = Proxy::start(&cfg);
     assert!(
         imap_login(&proxy, &account).starts_with("a OK"),
@@ -248,7 +237,7 @@ fn consenting_as_another_user_is_refused_and_the_old_token_kept() {
         "{said}"
     );
     assert_eq!(
-        stored(&cfg_path, &format!("gmail:{account}")).unwrap(),
+        stored_refresh(&cfg_path, &format!("gmail:{account}")).unwrap(),
         before,
         "the old token was replaced"
     );
@@ -394,7 +383,7 @@ fn forged_requests_are_refused_and_change_nothing() {
         .split('&')
         .next()
         .unwrap();
-    let refresh = stored(&cfg_path, &account).unwrap();
+    let refresh = stored_refresh(&cfg_path, &account).unwrap();
     for secret in [code, refresh.as_str()] {
         assert!(!body.contains(secret), "a secret on the page");
         assert!(!proxy.logs().contains(secret), "a secret in the log");
@@ -403,7 +392,7 @@ fn forged_requests_are_refused_and_change_nothing() {
     let (status, body, _) = get(&callback, Some(TOKEN));
     assert_eq!(status, 400, "{body}");
     assert_eq!(
-        stored(&cfg_path, &account).unwrap(),
+        stored_refresh(&cfg_path, &account).unwrap(),
         refresh,
         "a reused state changed the token"
     );

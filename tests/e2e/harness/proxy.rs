@@ -217,3 +217,16 @@ pub fn write_config(dir: &Path, cfg: &str) -> PathBuf {
     std::fs::write(&path, cfg).unwrap();
     path
 }
+
+/// The refresh token stored under `key` in the `state_dir` of the config
+/// at `cfg_path` (an `[[account]]` login; `NAME:login` for a
+/// `[[provider]]`'s), as `oxbridge login` stored it.
+pub fn stored_refresh(cfg_path: &Path, key: &str) -> Option<String> {
+    use secrecy::ExposeSecret;
+    let config = oxbridge::config::Config::load(cfg_path).unwrap();
+    oxbridge::open_store(&config)
+        .unwrap()
+        .load(key)
+        .unwrap()
+        .map(|t| t.expose_secret().to_string())
+}
