@@ -30,6 +30,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import busy  # noqa: E402
 import devtls  # noqa: E402
+import providers  # noqa: E402
 import report  # noqa: E402
 
 PASSWORD = "bench-password"  # the local password devices give oxbridge and emailproxy
@@ -55,6 +56,9 @@ PORT_ROLES = {
     "oxb_idlemem": None,
     "oxb_spool": ("session", "spool", "admin"),
     "oxb_devtls": ("rustls", "legacy"),
+    "oxb_prov": ("imap", "pop3", "smtp", "admin"),
+    "ep_prov_microsoft": ("imap", "pop3", "smtp"),
+    "ep_prov_google": ("imap", "pop3", "smtp"),
 }
 PORTS = {}
 HELD = []  # the sockets that hold the ports while the run lasts
@@ -1111,7 +1115,8 @@ def main():
     ap.add_argument("--emailproxy", help="emailproxy executable (omit to skip that path)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="small counts, for trying the script out")
-    ap.add_argument("--only", default="login,bulk,fastlogin,fastbulk,spool,scale,argon2,tokens,swap,idlemem,devtls")
+    ap.add_argument("--only", default="login,bulk,fastlogin,fastbulk,spool,scale,argon2,tokens,swap,idlemem,devtls,"
+                                          "providers")
     ap.add_argument("--sessions", type=int, default=10000)
     ap.add_argument("--idle-sessions", type=int, default=1000, help="IMAP sessions held in IDLE (idlemem)")
     args = ap.parse_args()
@@ -1142,6 +1147,10 @@ def main():
         # devtls: handshake workers (processes) for devtls_secs per case and round; FETCHes per case
         "devtls_workers": 8, "devtls_secs": 3 if q else 8, "devtls_rounds": 1 if q else 2,
         "devtls_fetch_reps": 3 if q else 10,
+        # providers: sequential logins per path and protocol (split over the rounds), a batch of
+        # prov_total at 50-way per round; emailproxy prov_ep_seq sequential logins, once
+        "prov_seq": 6 if q else 20, "prov_total": 50 if q else 100, "prov_rounds": 1 if q else 2,
+        "prov_ep_seq": 2 if q else 4,
     }
     up = json.load(open(os.path.join(args.upstream, "upstream.json")))
     res = {"machine": machine(), "params": N, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -1336,6 +1345,19 @@ def run_all(args, up, res, N, only, procs):
     if ep:  # emailproxy is done: free the CPU
         procs.stop("emailproxy")
     procs.stop("oxbridge-real")
+
+    # ---------------------------------------------------------------- a Microsoft and a Google account side by side
+    if "providers" in only:
+        try:
+            res["providers"] = providers.workload(
+                args, out, procs, N, up, phc, real, ca, real_token,
+                {"oxb": PORTS["oxb_prov"], "ep_microsoft": PORTS["ep_prov_microsoft"],
+                 "ep_google": PORTS["ep_prov_google"]},
+                USERS, PASSWORD, {"oxbridge_config": oxbridge_config, "emailproxy_config": emailproxy_config,
+                                  "driver": driver, "http": http, "metric_lines": metric_lines}, log)
+        except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
+            log(f"providers: failed: {type(e).__name__}: {e}")
+            res["providers"] = {"failed": f"{type(e).__name__}: {e}"[:300]}
 
     # ---------------------------------------------------------------- device-side TLS: rustls and OpenSSL
     if "devtls" in only:

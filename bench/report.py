@@ -260,6 +260,11 @@ def render(res):
     FL = res.get("fastlogin")
     if FL:
         login_table(FL, "LOGIN, in-memory upstream (fakeup): what oxbridge itself adds", False)
+    PV = res.get("providers")
+    if PV:
+        import providers
+
+        out += providers.section(PV, targets)
 
     # ------------------------------------------------------------------ bulk
     def bulk_table(B, title, ceiling):
