@@ -658,3 +658,45 @@ fn a_token_endpoint_behind_tls_is_trusted_through_ca_file() {
     let answer = c.imap_login("scanner@example.test", SCANNER_PASSWORD);
     assert!(answer.starts_with("a OK"), "{answer}\n{}", proxy.logs());
 }
+
+/// Where the features meet: a `*@domain` pattern account of a Google
+/// service account, on a spooling listener. The device's message gets its
+/// `250` from the spool, then leaves with a token the service account got
+/// acting as the device's own mailbox, and arrives intact.
+#[test]
+fn a_google_pattern_account_spools_and_delivers_as_each_mailbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, iss) = service_account(dir.path(), true);
+    let provider = google_provider(
+        "school",
+        &format!("service_account_file = \"{}\"\n", key.display()),
+    );
+    let extra = format!(
+        "{provider}[[account]]\nlogin = \"*@example.test\"\npassword_hash = \"{}\"\ngrant = \"client_credentials\"\nprovider = \"school\"\n",
+        argon2_hash(GOOGLE_PASSWORD)
+    );
+    let spool = listener("smtp", "none", true) + "delivery = \"spool\"\n";
+    let cfg = config(&spool, &extra).replace(
+        "[[account]]\nlogin = \"*@example.test\"\ngrant = \"password\"\n",
+        "",
+    );
+    let cfg = with_state_dir(&cfg, &dir.path().join("state"));
+    let proxy = Proxy::start(&cfg);
+    let m = Message::write(dir.path(), "pattern", BOB, 0);
+    let sent = SmtpDevice {
+        login: BOB,
+        password: GOOGLE_PASSWORD,
+        from: BOB,
+        to: BOB,
+        ..SmtpDevice::scanner(proxy.port(0))
+    }
+    .swaks(&m.path);
+    assert!(sent.status.success(), "{}\n{}", text(&sent), proxy.logs());
+    assert_arrived(BOB, &m.id, &m.bytes);
+    assert_eq!(
+        jwt_requests(&iss),
+        [(BOB.to_string(), 1)],
+        "{}",
+        proxy.logs()
+    );
+}
