@@ -54,7 +54,7 @@ pub async fn run(config: Config, control: Control) -> Result<(), StartError> {
     for (i, l) in app.config.listeners.iter().enumerate() {
         let mut listener = Listener::new(l, &app.config.state_dir, &app.hostname)
             .map_err(|e| StartError(format!("listener[{i}]: {e}")))?;
-        let socket = TcpListener::bind(l.listen).await.map_err(|e| {
+        let socket = crate::net::listen::listen(l.listen).map_err(|e| {
             StartError(crate::fixes::bind_error(
                 &format!("listener[{i}].listen"),
                 l.listen,
