@@ -101,13 +101,15 @@ impl App {
     /// The `host:port` of `protocol`'s server for `account` (a configured
     /// login): its provider's, else `[oauth]`'s.
     pub fn upstream_of(&self, account: &str, protocol: crate::config::Protocol) -> String {
-        let accounts = self.accounts();
-        let provider = accounts.provider_of(account);
-        provider
-            .as_ref()
-            .unwrap_or(&self.providers[0])
-            .address(protocol)
-            .to_string()
+        self.provider_of(account).address(protocol).to_string()
+    }
+
+    /// The provider of `account` (a configured login): its own, else
+    /// `[oauth]`'s.
+    pub fn provider_of(&self, account: &str) -> Arc<Provider> {
+        self.accounts()
+            .provider_of(account)
+            .unwrap_or_else(|| self.providers[0].clone())
     }
 
     /// The `[[relay]]` rule whose networks hold `ip`, if any.

@@ -88,9 +88,8 @@ pub async fn account_lines(app: &App, login: &str, grant: Grant) -> (Vec<String>
         return (lines, true);
     }
     if grant == Grant::RefreshToken {
-        let provider = app.accounts().provider_of(login);
-        let provider = provider.as_deref().unwrap_or(&app.providers[0]);
-        lines.push(match app.tokens.times(provider, login).await {
+        let provider = app.provider_of(login);
+        lines.push(match app.tokens.times(&provider, login).await {
             Ok(times) => {
                 // An unrotated refresh token (Google's) is kept alive by its use.
                 let times = match provider.kind.rotates_refresh_tokens() {

@@ -33,6 +33,11 @@ impl Cloud {
         }
     }
 
+    /// An endpoint of the authority: `{authority}/{tenant}/oauth2/v2.0/{name}`.
+    pub fn endpoint(self, tenant: &str, name: &str) -> String {
+        format!("{}/{tenant}/oauth2/v2.0/{name}", self.authority())
+    }
+
     /// The resource of delegated scopes (`{resource}/IMAP.AccessAsUser.All`).
     pub fn delegated_resource(self) -> &'static str {
         match self {

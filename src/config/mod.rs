@@ -252,7 +252,7 @@ impl OAuthConfig {
     fn endpoint(&self, explicit: &Option<String>, name: &str) -> String {
         let template = match explicit {
             Some(url) => url.clone(),
-            None => format!("{}/{{tenant}}/oauth2/v2.0/{name}", self.cloud.authority()),
+            None => self.cloud.endpoint("{tenant}", name),
         };
         template.replace("{tenant}", self.tenant.as_deref().unwrap_or(DEFAULT_TENANT))
     }

@@ -208,8 +208,7 @@ impl Provider {
     /// One `[[provider]]`, the `i`th of the file.
     fn of(i: usize, p: &ProviderConfig) -> Provider {
         let cloud = p.cloud.unwrap_or_default();
-        let microsoft =
-            |tenant: &str, name: &str| format!("{}/{tenant}/oauth2/v2.0/{name}", cloud.authority());
+        let microsoft = |tenant: &str, name: &str| cloud.endpoint(tenant, name);
         let (token, authorize, device, hosts) = match p.kind {
             ProviderKind::Microsoft => {
                 let tenant = p.tenant.as_deref().unwrap_or(DEFAULT_TENANT);
